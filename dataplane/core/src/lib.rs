@@ -1,0 +1,10 @@
+//! espd-core: the sans-IO IPsec ESP engine.
+//!
+//! Packet flow, and so the module order: [`wire`] formats → [`state`] (SAD, SPD,
+//! replay windows) → [`esp`] inbound and outbound processing → [`engine`], which
+//! classifies a packet and runs it through the SPD and the ESP code. No sockets,
+//! threads or per-packet allocation; the caller owns every buffer.
+#![forbid(unsafe_code)]
+
+pub mod crypto;
+pub mod wire;
