@@ -6,5 +6,14 @@
 //! threads or per-packet allocation; the caller owns every buffer.
 #![forbid(unsafe_code)]
 
+pub mod buf;
 pub mod crypto;
+pub mod drop;
+pub mod engine;
+pub mod esp;
+pub mod state;
 pub mod wire;
+
+pub use buf::PacketBuf;
+pub use drop::DropReason;
+pub use engine::{Engine, Verdict};

@@ -20,6 +20,9 @@ pub const SALT_LEN: usize = 4;
 
 type Block = GenericArray<u8, aes::cipher::consts::U16>;
 
+// Both variants are kept inline: one SA owns one, and boxing would add a
+// pointer chase on every packet.
+#[allow(clippy::large_enum_variant)]
 enum Cipher {
     Aes128(aes::Aes128),
     Aes256(aes::Aes256),

@@ -112,10 +112,16 @@ mod tests {
     #[test]
     fn truncated_frames_refused() {
         for n in 0..HEADER_LEN {
-            assert_eq!(Frame::new_checked(&VLAN_FRAME[..n]).unwrap_err(), Error::Truncated);
+            assert_eq!(
+                Frame::new_checked(&VLAN_FRAME[..n]).unwrap_err(),
+                Error::Truncated
+            );
         }
         // Tag present but the inner EtherType cut off.
-        assert_eq!(Frame::new_checked(&VLAN_FRAME[..15]).unwrap_err(), Error::Truncated);
+        assert_eq!(
+            Frame::new_checked(&VLAN_FRAME[..15]).unwrap_err(),
+            Error::Truncated
+        );
         assert!(Frame::new_checked(&VLAN_FRAME[..18]).is_ok());
     }
 

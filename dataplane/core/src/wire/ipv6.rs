@@ -265,7 +265,7 @@ mod tests {
 
     #[test]
     fn endless_chain_is_malformed() {
-        let mut b = vec![0u8; 40 + 8 * 20];
+        let mut b = [0u8; 40 + 8 * 20];
         b[0] = 0x60;
         b[5] = 160;
         b[6] = proto::DSTOPTS;

@@ -48,9 +48,15 @@ mod tests {
     fn ports_and_icmp() {
         assert_eq!(
             ports(proto::UDP, &[0x13, 0x88, 0, 53]),
-            Some(Ports { sport: 5000, dport: 53 })
+            Some(Ports {
+                sport: 5000,
+                dport: 53
+            })
         );
-        assert_eq!(ports(proto::ICMP, &[8, 0]), Some(Ports { sport: 8, dport: 0 }));
+        assert_eq!(
+            ports(proto::ICMP, &[8, 0]),
+            Some(Ports { sport: 8, dport: 0 })
+        );
         assert_eq!(ports(proto::TCP, &[1, 2, 3]), None);
         assert_eq!(ports(proto::GRE, &[1, 2, 3, 4]), None);
     }

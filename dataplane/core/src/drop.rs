@@ -1,0 +1,82 @@
+//! Why a packet was dropped: one list defines the enum, its name (what
+//! `espd`/`espctl` print and what `--stats-json` keys on) and its description,
+//! as VPP's `foreach_esp_decrypt_error` does. Every drop bumps a counter.
+
+macro_rules! drop_reasons {
+    ($( $(#[$m:meta])* $name:ident => $desc:literal, )*) => {
+        /// A named reason for dropping a packet (RFC terms where there are some).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr(u8)]
+        pub enum DropReason { $( $(#[$m])* $name, )* }
+
+        impl DropReason {
+            pub const ALL: &'static [DropReason] = &[$(DropReason::$name),*];
+            pub const COUNT: usize = Self::ALL.len();
+            /// The stable name, e.g. `"IcvMismatch"`.
+            pub fn name(self) -> &'static str {
+                match self { $(DropReason::$name => stringify!($name),)* }
+            }
+            /// One line for operators.
+            pub fn describe(self) -> &'static str {
+                match self { $(DropReason::$name => $desc,)* }
+            }
+        }
+    };
+}
+
+drop_reasons! {
+    /// Shorter than its headers or than the ESP minimum.
+    Runt => "packet shorter than its headers",
+    /// A header field is invalid (IP version, lengths, extension-header chain, misaligned ESP payload).
+    BadHeader => "malformed header",
+    /// The IPv4 header checksum is wrong.
+    BadChecksum => "bad IPv4 header checksum",
+    /// An IP fragment that cannot be processed here: ESP fragments are not reassembled (RFC 4303 §3.4.1), and transport mode cannot carry fragments (RFC 4301 §7).
+    Fragment => "IP fragment (not reassembled)",
+    /// ESP to one of our addresses with an SPI no SA has (RFC 4303 §3.4.2).
+    NoSa => "no SA for destination and SPI",
+    /// ESP with SPI 0, which is reserved (RFC 4303 §2.1).
+    SpiZero => "SPI 0 is reserved",
+    /// A sequence number already received, or 0 (RFC 4303 §3.4.3).
+    Replay => "replayed sequence number",
+    /// A sequence number left of the anti-replay window (RFC 4303 §3.4.3).
+    TooOld => "sequence number left of the replay window",
+    /// The integrity check failed (RFC 4303 §3.4.4).
+    IcvMismatch => "ICV mismatch",
+    /// Decrypted padding is not 1, 2, 3, … or the pad length overruns the payload (RFC 4303 §2.4).
+    BadPadding => "bad ESP padding or pad length",
+    /// The decrypted packet is not what the SA's mode says (tunnel mode carries IPv4 or IPv6), or the inner header is malformed.
+    BadInner => "malformed or unexpected inner packet",
+    /// RFC 6040 §4.2: a Not-ECT inner packet arrived with CE in the outer header.
+    EcnDrop => "CE on outer header of a Not-ECT inner packet",
+    /// The outbound sequence number would cycle: the SA is exhausted (RFC 4303 §3.3.3).
+    SeqCycled => "outbound sequence number space exhausted",
+    /// A PROTECT policy matched but no usable SA exists for its template.
+    NoOutSa => "no outbound SA for the policy template",
+    /// Decapsulated traffic does not match the SA's selector or an in/fwd policy naming the SA; or plaintext arrived where policy demands protection (RFC 4301 §5.2).
+    PolicyMismatch => "traffic does not match the policy for its SA",
+    /// No policy matched and the direction's default is block; or tunnel-mode traffic came through an SA no policy covers.
+    NoPolicy => "no matching policy",
+    /// A DISCARD policy (`action block`) matched.
+    Discard => "discarded by policy",
+    /// The packet would not fit its buffer after encapsulation.
+    TooBig => "packet too big for the buffer after encapsulation",
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_indexed() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+            assert!(!r.describe().is_empty());
+        }
+        let mut names: Vec<_> = DropReason::ALL.iter().map(|r| r.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), DropReason::COUNT);
+        assert_eq!(DropReason::IcvMismatch.name(), "IcvMismatch");
+    }
+}

@@ -1,0 +1,369 @@
+//! The engine: checks a packet's headers once, classifies it, and runs it
+//! through the SPD and the SAD — the RFC 4301 §5 processing model with Linux
+//! XFRM's semantics. Sans-IO: the caller hands in a buffer and gets a verdict.
+//!
+//! ```text
+//!  IP packet ──► header checks ──► ESP to one of our SA endpoints? ──yes──► SAD (dst, SPI)
+//!                 (Runt, BadHeader,      │                                  │ inbound ESP
+//!                  BadChecksum)          no                                 ▼
+//!                                        │                       decapsulate (replay, ICV,
+//!                                        ▼                        padding) ──► SA sel +
+//!                             in/fwd policy check (plaintext       in/fwd policy check
+//!                             where protection is required ─►         │
+//!                             PolicyMismatch; block ─► Discard)       ▼
+//!                                        │                         Decapsulated
+//!                                        ▼
+//!                             out policy: block ─► Discard; allow+tmpl ─► SA ─► encapsulate
+//!                                         allow ─► Bypass; none ─► default (allow/NoPolicy)
+//! ```
+
+use crate::buf::PacketBuf;
+use crate::drop::DropReason;
+use crate::esp::inbound::{self, Decap};
+use crate::esp::outbound::{self, OutParams};
+use crate::esp::L3;
+use crate::state::spd::{Action, Direction, Level};
+use crate::state::{Flow, Mode, SaId, Sad, Spd};
+use crate::wire::{self, ipv4, ipv6, l4, proto};
+use core::net::IpAddr;
+
+/// What happened to a packet. For everything but `Drop` and `Dummy`, the
+/// buffer holds the packet to send on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Plaintext protected by this SA.
+    Encapsulated(SaId),
+    /// ESP received through this SA; the buffer holds the inner packet.
+    Decapsulated(SaId),
+    /// Passed unchanged (BYPASS, or no policy and a default of allow).
+    Bypass,
+    /// A valid dummy packet (next header 59) received through this SA: consumed.
+    Dummy(SaId),
+    Drop(DropReason),
+}
+
+/// Verdict counters of one engine (one worker later).
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    pub encapsulated: u64,
+    pub decapsulated: u64,
+    pub bypass: u64,
+    pub dummy: u64,
+    pub dropped: u64,
+    pub drops: [u64; DropReason::COUNT],
+}
+
+pub struct Engine {
+    pub sad: Sad,
+    pub spd: Spd,
+    /// Addresses of this host: decides `in` vs `fwd` and whose ESP is ours.
+    local: Vec<IpAddr>,
+    pub counters: Counters,
+}
+
+impl Engine {
+    /// An engine over installed SAs and policies. This host's addresses are
+    /// `extra_local` plus those the policies imply: the `tmpl src` of `out`
+    /// policies and the `tmpl dst` of `in`/`fwd` policies.
+    pub fn new(sad: Sad, spd: Spd, extra_local: &[IpAddr]) -> Self {
+        let mut local: Vec<IpAddr> = extra_local.to_vec();
+        for dir in Direction::ALL {
+            for p in spd.policies(dir) {
+                for t in &p.tmpls {
+                    let a = if dir == Direction::Out { t.src } else { t.dst };
+                    if let Some(a) = a.filter(|a| !a.is_unspecified()) {
+                        local.push(a);
+                    }
+                }
+            }
+        }
+        local.sort();
+        local.dedup();
+        Engine {
+            sad,
+            spd,
+            local,
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn local_addrs(&self) -> &[IpAddr] {
+        &self.local
+    }
+
+    fn is_local(&self, a: IpAddr) -> bool {
+        self.local.contains(&a)
+    }
+
+    /// Processes one IP packet (no link-layer header) in place.
+    pub fn process(&mut self, pkt: &mut PacketBuf<'_>) -> Verdict {
+        let v = self.classify(pkt);
+        let c = &mut self.counters;
+        match v {
+            Verdict::Encapsulated(_) => c.encapsulated += 1,
+            Verdict::Decapsulated(_) => c.decapsulated += 1,
+            Verdict::Bypass => c.bypass += 1,
+            Verdict::Dummy(_) => c.dummy += 1,
+            Verdict::Drop(r) => {
+                c.dropped += 1;
+                c.drops[r as usize] += 1;
+            }
+        }
+        v
+    }
+
+    fn classify(&mut self, pkt: &mut PacketBuf<'_>) -> Verdict {
+        let (l3, flow) = match parse(pkt) {
+            Ok(x) => x,
+            Err(r) => return Verdict::Drop(r),
+        };
+        if l3.proto == proto::ESP && (self.is_local(flow.dst) || self.sad.has_dst(flow.dst)) {
+            return self.inbound(pkt, &l3, flow.dst);
+        }
+        self.outbound(pkt, &l3, &flow)
+    }
+
+    fn inbound(&mut self, pkt: &mut PacketBuf<'_>, l3: &L3, dst: IpAddr) -> Verdict {
+        if l3.fragment {
+            // RFC 4303 §3.4.1: reassembly happens before ESP; we do not reassemble.
+            return Verdict::Drop(DropReason::Fragment);
+        }
+        let d = pkt.data();
+        let Ok(esp) = wire::esp::Packet::new_checked(&d[l3.upper_at..]) else {
+            return Verdict::Drop(DropReason::Runt);
+        };
+        let spi = esp.spi();
+        if spi == 0 {
+            return Verdict::Drop(DropReason::SpiZero);
+        }
+        let Some(id) = self.sad.lookup_in(dst, spi) else {
+            return Verdict::Drop(DropReason::NoSa);
+        };
+        let sa = self.sad.get_mut(id);
+        match inbound::decapsulate(sa, pkt, l3) {
+            Err(r) => {
+                sa.count_drop(r);
+                Verdict::Drop(r)
+            }
+            Ok(Decap::Dummy) => Verdict::Dummy(id),
+            Ok(Decap::Packet) => match self.check_decapsulated(pkt, id) {
+                Ok(()) => Verdict::Decapsulated(id),
+                Err(r) => {
+                    self.sad.get_mut(id).count_drop(r);
+                    Verdict::Drop(r)
+                }
+            },
+        }
+    }
+
+    /// RFC 4301 §5.2 step 4 and Linux `__xfrm_policy_check`: what came out of
+    /// an SA must match the SA's selector and an in/fwd policy that names it.
+    fn check_decapsulated(&self, pkt: &PacketBuf<'_>, id: SaId) -> Result<(), DropReason> {
+        let (_, flow) = parse_ro(pkt.data()).map_err(|_| DropReason::BadInner)?;
+        let sa = self.sad.get(id);
+        let c = &sa.cfg;
+        if let Some(sel) = &c.sel {
+            if !sel.matches(&flow) {
+                return Err(DropReason::PolicyMismatch);
+            }
+        }
+        let dir = if self.is_local(flow.dst) {
+            Direction::In
+        } else {
+            Direction::Fwd
+        };
+        match self.spd.lookup(dir, &flow) {
+            Some(p) if p.action == Action::Block => Err(DropReason::Discard),
+            Some(p) => {
+                if p.tmpls
+                    .iter()
+                    .any(|t| t.accepts(c.mode, c.reqid, c.spi, c.src, c.dst))
+                {
+                    Ok(())
+                } else {
+                    Err(DropReason::PolicyMismatch)
+                }
+            }
+            // No policy: transport-mode traffic is accepted when the default
+            // allows; tunnel-mode traffic never is (XFRM's XfrmInNoPols).
+            None if c.mode == Mode::Transport && self.spd.default_action(dir) == Action::Allow => {
+                Ok(())
+            }
+            None => Err(DropReason::NoPolicy),
+        }
+    }
+
+    fn outbound(&mut self, pkt: &mut PacketBuf<'_>, l3: &L3, flow: &Flow) -> Verdict {
+        // Inbound check on plaintext (RFC 4301 §5.2 step 3a): a packet that a
+        // policy says must arrive protected is dropped when it arrives in clear.
+        let dir = if self.is_local(flow.dst) {
+            Direction::In
+        } else {
+            Direction::Fwd
+        };
+        match self.spd.lookup(dir, flow) {
+            Some(p) if p.action == Action::Block => return Verdict::Drop(DropReason::Discard),
+            Some(p) if p.requires_protection() => return Verdict::Drop(DropReason::PolicyMismatch),
+            Some(_) => {}
+            None if self.spd.default_action(dir) == Action::Block => {
+                return Verdict::Drop(DropReason::NoPolicy)
+            }
+            None => {}
+        }
+        if self.is_local(flow.dst) {
+            // Addressed to this host and allowed: delivered, not forwarded.
+            return Verdict::Bypass;
+        }
+        let Some(p) = self.spd.lookup(Direction::Out, flow) else {
+            return match self.spd.default_action(Direction::Out) {
+                Action::Allow => Verdict::Bypass,
+                Action::Block => Verdict::Drop(DropReason::NoPolicy),
+            };
+        };
+        if p.action == Action::Block {
+            return Verdict::Drop(DropReason::Discard);
+        }
+        let Some(t) = p.tmpls.first().copied() else {
+            return Verdict::Bypass;
+        };
+        let Some(id) = self.sad.lookup_out(&t, flow) else {
+            return if t.level == Level::Use {
+                Verdict::Bypass
+            } else {
+                Verdict::Drop(DropReason::NoOutSa)
+            };
+        };
+        let params = OutParams {
+            flow_label: flow_label(flow),
+        };
+        let sa = self.sad.get_mut(id);
+        match outbound::encapsulate(sa, pkt, l3, &params) {
+            Ok(()) => Verdict::Encapsulated(id),
+            Err(r) => {
+                sa.count_drop(r);
+                Verdict::Drop(r)
+            }
+        }
+    }
+}
+
+/// RFC 6437 §3: a tunnel endpoint may set the outer flow label from a hash of
+/// the inner flow, so ECMP can spread tunnels without looking inside ESP.
+pub fn flow_label(f: &Flow) -> u32 {
+    // FNV-1a over the 5-tuple.
+    let mut h: u32 = 0x811c_9dc5;
+    let mut eat = |b: &[u8]| {
+        for x in b {
+            h ^= u32::from(*x);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+    };
+    match (f.src, f.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            eat(&s.octets());
+            eat(&d.octets());
+        }
+        (s, d) => {
+            eat(&ipv6_octets(s));
+            eat(&ipv6_octets(d));
+        }
+    }
+    eat(&[f.proto]);
+    if let Some(p) = f.ports {
+        eat(&p.sport.to_be_bytes());
+        eat(&p.dport.to_be_bytes());
+    }
+    (h ^ (h >> 20)) & 0x000f_ffff
+}
+
+fn ipv6_octets(a: IpAddr) -> [u8; 16] {
+    match a {
+        IpAddr::V4(v) => v.to_ipv6_mapped().octets(),
+        IpAddr::V6(v) => v.octets(),
+    }
+}
+
+fn map_wire(e: wire::Error) -> DropReason {
+    match e {
+        wire::Error::Truncated => DropReason::Runt,
+        wire::Error::Malformed => DropReason::BadHeader,
+    }
+}
+
+/// Checks the headers of an IP packet, trims link-layer padding and returns
+/// what processing needs.
+fn parse(pkt: &mut PacketBuf<'_>) -> Result<(L3, Flow), DropReason> {
+    let (l3, flow, len) = parse_inner(pkt.data())?;
+    pkt.truncate(len);
+    Ok((l3, flow))
+}
+
+fn parse_ro(d: &[u8]) -> Result<(L3, Flow), DropReason> {
+    parse_inner(d).map(|(a, b, _)| (a, b))
+}
+
+fn parse_inner(d: &[u8]) -> Result<(L3, Flow, usize), DropReason> {
+    match d.first().map(|b| b >> 4) {
+        None => Err(DropReason::Runt),
+        Some(4) => {
+            let p = ipv4::Packet::new_checked(d).map_err(map_wire)?;
+            if !p.verify_checksum() {
+                return Err(DropReason::BadChecksum);
+            }
+            let hl = p.header_len();
+            let l3 = L3 {
+                version: 4,
+                proto: p.protocol(),
+                upper_at: hl,
+                upper_nh_at: 9,
+                esp_at: hl,
+                esp_nh_at: 9,
+                fragment: p.is_fragment(),
+                later_fragment: p.is_later_fragment(),
+                tos: p.tos(),
+                df: p.dont_frag(),
+            };
+            let ports = if l3.later_fragment {
+                None
+            } else {
+                l4::ports(l3.proto, p.payload())
+            };
+            let flow = Flow {
+                src: p.src_addr().into(),
+                dst: p.dst_addr().into(),
+                proto: l3.proto,
+                ports,
+            };
+            Ok((l3, flow, usize::from(p.total_len())))
+        }
+        Some(6) => {
+            let p = ipv6::Packet::new_checked(d).map_err(map_wire)?;
+            let c = p.walk().map_err(map_wire)?;
+            let l3 = L3 {
+                version: 6,
+                proto: c.upper,
+                upper_at: c.upper_at,
+                upper_nh_at: c.upper_nh_at,
+                esp_at: c.esp_at,
+                esp_nh_at: c.esp_nh_at,
+                fragment: c.fragment.is_some(),
+                later_fragment: c.fragment.is_some_and(|(off, _)| off != 0),
+                tos: p.traffic_class(),
+                df: false,
+            };
+            let ports = if l3.later_fragment {
+                None
+            } else {
+                l4::ports(l3.proto, &p.packet()[c.upper_at..])
+            };
+            let flow = Flow {
+                src: p.src_addr().into(),
+                dst: p.dst_addr().into(),
+                proto: l3.proto,
+                ports,
+            };
+            Ok((l3, flow, p.total_len()))
+        }
+        Some(_) => Err(DropReason::BadHeader),
+    }
+}

@@ -1,0 +1,170 @@
+//! Outbound ESP processing (RFC 4303 §3.3): sequence number, padding, trailer,
+//! AEAD seal in place, and the outer header for tunnel mode or the adjusted
+//! IP header for transport mode.
+
+use super::{aad, ecn, L3};
+use crate::buf::PacketBuf;
+use crate::drop::DropReason;
+use crate::state::{Mode, Sa};
+use crate::wire::{esp, ipv4, ipv6, proto};
+use core::net::IpAddr;
+
+/// Outer TTL / hop limit for tunnel mode (Linux's default `ip_default_ttl`).
+pub const OUTER_TTL: u8 = 64;
+
+/// Per-packet inputs the engine computed from the inner packet.
+#[derive(Debug, Clone, Copy)]
+pub struct OutParams {
+    /// RFC 6437 flow label for an IPv6 outer header (hash of the inner flow).
+    pub flow_label: u32,
+}
+
+/// Reserves the next outbound sequence number. RFC 4303 §3.3.3: it starts at 1
+/// and never cycles; at the end of the space the SA is exhausted for good.
+fn next_seq(sa: &mut Sa) -> Result<u64, DropReason> {
+    if sa.exhausted || sa.oseq >= sa.seq_limit() {
+        sa.exhausted = true;
+        return Err(DropReason::SeqCycled);
+    }
+    sa.oseq += 1;
+    Ok(sa.oseq)
+}
+
+/// Encapsulates the IP packet in `pkt` through `sa`. On error the packet is
+/// to be dropped; the SA's state is unchanged except for `SeqCycled`.
+pub fn encapsulate(
+    sa: &mut Sa,
+    pkt: &mut PacketBuf<'_>,
+    l3: &L3,
+    params: &OutParams,
+) -> Result<(), DropReason> {
+    let iv_len = sa.transform.iv_len();
+    let icv_len = sa.transform.icv_len();
+    // Where the protected payload starts in the original packet, and its next header.
+    let (keep, nh) = match sa.cfg.mode {
+        Mode::Tunnel => (
+            0,
+            if l3.version == 4 {
+                proto::IPIP
+            } else {
+                proto::IPV6
+            },
+        ),
+        Mode::Transport => {
+            if l3.fragment {
+                // RFC 4301 §7: transport mode does not carry fragments.
+                return Err(DropReason::Fragment);
+            }
+            if l3.version == 4 {
+                (l3.upper_at, l3.proto)
+            } else {
+                (l3.esp_at, pkt.data()[l3.esp_nh_at])
+            }
+        }
+    };
+    let payload_len = pkt.len() - keep;
+    let pad = esp::pad_len(payload_len, sa.transform.align());
+    let tail = pad + esp::TRAILER_LEN + icv_len;
+    let outer_len = match (sa.cfg.mode, sa.cfg.dst) {
+        (Mode::Tunnel, IpAddr::V4(_)) => ipv4::HEADER_LEN,
+        (Mode::Tunnel, IpAddr::V6(_)) => ipv6::HEADER_LEN,
+        (Mode::Transport, _) => keep,
+    };
+    let grow = esp::HEADER_LEN
+        + iv_len
+        + if sa.cfg.mode == Mode::Tunnel {
+            outer_len
+        } else {
+            0
+        };
+    let new_len = pkt.len() + grow + tail;
+    if pkt.headroom() < grow || pkt.tailroom() < tail || new_len > usize::from(u16::MAX) + 40 {
+        return Err(DropReason::TooBig);
+    }
+    if sa.cfg.dst.is_ipv4() && new_len > usize::from(u16::MAX) {
+        return Err(DropReason::TooBig);
+    }
+    let seq = next_seq(sa)?;
+
+    // Inner facts needed for the outer header, read before encryption.
+    let inner_tos = l3.tos;
+    let inner_df = l3.df;
+
+    // Room at both ends; transport mode moves the IP header to the new front.
+    pkt.prepend(grow).expect("headroom checked");
+    pkt.append(tail).expect("tailroom checked");
+    let d = pkt.data_mut();
+    if sa.cfg.mode == Mode::Transport {
+        d.copy_within(grow..grow + keep, 0);
+    }
+    let esp_at = outer_len;
+    let ct_start = esp_at + esp::HEADER_LEN + iv_len;
+    let ct_end = ct_start + payload_len + pad + esp::TRAILER_LEN;
+
+    // RFC 4303 §2.4–2.6: padding 1, 2, 3, …, pad length, next header.
+    esp::fill_padding(&mut d[ct_start + payload_len..ct_end - 2]);
+    d[ct_end - 2] = pad as u8;
+    d[ct_end - 1] = nh;
+
+    // RFC 4303 §2.1–2.2: SPI and the low 32 bits of the sequence number.
+    let hdr: &mut [u8; esp::HEADER_LEN] = (&mut d[esp_at..esp_at + esp::HEADER_LEN])
+        .try_into()
+        .expect("8 octets");
+    esp::emit_header(hdr, sa.cfg.spi, seq as u32);
+    // RFC 4106 §3.1: the IV must not repeat under a key. The 64-bit sequence
+    // number never repeats (it cannot cycle), so it is the IV, as Linux's seqiv.
+    let iv = seq.to_be_bytes();
+    d[esp_at + esp::HEADER_LEN..ct_start].copy_from_slice(&iv[..iv_len]);
+    let (a, alen) = aad(sa.cfg.spi, seq, sa.cfg.flags.esn);
+    let (body, icv) = d.split_at_mut(ct_end);
+    sa.transform
+        .seal(&iv, &a[..alen], &mut body[ct_start..], &mut icv[..icv_len]);
+
+    let total = d.len();
+    match (sa.cfg.mode, sa.cfg.src, sa.cfg.dst) {
+        (Mode::Tunnel, IpAddr::V4(src), IpAddr::V4(dst)) => {
+            let mut o = ipv4::Packet::new_unchecked(&mut d[..]);
+            o.set_version_header_len(ipv4::HEADER_LEN);
+            // DSCP copied (RFC 2983 uniform model); ECN per RFC 6040 §4.1.
+            o.set_tos((inner_tos & 0xfc) | ecn::encap(inner_tos, sa.cfg.flags.noecn));
+            o.set_total_len(total as u16);
+            sa.ip_id = sa.ip_id.wrapping_add(1);
+            o.set_ident(sa.ip_id);
+            // DF: copied from an IPv4 inner header, set for an IPv6 inner one
+            // (IPv6 is never fragmented on path); never with `flag nopmtudisc`.
+            let df = !sa.cfg.flags.nopmtudisc && (l3.version == 6 || inner_df);
+            o.set_flags_frag(if df { ipv4::FLAG_DF } else { 0 });
+            o.set_ttl(OUTER_TTL);
+            o.set_protocol(proto::ESP);
+            o.set_src_addr(src);
+            o.set_dst_addr(dst);
+            o.fill_checksum();
+        }
+        (Mode::Tunnel, IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let mut o = ipv6::Packet::new_unchecked(&mut d[..]);
+            let tc = (inner_tos & 0xfc) | ecn::encap(inner_tos, sa.cfg.flags.noecn);
+            o.set_ver_tc_flow(tc, params.flow_label);
+            o.set_payload_len((total - ipv6::HEADER_LEN) as u16);
+            o.set_next_header(proto::ESP);
+            o.set_hop_limit(OUTER_TTL);
+            o.set_src_addr(src);
+            o.set_dst_addr(dst);
+        }
+        (Mode::Tunnel, _, _) => unreachable!("config refuses mixed-family SA endpoints"),
+        (Mode::Transport, _, _) => {
+            if l3.version == 4 {
+                let mut o = ipv4::Packet::new_unchecked(&mut d[..]);
+                o.set_protocol(proto::ESP);
+                o.set_total_len(total as u16);
+                o.fill_checksum();
+            } else {
+                d[l3.esp_nh_at] = proto::ESP;
+                let mut o = ipv6::Packet::new_unchecked(&mut d[..]);
+                o.set_payload_len((total - ipv6::HEADER_LEN) as u16);
+            }
+        }
+    }
+    sa.counters.packets += 1;
+    sa.counters.bytes += payload_len as u64;
+    Ok(())
+}
