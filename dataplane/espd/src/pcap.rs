@@ -1,0 +1,350 @@
+//! Offline mode: capture in, engine, capture out.
+
+use anyhow::{bail, Context, Result};
+use espd_config::Config;
+use espd_core::engine::{Counters, Engine, Verdict};
+use espd_core::wire::ethernet::{self, Frame};
+use espd_core::{DropReason, PacketBuf};
+use pcap_file::pcap::{PcapPacket, PcapReader, PcapWriter};
+use pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketBlock;
+use pcap_file::pcapng::blocks::simple_packet::SimplePacketBlock;
+use pcap_file::pcapng::{Block, PcapNgReader, PcapNgWriter};
+use pcap_file::DataLink;
+use serde_json::json;
+use std::borrow::Cow;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, IsTerminal, Read, Write};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+pub struct Args {
+    pub config: PathBuf,
+    pub input: PathBuf,
+    pub output: PathBuf,
+    pub stats_json: Option<PathBuf>,
+    pub local: Vec<IpAddr>,
+    pub quiet: bool,
+}
+
+/// Room before and after each packet for headers and trailers.
+const HEADROOM: usize = 128;
+const TAILROOM: usize = 128;
+const MAX_PACKET: usize = 65535 + 40;
+/// Snap length written to the output: any IP packet fits.
+const OUT_SNAPLEN: u32 = 262_144;
+
+/// Link-layer outcomes the engine never sees.
+#[derive(Default)]
+struct LinkCounters {
+    packets_in: u64,
+    packets_out: u64,
+    /// Frames that are not IPv4/IPv6 (ARP, LLDP, …): passed unchanged, as the
+    /// gateway leaves them to the kernel.
+    non_ip: u64,
+    /// Packets of a link type this mode does not read: passed unchanged.
+    other_link: u64,
+    /// Results that the output link type cannot hold (an IPv6 outer header in
+    /// a LINKTYPE_IPV4 capture): not written.
+    unwritable: u64,
+}
+
+struct Run {
+    engine: Engine,
+    link: LinkCounters,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+    start: Instant,
+    last_progress: Instant,
+    progress: bool,
+}
+
+impl Run {
+    /// Processes one captured frame; returns the bytes to write, or `None` to drop.
+    fn frame(&mut self, linktype: DataLink, data: &[u8]) -> Option<&[u8]> {
+        self.link.packets_in += 1;
+        self.maybe_progress();
+        let (l2_len, ip_only) = match linktype {
+            DataLink::ETHERNET => match Frame::new_checked(data) {
+                Err(_) => {
+                    self.engine.counters.dropped += 1;
+                    self.engine.counters.drops[DropReason::Runt as usize] += 1;
+                    return None;
+                }
+                Ok(f) => match f.ethertype() {
+                    ethernet::ETHERTYPE_IPV4 | ethernet::ETHERTYPE_IPV6 => (f.header_len(), None),
+                    _ => {
+                        self.link.non_ip += 1;
+                        return self.pass(data);
+                    }
+                },
+            },
+            DataLink::RAW => (0, None),
+            DataLink::IPV4 => (0, Some(4u8)),
+            DataLink::IPV6 => (0, Some(6u8)),
+            _ => {
+                self.link.other_link += 1;
+                return self.pass(data);
+            }
+        };
+        let ip = &data[l2_len..];
+        if ip.len() > MAX_PACKET {
+            self.engine.counters.dropped += 1;
+            self.engine.counters.drops[DropReason::TooBig as usize] += 1;
+            return None;
+        }
+        self.buf[HEADROOM..HEADROOM + ip.len()].copy_from_slice(ip);
+        let mut pkt = PacketBuf::new(&mut self.buf, HEADROOM, ip.len());
+        match self.engine.process(&mut pkt) {
+            Verdict::Drop(_) | Verdict::Dummy(_) => None,
+            Verdict::Encapsulated(_) | Verdict::Decapsulated(_) | Verdict::Bypass => {
+                let version = pkt.data().first().map_or(0, |b| b >> 4);
+                if ip_only.is_some_and(|v| v != version) {
+                    self.link.unwritable += 1;
+                    return None;
+                }
+                let (s, n) = (pkt.start(), pkt.len());
+                self.out.clear();
+                self.out.extend_from_slice(&data[..l2_len]);
+                if l2_len > 0 {
+                    // Keep the Ethernet addresses; the EtherType follows the new outer header.
+                    if let (Ok(mut f), Some(t)) = (
+                        Frame::new_checked(&mut self.out[..]),
+                        ethernet::ethertype_for_version(version),
+                    ) {
+                        f.set_ethertype(t);
+                    }
+                }
+                self.out.extend_from_slice(&self.buf[s..s + n]);
+                self.link.packets_out += 1;
+                Some(&self.out)
+            }
+        }
+    }
+
+    fn pass(&mut self, data: &[u8]) -> Option<&[u8]> {
+        self.out.clear();
+        self.out.extend_from_slice(data);
+        self.link.packets_out += 1;
+        Some(&self.out)
+    }
+
+    fn maybe_progress(&mut self) {
+        if self.progress && self.link.packets_in.is_multiple_of(4096) {
+            let now = Instant::now();
+            if now.duration_since(self.last_progress) >= Duration::from_secs(1) {
+                self.last_progress = now;
+                eprint!("\r{}", self.line());
+            }
+        }
+    }
+
+    fn line(&self) -> String {
+        let c: &Counters = &self.engine.counters;
+        let t = self.start.elapsed().as_secs_f64();
+        let mut s = format!(
+            "{} packets in {:.2} s: {} encapsulated, {} decapsulated, {} bypass, {} dummy, {} dropped",
+            self.link.packets_in,
+            t,
+            c.encapsulated,
+            c.decapsulated,
+            c.bypass + self.link.non_ip + self.link.other_link,
+            c.dummy,
+            c.dropped + self.link.unwritable,
+        );
+        let reasons: Vec<String> = DropReason::ALL
+            .iter()
+            .filter(|r| c.drops[**r as usize] > 0)
+            .map(|r| format!("{} {}", r.name(), c.drops[*r as usize]))
+            .collect();
+        if !reasons.is_empty() {
+            s.push_str(&format!(" ({})", reasons.join(", ")));
+        }
+        if self.link.unwritable > 0 {
+            s.push_str(&format!(
+                "; {} not writable in the output link type",
+                self.link.unwritable
+            ));
+        }
+        s
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let c = &self.engine.counters;
+        let drops: serde_json::Map<String, serde_json::Value> = DropReason::ALL
+            .iter()
+            .map(|r| (r.name().to_string(), json!(c.drops[*r as usize])))
+            .collect();
+        let sas: Vec<serde_json::Value> = self
+            .engine
+            .sad
+            .iter()
+            .map(|sa| {
+                let d: serde_json::Map<String, serde_json::Value> = DropReason::ALL
+                    .iter()
+                    .filter(|r| sa.counters.drops[**r as usize] > 0)
+                    .map(|r| (r.name().to_string(), json!(sa.counters.drops[*r as usize])))
+                    .collect();
+                json!({
+                    "spi": format!("0x{:08x}", sa.cfg.spi),
+                    "src": sa.cfg.src.to_string(),
+                    "dst": sa.cfg.dst.to_string(),
+                    "reqid": sa.cfg.reqid,
+                    "mode": sa.cfg.mode.as_str(),
+                    "packets": sa.counters.packets,
+                    "bytes": sa.counters.bytes,
+                    "oseq": sa.oseq,
+                    "replay_top": sa.replay.top(),
+                    "exhausted": sa.exhausted,
+                    "drops": d,
+                })
+            })
+            .collect();
+        json!({
+            "packets_in": self.link.packets_in,
+            "packets_out": self.link.packets_out,
+            "verdicts": {
+                "encapsulated": c.encapsulated,
+                "decapsulated": c.decapsulated,
+                "bypass": c.bypass,
+                "dummy": c.dummy,
+                "dropped": c.dropped,
+                "non_ip": self.link.non_ip,
+                "other_link": self.link.other_link,
+                "unwritable": self.link.unwritable,
+            },
+            "drops": drops,
+            "sas": sas,
+        })
+    }
+}
+
+pub fn run(a: &Args) -> Result<()> {
+    let cfg = Config::load(&a.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let engine = Engine::new(cfg.sad, cfg.spd, &a.local);
+    let mut run = Run {
+        engine,
+        link: LinkCounters::default(),
+        buf: vec![0u8; HEADROOM + MAX_PACKET + TAILROOM],
+        out: Vec::with_capacity(HEADROOM + MAX_PACKET + TAILROOM),
+        start: Instant::now(),
+        last_progress: Instant::now(),
+        progress: !a.quiet && std::io::stderr().is_terminal(),
+    };
+    let mut f = BufReader::new(
+        File::open(&a.input).with_context(|| format!("cannot open {}", a.input.display()))?,
+    );
+    let mut magic = [0u8; 4];
+    f.read_exact(&mut magic)
+        .with_context(|| format!("{}: too short for a capture", a.input.display()))?;
+    let f = BufReader::new(File::open(&a.input)?);
+    let out = BufWriter::new(
+        File::create(&a.output).with_context(|| format!("cannot create {}", a.output.display()))?,
+    );
+    match u32::from_le_bytes(magic) {
+        0xa1b2_c3d4 | 0xd4c3_b2a1 | 0xa1b2_3c4d | 0x4d3c_b2a1 => classic(&mut run, f, out, a)?,
+        0x0a0d_0d0a => pcapng(&mut run, f, out, a)?,
+        _ => bail!("{}: not a pcap or pcapng capture", a.input.display()),
+    }
+    if run.progress {
+        eprint!("\r");
+    }
+    eprintln!("espd pcap: {}", run.line());
+    if let Some(p) = &a.stats_json {
+        let s = serde_json::to_string_pretty(&run.stats())?;
+        std::fs::write(p, s + "\n").with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn classic<R: Read, W: Write>(run: &mut Run, r: R, w: W, a: &Args) -> Result<()> {
+    let mut rd =
+        PcapReader::new(r).with_context(|| format!("{}: bad pcap header", a.input.display()))?;
+    let mut hdr = rd.header();
+    let linktype = hdr.datalink;
+    check_linktype(linktype, a)?;
+    hdr.snaplen = hdr.snaplen.max(OUT_SNAPLEN);
+    let mut wr = PcapWriter::with_header(w, hdr)?;
+    let mut n = 0u64;
+    while let Some(p) = rd.next_packet() {
+        n += 1;
+        let p = p.with_context(|| format!("{}: packet {n} is unreadable", a.input.display()))?;
+        if let Some(out) = run.frame(linktype, &p.data) {
+            let len = out.len() as u32;
+            wr.write_packet(&PcapPacket::new(p.timestamp, len, out))?;
+        }
+    }
+    wr.into_writer().flush()?;
+    Ok(())
+}
+
+fn pcapng<R: Read, W: Write>(run: &mut Run, r: R, w: W, a: &Args) -> Result<()> {
+    let mut rd = PcapNgReader::new(r)
+        .with_context(|| format!("{}: bad pcapng header", a.input.display()))?;
+    let mut wr = PcapNgWriter::with_section_header(w, rd.section().clone().into_owned())?;
+    let mut n = 0u64;
+    while let Some(b) = rd.next_block() {
+        n += 1;
+        let b = b.with_context(|| format!("{}: block {n} is unreadable", a.input.display()))?;
+        match b {
+            Block::EnhancedPacket(p) => {
+                let lt = wr
+                    .interfaces()
+                    .get(p.interface_id as usize)
+                    .map(|i| i.linktype)
+                    .with_context(|| {
+                        format!(
+                            "{}: block {n} names an unknown interface",
+                            a.input.display()
+                        )
+                    })?;
+                if let Some(out) = run.frame(lt, &p.data) {
+                    let e = EnhancedPacketBlock {
+                        interface_id: p.interface_id,
+                        timestamp: p.timestamp,
+                        original_len: out.len() as u32,
+                        data: Cow::Borrowed(out),
+                        options: p.options.clone(),
+                    };
+                    wr.write_pcapng_block(e)?;
+                }
+            }
+            Block::SimplePacket(p) => {
+                let lt = wr
+                    .interfaces()
+                    .first()
+                    .map(|i| i.linktype)
+                    .unwrap_or(DataLink::ETHERNET);
+                if let Some(out) = run.frame(lt, &p.data) {
+                    let s = SimplePacketBlock {
+                        original_len: out.len() as u32,
+                        data: Cow::Borrowed(out),
+                    };
+                    wr.write_pcapng_block(s)?;
+                }
+            }
+            Block::InterfaceDescription(mut i) => {
+                check_linktype(i.linktype, a)?;
+                i.snaplen = 0; // no limit
+                wr.write_block(&Block::InterfaceDescription(i))?;
+            }
+            other => {
+                wr.write_block(&other)?;
+            }
+        }
+    }
+    wr.into_inner().flush()?;
+    Ok(())
+}
+
+fn check_linktype(l: DataLink, a: &Args) -> Result<()> {
+    match l {
+        DataLink::ETHERNET | DataLink::RAW | DataLink::IPV4 | DataLink::IPV6 => Ok(()),
+        other => bail!(
+            "{}: link type {:?} ({}) is not supported: use Ethernet (1), RAW (101), IPv4 (228) or IPv6 (229)",
+            a.input.display(),
+            other,
+            u32::from(other)
+        ),
+    }
+}
