@@ -392,7 +392,15 @@ fn state_add(w: &mut Words<'_>) -> R<SaConfig> {
         replay_oseq: (oseq_hi.unwrap_or(0) << 32) | oseq.unwrap_or(0),
         aead,
         sel,
+        iv_mask: random_u64(),
     })
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // Uniqueness of the IV does not depend on this value, only its opacity does.
+    let _ = getrandom::getrandom(&mut b);
+    u64::from_ne_bytes(b)
 }
 
 fn template(w: &mut Words<'_>) -> R<Template> {

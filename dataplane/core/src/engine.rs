@@ -302,6 +302,12 @@ fn parse_ro(d: &[u8]) -> Result<(L3, Flow), DropReason> {
     parse_inner(d).map(|(a, b, _)| (a, b))
 }
 
+/// Checks the headers of the IP packet at the start of `d`: its L3 facts, its
+/// selector fields, and its length without link-layer padding.
+pub fn parse_ip(d: &[u8]) -> Result<(L3, Flow, usize), DropReason> {
+    parse_inner(d)
+}
+
 fn parse_inner(d: &[u8]) -> Result<(L3, Flow, usize), DropReason> {
     match d.first().map(|b| b >> 4) {
         None => Err(DropReason::Runt),

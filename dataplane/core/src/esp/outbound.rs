@@ -112,8 +112,9 @@ pub fn encapsulate(
         .expect("8 octets");
     esp::emit_header(hdr, sa.cfg.spi, seq as u32);
     // RFC 4106 §3.1: the IV must not repeat under a key. The 64-bit sequence
-    // number never repeats (it cannot cycle), so it is the IV, as Linux's seqiv.
-    let iv = seq.to_be_bytes();
+    // number never repeats (it cannot cycle), and XOR with a per-SA constant
+    // keeps that, so seq ⊕ mask is the IV (Linux's seqiv).
+    let iv = (seq ^ sa.cfg.iv_mask).to_be_bytes();
     d[esp_at + esp::HEADER_LEN..ct_start].copy_from_slice(&iv[..iv_len]);
     let (a, alen) = aad(sa.cfg.spi, seq, sa.cfg.flags.esn);
     let (body, icv) = d.split_at_mut(ct_end);

@@ -79,6 +79,10 @@ pub struct SaConfig {
     /// The SA's own selector (`sel …`): decapsulated traffic must match it
     /// and only matching traffic is sent through it.
     pub sel: Option<Selector>,
+    /// XORed into the 64-bit sequence number to make the explicit IV, as
+    /// Linux's `seqiv` does: unique per packet (a bijection of a counter that
+    /// never cycles) without exposing the counter. The loader picks it at random.
+    pub iv_mask: u64,
 }
 
 impl SaConfig {
