@@ -167,7 +167,10 @@ impl Engine {
                 return Err(DropReason::PolicyMismatch);
             }
         }
-        let dir = if self.is_local(flow.dst) {
+        // A transport-mode SA ends at this host (RFC 4301 §4.1), so what it
+        // carries is checked against `in`; tunnel-mode traffic against `in` or
+        // `fwd` by its inner destination.
+        let dir = if c.mode == Mode::Transport || self.is_local(flow.dst) {
             Direction::In
         } else {
             Direction::Fwd
