@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what espd's build and tests need, idempotently: Debian packages
+# (tshark, python3-venv, iproute2, tcpdump) and a Python venv with scapy 2.8
+# (Debian's scapy 2.5 gets CBC+ESN wrong), cryptography and pytest.
+# Rust comes from rustup (present on the build machines).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v tshark >/dev/null || need+=(tshark)
+command -v tcpdump >/dev/null || need+=(tcpdump)
+command -v ip >/dev/null || need+=(iproute2)
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "deps.sh: need root to install: ${need[*]}" >&2
+        exit 1
+    fi
+    echo "deps.sh: installing ${need[*]}"
+    # Wireshark asks whether non-root users may capture: answer no, quietly.
+    echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections 2>/dev/null || true
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+if ! .venv/bin/python -c 'import scapy, cryptography, pytest; assert scapy.__version__ >= "2.8"' 2>/dev/null; then
+    echo "deps.sh: creating .venv (scapy 2.8.0, cryptography, pytest)"
+    python3 -m venv .venv
+    .venv/bin/pip install -q --disable-pip-version-check 'scapy==2.8.0' cryptography pytest
+fi
