@@ -65,7 +65,7 @@ fn random_bytes_never_panic() {
     let n = 300_000u64;
     for i in 0..n {
         let len = rng.below(if i % 7 == 0 { 1600 } else { 120 }) as usize;
-        let mut p: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+        let mut p: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
         // Bias towards headers that get past the first checks.
         if len >= 40 && i % 2 == 0 {
             let v6 = i % 4 == 0;
