@@ -18,12 +18,26 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+#[derive(clap::Args)]
 pub struct Args {
+    /// Configuration in `ip xfrm` syntax (see docs/config.md).
+    #[arg(long, short = 'c')]
     pub config: PathBuf,
+    /// Input capture: classic pcap or pcapng; link types Ethernet, RAW, IPv4, IPv6.
+    #[arg(long = "in", short = 'i')]
     pub input: PathBuf,
+    /// Output capture, in the input's format and link type.
+    #[arg(long = "out", short = 'o')]
     pub output: PathBuf,
+    /// Write counters per verdict, drop reason and SA as JSON here.
+    #[arg(long)]
     pub stats_json: Option<PathBuf>,
+    /// An address of this host (repeatable), besides those the policies
+    /// imply (tmpl src of `out`, tmpl dst of `in`/`fwd` policies).
+    #[arg(long = "local")]
     pub local: Vec<IpAddr>,
+    /// No progress line.
+    #[arg(long, short = 'q')]
     pub quiet: bool,
 }
 

@@ -94,13 +94,7 @@ fn tunnel(
             let mut p =
                 ipv4::Packet::new_checked(&mut inner[..]).map_err(|_| DropReason::BadInner)?;
             let old = p.tos();
-            let mut tos = old;
-            if !sa.cfg.flags.noecn {
-                tos = (tos & 0xfc) | ecn::decap(old, outer_tos).ok_or(DropReason::EcnDrop)?;
-            }
-            if sa.cfg.flags.decap_dscp {
-                tos = (outer_tos & 0xfc) | (tos & 3);
-            }
+            let tos = inner_tos(sa, old, outer_tos)?;
             if tos != old {
                 p.set_tos(tos);
                 p.fill_checksum();
@@ -111,13 +105,7 @@ fn tunnel(
             let mut p =
                 ipv6::Packet::new_checked(&mut inner[..]).map_err(|_| DropReason::BadInner)?;
             let old = p.traffic_class();
-            let mut tc = old;
-            if !sa.cfg.flags.noecn {
-                tc = (tc & 0xfc) | ecn::decap(old, outer_tos).ok_or(DropReason::EcnDrop)?;
-            }
-            if sa.cfg.flags.decap_dscp {
-                tc = (outer_tos & 0xfc) | (tc & 3);
-            }
+            let tc = inner_tos(sa, old, outer_tos)?;
             if tc != old {
                 p.set_traffic_class(tc);
             }
@@ -129,6 +117,20 @@ fn tunnel(
     pkt.trim_front(ct_start);
     pkt.truncate(inner_len);
     Ok(Decap::Packet)
+}
+
+/// The inner TOS / traffic class after decapsulation: ECN combined per
+/// RFC 6040 §4.2 (unless `noecn`), DSCP taken from the outer header with
+/// `decap-dscp`.
+fn inner_tos(sa: &Sa, inner: u8, outer: u8) -> Result<u8, DropReason> {
+    let mut tos = inner;
+    if !sa.cfg.flags.noecn {
+        tos = (tos & 0xfc) | ecn::decap(inner, outer).ok_or(DropReason::EcnDrop)?;
+    }
+    if sa.cfg.flags.decap_dscp {
+        tos = (outer & 0xfc) | (tos & 3);
+    }
+    Ok(tos)
 }
 
 fn transport(

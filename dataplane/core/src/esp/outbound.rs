@@ -151,7 +151,7 @@ pub fn encapsulate(
             o.set_src_addr(src);
             o.set_dst_addr(dst);
         }
-        (Mode::Tunnel, _, _) => unreachable!("config refuses mixed-family SA endpoints"),
+        (Mode::Tunnel, _, _) => unreachable!("Sa::new refuses mixed-family endpoints"),
         (Mode::Transport, _, _) => {
             if l3.version == 4 {
                 let mut o = ipv4::Packet::new_unchecked(&mut d[..]);

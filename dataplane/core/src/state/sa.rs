@@ -88,6 +88,9 @@ pub struct SaConfig {
 impl SaConfig {
     /// Expands the keys: fails if the algorithm or key does not fit.
     pub fn transform(&self) -> Result<Transform, SaError> {
+        if self.src.is_ipv4() != self.dst.is_ipv4() {
+            return Err(SaError::Family);
+        }
         match self.aead.name.as_str() {
             "rfc4106(gcm(aes))" => {
                 let icv = self.aead.icv_bits as usize / 8;
@@ -109,6 +112,8 @@ pub enum SaError {
     Algorithm,
     KeyLength,
     IcvLength,
+    /// `src` and `dst` of different address families.
+    Family,
 }
 
 impl core::fmt::Display for SaError {
@@ -119,6 +124,7 @@ impl core::fmt::Display for SaError {
                 "key must be 20 or 36 octets for rfc4106(gcm(aes)): a 16- or 32-octet AES key followed by a 4-octet salt"
             }
             SaError::IcvLength => "ICV length must be 64, 96 or 128 bits",
+            SaError::Family => "src and dst must be of one address family",
         })
     }
 }

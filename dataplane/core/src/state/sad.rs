@@ -6,13 +6,14 @@ use super::sa::{Mode, Sa, SaId};
 use super::selector::Flow;
 use super::spd::Template;
 use core::net::IpAddr;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 #[derive(Default)]
 pub struct Sad {
     sas: Vec<Sa>,
     by_dst_spi: HashMap<(IpAddr, u32), SaId>,
     by_reqid: HashMap<u32, Vec<SaId>>,
+    dsts: HashSet<IpAddr>,
 }
 
 /// `state add` for a (dst, SPI) that exists already.
@@ -32,6 +33,7 @@ impl Sad {
         let id = self.sas.len();
         self.by_dst_spi.insert(key, id);
         self.by_reqid.entry(sa.cfg.reqid).or_default().push(id);
+        self.dsts.insert(sa.cfg.dst);
         self.sas.push(sa);
         Ok(id)
     }
@@ -59,7 +61,7 @@ impl Sad {
 
     /// True if some SA terminates at `dst` (so ESP to it is ours to process).
     pub fn has_dst(&self, dst: IpAddr) -> bool {
-        self.sas.iter().any(|s| s.cfg.dst == dst)
+        self.dsts.contains(&dst)
     }
 
     /// Outbound: the SA a template resolves to for `flow`. Of several, the most
