@@ -36,9 +36,11 @@ def ip_cls(v):
 
 
 def state_line(src, dst, spi, reqid, mode, km, icv_bits=128, extra=""):
+    """`km` is key material for AES-GCM, or an already written algorithm clause."""
+    alg = km if isinstance(km, str) else f"aead 'rfc4106(gcm(aes))' 0x{km.hex()} {icv_bits}"
     return (
         f"state add src {src} dst {dst} proto esp spi {spi:#x} reqid {reqid} mode {mode} "
-        f"{extra} aead 'rfc4106(gcm(aes))' 0x{km.hex()} {icv_bits}"
+        f"{extra} {alg}"
     )
 
 
@@ -127,3 +129,39 @@ def esp_open(km, esp, icv_len=16, esn_hi=None):
     pad, nh = pt[-2], pt[-1]
     assert pt[-2 - pad:-2] == bytes(range(1, pad + 1)), "bad padding"
     return lo, pt[: -2 - pad], nh
+
+
+# ---- the RFC 8221 algorithm set: espd's config clause and scapy's SA arguments ----
+
+class Alg:
+    """One algorithm with its keys: `clause` for espd, `scapy` kwargs for scapy."""
+
+    def __init__(self, name, clause, scapy, tshark=None):
+        self.name, self.clause, self.scapy, self.tshark = name, clause, scapy, tshark
+
+
+def alg(name, tag):
+    """Key material differs per `tag` so the two directions never share keys."""
+    k16, k32 = keymat(128, tag)[:16], keymat(256, tag)[:32]
+    a32 = keymat(256, tag + 50)[:32]
+    if name == "cbc128" or name == "cbc256":
+        k = k16 if name == "cbc128" else k32
+        return Alg(name, f"enc 'cbc(aes)' 0x{k.hex()} auth-trunc 'hmac(sha256)' 0x{a32.hex()} 128",
+                   dict(crypt_algo="AES-CBC", crypt_key=k, auth_algo="SHA2-256-128", auth_key=a32),
+                   ("AES-CBC [RFC3602]", k, "HMAC-SHA-256-128 [RFC4868]", a32))
+    if name == "chacha":
+        km = keymat(256, tag)
+        return Alg(name, f"aead 'rfc7539esp(chacha20,poly1305)' 0x{km.hex()} 128",
+                   dict(crypt_algo="CHACHA20-POLY1305", crypt_key=km))
+    if name == "gmac128" or name == "gmac256":
+        km = keymat(128 if name == "gmac128" else 256, tag)
+        return Alg(name, f"aead 'rfc4543(gcm(aes))' 0x{km.hex()} 128",
+                   dict(crypt_algo="AES-NULL-GMAC", crypt_key=km))
+    if name == "null":
+        return Alg(name, f"enc 'ecb(cipher_null)' \"\" auth-trunc 'hmac(sha256)' 0x{a32.hex()} 128",
+                   dict(crypt_algo="NULL", crypt_key=None, auth_algo="SHA2-256-128", auth_key=a32),
+                   ("NULL", b"", "HMAC-SHA-256-128 [RFC4868]", a32))
+    raise ValueError(name)
+
+
+ALGS = ["cbc128", "cbc256", "chacha", "gmac128", "gmac256", "null"]

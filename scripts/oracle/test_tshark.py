@@ -15,9 +15,15 @@ ICV_NAME = {128: "AES-GCM with 16 octet ICV [RFC4106]",
             64: "AES-GCM with 8 octet ICV [RFC4106]"}
 
 
-def tshark_esp(tshark, pcap, outer, src, dst, spi, km, icv_bits):
+def tshark_esp(tshark, pcap, outer, src, dst, spi, km, icv_bits, algs=None):
+    """`algs` = (encryption name, key, authentication name, key) for non-GCM SAs."""
     fam = "IPv4" if outer == 4 else "IPv6"
-    uat = f'"{fam}","{src}","{dst}","0x{spi:08x}","{ICV_NAME[icv_bits]}","0x{km.hex()}","NULL",""'
+    if algs:
+        e, ek, a, ak = algs
+        ekey = f"0x{ek.hex()}" if ek else ""
+        uat = f'"{fam}","{src}","{dst}","0x{spi:08x}","{e}","{ekey}","{a}","0x{ak.hex()}"'
+    else:
+        uat = f'"{fam}","{src}","{dst}","0x{spi:08x}","{ICV_NAME[icv_bits]}","0x{km.hex()}","NULL",""'
     r = subprocess.run(
         [tshark, "-r", str(pcap), "-o", "esp.enable_encryption_decode:TRUE",
          "-o", "esp.enable_authentication_check:TRUE", "-o", f"uat:esp_sa:{uat}",
@@ -65,3 +71,27 @@ def test_tshark_decrypts_espd_output(tmp_path, tshark, shape, bits, icv):
     rows = tshark_esp(tshark, tmp_path / "bad.pcap", outer, g1, g2, SPI_OUT, km_out, icv)
     assert (rows[0][1], rows[0][2]) == ("0", "1")
     assert all((r[1], r[2]) == ("1", "0") for r in rows[1:])
+
+
+@pytest.mark.parametrize("name", ["cbc128", "cbc256", "null"])
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_tshark_checks_cbc_and_null_hmac(tmp_path, tshark, shape, name):
+    """AES-CBC and NULL with HMAC-SHA-256-128 (tshark cannot do ChaCha20 or GMAC)."""
+    from espd_oracle import alg
+    mode, inner, outer = shape
+    a_out, a_in = alg(name, 31), alg(name, 32)
+    conf = gw_config(mode, inner, outer, a_out.clause, a_in.clause)
+    plain = []
+    for p in inner_packets(mode, inner, outer):
+        if UDP in p:
+            p[UDP].sport = p[UDP].dport = 9
+            del p[UDP].chksum
+        plain.append(p.__class__(bytes(p)))
+    out, st = run_espd(tmp_path, conf, [eth(p) for p in plain])
+    assert st["verdicts"]["encapsulated"] == len(plain)
+    g1, g2 = GW[outer]
+    rows = tshark_esp(tshark, tmp_path / "t.out.pcap", outer, g1, g2, SPI_OUT, None, 0, a_out.tshark)
+    assert len(rows) == len(plain)
+    for i, (seq, good, bad, dec) in enumerate(rows):
+        assert int(seq) == i + 1
+        assert (good, bad) == ("1", "0"), f"packet {i + 1}: good={good} bad={bad}"

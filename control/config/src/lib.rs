@@ -110,7 +110,7 @@ impl Config {
 
 fn install_state(sad: &mut Sad, cfg: SaConfig) -> Result<(), String> {
     let (dst, spi) = (cfg.dst, cfg.spi);
-    let sa = Sa::new(cfg).map_err(|e| format!("aead: {e}"))?;
+    let sa = Sa::new(cfg).map_err(|e| e.to_string())?;
     sad.insert(sa).map_err(|_| {
         format!("a state for dst {dst} spi 0x{spi:08x} exists already (states are keyed by dst and SPI)")
     })?;

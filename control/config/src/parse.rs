@@ -3,8 +3,8 @@
 use crate::lex;
 use espd_core::state::replay::MAX_WINDOW;
 use espd_core::state::{
-    Action, Aead, Direction, Level, Mode, Policy, PortRange, Prefix, SaConfig, SaFlags, Selector,
-    Template,
+    Action, Algs, Direction, KeyedAlg, Level, Mode, Policy, PortRange, Prefix, SaConfig, SaFlags,
+    Selector, Template,
 };
 use espd_core::wire::proto;
 use std::net::IpAddr;
@@ -287,11 +287,11 @@ fn flags(w: &mut Words<'_>, f: &mut SaFlags) -> R<()> {
     Ok(())
 }
 
-fn key_bytes(s: &str) -> R<Zeroizing<Vec<u8>>> {
+fn key_bytes(what: &str, s: &str) -> R<Zeroizing<Vec<u8>>> {
     // Never echo the key in an error.
     if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         if h.len() % 2 != 0 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err("`aead` key must be 0x followed by an even number of hex digits (or a quoted string)".into());
+            return Err(format!("`{what}` key must be 0x followed by an even number of hex digits (or a quoted string)"));
         }
         let mut v = Zeroizing::new(Vec::with_capacity(h.len() / 2));
         for i in (0..h.len()).step_by(2) {
@@ -305,7 +305,8 @@ fn key_bytes(s: &str) -> R<Zeroizing<Vec<u8>>> {
 
 fn state_add(w: &mut Words<'_>) -> R<SaConfig> {
     let (mut src, mut dst, mut spi, mut reqid, mut md) = (None, None, None, None, None);
-    let (mut proto_seen, mut win, mut aead, mut sel) = (false, None, None, None);
+    let (mut proto_seen, mut win, mut sel) = (false, None, None);
+    let (mut aead, mut enc, mut auth) = (None, None, None);
     let (mut seq, mut seq_hi, mut oseq, mut oseq_hi) = (None, None, None, None);
     let mut fl = SaFlags::default();
     while let Some(k) = w.next() {
@@ -335,20 +336,29 @@ fn state_add(w: &mut Words<'_>) -> R<SaConfig> {
             "flag" => flags(w, &mut fl)?,
             "aead" => {
                 let name = w.value(k, "an algorithm name, a key and an ICV length in bits")?;
-                let key = key_bytes(w.value(k, "a key after the algorithm name")?)?;
+                let key = key_bytes(k, w.value(k, "a key after the algorithm name")?)?;
                 let icv = number("aead ICV length", w.value(k, "an ICV length in bits")?, 1024)?;
-                if name != "rfc4106(gcm(aes))" {
-                    return Err(format!("aead `{name}` is not supported: expected 'rfc4106(gcm(aes))'"));
-                }
-                once!(aead, Aead { name: name.to_string(), key, icv_bits: icv as u32 });
+                once!(aead, KeyedAlg { name: name.to_string(), key, bits: icv as u32 });
+            }
+            "enc" => {
+                let name = w.value(k, "a cipher name and a key")?;
+                let key = key_bytes(k, w.value(k, "a key after the cipher name (\"\" for cipher_null)")?)?;
+                once!(enc, KeyedAlg { name: name.to_string(), key, bits: 0 });
+            }
+            "auth-trunc" => {
+                let name = w.value(k, "an algorithm name, a key and a truncation length in bits")?;
+                let key = key_bytes(k, w.value(k, "a key after the algorithm name")?)?;
+                let bits = number("auth-trunc length", w.value(k, "a truncation length in bits")?, 1024)?;
+                once!(auth, KeyedAlg { name: name.to_string(), key, bits: bits as u32 });
+            }
+            "auth" => {
+                return Err("`auth` truncates hmac(sha256) to 96 bits on Linux, which RFC 4868 does not define: use `auth-trunc 'hmac(sha256)' KEY 128`".into())
             }
             "sel" => once!(sel, selector(w, "state")?),
-            "enc" | "auth" | "auth-trunc" | "comp" => {
-                return Err(format!("`{k}` is not supported yet: use `aead 'rfc4106(gcm(aes))' KEY ICV-BITS`"))
-            }
+            "comp" => return Err("`comp` (IPComp) is not supported".into()),
             other => {
                 return Err(format!(
-                    "unknown or unsupported word `{other}` in `state add` (expected src, dst, proto, spi, reqid, mode, replay-window, replay-seq, replay-seq-hi, replay-oseq, replay-oseq-hi, flag, aead, sel)"
+                    "unknown or unsupported word `{other}` in `state add` (expected src, dst, proto, spi, reqid, mode, replay-window, replay-seq, replay-seq-hi, replay-oseq, replay-oseq-hi, flag, aead, enc, auth-trunc, sel)"
                 ))
             }
         }
@@ -363,7 +373,9 @@ fn state_add(w: &mut Words<'_>) -> R<SaConfig> {
     if spi < 256 {
         return Err(format!("spi {spi} is reserved (RFC 4303 §2.1: 0 is local-only, 1-255 belong to IANA): use 256 or more"));
     }
-    let aead = aead.ok_or("`state add` needs `aead 'rfc4106(gcm(aes))' KEY ICV-BITS`")?;
+    if aead.is_none() && enc.is_none() && auth.is_none() {
+        return Err("`state add` needs `aead NAME KEY ICV-BITS`, or `enc NAME KEY` with `auth-trunc NAME KEY BITS`".into());
+    }
     if src.is_ipv4() != dst.is_ipv4() {
         return Err(format!(
             "src {src} and dst {dst} are of different address families"
@@ -390,7 +402,7 @@ fn state_add(w: &mut Words<'_>) -> R<SaConfig> {
         flags: fl,
         replay_seq: (seq_hi.unwrap_or(0) << 32) | seq.unwrap_or(0),
         replay_oseq: (oseq_hi.unwrap_or(0) << 32) | oseq.unwrap_or(0),
-        aead,
+        algs: Algs { aead, enc, auth },
         sel,
         iv_mask: random_u64(),
     })

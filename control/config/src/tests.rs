@@ -63,14 +63,23 @@ fn bad_lines_are_located_and_explained() {
         ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1000 aead 'rfc4106(gcm(aes))' KEY 128", "exists already"),
         ("state add src 198.18.0.1 dst 2001:db8::2 proto esp spi 0x1001 aead 'rfc4106(gcm(aes))' KEY 128", "different address families"),
         ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 aead 'rfc4106(gcm(aes))' KEY 100", "ICV length must be 64, 96 or 128"),
-        ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 aead 'gcm(aes)' KEY 128", "expected 'rfc4106(gcm(aes))'"),
+        ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 aead 'gcm(aes)' KEY 128", "expected 'rfc4106(gcm(aes))', 'rfc4543(gcm(aes))' or 'rfc7539esp(chacha20,poly1305)'"),
         ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 colour blue", "unknown or unsupported word `colour`"),
         ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 flag esn replay-window 0 aead 'rfc4106(gcm(aes))' KEY 128", "needs a replay window"),
         ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 replay-seq-hi 1 aead 'rfc4106(gcm(aes))' KEY 128", "need `flag esn`"),
         ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 replay-window 70000 aead 'rfc4106(gcm(aes))' KEY 128", "larger than 65536"),
         ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 mode beet aead 'rfc4106(gcm(aes))' KEY 128", "mode `beet` is not supported"),
         ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 flag wildrecv aead 'rfc4106(gcm(aes))' KEY 128", "flag `wildrecv` is not supported"),
-        ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 enc 'cbc(aes)' 0x00", "not supported yet"),
+        ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 enc 'cbc(aes)' 0x000102030405060708090a0b0c0d0e0f", "encryption without integrity is not allowed"),
+        ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 enc 'ecb(cipher_null)' \"\"", "NULL encryption without integrity protects nothing"),
+        ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 auth-trunc 'hmac(sha256)' AK 128", "integrity without `enc`"),
+        ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 enc 'cbc(aes)' 0x00 auth-trunc 'hmac(sha256)' AK 128", "cbc(aes) key must be 16 or 32 octets"),
+        ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 enc 'cbc(aes)' 0x000102030405060708090a0b0c0d0e0f auth-trunc 'hmac(sha256)' AK 96", "truncated to 128 bits"),
+        ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 enc 'cbc(aes)' 0x000102030405060708090a0b0c0d0e0f auth-trunc 'hmac(sha256)' 0x0102 128", "key must be 32 octets"),
+        ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 enc 'cbc(aes)' 0x000102030405060708090a0b0c0d0e0f auth 'hmac(sha256)' AK", "use `auth-trunc 'hmac(sha256)' KEY 128`"),
+        ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 aead 'rfc4106(gcm(aes))' KEY 128 enc 'cbc(aes)' 0x000102030405060708090a0b0c0d0e0f", "cannot be combined"),
+        ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 aead 'rfc7539esp(chacha20,poly1305)' KEY 128", "key must be 36 octets"),
+        ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 aead 'rfc4543(gcm(aes))' KEY 96", "the ICV is 128 bits"),
         ("state add src 198.18.0.1 proto esp spi 0x1001 aead 'rfc4106(gcm(aes))' KEY 128", "needs `dst ADDR`"),
         ("state add src 198.18.0.1 dst 198.18.0.2 spi 0x1001 aead 'rfc4106(gcm(aes))' KEY 128", "needs `proto esp`"),
         ("state add src 198.18.0.300 dst 198.18.0.2 proto esp spi 1", "needs an IPv4 or IPv6 address, found `198.18.0.300`"),
@@ -92,7 +101,9 @@ fn bad_lines_are_located_and_explained() {
         ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 aead 'rfc4106(gcm(aes)) 0x00 128", "unterminated"),
     ];
     for (bad, want) in cases {
-        let bad = bad.replace("KEY", K16);
+        let bad = bad
+            .replace("KEY", K16)
+            .replace("AK", &format!("0x{}", "ab".repeat(32)));
         let text = format!("{ok}\n{bad}\n");
         let err = match Config::parse("site.conf", &text) {
             Ok(_) => panic!("accepted: {bad}"),
@@ -107,7 +118,11 @@ fn bad_lines_are_located_and_explained() {
             e.msg
         );
         assert!(e.to_string().starts_with("site.conf:2: "));
-        assert!(!e.msg.contains("0102030405"), "key echoed: {}", e.msg);
+        assert!(
+            !e.msg.contains("0102030405") && !e.msg.contains("abababab"),
+            "key echoed: {}",
+            e.msg
+        );
     }
 }
 

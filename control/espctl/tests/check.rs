@@ -43,7 +43,7 @@ fn bad_file_lists_every_error() {
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 2, "{err}");
     assert!(
-        lines[0].contains(".conf:1: aead: ICV length must be 64, 96 or 128 bits"),
+        lines[0].contains(".conf:1: rfc4106(gcm(aes)): ICV length must be 64, 96 or 128 bits"),
         "{err}"
     );
     assert!(

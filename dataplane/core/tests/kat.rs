@@ -9,10 +9,9 @@
 use espd_core::engine::parse_ip;
 use espd_core::esp::inbound::{decapsulate, Decap};
 use espd_core::esp::outbound::{encapsulate, OutParams};
-use espd_core::state::{Aead, Mode, Sa, SaConfig, SaFlags};
+use espd_core::state::{Algs, Mode, Sa, SaConfig, SaFlags};
 use espd_core::PacketBuf;
 use std::net::IpAddr;
-use zeroize::Zeroizing;
 
 fn hex(s: &str) -> Vec<u8> {
     let s: String = s.split_whitespace().collect();
@@ -102,11 +101,7 @@ fn sa_for(v: &Vector, out: &[u8]) -> Sa {
         flags: SaFlags::default(),
         replay_seq: 0,
         replay_oseq: 0,
-        aead: Aead {
-            name: "rfc4106(gcm(aes))".into(),
-            key: Zeroizing::new(key),
-            icv_bits: 128,
-        },
+        algs: Algs::aead("rfc4106(gcm(aes))", key, 128),
         sel: None,
         // The first packet has sequence number 1: make its IV the vector's.
         iv_mask: iv ^ 1,

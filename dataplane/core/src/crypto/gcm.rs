@@ -6,7 +6,7 @@
 //! are the 64/96 most significant bits of the full tag (SP 800-38D §5.2.1.2);
 //! the packaged crates verify only 12..16-octet tags.
 
-use super::{AuthError, KeyLenError};
+use super::{AuthError, GmacAad, KeyLenError};
 use aes::cipher::{generic_array::GenericArray, BlockEncrypt, InnerIvInit, KeyInit, StreamCipher};
 use ghash::universal_hash::UniversalHash;
 use ghash::GHash;
@@ -116,9 +116,14 @@ impl AesGcm {
         let mut g = self.ghash.clone();
         g.update_padded(aad);
         g.update_padded(ct);
+        self.finish(g, j0, aad.len(), ct.len())
+    }
+
+    /// Appends the lengths block and masks with E(K, J0).
+    fn finish(&self, mut g: GHash, j0: &Block, aad_len: usize, ct_len: usize) -> Block {
         let mut lens = Block::default();
-        lens[..8].copy_from_slice(&((aad.len() as u64) * 8).to_be_bytes());
-        lens[8..].copy_from_slice(&((ct.len() as u64) * 8).to_be_bytes());
+        lens[..8].copy_from_slice(&((aad_len as u64) * 8).to_be_bytes());
+        lens[8..].copy_from_slice(&((ct_len as u64) * 8).to_be_bytes());
         g.update(&[lens]);
         let mut t = g.finalize();
         let mut mask = *j0;
@@ -130,6 +135,41 @@ impl AesGcm {
             *a ^= b;
         }
         t
+    }
+
+    /// RFC 4543: the GMAC tag over an AAD given in pieces, with no plaintext.
+    fn gmac_tag(&self, iv: &[u8; IV_LEN], aad: &GmacAad<'_>) -> Block {
+        let j0 = self.j0(iv);
+        let mut s = Stream::new(self.ghash.clone());
+        s.feed(aad.spi);
+        if let Some(hi) = &aad.hi {
+            s.feed(hi);
+        }
+        s.feed(aad.rest);
+        let (g, n) = s.finish();
+        self.finish(g, &j0, n, 0)
+    }
+
+    /// Writes the (truncated) GMAC tag to `icv`.
+    pub fn gmac(&self, iv: &[u8; IV_LEN], aad: &GmacAad<'_>, icv: &mut [u8]) {
+        let t = self.gmac_tag(iv, aad);
+        let n = self.icv_len.min(icv.len());
+        icv[..n].copy_from_slice(&t[..n]);
+    }
+
+    /// Verifies a GMAC tag in constant time.
+    pub fn verify_gmac(
+        &self,
+        iv: &[u8; IV_LEN],
+        aad: &GmacAad<'_>,
+        icv: &[u8],
+    ) -> Result<(), AuthError> {
+        let t = self.gmac_tag(iv, aad);
+        if icv.len() == self.icv_len && bool::from(t[..self.icv_len].ct_eq(icv)) {
+            Ok(())
+        } else {
+            Err(AuthError)
+        }
     }
 
     pub fn seal(&self, iv: &[u8; IV_LEN], aad: &[u8], data: &mut [u8], icv: &mut [u8]) {
@@ -158,6 +198,56 @@ impl AesGcm {
         }
         self.gctr(&j0, data);
         Ok(())
+    }
+}
+
+/// GHASH over data that arrives in pieces of any length, padded once at the end.
+struct Stream {
+    g: GHash,
+    buf: Block,
+    n: usize,
+    total: usize,
+}
+
+impl Stream {
+    fn new(g: GHash) -> Self {
+        Stream {
+            g,
+            buf: Block::default(),
+            n: 0,
+            total: 0,
+        }
+    }
+
+    fn feed(&mut self, mut d: &[u8]) {
+        self.total += d.len();
+        if self.n > 0 {
+            let take = (16 - self.n).min(d.len());
+            self.buf[self.n..self.n + take].copy_from_slice(&d[..take]);
+            self.n += take;
+            d = &d[take..];
+            if self.n < 16 {
+                return;
+            }
+            self.g.update(&[self.buf]);
+            self.n = 0;
+        }
+        let full = d.len() / 16 * 16;
+        // A whole number of blocks: update_padded adds no padding.
+        self.g.update_padded(&d[..full]);
+        let rest = &d[full..];
+        self.buf[..rest.len()].copy_from_slice(rest);
+        self.n = rest.len();
+    }
+
+    /// The GHASH state after zero-padding the last partial block, and the length fed.
+    fn finish(mut self) -> (GHash, usize) {
+        if self.n > 0 {
+            self.buf[self.n..].fill(0);
+            self.g.update(&[self.buf]);
+        }
+        self.buf.zeroize();
+        (self.g, self.total)
     }
 }
 
@@ -229,6 +319,37 @@ mod tests {
         assert_eq!(g.open(&iv, b"aad-aad-", &mut d, &icv[..12]), Err(AuthError));
         g.open(&iv, b"aad-aad-", &mut d, &icv).unwrap();
         assert_eq!(&d, b"sixteen octets!!");
+    }
+
+    /// GMAC equals GCM with the whole input as AAD and no plaintext, however
+    /// the AAD is split (checked against the one-piece GCM path).
+    #[test]
+    fn gmac_stream_matches_one_piece_aad() {
+        let g = AesGcm::new(&[9u8; 36], 16).unwrap();
+        let iv = [3u8; 8];
+        for len in [0usize, 1, 7, 15, 16, 17, 33, 100] {
+            let rest: Vec<u8> = (0..len as u8).collect();
+            for hi in [None, Some([0, 0, 0, 1])] {
+                let mut whole = vec![0xaa, 0xbb, 0xcc, 0xdd];
+                if let Some(h) = hi {
+                    whole.extend_from_slice(&h);
+                }
+                whole.extend_from_slice(&rest);
+                let mut want = [0u8; 16];
+                g.seal(&iv, &whole, &mut [], &mut want);
+                let aad = GmacAad {
+                    spi: &[0xaa, 0xbb, 0xcc, 0xdd],
+                    hi,
+                    rest: &rest,
+                };
+                let mut got = [0u8; 16];
+                g.gmac(&iv, &aad, &mut got);
+                assert_eq!(got, want, "len {len} esn {}", hi.is_some());
+                g.verify_gmac(&iv, &aad, &got).unwrap();
+                got[0] ^= 1;
+                assert_eq!(g.verify_gmac(&iv, &aad, &got), Err(AuthError));
+            }
+        }
     }
 
     #[test]

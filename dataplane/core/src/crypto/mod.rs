@@ -1,10 +1,25 @@
-//! The AEAD provider seam (as in rustls' `crypto::cipher`): one small type per
-//! algorithm that seals and opens in place with a detached tag. Keys are
-//! expanded once when an SA is installed and zeroized when it is dropped.
+//! The ESP transform seam (as in rustls' `crypto::cipher`): one small type per
+//! algorithm, chosen once per SA at install time, keys expanded once and
+//! zeroized on drop. [`Transform`] is an enum rather than a trait object: the
+//! per-packet call is a match, not a virtual call.
 //!
-//! [`Transform`] is an enum rather than a trait object: the algorithm is
-//! chosen once per SA at install time, and the per-packet call is a match.
+//! Every transform works on the ESP region `SPI ‖ seq-lo ‖ IV ‖ plaintext`
+//! (plaintext = payload ‖ padding ‖ pad length ‖ next header) and a detached
+//! ICV, and builds what it authenticates from it itself: RFC 4106/7634 AAD,
+//! RFC 4543 AAD, or the RFC 4303 §2.8 ICV input for encrypt-then-MAC.
+//!
+//! Algorithms (RFC 8221):
+//!
+//! | config | RFC | IV | ICV | align |
+//! |---|---|---|---|---|
+//! | `aead 'rfc4106(gcm(aes))'` | 4106 | 8 | 8/12/16 | 4 |
+//! | `aead 'rfc7539esp(chacha20,poly1305)'` | 7634 | 8 | 16 | 4 |
+//! | `aead 'rfc4543(gcm(aes))'` (integrity only) | 4543 | 8 | 16 | 4 |
+//! | `enc 'cbc(aes)'` + `auth-trunc 'hmac(sha256)' … 128` | 3602, 4868 | 16 | 16 | 16 |
+//! | `enc 'ecb(cipher_null)'` + `auth-trunc 'hmac(sha256)' … 128` (integrity only) | 2410, 4868 | 0 | 16 | 4 |
 
+pub mod cbc_hmac;
+pub mod chacha;
 pub mod gcm;
 
 /// The ICV did not verify. Nothing about *why* is exposed.
@@ -15,58 +30,165 @@ pub struct AuthError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyLenError;
 
-/// An SA's ESP transform: the cipher state plus the per-SA constants
-/// the packet code needs (IV length, ICV length, block alignment).
+/// An SA's ESP transform.
 pub enum Transform {
-    /// AES-GCM per RFC 4106 (`rfc4106(gcm(aes))`).
+    /// AES-GCM, RFC 4106.
     Gcm(gcm::AesGcm),
+    /// AES-GMAC, RFC 4543: integrity only, the payload travels in clear.
+    Gmac(gcm::AesGcm),
+    /// ChaCha20-Poly1305, RFC 7634.
+    ChaCha(chacha::ChaChaPoly),
+    /// AES-CBC (RFC 3602) or NULL (RFC 2410) with HMAC-SHA-256-128 (RFC 4868),
+    /// encrypt-then-MAC.
+    CbcHmac(cbc_hmac::CbcHmac),
+}
+
+/// Octets before the IV: SPI and the low 32 bits of the sequence number.
+const HDR: usize = 8;
+
+/// RFC 4106 §5 / RFC 4303 §2.2.1: SPI ‖ seq (8 octets), or SPI ‖ seq-hi ‖
+/// seq-lo (12) with ESN.
+fn aead_aad(esp: &[u8], seq_hi: Option<u32>) -> ([u8; 12], usize) {
+    let mut a = [0u8; 12];
+    a[..4].copy_from_slice(&esp[..4]);
+    match seq_hi {
+        Some(hi) => {
+            a[4..8].copy_from_slice(&hi.to_be_bytes());
+            a[8..12].copy_from_slice(&esp[4..8]);
+            (a, 12)
+        }
+        None => {
+            a[4..8].copy_from_slice(&esp[4..8]);
+            (a, 8)
+        }
+    }
 }
 
 impl Transform {
     /// Explicit IV octets carried in each packet.
     pub fn iv_len(&self) -> usize {
         match self {
-            Transform::Gcm(_) => gcm::IV_LEN,
+            Transform::Gcm(_) | Transform::Gmac(_) | Transform::ChaCha(_) => 8,
+            Transform::CbcHmac(c) => c.iv_len(),
         }
     }
     /// ICV octets at the end of each packet.
     pub fn icv_len(&self) -> usize {
         match self {
-            Transform::Gcm(g) => g.icv_len(),
+            Transform::Gcm(g) | Transform::Gmac(g) => g.icv_len(),
+            Transform::ChaCha(_) => chacha::ICV_LEN,
+            Transform::CbcHmac(_) => cbc_hmac::ICV_LEN,
         }
     }
-    /// Alignment of payload+padding+trailer (RFC 4303 §2.4: at least 4).
+    /// Alignment of payload ‖ padding ‖ trailer (RFC 4303 §2.4: at least 4;
+    /// the block size for CBC).
     pub fn align(&self) -> usize {
         match self {
-            Transform::Gcm(_) => 4,
+            Transform::CbcHmac(c) => c.align(),
+            _ => 4,
         }
     }
-    /// Encrypts `data` in place and writes the ICV to `icv`.
-    /// `aad` is SPI ‖ seq (or SPI ‖ seq-hi ‖ seq-lo with ESN), RFC 4106 §5.
-    pub fn seal(&self, iv: &[u8; 8], aad: &[u8], data: &mut [u8], icv: &mut [u8]) {
+    /// True when the payload is encrypted (false for GMAC and NULL).
+    pub fn encrypts(&self) -> bool {
         match self {
-            Transform::Gcm(g) => g.seal(iv, aad, data, icv),
+            Transform::Gmac(_) => false,
+            Transform::CbcHmac(c) => c.encrypts(),
+            _ => true,
         }
     }
-    /// Verifies the ICV and decrypts `data` in place; on error `data` is untouched.
-    pub fn open(
-        &self,
-        iv: &[u8; 8],
-        aad: &[u8],
-        data: &mut [u8],
-        icv: &[u8],
-    ) -> Result<(), AuthError> {
+
+    /// Writes the IV for the packet with 64-bit sequence number `seq`.
+    /// Counter-mode IVs (RFC 4106 §3.1, RFC 7634 §2) must be unique: seq ⊕
+    /// mask is (seq never repeats). A CBC IV must be unpredictable
+    /// (RFC 3602 §3): see [`cbc_hmac::CbcHmac::make_iv`].
+    pub fn make_iv(&self, seq: u64, mask: u64, iv: &mut [u8]) {
         match self {
-            Transform::Gcm(g) => g.open(iv, aad, data, icv),
+            Transform::CbcHmac(c) => c.make_iv(seq, mask, iv),
+            _ => iv.copy_from_slice(&(seq ^ mask).to_be_bytes()[..iv.len()]),
         }
     }
+
+    /// Protects `esp` = SPI ‖ seq-lo ‖ IV ‖ plaintext in place (the plaintext
+    /// is encrypted unless the algorithm is integrity-only) and writes the ICV.
+    /// `seq_hi` is the high half of the sequence number when ESN is on.
+    pub fn seal(&self, esp: &mut [u8], seq_hi: Option<u32>, icv: &mut [u8]) {
+        let iv_len = self.iv_len();
+        match self {
+            Transform::Gcm(g) => {
+                let (a, n) = aead_aad(esp, seq_hi);
+                let (head, data) = esp.split_at_mut(HDR + iv_len);
+                let iv: [u8; 8] = head[HDR..].try_into().expect("8-octet IV");
+                g.seal(&iv, &a[..n], data, icv);
+            }
+            Transform::ChaCha(c) => {
+                let (a, n) = aead_aad(esp, seq_hi);
+                let (head, data) = esp.split_at_mut(HDR + iv_len);
+                let iv: [u8; 8] = head[HDR..].try_into().expect("8-octet IV");
+                c.seal(&iv, &a[..n], data, icv);
+            }
+            Transform::Gmac(g) => {
+                let iv: [u8; 8] = esp[HDR..HDR + 8].try_into().expect("8-octet IV");
+                g.gmac(&iv, &gmac_aad(esp, seq_hi), icv);
+            }
+            Transform::CbcHmac(c) => c.seal(esp, seq_hi, icv),
+        }
+    }
+
+    /// Verifies the ICV, then decrypts in place. On error `esp` is untouched.
+    pub fn open(&self, esp: &mut [u8], seq_hi: Option<u32>, icv: &[u8]) -> Result<(), AuthError> {
+        let iv_len = self.iv_len();
+        match self {
+            Transform::Gcm(g) => {
+                let (a, n) = aead_aad(esp, seq_hi);
+                let (head, data) = esp.split_at_mut(HDR + iv_len);
+                let iv: [u8; 8] = head[HDR..].try_into().expect("8-octet IV");
+                g.open(&iv, &a[..n], data, icv)
+            }
+            Transform::ChaCha(c) => {
+                let (a, n) = aead_aad(esp, seq_hi);
+                let (head, data) = esp.split_at_mut(HDR + iv_len);
+                let iv: [u8; 8] = head[HDR..].try_into().expect("8-octet IV");
+                c.open(&iv, &a[..n], data, icv)
+            }
+            Transform::Gmac(g) => {
+                let iv: [u8; 8] = esp[HDR..HDR + 8].try_into().expect("8-octet IV");
+                g.verify_gmac(&iv, &gmac_aad(esp, seq_hi), icv)
+            }
+            Transform::CbcHmac(c) => c.open(esp, seq_hi, icv),
+        }
+    }
+}
+
+/// RFC 4543 §3.3 (ENCR_NULL_AUTH_AES_GMAC): the AAD is SPI ‖ [seq-hi] ‖
+/// seq-lo ‖ IV ‖ payload ‖ padding ‖ trailer, and nothing is encrypted.
+fn gmac_aad<'a>(esp: &'a [u8], seq_hi: Option<u32>) -> GmacAad<'a> {
+    GmacAad {
+        spi: &esp[..4],
+        hi: seq_hi.map(u32::to_be_bytes),
+        rest: &esp[4..],
+    }
+}
+
+/// The three pieces of a GMAC AAD (the ESN high word sits between SPI and the rest).
+pub struct GmacAad<'a> {
+    pub spi: &'a [u8],
+    pub hi: Option<[u8; 4]>,
+    pub rest: &'a [u8],
 }
 
 impl core::fmt::Debug for Transform {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         // Never print key material.
         match self {
-            Transform::Gcm(g) => write!(f, "rfc4106(gcm(aes)) icv {}", g.icv_len() * 8),
+            Transform::Gcm(g) => write!(
+                f,
+                "rfc4106(gcm(aes)) {} icv {}",
+                g.key_bits(),
+                g.icv_len() * 8
+            ),
+            Transform::Gmac(g) => write!(f, "rfc4543(gcm(aes)) {}", g.key_bits()),
+            Transform::ChaCha(_) => f.write_str("rfc7539esp(chacha20,poly1305)"),
+            Transform::CbcHmac(c) => write!(f, "{} + hmac(sha256) 128", c.enc_name()),
         }
     }
 }

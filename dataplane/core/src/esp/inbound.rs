@@ -2,7 +2,7 @@
 //! decryption in place, replay-window update, trailer checks, then the inner
 //! packet (tunnel mode) or the rebuilt IP header (transport mode).
 
-use super::{aad, ecn, L3};
+use super::{ecn, L3};
 use crate::buf::PacketBuf;
 use crate::drop::DropReason;
 use crate::state::{Mode, ReplayError, Sa};
@@ -34,8 +34,8 @@ pub fn decapsulate(sa: &mut Sa, pkt: &mut PacketBuf<'_>, l3: &L3) -> Result<Deca
     let esp_at = l3.upper_at;
     let ct_start = esp_at + esp::HEADER_LEN + iv_len;
     let len = pkt.len();
-    // Smallest ciphertext: pad length and next header, aligned to 4.
-    if len < ct_start + icv_len + 4 {
+    // Smallest ciphertext: pad length and next header, aligned to the block.
+    if len < ct_start + icv_len + sa.transform.align().max(4) {
         return Err(DropReason::Runt);
     }
     let ct_end = len - icv_len;
@@ -52,13 +52,11 @@ pub fn decapsulate(sa: &mut Sa, pkt: &mut PacketBuf<'_>, l3: &L3) -> Result<Deca
         u64::from(seq_lo)
     };
     sa.replay.check(seq)?;
-    let mut iv = [0u8; 8];
-    iv[..iv_len].copy_from_slice(&d[esp_at + esp::HEADER_LEN..ct_start]);
-    let (a, alen) = aad(sa.cfg.spi, seq, sa.cfg.flags.esn);
+    let hi = sa.cfg.flags.esn.then_some((seq >> 32) as u32);
     let (body, icv) = d.split_at_mut(ct_end);
-    // RFC 4303 §3.4.4: integrity first (AEAD verifies before it decrypts).
+    // RFC 4303 §3.4.4: integrity first; nothing is decrypted unless it verified.
     sa.transform
-        .open(&iv, &a[..alen], &mut body[ct_start..], icv)
+        .open(&mut body[esp_at..], hi, icv)
         .map_err(|_| DropReason::IcvMismatch)?;
     // Only an authenticated packet moves the window.
     sa.replay.commit(seq)?;

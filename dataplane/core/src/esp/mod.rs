@@ -27,18 +27,3 @@ pub struct L3 {
     /// IPv4 DF (IPv6: false).
     pub df: bool,
 }
-
-/// The octets of the ESP AAD: SPI ‖ seq (8) or SPI ‖ seq-hi ‖ seq-lo (12),
-/// RFC 4106 §5 and RFC 4303 §2.2.1.
-pub(crate) fn aad(spi: u32, seq: u64, esn: bool) -> ([u8; 12], usize) {
-    let mut a = [0u8; 12];
-    a[..4].copy_from_slice(&spi.to_be_bytes());
-    if esn {
-        a[4..8].copy_from_slice(&((seq >> 32) as u32).to_be_bytes());
-        a[8..].copy_from_slice(&(seq as u32).to_be_bytes());
-        (a, 12)
-    } else {
-        a[4..8].copy_from_slice(&(seq as u32).to_be_bytes());
-        (a, 8)
-    }
-}

@@ -2,7 +2,7 @@
 //! AEAD seal in place, and the outer header for tunnel mode or the adjusted
 //! IP header for transport mode.
 
-use super::{aad, ecn, L3};
+use super::{ecn, L3};
 use crate::buf::PacketBuf;
 use crate::drop::DropReason;
 use crate::state::{Mode, Sa};
@@ -111,15 +111,17 @@ pub fn encapsulate(
         .try_into()
         .expect("8 octets");
     esp::emit_header(hdr, sa.cfg.spi, seq as u32);
-    // RFC 4106 §3.1: the IV must not repeat under a key. The 64-bit sequence
-    // number never repeats (it cannot cycle), and XOR with a per-SA constant
-    // keeps that, so seq ⊕ mask is the IV (Linux's seqiv).
-    let iv = (seq ^ sa.cfg.iv_mask).to_be_bytes();
-    d[esp_at + esp::HEADER_LEN..ct_start].copy_from_slice(&iv[..iv_len]);
-    let (a, alen) = aad(sa.cfg.spi, seq, sa.cfg.flags.esn);
+    // The IV: unique (counter modes) or unpredictable (CBC); see Transform::make_iv.
+    sa.transform.make_iv(
+        seq,
+        sa.cfg.iv_mask,
+        &mut d[esp_at + esp::HEADER_LEN..ct_start],
+    );
+    // RFC 4303 §2.2.1: with ESN the high half is authenticated, never sent.
+    let hi = sa.cfg.flags.esn.then_some((seq >> 32) as u32);
     let (body, icv) = d.split_at_mut(ct_end);
     sa.transform
-        .seal(&iv, &a[..alen], &mut body[ct_start..], &mut icv[..icv_len]);
+        .seal(&mut body[esp_at..], hi, &mut icv[..icv_len]);
 
     let total = d.len();
     match (sa.cfg.mode, sa.cfg.src, sa.cfg.dst) {

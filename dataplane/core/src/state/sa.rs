@@ -3,7 +3,7 @@
 
 use super::replay::ReplayWindow;
 use super::selector::Selector;
-use crate::crypto::{gcm::AesGcm, KeyLenError, Transform};
+use crate::crypto::{cbc_hmac, cbc_hmac::CbcHmac, chacha::ChaChaPoly, gcm::AesGcm, Transform};
 use crate::drop::DropReason;
 use core::net::IpAddr;
 use zeroize::Zeroizing;
@@ -26,25 +26,46 @@ impl Mode {
     }
 }
 
-/// The AEAD named on an `aead` line. Only the algorithm name, ICV length and
-/// key are kept; the key is zeroized when this is dropped.
+/// One algorithm named on an `aead`, `enc` or `auth-trunc` line, with its
+/// key (zeroized on drop) and its ICV / truncation length in bits (0 for `enc`).
 #[derive(Clone)]
-pub struct Aead {
-    /// The Linux crypto API name, e.g. `rfc4106(gcm(aes))`.
+pub struct KeyedAlg {
+    /// The Linux crypto API name, e.g. `rfc4106(gcm(aes))` or `cbc(aes)`.
     pub name: String,
     pub key: Zeroizing<Vec<u8>>,
-    pub icv_bits: u32,
+    pub bits: u32,
 }
 
-impl core::fmt::Debug for Aead {
+impl core::fmt::Debug for KeyedAlg {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(
             f,
             "{} <{}-octet key> {}",
             self.name,
             self.key.len(),
-            self.icv_bits
+            self.bits
         )
+    }
+}
+
+/// The algorithms of a state: an AEAD, or a cipher plus an integrity algorithm.
+#[derive(Debug, Clone, Default)]
+pub struct Algs {
+    pub aead: Option<KeyedAlg>,
+    pub enc: Option<KeyedAlg>,
+    pub auth: Option<KeyedAlg>,
+}
+
+impl Algs {
+    pub fn aead(name: &str, key: Vec<u8>, icv_bits: u32) -> Self {
+        Algs {
+            aead: Some(KeyedAlg {
+                name: name.into(),
+                key: Zeroizing::new(key),
+                bits: icv_bits,
+            }),
+            ..Algs::default()
+        }
     }
 }
 
@@ -75,7 +96,7 @@ pub struct SaConfig {
     pub replay_seq: u64,
     /// Outbound: the last sequence number sent (`replay-oseq`, `-hi`); the next is +1.
     pub replay_oseq: u64,
-    pub aead: Aead,
+    pub algs: Algs,
     /// The SA's own selector (`sel …`): decapsulated traffic must match it
     /// and only matching traffic is sent through it.
     pub sel: Option<Selector>,
@@ -86,46 +107,88 @@ pub struct SaConfig {
 }
 
 impl SaConfig {
-    /// Expands the keys: fails if the algorithm or key does not fit.
+    /// Expands the keys: fails if the algorithms or keys do not fit (RFC 8221 set).
     pub fn transform(&self) -> Result<Transform, SaError> {
         if self.src.is_ipv4() != self.dst.is_ipv4() {
-            return Err(SaError::Family);
+            return Err(SaError("src and dst must be of one address family"));
         }
-        match self.aead.name.as_str() {
-            "rfc4106(gcm(aes))" => {
-                let icv = self.aead.icv_bits as usize / 8;
-                if !matches!(self.aead.icv_bits, 64 | 96 | 128) {
-                    return Err(SaError::IcvLength);
+        let a = &self.algs;
+        match (&a.aead, &a.enc, &a.auth) {
+            (Some(x), None, None) => match x.name.as_str() {
+                "rfc4106(gcm(aes))" => {
+                    if !matches!(x.bits, 64 | 96 | 128) {
+                        return Err(SaError("rfc4106(gcm(aes)): ICV length must be 64, 96 or 128 bits"));
+                    }
+                    AesGcm::new(&x.key, x.bits as usize / 8).map(Transform::Gcm).map_err(|_| {
+                        SaError("rfc4106(gcm(aes)): key must be 20 or 36 octets (a 16- or 32-octet AES key followed by a 4-octet salt)")
+                    })
                 }
-                AesGcm::new(&self.aead.key, icv)
-                    .map(Transform::Gcm)
-                    .map_err(|KeyLenError| SaError::KeyLength)
+                "rfc4543(gcm(aes))" => {
+                    if x.bits != 128 {
+                        return Err(SaError("rfc4543(gcm(aes)): the ICV is 128 bits (RFC 4543 §3.5)"));
+                    }
+                    AesGcm::new(&x.key, 16).map(Transform::Gmac).map_err(|_| {
+                        SaError("rfc4543(gcm(aes)): key must be 20 or 36 octets (a 16- or 32-octet AES key followed by a 4-octet salt)")
+                    })
+                }
+                "rfc7539esp(chacha20,poly1305)" => {
+                    if x.bits != 128 {
+                        return Err(SaError("rfc7539esp(chacha20,poly1305): the ICV is 128 bits (RFC 7634 §2)"));
+                    }
+                    ChaChaPoly::new(&x.key).map(Transform::ChaCha).map_err(|_| {
+                        SaError("rfc7539esp(chacha20,poly1305): key must be 36 octets (a 32-octet key followed by a 4-octet salt)")
+                    })
+                }
+                _ => Err(SaError("unsupported aead: expected 'rfc4106(gcm(aes))', 'rfc4543(gcm(aes))' or 'rfc7539esp(chacha20,poly1305)'")),
+            },
+            (Some(_), _, _) => Err(SaError("`aead` cannot be combined with `enc` or `auth-trunc`")),
+            (None, Some(e), Some(m)) => {
+                if m.name != "hmac(sha256)" {
+                    return Err(SaError("unsupported integrity algorithm: expected auth-trunc 'hmac(sha256)' KEY 128"));
+                }
+                if m.bits != 128 {
+                    return Err(SaError("hmac(sha256) must be truncated to 128 bits (RFC 4868 §2.3)"));
+                }
+                if m.key.len() != cbc_hmac::AUTH_KEY_LEN {
+                    return Err(SaError("hmac(sha256) key must be 32 octets (RFC 4868 §2.1.1)"));
+                }
+                let enc_key = match e.name.as_str() {
+                    "cbc(aes)" => {
+                        if !matches!(e.key.len(), 16 | 32) {
+                            return Err(SaError("cbc(aes) key must be 16 or 32 octets (AES-128 or AES-256)"));
+                        }
+                        Some(&e.key[..])
+                    }
+                    "ecb(cipher_null)" | "cipher_null" => {
+                        if !e.key.is_empty() {
+                            return Err(SaError("cipher_null takes an empty key: \"\""));
+                        }
+                        None
+                    }
+                    _ => return Err(SaError("unsupported cipher: expected enc 'cbc(aes)' KEY or enc 'ecb(cipher_null)' \"\"")),
+                };
+                CbcHmac::new(enc_key, &m.key)
+                    .map(Transform::CbcHmac)
+                    .map_err(|_| SaError("bad key length"))
             }
-            _ => Err(SaError::Algorithm),
+            (None, Some(e), None) => Err(if matches!(e.name.as_str(), "ecb(cipher_null)" | "cipher_null") {
+                SaError("NULL encryption without integrity protects nothing: add auth-trunc 'hmac(sha256)' KEY 128")
+            } else {
+                SaError("encryption without integrity is not allowed (RFC 8221 §5): add auth-trunc 'hmac(sha256)' KEY 128")
+            }),
+            (None, None, Some(_)) => Err(SaError("integrity without `enc`: add enc 'ecb(cipher_null)' \"\" for integrity-only ESP")),
+            (None, None, None) => Err(SaError("a state needs `aead …`, or `enc …` with `auth-trunc …`")),
         }
     }
 }
 
-/// Why an SA cannot be installed.
+/// Why an SA cannot be installed: a sentence for the operator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SaError {
-    Algorithm,
-    KeyLength,
-    IcvLength,
-    /// `src` and `dst` of different address families.
-    Family,
-}
+pub struct SaError(pub &'static str);
 
 impl core::fmt::Display for SaError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.write_str(match self {
-            SaError::Algorithm => "unsupported AEAD: expected 'rfc4106(gcm(aes))'",
-            SaError::KeyLength => {
-                "key must be 20 or 36 octets for rfc4106(gcm(aes)): a 16- or 32-octet AES key followed by a 4-octet salt"
-            }
-            SaError::IcvLength => "ICV length must be 64, 96 or 128 bits",
-            SaError::Family => "src and dst must be of one address family",
-        })
+        f.write_str(self.0)
     }
 }
 
