@@ -15,12 +15,28 @@ state add src 2001:db8::2 dst 2001:db8::1 proto esp spi 0x3000 reqid 3 mode tran
 policy add src 198.18.1.0/24 dst 198.18.2.0/24 dir out tmpl src 198.18.0.1 dst 198.18.0.2 proto esp reqid 1 mode tunnel
 policy add src 198.18.2.0/24 dst 198.18.1.0/24 dir fwd tmpl src 198.18.0.2 dst 198.18.0.1 proto esp reqid 2 mode tunnel
 policy add src 2001:db8::2 dst 2001:db8::1 dir in tmpl proto esp reqid 3 mode transport
+state add src 198.18.0.3 dst 198.18.0.1 proto esp spi 0x4000 reqid 4 mode tunnel flag esn enc 'cbc(aes)' 0x0404040404040404040404040404040404040404040404040404040404040404 auth-trunc 'hmac(sha256)' 0x4444444444444444444444444444444444444444444444444444444444444444 128
+state add src 198.18.0.4 dst 198.18.0.1 proto esp spi 0x5000 reqid 5 mode tunnel aead 'rfc7539esp(chacha20,poly1305)' 0x050505050505050505050505050505050505050505050505050505050505050505050505 128
+state add src 198.18.0.5 dst 198.18.0.1 proto esp spi 0x6000 reqid 6 mode tunnel aead 'rfc4543(gcm(aes))' 0x0606060606060606060606060606060606060606 128
+state add src 198.18.0.6 dst 198.18.0.1 proto esp spi 0x7000 reqid 7 mode tunnel enc 'ecb(cipher_null)' '' auth-trunc 'hmac(sha256)' 0x7777777777777777777777777777777777777777777777777777777777777777 128
+policy add src 198.18.3.0/24 dst 198.18.1.0/24 dir fwd tmpl src 198.18.0.3 dst 198.18.0.1 proto esp reqid 4 mode tunnel
+policy add src 198.18.4.0/24 dst 198.18.1.0/24 dir fwd tmpl src 198.18.0.4 dst 198.18.0.1 proto esp reqid 5 mode tunnel
+policy add src 198.18.5.0/24 dst 198.18.1.0/24 dir fwd tmpl src 198.18.0.5 dst 198.18.0.1 proto esp reqid 6 mode tunnel
+policy add src 198.18.6.0/24 dst 198.18.1.0/24 dir fwd tmpl src 198.18.0.6 dst 198.18.0.1 proto esp reqid 7 mode tunnel
 ";
 const CONF_GW2: &str = "
 state add src 198.18.0.2 dst 198.18.0.1 proto esp spi 0x2000 reqid 2 mode tunnel flag esn aead 'rfc4106(gcm(aes))' 0x020202020202020202020202020202020202020202020202020202020202020202020202 64
 state add src 2001:db8::2 dst 2001:db8::1 proto esp spi 0x3000 reqid 3 mode transport aead 'rfc4106(gcm(aes))' 0x0303030303030303030303030303030303030303 96
 policy add src 198.18.2.0/24 dst 198.18.1.0/24 dir out tmpl src 198.18.0.2 dst 198.18.0.1 proto esp reqid 2 mode tunnel
 policy add src 2001:db8::2 dst 2001:db8::1 dir out tmpl proto esp reqid 3 mode transport
+state add src 198.18.0.3 dst 198.18.0.1 proto esp spi 0x4000 reqid 4 mode tunnel flag esn enc 'cbc(aes)' 0x0404040404040404040404040404040404040404040404040404040404040404 auth-trunc 'hmac(sha256)' 0x4444444444444444444444444444444444444444444444444444444444444444 128
+state add src 198.18.0.4 dst 198.18.0.1 proto esp spi 0x5000 reqid 5 mode tunnel aead 'rfc7539esp(chacha20,poly1305)' 0x050505050505050505050505050505050505050505050505050505050505050505050505 128
+state add src 198.18.0.5 dst 198.18.0.1 proto esp spi 0x6000 reqid 6 mode tunnel aead 'rfc4543(gcm(aes))' 0x0606060606060606060606060606060606060606 128
+state add src 198.18.0.6 dst 198.18.0.1 proto esp spi 0x7000 reqid 7 mode tunnel enc 'ecb(cipher_null)' '' auth-trunc 'hmac(sha256)' 0x7777777777777777777777777777777777777777777777777777777777777777 128
+policy add src 198.18.3.0/24 dst 198.18.1.0/24 dir out tmpl src 198.18.0.3 dst 198.18.0.1 proto esp reqid 4 mode tunnel
+policy add src 198.18.4.0/24 dst 198.18.1.0/24 dir out tmpl src 198.18.0.4 dst 198.18.0.1 proto esp reqid 5 mode tunnel
+policy add src 198.18.5.0/24 dst 198.18.1.0/24 dir out tmpl src 198.18.0.5 dst 198.18.0.1 proto esp reqid 6 mode tunnel
+policy add src 198.18.6.0/24 dst 198.18.1.0/24 dir out tmpl src 198.18.0.6 dst 198.18.0.1 proto esp reqid 7 mode tunnel
 ";
 
 fn engine(t: &str) -> Engine {
@@ -105,11 +121,16 @@ fn mutated_esp_never_panics_and_never_passes() {
     let mut gw1_hdr = engine(CONF_GW1);
     let mut buf = vec![0u8; 2048];
     let mut valid = Vec::new();
-    for i in 0..24usize {
-        let inner = if i % 2 == 0 {
-            udp4("198.18.2.20", "198.18.1.10", 1000 + i as u16)
-        } else {
-            ipv6_udp("2001:db8::2", "2001:db8::1", &vec![i as u8; i * 3])
+    // Every algorithm: GCM-256/64 (site 2), CBC+HMAC with ESN (3), ChaCha (4),
+    // GMAC (5), NULL+HMAC (6), and GCM-128/96 in IPv6 transport mode.
+    for i in 0..36usize {
+        let inner = match i % 6 {
+            5 => ipv6_udp("2001:db8::2", "2001:db8::1", &vec![i as u8; i * 3]),
+            site => udp4(
+                &format!("198.18.{}.20", site + 2),
+                "198.18.1.10",
+                1000 + i as u16,
+            ),
         };
         let mut b2 = vec![0u8; 2048];
         b2[128..128 + inner.len()].copy_from_slice(&inner);
