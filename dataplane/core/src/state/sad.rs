@@ -6,7 +6,8 @@ use super::sa::{Mode, Sa, SaId};
 use super::selector::Flow;
 use super::spd::Template;
 use core::net::IpAddr;
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+// Fx: keys are installed from configuration only; packets merely look up.
 
 #[derive(Default)]
 pub struct Sad {

@@ -5,8 +5,11 @@
 //! direction's default (`policy setdefault`, allow unless configured).
 
 use super::sa::Mode;
-use super::selector::{Flow, Selector};
+use super::selector::{Flow, Prefix, Selector};
 use core::net::IpAddr;
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+// Fx, not SipHash: these tables hold only configured keys (packets look up,
+// never insert), so there is no hash-flooding exposure, and lookups are hot.
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Direction {
@@ -89,16 +92,155 @@ impl Policy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Exists;
 
+/// One direction's policies, indexed for lookup by tuple-space search (as
+/// Open vSwitch classifies flows): one hash table per (family, source prefix
+/// length, destination prefix length) shape, keyed by the masked addresses.
+/// A lookup probes each shape once, so its cost grows with the number of
+/// distinct shapes, not with the number of policies.
+#[derive(Default)]
+struct Table {
+    /// In insertion order; `order` is the position here.
+    policies: Vec<Policy>,
+    shapes: Vec<Shape>,
+    seen: HashSet<Selector>,
+}
+
+struct Shape {
+    v4: bool,
+    src_len: u8,
+    dst_len: u8,
+    /// The lowest priority value in this shape: shapes are probed in this order
+    /// and the search stops once no shape can beat the best match.
+    min_priority: u32,
+    /// Masked (src, dst) → the policies with that key, by (priority, order).
+    map: HashMap<(IpAddr, IpAddr), Bucket>,
+}
+
+/// What a lookup needs of a policy without touching it.
+#[derive(Clone, Copy)]
+struct Entry {
+    priority: u32,
+    idx: u32,
+    /// No protocol or ports in the selector: the address key decides the match.
+    by_key: bool,
+}
+
+/// Most keys have one policy: keep it inline (no pointer chase).
+enum Bucket {
+    One(Entry),
+    Many(Vec<Entry>),
+}
+
+impl Bucket {
+    fn entries(&self) -> &[Entry] {
+        match self {
+            Bucket::One(e) => core::slice::from_ref(e),
+            Bucket::Many(v) => v,
+        }
+    }
+    fn insert(&mut self, e: Entry) {
+        let mut v = match self {
+            Bucket::One(x) => vec![*x],
+            Bucket::Many(v) => core::mem::take(v),
+        };
+        let pos = v.partition_point(|x| x.priority <= e.priority);
+        v.insert(pos, e);
+        *self = Bucket::Many(v);
+    }
+}
+
+impl Table {
+    fn insert(&mut self, p: Policy) -> Result<(), Exists> {
+        if !self.seen.insert(p.sel) {
+            return Err(Exists);
+        }
+        let idx = self.policies.len() as u32;
+        let (v4, sl, dl) = (p.sel.src.is_ipv4(), p.sel.src.len, p.sel.dst.len);
+        let key = (p.sel.src.addr, p.sel.dst.addr);
+        let prio = p.priority;
+        let entry = Entry {
+            priority: prio,
+            idx,
+            by_key: p.sel.proto.is_none() && p.sel.sport.is_none() && p.sel.dport.is_none(),
+        };
+        self.policies.push(p);
+        let at = match self
+            .shapes
+            .iter()
+            .position(|s| s.v4 == v4 && s.src_len == sl && s.dst_len == dl)
+        {
+            Some(i) => i,
+            None => {
+                self.shapes.push(Shape {
+                    v4,
+                    src_len: sl,
+                    dst_len: dl,
+                    min_priority: prio,
+                    map: HashMap::default(),
+                });
+                self.shapes.len() - 1
+            }
+        };
+        let shape = &mut self.shapes[at];
+        shape.min_priority = shape.min_priority.min(prio);
+        match shape.map.get_mut(&key) {
+            Some(b) => b.insert(entry),
+            None => {
+                shape.map.insert(key, Bucket::One(entry));
+            }
+        }
+        self.shapes.sort_by_key(|s| s.min_priority);
+        Ok(())
+    }
+
+    fn lookup(&self, flow: &Flow) -> Option<&Policy> {
+        let v4 = flow.src.is_ipv4();
+        let mut best: Option<(u32, u32)> = None; // (priority, order)
+        for s in &self.shapes {
+            if best.is_some_and(|(bp, _)| s.min_priority > bp) {
+                break;
+            }
+            if s.v4 != v4 {
+                continue;
+            }
+            let key = (mask(flow.src, s.src_len), mask(flow.dst, s.dst_len));
+            let Some(bucket) = s.map.get(&key) else {
+                continue;
+            };
+            for e in bucket.entries() {
+                if best.is_some_and(|b| (e.priority, e.idx) >= b) {
+                    break;
+                }
+                if e.by_key || self.policies[e.idx as usize].sel.matches(flow) {
+                    best = Some((e.priority, e.idx));
+                    break;
+                }
+            }
+        }
+        best.map(|(_, i)| &self.policies[i as usize])
+    }
+
+    /// Policies in lookup order: priority, then insertion.
+    fn sorted(&self) -> Vec<&Policy> {
+        let mut v: Vec<&Policy> = self.policies.iter().collect();
+        v.sort_by_key(|p| p.priority); // stable: insertion order within a priority
+        v
+    }
+}
+
+fn mask(a: IpAddr, len: u8) -> IpAddr {
+    Prefix::new(a, len).map_or(a, |p| p.addr)
+}
+
 pub struct Spd {
-    /// Per direction, sorted by priority, stable in insertion order.
-    lists: [Vec<Policy>; 3],
+    tables: [Table; 3],
     defaults: [Action; 3],
 }
 
 impl Default for Spd {
     fn default() -> Self {
         Spd {
-            lists: [Vec::new(), Vec::new(), Vec::new()],
+            tables: Default::default(),
             defaults: [Action::Allow; 3],
         }
     }
@@ -110,13 +252,7 @@ impl Spd {
     }
 
     pub fn insert(&mut self, p: Policy) -> Result<(), Exists> {
-        let list = &mut self.lists[p.dir.idx()];
-        if list.iter().any(|q| q.sel == p.sel) {
-            return Err(Exists);
-        }
-        let at = list.partition_point(|q| q.priority <= p.priority);
-        list.insert(at, p);
-        Ok(())
+        self.tables[p.dir.idx()].insert(p)
     }
 
     pub fn set_default(&mut self, dir: Direction, a: Action) {
@@ -126,18 +262,107 @@ impl Spd {
         self.defaults[dir.idx()]
     }
 
-    pub fn policies(&self, dir: Direction) -> &[Policy] {
-        &self.lists[dir.idx()]
+    /// The policies of `dir` in lookup order (not for the per-packet path).
+    pub fn policies(&self, dir: Direction) -> Vec<&Policy> {
+        self.tables[dir.idx()].sorted()
     }
     pub fn len(&self) -> usize {
-        self.lists.iter().map(Vec::len).sum()
+        self.tables.iter().map(|t| t.policies.len()).sum()
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// The first (highest-priority) policy of `dir` that matches `flow`.
+    /// The first (highest-priority, then earliest) policy of `dir` that matches `flow`.
     pub fn lookup(&self, dir: Direction, flow: &Flow) -> Option<&Policy> {
-        self.lists[dir.idx()].iter().find(|p| p.sel.matches(flow))
+        self.tables[dir.idx()].lookup(flow)
+    }
+
+    /// The same answer by a linear scan: the reference the index is tested against.
+    pub fn lookup_linear(&self, dir: Direction, flow: &Flow) -> Option<&Policy> {
+        self.tables[dir.idx()]
+            .sorted()
+            .into_iter()
+            .find(|p| p.sel.matches(flow))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::selector::PortRange;
+    use crate::wire::l4::Ports;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    fn v4(r: &mut Rng) -> IpAddr {
+        // 198.18.0.0/15, few enough values that random flows hit policies.
+        IpAddr::V4(
+            [
+                198,
+                18 + (r.next() % 2) as u8,
+                (r.next() % 4) as u8,
+                (r.next() % 8) as u8,
+            ]
+            .into(),
+        )
+    }
+
+    /// The tuple-space index gives exactly the linear scan's answer.
+    #[test]
+    fn index_matches_linear_scan() {
+        let mut r = Rng(0x1234_5678_9abc_def1);
+        for round in 0..20 {
+            let mut spd = Spd::new();
+            for _ in 0..(10 + round * 20) {
+                let lens = [0u8, 8, 15, 16, 24, 30, 32];
+                let sel = Selector {
+                    src: Prefix::new(v4(&mut r), lens[(r.next() % 7) as usize]).unwrap(),
+                    dst: Prefix::new(v4(&mut r), lens[(r.next() % 7) as usize]).unwrap(),
+                    proto: [None, Some(17), Some(6)][(r.next() % 3) as usize],
+                    sport: None,
+                    dport: if r.next() % 4 == 0 {
+                        Some(PortRange { lo: 50, hi: 60 })
+                    } else {
+                        None
+                    },
+                };
+                let sel = Selector {
+                    dport: if sel.proto.is_some() { sel.dport } else { None },
+                    ..sel
+                };
+                let _ = spd.insert(Policy {
+                    sel,
+                    dir: Direction::Out,
+                    priority: (r.next() % 5) as u32,
+                    action: Action::Allow,
+                    tmpls: vec![],
+                });
+            }
+            for _ in 0..2000 {
+                let f = Flow {
+                    src: v4(&mut r),
+                    dst: v4(&mut r),
+                    proto: [17u8, 6, 1][(r.next() % 3) as usize],
+                    ports: Some(Ports {
+                        sport: 1,
+                        dport: 45 + (r.next() % 20) as u16,
+                    }),
+                };
+                let a = spd.lookup(Direction::Out, &f).map(|p| p as *const Policy);
+                let b = spd
+                    .lookup_linear(Direction::Out, &f)
+                    .map(|p| p as *const Policy);
+                assert_eq!(a, b, "round {round} flow {f:?}");
+            }
+        }
     }
 }
