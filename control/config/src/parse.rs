@@ -522,11 +522,11 @@ fn policy_add(w: &mut Words<'_>) -> R<Policy> {
     }
     let dir = dir.ok_or("`policy add` needs `dir in|out|fwd`")?;
     let action = action.unwrap_or(Action::Allow);
-    if tmpls.len() > 1 {
-        return Err(
-            "more than one `tmpl` (an SA bundle) is not supported yet: use one template per policy"
-                .into(),
-        );
+    if tmpls.len() > espd_core::engine::MAX_NEST {
+        return Err(format!(
+            "at most {} templates in one policy (an SA bundle)",
+            espd_core::engine::MAX_NEST
+        ));
     }
     if action == Action::Block && !tmpls.is_empty() {
         return Err(

@@ -92,7 +92,7 @@ fn bad_lines_are_located_and_explained() {
         ("policy add src 198.18.1.0/24 dst 198.18.2.0/24 dport 80 dir out", "need `proto` tcp, udp"),
         ("policy add src 198.18.1.0/24 dst 198.18.2.0/24 proto tcp dport 90-80 dir out", "is empty"),
         ("policy add src 198.18.1.0/24 dst 198.18.2.0/24 dir out action block tmpl proto esp", "a blocking policy protects nothing"),
-        ("policy add src 198.18.1.0/24 dst 198.18.2.0/24 dir out tmpl proto esp tmpl proto esp", "more than one `tmpl`"),
+        ("policy add src 198.18.1.0/24 dst 198.18.2.0/24 dir out tmpl proto esp tmpl proto esp tmpl proto esp tmpl proto esp tmpl proto esp", "at most 4 templates"),
         ("policy add src 198.18.1.0/24 dst 198.18.2.0/24 dir out mark 7", "unknown or unsupported word `mark`"),
         ("policy add src 198.18.1.0/24 dst 198.18.2.0/24 dir out ptype sub", "ptype sub"),
         ("policy setdefault fwd maybe", "needs `allow` or `block`"),

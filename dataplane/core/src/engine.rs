@@ -23,7 +23,11 @@ use crate::esp::inbound::{self, Decap};
 use crate::esp::outbound::{self, OutParams};
 use crate::esp::L3;
 use crate::state::spd::{Action, Direction, Level};
-use crate::state::{Flow, Mode, SaId, Sad, Spd};
+use crate::state::{Flow, Mode, SaConfig, SaId, Sad, Spd, Template};
+
+/// The most ESP layers one packet may carry (an SA bundle), as XFRM's
+/// XFRM_MAX_DEPTH bounds it.
+pub const MAX_NEST: usize = 4;
 use crate::wire::{self, ipv4, ipv6, l4, proto};
 use core::net::IpAddr;
 
@@ -124,74 +128,107 @@ impl Engine {
     }
 
     fn inbound(&mut self, pkt: &mut PacketBuf<'_>, l3: &L3, dst: IpAddr) -> Verdict {
+        // The SAs this packet came through, outermost first (XFRM's secpath):
+        // a tunnel may carry ESP for this host again (an SA bundle).
+        let mut sp = [0 as SaId; MAX_NEST];
+        let mut n = 0;
+        let (mut l3, mut dst) = (*l3, dst);
+        loop {
+            let id = match self.decap_one(pkt, &l3, dst) {
+                Ok((id, Decap::Packet)) => id,
+                Ok((id, Decap::Dummy)) => return Verdict::Dummy(id),
+                Err(r) => return Verdict::Drop(r),
+            };
+            sp[n] = id;
+            n += 1;
+            let Ok((inner, flow)) = parse_ro(pkt.data()) else {
+                return self.drop_for(&sp[..n], DropReason::BadInner);
+            };
+            let nested = inner.proto == proto::ESP
+                && (self.is_local(flow.dst) || self.sad.has_dst(flow.dst));
+            if !nested {
+                break;
+            }
+            if n == MAX_NEST {
+                return self.drop_for(&sp[..n], DropReason::BadInner);
+            }
+            (l3, dst) = (inner, flow.dst);
+        }
+        match self.check_decapsulated(pkt, &sp[..n]) {
+            Ok(()) => Verdict::Decapsulated(sp[0]),
+            Err(r) => self.drop_for(&sp[..n], r),
+        }
+    }
+
+    /// Counts `r` against the innermost SA of the path and drops.
+    fn drop_for(&mut self, sp: &[SaId], r: DropReason) -> Verdict {
+        if let Some(&id) = sp.last() {
+            self.sad.get_mut(id).count_drop(r);
+        }
+        Verdict::Drop(r)
+    }
+
+    /// One layer of ESP: the SA, and the inner packet in `pkt` or a dummy
+    /// packet (RFC 4303 §2.6).
+    fn decap_one(
+        &mut self,
+        pkt: &mut PacketBuf<'_>,
+        l3: &L3,
+        dst: IpAddr,
+    ) -> Result<(SaId, Decap), DropReason> {
         if l3.fragment {
             // RFC 4303 §3.4.1: reassembly happens before ESP; we do not reassemble.
-            return Verdict::Drop(DropReason::Fragment);
+            return Err(DropReason::Fragment);
         }
         let d = pkt.data();
-        let Ok(esp) = wire::esp::Packet::new_checked(&d[l3.upper_at..]) else {
-            return Verdict::Drop(DropReason::Runt);
-        };
+        let esp =
+            wire::esp::Packet::new_checked(&d[l3.upper_at..]).map_err(|_| DropReason::Runt)?;
         let spi = esp.spi();
         if spi == 0 {
-            return Verdict::Drop(DropReason::SpiZero);
+            return Err(DropReason::SpiZero);
         }
-        let Some(id) = self.sad.lookup_in(dst, spi) else {
-            return Verdict::Drop(DropReason::NoSa);
-        };
+        let id = self.sad.lookup_in(dst, spi).ok_or(DropReason::NoSa)?;
         let sa = self.sad.get_mut(id);
         match inbound::decapsulate(sa, pkt, l3) {
             Err(r) => {
                 sa.count_drop(r);
-                Verdict::Drop(r)
+                Err(r)
             }
-            Ok(Decap::Dummy) => Verdict::Dummy(id),
-            Ok(Decap::Packet) => match self.check_decapsulated(pkt, id) {
-                Ok(()) => Verdict::Decapsulated(id),
-                Err(r) => {
-                    self.sad.get_mut(id).count_drop(r);
-                    Verdict::Drop(r)
-                }
-            },
+            Ok(d) => Ok((id, d)),
         }
     }
 
     /// RFC 4301 §5.2 step 4 and Linux `__xfrm_policy_check`: what came out of
-    /// an SA must match the SA's selector and an in/fwd policy that names it.
-    fn check_decapsulated(&self, pkt: &PacketBuf<'_>, id: SaId) -> Result<(), DropReason> {
+    /// the SAs `sp` (outermost first) must match every SA's selector and an
+    /// in/fwd policy whose templates, read from the last, name those SAs.
+    fn check_decapsulated(&self, pkt: &PacketBuf<'_>, sp: &[SaId]) -> Result<(), DropReason> {
         let (_, flow) = parse_ro(pkt.data()).map_err(|_| DropReason::BadInner)?;
-        let sa = self.sad.get(id);
-        let c = &sa.cfg;
-        if let Some(sel) = &c.sel {
-            if !sel.matches(&flow) {
+        let mut path = [None; MAX_NEST];
+        for (slot, &id) in path.iter_mut().zip(sp) {
+            let c = &self.sad.get(id).cfg;
+            if c.sel.as_ref().is_some_and(|sel| !sel.matches(&flow)) {
                 return Err(DropReason::PolicyMismatch);
             }
+            *slot = Some(c);
         }
+        let path = &path[..sp.len()];
+        let all_transport = path.iter().flatten().all(|c| c.mode == Mode::Transport);
         // A transport-mode SA ends at this host (RFC 4301 §4.1), so what it
         // carries is checked against `in`; tunnel-mode traffic against `in` or
         // `fwd` by its inner destination.
-        let dir = if c.mode == Mode::Transport || self.is_local(flow.dst) {
+        let innermost = path.last().copied().flatten().map(|c| c.mode);
+        let dir = if innermost == Some(Mode::Transport) || self.is_local(flow.dst) {
             Direction::In
         } else {
             Direction::Fwd
         };
         match self.spd.lookup(dir, &flow) {
             Some(p) if p.action == Action::Block => Err(DropReason::Discard),
-            Some(p) => {
-                if p.tmpls
-                    .iter()
-                    .any(|t| t.accepts(c.mode, c.reqid, c.spi, c.src, c.dst))
-                {
-                    Ok(())
-                } else {
-                    Err(DropReason::PolicyMismatch)
-                }
-            }
+            Some(p) if templates_match(&p.tmpls, path) => Ok(()),
+            Some(_) => Err(DropReason::PolicyMismatch),
             // No policy: transport-mode traffic is accepted when the default
             // allows; tunnel-mode traffic never is (XFRM's XfrmInNoPols).
-            None if c.mode == Mode::Transport && self.spd.default_action(dir) == Action::Allow => {
-                Ok(())
-            }
+            None if all_transport && self.spd.default_action(dir) == Action::Allow => Ok(()),
             None => Err(DropReason::NoPolicy),
         }
     }
@@ -226,28 +263,62 @@ impl Engine {
         if p.action == Action::Block {
             return Verdict::Drop(DropReason::Discard);
         }
-        let Some(t) = p.tmpls.first().copied() else {
+        if p.tmpls.is_empty() {
             return Verdict::Bypass;
-        };
-        let Some(id) = self.sad.lookup_out(&t, flow) else {
-            return if t.level == Level::Use {
-                Verdict::Bypass
-            } else {
-                Verdict::Drop(DropReason::NoOutSa)
-            };
-        };
+        }
+        // An SA bundle applies its templates in order: the first innermost
+        // (XFRM), e.g. transport end to end, then the tunnel to the gateway.
+        let tmpls: [Option<Template>; MAX_NEST] = core::array::from_fn(|i| p.tmpls.get(i).copied());
         let params = OutParams {
             flow_label: flow_label(flow),
         };
-        let sa = self.sad.get_mut(id);
-        match outbound::encapsulate(sa, pkt, l3, &params) {
-            Ok(()) => Verdict::Encapsulated(id),
-            Err(r) => {
+        let mut l3 = *l3;
+        let mut first = None;
+        for t in tmpls.iter().flatten() {
+            let Some(id) = self.sad.lookup_out(t, flow) else {
+                if t.level == Level::Use {
+                    continue;
+                }
+                return Verdict::Drop(DropReason::NoOutSa);
+            };
+            let sa = self.sad.get_mut(id);
+            if let Err(r) = outbound::encapsulate(sa, pkt, &l3, &params) {
                 sa.count_drop(r);
-                Verdict::Drop(r)
+                return Verdict::Drop(r);
+            }
+            first.get_or_insert(id);
+            match parse_ro(pkt.data()) {
+                Ok((next, _)) => l3 = next,
+                Err(r) => return Verdict::Drop(r),
             }
         }
+        match first {
+            Some(id) => Verdict::Encapsulated(id),
+            None => Verdict::Bypass,
+        }
     }
+}
+
+/// XFRM's `xfrm_policy_ok` walk: templates from the last (outermost) to the
+/// first against the SA path from the outermost; a `level use` template may be
+/// missing; SAs left over must be transport mode (`secpath_has_nontransport`).
+fn templates_match(tmpls: &[Template], path: &[Option<&SaConfig>]) -> bool {
+    let mut k = 0;
+    for t in tmpls.iter().rev() {
+        if let Some(Some(c)) = path.get(k) {
+            if t.accepts(c.mode, c.reqid, c.spi, c.src, c.dst) {
+                k += 1;
+                continue;
+            }
+        }
+        if t.level != Level::Use {
+            return false;
+        }
+    }
+    path[k..]
+        .iter()
+        .flatten()
+        .all(|c| c.mode == Mode::Transport)
 }
 
 /// RFC 6437 §3: a tunnel endpoint may set the outer flow label from a hash of
