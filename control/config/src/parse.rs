@@ -3,8 +3,8 @@
 use crate::lex;
 use espd_core::state::replay::MAX_WINDOW;
 use espd_core::state::{
-    Action, Algs, Direction, KeyedAlg, Level, Mode, Policy, PortRange, Prefix, SaConfig, SaFlags,
-    Selector, Template,
+    Action, Algs, Direction, Encap, KeyedAlg, Level, Mode, Policy, PortRange, Prefix, SaConfig,
+    SaFlags, Selector, Template,
 };
 use espd_core::wire::proto;
 use std::net::IpAddr;
@@ -306,7 +306,7 @@ fn key_bytes(what: &str, s: &str) -> R<Zeroizing<Vec<u8>>> {
 fn state_add(w: &mut Words<'_>) -> R<SaConfig> {
     let (mut src, mut dst, mut spi, mut reqid, mut md) = (None, None, None, None, None);
     let (mut proto_seen, mut win, mut sel) = (false, None, None);
-    let (mut aead, mut enc, mut auth) = (None, None, None);
+    let (mut aead, mut enc, mut auth, mut encap) = (None, None, None, None);
     let (mut seq, mut seq_hi, mut oseq, mut oseq_hi) = (None, None, None, None);
     let mut fl = SaFlags::default();
     while let Some(k) = w.next() {
@@ -356,9 +356,22 @@ fn state_add(w: &mut Words<'_>) -> R<SaConfig> {
             }
             "sel" => once!(sel, selector(w, "state")?),
             "comp" => return Err("`comp` (IPComp) is not supported".into()),
+            "encap" => {
+                let ty = w.value(k, "espinudp SPORT DPORT OADDR")?;
+                if ty != "espinudp" {
+                    return Err(format!("`encap {ty}` is not supported: use `encap espinudp SPORT DPORT OADDR` (RFC 3948)"));
+                }
+                let sport = number("encap sport", w.value(k, "SPORT DPORT OADDR after espinudp")?, 65535)? as u16;
+                let dport = number("encap dport", w.value(k, "DPORT OADDR after the source port")?, 65535)? as u16;
+                let oa = addr("encap OADDR", w.value(k, "OADDR (the peer's original address, 0.0.0.0 or :: if none)")?)?;
+                if sport == 0 || dport == 0 {
+                    return Err("`encap espinudp` ports must not be 0".into());
+                }
+                once!(encap, Encap { sport, dport, oa });
+            }
             other => {
                 return Err(format!(
-                    "unknown or unsupported word `{other}` in `state add` (expected src, dst, proto, spi, reqid, mode, replay-window, replay-seq, replay-seq-hi, replay-oseq, replay-oseq-hi, flag, aead, enc, auth-trunc, sel)"
+                    "unknown or unsupported word `{other}` in `state add` (expected src, dst, proto, spi, reqid, mode, replay-window, replay-seq, replay-seq-hi, replay-oseq, replay-oseq-hi, flag, aead, enc, auth-trunc, encap, sel)"
                 ))
             }
         }
@@ -403,6 +416,7 @@ fn state_add(w: &mut Words<'_>) -> R<SaConfig> {
         replay_seq: (seq_hi.unwrap_or(0) << 32) | seq.unwrap_or(0),
         replay_oseq: (oseq_hi.unwrap_or(0) << 32) | oseq.unwrap_or(0),
         algs: Algs { aead, enc, auth },
+        encap,
         sel,
         iv_mask: random_u64(),
     })

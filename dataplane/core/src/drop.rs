@@ -59,6 +59,8 @@ drop_reasons! {
     NoPolicy => "no matching policy",
     /// A DISCARD policy (`action block`) matched.
     Discard => "discarded by policy",
+    /// ESP arrived UDP-encapsulated for an SA without `encap`, or raw for one with it (RFC 3948).
+    EncapMismatch => "UDP encapsulation does not match the SA",
     /// The packet would not fit its buffer after encapsulation.
     TooBig => "packet too big for the buffer after encapsulation",
 }

@@ -43,6 +43,9 @@ pub enum Verdict {
     Bypass,
     /// A valid dummy packet (next header 59) received through this SA: consumed.
     Dummy(SaId),
+    /// A NAT keepalive (RFC 3948 §2.3, one 0xFF octet on an encapsulation
+    /// port): consumed quietly.
+    Keepalive,
     Drop(DropReason),
 }
 
@@ -53,6 +56,9 @@ pub struct Counters {
     pub decapsulated: u64,
     pub bypass: u64,
     pub dummy: u64,
+    pub keepalive: u64,
+    /// IKE on an encapsulation port (non-ESP marker): passed to the host.
+    pub ike: u64,
     pub dropped: u64,
     pub drops: [u64; DropReason::COUNT],
 }
@@ -63,6 +69,10 @@ pub struct Engine {
     /// Addresses of this host: decides `in` vs `fwd` and whose ESP is ours.
     local: Vec<IpAddr>,
     pub counters: Counters,
+    /// UDP ports that carry ESP (the `encap` ports of the SAs).
+    encap_ports: Vec<u16>,
+    /// The caller's clock in seconds (see [`Engine::set_time`]).
+    now: u64,
 }
 
 impl Engine {
@@ -83,11 +93,20 @@ impl Engine {
         }
         local.sort();
         local.dedup();
+        let mut encap_ports: Vec<u16> = sad
+            .iter()
+            .filter_map(|sa| sa.cfg.encap)
+            .flat_map(|e| [e.sport, e.dport])
+            .collect();
+        encap_ports.sort();
+        encap_ports.dedup();
         Engine {
             sad,
             spd,
             local,
             counters: Counters::default(),
+            encap_ports,
+            now: 0,
         }
     }
 
@@ -108,6 +127,7 @@ impl Engine {
             Verdict::Decapsulated(_) => c.decapsulated += 1,
             Verdict::Bypass => c.bypass += 1,
             Verdict::Dummy(_) => c.dummy += 1,
+            Verdict::Keepalive => c.keepalive += 1,
             Verdict::Drop(r) => {
                 c.dropped += 1;
                 c.drops[r as usize] += 1;
@@ -121,8 +141,17 @@ impl Engine {
             Ok(x) => x,
             Err(r) => return Verdict::Drop(r),
         };
-        if l3.proto == proto::ESP && (self.is_local(flow.dst) || self.sad.has_dst(flow.dst)) {
+        let ours = || self.is_local(flow.dst) || self.sad.has_dst(flow.dst);
+        if l3.proto == proto::ESP && ours() {
             return self.inbound(pkt, &l3, flow.dst);
+        }
+        if l3.proto == proto::UDP
+            && flow
+                .ports
+                .is_some_and(|p| self.encap_ports.contains(&p.dport))
+            && ours()
+        {
+            return self.udp_encapsulated(pkt, &l3, flow.dst);
         }
         self.outbound(pkt, &l3, &flow)
     }
@@ -160,6 +189,72 @@ impl Engine {
         }
     }
 
+    /// RFC 3948 §2: on an encapsulation port, a lone 0xFF is a NAT keepalive,
+    /// a zero non-ESP marker starts an IKE message (for the IKE daemon, never
+    /// decrypted), anything else is ESP. The UDP checksum is not checked
+    /// (§3.1.2: any value is accepted).
+    fn udp_encapsulated(&mut self, pkt: &mut PacketBuf<'_>, l3: &L3, dst: IpAddr) -> Verdict {
+        if l3.fragment {
+            return Verdict::Drop(DropReason::Fragment);
+        }
+        let d = pkt.data();
+        let Ok(u) = wire::udp::Packet::new_checked(&d[l3.upper_at..]) else {
+            return Verdict::Drop(DropReason::Runt);
+        };
+        let payload = u.payload();
+        if payload == [0xff] {
+            return Verdict::Keepalive;
+        }
+        if payload.len() >= 4 && payload[..4] == [0, 0, 0, 0] {
+            self.counters.ike += 1;
+            return Verdict::Bypass;
+        }
+        if payload.len() < wire::esp::HEADER_LEN {
+            return Verdict::Drop(DropReason::Runt);
+        }
+        // Trailing octets past the UDP length are not part of the ESP packet.
+        let end = l3.upper_at + usize::from(u.len());
+        pkt.truncate(end);
+        let esp_l3 = L3 {
+            upper_at: l3.upper_at + wire::udp::HEADER_LEN,
+            udp_encap: true,
+            ..*l3
+        };
+        self.inbound(pkt, &esp_l3, dst)
+    }
+
+    /// Sets the caller's clock (seconds, any epoch). NAT keepalive timing uses it.
+    pub fn set_time(&mut self, now: u64) {
+        self.now = now;
+    }
+
+    /// RFC 3948 §4: for every outbound UDP-encapsulated SA that has sent
+    /// nothing for `idle` seconds, builds a NAT keepalive (one 0xFF octet from
+    /// the SA's source port to its destination port) into `buf` and hands it
+    /// to `emit`. Call it about once a second.
+    pub fn nat_keepalives(&mut self, idle: u64, buf: &mut [u8], mut emit: impl FnMut(&[u8])) {
+        let now = self.now;
+        for id in 0..self.sad.len() {
+            let sa = self.sad.get(id);
+            let Some(e) = sa.cfg.encap else { continue };
+            if !self.is_local(sa.cfg.src) {
+                continue;
+            }
+            let sa = self.sad.get_mut(id);
+            if sa.last_tx == 0 {
+                // First sight: start the idle timer now.
+                sa.last_tx = now;
+                continue;
+            }
+            if now.saturating_sub(sa.last_tx) < idle {
+                continue;
+            }
+            sa.last_tx = now;
+            let n = keepalive(buf, sa.cfg.src, sa.cfg.dst, e.sport, e.dport);
+            emit(&buf[..n]);
+        }
+    }
+
     /// Counts `r` against the innermost SA of the path and drops.
     fn drop_for(&mut self, sp: &[SaId], r: DropReason) -> Verdict {
         if let Some(&id) = sp.last() {
@@ -189,6 +284,10 @@ impl Engine {
         }
         let id = self.sad.lookup_in(dst, spi).ok_or(DropReason::NoSa)?;
         let sa = self.sad.get_mut(id);
+        if sa.cfg.encap.is_some() != l3.udp_encap {
+            sa.count_drop(DropReason::EncapMismatch);
+            return Err(DropReason::EncapMismatch);
+        }
         match inbound::decapsulate(sa, pkt, l3) {
             Err(r) => {
                 sa.count_drop(r);
@@ -282,6 +381,7 @@ impl Engine {
                 return Verdict::Drop(DropReason::NoOutSa);
             };
             let sa = self.sad.get_mut(id);
+            sa.last_tx = self.now;
             if let Err(r) = outbound::encapsulate(sa, pkt, &l3, &params) {
                 sa.count_drop(r);
                 return Verdict::Drop(r);
@@ -319,6 +419,46 @@ fn templates_match(tmpls: &[Template], path: &[Option<&SaConfig>]) -> bool {
         .iter()
         .flatten()
         .all(|c| c.mode == Mode::Transport)
+}
+
+/// A NAT keepalive datagram (RFC 3948 §2.3) from `src:sport` to `dst:dport`
+/// written into `buf`; returns its length. UDP checksum 0 over IPv4.
+fn keepalive(buf: &mut [u8], src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> usize {
+    let hl = if src.is_ipv4() {
+        ipv4::HEADER_LEN
+    } else {
+        ipv6::HEADER_LEN
+    };
+    let n = hl + wire::udp::HEADER_LEN + 1;
+    let b = &mut buf[..n];
+    b.fill(0);
+    wire::udp::emit(&mut b[hl..], sport, dport, 9);
+    b[n - 1] = 0xff;
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut p = ipv4::Packet::new_unchecked(&mut b[..]);
+            p.set_version_header_len(hl);
+            p.set_total_len(n as u16);
+            p.set_ttl(outbound::OUTER_TTL);
+            p.set_protocol(proto::UDP);
+            p.set_src_addr(s);
+            p.set_dst_addr(d);
+            p.fill_checksum();
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut p = ipv6::Packet::new_unchecked(&mut b[..]);
+            p.set_ver_tc_flow(0, 0);
+            p.set_payload_len(9);
+            p.set_next_header(proto::UDP);
+            p.set_hop_limit(outbound::OUTER_TTL);
+            p.set_src_addr(s);
+            p.set_dst_addr(d);
+            let c = wire::udp::checksum_v6(&s.octets(), &d.octets(), &b[hl..]);
+            b[hl + 6..hl + 8].copy_from_slice(&c.to_be_bytes());
+        }
+        _ => unreachable!("Sa::new refuses mixed-family endpoints"),
+    }
+    n
 }
 
 /// RFC 6437 §3: a tunnel endpoint may set the outer flow label from a hash of
@@ -402,6 +542,7 @@ fn parse_inner(d: &[u8]) -> Result<(L3, Flow, usize), DropReason> {
                 later_fragment: p.is_later_fragment(),
                 tos: p.tos(),
                 df: p.dont_frag(),
+                udp_encap: false,
             };
             let ports = if l3.later_fragment {
                 None
@@ -430,6 +571,7 @@ fn parse_inner(d: &[u8]) -> Result<(L3, Flow, usize), DropReason> {
                 later_fragment: c.fragment.is_some_and(|(off, _)| off != 0),
                 tos: p.traffic_class(),
                 df: false,
+                udp_encap: false,
             };
             let ports = if l3.later_fragment {
                 None

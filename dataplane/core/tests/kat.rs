@@ -103,6 +103,7 @@ fn sa_for(v: &Vector, out: &[u8]) -> Sa {
         replay_oseq: 0,
         algs: Algs::aead("rfc4106(gcm(aes))", key, 128),
         sel: None,
+        encap: None,
         // The first packet has sequence number 1: make its IV the vector's.
         iv_mask: iv ^ 1,
     })

@@ -39,6 +39,10 @@ pub struct Args {
     /// No progress line.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+    /// Send a NAT keepalive (RFC 3948 §4) on UDP-encapsulated outbound SAs
+    /// after this many idle seconds of capture time; 0 = never.
+    #[arg(long, default_value_t = 20, value_name = "SECS")]
+    pub nat_keepalive: u64,
 }
 
 /// Room before and after each packet for headers and trailers.
@@ -61,6 +65,8 @@ struct LinkCounters {
     /// Results that the output link type cannot hold (an IPv6 outer header in
     /// a LINKTYPE_IPV4 capture): not written.
     unwritable: u64,
+    /// NAT keepalives espd added to the output.
+    keepalives_sent: u64,
 }
 
 struct Run {
@@ -71,10 +77,45 @@ struct Run {
     start: Instant,
     last_progress: Instant,
     progress: bool,
+    keepalive_idle: u64,
+    /// Keepalives due, with the L2 header of the frame that was current.
+    pending: Vec<Vec<u8>>,
+    last_poll: u64,
 }
 
 impl Run {
     /// Processes one captured frame; returns the bytes to write, or `None` to drop.
+    /// Advances the engine's clock to a capture timestamp and queues any NAT
+    /// keepalives that fall due, framed like `data` (same L2 header).
+    fn tick(&mut self, ts: Duration, linktype: DataLink, data: &[u8]) {
+        let now = ts.as_secs();
+        self.engine.set_time(now);
+        if self.keepalive_idle == 0 || now == self.last_poll {
+            return;
+        }
+        self.last_poll = now;
+        let l2 = match linktype {
+            DataLink::ETHERNET => Frame::new_checked(data).map_or(0, |f| f.header_len()),
+            _ => 0,
+        };
+        let mut b = [0u8; 64];
+        let mut out = Vec::new();
+        self.engine
+            .nat_keepalives(self.keepalive_idle, &mut b, |k| {
+                let mut f = data[..l2].to_vec();
+                if let (Ok(mut e), Some(t)) = (
+                    Frame::new_checked(&mut f[..]),
+                    ethernet::ethertype_for_version(k[0] >> 4),
+                ) {
+                    e.set_ethertype(t);
+                }
+                f.extend_from_slice(k);
+                out.push(f);
+            });
+        self.link.keepalives_sent += out.len() as u64;
+        self.pending.extend(out);
+    }
+
     fn frame(&mut self, linktype: DataLink, data: &[u8]) -> Option<&[u8]> {
         self.link.packets_in += 1;
         self.maybe_progress();
@@ -110,7 +151,7 @@ impl Run {
         self.buf[HEADROOM..HEADROOM + ip.len()].copy_from_slice(ip);
         let mut pkt = PacketBuf::new(&mut self.buf, HEADROOM, ip.len());
         match self.engine.process(&mut pkt) {
-            Verdict::Drop(_) | Verdict::Dummy(_) => None,
+            Verdict::Drop(_) | Verdict::Dummy(_) | Verdict::Keepalive => None,
             Verdict::Encapsulated(_) | Verdict::Decapsulated(_) | Verdict::Bypass => {
                 let version = pkt.data().first().map_or(0, |b| b >> 4);
                 if ip_only.is_some_and(|v| v != version) {
@@ -174,6 +215,12 @@ impl Run {
         if !reasons.is_empty() {
             s.push_str(&format!(" ({})", reasons.join(", ")));
         }
+        if c.keepalive + c.ike + self.link.keepalives_sent > 0 {
+            s.push_str(&format!(
+                "; NAT-T: {} keepalives received, {} IKE passed, {} keepalives sent",
+                c.keepalive, c.ike, self.link.keepalives_sent
+            ));
+        }
         if self.link.unwritable > 0 {
             s.push_str(&format!(
                 "; {} not writable in the output link type",
@@ -222,6 +269,9 @@ impl Run {
                 "decapsulated": c.decapsulated,
                 "bypass": c.bypass,
                 "dummy": c.dummy,
+                "keepalive": c.keepalive,
+                "ike": c.ike,
+                "keepalives_sent": self.link.keepalives_sent,
                 "dropped": c.dropped,
                 "non_ip": self.link.non_ip,
                 "other_link": self.link.other_link,
@@ -244,6 +294,9 @@ pub fn run(a: &Args) -> Result<()> {
         start: Instant::now(),
         last_progress: Instant::now(),
         progress: !a.quiet && std::io::stderr().is_terminal(),
+        keepalive_idle: a.nat_keepalive,
+        pending: Vec::new(),
+        last_poll: 0,
     };
     let mut f = BufReader::new(
         File::open(&a.input).with_context(|| format!("cannot open {}", a.input.display()))?,
@@ -283,6 +336,10 @@ fn classic<R: Read, W: Write>(run: &mut Run, r: R, w: W, a: &Args) -> Result<()>
     while let Some(p) = rd.next_packet() {
         n += 1;
         let p = p.with_context(|| format!("{}: packet {n} is unreadable", a.input.display()))?;
+        run.tick(p.timestamp, linktype, &p.data);
+        for k in std::mem::take(&mut run.pending) {
+            wr.write_packet(&PcapPacket::new(p.timestamp, k.len() as u32, &k))?;
+        }
         if let Some(out) = run.frame(linktype, &p.data) {
             let len = out.len() as u32;
             wr.write_packet(&PcapPacket::new(p.timestamp, len, out))?;

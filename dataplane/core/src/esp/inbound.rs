@@ -138,8 +138,14 @@ fn transport(
     nh: u8,
     iv_len: usize,
 ) -> Result<Decap, DropReason> {
-    let hdr_len = l3.upper_at;
-    let shift = esp::HEADER_LEN + iv_len;
+    // With UDP encapsulation (RFC 3948 §3.1.2) the UDP header goes too.
+    let udp_len = if l3.udp_encap {
+        crate::wire::udp::HEADER_LEN
+    } else {
+        0
+    };
+    let hdr_len = l3.upper_at - udp_len;
+    let shift = udp_len + esp::HEADER_LEN + iv_len;
     let d = pkt.data_mut();
     // Move the IP header (and IPv6 extension headers before ESP) up to the payload.
     d.copy_within(0..hdr_len, shift);

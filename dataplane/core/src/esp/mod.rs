@@ -26,4 +26,7 @@ pub struct L3 {
     pub tos: u8,
     /// IPv4 DF (IPv6: false).
     pub df: bool,
+    /// The ESP at `upper_at` came inside UDP (RFC 3948); the UDP header is
+    /// the 8 octets before it.
+    pub udp_encap: bool,
 }

@@ -6,7 +6,7 @@ use super::{ecn, L3};
 use crate::buf::PacketBuf;
 use crate::drop::DropReason;
 use crate::state::{Mode, Sa};
-use crate::wire::{esp, ipv4, ipv6, proto};
+use crate::wire::{esp, ipv4, ipv6, proto, udp};
 use core::net::IpAddr;
 
 /// Outer TTL / hop limit for tunnel mode (Linux's default `ip_default_ttl`).
@@ -70,7 +70,14 @@ pub fn encapsulate(
         (Mode::Tunnel, IpAddr::V6(_)) => ipv6::HEADER_LEN,
         (Mode::Transport, _) => keep,
     };
-    let grow = esp::HEADER_LEN
+    // RFC 3948 §2.1: a UDP header between the IP header and ESP.
+    let udp_len = if sa.cfg.encap.is_some() {
+        udp::HEADER_LEN
+    } else {
+        0
+    };
+    let grow = udp_len
+        + esp::HEADER_LEN
         + iv_len
         + if sa.cfg.mode == Mode::Tunnel {
             outer_len
@@ -97,7 +104,7 @@ pub fn encapsulate(
     if sa.cfg.mode == Mode::Transport {
         d.copy_within(grow..grow + keep, 0);
     }
-    let esp_at = outer_len;
+    let esp_at = outer_len + udp_len;
     let ct_start = esp_at + esp::HEADER_LEN + iv_len;
     let ct_end = ct_start + payload_len + pad + esp::TRAILER_LEN;
 
@@ -167,7 +174,32 @@ pub fn encapsulate(
             }
         }
     }
+    if let Some(e) = sa.cfg.encap {
+        udp_encap(d, outer_len, e.sport, e.dport);
+    }
     sa.counters.packets += 1;
     sa.counters.bytes += payload_len as u64;
     Ok(())
+}
+
+/// RFC 3948 §2.1: writes the UDP header at `at` (after the IP header and its
+/// extension headers) and makes the IP header name UDP. The checksum is zero
+/// over IPv4 (§3.1.1) and computed over IPv6, where zero is not allowed for
+/// ordinary UDP (RFC 8200 §8.1).
+fn udp_encap(d: &mut [u8], at: usize, sport: u16, dport: u16) {
+    let total = d.len();
+    udp::emit(&mut d[at..], sport, dport, (total - at) as u16);
+    if d[0] >> 4 == 4 {
+        let mut o = ipv4::Packet::new_unchecked(&mut d[..]);
+        o.set_protocol(proto::UDP);
+        o.fill_checksum();
+    } else {
+        // The octet naming ESP is the last next-header field before `at`.
+        if let Ok(c) = ipv6::Packet::new_checked(&d[..]).and_then(|p| p.walk()) {
+            d[c.upper_nh_at] = proto::UDP;
+        }
+        let (hdr, dgram) = d.split_at_mut(at);
+        let c = udp::checksum_v6(&hdr[8..24], &hdr[24..40], dgram);
+        dgram[6..8].copy_from_slice(&c.to_be_bytes());
+    }
 }

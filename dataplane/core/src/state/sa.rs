@@ -69,6 +69,17 @@ impl Algs {
     }
 }
 
+/// RFC 3948 UDP encapsulation of an SA's ESP packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Encap {
+    /// UDP source port of packets sent through the SA (usually 4500).
+    pub sport: u16,
+    /// UDP destination port (usually 4500, or the port a NAT mapped it to).
+    pub dport: u16,
+    /// The peer's original address before NAT (NAT-OA), as `ip xfrm` takes it.
+    pub oa: IpAddr,
+}
+
 /// Flags from `flag …` (XFRM state flags) that change packet processing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SaFlags {
@@ -100,6 +111,8 @@ pub struct SaConfig {
     /// The SA's own selector (`sel …`): decapsulated traffic must match it
     /// and only matching traffic is sent through it.
     pub sel: Option<Selector>,
+    /// RFC 3948 UDP encapsulation (`encap espinudp SPORT DPORT OADDR`).
+    pub encap: Option<Encap>,
     /// XORed into the 64-bit sequence number to make the explicit IV, as
     /// Linux's `seqiv` does: unique per packet (a bijection of a counter that
     /// never cycles) without exposing the counter. The loader picks it at random.
@@ -211,6 +224,9 @@ pub struct Sa {
     pub exhausted: bool,
     /// IPv4 identification for outer headers (tunnel mode).
     pub ip_id: u16,
+    /// When the SA last sent (the caller's clock, seconds): NAT keepalives
+    /// go out after an idle time (RFC 3948 §4).
+    pub last_tx: u64,
     pub counters: SaCounters,
 }
 
@@ -226,6 +242,7 @@ impl Sa {
             replay,
             exhausted: false,
             ip_id,
+            last_tx: 0,
             counters: SaCounters::default(),
             cfg,
         })

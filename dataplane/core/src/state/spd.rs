@@ -329,7 +329,7 @@ mod tests {
                     dst: Prefix::new(v4(&mut r), lens[(r.next() % 7) as usize]).unwrap(),
                     proto: [None, Some(17), Some(6)][(r.next() % 3) as usize],
                     sport: None,
-                    dport: if r.next() % 4 == 0 {
+                    dport: if r.next().is_multiple_of(4) {
                         Some(PortRange { lo: 50, hi: 60 })
                     } else {
                         None

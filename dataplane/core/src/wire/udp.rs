@@ -48,6 +48,27 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 }
 
+/// Writes a UDP header (checksum 0) into the first 8 octets of `buf`.
+pub fn emit(buf: &mut [u8], sport: u16, dport: u16, len: u16) {
+    buf[0..2].copy_from_slice(&sport.to_be_bytes());
+    buf[2..4].copy_from_slice(&dport.to_be_bytes());
+    buf[4..6].copy_from_slice(&len.to_be_bytes());
+    buf[6..8].copy_from_slice(&[0, 0]);
+}
+
+/// The UDP checksum over IPv6 (RFC 8200 §8.1 pseudo-header), for a datagram
+/// whose checksum field is zero. Never 0 (RFC 768: 0 is sent as 0xffff).
+pub fn checksum_v6(src: &[u8], dst: &[u8], datagram: &[u8]) -> u16 {
+    use super::checksum::{combine, sum};
+    let len = (datagram.len() as u32).to_be_bytes();
+    let c = !combine(&[sum(src), sum(dst), sum(&len), 17, sum(datagram)]);
+    if c == 0 {
+        0xffff
+    } else {
+        c
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,5 +85,29 @@ mod tests {
         let mut bad = b;
         bad[5] = 4;
         assert_eq!(Packet::new_checked(&bad[..]).unwrap_err(), Error::Malformed);
+    }
+
+    /// scapy 2.8 computes 0x823e for IPv6 2001:db8::1 > 2001:db8::2,
+    /// UDP 4500 > 4500, payload ff (a NAT keepalive).
+    #[test]
+    fn ipv6_checksum_verifies() {
+        let src: [u8; 16] = "2001:db8::1"
+            .parse::<core::net::Ipv6Addr>()
+            .unwrap()
+            .octets();
+        let dst: [u8; 16] = "2001:db8::2"
+            .parse::<core::net::Ipv6Addr>()
+            .unwrap()
+            .octets();
+        let mut d = [0x11, 0x94, 0x11, 0x94, 0x00, 0x09, 0, 0, 0xff];
+        let c = checksum_v6(&src, &dst, &d);
+        assert_eq!(c, 0x823e);
+        d[6..8].copy_from_slice(&c.to_be_bytes());
+        // A correct checksum makes the whole sum (pseudo-header included) 0xffff.
+        use crate::wire::checksum::{combine, sum};
+        assert_eq!(
+            combine(&[sum(&src), sum(&dst), sum(&[0, 0, 0, 9]), 17, sum(&d)]),
+            0xffff
+        );
     }
 }
