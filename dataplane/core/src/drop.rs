@@ -61,6 +61,8 @@ drop_reasons! {
     Discard => "discarded by policy",
     /// ESP arrived UDP-encapsulated for an SA without `encap`, or raw for one with it (RFC 3948).
     EncapMismatch => "UDP encapsulation does not match the SA",
+    /// Too big for the path MTU after encapsulation, and it may not be fragmented (IPv4 DF, or IPv6): an ICMP error goes back when the rate limit allows (RFC 4301 §8.2.1).
+    PacketTooBig => "too big for the path MTU after encapsulation (DF or IPv6)",
     /// The packet would not fit its buffer after encapsulation.
     TooBig => "packet too big for the buffer after encapsulation",
 }

@@ -46,6 +46,9 @@ pub enum Verdict {
     /// A NAT keepalive (RFC 3948 §2.3, one 0xFF octet on an encapsulation
     /// port): consumed quietly.
     Keepalive,
+    /// The packet was dropped for this reason, and the buffer now holds an
+    /// ICMP error to send back to its source (RFC 4301 §8.2.1).
+    Icmp(DropReason),
     Drop(DropReason),
 }
 
@@ -59,6 +62,8 @@ pub struct Counters {
     pub keepalive: u64,
     /// IKE on an encapsulation port (non-ESP marker): passed to the host.
     pub ike: u64,
+    /// ICMP errors generated (each also counted as a drop).
+    pub icmp_sent: u64,
     pub dropped: u64,
     pub drops: [u64; DropReason::COUNT],
 }
@@ -73,7 +78,17 @@ pub struct Engine {
     encap_ports: Vec<u16>,
     /// The caller's clock in seconds (see [`Engine::set_time`]).
     now: u64,
+    /// Path MTU for encapsulated packets (see [`Engine::set_mtu`]).
+    mtu: Option<usize>,
+    /// ICMP errors allowed per second, and what is left of this second's.
+    icmp_rate: u32,
+    icmp_left: u32,
+    icmp_second: u64,
 }
+
+/// Default ICMP error rate limit (per engine, per second), as Linux's
+/// `icmp_ratelimit` bounds it in spirit.
+pub const ICMP_PER_SECOND: u32 = 100;
 
 impl Engine {
     /// An engine over installed SAs and policies. This host's addresses are
@@ -107,6 +122,10 @@ impl Engine {
             counters: Counters::default(),
             encap_ports,
             now: 0,
+            mtu: None,
+            icmp_rate: ICMP_PER_SECOND,
+            icmp_left: ICMP_PER_SECOND,
+            icmp_second: 0,
         }
     }
 
@@ -128,6 +147,11 @@ impl Engine {
             Verdict::Bypass => c.bypass += 1,
             Verdict::Dummy(_) => c.dummy += 1,
             Verdict::Keepalive => c.keepalive += 1,
+            Verdict::Icmp(r) => {
+                c.dropped += 1;
+                c.drops[r as usize] += 1;
+                c.icmp_sent += 1;
+            }
             Verdict::Drop(r) => {
                 c.dropped += 1;
                 c.drops[r as usize] += 1;
@@ -221,6 +245,25 @@ impl Engine {
             ..*l3
         };
         self.inbound(pkt, &esp_l3, dst)
+    }
+
+    /// The path MTU for packets this engine encapsulates. A packet that would
+    /// exceed it and may not be fragmented gets an ICMP "fragmentation needed"
+    /// or "packet too big" with the MTU left after the IPsec overhead
+    /// (RFC 4301 §8.2.1); one that may be fragmented is encapsulated, and the
+    /// caller fragments the outer packet ([`crate::wire::frag`]).
+    pub fn set_mtu(&mut self, mtu: Option<usize>) {
+        self.mtu = mtu;
+    }
+
+    pub fn mtu(&self) -> Option<usize> {
+        self.mtu
+    }
+
+    /// ICMP errors allowed per second (0: none are sent).
+    pub fn set_icmp_rate(&mut self, per_second: u32) {
+        self.icmp_rate = per_second;
+        self.icmp_left = per_second;
     }
 
     /// Sets the caller's clock (seconds, any epoch). NAT keepalive timing uses it.
@@ -367,35 +410,158 @@ impl Engine {
         }
         // An SA bundle applies its templates in order: the first innermost
         // (XFRM), e.g. transport end to end, then the tunnel to the gateway.
+        // Resolve the whole chain before touching the packet.
         let tmpls: [Option<Template>; MAX_NEST] = core::array::from_fn(|i| p.tmpls.get(i).copied());
+        let mut chain = [0 as SaId; MAX_NEST];
+        let mut k = 0;
+        for t in tmpls.iter().flatten() {
+            match self.sad.lookup_out(t, flow) {
+                Some(id) => {
+                    chain[k] = id;
+                    k += 1;
+                }
+                None if t.level == Level::Use => {}
+                None => return Verdict::Drop(DropReason::NoOutSa),
+            }
+        }
+        let chain = &chain[..k];
+        if chain.is_empty() {
+            return Verdict::Bypass;
+        }
+        if let Some(mtu) = self.mtu {
+            if let Some(v) = self.check_mtu(pkt, l3, flow, chain, mtu) {
+                return v;
+            }
+        }
         let params = OutParams {
             flow_label: flow_label(flow),
         };
         let mut l3 = *l3;
-        let mut first = None;
-        for t in tmpls.iter().flatten() {
-            let Some(id) = self.sad.lookup_out(t, flow) else {
-                if t.level == Level::Use {
-                    continue;
-                }
-                return Verdict::Drop(DropReason::NoOutSa);
-            };
+        for &id in chain {
             let sa = self.sad.get_mut(id);
             sa.last_tx = self.now;
             if let Err(r) = outbound::encapsulate(sa, pkt, &l3, &params) {
                 sa.count_drop(r);
                 return Verdict::Drop(r);
             }
-            first.get_or_insert(id);
             match parse_ro(pkt.data()) {
                 Ok((next, _)) => l3 = next,
                 Err(r) => return Verdict::Drop(r),
             }
         }
-        match first {
-            Some(id) => Verdict::Encapsulated(id),
-            None => Verdict::Bypass,
+        Verdict::Encapsulated(chain[0])
+    }
+
+    /// RFC 4301 §8.2.1 / §8.1: `None` to go on and encapsulate (it fits, or
+    /// the outer packet may be fragmented by the caller), or the verdict for a
+    /// packet that is too big and may not be fragmented.
+    fn check_mtu(
+        &mut self,
+        pkt: &mut PacketBuf<'_>,
+        l3: &L3,
+        flow: &Flow,
+        chain: &[SaId],
+        mtu: usize,
+    ) -> Option<Verdict> {
+        let keep = if l3.version == 4 {
+            l3.upper_at
+        } else {
+            l3.esp_at
+        };
+        let mut len = pkt.len();
+        let mut keep_now = keep;
+        for &id in chain {
+            len = outbound::encapsulated_len(self.sad.get(id), len, keep_now);
+            keep_now = 0;
         }
+        if len <= mtu {
+            return None;
+        }
+        // The largest inner packet that fits, from the outermost SA inwards.
+        let mut fit = mtu;
+        for (i, &id) in chain.iter().enumerate().rev() {
+            fit = outbound::max_inner(self.sad.get(id), fit, if i == 0 { keep } else { 0 });
+        }
+        // IPv4 without DF: encapsulate; the outer packet will be fragmented.
+        // IPv6 of at most 1280 octets must get through whatever the tunnel's
+        // MTU (RFC 8200 §5): fragment the outer packet for it too.
+        let may_fragment = (l3.version == 4 && !l3.df) || (l3.version == 6 && pkt.len() <= 1280);
+        if may_fragment {
+            return None;
+        }
+        Some(self.too_big(pkt, l3, flow, fit))
+    }
+
+    /// Replaces the packet with an ICMP "fragmentation needed" (RFC 792,
+    /// RFC 1191) or ICMPv6 "packet too big" (RFC 4443 §3.2) to its source,
+    /// reporting `mtu`, from an address of this host of the same family;
+    /// rate limited. Without a source address or budget the packet is dropped.
+    fn too_big(&mut self, pkt: &mut PacketBuf<'_>, l3: &L3, flow: &Flow, mtu: usize) -> Verdict {
+        let r = DropReason::PacketTooBig;
+        if self.icmp_second != self.now {
+            self.icmp_second = self.now;
+            self.icmp_left = self.icmp_rate;
+        }
+        let v4 = l3.version == 4;
+        let Some(src) = self.local.iter().copied().find(|a| a.is_ipv4() == v4) else {
+            return Verdict::Drop(r);
+        };
+        if self.icmp_left == 0 || pkt.headroom() < 48 {
+            return Verdict::Drop(r);
+        }
+        self.icmp_left -= 1;
+        match (src, flow.src) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                // RFC 1812 §4.3.2.3: quote as much as fits in 576 octets.
+                pkt.truncate(576 - 28);
+                pkt.prepend(28).expect("headroom checked");
+                let n = pkt.len();
+                let b = pkt.data_mut();
+                b[..28].fill(0);
+                b[20] = 3; // destination unreachable
+                b[21] = 4; // fragmentation needed and DF set
+                b[26..28].copy_from_slice(&(mtu.min(0xffff) as u16).to_be_bytes());
+                let c = !wire::checksum::sum(&b[20..n]);
+                b[22..24].copy_from_slice(&c.to_be_bytes());
+                let mut ip = ipv4::Packet::new_unchecked(&mut b[..]);
+                ip.set_version_header_len(20);
+                ip.set_tos(0xc0); // network control
+                ip.set_total_len(n as u16);
+                ip.set_ttl(outbound::OUTER_TTL);
+                ip.set_protocol(proto::ICMP);
+                ip.set_src_addr(s);
+                ip.set_dst_addr(d);
+                ip.fill_checksum();
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                // RFC 4443 §3.2: as much of the packet as fits in 1280 octets.
+                pkt.truncate(1280 - 48);
+                pkt.prepend(48).expect("headroom checked");
+                let n = pkt.len();
+                let b = pkt.data_mut();
+                b[..48].fill(0);
+                b[40] = 2; // packet too big
+                b[44..48].copy_from_slice(&(mtu as u32).to_be_bytes());
+                let len = ((n - 40) as u32).to_be_bytes();
+                let c = !wire::checksum::combine(&[
+                    wire::checksum::sum(&s.octets()),
+                    wire::checksum::sum(&d.octets()),
+                    wire::checksum::sum(&len),
+                    u16::from(proto::ICMPV6),
+                    wire::checksum::sum(&b[40..n]),
+                ]);
+                b[42..44].copy_from_slice(&c.to_be_bytes());
+                let mut ip = ipv6::Packet::new_unchecked(&mut b[..]);
+                ip.set_ver_tc_flow(0xc0, 0);
+                ip.set_payload_len((n - 40) as u16);
+                ip.set_next_header(proto::ICMPV6);
+                ip.set_hop_limit(outbound::OUTER_TTL);
+                ip.set_src_addr(s);
+                ip.set_dst_addr(d);
+            }
+            _ => return Verdict::Drop(r),
+        }
+        Verdict::Icmp(r)
     }
 }
 

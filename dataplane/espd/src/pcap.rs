@@ -4,6 +4,7 @@ use anyhow::{bail, Context, Result};
 use espd_config::Config;
 use espd_core::engine::{Counters, Engine, Verdict};
 use espd_core::wire::ethernet::{self, Frame};
+use espd_core::wire::frag;
 use espd_core::{DropReason, PacketBuf};
 use pcap_file::pcap::{PcapPacket, PcapReader, PcapWriter};
 use pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketBlock;
@@ -39,6 +40,11 @@ pub struct Args {
     /// No progress line.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+    /// Path MTU for encapsulated packets: larger ones are fragmented (IPv4
+    /// without DF) or answered with ICMP "fragmentation needed"/"packet too
+    /// big" (DF or IPv6). Default: no limit.
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u16).range(576..))]
+    pub mtu: Option<u16>,
     /// Send a NAT keepalive (RFC 3948 §4) on UDP-encapsulated outbound SAs
     /// after this many idle seconds of capture time; 0 = never.
     #[arg(long, default_value_t = 20, value_name = "SECS")]
@@ -67,19 +73,23 @@ struct LinkCounters {
     unwritable: u64,
     /// NAT keepalives espd added to the output.
     keepalives_sent: u64,
+    /// Outer packets fragmented to the MTU, and the fragments written.
+    fragmented: u64,
+    fragments: u64,
 }
 
 struct Run {
     engine: Engine,
     link: LinkCounters,
     buf: Vec<u8>,
-    out: Vec<u8>,
     start: Instant,
     last_progress: Instant,
     progress: bool,
     keepalive_idle: u64,
-    /// Keepalives due, with the L2 header of the frame that was current.
+    /// Frames to write for the current input frame, in order.
     pending: Vec<Vec<u8>>,
+    /// IPv6 fragment identification for outer packets this run fragments.
+    frag_id: u32,
     last_poll: u64,
 }
 
@@ -113,10 +123,13 @@ impl Run {
                 out.push(f);
             });
         self.link.keepalives_sent += out.len() as u64;
-        self.pending.extend(out);
+        for f in out {
+            self.emit(f);
+        }
     }
 
-    fn frame(&mut self, linktype: DataLink, data: &[u8]) -> Option<&[u8]> {
+    /// Processes one captured frame; what is to be written goes to `pending`.
+    fn frame(&mut self, linktype: DataLink, data: &[u8]) {
         self.link.packets_in += 1;
         self.maybe_progress();
         let (l2_len, ip_only) = match linktype {
@@ -124,13 +137,13 @@ impl Run {
                 Err(_) => {
                     self.engine.counters.dropped += 1;
                     self.engine.counters.drops[DropReason::Runt as usize] += 1;
-                    return None;
+                    return;
                 }
                 Ok(f) => match f.ethertype() {
                     ethernet::ETHERTYPE_IPV4 | ethernet::ETHERTYPE_IPV6 => (f.header_len(), None),
                     _ => {
                         self.link.non_ip += 1;
-                        return self.pass(data);
+                        return self.emit(data.to_vec());
                     }
                 },
             },
@@ -139,49 +152,82 @@ impl Run {
             DataLink::IPV6 => (0, Some(6u8)),
             _ => {
                 self.link.other_link += 1;
-                return self.pass(data);
+                return self.emit(data.to_vec());
             }
         };
         let ip = &data[l2_len..];
         if ip.len() > MAX_PACKET {
             self.engine.counters.dropped += 1;
             self.engine.counters.drops[DropReason::TooBig as usize] += 1;
-            return None;
+            return;
         }
         self.buf[HEADROOM..HEADROOM + ip.len()].copy_from_slice(ip);
         let mut pkt = PacketBuf::new(&mut self.buf, HEADROOM, ip.len());
-        match self.engine.process(&mut pkt) {
-            Verdict::Drop(_) | Verdict::Dummy(_) | Verdict::Keepalive => None,
-            Verdict::Encapsulated(_) | Verdict::Decapsulated(_) | Verdict::Bypass => {
-                let version = pkt.data().first().map_or(0, |b| b >> 4);
-                if ip_only.is_some_and(|v| v != version) {
-                    self.link.unwritable += 1;
-                    return None;
-                }
-                let (s, n) = (pkt.start(), pkt.len());
-                self.out.clear();
-                self.out.extend_from_slice(&data[..l2_len]);
-                if l2_len > 0 {
-                    // Keep the Ethernet addresses; the EtherType follows the new outer header.
-                    if let (Ok(mut f), Some(t)) = (
-                        Frame::new_checked(&mut self.out[..]),
-                        ethernet::ethertype_for_version(version),
-                    ) {
-                        f.set_ethertype(t);
-                    }
-                }
-                self.out.extend_from_slice(&self.buf[s..s + n]);
-                self.link.packets_out += 1;
-                Some(&self.out)
+        let v = self.engine.process(&mut pkt);
+        let (s, n) = (pkt.start(), pkt.len());
+        let reply = match v {
+            Verdict::Drop(_) | Verdict::Dummy(_) | Verdict::Keepalive => return,
+            Verdict::Icmp(_) => true,
+            Verdict::Encapsulated(_) | Verdict::Decapsulated(_) | Verdict::Bypass => false,
+        };
+        let out = self.buf[s..s + n].to_vec();
+        let version = out.first().map_or(0, |b| b >> 4);
+        if ip_only.is_some_and(|v| v != version) {
+            self.link.unwritable += 1;
+            return;
+        }
+        // Keep the Ethernet addresses (swapped for an ICMP error, which goes
+        // back to the sender); the EtherType follows the new IP header.
+        let mut l2 = data[..l2_len].to_vec();
+        if let Ok(mut f) = Frame::new_checked(&mut l2[..]) {
+            if let Some(t) = ethernet::ethertype_for_version(version) {
+                f.set_ethertype(t);
             }
+            if reply {
+                let (d, sr) = (f.dst_addr(), f.src_addr());
+                f.set_addrs(sr, d);
+            }
+        }
+        let mtu = self.engine.mtu().unwrap_or(usize::MAX);
+        if matches!(v, Verdict::Encapsulated(_)) && out.len() > mtu {
+            self.fragment(&l2, &out, mtu);
+        } else {
+            let mut f = l2;
+            f.extend_from_slice(&out);
+            self.emit(f);
         }
     }
 
-    fn pass(&mut self, data: &[u8]) -> Option<&[u8]> {
-        self.out.clear();
-        self.out.extend_from_slice(data);
+    /// Fragments an outer packet that exceeds the MTU (the engine encapsulated
+    /// it because the inner packet allowed fragmentation).
+    fn fragment(&mut self, l2: &[u8], pkt: &[u8], mtu: usize) {
+        let mut scratch = vec![0u8; mtu];
+        let mut frags = Vec::new();
+        let r = if pkt[0] >> 4 == 4 {
+            frag::ipv4(pkt, mtu, &mut scratch, |f| frags.push(f.to_vec()))
+        } else {
+            self.frag_id = self.frag_id.wrapping_add(1);
+            frag::ipv6(pkt, mtu, self.frag_id, &mut scratch, |f| {
+                frags.push(f.to_vec())
+            })
+        };
+        if r.is_err() {
+            self.engine.counters.dropped += 1;
+            self.engine.counters.drops[DropReason::TooBig as usize] += 1;
+            return;
+        }
+        self.link.fragmented += 1;
+        self.link.fragments += frags.len() as u64;
+        for f in frags {
+            let mut out = l2.to_vec();
+            out.extend_from_slice(&f);
+            self.emit(out);
+        }
+    }
+
+    fn emit(&mut self, frame: Vec<u8>) {
         self.link.packets_out += 1;
-        Some(&self.out)
+        self.pending.push(frame);
     }
 
     fn maybe_progress(&mut self) {
@@ -272,6 +318,9 @@ impl Run {
                 "keepalive": c.keepalive,
                 "ike": c.ike,
                 "keepalives_sent": self.link.keepalives_sent,
+                "icmp_sent": c.icmp_sent,
+                "fragmented": self.link.fragmented,
+                "fragments": self.link.fragments,
                 "dropped": c.dropped,
                 "non_ip": self.link.non_ip,
                 "other_link": self.link.other_link,
@@ -290,14 +339,15 @@ pub fn run(a: &Args) -> Result<()> {
         engine,
         link: LinkCounters::default(),
         buf: vec![0u8; HEADROOM + MAX_PACKET + TAILROOM],
-        out: Vec::with_capacity(HEADROOM + MAX_PACKET + TAILROOM),
         start: Instant::now(),
         last_progress: Instant::now(),
         progress: !a.quiet && std::io::stderr().is_terminal(),
         keepalive_idle: a.nat_keepalive,
         pending: Vec::new(),
+        frag_id: 0,
         last_poll: 0,
     };
+    run.engine.set_mtu(a.mtu.map(usize::from));
     let mut f = BufReader::new(
         File::open(&a.input).with_context(|| format!("cannot open {}", a.input.display()))?,
     );
@@ -337,12 +387,9 @@ fn classic<R: Read, W: Write>(run: &mut Run, r: R, w: W, a: &Args) -> Result<()>
         n += 1;
         let p = p.with_context(|| format!("{}: packet {n} is unreadable", a.input.display()))?;
         run.tick(p.timestamp, linktype, &p.data);
+        run.frame(linktype, &p.data);
         for k in std::mem::take(&mut run.pending) {
             wr.write_packet(&PcapPacket::new(p.timestamp, k.len() as u32, &k))?;
-        }
-        if let Some(out) = run.frame(linktype, &p.data) {
-            let len = out.len() as u32;
-            wr.write_packet(&PcapPacket::new(p.timestamp, len, out))?;
         }
     }
     wr.into_writer().flush()?;
@@ -369,15 +416,16 @@ fn pcapng<R: Read, W: Write>(run: &mut Run, r: R, w: W, a: &Args) -> Result<()> 
                             a.input.display()
                         )
                     })?;
-                if let Some(out) = run.frame(lt, &p.data) {
-                    let e = EnhancedPacketBlock {
+                run.tick(p.timestamp, lt, &p.data);
+                run.frame(lt, &p.data);
+                for k in std::mem::take(&mut run.pending) {
+                    wr.write_pcapng_block(EnhancedPacketBlock {
                         interface_id: p.interface_id,
                         timestamp: p.timestamp,
-                        original_len: out.len() as u32,
-                        data: Cow::Borrowed(out),
+                        original_len: k.len() as u32,
+                        data: Cow::Borrowed(&k),
                         options: p.options.clone(),
-                    };
-                    wr.write_pcapng_block(e)?;
+                    })?;
                 }
             }
             Block::SimplePacket(p) => {
@@ -386,12 +434,12 @@ fn pcapng<R: Read, W: Write>(run: &mut Run, r: R, w: W, a: &Args) -> Result<()> 
                     .first()
                     .map(|i| i.linktype)
                     .unwrap_or(DataLink::ETHERNET);
-                if let Some(out) = run.frame(lt, &p.data) {
-                    let s = SimplePacketBlock {
-                        original_len: out.len() as u32,
-                        data: Cow::Borrowed(out),
-                    };
-                    wr.write_pcapng_block(s)?;
+                run.frame(lt, &p.data);
+                for k in std::mem::take(&mut run.pending) {
+                    wr.write_pcapng_block(SimplePacketBlock {
+                        original_len: k.len() as u32,
+                        data: Cow::Borrowed(&k),
+                    })?;
                 }
             }
             Block::InterfaceDescription(mut i) => {

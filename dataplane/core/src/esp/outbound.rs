@@ -19,6 +19,58 @@ pub struct OutParams {
     pub flow_label: u32,
 }
 
+/// Octets of ESP framing around `payload` octets through `sa`, not counting
+/// any outer IP header: UDP (NAT-T), ESP header, IV, padding, trailer, ICV.
+fn framing(sa: &Sa, payload: usize) -> usize {
+    let t = &sa.transform;
+    let udp = if sa.cfg.encap.is_some() {
+        udp::HEADER_LEN
+    } else {
+        0
+    };
+    udp + esp::HEADER_LEN
+        + t.iv_len()
+        + esp::pad_len(payload, t.align())
+        + esp::TRAILER_LEN
+        + t.icv_len()
+}
+
+fn outer_len(sa: &Sa) -> usize {
+    match (sa.cfg.mode, sa.cfg.dst) {
+        (Mode::Tunnel, IpAddr::V4(_)) => ipv4::HEADER_LEN,
+        (Mode::Tunnel, IpAddr::V6(_)) => ipv6::HEADER_LEN,
+        (Mode::Transport, _) => 0,
+    }
+}
+
+/// The length of a packet of `len` octets after encapsulation through `sa`.
+/// `keep` is what transport mode leaves in front of ESP (the IP header and
+/// the extension headers before ESP); tunnel mode protects everything.
+pub fn encapsulated_len(sa: &Sa, len: usize, keep: usize) -> usize {
+    let keep = if sa.cfg.mode == Mode::Tunnel { 0 } else { keep };
+    len + outer_len(sa) + framing(sa, len - keep.min(len))
+}
+
+/// The largest packet that still fits `mtu` after encapsulation through `sa`
+/// (RFC 4301 §8.2.1: the MTU to report back is the path MTU less the
+/// IPsec overhead). 0 if nothing fits.
+pub fn max_inner(sa: &Sa, mtu: usize, keep: usize) -> usize {
+    let keep = if sa.cfg.mode == Mode::Tunnel { 0 } else { keep };
+    let t = &sa.transform;
+    let udp = if sa.cfg.encap.is_some() {
+        udp::HEADER_LEN
+    } else {
+        0
+    };
+    let fixed = outer_len(sa) + udp + esp::HEADER_LEN + t.iv_len() + t.icv_len() + keep;
+    let Some(room) = mtu.checked_sub(fixed) else {
+        return 0;
+    };
+    let align = t.align().max(4);
+    // payload + padding + 2 is a multiple of `align` and at most `room`.
+    (room / align * align).saturating_sub(esp::TRAILER_LEN) + keep
+}
+
 /// Reserves the next outbound sequence number. RFC 4303 §3.3.3: it starts at 1
 /// and never cycles; at the end of the space the SA is exhausted for good.
 fn next_seq(sa: &mut Sa) -> Result<u64, DropReason> {

@@ -74,6 +74,11 @@ impl<T: AsRef<[u8]>> Frame<T> {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Frame<T> {
+    pub fn set_addrs(&mut self, dst: [u8; 6], src: [u8; 6]) {
+        let b = self.buffer.as_mut();
+        b[field::DST].copy_from_slice(&dst);
+        b[field::SRC].copy_from_slice(&src);
+    }
     pub fn set_ethertype(&mut self, ty: u16) {
         let at = self.type_at;
         self.buffer.as_mut()[at..at + 2].copy_from_slice(&ty.to_be_bytes());
