@@ -23,6 +23,12 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+# Fuzzing: a nightly toolchain (present on the build machines) and cargo-fuzz.
+if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+    rustup toolchain install nightly --profile minimal
+fi
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+
 if ! .venv/bin/python -c 'import scapy, cryptography, pytest; assert scapy.__version__ >= "2.8"' 2>/dev/null; then
     echo "deps.sh: creating .venv (scapy 2.8.0, cryptography, pytest)"
     python3 -m venv .venv

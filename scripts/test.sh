@@ -16,6 +16,8 @@ grep -q '^test result: FAILED\|^error' /tmp/espd-cargo-test.$$ && { cat /tmp/esp
 rm -f /tmp/espd-cargo-test.$$
 echo "== benches (smoke: each benchmark once)"
 cargo bench -p espd-benches -- --test >/dev/null
+echo "== fuzz (bounded: 10 s per target; scripts/fuzz.sh SECONDS for longer runs)"
+scripts/fuzz.sh 10
 echo "== pcap round trip (scripts/demo-pcap.sh)"
 scripts/demo-pcap.sh
 echo "== oracle suite (scapy 2.8, tshark, cryptography)"
