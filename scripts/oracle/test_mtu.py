@@ -95,3 +95,18 @@ def test_icmp_is_rate_limited(tmp_path):
     out, st = run_espd(tmp_path, conf(4), frames, extra_args=["--mtu", "1400"])
     assert len(out) == 100
     assert st["drops"]["PacketTooBig"] == 150 and st["verdicts"]["icmp_sent"] == 100
+
+
+def test_ipv6_in_ipv4_df_follows_rfc_4213(tmp_path):
+    """RFC 4213 §3.2: outer DF set for inner IPv6 above 1280 octets, clear at
+    or below (so a narrow IPv4 path fragments the outer packet)."""
+    conf = gw_config("tunnel", 6, 4, KM, keymat(128, 71))
+    small, big = udp6(1280), udp6(1281)
+    out, _ = run_espd(tmp_path, conf, [eth(small), eth(big)])
+    assert [IP(l3_bytes(f)).flags.DF for f in out] == [False, True]
+    # Through a 1300-octet IPv4 path the 1280-octet packet arrives in fragments.
+    out, _ = run_espd(tmp_path, conf, [eth(small)], name="narrow", extra_args=["--mtu", "1300"])
+    frags = [IP(l3_bytes(f)) for f in out]
+    assert len(frags) == 2
+    sa = scapy_sa(SPI_OUT, KM, "tunnel", 4, GW[4][0], GW[4][1], False)
+    assert bytes(sa.decrypt(IP(bytes(defragment(frags)[0])))) == bytes(small)

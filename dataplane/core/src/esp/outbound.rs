@@ -146,6 +146,7 @@ pub fn encapsulate(
     let seq = next_seq(sa)?;
 
     // Inner facts needed for the outer header, read before encryption.
+    let inner_len = pkt.len();
     let inner_tos = l3.tos;
     let inner_df = l3.df;
 
@@ -192,9 +193,16 @@ pub fn encapsulate(
             o.set_total_len(total as u16);
             sa.ip_id = sa.ip_id.wrapping_add(1);
             o.set_ident(sa.ip_id);
-            // DF: copied from an IPv4 inner header, set for an IPv6 inner one
-            // (IPv6 is never fragmented on path); never with `flag nopmtudisc`.
-            let df = !sa.cfg.flags.nopmtudisc && (l3.version == 6 || inner_df);
+            // DF: copied from an IPv4 inner header. For IPv6 inside IPv4,
+            // RFC 4213 §3.2: set above 1280 octets (PMTU discovery works for
+            // those), clear at or below, so the minimum IPv6 MTU always gets
+            // through by outer fragmentation. Never with `flag nopmtudisc`.
+            let df = !sa.cfg.flags.nopmtudisc
+                && if l3.version == 6 {
+                    inner_len > 1280
+                } else {
+                    inner_df
+                };
             o.set_flags_frag(if df { ipv4::FLAG_DF } else { 0 });
             o.set_ttl(OUTER_TTL);
             o.set_protocol(proto::ESP);
