@@ -124,6 +124,43 @@ fn inbound_selector_and_policy_checks() {
     }
 }
 
+/// Upper-layer selectors: ICMP type/code, SCTP port ranges, protocol numbers.
+#[test]
+fn icmp_type_code_and_port_range_selectors() {
+    use DropReason::*;
+    let mut gw1 = engine(&gw1_conf(
+        "policy add src 198.18.1.0/24 dst 198.18.2.0/24 proto icmp type 8 code 0 dir out priority 1 action block
+policy add src 198.18.1.0/24 dst 198.18.2.0/24 proto sctp dport 3868-3869 dir out priority 1 action block
+policy add src 198.18.1.0/24 dst 198.18.2.0/24 proto 47 dir out priority 1",
+    ));
+    let sctp = |dport: u16| {
+        let mut l4 = vec![0u8; 12];
+        l4[..2].copy_from_slice(&2905u16.to_be_bytes());
+        l4[2..4].copy_from_slice(&dport.to_be_bytes());
+        ipv4("198.18.1.10", "198.18.2.20", proto::SCTP, 0, &l4)
+    };
+    #[rustfmt::skip]
+    let table: &[Row] = &[
+        ("echo request (type 8 code 0): blocked", ipv4("198.18.1.10", "198.18.2.20", proto::ICMP, 0, &icmp_echo()), Err(Discard)),
+        ("echo reply (type 0): protected", ipv4("198.18.1.10", "198.18.2.20", proto::ICMP, 0, &[0, 0, 0xff, 0xff, 0, 0, 0, 0]), Ok(Some(0x1000))),
+        ("type 8 code 1: protected", ipv4("198.18.1.10", "198.18.2.20", proto::ICMP, 0, &[8, 1, 0xf6, 0xff, 0, 0, 0, 0]), Ok(Some(0x1000))),
+        ("SCTP to 3868 (range low end): blocked", sctp(3868), Err(Discard)),
+        ("SCTP to 3869 (range high end): blocked", sctp(3869), Err(Discard)),
+        ("SCTP to 3870: protected", sctp(3870), Ok(Some(0x1000))),
+        ("GRE (proto 47): bypass", ipv4("198.18.1.10", "198.18.2.20", proto::GRE, 0, &[0, 0, 8, 0]), Ok(None)),
+    ];
+    for (what, pkt, want) in table {
+        let (v, _) = run(&mut gw1, pkt);
+        match want {
+            Ok(spi) => {
+                assert!(!matches!(v, Verdict::Drop(_)), "{what}: {v:?}");
+                assert_eq!(spi_of(&gw1, v), *spi, "{what}: {v:?}");
+            }
+            Err(r) => assert_eq!(v, Verdict::Drop(*r), "{what}"),
+        }
+    }
+}
+
 #[test]
 fn default_block_and_no_policy() {
     let mut gw1 = engine(&gw1_conf("policy setdefault out block fwd block"));
