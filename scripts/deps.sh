@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what espd's build and tests need, idempotently: Debian packages
-# (tshark, python3-venv, iproute2, tcpdump) and a Python venv with scapy 2.8
+# (tshark, python3-venv, iproute2, tcpdump, ping, LLVM 22), the nightly
+# toolchain's rust-src, bpf-linker and cargo-fuzz, and a Python venv with scapy 2.8
 # (Debian's scapy 2.5 gets CBC+ESN wrong), cryptography and pytest.
 # Rust comes from rustup (present on the build machines).
 set -euo pipefail
@@ -10,6 +11,10 @@ need=()
 command -v tshark >/dev/null || need+=(tshark)
 command -v tcpdump >/dev/null || need+=(tcpdump)
 command -v ip >/dev/null || need+=(iproute2)
+command -v ping >/dev/null || need+=(iputils-ping)
+command -v setpriv >/dev/null || need+=(util-linux)
+# The XDP program: LLVM 22 for bpf-linker (Debian 12's security suite has it).
+[ -d /usr/lib/llvm-22 ] || need+=(llvm-22-dev)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
@@ -28,6 +33,13 @@ if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
     rustup toolchain install nightly --profile minimal
 fi
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+# The XDP program is built with nightly's build-std (rust-src) and bpf-linker.
+rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src' ||
+    rustup component add rust-src --toolchain nightly
+if ! bpf-linker --version >/dev/null 2>&1; then
+    echo "deps.sh: installing bpf-linker 0.13.0 (about 90 s)"
+    LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker@0.13.0 --locked --no-default-features --features llvm-22
+fi
 
 if ! .venv/bin/python -c 'import scapy, cryptography, pytest; assert scapy.__version__ >= "2.8"' 2>/dev/null; then
     echo "deps.sh: creating .venv (scapy 2.8.0, cryptography, pytest)"

@@ -5,6 +5,7 @@
 //! without any kernel I/O.
 
 mod pcap;
+mod steer;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -21,12 +22,18 @@ enum Cmd {
     /// Run a capture through the ESP engine: decapsulate ESP for known states,
     /// encapsulate what outbound policies protect, pass what they allow, drop the rest.
     Pcap(pcap::Args),
+    /// Diagnostic: attach only the XDP steering program to the outside
+    /// interface, mirror the config's SPIs and NAT-T ports into it, and report
+    /// what it steers and what it passes to the kernel (no AF_XDP workers yet:
+    /// steered frames fall back to the kernel). Detaches on SIGINT/SIGTERM.
+    Steer(steer::Args),
 }
 
 fn main() {
     let cli = Cli::parse();
     let r: Result<()> = match cli.cmd {
         Cmd::Pcap(a) => pcap::run(&a),
+        Cmd::Steer(a) => steer::run(&a),
     };
     if let Err(e) = r {
         eprintln!("espd: {e:#}");

@@ -1,0 +1,8 @@
+//! espd's I/O layer, above the sans-IO core: the XDP steering program and,
+//! with the live gateway, AF_XDP UMEM, rings and sockets. Everything `unsafe`
+//! in espd lives in this crate (and in the eBPF program), each block with a
+//! `// SAFETY:` line.
+
+pub mod steer;
+
+pub use espd_common::Counter;
