@@ -15,6 +15,10 @@ command -v ping >/dev/null || need+=(iputils-ping)
 command -v setpriv >/dev/null || need+=(util-linux)
 # The XDP program: LLVM 22 for bpf-linker (Debian 12's security suite has it).
 [ -d /usr/lib/llvm-22 ] || need+=(llvm-22-dev)
+# xsk-rs builds a vendored libxdp/libbpf.
+for p in m4 make clang pkg-config libelf-dev zlib1g-dev libpcap-dev; do
+    dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then

@@ -142,6 +142,31 @@ def test_steering_counts_every_kind_exactly_and_detaches(netns, tmp_path):
     assert "xdp" not in sh("ip", "-n", b, "link", "show", "vb").stdout
 
 
+def test_af_xdp_sockets_receive_exactly_the_steered_frames(netns, tmp_path):
+    """With AF_XDP sockets bound (copy mode on veth), ESP for our SPIs is
+    redirected to user space — and nothing else is."""
+    a, b, mac_b = netns
+    p, stats = start(b, tmp_path, "--xsk")
+    try:
+        time.sleep(0.3)  # sockets bound after attach
+        ping = sh("ip", "netns", "exec", a, "ping", "-c", "3", "-i", "0.2", "-W", "2", "198.18.0.2", check=False)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        (tmp_path / "send.py").write_text(SEND)
+        sh("ip", "netns", "exec", a, PY, str(tmp_path / "send.py"), mac_b)
+        time.sleep(0.5)
+    finally:
+        p.send_signal(signal.SIGINT)
+        err = p.communicate(timeout=20)[1]
+    assert p.returncode == 0, err
+    assert "xdp" not in sh("ip", "-n", b, "link", "show", "vb").stdout, "XDP left attached"
+    c = json.loads(stats.read_text())
+    assert c == {
+        "not_ip": 1, "arp": 1, "ike": 1, "keepalive": 1, "esp_steered": 4, "natt_steered": 2,
+        "unknown_spi": 4, "no_socket": 0, "fragment": 1, "other": 4, "malformed": 1,
+        "xsk_received": 6, "xsk_unexpected": 0,
+    }, c
+
+
 def test_unprivileged_attach_is_refused_clearly(netns, tmp_path):
     a, b, _ = netns
     # A world-readable copy: the test's tmp dir is private to root.

@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use aya::programs::XdpMode;
 use espd_config::Config;
 use espd_io::steer::Steering;
+use espd_io::xsk::XskPort;
 use espd_io::Counter;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -29,6 +30,14 @@ pub struct Args {
     /// Write the counters as JSON here on exit.
     #[arg(long)]
     pub stats_json: Option<PathBuf>,
+    /// Bind an AF_XDP socket on every RX queue and take the steered frames
+    /// into user space, counting them (they are consumed, not forwarded: the
+    /// gateway does that). Copy mode (veth has no zero-copy) unless --zero-copy.
+    #[arg(long)]
+    pub xsk: bool,
+    /// With --xsk: let the kernel use zero-copy where the driver supports it.
+    #[arg(long, requires = "xsk")]
+    pub zero_copy: bool,
 }
 
 pub fn run(a: &Args) -> Result<()> {
@@ -70,6 +79,18 @@ pub fn run(a: &Args) -> Result<()> {
         spis.len(),
         ports
     );
+    let mut ports = Vec::new();
+    if a.xsk {
+        for q in 0..espd_io::xsk::rx_queues(&a.outside) {
+            let p = XskPort::bind(&a.outside, q, espd_io::xsk::DEFAULT_FRAMES, !a.zero_copy)?;
+            s.set_socket(q, p.fd())?;
+            ports.push(p);
+        }
+        eprintln!("espd steer: AF_XDP sockets on {} RX queue(s)", ports.len());
+    }
+    let known: std::collections::HashSet<u32> = spis.iter().copied().collect();
+    let encap = ports_of(&cfg);
+    let (mut received, mut unexpected) = (0u64, 0u64);
     let tty = std::io::stderr().is_terminal();
     let start = Instant::now();
     let mut last = Instant::now();
@@ -77,7 +98,17 @@ pub fn run(a: &Args) -> Result<()> {
         && a.seconds
             .is_none_or(|n| start.elapsed() < Duration::from_secs(n))
     {
-        std::thread::sleep(Duration::from_millis(100));
+        if ports.is_empty() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for p in &mut ports {
+            p.recv(50, |frame| {
+                received += 1;
+                if !spi_of(frame, &encap).is_some_and(|spi| known.contains(&spi)) {
+                    unexpected += 1;
+                }
+            })?;
+        }
         if tty && last.elapsed() >= Duration::from_secs(1) {
             last = Instant::now();
             eprint!("\r{}", line(&s.counters()?));
@@ -88,17 +119,48 @@ pub fn run(a: &Args) -> Result<()> {
         eprint!("\r");
     }
     eprintln!("espd steer: {}", line(&c));
+    if a.xsk {
+        eprintln!("espd steer: AF_XDP received {received} frames, {unexpected} not ESP for a configured SPI");
+    }
     if let Some(p) = &a.stats_json {
-        let m: serde_json::Map<String, serde_json::Value> = Counter::ALL
+        let mut m: serde_json::Map<String, serde_json::Value> = Counter::ALL
             .iter()
             .map(|k| (k.name().to_string(), c[*k as usize].into()))
             .collect();
+        if a.xsk {
+            m.insert("xsk_received".into(), received.into());
+            m.insert("xsk_unexpected".into(), unexpected.into());
+        }
         std::fs::write(p, serde_json::to_string_pretty(&m)? + "\n")
             .with_context(|| format!("writing {}", p.display()))?;
     }
+    drop(ports);
     s.detach().context("detaching XDP")?;
     eprintln!("espd steer: detached from {}", a.outside);
     Ok(())
+}
+
+fn ports_of(cfg: &Config) -> Vec<u16> {
+    cfg.sad
+        .iter()
+        .filter_map(|sa| sa.cfg.encap)
+        .map(|e| e.dport)
+        .collect()
+}
+
+/// The SPI of an Ethernet frame carrying ESP or ESP-in-UDP on `encap` ports.
+fn spi_of(frame: &[u8], encap: &[u16]) -> Option<u32> {
+    use espd_core::engine::parse_ip;
+    use espd_core::wire::{ethernet::Frame, proto};
+    let f = Frame::new_checked(frame).ok()?;
+    let ip = f.payload();
+    let (l3, flow, _) = parse_ip(ip).ok()?;
+    let at = match l3.proto {
+        proto::ESP => l3.upper_at,
+        proto::UDP if flow.ports.is_some_and(|p| encap.contains(&p.dport)) => l3.upper_at + 8,
+        _ => return None,
+    };
+    Some(u32::from_be_bytes(ip.get(at..at + 4)?.try_into().ok()?))
 }
 
 fn line(c: &[u64]) -> String {

@@ -4,5 +4,6 @@
 //! `// SAFETY:` line.
 
 pub mod steer;
+pub mod xsk;
 
 pub use espd_common::Counter;

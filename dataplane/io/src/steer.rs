@@ -90,6 +90,22 @@ impl Steering {
         Ok(())
     }
 
+    /// Registers an AF_XDP socket for RX queue `queue` in the program's XSKMAP,
+    /// so steered frames arriving on that queue go to it.
+    pub fn set_socket(
+        &mut self,
+        queue: u32,
+        fd: impl std::os::fd::AsRawFd,
+    ) -> Result<(), SteerError> {
+        let mut m: aya::maps::XskMap<&mut MapData> = aya::maps::XskMap::try_from(
+            self.ebpf
+                .map_mut(espd_common::MAP_XSKS)
+                .ok_or(SteerError::Missing("XSKS"))?,
+        )?;
+        m.set(queue, fd, 0)?;
+        Ok(())
+    }
+
     /// The per-action counters, summed over CPUs, indexed by [`Counter`].
     pub fn counters(&self) -> Result<[u64; Counter::COUNT as usize], SteerError> {
         let m: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
