@@ -163,3 +163,30 @@ def test_algorithms_espd_to_scapy(tmp_path, shape, name, esn):
         assert bytes(got) == bytes(want)
     if name.startswith("cbc"):
         assert len(ivs) == len(plain), "CBC IVs must not repeat"
+
+
+def test_transport_keeps_ipv6_extension_headers_and_ipv4_options(tmp_path):
+    """RFC 4303 §3.1.1: in transport mode ESP goes after hop-by-hop and routing
+    headers, destination options after them are encrypted; IPv4 options stay
+    in the header. scapy places them the same way, both directions."""
+    from scapy.all import IPOption_RR, IPv6ExtHdrDestOpt, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting
+    km_out, km_in = keymat(128, 80), keymat(128, 81)
+    for v in (4, 6):
+        g1, g2 = GW[v]
+        conf = gw_config("transport", v, v, km_out, km_in)
+
+        def pkt(src, dst, sport, dport):
+            if v == 6:
+                p = (IPv6(src=src, dst=dst) / IPv6ExtHdrHopByHop() / IPv6ExtHdrRouting(addresses=[])
+                     / IPv6ExtHdrDestOpt() / UDP(sport=sport, dport=dport) / Raw(b"ext"))
+            else:
+                p = IP(src=src, dst=dst, options=[IPOption_RR()]) / UDP(sport=sport, dport=dport) / Raw(b"opt")
+            return ip_cls(v)(bytes(p))
+
+        out_plain, in_plain = pkt(g1, g2, 5, 9), pkt(g2, g1, 9, 5)
+        sa_in = scapy_sa(SPI_IN, km_in, "transport", v, g2, g1, False)
+        out, st = run_espd(tmp_path, conf, [eth(out_plain), eth(sa_in.encrypt(in_plain))], name=f"v{v}")
+        assert st["verdicts"]["encapsulated"] == 1 and st["verdicts"]["decapsulated"] == 1, st["drops"]
+        sa_out = scapy_sa(SPI_OUT, km_out, "transport", v, g1, g2, False)
+        assert bytes(sa_out.decrypt(ip_cls(v)(l3_bytes(out[0])))) == bytes(out_plain)
+        assert l3_bytes(out[1]) == bytes(in_plain)
