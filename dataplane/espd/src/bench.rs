@@ -1,0 +1,320 @@
+//! `espd bench`: ESP encapsulation and decapsulation through the same engine
+//! the gateway uses, in memory, one pinned worker per core (each with its own
+//! pair of engines and SAs: one owner per SA, nothing shared). After the
+//! pipeline phase each worker measures the raw seal+open rate of the same
+//! transform on the same sizes for as long, so the two figures come from one
+//! run on one machine.
+
+use anyhow::{bail, Context, Result};
+use espd_config::Config;
+use espd_core::engine::{Engine, Verdict};
+use espd_core::PacketBuf;
+use hdrhistogram::Histogram;
+use serde_json::json;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Worker threads, each pinned to its own core (default: one per core).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Inner IP packet size in octets, or `imix` (64:576:1500 in 7:4:1).
+    #[arg(long, default_value = "1420")]
+    pub size: String,
+    /// Seconds for the pipeline phase (the raw-cipher phase takes as long again).
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// gcm128, gcm256, chacha, cbc128, cbc256, gmac128, null.
+    #[arg(long, default_value = "gcm128")]
+    pub aead: String,
+    /// Print one JSON object instead of the report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn alg_clause(name: &str) -> Result<String> {
+    let k = |n: usize| format!("0x{}", "5a".repeat(n));
+    Ok(match name {
+        "gcm128" => format!("aead 'rfc4106(gcm(aes))' {} 128", k(20)),
+        "gcm256" => format!("aead 'rfc4106(gcm(aes))' {} 128", k(36)),
+        "chacha" => format!("aead 'rfc7539esp(chacha20,poly1305)' {} 128", k(36)),
+        "gmac128" => format!("aead 'rfc4543(gcm(aes))' {} 128", k(20)),
+        "cbc128" => format!(
+            "enc 'cbc(aes)' {} auth-trunc 'hmac(sha256)' {} 128",
+            k(16),
+            k(32)
+        ),
+        "cbc256" => format!(
+            "enc 'cbc(aes)' {} auth-trunc 'hmac(sha256)' {} 128",
+            k(32),
+            k(32)
+        ),
+        "null" => format!(
+            "enc 'ecb(cipher_null)' '' auth-trunc 'hmac(sha256)' {} 128",
+            k(32)
+        ),
+        o => {
+            bail!("unknown --aead {o}: use gcm128, gcm256, chacha, gmac128, cbc128, cbc256 or null")
+        }
+    })
+}
+
+fn sizes(s: &str) -> Result<Vec<usize>> {
+    if s == "imix" {
+        let mut v = vec![64; 7];
+        v.extend([576; 4]);
+        v.push(1500);
+        return Ok(v);
+    }
+    let n: usize = s
+        .parse()
+        .with_context(|| format!("--size {s}: a number of octets or `imix`"))?;
+    if !(28..=9000).contains(&n) {
+        bail!("--size must be 28..=9000 octets");
+    }
+    Ok(vec![n])
+}
+
+/// An IPv4/UDP packet of `n` octets from site A to site B.
+fn packet(n: usize, i: usize) -> Vec<u8> {
+    let mut p = vec![0u8; n];
+    p[..20].copy_from_slice(&[
+        0x45,
+        0,
+        (n >> 8) as u8,
+        n as u8,
+        0,
+        1,
+        0x40,
+        0,
+        64,
+        17,
+        0,
+        0,
+        198,
+        18,
+        1,
+        10,
+        198,
+        18,
+        2,
+        20,
+    ]);
+    p[20..22].copy_from_slice(&(1000 + i as u16).to_be_bytes());
+    p[22..24].copy_from_slice(&9u16.to_be_bytes());
+    p[24..26].copy_from_slice(&((n - 20) as u16).to_be_bytes());
+    espd_core::wire::ipv4::Packet::new_unchecked(&mut p[..]).fill_checksum();
+    p
+}
+
+struct Result1 {
+    packets: u64,
+    bytes: u64,
+    failed: u64,
+    elapsed: f64,
+    raw_ops: u64,
+    raw_bytes: u64,
+    raw_elapsed: f64,
+    hist: Histogram<u64>,
+}
+
+fn worker(alg: &str, sizes: &[usize], secs: f64, live: &AtomicU64) -> Result<Result1> {
+    let clause = alg_clause(alg)?;
+    let sa = format!("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1000 reqid 1 mode tunnel replay-window 4096 flag esn {clause}\n");
+    let g1 = Config::parse("bench-gw1", &format!("{sa}policy add src 198.18.1.0/24 dst 198.18.2.0/24 dir out tmpl src 198.18.0.1 dst 198.18.0.2 proto esp reqid 1 mode tunnel\n"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let g2 = Config::parse("bench-gw2", &format!("{sa}policy add src 198.18.1.0/24 dst 198.18.2.0/24 dir fwd tmpl src 198.18.0.1 dst 198.18.0.2 proto esp reqid 1 mode tunnel\n"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let transform = g1
+        .sad
+        .get(0)
+        .cfg
+        .transform()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut gw1 = Engine::new(g1.sad, g1.spd, &[]);
+    let mut gw2 = Engine::new(g2.sad, g2.spd, &[]);
+    let pkts: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| packet(n, i))
+        .collect();
+    let mut buf = vec![0u8; 256 + 9000 + 256];
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3)?;
+    let (mut packets, mut bytes, mut failed) = (0u64, 0u64, 0u64);
+    let deadline = Duration::from_secs_f64(secs);
+    let start = Instant::now();
+    'outer: loop {
+        for (k, p) in pkts.iter().enumerate() {
+            let t = (packets & 63 == 0).then(Instant::now);
+            buf[256..256 + p.len()].copy_from_slice(p);
+            let mut b = PacketBuf::new(&mut buf, 256, p.len());
+            let ok = matches!(gw1.process(&mut b), Verdict::Encapsulated(_))
+                && matches!(gw2.process(&mut b), Verdict::Decapsulated(_));
+            if let Some(t) = t {
+                let _ = hist.record(t.elapsed().as_nanos() as u64);
+            }
+            if !ok {
+                failed += 1;
+            }
+            packets += 1;
+            bytes += p.len() as u64;
+            if k == pkts.len() - 1 && packets & 1023 < pkts.len() as u64 {
+                live.store(packets, Ordering::Relaxed);
+                if start.elapsed() >= deadline {
+                    break 'outer;
+                }
+            }
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    live.store(packets, Ordering::Relaxed);
+
+    // The same transform alone: seal then open each size, as long again.
+    let mut region: Vec<Vec<u8>> = pkts
+        .iter()
+        .map(|p| {
+            let pad = espd_core::wire::esp::pad_len(p.len(), transform.align());
+            let mut r = vec![0u8; 8 + transform.iv_len() + p.len() + pad + 2];
+            r[..4].copy_from_slice(&0x1000u32.to_be_bytes());
+            r
+        })
+        .collect();
+    let mut icv = [0u8; 16];
+    let icv_len = transform.icv_len();
+    let (mut raw_ops, mut raw_bytes, mut seq) = (0u64, 0u64, 0u64);
+    let start = Instant::now();
+    'raw: loop {
+        for (r, p) in region.iter_mut().zip(&pkts) {
+            seq += 1;
+            let iv_end = 8 + transform.iv_len();
+            transform.make_iv(seq, 0, &mut r[8..iv_end]);
+            r[4..8].copy_from_slice(&(seq as u32).to_be_bytes());
+            transform.seal(r, Some((seq >> 32) as u32), &mut icv[..icv_len]);
+            if transform
+                .open(r, Some((seq >> 32) as u32), &icv[..icv_len])
+                .is_err()
+            {
+                bail!("raw open failed");
+            }
+            raw_ops += 1;
+            raw_bytes += p.len() as u64;
+        }
+        if raw_ops & 255 < pkts.len() as u64 && start.elapsed() >= deadline {
+            break 'raw;
+        }
+    }
+    Ok(Result1 {
+        packets,
+        bytes,
+        failed,
+        elapsed,
+        raw_ops,
+        raw_bytes,
+        raw_elapsed: start.elapsed().as_secs_f64(),
+        hist,
+    })
+}
+
+pub fn run(a: &Args) -> Result<()> {
+    let sizes = sizes(&a.size)?;
+    alg_clause(&a.aead)?;
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let n = a.workers.unwrap_or(cores.len().max(1)).max(1);
+    let lives: Vec<Arc<AtomicU64>> = (0..n).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let mut handles = Vec::new();
+    for (i, live) in lives.iter().enumerate() {
+        let (alg, sizes, secs, live, core) = (
+            a.aead.clone(),
+            sizes.clone(),
+            a.seconds,
+            Arc::clone(live),
+            cores.get(i % cores.len().max(1)).copied(),
+        );
+        handles.push(std::thread::spawn(move || {
+            // One worker per core, pinned: no migration, no sharing.
+            if let Some(c) = core {
+                core_affinity::set_for_current(c);
+            }
+            worker(&alg, &sizes, secs, &live)
+        }));
+    }
+    let start = Instant::now();
+    if !a.json {
+        while handles.iter().any(|h| !h.is_finished()) {
+            std::thread::sleep(Duration::from_millis(250));
+            let total: u64 = lives.iter().map(|l| l.load(Ordering::Relaxed)).sum();
+            let t = start.elapsed().as_secs_f64().min(a.seconds).max(1e-9);
+            eprint!(
+                "\r{:>6.1} s  {:>12} packets  {:>8.3} Mpps",
+                start.elapsed().as_secs_f64(),
+                total,
+                total as f64 / t / 1e6
+            );
+        }
+        eprintln!();
+    }
+    let mut results = Vec::new();
+    for h in handles {
+        results.push(
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a worker panicked"))??,
+        );
+    }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3)?;
+    for r in &results {
+        hist.add(&r.hist)?;
+    }
+    let pps: f64 = results.iter().map(|r| r.packets as f64 / r.elapsed).sum();
+    let bps: f64 = results
+        .iter()
+        .map(|r| r.bytes as f64 * 8.0 / r.elapsed)
+        .sum();
+    let raw_pps: f64 = results
+        .iter()
+        .map(|r| r.raw_ops as f64 / r.raw_elapsed)
+        .sum();
+    let raw_bps: f64 = results
+        .iter()
+        .map(|r| r.raw_bytes as f64 * 8.0 / r.raw_elapsed)
+        .sum();
+    let failed: u64 = results.iter().map(|r| r.failed).sum();
+    let per_worker: Vec<_> = results
+        .iter()
+        .map(|r| json!({"pps": r.packets as f64 / r.elapsed, "raw_pps": r.raw_ops as f64 / r.raw_elapsed}))
+        .collect();
+    let out = json!({
+        "workers": n,
+        "size": a.size,
+        "aead": a.aead,
+        "seconds": a.seconds,
+        "packets": results.iter().map(|r| r.packets).sum::<u64>(),
+        "failed": failed,
+        "pps": pps,
+        "gbps": bps / 1e9,
+        "latency_ns": {
+            "p50": hist.value_at_quantile(0.5), "p90": hist.value_at_quantile(0.9),
+            "p99": hist.value_at_quantile(0.99), "p999": hist.value_at_quantile(0.999), "max": hist.max(),
+        },
+        "raw_aead": {"pps": raw_pps, "gbps": raw_bps / 1e9},
+        "ratio": pps / raw_pps,
+        "per_worker": per_worker,
+    });
+    if a.json {
+        println!("{out}");
+    } else {
+        println!(
+            "espd bench: {} worker(s), {} B, {}: {:.3} Mpps, {:.2} Gbit/s (encap+decap, inner bytes); \
+             latency p50 {} ns p99 {} ns p99.9 {} ns; raw seal+open {:.3} Mpps, {:.2} Gbit/s; ratio {:.2}{}",
+            n, a.size, a.aead, pps / 1e6, bps / 1e9,
+            hist.value_at_quantile(0.5), hist.value_at_quantile(0.99), hist.value_at_quantile(0.999),
+            raw_pps / 1e6, raw_bps / 1e9, pps / raw_pps,
+            if failed > 0 { format!("; {failed} FAILED") } else { String::new() }
+        );
+    }
+    if failed > 0 {
+        bail!("{failed} packets did not make the round trip");
+    }
+    Ok(())
+}

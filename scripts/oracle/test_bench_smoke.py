@@ -1,0 +1,31 @@
+"""`espd bench` in smoke mode: every algorithm makes the in-memory round trip
+(encapsulate → decapsulate through the engine) with no failure, and the
+report has its fields. Speed itself is measured, not asserted (docs/performance.md)."""
+
+import json
+import subprocess
+
+import pytest
+
+from espd_oracle import ESPD
+
+
+@pytest.mark.parametrize("aead", ["gcm128", "gcm256", "chacha", "gmac128", "cbc128", "cbc256", "null"])
+def test_bench_round_trips_every_algorithm(aead):
+    r = subprocess.run([str(ESPD), "bench", "--seconds", "0.2", "--workers", "1", "--size", "imix",
+                        "--aead", aead, "--json"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["failed"] == 0 and d["packets"] > 100
+    assert d["pps"] > 0 and d["gbps"] > 0 and d["raw_aead"]["pps"] > 0 and d["ratio"] > 0
+    lat = d["latency_ns"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["p999"] <= lat["max"]
+
+
+def test_bench_report_and_bad_arguments():
+    r = subprocess.run([str(ESPD), "bench", "--seconds", "0.2", "--size", "512"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "Mpps" in r.stdout and "ratio" in r.stdout
+    for bad in (["--aead", "rot13"], ["--size", "12"], ["--size", "big"]):
+        r = subprocess.run([str(ESPD), "bench", "--seconds", "0.1", *bad], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1 and "espd:" in r.stderr
