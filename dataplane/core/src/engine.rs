@@ -200,16 +200,16 @@ impl Engine {
             let nested = inner.proto == proto::ESP
                 && (self.is_local(flow.dst) || self.sad.has_dst(flow.dst));
             if !nested {
-                break;
+                // The inner packet is parsed once; the policy check uses this flow.
+                return match self.check_decapsulated(&flow, &sp[..n]) {
+                    Ok(()) => Verdict::Decapsulated(sp[0]),
+                    Err(r) => self.drop_for(&sp[..n], r),
+                };
             }
             if n == MAX_NEST {
                 return self.drop_for(&sp[..n], DropReason::BadInner);
             }
             (l3, dst) = (inner, flow.dst);
-        }
-        match self.check_decapsulated(pkt, &sp[..n]) {
-            Ok(()) => Verdict::Decapsulated(sp[0]),
-            Err(r) => self.drop_for(&sp[..n], r),
         }
     }
 
@@ -343,12 +343,11 @@ impl Engine {
     /// RFC 4301 §5.2 step 4 and Linux `__xfrm_policy_check`: what came out of
     /// the SAs `sp` (outermost first) must match every SA's selector and an
     /// in/fwd policy whose templates, read from the last, name those SAs.
-    fn check_decapsulated(&self, pkt: &PacketBuf<'_>, sp: &[SaId]) -> Result<(), DropReason> {
-        let (_, flow) = parse_ro(pkt.data()).map_err(|_| DropReason::BadInner)?;
+    fn check_decapsulated(&self, flow: &Flow, sp: &[SaId]) -> Result<(), DropReason> {
         let mut path = [None; MAX_NEST];
         for (slot, &id) in path.iter_mut().zip(sp) {
             let c = &self.sad.get(id).cfg;
-            if c.sel.as_ref().is_some_and(|sel| !sel.matches(&flow)) {
+            if c.sel.as_ref().is_some_and(|sel| !sel.matches(flow)) {
                 return Err(DropReason::PolicyMismatch);
             }
             *slot = Some(c);
@@ -364,7 +363,7 @@ impl Engine {
         } else {
             Direction::Fwd
         };
-        match self.spd.lookup(dir, &flow) {
+        match self.spd.lookup(dir, flow) {
             Some(p) if p.action == Action::Block => Err(DropReason::Discard),
             Some(p) if templates_match(&p.tmpls, path) => Ok(()),
             Some(_) => Err(DropReason::PolicyMismatch),
@@ -437,16 +436,19 @@ impl Engine {
             flow_label: flow_label(flow),
         };
         let mut l3 = *l3;
-        for &id in chain {
+        for (i, &id) in chain.iter().enumerate() {
             let sa = self.sad.get_mut(id);
             sa.last_tx = self.now;
             if let Err(r) = outbound::encapsulate(sa, pkt, &l3, &params) {
                 sa.count_drop(r);
                 return Verdict::Drop(r);
             }
-            match parse_ro(pkt.data()) {
-                Ok((next, _)) => l3 = next,
-                Err(r) => return Verdict::Drop(r),
+            // Only a further layer needs the new header's facts.
+            if i + 1 < chain.len() {
+                match parse_ro(pkt.data()) {
+                    Ok((next, _)) => l3 = next,
+                    Err(r) => return Verdict::Drop(r),
+                }
             }
         }
         Verdict::Encapsulated(chain[0])

@@ -149,14 +149,7 @@ impl CbcHmac {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn hex(s: &str) -> Vec<u8> {
-        let s: String = s.split_whitespace().collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
+    use crate::crypto::hex;
 
     /// RFC 3602 §4 Case #1: AES-128-CBC, one block.
     #[test]

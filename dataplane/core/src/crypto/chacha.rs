@@ -77,14 +77,7 @@ impl ChaChaPoly {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn hex(s: &str) -> Vec<u8> {
-        let s: String = s.split_whitespace().collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
+    use crate::crypto::hex;
 
     /// RFC 7539 §2.8.2 (the AEAD example): key, nonce = 07000000 ‖ 4041424344454647,
     /// AAD 50515253c0c1c2c3c4c5c6c7, the "sunscreen" plaintext → its tag.

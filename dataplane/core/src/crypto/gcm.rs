@@ -254,14 +254,7 @@ impl Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn hex(s: &str) -> Vec<u8> {
-        let s: String = s.split_whitespace().collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
+    use crate::crypto::hex;
 
     /// draft-mcgrew-gcm-test-01 as carried (seq 1, fixed checksums) in DPDK's
     /// app/test/test_cryptodev_security_ipsec_test_vectors.h `pkt_aes_128_gcm`:

@@ -22,6 +22,16 @@ pub mod cbc_hmac;
 pub mod chacha;
 pub mod gcm;
 
+/// Hex test vectors, whitespace allowed (for the algorithm modules' tests).
+#[cfg(test)]
+pub(crate) fn hex(s: &str) -> Vec<u8> {
+    let s: String = s.split_whitespace().collect();
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
 /// The ICV did not verify. Nothing about *why* is exposed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AuthError;
