@@ -65,6 +65,18 @@ drop_reasons! {
     PacketTooBig => "too big for the path MTU after encapsulation (DF or IPv6)",
     /// The packet would not fit its buffer after encapsulation.
     TooBig => "packet too big for the buffer after encapsulation",
+    /// Router mode: the TTL / hop limit would reach 0 when forwarded (RFC 1812 §5.3.1, RFC 8200 §3); an ICMP time exceeded goes back for plaintext from the inside.
+    TtlExceeded => "TTL or hop limit exceeded in forwarding",
+    /// Gateway: an authenticated packet of an SA whose inbound replay window another worker owns (RSS moved the tunnel to another queue; see docs/architecture.md).
+    ForeignQueue => "SA's replay window is owned by another worker",
+    /// Gateway: the kernel has no route for the destination, or it leads out of an interface espd does not run on.
+    NoRoute => "no route through espd's interfaces",
+    /// Gateway: the next hop's link-layer address is not resolved yet (the kernel was asked to resolve it).
+    NoNeighbour => "next hop not resolved yet",
+    /// Gateway: a decapsulated packet is addressed to this host; espd forwards only (see docs/operations.md).
+    LocalDelivery => "decapsulated packet for this host (not delivered)",
+    /// Gateway: the TX ring of the output interface was full.
+    TxRingFull => "TX ring full",
 }
 
 #[cfg(test)]

@@ -23,7 +23,8 @@ use crate::esp::inbound::{self, Decap};
 use crate::esp::outbound::{self, OutParams};
 use crate::esp::L3;
 use crate::state::spd::{Action, Direction, Level};
-use crate::state::{Flow, Mode, SaConfig, SaId, Sad, Spd, Template};
+use crate::state::{Flow, Mode, SaConfig, SaId, SaShare, Sad, Spd, Template};
+use core::sync::atomic::Ordering::Relaxed;
 
 /// The most ESP layers one packet may carry (an SA bundle), as XFRM's
 /// XFRM_MAX_DEPTH bounds it.
@@ -84,6 +85,22 @@ pub struct Engine {
     icmp_rate: u32,
     icmp_left: u32,
     icmp_second: u64,
+    /// Router mode (the gateway): forwarded packets have their TTL / hop
+    /// limit decremented (see [`Engine::set_router`]).
+    router: bool,
+    /// This engine's worker, for the ownership of shared SAs' replay windows.
+    worker: u32,
+    /// Sources for ICMP errors (see [`Engine::set_icmp_sources`]).
+    icmp_src: Vec<IpAddr>,
+}
+
+/// An ICMP error this engine can answer with.
+#[derive(Clone, Copy)]
+enum IcmpKind {
+    /// RFC 792 type 3 code 4 / RFC 4443 type 2, with the MTU to report.
+    TooBig(usize),
+    /// RFC 792 type 11 code 0 / RFC 4443 type 3 code 0.
+    TimeExceeded,
 }
 
 /// Default ICMP error rate limit (per engine, per second), as Linux's
@@ -126,7 +143,35 @@ impl Engine {
             icmp_rate: ICMP_PER_SECOND,
             icmp_left: ICMP_PER_SECOND,
             icmp_second: 0,
+            router: false,
+            worker: 0,
+            icmp_src: Vec::new(),
         }
+    }
+
+    /// Router mode, for the gateway: what it forwards has its IPv4 TTL or
+    /// IPv6 hop limit decremented, as a router must (RFC 1812 §5.3.1,
+    /// RFC 8200 §3) — plaintext before it is encapsulated (an expired one is
+    /// answered with ICMP time exceeded, rate limited) and the inner packet
+    /// after decapsulation (an expired one is dropped: the error would have to
+    /// go back through the tunnel). Linux's forwarding path does both.
+    pub fn set_router(&mut self, on: bool) {
+        self.router = on;
+    }
+
+    /// The worker this engine runs on. SAs shared between engines
+    /// ([`crate::state::SaShare`]) have one owner of their inbound replay
+    /// window: the first worker that authenticates a packet of the SA.
+    pub fn set_worker(&mut self, id: u32) {
+        self.worker = id;
+    }
+
+    /// The addresses ICMP errors come from, by family: a router's are those
+    /// of the interface the error leaves by (RFC 1812 §4.3.2.4) — the
+    /// gateway's inside interface. Without one of a family, the first local
+    /// address of that family is used.
+    pub fn set_icmp_sources(&mut self, addrs: &[IpAddr]) {
+        self.icmp_src = addrs.to_vec();
     }
 
     pub fn local_addrs(&self) -> &[IpAddr] {
@@ -202,6 +247,12 @@ impl Engine {
             if !nested {
                 // The inner packet is parsed once; the policy check uses this flow.
                 return match self.check_decapsulated(&flow, &sp[..n]) {
+                    Ok(()) if self.router && !self.is_local(flow.dst) => {
+                        match decrement_ttl(pkt.data_mut(), &inner) {
+                            Ok(()) => Verdict::Decapsulated(sp[0]),
+                            Err(r) => self.drop_for(&sp[..n], r),
+                        }
+                    }
                     Ok(()) => Verdict::Decapsulated(sp[0]),
                     Err(r) => self.drop_for(&sp[..n], r),
                 };
@@ -326,12 +377,39 @@ impl Engine {
             return Err(DropReason::SpiZero);
         }
         let id = self.sad.lookup_in(dst, spi).ok_or(DropReason::NoSa)?;
+        let worker = self.worker;
         let sa = self.sad.get_mut(id);
         if sa.cfg.encap.is_some() != l3.udp_encap {
             sa.count_drop(DropReason::EncapMismatch);
             return Err(DropReason::EncapMismatch);
         }
-        match inbound::decapsulate(sa, pkt, l3) {
+        // One replay window per SA (RFC 4303 §3.4.3): with several workers,
+        // only the owner's counts. No crypto is spent on another's packets.
+        let owner = sa.share.as_ref().map(|s| &s.rx_owner);
+        if owner.is_some_and(|o| {
+            let w = o.load(Relaxed);
+            w != SaShare::NO_OWNER && w != worker
+        }) {
+            sa.count_drop(DropReason::ForeignQueue);
+            return Err(DropReason::ForeignQueue);
+        }
+        let r = inbound::decapsulate(sa, pkt, l3);
+        let r = match (r, sa.share.as_ref()) {
+            // Claimed only after the ICV verified, so forged packets on
+            // another queue cannot take a tunnel away from its worker.
+            (Ok(d), Some(s)) => {
+                match s
+                    .rx_owner
+                    .compare_exchange(SaShare::NO_OWNER, worker, Relaxed, Relaxed)
+                {
+                    Ok(_) => Ok(d),
+                    Err(o) if o == worker => Ok(d),
+                    Err(_) => Err(DropReason::ForeignQueue),
+                }
+            }
+            (r, _) => r,
+        };
+        match r {
             Err(r) => {
                 sa.count_drop(r);
                 Err(r)
@@ -394,6 +472,11 @@ impl Engine {
         if self.is_local(flow.dst) {
             // Addressed to this host and allowed: delivered, not forwarded.
             return Verdict::Bypass;
+        }
+        if self.router {
+            if let Err(r) = decrement_ttl(pkt.data_mut(), l3) {
+                return self.icmp_error(pkt, l3, flow, IcmpKind::TimeExceeded, r);
+            }
         }
         let Some(p) = self.spd.lookup(Direction::Out, flow) else {
             return match self.spd.default_action(Direction::Out) {
@@ -491,21 +574,37 @@ impl Engine {
         if may_fragment {
             return None;
         }
-        Some(self.too_big(pkt, l3, flow, fit))
+        Some(self.icmp_error(
+            pkt,
+            l3,
+            flow,
+            IcmpKind::TooBig(fit),
+            DropReason::PacketTooBig,
+        ))
     }
 
-    /// Replaces the packet with an ICMP "fragmentation needed" (RFC 792,
-    /// RFC 1191) or ICMPv6 "packet too big" (RFC 4443 §3.2) to its source,
-    /// reporting `mtu`, from an address of this host of the same family;
-    /// rate limited. Without a source address or budget the packet is dropped.
-    fn too_big(&mut self, pkt: &mut PacketBuf<'_>, l3: &L3, flow: &Flow, mtu: usize) -> Verdict {
-        let r = DropReason::PacketTooBig;
+    /// Replaces the packet with an ICMP error to its source: "fragmentation
+    /// needed" (RFC 792, RFC 1191) / ICMPv6 "packet too big" (RFC 4443 §3.2)
+    /// reporting an MTU, or "time exceeded" (RFC 792 / RFC 4443 §3.3), from an
+    /// address of this host of the same family; rate limited. Without a
+    /// source address or budget the packet is dropped for `r`.
+    fn icmp_error(
+        &mut self,
+        pkt: &mut PacketBuf<'_>,
+        l3: &L3,
+        flow: &Flow,
+        kind: IcmpKind,
+        r: DropReason,
+    ) -> Verdict {
         if self.icmp_second != self.now {
             self.icmp_second = self.now;
             self.icmp_left = self.icmp_rate;
         }
         let v4 = l3.version == 4;
-        let Some(src) = self.local.iter().copied().find(|a| a.is_ipv4() == v4) else {
+        let Some(src) = (self.icmp_src.iter().chain(&self.local))
+            .copied()
+            .find(|a| a.is_ipv4() == v4)
+        else {
             return Verdict::Drop(r);
         };
         if self.icmp_left == 0 || pkt.headroom() < 48 {
@@ -520,9 +619,14 @@ impl Engine {
                 let n = pkt.len();
                 let b = pkt.data_mut();
                 b[..28].fill(0);
-                b[20] = 3; // destination unreachable
-                b[21] = 4; // fragmentation needed and DF set
-                b[26..28].copy_from_slice(&(mtu.min(0xffff) as u16).to_be_bytes());
+                match kind {
+                    IcmpKind::TooBig(mtu) => {
+                        b[20] = 3; // destination unreachable
+                        b[21] = 4; // fragmentation needed and DF set
+                        b[26..28].copy_from_slice(&(mtu.min(0xffff) as u16).to_be_bytes());
+                    }
+                    IcmpKind::TimeExceeded => b[20] = 11, // code 0: TTL exceeded in transit
+                }
                 let c = !wire::checksum::sum(&b[20..n]);
                 b[22..24].copy_from_slice(&c.to_be_bytes());
                 let mut ip = ipv4::Packet::new_unchecked(&mut b[..]);
@@ -542,8 +646,13 @@ impl Engine {
                 let n = pkt.len();
                 let b = pkt.data_mut();
                 b[..48].fill(0);
-                b[40] = 2; // packet too big
-                b[44..48].copy_from_slice(&(mtu as u32).to_be_bytes());
+                match kind {
+                    IcmpKind::TooBig(mtu) => {
+                        b[40] = 2; // packet too big
+                        b[44..48].copy_from_slice(&(mtu as u32).to_be_bytes());
+                    }
+                    IcmpKind::TimeExceeded => b[40] = 3, // code 0: hop limit exceeded
+                }
                 let len = ((n - 40) as u32).to_be_bytes();
                 let c = !wire::checksum::combine(&[
                     wire::checksum::sum(&s.octets()),
@@ -565,6 +674,31 @@ impl Engine {
         }
         Verdict::Icmp(r)
     }
+}
+
+/// RFC 1812 §5.3.1 / RFC 8200 §3: a forwarded packet's TTL / hop limit goes
+/// down by one; one that would reach 0 is not forwarded. The IPv4 header
+/// checksum is updated incrementally (RFC 1624 eqn. 3).
+fn decrement_ttl(ip: &mut [u8], l3: &L3) -> Result<(), DropReason> {
+    let at = if l3.version == 4 { 8 } else { 7 };
+    let Some(&ttl) = ip.get(at) else {
+        return Err(DropReason::Runt);
+    };
+    if ttl <= 1 {
+        return Err(DropReason::TtlExceeded);
+    }
+    ip[at] = ttl - 1;
+    if l3.version == 4 {
+        // HC' = ~(~HC + ~m + m'), m = the TTL/protocol word.
+        let old = u16::from_be_bytes([ttl, ip[9]]);
+        let new = u16::from_be_bytes([ttl - 1, ip[9]]);
+        let hc = u16::from_be_bytes([ip[10], ip[11]]);
+        let mut sum = u32::from(!hc) + u32::from(!old) + u32::from(new);
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    }
+    Ok(())
 }
 
 /// XFRM's `xfrm_policy_ok` walk: templates from the last (outermost) to the

@@ -74,7 +74,28 @@ pub fn max_inner(sa: &Sa, mtu: usize, keep: usize) -> usize {
 /// Reserves the next outbound sequence number. RFC 4303 §3.3.3: it starts at 1
 /// and never cycles; at the end of the space the SA is exhausted for good.
 fn next_seq(sa: &mut Sa) -> Result<u64, DropReason> {
-    if sa.exhausted || sa.oseq >= sa.seq_limit() {
+    let limit = sa.seq_limit();
+    if sa.exhausted {
+        return Err(DropReason::SeqCycled);
+    }
+    if let Some(share) = &sa.share {
+        // Several workers send through this SA: one counter for all of them.
+        use core::sync::atomic::Ordering::Relaxed;
+        return match share
+            .oseq
+            .fetch_update(Relaxed, Relaxed, |c| (c < limit).then_some(c + 1))
+        {
+            Ok(prev) => {
+                sa.oseq = prev + 1;
+                Ok(prev + 1)
+            }
+            Err(_) => {
+                sa.exhausted = true;
+                Err(DropReason::SeqCycled)
+            }
+        };
+    }
+    if sa.oseq >= limit {
         sa.exhausted = true;
         return Err(DropReason::SeqCycled);
     }

@@ -8,7 +8,9 @@ pub mod selector;
 pub mod spd;
 
 pub use replay::{ReplayError, ReplayWindow};
-pub use sa::{Algs, Encap, KeyedAlg, Mode, Sa, SaConfig, SaCounters, SaError, SaFlags, SaId};
+pub use sa::{
+    Algs, Encap, KeyedAlg, Mode, Sa, SaConfig, SaCounters, SaError, SaFlags, SaId, SaShare,
+};
 pub use sad::Sad;
 pub use selector::{Flow, PortRange, Prefix, Selector};
 pub use spd::{Action, Direction, Level, Policy, Spd, Template};

@@ -6,6 +6,8 @@ use super::selector::Selector;
 use crate::crypto::{cbc_hmac, cbc_hmac::CbcHmac, chacha::ChaChaPoly, gcm::AesGcm, Transform};
 use crate::drop::DropReason;
 use core::net::IpAddr;
+use core::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::Arc;
 use zeroize::Zeroizing;
 
 /// Index of an SA in the SAD.
@@ -213,8 +215,33 @@ pub struct SaCounters {
     pub drops: [u64; DropReason::COUNT],
 }
 
+/// What one SA's engines on several workers share (see
+/// docs/architecture.md, "Threading"): one outbound sequence counter, so no
+/// number is ever used twice (RFC 4303 §3.3.3; for GCM a repeated number is
+/// a repeated nonce), and which worker owns the inbound replay window.
+#[derive(Debug, Clone)]
+pub struct SaShare {
+    /// The last outbound sequence number used.
+    pub oseq: Arc<AtomicU64>,
+    /// The worker that owns the inbound window; [`SaShare::NO_OWNER`] until
+    /// the first authenticated packet.
+    pub rx_owner: Arc<AtomicU32>,
+}
+
+impl SaShare {
+    pub const NO_OWNER: u32 = u32::MAX;
+    pub fn new(oseq: u64) -> Self {
+        SaShare {
+            oseq: Arc::new(AtomicU64::new(oseq)),
+            rx_owner: Arc::new(AtomicU32::new(Self::NO_OWNER)),
+        }
+    }
+}
+
 /// The runtime SA: everything the hot path touches.
 pub struct Sa {
+    /// Set when several workers' engines hold this SA.
+    pub share: Option<SaShare>,
     pub cfg: SaConfig,
     pub transform: Transform,
     /// Last outbound sequence number used (the next one is `oseq + 1`).
@@ -237,6 +264,7 @@ impl Sa {
         // A per-SA start for the IPv4 ID so two tunnels do not march in step.
         let ip_id = (cfg.spi ^ (cfg.spi >> 16)) as u16;
         Ok(Sa {
+            share: None,
             oseq: cfg.replay_oseq,
             transform,
             replay,

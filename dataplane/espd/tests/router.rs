@@ -1,0 +1,178 @@
+//! The gateway's engine options: router mode (TTL / hop limit, ICMP time
+//! exceeded) and SAs shared between workers (one sequence counter, one owner
+//! of each inbound replay window).
+
+mod common;
+use common::*;
+use espd_config::Config;
+use espd_core::engine::{Engine, Verdict};
+use espd_core::state::SaShare;
+use espd_core::wire::{checksum, proto};
+use espd_core::{DropReason, PacketBuf};
+
+const K: &str = "0x0101010101010101010101010101010101010101";
+
+fn gw1() -> String {
+    format!(
+        "state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1000 reqid 1 mode tunnel aead 'rfc4106(gcm(aes))' {K} 128
+policy add src 198.18.1.0/24 dst 198.18.2.0/24 dir out tmpl src 198.18.0.1 dst 198.18.0.2 proto esp reqid 1 mode tunnel
+"
+    )
+}
+
+fn gw2() -> String {
+    format!(
+        "state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1000 reqid 1 mode tunnel aead 'rfc4106(gcm(aes))' {K} 128
+policy add src 198.18.1.0/24 dst 198.18.2.0/24 dir fwd tmpl src 198.18.0.1 dst 198.18.0.2 proto esp reqid 1 mode tunnel
+"
+    )
+}
+
+fn engine(text: &str, local: &[&str]) -> Engine {
+    let c = Config::parse("t.conf", text).unwrap_or_else(|e| panic!("{e}"));
+    let local: Vec<_> = local.iter().map(|a| a.parse().unwrap()).collect();
+    let mut e = Engine::new(c.sad, c.spd, &local);
+    e.set_router(true);
+    e
+}
+
+fn run(e: &mut Engine, pkt: &[u8]) -> (Verdict, Vec<u8>) {
+    let mut buf = vec![0u8; 256 + pkt.len() + 256];
+    buf[256..256 + pkt.len()].copy_from_slice(pkt);
+    let mut p = PacketBuf::new(&mut buf, 256, pkt.len());
+    let v = e.process(&mut p);
+    (v, p.data().to_vec())
+}
+
+fn ipv4_ok(p: &[u8]) -> bool {
+    checksum::sum(&p[..20]) == 0xffff
+}
+
+#[test]
+fn ttl_is_decremented_once_at_each_gateway() {
+    let mut a = engine(&gw1(), &["198.18.1.254"]);
+    let mut b = engine(&gw2(), &["198.18.2.254"]);
+    let pkt = udp4("198.18.1.10", "198.18.2.20", 9);
+    assert_eq!(pkt[8], 61);
+    let (v, esp) = run(&mut a, &pkt);
+    assert!(matches!(v, Verdict::Encapsulated(_)), "{v:?}");
+    let (v, inner) = run(&mut b, &esp);
+    assert!(matches!(v, Verdict::Decapsulated(_)), "{v:?}");
+    assert_eq!(inner[8], 59, "one hop at each gateway");
+    assert!(ipv4_ok(&inner), "header checksum updated");
+    assert_eq!(inner[20..], pkt[20..]);
+}
+
+#[test]
+fn expiring_plaintext_gets_time_exceeded_and_expiring_inner_is_dropped() {
+    let mut a = engine(&gw1(), &["198.18.1.254"]);
+    a.set_icmp_sources(&["198.18.1.254".parse().unwrap()]);
+    let mut pkt = udp4("198.18.1.10", "198.18.2.20", 9);
+    pkt[8] = 1;
+    pkt[10..12].fill(0);
+    let c = !checksum::sum(&pkt[..20]);
+    pkt[10..12].copy_from_slice(&c.to_be_bytes());
+    let (v, icmp) = run(&mut a, &pkt);
+    assert_eq!(v, Verdict::Icmp(DropReason::TtlExceeded));
+    assert_eq!(icmp[9], proto::ICMP);
+    assert_eq!(&icmp[12..16], &[198, 18, 1, 254], "from the gateway");
+    assert_eq!(&icmp[16..20], &[198, 18, 1, 10], "to the sender");
+    assert_eq!((icmp[20], icmp[21]), (11, 0), "time exceeded in transit");
+    assert!(ipv4_ok(&icmp));
+    assert_eq!(checksum::sum(&icmp[20..]), 0xffff, "ICMP checksum");
+    assert_eq!(&icmp[28..48], &pkt[..20], "quotes the offending header");
+    assert_eq!(a.counters.drops[DropReason::TtlExceeded as usize], 1);
+
+    // TTL 2 leaves gw1 with 1 and expires at gw2 after decapsulation.
+    let mut b = engine(&gw2(), &["198.18.2.254"]);
+    let mut pkt = udp4("198.18.1.10", "198.18.2.20", 9);
+    pkt[8] = 2;
+    pkt[10..12].fill(0);
+    let c = !checksum::sum(&pkt[..20]);
+    pkt[10..12].copy_from_slice(&c.to_be_bytes());
+    let (v, esp) = run(&mut a, &pkt);
+    assert!(matches!(v, Verdict::Encapsulated(_)));
+    let (v, _) = run(&mut b, &esp);
+    assert_eq!(v, Verdict::Drop(DropReason::TtlExceeded));
+    assert_eq!(
+        b.sad.get(0).counters.drops[DropReason::TtlExceeded as usize],
+        1
+    );
+}
+
+#[test]
+fn without_router_mode_nothing_changes() {
+    let c = Config::parse("t.conf", &gw1()).unwrap();
+    let mut a = Engine::new(c.sad, c.spd, &[]);
+    let c = Config::parse("t.conf", &gw2()).unwrap();
+    let mut b = Engine::new(c.sad, c.spd, &[]);
+    let mut pkt = udp4("198.18.1.10", "198.18.2.20", 9);
+    pkt[8] = 1;
+    pkt[10..12].fill(0);
+    let c = !checksum::sum(&pkt[..20]);
+    pkt[10..12].copy_from_slice(&c.to_be_bytes());
+    let (_, esp) = run(&mut a, &pkt);
+    let (v, inner) = run(&mut b, &esp);
+    assert!(matches!(v, Verdict::Decapsulated(_)));
+    assert_eq!(inner, pkt);
+}
+
+/// Two workers' engines over the same SAs, linked as the gateway links them.
+fn shared_pair(text: &str, local: &[&str]) -> (Engine, Engine) {
+    let mut e0 = engine(text, local);
+    let mut e1 = engine(text, local);
+    for id in 0..e0.sad.len() {
+        let s = SaShare::new(e0.sad.get(id).oseq);
+        e0.sad.get_mut(id).share = Some(s.clone());
+        e1.sad.get_mut(id).share = Some(s);
+    }
+    e0.set_worker(0);
+    e1.set_worker(1);
+    (e0, e1)
+}
+
+#[test]
+fn workers_sharing_an_sa_never_reuse_a_sequence_number() {
+    let (mut w0, mut w1) = shared_pair(&gw1(), &[]);
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..1000 {
+        let e = if i % 3 == 0 { &mut w0 } else { &mut w1 };
+        let (v, esp) = run(e, &udp4("198.18.1.10", "198.18.2.20", 9));
+        assert!(matches!(v, Verdict::Encapsulated(_)));
+        let seq = u32::from_be_bytes(esp[24..28].try_into().unwrap());
+        assert!(seen.insert(seq), "sequence number {seq} used twice");
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        (1..=1000).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn one_worker_owns_an_inbound_window_once_it_authenticates() {
+    let mut a = engine(&gw1(), &[]);
+    let (mut w0, mut w1) = shared_pair(&gw2(), &[]);
+    let esp: Vec<Vec<u8>> = (0..4)
+        .map(|_| run(&mut a, &udp4("198.18.1.10", "198.18.2.20", 9)).1)
+        .collect();
+    // A forged packet on worker 1 does not claim the SA.
+    let mut forged = esp[3].clone();
+    let n = forged.len();
+    forged[n - 1] ^= 1;
+    assert_eq!(
+        run(&mut w1, &forged).0,
+        Verdict::Drop(DropReason::IcvMismatch)
+    );
+    // Worker 0 authenticates first and owns it from then on.
+    assert!(matches!(run(&mut w0, &esp[0]).0, Verdict::Decapsulated(_)));
+    assert_eq!(
+        run(&mut w1, &esp[1]).0,
+        Verdict::Drop(DropReason::ForeignQueue)
+    );
+    assert!(matches!(run(&mut w0, &esp[1]).0, Verdict::Decapsulated(_)));
+    assert_eq!(run(&mut w0, &esp[1]).0, Verdict::Drop(DropReason::Replay));
+    assert_eq!(
+        w1.sad.get(0).counters.drops[DropReason::ForeignQueue as usize],
+        1
+    );
+}
