@@ -1,11 +1,17 @@
-//! The XDP steering program on the outside interface: load, attach, keep its
-//! maps in step with the SAs, read its counters, detach.
+//! espd's XDP programs: load, attach to the outside and inside interfaces,
+//! keep their maps in step with the SAs and policies, read their counters,
+//! detach (also on drop, so an error path never leaves a program attached).
 
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use aya::programs::xdp::XdpLinkId;
 use aya::programs::{Xdp, XdpMode};
 use aya::Ebpf;
-use espd_common::{Counter, MAP_COUNTERS, MAP_ENCAP_PORTS, MAP_SPIS, PROG_OUTSIDE};
+use espd_common::{
+    Counter, MAP_COUNTERS, MAP_ENCAP_PORTS, MAP_LOCAL_V4, MAP_LOCAL_V6, MAP_SEL_V4, MAP_SEL_V6,
+    MAP_SPIS, MAP_XSKS, MAP_XSKS_INSIDE, PROG_INSIDE, PROG_OUTSIDE,
+};
+use std::net::IpAddr;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SteerError {
@@ -30,35 +36,90 @@ impl SteerError {
     }
 }
 
-/// The attached program. Dropping it detaches it.
+/// Which interface a program or socket is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Where ESP arrives and leaves.
+    Outside,
+    /// Where the protected networks are.
+    Inside,
+}
+
+impl Side {
+    fn prog(self) -> &'static str {
+        match self {
+            Side::Outside => PROG_OUTSIDE,
+            Side::Inside => PROG_INSIDE,
+        }
+    }
+    fn xsks(self) -> &'static str {
+        match self {
+            Side::Outside => MAP_XSKS,
+            Side::Inside => MAP_XSKS_INSIDE,
+        }
+    }
+}
+
+/// What a selector prefix does in the inside program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SelAction {
+    /// To espd, which makes the exact SPD decision.
+    Steer,
+    /// Dropped in XDP (a DISCARD policy no other policy overlaps).
+    Drop,
+}
+
+/// The loaded programs and their attachments. Dropping it detaches them.
 pub struct Steering {
     ebpf: Ebpf,
-    link: Option<XdpLinkId>,
-    iface: String,
+    links: Vec<(Side, String, XdpLinkId)>,
 }
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/espd-xdp"));
 
 impl Steering {
-    /// Loads the program and attaches it to `iface` (`XdpMode::Driver` for
-    /// native XDP, which veth supports; `Skb` for generic XDP).
-    pub fn attach(iface: &str, mode: XdpMode) -> Result<Self, SteerError> {
+    /// Loads the object (both programs, not attached yet).
+    pub fn load() -> Result<Self, SteerError> {
         let mut ebpf = Ebpf::load(OBJECT)?;
-        let prog: &mut Xdp = ebpf
-            .program_mut(PROG_OUTSIDE)
-            .ok_or(SteerError::Missing(PROG_OUTSIDE))?
-            .try_into()?;
-        prog.load()?;
-        let link = prog.attach(iface, mode)?;
+        for p in [PROG_OUTSIDE, PROG_INSIDE] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(p)
+                .ok_or(SteerError::Missing(p))?
+                .try_into()?;
+            prog.load()?;
+        }
         Ok(Steering {
             ebpf,
-            link: Some(link),
-            iface: iface.to_string(),
+            links: Vec::new(),
         })
     }
 
+    /// Loads and attaches the outside program to `iface` (`XdpMode::Driver`
+    /// for native XDP, which veth supports; `Skb` for generic XDP).
+    pub fn attach(iface: &str, mode: XdpMode) -> Result<Self, SteerError> {
+        let mut s = Self::load()?;
+        s.attach_side(Side::Outside, iface, mode)?;
+        Ok(s)
+    }
+
+    /// Attaches the program of `side` to `iface`.
+    pub fn attach_side(&mut self, side: Side, iface: &str, mode: XdpMode) -> Result<(), SteerError> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(side.prog())
+            .ok_or(SteerError::Missing(side.prog()))?
+            .try_into()?;
+        let link = prog.attach(iface, mode)?;
+        self.links.push((side, iface.to_string(), link));
+        Ok(())
+    }
+
+    /// The interface the outside program is attached to.
     pub fn iface(&self) -> &str {
-        &self.iface
+        self.links
+            .iter()
+            .find(|l| l.0 == Side::Outside)
+            .map_or("", |l| l.1.as_str())
     }
 
     /// Adds SPIs whose ESP is steered to the AF_XDP sockets.
@@ -90,17 +151,84 @@ impl Steering {
         Ok(())
     }
 
-    /// Registers an AF_XDP socket for RX queue `queue` in the program's XSKMAP,
-    /// so steered frames arriving on that queue go to it.
+    /// Adds destination prefixes for the inside program.
+    pub fn add_selectors(
+        &mut self,
+        sels: impl IntoIterator<Item = (IpAddr, u8, SelAction)>,
+    ) -> Result<(), SteerError> {
+        for (addr, len, action) in sels {
+            let v = match action {
+                SelAction::Steer => espd_common::SEL_STEER,
+                SelAction::Drop => espd_common::SEL_DROP,
+            };
+            match addr {
+                IpAddr::V4(a) => {
+                    let mut t: LpmTrie<&mut MapData, [u8; 4], u8> = LpmTrie::try_from(
+                        self.ebpf
+                            .map_mut(MAP_SEL_V4)
+                            .ok_or(SteerError::Missing(MAP_SEL_V4))?,
+                    )?;
+                    t.insert(&Key::new(u32::from(len), a.octets()), v, 0)?;
+                }
+                IpAddr::V6(a) => {
+                    let mut t: LpmTrie<&mut MapData, [u8; 16], u8> = LpmTrie::try_from(
+                        self.ebpf
+                            .map_mut(MAP_SEL_V6)
+                            .ok_or(SteerError::Missing(MAP_SEL_V6))?,
+                    )?;
+                    t.insert(&Key::new(u32::from(len), a.octets()), v, 0)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds addresses of this box: the inside program never steers traffic to them.
+    pub fn add_local(&mut self, addrs: impl IntoIterator<Item = IpAddr>) -> Result<(), SteerError> {
+        for a in addrs {
+            match a {
+                IpAddr::V4(a) => {
+                    let mut m: HashMap<&mut MapData, [u8; 4], u8> = HashMap::try_from(
+                        self.ebpf
+                            .map_mut(MAP_LOCAL_V4)
+                            .ok_or(SteerError::Missing(MAP_LOCAL_V4))?,
+                    )?;
+                    m.insert(a.octets(), 1, 0)?;
+                }
+                IpAddr::V6(a) => {
+                    let mut m: HashMap<&mut MapData, [u8; 16], u8> = HashMap::try_from(
+                        self.ebpf
+                            .map_mut(MAP_LOCAL_V6)
+                            .ok_or(SteerError::Missing(MAP_LOCAL_V6))?,
+                    )?;
+                    m.insert(a.octets(), 1, 0)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Registers an AF_XDP socket for RX queue `queue` of the outside
+    /// interface, so steered frames arriving on that queue go to it.
     pub fn set_socket(
         &mut self,
         queue: u32,
         fd: impl std::os::fd::AsRawFd,
     ) -> Result<(), SteerError> {
+        self.set_socket_side(Side::Outside, queue, fd)
+    }
+
+    /// Registers an AF_XDP socket for RX queue `queue` of `side`'s interface.
+    pub fn set_socket_side(
+        &mut self,
+        side: Side,
+        queue: u32,
+        fd: impl std::os::fd::AsRawFd,
+    ) -> Result<(), SteerError> {
         let mut m: aya::maps::XskMap<&mut MapData> = aya::maps::XskMap::try_from(
             self.ebpf
-                .map_mut(espd_common::MAP_XSKS)
-                .ok_or(SteerError::Missing("XSKS"))?,
+                .map_mut(side.xsks())
+                .ok_or(SteerError::Missing("XSKMAP"))?,
         )?;
         m.set(queue, fd, 0)?;
         Ok(())
@@ -120,21 +248,28 @@ impl Steering {
         Ok(out)
     }
 
-    /// Detaches the program now (dropping does the same, ignoring errors).
+    /// Detaches the programs now (dropping does the same, ignoring errors).
     pub fn detach(mut self) -> Result<(), SteerError> {
         self.detach_inner()
     }
 
     fn detach_inner(&mut self) -> Result<(), SteerError> {
-        if let Some(link) = self.link.take() {
-            let prog: &mut Xdp = self
-                .ebpf
-                .program_mut(PROG_OUTSIDE)
-                .ok_or(SteerError::Missing(PROG_OUTSIDE))?
-                .try_into()?;
-            prog.detach(link)?;
+        let mut first_err = None;
+        while let Some((side, _, link)) = self.links.pop() {
+            let r = (|| -> Result<(), SteerError> {
+                let prog: &mut Xdp = self
+                    .ebpf
+                    .program_mut(side.prog())
+                    .ok_or(SteerError::Missing(side.prog()))?
+                    .try_into()?;
+                prog.detach(link)?;
+                Ok(())
+            })();
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
         }
-        Ok(())
+        first_err.map_or(Ok(()), Err)
     }
 }
 

@@ -12,6 +12,23 @@ pub const MAP_XSKS: &str = "XSKS";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 /// The program attached to the outside interface.
 pub const PROG_OUTSIDE: &str = "espd_outside";
+/// The program attached to the inside interface.
+pub const PROG_INSIDE: &str = "espd_inside";
+/// XSKMAP of the inside interface: RX queue index → AF_XDP socket.
+pub const MAP_XSKS_INSIDE: &str = "XSKS_IN";
+/// LPM tries (key: prefix length, address in network order) → [`SEL_STEER`]
+/// or [`SEL_DROP`]: the destination prefixes of outbound PROTECT / DISCARD
+/// policies, mirrored by the control side.
+pub const MAP_SEL_V4: &str = "SEL_V4";
+pub const MAP_SEL_V6: &str = "SEL_V6";
+/// Hash maps of this box's addresses (network order) → 1: never steered.
+pub const MAP_LOCAL_V4: &str = "LOCAL_V4";
+pub const MAP_LOCAL_V6: &str = "LOCAL_V6";
+/// Selector actions in the tries.
+pub const SEL_STEER: u8 = 1;
+pub const SEL_DROP: u8 = 2;
+pub const MAX_SELECTORS: u32 = 131_072;
+pub const MAX_LOCAL: u32 = 1024;
 
 pub const MAX_SPIS: u32 = 65_536;
 pub const MAX_ENCAP_PORTS: u32 = 16;
@@ -45,10 +62,20 @@ pub enum Counter {
     Other = 9,
     /// Truncated headers: passed (the kernel decides).
     Malformed = 10,
+    /// Inside: selected by a PROTECT (or mixed) policy: redirected to espd.
+    InsideSteered = 11,
+    /// Inside: selected by a DISCARD policy that nothing else overlaps: dropped.
+    InsideDiscard = 12,
+    /// Inside: addressed to this box, multicast, broadcast or link-local: passed.
+    InsideLocal = 13,
+    /// Inside: no policy selects it: passed (the kernel forwards bypass traffic).
+    InsidePass = 14,
+    /// Inside: selected but no AF_XDP socket on this queue: passed.
+    InsideNoSocket = 15,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 16;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::NotIp,
         Counter::Arp,
@@ -61,6 +88,11 @@ impl Counter {
         Counter::Fragment,
         Counter::Other,
         Counter::Malformed,
+        Counter::InsideSteered,
+        Counter::InsideDiscard,
+        Counter::InsideLocal,
+        Counter::InsidePass,
+        Counter::InsideNoSocket,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -75,6 +107,11 @@ impl Counter {
             Counter::Fragment => "fragment",
             Counter::Other => "other",
             Counter::Malformed => "malformed",
+            Counter::InsideSteered => "inside_steered",
+            Counter::InsideDiscard => "inside_discard",
+            Counter::InsideLocal => "inside_local",
+            Counter::InsidePass => "inside_pass",
+            Counter::InsideNoSocket => "inside_no_socket",
         }
     }
 }
