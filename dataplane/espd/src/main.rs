@@ -5,6 +5,7 @@
 //! without any kernel I/O.
 
 mod bench;
+mod gateway;
 mod pcap;
 mod steer;
 
@@ -33,6 +34,11 @@ enum Cmd {
     /// reports packets/s, Gbit/s, latency percentiles and, measured in the
     /// same run, the raw seal+open rate of the same cipher and the ratio.
     Bench(bench::Args),
+    /// The gateway: XDP steering on the inside and outside interfaces,
+    /// AF_XDP sockets per queue, one pinned worker per queue pair running the
+    /// ESP engine, next hops from the kernel's routing and neighbour tables.
+    /// Live counters on a TTY; detaches cleanly on SIGINT/SIGTERM.
+    Run(gateway::Args),
 }
 
 fn main() {
@@ -41,6 +47,7 @@ fn main() {
         Cmd::Pcap(a) => pcap::run(&a),
         Cmd::Steer(a) => steer::run(&a),
         Cmd::Bench(a) => bench::run(&a),
+        Cmd::Run(a) => gateway::run(&a),
     };
     if let Err(e) = r {
         eprintln!("espd: {e:#}");

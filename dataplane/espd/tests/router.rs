@@ -176,3 +176,83 @@ fn one_worker_owns_an_inbound_window_once_it_authenticates() {
         1
     );
 }
+
+/// A UDP/IPv4 or TCP/IPv6 packet with a correct checksum, and its pseudo-header sum.
+fn with_checksum(v6: bool) -> (Vec<u8>, u16) {
+    use espd_core::wire::checksum::{combine, sum};
+    let payload: Vec<u8> = (0..333u32).map(|i| (i * 7) as u8).collect();
+    if !v6 {
+        let mut p = udp4("198.18.1.10", "198.18.2.20", 9);
+        p.truncate(20);
+        p.extend_from_slice(&udp(40000, 9, &payload));
+        let n = p.len();
+        p[2..4].copy_from_slice(&(n as u16).to_be_bytes());
+        p[10..12].fill(0);
+        let c = !checksum::sum(&p[..20]);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        let l4 = (n - 20) as u16;
+        let pseudo = combine(&[sum(&p[12..16]), sum(&p[16..20]), 17, l4]);
+        let c = !combine(&[pseudo, sum(&p[20..])]);
+        p[26..28].copy_from_slice(&c.to_be_bytes());
+        (p, pseudo)
+    } else {
+        let mut t = tcp(40000, 80);
+        t.extend_from_slice(&payload);
+        let mut p = vec![0u8; 40];
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&(t.len() as u16).to_be_bytes());
+        p[6] = proto::TCP;
+        p[7] = 64;
+        p[8..24].copy_from_slice(
+            &"2001:db8:1::10"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
+        p[24..40].copy_from_slice(
+            &"2001:db8:2::20"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
+        p.extend_from_slice(&t);
+        let pseudo = combine(&[
+            sum(&p[8..24]),
+            sum(&p[24..40]),
+            sum(&(t.len() as u32).to_be_bytes()),
+            u16::from(proto::TCP),
+        ]);
+        let c = !combine(&[pseudo, sum(&p[40..])]);
+        p[56..58].copy_from_slice(&c.to_be_bytes());
+        (p, pseudo)
+    }
+}
+
+#[test]
+fn partial_checksums_are_completed_and_nothing_else_is_touched() {
+    use espd_core::engine::complete_partial_checksum;
+    for v6 in [false, true] {
+        let (good, pseudo) = with_checksum(v6);
+        let at = if v6 { 56 } else { 26 };
+        // As veth leaves it with checksum offload: the pseudo-header sum only.
+        let mut partial = good.clone();
+        partial[at..at + 2].copy_from_slice(&pseudo.to_be_bytes());
+        assert!(complete_partial_checksum(&mut partial), "v6={v6}");
+        assert_eq!(partial, good, "v6={v6}");
+        // Correct checksums stay as they are.
+        let mut same = good.clone();
+        assert!(!complete_partial_checksum(&mut same));
+        assert_eq!(same, good);
+        // A corrupted payload is not laundered into a valid checksum.
+        let mut bad = good.clone();
+        let n = bad.len();
+        bad[n - 1] ^= 0x55;
+        let copy = bad.clone();
+        assert!(!complete_partial_checksum(&mut bad));
+        assert_eq!(bad, copy);
+    }
+    // Not TCP/UDP, or garbage: untouched.
+    let mut icmp = ipv4("198.18.1.10", "198.18.2.20", proto::ICMP, 0, &icmp_echo());
+    assert!(!complete_partial_checksum(&mut icmp));
+    assert!(!complete_partial_checksum(&mut [0x45, 0, 0]));
+}

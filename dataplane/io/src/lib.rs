@@ -3,6 +3,7 @@
 //! in espd lives in this crate (and in the eBPF program), each block with a
 //! `// SAFETY:` line.
 
+pub mod netlink;
 pub mod steer;
 pub mod xsk;
 

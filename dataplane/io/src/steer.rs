@@ -103,7 +103,12 @@ impl Steering {
     }
 
     /// Attaches the program of `side` to `iface`.
-    pub fn attach_side(&mut self, side: Side, iface: &str, mode: XdpMode) -> Result<(), SteerError> {
+    pub fn attach_side(
+        &mut self,
+        side: Side,
+        iface: &str,
+        mode: XdpMode,
+    ) -> Result<(), SteerError> {
         let prog: &mut Xdp = self
             .ebpf
             .program_mut(side.prog())

@@ -130,3 +130,379 @@ pub fn rx_queues(iface: &str) -> u32 {
         .unwrap_or(1)
         .max(1)
 }
+
+/// A UMEM frame owned by user space. Not `Copy` or `Clone`: a frame is in
+/// exactly one place — a ring (the kernel's), the free list, or a TX batch —
+/// and moves between them by value, so it cannot leak or be handed out twice.
+struct Frame(FrameDesc);
+
+/// One side of a worker: the AF_XDP socket bound to (interface, queue) with
+/// its RX/TX rings and the fill/completion rings of that pair.
+struct Side {
+    iface: String,
+    rx: RxQueue,
+    tx: TxQueue,
+    fq: FillQueue,
+    cq: CompQueue,
+    /// Frames this side's fill ring holds (the kernel's until received).
+    in_fill: usize,
+    /// Frames submitted to TX and not yet completed.
+    in_tx: usize,
+    /// Frames waiting for the next flush, in order.
+    pending: Vec<Frame>,
+}
+
+/// How the sockets bind: the kernel's choice (zero-copy where the driver
+/// supports it, else copy), copy forced, or zero-copy required.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindMode {
+    Auto,
+    Copy,
+    ZeroCopy,
+}
+
+/// What a worker does with a received frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Out {
+    /// Transmit the first `len` octets of the frame on side `0` (inside) or `1` (outside).
+    Tx { side: usize, len: usize },
+    /// Give the frame back.
+    Drop,
+    /// Keep the frame aside (its packet at `at..at + len`) until
+    /// [`WorkerPorts::release_held`] decides: e.g. while a next hop resolves.
+    Hold { at: usize, len: usize },
+}
+
+/// Frames held at most per worker; more are dropped by the caller's choice.
+pub const MAX_HELD: usize = 256;
+
+struct Held {
+    frame: Frame,
+    at: usize,
+    len: usize,
+    since: std::time::Instant,
+}
+
+/// Ring and frame counters of one worker's ports.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PortStats {
+    pub rx: [u64; 2],
+    pub tx: [u64; 2],
+    /// Frames that found the TX ring full (dropped, counted as `TxRingFull`).
+    pub tx_full: [u64; 2],
+    /// Frames in each fill ring now, and idle in the free list.
+    pub in_fill: [usize; 2],
+    pub free: usize,
+}
+
+/// A worker's AF_XDP ports: one UMEM shared by a socket on (inside, queue)
+/// and one on (outside, queue) (`XDP_SHARED_UMEM`), so a frame received on
+/// one interface is transmitted on the other without a copy between UMEMs.
+pub struct WorkerPorts {
+    // Field order is drop order: sockets (inside `sides`) before the UMEM.
+    sides: [Side; 2],
+    free: Vec<Frame>,
+    held: std::collections::VecDeque<Held>,
+    scratch: Vec<FrameDesc>,
+    umem: Umem,
+    fill_target: usize,
+    total: usize,
+    pub stats: PortStats,
+    pub queue: u32,
+}
+
+/// Frames per worker: 4096 × 4 KiB = 16 MiB of UMEM.
+pub const WORKER_FRAMES: u32 = 4096;
+/// Frames kept in each fill ring.
+const FILL_TARGET: usize = 1024;
+
+impl WorkerPorts {
+    /// Binds the pair of sockets on `queue` of `inside` and `outside`.
+    /// `copy` forces copy mode (veth has no zero-copy).
+    pub fn bind(
+        inside: &str,
+        outside: &str,
+        queue: u32,
+        frames: u32,
+        mode: BindMode,
+    ) -> Result<Self, XskError> {
+        let count = frames
+            .try_into()
+            .map_err(|e| XskError::Umem(format!("{e:?}")))?;
+        let (umem, descs) = Umem::new(UmemConfig::default(), count, false)
+            .map_err(|e| XskError::Umem(e.to_string()))?;
+        let mut flags = BindFlags::XDP_USE_NEED_WAKEUP;
+        match mode {
+            BindMode::Auto => {}
+            BindMode::Copy => flags |= BindFlags::XDP_COPY,
+            BindMode::ZeroCopy => flags |= BindFlags::XDP_ZEROCOPY,
+        }
+        let cfg = SocketConfig::builder()
+            .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
+            .bind_flags(flags)
+            .build();
+        let mut sides = Vec::with_capacity(2);
+        for iface in [inside, outside] {
+            let err = |msg: String| XskError::Socket {
+                iface: iface.to_string(),
+                queue,
+                msg,
+            };
+            let name = iface
+                .parse()
+                .map_err(|e| err(format!("bad interface name: {e:?}")))?;
+            // SAFETY: the UMEM is owned by this struct and outlives the
+            // sockets (declared after `sides`, and xsk-rs keeps its own
+            // handle); libxdp's program is inhibited, so sharing the UMEM
+            // across two (interface, queue) pairs cannot double-detach.
+            let (tx, rx, rings) =
+                unsafe { Socket::new(cfg, &umem, &name, queue) }.map_err(|e| err(e.to_string()))?;
+            let (fq, cq) = rings.ok_or_else(|| err("no fill/completion rings".into()))?;
+            sides.push(Side {
+                iface: iface.to_string(),
+                rx,
+                tx,
+                fq,
+                cq,
+                in_fill: 0,
+                in_tx: 0,
+                pending: Vec::with_capacity(256),
+            });
+        }
+        let outside_side = sides.pop().expect("two sides");
+        let inside_side = sides.pop().expect("two sides");
+        let total = descs.len();
+        let mut p = WorkerPorts {
+            sides: [inside_side, outside_side],
+            free: descs.into_iter().map(Frame).collect(),
+            held: std::collections::VecDeque::with_capacity(MAX_HELD),
+            scratch: vec![FrameDesc::default(); 256],
+            umem,
+            fill_target: FILL_TARGET.min(total / 4),
+            total,
+            stats: PortStats::default(),
+            queue,
+        };
+        p.refill();
+        Ok(p)
+    }
+
+    /// The socket of side `s` (0 inside, 1 outside), for the XSKMAP.
+    pub fn fd(&self, s: usize) -> std::os::fd::RawFd {
+        self.sides[s].rx.fd().as_raw_fd()
+    }
+
+    pub fn iface(&self, s: usize) -> &str {
+        &self.sides[s].iface
+    }
+
+    /// Reclaims completed TX frames into the free list.
+    fn reclaim(&mut self) {
+        for s in 0..2 {
+            loop {
+                let side = &mut self.sides[s];
+                if side.in_tx == 0 {
+                    break;
+                }
+                // SAFETY: the completion ring hands back descriptors of
+                // frames we submitted to TX from this UMEM; each comes back once.
+                let n = unsafe { side.cq.consume(&mut self.scratch) };
+                if n == 0 {
+                    break;
+                }
+                side.in_tx -= n;
+                self.free
+                    .extend(self.scratch[..n].iter().map(|d| Frame(*d)));
+            }
+        }
+    }
+
+    /// Tops up both fill rings to the target from the free list.
+    fn refill(&mut self) {
+        for side in &mut self.sides {
+            let want = self.fill_target.saturating_sub(side.in_fill);
+            let n = want.min(self.free.len()).min(self.scratch.len());
+            if n == 0 {
+                continue;
+            }
+            let start = self.free.len() - n;
+            for (slot, f) in self.scratch.iter_mut().zip(self.free.drain(start..)) {
+                *slot = f.0;
+            }
+            // SAFETY: these descriptors were in the free list, so no ring
+            // and no reference holds their frames.
+            let done = unsafe { side.fq.produce(&self.scratch[..n]) };
+            side.in_fill += done;
+            // What the ring did not take goes back to the free list.
+            self.free
+                .extend(self.scratch[done..n].iter().map(|d| Frame(*d)));
+        }
+    }
+
+    /// Receives up to `max` frames on side `s` and hands each one to `f`
+    /// with the frame's whole writable area and the received length; `f`
+    /// says where it goes. Returns how many were received.
+    pub fn rx_burst(
+        &mut self,
+        s: usize,
+        max: usize,
+        mut f: impl FnMut(&mut [u8], usize) -> Out,
+    ) -> usize {
+        let max = max.min(self.scratch.len());
+        // SAFETY: the RX ring hands over frames the kernel has finished
+        // writing; they are ours until given to a ring again.
+        let n = unsafe { self.sides[s].rx.consume(&mut self.scratch[..max]) };
+        self.sides[s].in_fill -= n;
+        self.stats.rx[s] += n as u64;
+        for i in 0..n {
+            let mut desc = self.scratch[i];
+            let len = desc.lengths().data();
+            // SAFETY: `desc` was just received, so no ring and no other
+            // reference covers its frame while `f` runs.
+            let mut data = unsafe { self.umem.data_mut(&mut desc) };
+            let mut cur = data.cursor();
+            let cap = cur.buf_len();
+            cur.set_pos(cap);
+            let out = f(data.contents_mut(), len);
+            match out {
+                Out::Tx { side, len } if side < 2 && len > 0 && len <= cap => {
+                    data.cursor().set_pos(len);
+                    self.sides[side].pending.push(Frame(desc));
+                }
+                Out::Hold { at, len } if self.held.len() < MAX_HELD && at + len <= cap => {
+                    self.held.push_back(Held {
+                        frame: Frame(desc),
+                        at,
+                        len,
+                        since: std::time::Instant::now(),
+                    })
+                }
+                _ => self.free.push(Frame(desc)),
+            }
+        }
+        n
+    }
+
+    /// How many frames are held.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Offers every held frame to `f` (its writable area, where its packet
+    /// is, how long it has waited): `Tx` sends it, `Hold` keeps it (at the
+    /// new place), `Drop` frees it.
+    pub fn release_held(
+        &mut self,
+        mut f: impl FnMut(&mut [u8], usize, usize, std::time::Duration) -> Out,
+    ) {
+        for _ in 0..self.held.len() {
+            let Some(mut h) = self.held.pop_front() else {
+                break;
+            };
+            // SAFETY: a held frame is in no ring and referenced nowhere else.
+            let mut data = unsafe { self.umem.data_mut(&mut h.frame.0) };
+            let mut cur = data.cursor();
+            let cap = cur.buf_len();
+            cur.set_pos(cap);
+            match f(data.contents_mut(), h.at, h.len, h.since.elapsed()) {
+                Out::Tx { side, len } if side < 2 && len > 0 && len <= cap => {
+                    data.cursor().set_pos(len);
+                    self.sides[side].pending.push(h.frame);
+                }
+                Out::Hold { at, len } if at + len <= cap => {
+                    h.at = at;
+                    h.len = len;
+                    self.held.push_back(h);
+                }
+                _ => self.free.push(h.frame),
+            }
+        }
+    }
+
+    /// Submits the pending frames of both sides to their TX rings and kicks
+    /// the kernel; frames the rings cannot take are dropped (counted).
+    /// Reclaims completions and refills the fill rings.
+    pub fn flush(&mut self) {
+        for s in 0..2 {
+            let side = &mut self.sides[s];
+            let mut pending = std::mem::take(&mut side.pending);
+            let mut it = pending.drain(..);
+            loop {
+                let mut n = 0;
+                for (slot, f) in self.scratch.iter_mut().zip(it.by_ref()) {
+                    *slot = f.0; // the Frame is consumed: the ring or the free list gets it
+                    n += 1;
+                }
+                if n == 0 {
+                    break;
+                }
+                // SAFETY: the pending frames are ours (received, processed,
+                // not in any ring); each is submitted once.
+                let done = unsafe { side.tx.produce(&self.scratch[..n]) };
+                side.in_tx += done;
+                self.stats.tx[s] += done as u64;
+                if done < n {
+                    // The ring is full: what did not fit goes back to the free list.
+                    self.free
+                        .extend(self.scratch[done..n].iter().map(|d| Frame(*d)));
+                    self.stats.tx_full[s] += (n - done) as u64;
+                    for f in it.by_ref() {
+                        self.stats.tx_full[s] += 1;
+                        self.free.push(f);
+                    }
+                    break;
+                }
+            }
+            drop(it);
+            side.pending = pending;
+            // Copy mode sends in batches per kick; kick while anything is in flight.
+            if side.in_tx > 0 && side.tx.needs_wakeup() {
+                let _ = side.tx.wakeup();
+            }
+        }
+        self.reclaim();
+        self.refill();
+        for s in 0..2 {
+            self.stats.in_fill[s] = self.sides[s].in_fill;
+        }
+        self.stats.free = self.free.len();
+        debug_assert!(
+            self.free.len()
+                + self.held.len()
+                + self
+                    .sides
+                    .iter()
+                    .map(|s| s.in_fill + s.in_tx)
+                    .sum::<usize>()
+                == self.total,
+            "every frame is in exactly one place"
+        );
+    }
+
+    /// Waits up to `timeout_ms` for frames on either side (the idle path;
+    /// busy workers never call it). Also lets the kernel fill rings that
+    /// asked for a wakeup.
+    pub fn wait(&mut self, timeout_ms: i32) -> Result<(), XskError> {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.fd(0),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.fd(1),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of two pollfd for the call's duration.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+}

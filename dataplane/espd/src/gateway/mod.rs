@@ -1,0 +1,530 @@
+//! `espd run`: the live gateway.
+//!
+//! ```text
+//!            inside interface                         outside interface
+//!  hosts ──► XDP espd_inside ──(PROTECT prefix)──► AF_XDP q ──┐
+//!            │ DISCARD-only prefix: XDP_DROP                  │ worker q (pinned core):
+//!            │ everything else: XDP_PASS → kernel forwarding  │ engine: SPD → SA → ESP
+//!            ▼                                                │ next hop (kernel FIB+neigh)
+//!                                                             └──► TX ring (outside) ──► peer
+//!  peer ──► XDP espd_outside ──(ESP / ESP-in-UDP, known SPI)──► AF_XDP q ──► worker q:
+//!            │ IKE, ARP, ND, ICMP, unknown SPI: XDP_PASS          replay, ICV, decrypt,
+//!            ▼ kernel                                              policy check, TTL ──► TX (inside)
+//! ```
+//! One worker per queue pair; each owns a UMEM shared by its two sockets.
+
+pub mod nexthop;
+mod worker;
+
+use anyhow::{bail, Context, Result};
+use aya::programs::XdpMode;
+use espd_config::Config;
+use espd_core::engine::Engine;
+use espd_core::state::{Action, Direction, SaShare};
+use espd_core::DropReason;
+use espd_io::steer::{SelAction, Side, Steering};
+use espd_io::xsk::{BindMode, WorkerPorts, WORKER_FRAMES};
+use espd_io::Counter;
+use serde_json::json;
+use std::io::IsTerminal;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use worker::{Snapshot, Worker};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Configuration in `ip xfrm` syntax (see docs/config.md).
+    #[arg(long, short = 'c')]
+    pub config: PathBuf,
+    /// The interface towards the protected networks.
+    #[arg(long)]
+    pub inside: String,
+    /// The interface towards the peers (where ESP leaves and arrives).
+    #[arg(long)]
+    pub outside: String,
+    /// Queue pairs to serve, one worker each (default: every RX queue both
+    /// interfaces have).
+    #[arg(long)]
+    pub queues: Option<u32>,
+    /// Cores to pin the workers to, in order, e.g. `2,3` (default: worker i
+    /// on the i-th core this process may run on).
+    #[arg(long, value_delimiter = ',')]
+    pub cores: Vec<usize>,
+    /// Generic (SKB) XDP instead of native driver XDP.
+    #[arg(long)]
+    pub skb_mode: bool,
+    /// Force AF_XDP copy mode (default: zero-copy where the driver has it,
+    /// copy otherwise; veth is copy only).
+    #[arg(long, conflicts_with = "zero_copy")]
+    pub copy: bool,
+    /// Require AF_XDP zero-copy (fail if the driver cannot).
+    #[arg(long)]
+    pub zero_copy: bool,
+    /// Stop after this many seconds (default: until SIGINT/SIGTERM).
+    #[arg(long)]
+    pub seconds: Option<u64>,
+    /// Write counters (per worker, per drop reason, per SA, XDP) as JSON here
+    /// on exit, and every second while running.
+    #[arg(long)]
+    pub stats_json: Option<PathBuf>,
+    /// Complete TCP/UDP checksums that the sender left partial (checksum
+    /// offload on a veth or other virtual link): `auto` does it when the
+    /// inside interface is virtual (no device in sysfs). See docs/operations.md.
+    #[arg(long, value_enum, default_value_t = CsumFix::Auto)]
+    pub fix_partial_checksums: CsumFix,
+    /// No live counter line even on a TTY.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CsumFix {
+    Auto,
+    On,
+    Off,
+}
+
+/// Virtual interfaces (veth, bridges, tun…) have no `device` link in sysfs.
+fn is_virtual(iface: &str) -> bool {
+    !std::path::Path::new(&format!("/sys/class/net/{iface}/device")).exists()
+}
+
+/// Capabilities espd needs, as bits of /proc/self/status CapEff.
+const CAPS: [(&str, u32); 3] = [("CAP_NET_ADMIN", 12), ("CAP_NET_RAW", 13), ("CAP_BPF", 39)];
+const CAP_SYS_ADMIN: u32 = 21;
+
+fn missing_caps() -> Vec<&'static str> {
+    let eff = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0);
+    let has = |b: u32| eff & (1u64 << b) != 0;
+    CAPS.iter()
+        // CAP_SYS_ADMIN stands in for CAP_BPF on older kernels.
+        .filter(|(n, b)| !(has(*b) || (*n == "CAP_BPF" && has(CAP_SYS_ADMIN))))
+        .map(|(n, _)| *n)
+        .collect()
+}
+
+/// The destination prefixes the inside XDP program must look at, from the
+/// outbound policies: PROTECT and DISCARD prefixes are steered to espd
+/// (whose engine makes the exact decision); a DISCARD of any source, protocol
+/// and port whose prefix no other policy overlaps is dropped in XDP. With an
+/// outbound default of block, everything is steered.
+pub fn inside_selectors(cfg: &Config) -> Vec<(IpAddr, u8, SelAction)> {
+    let pols = cfg.spd.policies(Direction::Out);
+    let mut out = Vec::new();
+    for p in &pols {
+        let s = &p.sel;
+        let protect = p.action == Action::Allow && !p.tmpls.is_empty();
+        let block = p.action == Action::Block;
+        if !protect && !block {
+            continue;
+        }
+        let alone = block
+            && s.src.len == 0
+            && s.proto.is_none()
+            && s.sport.is_none()
+            && s.dport.is_none()
+            && pols.iter().all(|q| {
+                std::ptr::eq(*q, *p)
+                    || q.sel.dst.is_ipv4() != s.dst.is_ipv4()
+                    || !(q.sel.dst.contains(s.dst.addr) || s.dst.contains(q.sel.dst.addr))
+            });
+        let act = if alone {
+            SelAction::Drop
+        } else {
+            SelAction::Steer
+        };
+        out.push((s.dst.addr, s.dst.len, act));
+    }
+    if cfg.spd.default_action(Direction::Out) == Action::Block {
+        out.push((IpAddr::V4(0u32.into()), 0, SelAction::Steer));
+        out.push((IpAddr::V6(0u128.into()), 0, SelAction::Steer));
+    }
+    // A prefix listed twice: steering wins over dropping.
+    out.sort_by_key(|(a, l, act)| (*a, *l, *act == SelAction::Steer));
+    out.dedup_by(|b, a| a.0 == b.0 && a.1 == b.1);
+    out
+}
+
+fn read_mtu(iface: &str) -> usize {
+    std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1500)
+}
+
+pub fn run(a: &Args) -> Result<()> {
+    let missing = missing_caps();
+    if !missing.is_empty() {
+        bail!(
+            "espd run needs {} (missing: {}); run it as root or grant them (setcap), \
+             and allow locking memory for the UMEM (ulimit -l / LimitMEMLOCK)",
+            CAPS.map(|c| c.0).join(", "),
+            missing.join(", ")
+        );
+    }
+    let cfg = Config::load(&a.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (in_idx, in_mac) = espd_io::netlink::link_info(&a.inside)
+        .with_context(|| format!("inside interface {}", a.inside))?;
+    let (out_idx, out_mac) = espd_io::netlink::link_info(&a.outside)
+        .with_context(|| format!("outside interface {}", a.outside))?;
+    if in_idx == out_idx {
+        bail!("--inside and --outside must be different interfaces");
+    }
+    let local = espd_io::netlink::local_addrs(None).context("reading this host's addresses")?;
+    let inside_addrs = espd_io::netlink::local_addrs(Some(&a.inside))?;
+    let queues = a.queues.unwrap_or_else(|| {
+        espd_io::xsk::rx_queues(&a.inside).min(espd_io::xsk::rx_queues(&a.outside))
+    });
+    if queues == 0 {
+        bail!("--queues must be at least 1");
+    }
+    let cores: Vec<usize> = if a.cores.is_empty() {
+        core_affinity::get_core_ids()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| c.id)
+            .collect()
+    } else {
+        a.cores.clone()
+    };
+    if cores.is_empty() {
+        bail!("no cores to run workers on");
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("installing signal handlers")?;
+    }
+
+    // XDP first (dropping `steer` detaches on every error path below).
+    let mode = if a.skb_mode {
+        XdpMode::Skb
+    } else {
+        XdpMode::Driver
+    };
+    let mut steer = Steering::load().map_err(|e| {
+        if e.is_permission() {
+            anyhow::anyhow!("loading XDP was refused: espd needs CAP_BPF, CAP_NET_ADMIN and CAP_NET_RAW and enough locked memory: {e}")
+        } else {
+            anyhow::anyhow!("loading XDP: {e}")
+        }
+    })?;
+    let spis: Vec<u32> = cfg.sad.iter().map(|sa| sa.cfg.spi).collect();
+    let mut ports: Vec<u16> = cfg
+        .sad
+        .iter()
+        .filter_map(|sa| sa.cfg.encap)
+        .flat_map(|e| [e.sport, e.dport])
+        .collect();
+    ports.sort();
+    ports.dedup();
+    let sels = inside_selectors(&cfg);
+    steer.add_spis(spis.iter().copied())?;
+    steer.add_encap_ports(ports.iter().copied())?;
+    steer.add_local(local.iter().copied())?;
+    steer.add_selectors(sels.iter().copied())?;
+
+    // Workers' ports and engines (one engine per worker, from the same config).
+    let bind = if a.copy {
+        BindMode::Copy
+    } else if a.zero_copy {
+        BindMode::ZeroCopy
+    } else {
+        BindMode::Auto
+    };
+    let mut engines = Vec::new();
+    let mut wports = Vec::new();
+    for q in 0..queues {
+        let c = Config::load(&a.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut e = Engine::new(c.sad, c.spd, &local);
+        e.set_router(true);
+        e.set_worker(q);
+        e.set_icmp_sources(&inside_addrs);
+        e.set_mtu(Some(read_mtu(&a.outside)));
+        engines.push(e);
+        let p = WorkerPorts::bind(&a.inside, &a.outside, q, WORKER_FRAMES, bind)
+            .with_context(|| format!("AF_XDP sockets on queue {q}"))?;
+        wports.push(p);
+    }
+    if queues > 1 {
+        // One sequence counter and one replay-window owner per SA (see docs).
+        for id in 0..engines[0].sad.len() {
+            let share = SaShare::new(engines[0].sad.get(id).oseq);
+            for e in &mut engines {
+                e.sad.get_mut(id).share = Some(share.clone());
+            }
+        }
+    }
+    for (q, p) in wports.iter().enumerate() {
+        steer.set_socket_side(Side::Inside, q as u32, p.fd(0))?;
+        steer.set_socket_side(Side::Outside, q as u32, p.fd(1))?;
+    }
+    steer
+        .attach_side(Side::Outside, &a.outside, mode)
+        .with_context(|| format!("attaching XDP to {}", a.outside))?;
+    steer
+        .attach_side(Side::Inside, &a.inside, mode)
+        .with_context(|| format!("attaching XDP to {}", a.inside))?;
+
+    // Next hops: warm with the peers of the SAs.
+    let peers: Vec<IpAddr> = cfg
+        .sad
+        .iter()
+        .flat_map(|sa| [sa.cfg.src, sa.cfg.dst])
+        .filter(|x| !local.contains(x))
+        .collect();
+    let links = nexthop::Links {
+        inside: in_idx,
+        outside: out_idx,
+    };
+    let (table, resolver) =
+        nexthop::start(links, peers, Arc::clone(&stop)).context("opening rtnetlink")?;
+
+    let mut handles = Vec::new();
+    let mut snaps = Vec::new();
+    for (q, (engine, p)) in engines.into_iter().zip(wports).enumerate() {
+        let out = Arc::new(Mutex::new(Snapshot::default()));
+        snaps.push(Arc::clone(&out));
+        let core = cores[q % cores.len()];
+        let w = Worker {
+            ports: p,
+            engine,
+            cache: nexthop::Cache::new(Arc::clone(&table)),
+            macs: [in_mac, out_mac],
+            mtu: [read_mtu(&a.inside), read_mtu(&a.outside)],
+            fix_csum: match a.fix_partial_checksums {
+                CsumFix::On => true,
+                CsumFix::Off => false,
+                CsumFix::Auto => is_virtual(&a.inside),
+            },
+            out,
+            stop: Arc::clone(&stop),
+        };
+        let h = std::thread::Builder::new()
+            .name(format!("espd-w{q}"))
+            .spawn(move || {
+                if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+                    eprintln!("espd: worker {q}: could not pin to core {core}");
+                }
+                w.run();
+            })?;
+        handles.push((q, core, h));
+    }
+    eprintln!(
+        "espd run: inside {} outside {} ({} XDP, {} AF_XDP), {} worker(s) on core(s) {:?}, {} SAs, {} policies, {} inside prefixes",
+        a.inside,
+        a.outside,
+        if a.skb_mode { "generic" } else { "native" },
+        match bind {
+            BindMode::Auto => "zero-copy where supported",
+            BindMode::Copy => "copy",
+            BindMode::ZeroCopy => "zero-copy",
+        },
+        queues,
+        handles.iter().map(|h| h.1).collect::<Vec<_>>(),
+        cfg.sad.len(),
+        Direction::ALL.iter().map(|d| cfg.spd.policies(*d).len()).sum::<usize>(),
+        sels.len(),
+    );
+
+    let tty = !a.quiet && std::io::stderr().is_terminal();
+    let start = Instant::now();
+    let mut last = Instant::now();
+    let mut failed = None;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        if a.seconds
+            .is_some_and(|s| start.elapsed() >= Duration::from_secs(s))
+        {
+            break;
+        }
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        if let Some((q, _, _)) = handles.iter().find(|h| h.2.is_finished()) {
+            failed = Some(*q);
+            break;
+        }
+        if last.elapsed() >= Duration::from_secs(1) {
+            last = Instant::now();
+            let s = Stats::gather(&snaps, &steer, &cfg, &handles);
+            if tty {
+                eprint!("\r\x1b[K{}", s.line());
+            }
+            if let Some(p) = &a.stats_json {
+                let _ = std::fs::write(p, serde_json::to_string_pretty(&s.json)? + "\n");
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut panicked = false;
+    let cores_used: Vec<(usize, usize)> = handles.iter().map(|h| (h.0, h.1)).collect();
+    for (_, _, h) in handles {
+        panicked |= h.join().is_err();
+    }
+    let _ = resolver.join();
+    let s = Stats::gather_final(&snaps, &steer, &cfg, &cores_used);
+    if tty {
+        eprint!("\r\x1b[K");
+    }
+    eprintln!("espd run: {}", s.line());
+    if let Some(p) = &a.stats_json {
+        std::fs::write(p, serde_json::to_string_pretty(&s.json)? + "\n")
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    steer.detach().context("detaching XDP")?;
+    eprintln!("espd run: detached from {} and {}", a.inside, a.outside);
+    if panicked || failed.is_some() {
+        bail!("worker {} stopped unexpectedly", failed.unwrap_or(0));
+    }
+    Ok(())
+}
+
+struct Stats {
+    json: serde_json::Value,
+    rx: u64,
+    tx: u64,
+    enc: u64,
+    dec: u64,
+    drops: Vec<(DropReason, u64)>,
+}
+
+impl Stats {
+    fn gather(
+        snaps: &[Arc<Mutex<Snapshot>>],
+        steer: &Steering,
+        cfg: &Config,
+        handles: &[(usize, usize, std::thread::JoinHandle<()>)],
+    ) -> Stats {
+        let cores: Vec<(usize, usize)> = handles.iter().map(|h| (h.0, h.1)).collect();
+        Self::gather_final(snaps, steer, cfg, &cores)
+    }
+
+    fn gather_final(
+        snaps: &[Arc<Mutex<Snapshot>>],
+        steer: &Steering,
+        cfg: &Config,
+        cores: &[(usize, usize)],
+    ) -> Stats {
+        let snaps: Vec<Snapshot> = snaps
+            .iter()
+            .map(|s| s.lock().map(|s| s.clone()).unwrap_or_default())
+            .collect();
+        let mut total = [0u64; DropReason::COUNT];
+        let (mut rx, mut tx, mut enc, mut dec) = (0, 0, 0, 0);
+        let mut workers = Vec::new();
+        for (i, s) in snaps.iter().enumerate() {
+            let mut d = serde_json::Map::new();
+            for r in DropReason::ALL {
+                let n = s.engine.drops[*r as usize] + s.io_drops[*r as usize];
+                total[*r as usize] += n;
+                if n > 0 {
+                    d.insert(r.name().into(), json!(n));
+                }
+            }
+            rx += s.ports.rx.iter().sum::<u64>();
+            tx += s.ports.tx.iter().sum::<u64>();
+            enc += s.engine.encapsulated;
+            dec += s.engine.decapsulated;
+            workers.push(json!({
+                "worker": i,
+                "core": cores.iter().find(|c| c.0 == i).map(|c| c.1),
+                "rx_inside": s.ports.rx[0], "rx_outside": s.ports.rx[1],
+                "tx_inside": s.ports.tx[0], "tx_outside": s.ports.tx[1],
+                "fill_inside": s.ports.in_fill[0], "fill_outside": s.ports.in_fill[1],
+                "free_frames": s.ports.free,
+                "encapsulated": s.engine.encapsulated,
+                "decapsulated": s.engine.decapsulated,
+                "bypass": s.engine.bypass,
+                "icmp_sent": s.engine.icmp_sent,
+                "checksums_completed": s.csum_fixed,
+                "busy_turns": s.busy_turns, "turns": s.turns,
+                "drops": d,
+            }));
+        }
+        let mut drops_json = serde_json::Map::new();
+        for r in DropReason::ALL {
+            drops_json.insert(r.name().into(), json!(total[*r as usize]));
+        }
+        let sas: Vec<serde_json::Value> = cfg
+            .sad
+            .iter()
+            .enumerate()
+            .map(|(id, sa)| {
+                let (mut p, mut b, mut d) = (0, 0, [0u64; DropReason::COUNT]);
+                let mut oseq = 0;
+                for s in &snaps {
+                    if let Some((pp, bb, dd)) = s.sa.get(id) {
+                        p += pp;
+                        b += bb;
+                        for (x, y) in d.iter_mut().zip(dd) {
+                            *x += y;
+                        }
+                    }
+                    oseq = oseq.max(s.oseq.get(id).copied().unwrap_or(0));
+                }
+                let dj: serde_json::Map<String, serde_json::Value> = DropReason::ALL
+                    .iter()
+                    .filter(|r| d[**r as usize] > 0)
+                    .map(|r| (r.name().to_string(), json!(d[*r as usize])))
+                    .collect();
+                json!({
+                    "spi": format!("0x{:08x}", sa.cfg.spi),
+                    "src": sa.cfg.src.to_string(),
+                    "dst": sa.cfg.dst.to_string(),
+                    "packets": p, "bytes": b, "oseq": oseq, "drops": dj,
+                })
+            })
+            .collect();
+        let xdp: serde_json::Map<String, serde_json::Value> = match steer.counters() {
+            Ok(c) => Counter::ALL
+                .iter()
+                .map(|k| (k.name().to_string(), json!(c[*k as usize])))
+                .collect(),
+            Err(_) => serde_json::Map::new(),
+        };
+        let drops: Vec<(DropReason, u64)> = DropReason::ALL
+            .iter()
+            .filter(|r| total[**r as usize] > 0)
+            .map(|r| (*r, total[*r as usize]))
+            .collect();
+        Stats {
+            json: json!({
+                "rx": rx, "tx": tx, "encapsulated": enc, "decapsulated": dec,
+                "drops": drops_json, "workers": workers, "sas": sas, "xdp": xdp,
+            }),
+            rx,
+            tx,
+            enc,
+            dec,
+            drops,
+        }
+    }
+
+    fn line(&self) -> String {
+        let mut s = format!(
+            "rx {} tx {} encapsulated {} decapsulated {}",
+            self.rx, self.tx, self.enc, self.dec
+        );
+        if !self.drops.is_empty() {
+            let d: Vec<String> = self
+                .drops
+                .iter()
+                .map(|(r, n)| format!("{} {n}", r.name()))
+                .collect();
+            s.push_str(&format!(" drops: {}", d.join(", ")));
+        }
+        s
+    }
+}

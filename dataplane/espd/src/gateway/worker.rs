@@ -1,0 +1,244 @@
+//! One worker: a pinned thread that owns one queue of each interface (one
+//! UMEM shared by both sockets), its own engine, and a next-hop cache. It
+//! busy-polls both RX rings in bursts, runs the engine on each frame in
+//! place, writes the Ethernet header for the next hop and queues the frame
+//! on the other interface's TX ring — or gives it back, counted.
+
+use super::nexthop::{Cache, Resolved};
+use espd_core::engine::{complete_partial_checksum, Counters, Engine, Verdict};
+use espd_core::{DropReason, PacketBuf};
+use espd_io::xsk::{Out, PortStats, WorkerPorts};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Frames taken from one RX ring per turn.
+pub const BURST: usize = 64;
+/// Where the IP packet is moved to in its frame before the engine runs:
+/// room for the Ethernet header and four nested ESP headers in front.
+const HEADROOM: usize = 512;
+const ETH: usize = 14;
+/// How long a frame may wait for its next hop to resolve.
+const HOLD_FOR: Duration = Duration::from_secs(3);
+/// Empty turns before the worker sleeps in poll(2) (1 ms at most).
+const SPIN: u32 = 256;
+
+/// What a worker publishes for the stats loop (a few times a second).
+#[derive(Clone, Default)]
+pub struct Snapshot {
+    pub engine: Counters,
+    /// Drops outside the engine (no route, neighbour, TX ring), by reason.
+    pub io_drops: [u64; DropReason::COUNT],
+    /// Frames that were not IPv4/IPv6 (the XDP programs pass those; 0).
+    pub not_ip: u64,
+    pub ports: PortStats,
+    /// Per SA: packets, bytes, drops (indexed like the SAD).
+    pub sa: Vec<(u64, u64, [u64; DropReason::COUNT])>,
+    pub oseq: Vec<u64>,
+    /// Partial TCP/UDP checksums completed (virtual inside links).
+    pub csum_fixed: u64,
+    pub busy_turns: u64,
+    pub turns: u64,
+}
+
+pub struct Worker {
+    pub ports: WorkerPorts,
+    pub engine: Engine,
+    pub cache: Cache,
+    /// MAC addresses of the inside (0) and outside (1) interfaces.
+    pub macs: [[u8; 6]; 2],
+    /// Largest IP packet each interface sends (its MTU).
+    pub mtu: [usize; 2],
+    /// Complete partial checksums of frames from the inside (veth & co.).
+    pub fix_csum: bool,
+    pub out: Arc<Mutex<Snapshot>>,
+    pub stop: Arc<AtomicBool>,
+}
+
+/// Per-frame state the closure needs besides the ports.
+struct Ctx<'a> {
+    engine: &'a mut Engine,
+    cache: &'a mut Cache,
+    macs: [[u8; 6]; 2],
+    mtu: [usize; 2],
+    io_drops: &'a mut [u64; DropReason::COUNT],
+    not_ip: &'a mut u64,
+    fix_csum: bool,
+    csum_fixed: &'a mut u64,
+}
+
+impl Worker {
+    pub fn run(mut self) {
+        let start = Instant::now();
+        let mut last_pub = Instant::now();
+        let mut idle = 0u32;
+        let mut snap = Snapshot::default();
+        let mut turn = 0u64;
+        while !self.stop.load(Ordering::Relaxed) {
+            turn += 1;
+            if turn.is_multiple_of(64) {
+                self.engine.set_time(start.elapsed().as_secs());
+            }
+            let changed = self.cache.sync();
+            if (changed || turn.is_multiple_of(4096)) && self.ports.held() > 0 {
+                // The next-hop table changed: frames waiting for a neighbour may go.
+                let mut ctx = Ctx {
+                    engine: &mut self.engine,
+                    cache: &mut self.cache,
+                    macs: self.macs,
+                    mtu: self.mtu,
+                    io_drops: &mut snap.io_drops,
+                    not_ip: &mut snap.not_ip,
+                    fix_csum: false,
+                    csum_fixed: &mut snap.csum_fixed,
+                };
+                self.ports
+                    .release_held(|buf, at, len, waited| ctx.retry(buf, at, len, waited));
+            }
+            let mut got = 0;
+            for side in 0..2 {
+                let mut ctx = Ctx {
+                    engine: &mut self.engine,
+                    cache: &mut self.cache,
+                    macs: self.macs,
+                    mtu: self.mtu,
+                    io_drops: &mut snap.io_drops,
+                    not_ip: &mut snap.not_ip,
+                    fix_csum: self.fix_csum && side == 0,
+                    csum_fixed: &mut snap.csum_fixed,
+                };
+                got += self
+                    .ports
+                    .rx_burst(side, BURST, |buf, len| ctx.frame(buf, len));
+            }
+            self.ports.flush();
+            snap.turns += 1;
+            if got > 0 {
+                snap.busy_turns += 1;
+                idle = 0;
+            } else {
+                idle = idle.saturating_add(1);
+                if idle > SPIN {
+                    let _ = self.ports.wait(1);
+                }
+            }
+            if last_pub.elapsed() >= Duration::from_millis(100) {
+                last_pub = Instant::now();
+                self.publish(&mut snap);
+            }
+        }
+        self.ports.flush();
+        self.publish(&mut snap);
+    }
+
+    fn publish(&mut self, snap: &mut Snapshot) {
+        let s = &mut *snap;
+        s.engine = self.engine.counters.clone();
+        s.ports = self.ports.stats;
+        s.sa.clear();
+        s.oseq.clear();
+        for sa in self.engine.sad.iter() {
+            s.sa.push((sa.counters.packets, sa.counters.bytes, sa.counters.drops));
+            s.oseq.push(sa.oseq);
+        }
+        if let Ok(mut o) = self.out.lock() {
+            o.clone_from(s);
+        }
+    }
+}
+
+impl Ctx<'_> {
+    fn drop_io(&mut self, r: DropReason) -> Out {
+        self.io_drops[r as usize] += 1;
+        Out::Drop
+    }
+
+    /// One frame: `buf` is the frame's writable area, the first `len`
+    /// octets the received Ethernet frame.
+    fn frame(&mut self, buf: &mut [u8], len: usize) -> Out {
+        if len < ETH + 20 || !matches!(u16::from_be_bytes([buf[12], buf[13]]), 0x0800 | 0x86dd) {
+            *self.not_ip += 1;
+            return Out::Drop;
+        }
+        let ip_len = len - ETH;
+        if HEADROOM + ip_len + 256 > buf.len() {
+            return self.drop_io(DropReason::TooBig);
+        }
+        // The engine needs room in front for outer headers: move the IP
+        // packet back (one memmove of the frame; see docs/architecture.md).
+        buf.copy_within(ETH..len, HEADROOM);
+        let mut pkt = PacketBuf::new(buf, HEADROOM, ip_len);
+        if self.fix_csum && complete_partial_checksum(pkt.data_mut()) {
+            *self.csum_fixed += 1;
+        }
+        let v = self.engine.process(&mut pkt);
+        match v {
+            Verdict::Encapsulated(_)
+            | Verdict::Decapsulated(_)
+            | Verdict::Bypass
+            | Verdict::Icmp(_) => {}
+            Verdict::Dummy(_) | Verdict::Keepalive | Verdict::Drop(_) => return Out::Drop,
+        }
+        let Some(dst) = dst_of(pkt.data()) else {
+            return self.drop_io(DropReason::BadInner);
+        };
+        let (at, n) = (pkt.start(), pkt.len());
+
+        self.send(buf, at, n, dst)
+    }
+
+    /// A held frame (its packet processed, at `at..at + n`) once more.
+    fn retry(&mut self, buf: &mut [u8], at: usize, n: usize, waited: Duration) -> Out {
+        let Some(dst) = dst_of(&buf[at..at + n]) else {
+            return self.drop_io(DropReason::BadInner);
+        };
+        match self.send(buf, at, n, dst) {
+            // Linux gives up on a neighbour after about 3 s of probes.
+            Out::Hold { .. } if waited > HOLD_FOR => self.drop_io(DropReason::NoNeighbour),
+            o => o,
+        }
+    }
+
+    /// The L2 step: next hop, Ethernet header, frame to the front.
+    fn send(&mut self, buf: &mut [u8], at: usize, n: usize, dst: IpAddr) -> Out {
+        let (side, mac) = match self.cache.get(dst) {
+            Resolved::Hop { side, mac } => (side, mac),
+            Resolved::NoRoute => return self.drop_io(DropReason::NoRoute),
+            Resolved::Local => return self.drop_io(DropReason::LocalDelivery),
+            // Kept while the kernel resolves it (the first packets of a new
+            // destination are not lost, as with Linux's unresolved queue).
+            Resolved::Pending => return Out::Hold { at, len: n },
+        };
+        if n > self.mtu[side] {
+            // The engine fits DF/IPv6 traffic to the MTU with ICMP; what is
+            // left would need fragmenting here (not done yet: counted).
+            return self.drop_io(DropReason::PacketTooBig);
+        }
+        if at < ETH {
+            return self.drop_io(DropReason::TooBig);
+        }
+        let version = buf[at] >> 4;
+        let h = at - ETH;
+        buf[h..h + 6].copy_from_slice(&mac);
+        buf[h + 6..h + 12].copy_from_slice(&self.macs[side]);
+        let ty: u16 = if version == 4 { 0x0800 } else { 0x86dd };
+        buf[h + 12..h + 14].copy_from_slice(&ty.to_be_bytes());
+        // TX starts at the frame's data address: move the result to the front.
+        buf.copy_within(h..at + n, 0);
+        Out::Tx { side, len: ETH + n }
+    }
+}
+
+/// The destination address of an IP packet.
+fn dst_of(p: &[u8]) -> Option<IpAddr> {
+    match p.first()? >> 4 {
+        4 => Some(IpAddr::V4(Ipv4Addr::from(
+            <[u8; 4]>::try_from(p.get(16..20)?).ok()?,
+        ))),
+        6 => Some(IpAddr::V6(Ipv6Addr::from(
+            <[u8; 16]>::try_from(p.get(24..40)?).ok()?,
+        ))),
+        _ => None,
+    }
+}
