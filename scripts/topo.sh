@@ -34,6 +34,9 @@ up() {
     for n in a gw1 wire gw2 b; do
         ip netns add "$P-$n"
         ip -n "$P-$n" link set lo up
+        # No duplicate address detection on these private links (link-local
+        # addresses would be tentative for a second and ND answers wait).
+        ip netns exec "$P-$n" sysctl -qw net.ipv6.conf.default.accept_dad=0 net.ipv6.conf.all.accept_dad=0
     done
     ip link add a0 netns "$P-a" type veth peer name i1 netns "$P-gw1"
     ip link add o1 netns "$P-gw1" type veth peer name w1 netns "$P-wire"
