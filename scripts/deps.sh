@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what espd's build and tests need, idempotently: Debian packages
-# (tshark, python3-venv, iproute2, tcpdump, ping, LLVM 22), the nightly
+# (tshark, python3-venv, iproute2, tcpdump, ping, iperf3, ethtool, LLVM 22), the nightly
 # toolchain's rust-src, bpf-linker and cargo-fuzz, and a Python venv with scapy 2.8
 # (Debian's scapy 2.5 gets CBC+ESN wrong), cryptography and pytest.
 # Rust comes from rustup (present on the build machines).
@@ -13,6 +13,9 @@ command -v tcpdump >/dev/null || need+=(tcpdump)
 command -v ip >/dev/null || need+=(iproute2)
 command -v ping >/dev/null || need+=(iputils-ping)
 command -v setpriv >/dev/null || need+=(util-linux)
+# The live gateway's demo and tests: iperf3 traffic, ethtool on veth.
+command -v iperf3 >/dev/null || need+=(iperf3)
+command -v ethtool >/dev/null || need+=(ethtool)
 # The XDP program: LLVM 22 for bpf-linker (Debian 12's security suite has it).
 [ -d /usr/lib/llvm-22 ] || need+=(llvm-22-dev)
 # xsk-rs builds a vendored libxdp/libbpf.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: formatting, lints, Rust unit and integration tests, the
-# scapy/tshark oracle suite, and the pcap round trip. CI runs exactly this.
+# scapy/tshark oracle suite (with the live gateway's namespace tests), the pcap
+# round trip and the gateway demo. CI runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
@@ -20,6 +21,14 @@ echo "== fuzz (bounded: 10 s per target; scripts/fuzz.sh SECONDS for longer runs
 scripts/fuzz.sh 10
 echo "== pcap round trip (scripts/demo-pcap.sh)"
 scripts/demo-pcap.sh
+echo "== live gateway demo (scripts/demo.sh, 1 s per iperf3 run)"
+if [ "$(id -u)" = 0 ]; then
+    SECS=1 scripts/demo.sh
+elif [ "${CI:-}" = true ]; then
+    echo "CI must run as root: the live gateway demo needs network namespaces" >&2; exit 1
+else
+    echo "skipped: needs root (network namespaces, XDP)"
+fi
 echo "== oracle suite (scapy 2.8, tshark, cryptography)"
 # In CI a skipped test is a failure: the tshark fixture fails there instead of skipping.
 .venv/bin/python -m pytest -p no:cacheprovider -q scripts/oracle "$@"

@@ -150,7 +150,7 @@ pub fn inside_selectors(cfg: &Config) -> Vec<(IpAddr, u8, SelAction)> {
         out.push((IpAddr::V6(0u128.into()), 0, SelAction::Steer));
     }
     // A prefix listed twice: steering wins over dropping.
-    out.sort_by_key(|(a, l, act)| (*a, *l, *act == SelAction::Steer));
+    out.sort_by_key(|(a, l, act)| (*a, *l, *act == SelAction::Drop));
     out.dedup_by(|b, a| a.0 == b.0 && a.1 == b.1);
     out
 }
@@ -526,5 +526,48 @@ impl Stats {
             s.push_str(&format!(" drops: {}", d.join(", ")));
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sels(text: &str) -> Vec<(IpAddr, u8, SelAction)> {
+        inside_selectors(&Config::parse("t.conf", text).unwrap())
+    }
+
+    #[test]
+    fn protect_prefixes_are_steered_and_lone_discards_dropped() {
+        let t = "policy add src 198.18.1.0/24 dst 198.18.2.0/24 dir out priority 100 tmpl src 198.18.0.1 dst 198.18.0.2 proto esp reqid 1 mode tunnel
+policy add src 198.18.1.0/24 dst 198.18.2.21/32 proto icmp dir out priority 10 action block
+policy add src 0.0.0.0/0 dst 198.18.3.0/24 dir out action block
+policy add src 198.18.1.0/24 dst 198.18.4.0/24 dir out action block
+policy add src 198.18.1.0/24 dst 198.18.5.0/24 dir out
+policy add src 2001:db8:1::/64 dst 2001:db8:2::/64 dir out tmpl src 2001:db8::1 dst 2001:db8::2 proto esp reqid 3 mode tunnel
+";
+        let s = sels(t);
+        let get = |a: &str, l: u8| {
+            s.iter()
+                .find(|x| x.0 == a.parse::<IpAddr>().unwrap() && x.1 == l)
+                .map(|x| x.2)
+        };
+        assert_eq!(get("198.18.2.0", 24), Some(SelAction::Steer));
+        // Inside a PROTECT prefix, or with a source: the engine decides.
+        assert_eq!(get("198.18.2.21", 32), Some(SelAction::Steer));
+        assert_eq!(get("198.18.4.0", 24), Some(SelAction::Steer));
+        // Any source, any protocol, nothing overlapping: dropped in XDP.
+        assert_eq!(get("198.18.3.0", 24), Some(SelAction::Drop));
+        // BYPASS policies are not steered.
+        assert_eq!(get("198.18.5.0", 24), None);
+        assert_eq!(get("2001:db8:2::", 64), Some(SelAction::Steer));
+        assert_eq!(s.len(), 5);
+    }
+
+    #[test]
+    fn default_block_steers_everything() {
+        let s = sels("policy setdefault out block\n");
+        assert_eq!(s.len(), 2);
+        assert!(s.iter().all(|x| x.1 == 0 && x.2 == SelAction::Steer));
     }
 }

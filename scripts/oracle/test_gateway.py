@@ -1,0 +1,319 @@
+"""The live gateway (`espd run`) between network namespaces (scripts/topo.sh):
+
+    host A ─ gw1 (espd) ═ wire (bridge, captured) ═ gw2 (espd) ─ host B
+
+Traffic really flows through XDP, AF_XDP, the workers and the kernel's
+neighbours: ping, iperf3 TCP and UDP for IPv4 and IPv6 both ways; the wire
+carries only ESP and tshark decrypts all of it with the configured keys;
+bypass traffic still goes through the kernel; DISCARD policies drop; the
+counters are exact; a replayed ESP packet injected on the wire is dropped as
+Replay; a killed espd leaves no XDP program behind.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from espd_oracle import ESPD, ROOT
+
+IN_CI = os.environ.get("CI") == "true"
+PY = str(ROOT / ".venv" / "bin" / "python")
+TOPO = str(ROOT / "scripts" / "topo.sh")
+_n = [0]
+
+
+def need(*tools):
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("CI runs as root: the gateway tests must run there")
+        pytest.skip("needs root (network namespaces, XDP, AF_XDP)")
+    for t in ("ip", "tcpdump", "ethtool") + tools:
+        if shutil.which(t) is None:
+            if IN_CI:
+                pytest.fail(f"{t} missing in CI (scripts/deps.sh installs it)")
+            pytest.skip(f"needs {t}")
+
+
+def sh(*args, check=True, timeout=60):
+    r = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
+    return r
+
+
+class Net:
+    """The five namespaces and the two gateways' espd processes."""
+
+    def __init__(self, tmp):
+        _n[0] += 1
+        self.p = f"espdt{os.getpid()}n{_n[0]}"
+        self.tmp = tmp
+        self.procs = {}
+        sh("bash", TOPO, "up", self.p, str(tmp))
+
+    def ns(self, name, *cmd, check=True, timeout=60):
+        return sh("ip", "netns", "exec", f"{self.p}-{name}", *cmd, check=check, timeout=timeout)
+
+    def popen(self, name, *cmd, **kw):
+        return subprocess.Popen(["ip", "netns", "exec", f"{self.p}-{name}", *cmd], **kw)
+
+    def start(self, gw, extra_conf="", args=()):
+        inside, outside = {"gw1": ("i1", "o1"), "gw2": ("i2", "o2")}[gw]
+        conf = self.tmp / f"{gw}.conf"
+        if extra_conf:
+            conf.write_text(conf.read_text() + extra_conf)
+        stats = self.tmp / f"{gw}.json"
+        core = "0" if gw == "gw1" else str(1 % os.cpu_count())
+        p = self.popen(gw, str(ESPD), "run", "-c", str(conf), "--inside", inside, "--outside",
+                       outside, "--cores", core, "--stats-json", str(stats), *args,
+                       stderr=subprocess.PIPE, text=True)
+        self.procs[gw] = p
+        # Up once the banner is printed (XDP attached, sockets bound, workers started).
+        line = p.stderr.readline()
+        assert "espd run: inside" in line, line + p.stderr.read()
+        time.sleep(0.2)
+        return p
+
+    def stop(self, gw):
+        p = self.procs.pop(gw)
+        p.send_signal(signal.SIGINT)
+        err = p.communicate(timeout=30)[1]
+        assert p.returncode == 0, err
+        assert "detached from" in err, err
+        return json.loads((self.tmp / f"{gw}.json").read_text()), err
+
+    def xdp_attached(self, gw):
+        return [l for l in self.ns(gw, "ip", "link", "show").stdout.splitlines() if "xdp" in l]
+
+    def close(self):
+        for p in self.procs.values():
+            p.kill()
+            p.wait()
+        sh("bash", TOPO, "down", self.p, check=False)
+
+
+@pytest.fixture
+def net(tmp_path):
+    need("iperf3", "ping")
+    n = Net(tmp_path)
+    try:
+        yield n
+    finally:
+        n.close()
+
+
+def keys(conf):
+    """(src, dst, spi, key material) of every state in a config written by topo.sh."""
+    out = []
+    for m in re.finditer(r"state add src (\S+) dst (\S+) proto esp spi (0x[0-9a-f]+) .*? (0x[0-9a-f]+) 128",
+                         conf.read_text()):
+        out.append((m[1], m[2], int(m[3], 16), m[4]))
+    return out
+
+
+def drops(stats):
+    return {k: v for k, v in stats["drops"].items() if v}
+
+
+def iperf(net, client, server_ns, dst, *extra, secs=2):
+    srv = net.popen(server_ns, "iperf3", "-s", "-1", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+    try:
+        r = net.ns(client, "iperf3", "-c", dst, "-t", str(secs), "-J", *extra, timeout=60)
+    finally:
+        srv.wait(timeout=30)
+    return json.loads(r.stdout)
+
+
+def test_ping_iperf3_tcp_and_udp_both_ways_v4_and_v6(net):
+    net.start("gw1")
+    net.start("gw2")
+    for src, dst in (("a", "198.18.2.20"), ("b", "198.18.1.10"),
+                     ("a", "2001:db8:2::20"), ("b", "2001:db8:1::10")):
+        r = net.ns(src, "ping", "-c", "3", "-i", "0.2", "-W", "2", dst, check=False)
+        assert r.returncode == 0 and " 0% packet loss" in r.stdout, r.stdout
+    rates = {}
+    for label, client, server, dst in (("v4 A>B", "a", "b", "198.18.2.20"),
+                                       ("v4 B>A", "b", "a", "198.18.1.10"),
+                                       ("v6 A>B", "a", "b", "2001:db8:2::20"),
+                                       ("v6 B>A", "b", "a", "2001:db8:1::10")):
+        tcp = iperf(net, client, server, dst)
+        rates[label + " tcp"] = tcp["end"]["sum_received"]["bits_per_second"]
+        udp = iperf(net, client, server, dst, "-u", "-b", "50M", "-l", "1200")
+        s = udp["end"]["sum"]
+        rates[label + " udp"] = s["bits_per_second"]
+        assert s["packets"] > 1000, s
+        assert s["lost_percent"] < 5, (label, s)
+    for k, v in rates.items():
+        assert v > 20e6, (k, v, rates)
+    s1, _ = net.stop("gw1")
+    s2, _ = net.stop("gw2")
+    # TCP's first full-size segments get ICMP "packet too big" (PMTUD through
+    # the tunnel); nothing else is dropped.
+    for s in (s1, s2):
+        assert set(drops(s)) <= {"PacketTooBig"}, drops(s)
+        assert s["rx"] == s["tx"], s
+    # What one gateway encapsulated the other decapsulated, per SA.
+    spi = {x["spi"]: x for x in s2["sas"]}
+    for sa in s1["sas"]:
+        assert sa["packets"] == spi[sa["spi"]]["packets"], (sa, spi[sa["spi"]])
+    print(rates)
+
+
+def test_the_wire_carries_only_esp_and_tshark_decrypts_all_of_it(net, tmp_path):
+    tshark = shutil.which("tshark")
+    if tshark is None:
+        if IN_CI:
+            pytest.fail("tshark missing in CI")
+        pytest.skip("needs tshark")
+    net.start("gw1")
+    net.start("gw2")
+    pcap = tmp_path / "wire.pcap"
+    dump = net.popen("wire", "tcpdump", "-ni", "br0", "-w", str(pcap), "-U", "ip or ip6",
+                     stderr=subprocess.DEVNULL)
+    time.sleep(1)
+    for src, dst in (("a", "198.18.2.20"), ("b", "198.18.1.10"),
+                     ("a", "2001:db8:2::20"), ("b", "2001:db8:1::10")):
+        net.ns(src, "ping", "-c", "5", "-i", "0.05", "-s", "1000", dst)
+    # About a thousand datagrams each way and family (tshark is slow on big captures).
+    iperf(net, "a", "b", "198.18.2.20", "-u", "-b", "8M", "-l", "1000", secs=1)
+    iperf(net, "b", "a", "2001:db8:1::10", "-u", "-b", "8M", "-l", "1000", secs=1)
+    time.sleep(0.3)
+    dump.send_signal(signal.SIGINT)
+    dump.wait(timeout=10)
+    s1, _ = net.stop("gw1")
+    # Only ESP between the gateways, apart from neighbour discovery, MLD, IGMP.
+    r = sh("tcpdump", "-nr", str(pcap), "not esp and not icmp6 and not igmp and not (ip6 and ip6[6] = 0)")
+    assert r.stdout.strip() == "", "plaintext on the wire:\n" + r.stdout[:2000]
+    uat = []
+    for src, dst, spi, km in keys(tmp_path / "gw1.conf"):
+        fam = "IPv4" if "." in src else "IPv6"
+        uat += ["-o", f'uat:esp_sa:"{fam}","{src}","{dst}","0x{spi:08x}",'
+                      f'"AES-GCM with 16 octet ICV [RFC4106]","{km}","NULL",""']
+    r = sh(tshark, "-r", str(pcap), "-o", "esp.enable_encryption_decode:TRUE",
+           "-o", "esp.enable_authentication_check:TRUE", *uat, "-Y", "esp",
+           "-T", "fields", "-e", "esp.spi", "-e", "esp.icv_good", "-e", "esp.icv_bad",
+           "-e", "ip.src", "-e", "ipv6.src", timeout=300)
+    rows = [l.split("\t") for l in r.stdout.splitlines() if l.strip()]
+    esp_count = int(sh("bash", "-c", f"tcpdump -nr {pcap} esp 2>/dev/null | wc -l").stdout)
+    assert len(rows) == esp_count > 2000, (len(rows), esp_count)
+    bad = [x for x in rows if x[1] != "1" or x[2] == "1"]
+    assert not bad, f"{len(bad)} of {len(rows)} ESP packets not verified: {bad[:5]}"
+    # Every SA was used.
+    assert {x[0] for x in rows} == {f"0x{spi:08x}" for _, _, spi, _ in keys(tmp_path / "gw1.conf")}
+    assert s1["encapsulated"] > 0 and s1["decapsulated"] > 0
+
+
+def test_bypass_goes_through_the_kernel_and_discard_drops(net):
+    # Without espd the kernel would deliver both: 198.18.3.1 lives on gw2.
+    net.ns("gw2", "ip", "addr", "add", "198.18.3.1/32", "dev", "lo")
+    net.ns("gw1", "ip", "route", "add", "198.18.3.0/24", "via", "198.18.0.2")
+    net.ns("b", "ip", "addr", "add", "198.18.2.21/24", "dev", "b0")
+    assert net.ns("a", "ping", "-c", "1", "-W", "2", "198.18.3.1", check=False).returncode == 0
+    conf = net.tmp / "gw1.conf"  # the tunnel's policies below the new ones (lower = first)
+    conf.write_text(conf.read_text().replace(" dir out tmpl", " dir out priority 100 tmpl"))
+    extra = ("policy add src 0.0.0.0/0 dst 198.18.3.0/24 dir out action block\n"
+             "policy add src 198.18.1.0/24 dst 198.18.2.21/32 proto icmp dir out priority 10 action block\n")
+    net.start("gw1", extra)
+    net.start("gw2")
+    # DISCARD of a whole prefix: dropped in XDP, espd never sees it.
+    r = net.ns("a", "ping", "-c", "4", "-i", "0.2", "-W", "1", "198.18.3.1", check=False)
+    assert r.returncode != 0 and "100% packet loss" in r.stdout, r.stdout
+    # DISCARD of one protocol inside a PROTECT prefix: the engine drops it.
+    r = net.ns("a", "ping", "-c", "3", "-i", "0.2", "-W", "1", "198.18.2.21", check=False)
+    assert "100% packet loss" in r.stdout, r.stdout
+    # No policy: bypass, forwarded by the kernel in clear (gw2's outside address).
+    r = net.ns("a", "ping", "-c", "5", "-i", "0.2", "-W", "2", "198.18.0.2", check=False)
+    assert r.returncode == 0, r.stdout
+    # The tunnel still works next to them.
+    assert net.ns("a", "ping", "-c", "2", "-W", "2", "198.18.2.20", check=False).returncode == 0
+    s1, _ = net.stop("gw1")
+    net.stop("gw2")
+    assert s1["xdp"]["inside_discard"] == 4, s1["xdp"]
+    assert s1["drops"]["Discard"] == 3, drops(s1)
+    assert s1["xdp"]["inside_pass"] >= 5, s1["xdp"]
+    assert s1["encapsulated"] == 2 and s1["decapsulated"] == 2, s1
+
+
+def test_counters_are_exact(net):
+    net.start("gw1")
+    net.start("gw2")
+    net.ns("a", "ping", "-c", "7", "-i", "0.1", "198.18.2.20")
+    net.ns("a", "ping", "-6", "-c", "5", "-i", "0.1", "2001:db8:2::20")
+    s1, _ = net.stop("gw1")
+    s2, _ = net.stop("gw2")
+    assert (s1["encapsulated"], s1["decapsulated"]) == (12, 12), s1
+    assert (s2["encapsulated"], s2["decapsulated"]) == (12, 12), s2
+    assert not drops(s1) and not drops(s2), (drops(s1), drops(s2))
+    sa1 = {x["spi"]: x for x in s1["sas"]}
+    assert sa1["0x00001001"]["packets"] == 7 and sa1["0x00001001"]["oseq"] == 7
+    assert sa1["0x00001006"]["packets"] == 5 and sa1["0x00001006"]["oseq"] == 5
+    assert sa1["0x00002001"]["packets"] == 7 and sa1["0x00002006"]["packets"] == 5
+    # Echo requests 84 octets inner: bytes counted per SA are the inner packets'.
+    w = s1["workers"][0]
+    assert (w["rx_inside"], w["tx_outside"], w["rx_outside"], w["tx_inside"]) == (12, 12, 12, 12), w
+    assert s1["xdp"]["inside_steered"] == 12 and s1["xdp"]["esp_steered"] == 12, s1["xdp"]
+
+
+REPLAY = r"""
+import sys
+from scapy.all import rdpcap, sendp
+pkts = [p for p in rdpcap(sys.argv[1]) if p.haslayer("ESP")]
+sendp(pkts[0], iface="br0", verbose=False)
+sendp(pkts[0], iface="br0", verbose=False)
+"""
+
+
+def test_replayed_esp_on_the_wire_is_dropped_as_replay(net, tmp_path):
+    net.start("gw1")
+    net.start("gw2")
+    pcap = tmp_path / "one.pcap"
+    dump = net.popen("wire", "tcpdump", "-ni", "br0", "-c", "1", "-w", str(pcap), "-U",
+                     "esp and src host 198.18.0.1", stderr=subprocess.DEVNULL)
+    time.sleep(1)
+    net.ns("a", "ping", "-c", "3", "-i", "0.2", "198.18.2.20")
+    dump.wait(timeout=10)
+    (tmp_path / "replay.py").write_text(REPLAY)
+    net.ns("wire", PY, str(tmp_path / "replay.py"), str(pcap))
+    time.sleep(0.3)
+    net.stop("gw1")
+    s2, _ = net.stop("gw2")
+    assert drops(s2) == {"Replay": 2}, drops(s2)
+    assert s2["decapsulated"] == 3
+    sa = {x["spi"]: x for x in s2["sas"]}["0x00001001"]
+    assert sa["drops"] == {"Replay": 2}, sa
+
+
+def test_killed_espd_leaves_nothing_attached_and_restarts(net):
+    p = net.start("gw1")
+    assert net.xdp_attached("gw1"), "XDP attached while running"
+    p.kill()  # SIGKILL: no chance to clean up
+    p.wait()
+    net.procs.pop("gw1")
+    time.sleep(0.5)
+    assert net.xdp_attached("gw1") == [], "XDP left attached after SIGKILL"
+    # And SIGTERM detaches cleanly too; the next start works.
+    net.start("gw1")
+    net.start("gw2")
+    assert net.ns("a", "ping", "-c", "2", "-W", "2", "198.18.2.20", check=False).returncode == 0
+    p = net.procs.pop("gw1")
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=30)[1]
+    assert p.returncode == 0 and "detached" in err, err
+    assert net.xdp_attached("gw1") == []
+
+
+def test_unprivileged_run_is_refused_naming_the_capabilities(net, tmp_path):
+    r = net.ns("gw1", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+               "--inh-caps=-all", str(ESPD), "run", "-c", "/dev/null", "--inside", "i1",
+               "--outside", "o1", check=False)
+    assert r.returncode != 0
+    for cap in ("CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_BPF"):
+        assert cap in r.stderr, r.stderr
+    assert net.xdp_attached("gw1") == []
