@@ -51,6 +51,10 @@ pub enum Transform {
     /// AES-CBC (RFC 3602) or NULL (RFC 2410) with HMAC-SHA-256-128 (RFC 4868),
     /// encrypt-then-MAC.
     CbcHmac(cbc_hmac::CbcHmac),
+    /// Benchmarks only: ESP framing with no cipher and a zero 16-octet ICV,
+    /// to measure the I/O path without crypto (`espd run --bench-no-crypto`
+    /// on both gateways). Never produced by a configuration: it protects nothing.
+    BenchNoCrypto,
 }
 
 /// Octets before the IV: SPI and the low 32 bits of the sequence number.
@@ -78,7 +82,10 @@ impl Transform {
     /// Explicit IV octets carried in each packet.
     pub fn iv_len(&self) -> usize {
         match self {
-            Transform::Gcm(_) | Transform::Gmac(_) | Transform::ChaCha(_) => 8,
+            Transform::Gcm(_)
+            | Transform::Gmac(_)
+            | Transform::ChaCha(_)
+            | Transform::BenchNoCrypto => 8,
             Transform::CbcHmac(c) => c.iv_len(),
         }
     }
@@ -88,6 +95,7 @@ impl Transform {
             Transform::Gcm(g) | Transform::Gmac(g) => g.icv_len(),
             Transform::ChaCha(_) => chacha::ICV_LEN,
             Transform::CbcHmac(_) => cbc_hmac::ICV_LEN,
+            Transform::BenchNoCrypto => 16,
         }
     }
     /// Alignment of payload ‖ padding ‖ trailer (RFC 4303 §2.4: at least 4;
@@ -101,7 +109,7 @@ impl Transform {
     /// True when the payload is encrypted (false for GMAC and NULL).
     pub fn encrypts(&self) -> bool {
         match self {
-            Transform::Gmac(_) => false,
+            Transform::Gmac(_) | Transform::BenchNoCrypto => false,
             Transform::CbcHmac(c) => c.encrypts(),
             _ => true,
         }
@@ -141,6 +149,7 @@ impl Transform {
                 g.gmac(&iv, &gmac_aad(esp, seq_hi), icv);
             }
             Transform::CbcHmac(c) => c.seal(esp, seq_hi, icv),
+            Transform::BenchNoCrypto => icv.fill(0),
         }
     }
 
@@ -165,6 +174,8 @@ impl Transform {
                 g.verify_gmac(&iv, &gmac_aad(esp, seq_hi), icv)
             }
             Transform::CbcHmac(c) => c.open(esp, seq_hi, icv),
+            Transform::BenchNoCrypto if icv.iter().all(|b| *b == 0) => Ok(()),
+            Transform::BenchNoCrypto => Err(AuthError),
         }
     }
 }
@@ -199,6 +210,7 @@ impl core::fmt::Debug for Transform {
             Transform::Gmac(g) => write!(f, "rfc4543(gcm(aes)) {}", g.key_bits()),
             Transform::ChaCha(_) => f.write_str("rfc7539esp(chacha20,poly1305)"),
             Transform::CbcHmac(c) => write!(f, "{} + hmac(sha256) 128", c.enc_name()),
+            Transform::BenchNoCrypto => f.write_str("bench-no-crypto (unprotected)"),
         }
     }
 }

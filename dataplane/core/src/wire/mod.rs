@@ -53,15 +53,37 @@ pub mod proto {
 pub mod checksum {
     /// One's-complement sum of `data` folded to 16 bits (not inverted).
     pub fn sum(data: &[u8]) -> u16 {
+        // 32-bit words: 2^16 ≡ 1 (mod 2^16 − 1), so summing big-endian
+        // 32-bit words and folding equals the 16-bit one's-complement sum
+        // (RFC 1071 §2(B)), at twice the speed.
         let mut acc: u64 = 0;
-        let mut chunks = data.chunks_exact(2);
-        for c in &mut chunks {
+        let mut quads = data.chunks_exact(4);
+        for c in &mut quads {
+            acc += u64::from(u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
+        }
+        let rest = quads.remainder();
+        let mut pairs = rest.chunks_exact(2);
+        for c in &mut pairs {
             acc += u64::from(u16::from_be_bytes([c[0], c[1]]));
         }
-        if let [last] = chunks.remainder() {
+        if let [last] = pairs.remainder() {
             acc += u64::from(*last) << 8;
         }
         fold(acc)
+    }
+
+    #[cfg(test)]
+    #[test]
+    fn sum_matches_16_bit_words() {
+        let data: [u8; 1501] = core::array::from_fn(|i| (i * 151 + 7) as u8);
+        for n in 0..data.len() {
+            let d = &data[..n];
+            let mut acc: u64 = 0;
+            for c in d.chunks(2) {
+                acc += u64::from(c[0]) << 8 | c.get(1).map_or(0, |&b| u64::from(b));
+            }
+            assert_eq!(sum(d), fold(acc), "length {n}");
+        }
     }
 
     /// Folds a wide one's-complement accumulator to 16 bits.

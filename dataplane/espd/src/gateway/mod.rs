@@ -75,6 +75,11 @@ pub struct Args {
     /// inside interface is virtual (no device in sysfs). See docs/operations.md.
     #[arg(long, value_enum, default_value_t = CsumFix::Auto)]
     pub fix_partial_checksums: CsumFix,
+    /// Benchmarks only (both gateways): every SA keeps its ESP framing,
+    /// sequence numbers and replay window but uses no cipher and a zero ICV,
+    /// to measure the I/O path without crypto. Protects nothing.
+    #[arg(long, hide_short_help = true)]
+    pub bench_no_crypto: bool,
     /// No live counter line even on a TTY.
     #[arg(long, short = 'q')]
     pub quiet: bool,
@@ -248,6 +253,11 @@ pub fn run(a: &Args) -> Result<()> {
     for q in 0..queues {
         let c = Config::load(&a.config).map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut e = Engine::new(c.sad, c.spd, &local);
+        if a.bench_no_crypto {
+            for id in 0..e.sad.len() {
+                e.sad.get_mut(id).transform = espd_core::crypto::Transform::BenchNoCrypto;
+            }
+        }
         e.set_router(true);
         e.set_worker(q);
         e.set_icmp_sources(&inside_addrs);
@@ -338,6 +348,9 @@ pub fn run(a: &Args) -> Result<()> {
         sels.len(),
     );
 
+    if a.bench_no_crypto {
+        eprintln!("espd run: WARNING: --bench-no-crypto: ESP without encryption or integrity, for benchmarks only");
+    }
     let tty = !a.quiet && std::io::stderr().is_terminal();
     let start = Instant::now();
     let mut last = Instant::now();

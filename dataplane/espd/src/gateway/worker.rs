@@ -123,7 +123,7 @@ impl Worker {
                     let _ = self.ports.wait(1);
                 }
             }
-            if last_pub.elapsed() >= Duration::from_millis(100) {
+            if turn.is_multiple_of(64) && last_pub.elapsed() >= Duration::from_millis(100) {
                 last_pub = Instant::now();
                 self.publish(&mut snap);
             }
