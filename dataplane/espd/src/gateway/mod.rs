@@ -440,7 +440,10 @@ impl Stats {
         for (i, s) in snaps.iter().enumerate() {
             let mut d = serde_json::Map::new();
             for r in DropReason::ALL {
-                let n = s.engine.drops[*r as usize] + s.io_drops[*r as usize];
+                let mut n = s.engine.drops[*r as usize] + s.io_drops[*r as usize];
+                if *r == DropReason::TxRingFull {
+                    n += s.ports.tx_full.iter().sum::<u64>();
+                }
                 total[*r as usize] += n;
                 if n > 0 {
                     d.insert(r.name().into(), json!(n));
