@@ -13,12 +13,14 @@
 #                                         # CONFDIR, also writes gw1.conf and gw2.conf
 #                                         # (AES-GCM-128 tunnel SAs for v4 and v6, fresh keys)
 #   scripts/topo.sh down PREFIX
+#   QUEUES=2 scripts/topo.sh up …         # veth pairs with 2 RX/TX queues (2 workers per espd)
 #
 # Hosts A and B keep veth's default TX checksum offload: their TCP/UDP
 # checksums reach espd partial, and espd completes them (see
 # docs/operations.md, "veth caveats").
 set -euo pipefail
 
+QUEUES=${QUEUES:-1}  # RX/TX queues per veth: espd runs one worker per queue pair
 cmd=${1:?up|down}
 P=${2:?namespace prefix}
 
@@ -38,10 +40,11 @@ up() {
         # addresses would be tentative for a second and ND answers wait).
         ip netns exec "$P-$n" sysctl -qw net.ipv6.conf.default.accept_dad=0 net.ipv6.conf.all.accept_dad=0
     done
-    ip link add a0 netns "$P-a" type veth peer name i1 netns "$P-gw1"
-    ip link add o1 netns "$P-gw1" type veth peer name w1 netns "$P-wire"
-    ip link add o2 netns "$P-gw2" type veth peer name w2 netns "$P-wire"
-    ip link add i2 netns "$P-gw2" type veth peer name b0 netns "$P-b"
+    local q="numtxqueues $QUEUES numrxqueues $QUEUES"
+    ip link add a0 netns "$P-a" $q type veth peer name i1 netns "$P-gw1" $q
+    ip link add o1 netns "$P-gw1" $q type veth peer name w1 netns "$P-wire" $q
+    ip link add o2 netns "$P-gw2" $q type veth peer name w2 netns "$P-wire" $q
+    ip link add i2 netns "$P-gw2" $q type veth peer name b0 netns "$P-b" $q
     ip -n "$P-wire" link add br0 type bridge
     ip -n "$P-wire" link set w1 master br0
     ip -n "$P-wire" link set w2 master br0
@@ -91,10 +94,12 @@ key() { echo "0x$(head -c "$1" /dev/urandom | od -An -tx1 | tr -d ' \n')"; }
 conf() {
     local d=$1 k1 k2 k3 k4 gcm="aead 'rfc4106(gcm(aes))'"
     k1=$(key 20); k2=$(key 20); k3=$(key 20); k4=$(key 20)
-    local states="state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 reqid 1 mode tunnel $gcm $k1 128
-state add src 198.18.0.2 dst 198.18.0.1 proto esp spi 0x2001 reqid 2 mode tunnel $gcm $k2 128
-state add src 2001:db8::1 dst 2001:db8::2 proto esp spi 0x1006 reqid 3 mode tunnel $gcm $k3 128
-state add src 2001:db8::2 dst 2001:db8::1 proto esp spi 0x2006 reqid 4 mode tunnel $gcm $k4 128"
+    # A replay window wide enough for several workers sending through one SA.
+    local w="replay-window 1024"
+    local states="state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 reqid 1 mode tunnel $w $gcm $k1 128
+state add src 198.18.0.2 dst 198.18.0.1 proto esp spi 0x2001 reqid 2 mode tunnel $w $gcm $k2 128
+state add src 2001:db8::1 dst 2001:db8::2 proto esp spi 0x1006 reqid 3 mode tunnel $w $gcm $k3 128
+state add src 2001:db8::2 dst 2001:db8::1 proto esp spi 0x2006 reqid 4 mode tunnel $w $gcm $k4 128"
     cat >"$d/gw1.conf" <<CONF
 # gw1: site A (198.18.1.0/24, 2001:db8:1::/64) <-> site B through gw2
 $states

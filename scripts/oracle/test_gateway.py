@@ -50,12 +50,15 @@ def sh(*args, check=True, timeout=60):
 class Net:
     """The five namespaces and the two gateways' espd processes."""
 
-    def __init__(self, tmp):
+    def __init__(self, tmp, queues=1):
         _n[0] += 1
         self.p = f"espdt{os.getpid()}n{_n[0]}"
         self.tmp = tmp
         self.procs = {}
-        sh("bash", TOPO, "up", self.p, str(tmp))
+        self.queues = queues
+        r = subprocess.run(["bash", TOPO, "up", self.p, str(tmp)], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "QUEUES": str(queues)})
+        assert r.returncode == 0, r.stdout + r.stderr
 
     def ns(self, name, *cmd, check=True, timeout=60):
         return sh("ip", "netns", "exec", f"{self.p}-{name}", *cmd, check=check, timeout=timeout)
@@ -70,6 +73,8 @@ class Net:
             conf.write_text(conf.read_text() + extra_conf)
         stats = self.tmp / f"{gw}.json"
         core = "0" if gw == "gw1" else str(1 % os.cpu_count())
+        if self.queues > 1:
+            core = ",".join(str(i % os.cpu_count()) for i in range(self.queues))
         p = self.popen(gw, str(ESPD), "run", "-c", str(conf), "--inside", inside, "--outside",
                        outside, "--cores", core, "--stats-json", str(stats), *args,
                        stderr=subprocess.PIPE, text=True)
@@ -159,10 +164,19 @@ def test_ping_iperf3_tcp_and_udp_both_ways_v4_and_v6(net):
     for s in (s1, s2):
         assert set(drops(s)) <= {"PacketTooBig"}, drops(s)
         assert s["rx"] == s["tx"], s
-    # What one gateway encapsulated the other decapsulated, per SA.
-    spi = {x["spi"]: x for x in s2["sas"]}
-    for sa in s1["sas"]:
-        assert sa["packets"] == spi[sa["spi"]]["packets"], (sa, spi[sa["spi"]])
+    # What one gateway encapsulated the other decapsulated, per SA — except
+    # what the kernel could not put into a full AF_XDP RX ring in copy mode
+    # (UDP at full speed does that), which the kernel counts per socket.
+    kdrop = {g: sum(w["kernel_rx_dropped_outside"] for w in s["workers"])
+             for g, s in (("gw1", s1), ("gw2", s2))}
+    sent = {x["spi"]: x["packets"] for x in s1["sas"] + s2["sas"] if x["oseq"]}
+    got1 = sum(x["packets"] for x in s1["sas"] if not x["oseq"])
+    got2 = sum(x["packets"] for x in s2["sas"] if not x["oseq"])
+    sent1 = sum(x["packets"] for x in s1["sas"] if x["oseq"])
+    sent2 = sum(x["packets"] for x in s2["sas"] if x["oseq"])
+    assert sent1 == got2 + kdrop["gw2"], (sent1, got2, kdrop)
+    assert sent2 == got1 + kdrop["gw1"], (sent2, got1, kdrop)
+    assert sent
     print(rates)
 
 
@@ -202,7 +216,7 @@ def test_the_wire_carries_only_esp_and_tshark_decrypts_all_of_it(net, tmp_path):
            "-e", "ip.src", "-e", "ipv6.src", timeout=300)
     rows = [l.split("\t") for l in r.stdout.splitlines() if l.strip()]
     esp_count = int(sh("bash", "-c", f"tcpdump -nr {pcap} esp 2>/dev/null | wc -l").stdout)
-    assert len(rows) == esp_count > 2000, (len(rows), esp_count)
+    assert len(rows) == esp_count > 1500, (len(rows), esp_count)
     bad = [x for x in rows if x[1] != "1" or x[2] == "1"]
     assert not bad, f"{len(bad)} of {len(rows)} ESP packets not verified: {bad[:5]}"
     # Every SA was used.
@@ -317,3 +331,32 @@ def test_unprivileged_run_is_refused_naming_the_capabilities(net, tmp_path):
     for cap in ("CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_BPF"):
         assert cap in r.stderr, r.stderr
     assert net.xdp_attached("gw1") == []
+
+
+def test_two_workers_share_the_sas_safely(tmp_path):
+    """veth pairs with two queues: two workers per gateway, one SA sent
+    through by both (one shared sequence counter) and received by one owner."""
+    need("iperf3", "ping")
+    net = Net(tmp_path, queues=2)
+    try:
+        net.start("gw1")
+        net.start("gw2")
+        r = iperf(net, "a", "b", "198.18.2.20", "-P", "8", secs=3)
+        assert r["end"]["sum_received"]["bits_per_second"] > 20e6
+        assert net.ns("a", "ping", "-c", "3", "-i", "0.2", "2001:db8:2::20", check=False).returncode == 0
+        s1, _ = net.stop("gw1")
+        s2, _ = net.stop("gw2")
+    finally:
+        net.close()
+    assert len(s1["workers"]) == 2
+    # Eight TCP flows spread over both inside queues of gw1: both workers encapsulated.
+    assert all(w["rx_inside"] > 100 for w in s1["workers"]), s1["workers"]
+    # One worker owns each SA and the other hands packets over: the peer sees
+    # every SA's numbers in order (no TooOld, no Replay), nothing is lost.
+    for s in (s1, s2):
+        assert set(drops(s)) <= {"PacketTooBig"}, drops(s)
+    assert sum(w["handed_off"] for w in s1["workers"]) > 0, s1["workers"]
+    sa = {x["spi"]: x for x in s1["sas"]}["0x00001001"]
+    assert sa["oseq"] == sa["packets"], sa
+    rx = {x["spi"]: x for x in s2["sas"]}["0x00001001"]
+    assert rx["packets"] == sa["packets"], (rx, sa)

@@ -67,8 +67,8 @@ drop_reasons! {
     TooBig => "packet too big for the buffer after encapsulation",
     /// Router mode: the TTL / hop limit would reach 0 when forwarded (RFC 1812 §5.3.1, RFC 8200 §3); an ICMP time exceeded goes back for plaintext from the inside.
     TtlExceeded => "TTL or hop limit exceeded in forwarding",
-    /// Gateway: an authenticated packet of an SA whose inbound replay window another worker owns (RSS moved the tunnel to another queue; see docs/architecture.md).
-    ForeignQueue => "SA's replay window is owned by another worker",
+    /// Gateway: a packet of an SA another worker owns that could not be handed to it (its queue was full, or an inner SA of a bundle, or a race at the first packet; see docs/architecture.md).
+    ForeignQueue => "SA owned by another worker, and the packet could not be handed over",
     /// Gateway: the kernel has no route for the destination, or it leads out of an interface espd does not run on.
     NoRoute => "no route through espd's interfaces",
     /// Gateway: the next hop's link-layer address is not resolved yet (the kernel was asked to resolve it).

@@ -50,6 +50,9 @@ pub enum Verdict {
     /// The packet was dropped for this reason, and the buffer now holds an
     /// ICMP error to send back to its source (RFC 4301 §8.2.1).
     Icmp(DropReason),
+    /// The SA that must process this packet is owned by this other worker
+    /// (see [`Engine::set_worker`]): hand it over. The buffer is unchanged.
+    Handoff(u32),
     Drop(DropReason),
 }
 
@@ -67,6 +70,8 @@ pub struct Counters {
     pub icmp_sent: u64,
     pub dropped: u64,
     pub drops: [u64; DropReason::COUNT],
+    /// Packets handed to the worker that owns their SA.
+    pub handed_off: u64,
 }
 
 pub struct Engine {
@@ -93,6 +98,14 @@ pub struct Engine {
     /// Sources for ICMP errors (see [`Engine::set_icmp_sources`]).
     icmp_src: Vec<IpAddr>,
 }
+
+/// Why one layer of ESP was not removed.
+enum DecapErr {
+    /// Another worker owns the SA (the packet is untouched).
+    Owned(u32),
+    Failed(DropReason),
+}
+use DecapErr::{Failed, Owned};
 
 /// An ICMP error this engine can answer with.
 #[derive(Clone, Copy)]
@@ -160,8 +173,10 @@ impl Engine {
     }
 
     /// The worker this engine runs on. SAs shared between engines
-    /// ([`crate::state::SaShare`]) have one owner of their inbound replay
-    /// window: the first worker that authenticates a packet of the SA.
+    /// ([`crate::state::SaShare`]) have one owner: the first worker that
+    /// sends through the SA, or that authenticates a packet of it. Another
+    /// worker's engine answers [`Verdict::Handoff`] with the owner, before
+    /// changing the packet or spending any crypto on it.
     pub fn set_worker(&mut self, id: u32) {
         self.worker = id;
     }
@@ -201,6 +216,7 @@ impl Engine {
                 c.dropped += 1;
                 c.drops[r as usize] += 1;
             }
+            Verdict::Handoff(_) => c.handed_off += 1,
         }
         v
     }
@@ -235,7 +251,9 @@ impl Engine {
             let id = match self.decap_one(pkt, &l3, dst) {
                 Ok((id, Decap::Packet)) => id,
                 Ok((id, Decap::Dummy)) => return Verdict::Dummy(id),
-                Err(r) => return Verdict::Drop(r),
+                Err(Owned(w)) if n == 0 => return Verdict::Handoff(w),
+                Err(Owned(_)) => return self.drop_for(&sp[..n], DropReason::ForeignQueue),
+                Err(Failed(r)) => return Verdict::Drop(r),
             };
             sp[n] = id;
             n += 1;
@@ -364,34 +382,34 @@ impl Engine {
         pkt: &mut PacketBuf<'_>,
         l3: &L3,
         dst: IpAddr,
-    ) -> Result<(SaId, Decap), DropReason> {
+    ) -> Result<(SaId, Decap), DecapErr> {
         if l3.fragment {
             // RFC 4303 §3.4.1: reassembly happens before ESP; we do not reassemble.
-            return Err(DropReason::Fragment);
+            return Err(Failed(DropReason::Fragment));
         }
         let d = pkt.data();
-        let esp =
-            wire::esp::Packet::new_checked(&d[l3.upper_at..]).map_err(|_| DropReason::Runt)?;
+        let esp = wire::esp::Packet::new_checked(&d[l3.upper_at..])
+            .map_err(|_| Failed(DropReason::Runt))?;
         let spi = esp.spi();
         if spi == 0 {
-            return Err(DropReason::SpiZero);
+            return Err(Failed(DropReason::SpiZero));
         }
-        let id = self.sad.lookup_in(dst, spi).ok_or(DropReason::NoSa)?;
+        let id = self
+            .sad
+            .lookup_in(dst, spi)
+            .ok_or(Failed(DropReason::NoSa))?;
         let worker = self.worker;
         let sa = self.sad.get_mut(id);
         if sa.cfg.encap.is_some() != l3.udp_encap {
             sa.count_drop(DropReason::EncapMismatch);
-            return Err(DropReason::EncapMismatch);
+            return Err(Failed(DropReason::EncapMismatch));
         }
         // One replay window per SA (RFC 4303 §3.4.3): with several workers,
-        // only the owner's counts. No crypto is spent on another's packets.
-        let owner = sa.share.as_ref().map(|s| &s.rx_owner);
-        if owner.is_some_and(|o| {
-            let w = o.load(Relaxed);
-            w != SaShare::NO_OWNER && w != worker
-        }) {
-            sa.count_drop(DropReason::ForeignQueue);
-            return Err(DropReason::ForeignQueue);
+        // the owner's. No crypto is spent here on another worker's packets.
+        if let Some(w) = sa.share.as_ref().map(|s| s.owner.load(Relaxed)) {
+            if w != SaShare::NO_OWNER && w != worker {
+                return Err(Owned(w));
+            }
         }
         let r = inbound::decapsulate(sa, pkt, l3);
         let r = match (r, sa.share.as_ref()) {
@@ -399,11 +417,13 @@ impl Engine {
             // another queue cannot take a tunnel away from its worker.
             (Ok(d), Some(s)) => {
                 match s
-                    .rx_owner
+                    .owner
                     .compare_exchange(SaShare::NO_OWNER, worker, Relaxed, Relaxed)
                 {
                     Ok(_) => Ok(d),
                     Err(o) if o == worker => Ok(d),
+                    // Another worker claimed it at the same moment: this packet
+                    // is already decrypted and cannot be handed over.
                     Err(_) => Err(DropReason::ForeignQueue),
                 }
             }
@@ -412,7 +432,7 @@ impl Engine {
         match r {
             Err(r) => {
                 sa.count_drop(r);
-                Err(r)
+                Err(Failed(r))
             }
             Ok(d) => Ok((id, d)),
         }
@@ -473,14 +493,9 @@ impl Engine {
             // Addressed to this host and allowed: delivered, not forwarded.
             return Verdict::Bypass;
         }
-        if self.router {
-            if let Err(r) = decrement_ttl(pkt.data_mut(), l3) {
-                return self.icmp_error(pkt, l3, flow, IcmpKind::TimeExceeded, r);
-            }
-        }
         let Some(p) = self.spd.lookup(Direction::Out, flow) else {
             return match self.spd.default_action(Direction::Out) {
-                Action::Allow => Verdict::Bypass,
+                Action::Allow => self.forward_bypass(pkt, l3, flow),
                 Action::Block => Verdict::Drop(DropReason::NoPolicy),
             };
         };
@@ -488,7 +503,7 @@ impl Engine {
             return Verdict::Drop(DropReason::Discard);
         }
         if p.tmpls.is_empty() {
-            return Verdict::Bypass;
+            return self.forward_bypass(pkt, l3, flow);
         }
         // An SA bundle applies its templates in order: the first innermost
         // (XFRM), e.g. transport end to end, then the tunnel to the gateway.
@@ -508,7 +523,24 @@ impl Engine {
         }
         let chain = &chain[..k];
         if chain.is_empty() {
-            return Verdict::Bypass;
+            return self.forward_bypass(pkt, l3, flow);
+        }
+        // The owner of the first SA encapsulates, so that its packets leave
+        // in sequence-number order; the first worker to send claims it.
+        if let Some(s) = self.sad.get(chain[0]).share.as_ref() {
+            match s
+                .owner
+                .compare_exchange(SaShare::NO_OWNER, self.worker, Relaxed, Relaxed)
+            {
+                Ok(_) => {}
+                Err(w) if w == self.worker => {}
+                Err(w) => return Verdict::Handoff(w),
+            }
+        }
+        if self.router {
+            if let Err(r) = decrement_ttl(pkt.data_mut(), l3) {
+                return self.icmp_error(pkt, l3, flow, IcmpKind::TimeExceeded, r);
+            }
         }
         if let Some(mtu) = self.mtu {
             if let Some(v) = self.check_mtu(pkt, l3, flow, chain, mtu) {
@@ -535,6 +567,17 @@ impl Engine {
             }
         }
         Verdict::Encapsulated(chain[0])
+    }
+
+    /// BYPASS of a packet that is not for this host: forwarded in clear,
+    /// one hop less in router mode.
+    fn forward_bypass(&mut self, pkt: &mut PacketBuf<'_>, l3: &L3, flow: &Flow) -> Verdict {
+        if self.router {
+            if let Err(r) = decrement_ttl(pkt.data_mut(), l3) {
+                return self.icmp_error(pkt, l3, flow, IcmpKind::TimeExceeded, r);
+            }
+        }
+        Verdict::Bypass
     }
 
     /// RFC 4301 §8.2.1 / §8.1: `None` to go on and encapsulate (it fits, or

@@ -166,7 +166,10 @@ impl Run {
         let v = self.engine.process(&mut pkt);
         let (s, n) = (pkt.start(), pkt.len());
         let reply = match v {
-            Verdict::Drop(_) | Verdict::Dummy(_) | Verdict::Keepalive => return,
+            // One engine owns every SA here: no handoff ever happens.
+            Verdict::Drop(_) | Verdict::Dummy(_) | Verdict::Keepalive | Verdict::Handoff(_) => {
+                return
+            }
             Verdict::Icmp(_) => true,
             Verdict::Encapsulated(_) | Verdict::Decapsulated(_) | Verdict::Bypass => false,
         };

@@ -132,20 +132,48 @@ fn shared_pair(text: &str, local: &[&str]) -> (Engine, Engine) {
 }
 
 #[test]
-fn workers_sharing_an_sa_never_reuse_a_sequence_number() {
+fn one_worker_owns_an_outbound_sa_and_the_others_hand_over() {
+    let (mut w0, mut w1) = shared_pair(&gw1(), &[]);
+    let pkt = udp4("198.18.1.10", "198.18.2.20", 9);
+    let mut seen = Vec::new();
+    for i in 0..1000 {
+        let first = if i % 3 == 0 { &mut w1 } else { &mut w0 };
+        let (v, out) = run(first, &pkt);
+        let esp = match v {
+            Verdict::Encapsulated(_) => out,
+            Verdict::Handoff(to) => {
+                // Untouched (not even the TTL), and the owner takes it.
+                assert_eq!(out, pkt);
+                assert_eq!(to, 1, "worker 1 sent first and owns the SA");
+                let (v, out) = run(&mut w1, &out);
+                assert!(matches!(v, Verdict::Encapsulated(_)), "{v:?}");
+                out
+            }
+            v => panic!("{v:?}"),
+        };
+        seen.push(u32::from_be_bytes(esp[24..28].try_into().unwrap()));
+    }
+    // One sender: the numbers leave in order, none twice.
+    assert_eq!(seen, (1..=1000).collect::<Vec<_>>());
+    assert_eq!(w0.counters.handed_off, 666);
+    assert_eq!(w0.counters.encapsulated, 0);
+}
+
+#[test]
+fn the_shared_counter_never_reuses_a_number_even_across_owners() {
+    // Belt and braces: should two engines ever encapsulate through one SA
+    // (ownership reset), the shared counter still never repeats a number.
     let (mut w0, mut w1) = shared_pair(&gw1(), &[]);
     let mut seen = std::collections::BTreeSet::new();
-    for i in 0..1000 {
-        let e = if i % 3 == 0 { &mut w0 } else { &mut w1 };
+    for i in 0..100 {
+        let e = if i % 2 == 0 { &mut w0 } else { &mut w1 };
+        let owner = &e.sad.get(0).share.as_ref().unwrap().owner;
+        owner.store(SaShare::NO_OWNER, std::sync::atomic::Ordering::Relaxed);
         let (v, esp) = run(e, &udp4("198.18.1.10", "198.18.2.20", 9));
         assert!(matches!(v, Verdict::Encapsulated(_)));
-        let seq = u32::from_be_bytes(esp[24..28].try_into().unwrap());
-        assert!(seen.insert(seq), "sequence number {seq} used twice");
+        assert!(seen.insert(u32::from_be_bytes(esp[24..28].try_into().unwrap())));
     }
-    assert_eq!(
-        seen.into_iter().collect::<Vec<_>>(),
-        (1..=1000).collect::<Vec<_>>()
-    );
+    assert_eq!(seen.len(), 100);
 }
 
 #[test]
@@ -163,18 +191,15 @@ fn one_worker_owns_an_inbound_window_once_it_authenticates() {
         run(&mut w1, &forged).0,
         Verdict::Drop(DropReason::IcvMismatch)
     );
-    // Worker 0 authenticates first and owns it from then on.
+    // Worker 0 authenticates first and owns it from then on; worker 1 hands
+    // over without touching the packet or spending crypto on it.
     assert!(matches!(run(&mut w0, &esp[0]).0, Verdict::Decapsulated(_)));
-    assert_eq!(
-        run(&mut w1, &esp[1]).0,
-        Verdict::Drop(DropReason::ForeignQueue)
-    );
+    let (v, same) = run(&mut w1, &esp[1]);
+    assert_eq!(v, Verdict::Handoff(0));
+    assert_eq!(same, esp[1]);
     assert!(matches!(run(&mut w0, &esp[1]).0, Verdict::Decapsulated(_)));
     assert_eq!(run(&mut w0, &esp[1]).0, Verdict::Drop(DropReason::Replay));
-    assert_eq!(
-        w1.sad.get(0).counters.drops[DropReason::ForeignQueue as usize],
-        1
-    );
+    assert_eq!(w1.counters.handed_off, 1);
 }
 
 /// A UDP/IPv4 or TCP/IPv6 packet with a correct checksum, and its pseudo-header sum.

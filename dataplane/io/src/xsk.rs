@@ -193,6 +193,13 @@ pub struct PortStats {
     /// Frames in each fill ring now, and idle in the free list.
     pub in_fill: [usize; 2],
     pub free: usize,
+    /// The kernel's own counts for each socket (XDP_STATISTICS): frames it
+    /// dropped before they reached us (`rx_dropped`: no room, e.g. the
+    /// fill ring empty or the RX ring full), and the two causes it reports.
+    pub kernel_rx_dropped: [u64; 2],
+    pub kernel_rx_ring_full: [u64; 2],
+    pub kernel_fill_empty: [u64; 2],
+    pub kernel_tx_invalid: [u64; 2],
 }
 
 /// A worker's AF_XDP ports: one UMEM shared by a socket on (inside, queue)
@@ -364,23 +371,62 @@ impl WorkerPorts {
             let cap = cur.buf_len();
             cur.set_pos(cap);
             let out = f(data.contents_mut(), len);
-            match out {
-                Out::Tx { side, len } if side < 2 && len > 0 && len <= cap => {
-                    data.cursor().set_pos(len);
-                    self.sides[side].pending.push(Frame(desc));
-                }
-                Out::Hold { at, len } if self.held.len() < MAX_HELD && at + len <= cap => {
-                    self.held.push_back(Held {
-                        frame: Frame(desc),
-                        at,
-                        len,
-                        since: std::time::Instant::now(),
-                    })
-                }
-                _ => self.free.push(Frame(desc)),
-            }
+            self.place(Frame(desc), out, cap);
         }
         n
+    }
+
+    /// Puts a processed frame where `out` says.
+    fn place(&mut self, mut frame: Frame, out: Out, cap: usize) {
+        match out {
+            Out::Tx { side, len } if side < 2 && len > 0 && len <= cap => {
+                // SAFETY: the frame is ours (in no ring); only its length is set.
+                unsafe { self.umem.data_mut(&mut frame.0) }
+                    .cursor()
+                    .set_pos(len);
+                self.sides[side].pending.push(frame);
+            }
+            Out::Hold { at, len } if self.held.len() < MAX_HELD && at + len <= cap => {
+                self.held.push_back(Held {
+                    frame,
+                    at,
+                    len,
+                    since: std::time::Instant::now(),
+                })
+            }
+            _ => self.free.push(frame),
+        }
+    }
+
+    /// Takes a free frame, lets `f` write a packet into its whole writable
+    /// area and say where it goes (as for a received frame). For packets
+    /// that arrive from elsewhere than an RX ring (another worker's
+    /// handoff). False when no frame is free.
+    pub fn inject(&mut self, f: impl FnOnce(&mut [u8]) -> Out) -> bool {
+        let Some(mut frame) = self.free.pop() else {
+            return false;
+        };
+        // SAFETY: a frame from the free list is in no ring and referenced nowhere.
+        let mut data = unsafe { self.umem.data_mut(&mut frame.0) };
+        let mut cur = data.cursor();
+        let cap = cur.buf_len();
+        cur.set_pos(cap);
+        let out = f(data.contents_mut());
+        self.place(frame, out, cap);
+        true
+    }
+
+    /// Refreshes the kernel's socket statistics in `stats` (a getsockopt
+    /// per socket: call it a few times a second, not per burst).
+    pub fn kernel_stats(&mut self) {
+        for s in 0..2 {
+            if let Ok(k) = self.sides[s].rx.fd().xdp_statistics() {
+                self.stats.kernel_rx_dropped[s] = k.rx_dropped();
+                self.stats.kernel_rx_ring_full[s] = k.rx_ring_full();
+                self.stats.kernel_fill_empty[s] = k.rx_fill_ring_empty_descs();
+                self.stats.kernel_tx_invalid[s] = k.tx_invalid_descs();
+            }
+        }
     }
 
     /// How many frames are held.

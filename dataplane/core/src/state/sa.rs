@@ -216,16 +216,20 @@ pub struct SaCounters {
 }
 
 /// What one SA's engines on several workers share (see
-/// docs/architecture.md, "Threading"): one outbound sequence counter, so no
-/// number is ever used twice (RFC 4303 §3.3.3; for GCM a repeated number is
-/// a repeated nonce), and which worker owns the inbound replay window.
+/// docs/architecture.md): which worker owns the SA — only the owner
+/// encapsulates through it (so its packets leave in sequence-number order)
+/// or checks its replay window; other workers hand the packet over — and,
+/// as a second line of defence, one outbound sequence counter, so no number
+/// is ever used twice (RFC 4303 §3.3.3; for GCM a repeated number is a
+/// repeated nonce).
 #[derive(Debug, Clone)]
 pub struct SaShare {
     /// The last outbound sequence number used.
     pub oseq: Arc<AtomicU64>,
-    /// The worker that owns the inbound window; [`SaShare::NO_OWNER`] until
-    /// the first authenticated packet.
-    pub rx_owner: Arc<AtomicU32>,
+    /// The worker that owns the SA; [`SaShare::NO_OWNER`] until the first
+    /// worker sends through it (outbound) or authenticates a packet of it
+    /// (inbound).
+    pub owner: Arc<AtomicU32>,
 }
 
 impl SaShare {
@@ -233,7 +237,7 @@ impl SaShare {
     pub fn new(oseq: u64) -> Self {
         SaShare {
             oseq: Arc::new(AtomicU64::new(oseq)),
-            rx_owner: Arc::new(AtomicU32::new(Self::NO_OWNER)),
+            owner: Arc::new(AtomicU32::new(Self::NO_OWNER)),
         }
     }
 }

@@ -268,7 +268,7 @@ pub fn run(a: &Args) -> Result<()> {
         wports.push(p);
     }
     if queues > 1 {
-        // One sequence counter and one replay-window owner per SA (see docs).
+        // One owner per SA, and one sequence counter (see docs/architecture.md).
         for id in 0..engines[0].sad.len() {
             let share = SaShare::new(engines[0].sad.get(id).oseq);
             for e in &mut engines {
@@ -303,6 +303,9 @@ pub fn run(a: &Args) -> Result<()> {
 
     let mut handles = Vec::new();
     let mut snaps = Vec::new();
+    let (peers, mut inboxes): (Vec<_>, Vec<_>) = (0..queues)
+        .map(|_| std::sync::mpsc::sync_channel(worker::HANDOFF_QUEUE))
+        .unzip();
     for (q, (engine, p)) in engines.into_iter().zip(wports).enumerate() {
         let out = Arc::new(Mutex::new(Snapshot::default()));
         snaps.push(Arc::clone(&out));
@@ -318,6 +321,8 @@ pub fn run(a: &Args) -> Result<()> {
                 CsumFix::Off => false,
                 CsumFix::Auto => is_virtual(&a.inside),
             },
+            inbox: inboxes.remove(0),
+            peers: peers.clone(),
             out,
             stop: Arc::clone(&stop),
         };
@@ -410,6 +415,8 @@ struct Stats {
     tx: u64,
     enc: u64,
     dec: u64,
+    bytes: u64,
+    per_worker: Vec<(u64, u64)>,
     drops: Vec<(DropReason, u64)>,
 }
 
@@ -436,6 +443,7 @@ impl Stats {
             .collect();
         let mut total = [0u64; DropReason::COUNT];
         let (mut rx, mut tx, mut enc, mut dec) = (0, 0, 0, 0);
+        let mut per_worker = Vec::new();
         let mut workers = Vec::new();
         for (i, s) in snaps.iter().enumerate() {
             let mut d = serde_json::Map::new();
@@ -449,8 +457,13 @@ impl Stats {
                     d.insert(r.name().into(), json!(n));
                 }
             }
-            rx += s.ports.rx.iter().sum::<u64>();
-            tx += s.ports.tx.iter().sum::<u64>();
+            let (wrx, wtx) = (
+                s.ports.rx.iter().sum::<u64>(),
+                s.ports.tx.iter().sum::<u64>(),
+            );
+            per_worker.push((wrx, wtx));
+            rx += wrx;
+            tx += wtx;
             enc += s.engine.encapsulated;
             dec += s.engine.decapsulated;
             workers.push(json!({
@@ -460,10 +473,16 @@ impl Stats {
                 "tx_inside": s.ports.tx[0], "tx_outside": s.ports.tx[1],
                 "fill_inside": s.ports.in_fill[0], "fill_outside": s.ports.in_fill[1],
                 "free_frames": s.ports.free,
+                "kernel_rx_dropped_inside": s.ports.kernel_rx_dropped[0],
+                "kernel_rx_dropped_outside": s.ports.kernel_rx_dropped[1],
+                "kernel_rx_ring_full": s.ports.kernel_rx_ring_full.iter().sum::<u64>(),
+                "kernel_fill_ring_empty": s.ports.kernel_fill_empty.iter().sum::<u64>(),
+                "kernel_tx_invalid": s.ports.kernel_tx_invalid.iter().sum::<u64>(),
                 "encapsulated": s.engine.encapsulated,
                 "decapsulated": s.engine.decapsulated,
                 "bypass": s.engine.bypass,
                 "icmp_sent": s.engine.icmp_sent,
+                "handed_off": s.engine.handed_off,
                 "checksums_completed": s.csum_fixed,
                 "busy_turns": s.busy_turns, "turns": s.turns,
                 "drops": d,
@@ -473,6 +492,7 @@ impl Stats {
         for r in DropReason::ALL {
             drops_json.insert(r.name().into(), json!(total[*r as usize]));
         }
+        let mut bytes = 0;
         let sas: Vec<serde_json::Value> = cfg
             .sad
             .iter()
@@ -490,6 +510,7 @@ impl Stats {
                     }
                     oseq = oseq.max(s.oseq.get(id).copied().unwrap_or(0));
                 }
+                bytes += b;
                 let dj: serde_json::Map<String, serde_json::Value> = DropReason::ALL
                     .iter()
                     .filter(|r| d[**r as usize] > 0)
@@ -524,15 +545,30 @@ impl Stats {
             tx,
             enc,
             dec,
+            bytes,
+            per_worker,
             drops,
         }
     }
 
     fn line(&self) -> String {
         let mut s = format!(
-            "rx {} tx {} encapsulated {} decapsulated {}",
-            self.rx, self.tx, self.enc, self.dec
+            "rx {} tx {} encapsulated {} decapsulated {} ({:.1} MB through SAs)",
+            self.rx,
+            self.tx,
+            self.enc,
+            self.dec,
+            self.bytes as f64 / 1e6
         );
+        if self.per_worker.len() > 1 {
+            let w: Vec<String> = self
+                .per_worker
+                .iter()
+                .enumerate()
+                .map(|(i, (r, t))| format!("w{i} {r}/{t}"))
+                .collect();
+            s.push_str(&format!(" [rx/tx {}]", w.join(" ")));
+        }
         if !self.drops.is_empty() {
             let d: Vec<String> = self
                 .drops

@@ -10,6 +10,7 @@ use espd_core::{DropReason, PacketBuf};
 use espd_io::xsk::{Out, PortStats, WorkerPorts};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,19 @@ const ETH: usize = 14;
 const HOLD_FOR: Duration = Duration::from_secs(3);
 /// Empty turns before the worker sleeps in poll(2) (1 ms at most).
 const SPIN: u32 = 256;
+
+/// A packet handed to the worker that owns its SA: the received Ethernet
+/// frame as the engine saw it (unchanged), and the side it came in on.
+pub struct Slot {
+    len: u16,
+    side: u8,
+    data: [u8; SLOT_BYTES],
+}
+
+/// Largest frame that can be handed over (a 1500-octet MTU frame fits).
+const SLOT_BYTES: usize = 2048;
+/// Packets waiting for one worker at most; more are dropped as `ForeignQueue`.
+pub const HANDOFF_QUEUE: usize = 1024;
 
 /// What a worker publishes for the stats loop (a few times a second).
 #[derive(Clone, Default)]
@@ -52,6 +66,9 @@ pub struct Worker {
     pub mtu: [usize; 2],
     /// Complete partial checksums of frames from the inside (veth & co.).
     pub fix_csum: bool,
+    /// Packets other workers hand to this one, and every worker's inbox (by id).
+    pub inbox: Receiver<Slot>,
+    pub peers: Vec<SyncSender<Slot>>,
     pub out: Arc<Mutex<Snapshot>>,
     pub stop: Arc<AtomicBool>,
 }
@@ -66,6 +83,9 @@ struct Ctx<'a> {
     not_ip: &'a mut u64,
     fix_csum: bool,
     csum_fixed: &'a mut u64,
+    /// The side the frame came in on, and where to hand packets over.
+    side: usize,
+    peers: &'a [SyncSender<Slot>],
 }
 
 impl Worker {
@@ -92,6 +112,8 @@ impl Worker {
                     not_ip: &mut snap.not_ip,
                     fix_csum: false,
                     csum_fixed: &mut snap.csum_fixed,
+                    side: 0,
+                    peers: &self.peers,
                 };
                 self.ports
                     .release_held(|buf, at, len, waited| ctx.retry(buf, at, len, waited));
@@ -107,10 +129,40 @@ impl Worker {
                     not_ip: &mut snap.not_ip,
                     fix_csum: self.fix_csum && side == 0,
                     csum_fixed: &mut snap.csum_fixed,
+                    side,
+                    peers: &self.peers,
                 };
                 got += self
                     .ports
                     .rx_burst(side, BURST, |buf, len| ctx.frame(buf, len));
+            }
+            // Packets other workers handed over: processed as if received here.
+            for _ in 0..BURST {
+                let Ok(slot) = self.inbox.try_recv() else {
+                    break;
+                };
+                got += 1;
+                let side = usize::from(slot.side);
+                let mut ctx = Ctx {
+                    engine: &mut self.engine,
+                    cache: &mut self.cache,
+                    macs: self.macs,
+                    mtu: self.mtu,
+                    io_drops: &mut snap.io_drops,
+                    not_ip: &mut snap.not_ip,
+                    fix_csum: false,
+                    csum_fixed: &mut snap.csum_fixed,
+                    side,
+                    peers: &self.peers,
+                };
+                let len = usize::from(slot.len);
+                let ok = self.ports.inject(|buf| {
+                    buf[..len].copy_from_slice(&slot.data[..len]);
+                    ctx.frame(buf, len)
+                });
+                if !ok {
+                    snap.io_drops[DropReason::ForeignQueue as usize] += 1;
+                }
             }
             self.ports.flush();
             snap.turns += 1;
@@ -133,6 +185,7 @@ impl Worker {
     }
 
     fn publish(&mut self, snap: &mut Snapshot) {
+        self.ports.kernel_stats();
         let s = &mut *snap;
         s.engine = self.engine.counters.clone();
         s.ports = self.ports.stats;
@@ -179,6 +232,26 @@ impl Ctx<'_> {
             | Verdict::Bypass
             | Verdict::Icmp(_) => {}
             Verdict::Dummy(_) | Verdict::Keepalive | Verdict::Drop(_) => return Out::Drop,
+            Verdict::Handoff(w) => {
+                // The engine left the packet as it was: the frame's first
+                // ETH octets and the IP packet at HEADROOM.
+                let ip = pkt.data();
+                let n = ETH + ip.len();
+                let Some(to) = self.peers.get(w as usize).filter(|_| n <= SLOT_BYTES) else {
+                    return self.drop_io(DropReason::ForeignQueue);
+                };
+                let mut slot = Slot {
+                    len: n as u16,
+                    side: self.side as u8,
+                    data: [0; SLOT_BYTES],
+                };
+                slot.data[ETH..n].copy_from_slice(ip);
+                slot.data[..ETH].copy_from_slice(&buf[..ETH]);
+                return match to.try_send(slot) {
+                    Ok(()) => Out::Drop,
+                    Err(_) => self.drop_io(DropReason::ForeignQueue),
+                };
+            }
         }
         let Some(dst) = dst_of(pkt.data()) else {
             return self.drop_io(DropReason::BadInner);
