@@ -11,24 +11,101 @@ use espd_core::PacketBuf;
 
 const SIZES: [usize; 3] = [64, 512, 1420];
 
+/// One AEAD behind a common face: seal then open in place, 8-octet AAD.
+trait Provider {
+    fn round(&self, iv: [u8; 8], data: &mut [u8]);
+}
+
+struct Seam(AesGcm);
+impl Provider for Seam {
+    fn round(&self, iv: [u8; 8], data: &mut [u8]) {
+        let mut icv = [0u8; 16];
+        self.0.seal(&iv, &[1; 8], data, &mut icv);
+        self.0.open(&iv, &[1; 8], data, &icv).unwrap();
+    }
+}
+
+struct Chacha(espd_core::crypto::chacha::ChaChaPoly);
+impl Provider for Chacha {
+    fn round(&self, iv: [u8; 8], data: &mut [u8]) {
+        let mut icv = [0u8; 16];
+        self.0.seal(&iv, &[1; 8], data, &mut icv);
+        self.0.open(&iv, &[1; 8], data, &icv).unwrap();
+    }
+}
+
+/// RustCrypto's packaged `aes-gcm` 0.10, for comparison only.
+struct Packaged(aes_gcm::Aes128Gcm);
+impl Provider for Packaged {
+    fn round(&self, iv: [u8; 8], data: &mut [u8]) {
+        use aes_gcm::aead::AeadInPlace;
+        let mut n = [0u8; 12];
+        n[4..].copy_from_slice(&iv);
+        let n = aes_gcm::Nonce::from(n);
+        let tag = self.0.encrypt_in_place_detached(&n, &[1; 8], data).unwrap();
+        self.0
+            .decrypt_in_place_detached(&n, &[1; 8], data, &tag)
+            .unwrap();
+    }
+}
+
+/// IMIX by packet count 7:4:1 of 64, 576 and 1500 octets (the classic
+/// simple IMIX); one iteration is the twelve packets.
+const IMIX: [(usize, usize); 3] = [(64, 7), (576, 4), (1500, 1)];
+const IMIX_BYTES: usize = 64 * 7 + 576 * 4 + 1500;
+
 fn aead(c: &mut Criterion) {
-    let mut g = c.benchmark_group("aes-gcm-128 seal+open");
-    let k = AesGcm::new(&[7u8; 20], 16).unwrap();
-    for n in SIZES {
-        g.throughput(Throughput::Bytes(n as u64));
-        g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
-            let mut data = vec![0u8; n];
-            let mut icv = [0u8; 16];
+    use aes_gcm::KeyInit;
+    let providers: Vec<(&str, Box<dyn Provider>)> = vec![
+        (
+            "ring (espd default, 16-octet ICV)",
+            Box::new(Seam(AesGcm::new(&[7u8; 20], 16).unwrap())),
+        ),
+        (
+            "composition aes+ctr+ghash",
+            Box::new(Seam(AesGcm::new_composition(&[7u8; 20], 16).unwrap())),
+        ),
+        (
+            "aes-gcm 0.10 (RustCrypto)",
+            Box::new(Packaged(aes_gcm::Aes128Gcm::new(&[7u8; 16].into()))),
+        ),
+        (
+            "chacha20poly1305 (RFC 7634)",
+            Box::new(Chacha(
+                espd_core::crypto::chacha::ChaChaPoly::new(&[7u8; 36]).unwrap(),
+            )),
+        ),
+    ];
+    for (name, p) in &providers {
+        let mut g = c.benchmark_group(format!("aead seal+open: {name}"));
+        g.warm_up_time(std::time::Duration::from_millis(500));
+        g.measurement_time(std::time::Duration::from_secs(2));
+        for n in SIZES {
+            g.throughput(Throughput::Bytes(n as u64));
+            g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
+                let mut data = vec![0u8; n];
+                let mut seq = 0u64;
+                b.iter(|| {
+                    seq += 1;
+                    p.round(seq.to_be_bytes(), black_box(&mut data));
+                })
+            });
+        }
+        g.throughput(Throughput::Bytes(IMIX_BYTES as u64));
+        g.bench_function("imix", |b| {
+            let mut data = vec![0u8; 1500];
             let mut seq = 0u64;
             b.iter(|| {
-                seq += 1;
-                let iv = seq.to_be_bytes();
-                k.seal(&iv, &[1; 8], &mut data, &mut icv);
-                k.open(&iv, &[1; 8], &mut data, &icv).unwrap();
+                for (len, count) in IMIX {
+                    for _ in 0..count {
+                        seq += 1;
+                        p.round(seq.to_be_bytes(), black_box(&mut data[..len]));
+                    }
+                }
             })
         });
+        g.finish();
     }
-    g.finish();
 }
 
 fn replay(c: &mut Criterion) {

@@ -5,6 +5,12 @@
 //! Why not a packaged GCM crate: RFC 4106 §6 allows 8- and 12-octet ICVs, which
 //! are the 64/96 most significant bits of the full tag (SP 800-38D §5.2.1.2);
 //! the packaged crates verify only 12..16-octet tags.
+//!
+//! With the `ring` feature (the default), SAs with the full 16-octet ICV
+//! seal and open through `espd-aead` (ring's one-pass AES-GCM assembly,
+//! about twice the speed here; docs/performance.md); truncated ICVs and GMAC
+//! stay on this composition, which is also the whole story without the
+//! feature (`--no-default-features`: pure Rust).
 
 use super::{AuthError, GmacAad, KeyLenError};
 use aes::cipher::{generic_array::GenericArray, BlockEncrypt, InnerIvInit, KeyInit, StreamCipher};
@@ -34,6 +40,9 @@ pub struct AesGcm {
     ghash: GHash,
     salt: [u8; SALT_LEN],
     icv_len: usize,
+    /// The fast provider, for 16-octet ICVs.
+    #[cfg(feature = "ring")]
+    fast: Option<espd_aead::RingGcm>,
 }
 
 impl Drop for AesGcm {
@@ -71,11 +80,38 @@ impl AesGcm {
             ghash,
             salt: s,
             icv_len,
+            #[cfg(feature = "ring")]
+            fast: if icv_len == espd_aead::TAG_LEN {
+                espd_aead::RingGcm::new(key, s).ok()
+            } else {
+                None
+            },
         })
     }
 
     pub fn icv_len(&self) -> usize {
         self.icv_len
+    }
+
+    /// The same key on this composition alone, even for a 16-octet ICV (to
+    /// compare providers; espd itself uses [`AesGcm::new`]).
+    pub fn new_composition(keymat: &[u8], icv_len: usize) -> Result<Self, KeyLenError> {
+        #[allow(unused_mut)]
+        let mut g = Self::new(keymat, icv_len)?;
+        #[cfg(feature = "ring")]
+        {
+            g.fast = None;
+        }
+        Ok(g)
+    }
+
+    /// Which implementation seals and opens: `"ring"` or `"composition"`.
+    pub fn provider(&self) -> &'static str {
+        #[cfg(feature = "ring")]
+        if self.fast.is_some() {
+            return "ring";
+        }
+        "composition"
     }
 
     /// Key length in bits, for display.
@@ -173,6 +209,10 @@ impl AesGcm {
     }
 
     pub fn seal(&self, iv: &[u8; IV_LEN], aad: &[u8], data: &mut [u8], icv: &mut [u8]) {
+        #[cfg(feature = "ring")]
+        if let (Some(f), Ok(icv)) = (&self.fast, <&mut [u8; 16]>::try_from(&mut *icv)) {
+            return f.seal(iv, aad, data, icv);
+        }
         let j0 = self.j0(iv);
         self.gctr(&j0, data);
         let t = self.tag(&j0, aad, data);
@@ -189,6 +229,10 @@ impl AesGcm {
     ) -> Result<(), AuthError> {
         if icv.len() != self.icv_len {
             return Err(AuthError);
+        }
+        #[cfg(feature = "ring")]
+        if let (Some(f), Ok(icv)) = (&self.fast, <&[u8; 16]>::try_from(icv)) {
+            return f.open(iv, aad, data, icv).map_err(|_| AuthError);
         }
         let j0 = self.j0(iv);
         let t = self.tag(&j0, aad, data);
@@ -294,6 +338,37 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "ring")]
+    fn ring_and_the_composition_agree() {
+        // 16-octet ICVs go through ring, 12-octet ones through the
+        // composition: same ciphertext, and the 12-octet ICV is the 16-octet
+        // one truncated (RFC 4106 §6) — for every length around the block
+        // and buffer boundaries, both key sizes.
+        for keylen in [20usize, 36] {
+            let km: Vec<u8> = (0..keylen).map(|i| (i * 29 + 3) as u8).collect();
+            let (full, short) = (AesGcm::new(&km, 16).unwrap(), AesGcm::new(&km, 12).unwrap());
+            assert!(full.fast.is_some() && short.fast.is_none());
+            for len in 0..300 {
+                let plain: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+                let iv = [(len % 251) as u8; 8];
+                let aad = [0x11u8, 0x22, 0x33, 0x44, 0, 0, 0, len as u8];
+                let (mut a, mut b) = (plain.clone(), plain.clone());
+                let (mut ta, mut tb) = ([0u8; 16], [0u8; 12]);
+                full.seal(&iv, &aad, &mut a, &mut ta);
+                short.seal(&iv, &aad, &mut b, &mut tb);
+                assert_eq!(a, b, "ciphertext, length {len}");
+                assert_eq!(ta[..12], tb, "tag, length {len}");
+                full.open(&iv, &aad, &mut a, &ta).unwrap();
+                short.open(&iv, &aad, &mut b, &tb).unwrap();
+                assert_eq!(
+                    (a.as_slice(), b.as_slice()),
+                    (plain.as_slice(), plain.as_slice())
+                );
+            }
+        }
+    }
+
+    #[test]
     fn tampering_is_refused_and_leaves_data() {
         let key = [7u8; 36];
         let g = AesGcm::new(&key, 16).unwrap();
@@ -302,14 +377,21 @@ mod tests {
         let mut icv = [0u8; 16];
         g.seal(&iv, b"aad-aad-", &mut d, &mut icv);
         let sealed = d;
+        // A refused packet never yields plaintext: its payload is left as it
+        // was (this composition) or wiped (ring, for 16-octet ICVs).
+        let no_plaintext = |d: &[u8; 16]| *d == sealed || *d == [0u8; 16];
         for i in 0..16 {
             let mut bad = icv;
             bad[i] ^= 0x80;
             assert_eq!(g.open(&iv, b"aad-aad-", &mut d, &bad), Err(AuthError));
-            assert_eq!(d, sealed);
+            assert!(no_plaintext(&d));
+            d = sealed;
         }
         assert_eq!(g.open(&iv, b"aad-aad!", &mut d, &icv), Err(AuthError));
+        assert!(no_plaintext(&d));
+        d = sealed;
         assert_eq!(g.open(&iv, b"aad-aad-", &mut d, &icv[..12]), Err(AuthError));
+        assert_eq!(d, sealed);
         g.open(&iv, b"aad-aad-", &mut d, &icv).unwrap();
         assert_eq!(&d, b"sixteen octets!!");
     }

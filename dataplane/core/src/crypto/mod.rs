@@ -153,7 +153,9 @@ impl Transform {
         }
     }
 
-    /// Verifies the ICV, then decrypts in place. On error `esp` is untouched.
+    /// Verifies the ICV, then decrypts in place. On error `esp` holds no
+    /// plaintext: left as it was, or its payload wiped (ring's AES-GCM); the
+    /// caller drops the packet either way.
     pub fn open(&self, esp: &mut [u8], seq_hi: Option<u32>, icv: &[u8]) -> Result<(), AuthError> {
         let iv_len = self.iv_len();
         match self {

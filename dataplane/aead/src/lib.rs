@@ -1,0 +1,153 @@
+//! The fast AES-GCM provider behind espd-core's `Transform` seam: ring's
+//! AES-GCM (AES-NI + PCLMULQDQ/AVX assembly that interleaves the cipher and
+//! GHASH in one pass) for RFC 4106 SAs with the full 16-octet ICV — the
+//! common case. Truncated 8/12-octet ICVs, which ring cannot verify, stay
+//! with espd-core's own composition.
+//!
+//! Why a crate of its own: ring does not zeroize its key schedule on drop
+//! (briansmith/ring#15), and espd's rule is that key material is. Doing it
+//! takes one `unsafe` write over ring's key object, which cannot live in the
+//! `#![forbid(unsafe_code)]` core; it lives here, alone and commented.
+//!
+//! Nonce: RFC 4106 §4 — salt (4 octets of the keying material) ‖ explicit
+//! IV (8 octets, on the wire).
+
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_128_GCM, AES_256_GCM};
+use zeroize::Zeroize;
+
+pub const TAG_LEN: usize = 16;
+
+/// The ICV did not verify.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthError;
+
+/// The key is not 16 or 32 octets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyLenError;
+
+/// An expanded AES-GCM key (ring) and its salt; zeroized on drop.
+pub struct RingGcm {
+    // Boxed so that its memory is ours to wipe on drop, wherever the SA moves.
+    key: Box<LessSafeKey>,
+    salt: [u8; 4],
+    bits: usize,
+}
+
+impl RingGcm {
+    /// `key` is the 16- or 32-octet AES key, `salt` the 4 octets after it.
+    pub fn new(key: &[u8], salt: [u8; 4]) -> Result<Self, KeyLenError> {
+        let alg = match key.len() {
+            16 => &AES_128_GCM,
+            32 => &AES_256_GCM,
+            _ => return Err(KeyLenError),
+        };
+        let unbound = UnboundKey::new(alg, key).map_err(|_| KeyLenError)?;
+        Ok(RingGcm {
+            key: Box::new(LessSafeKey::new(unbound)),
+            salt,
+            bits: key.len() * 8,
+        })
+    }
+
+    pub fn key_bits(&self) -> usize {
+        self.bits
+    }
+
+    fn nonce(&self, iv: &[u8; 8]) -> Nonce {
+        let mut n = [0u8; 12];
+        n[..4].copy_from_slice(&self.salt);
+        n[4..].copy_from_slice(iv);
+        Nonce::assume_unique_for_key(n)
+    }
+
+    /// Encrypts `data` in place and writes the 16-octet tag to `icv`.
+    pub fn seal(&self, iv: &[u8; 8], aad: &[u8], data: &mut [u8], icv: &mut [u8; TAG_LEN]) {
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(self.nonce(iv), Aad::from(aad), data)
+            // ring refuses only inputs over 2^36 octets (SP 800-38D §5.2.1.1);
+            // an IP packet is at most 2^16. Not reachable from packet contents.
+            .expect("an IP packet is far below GCM's length limit");
+        icv.copy_from_slice(tag.as_ref());
+    }
+
+    /// Verifies the tag over `aad` and the ciphertext `data`, then leaves the
+    /// plaintext in `data`. On failure `data` holds no plaintext (ring
+    /// overwrites it) and the caller drops the packet.
+    pub fn open(
+        &self,
+        iv: &[u8; 8],
+        aad: &[u8],
+        data: &mut [u8],
+        icv: &[u8; TAG_LEN],
+    ) -> Result<(), AuthError> {
+        let tag = Tag::from(*icv);
+        self.key
+            .open_in_place_separate_tag(self.nonce(iv), Aad::from(aad), tag, data, 0..)
+            .map(|_| ())
+            .map_err(|_| AuthError)
+    }
+}
+
+impl Drop for RingGcm {
+    fn drop(&mut self) {
+        self.salt.zeroize();
+        let p: *mut LessSafeKey = &mut *self.key;
+        // SAFETY: `p` points to the boxed, initialised LessSafeKey that this
+        // struct owns exclusively; nothing else can observe it during drop.
+        // LessSafeKey is plain data (expanded AES round keys, the GHASH key
+        // table and a `&'static Algorithm`) with no drop glue, so overwriting
+        // it with zeros and then letting the Box free it runs no code on the
+        // zeroed value: Box's drop calls `drop_in_place`, a no-op for this
+        // type (checked at compile time below), then deallocates.
+        // `zeroize_flat_type` uses volatile writes the optimiser keeps.
+        unsafe { zeroize::zeroize_flat_type(p) };
+    }
+}
+
+// LessSafeKey must stay free of drop glue for the wipe above to be sound.
+const _: () = assert!(!std::mem::needs_drop::<LessSafeKey>());
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// The GCM specification's Test Case 4 (McGrew & Viega; also NIST's
+    /// gcmEncryptExtIV128 set): AES-128, 96-bit IV split as RFC 4106 does
+    /// (salt ‖ explicit IV), 20 octets of AAD, 60 of plaintext.
+    #[test]
+    fn gcm_spec_test_case_4() {
+        let key = hex("feffe9928665731c6d6a8f9467308308");
+        let salt = [0xca, 0xfe, 0xba, 0xbe];
+        let iv: [u8; 8] = hex("facedbaddecaf888").try_into().unwrap();
+        let aad = hex("feedfacedeadbeeffeedfacedeadbeefabaddad2");
+        let plain = hex("d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a721c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657ba637b39");
+        let g = RingGcm::new(&key, salt).unwrap();
+        let mut data = plain.clone();
+        let mut tag = [0u8; 16];
+        g.seal(&iv, &aad, &mut data, &mut tag);
+        assert_eq!(data, hex("42831ec2217774244b7221b784d0d49ce3aa212f2c02a4e035c17e2329aca12e21d514b25466931c7d8f6a5aac84aa051ba30b396a0aac973d58e091"));
+        assert_eq!(tag.to_vec(), hex("5bc94fbc3221a5db94fae95ae7121a47"));
+        g.open(&iv, &aad, &mut data, &tag).unwrap();
+        assert_eq!(data, plain);
+        // Any flipped bit of tag, AAD or ciphertext fails.
+        g.seal(&iv, &aad, &mut data, &mut tag);
+        let mut bad = tag;
+        bad[15] ^= 0x80;
+        assert_eq!(g.open(&iv, &aad, &mut data.clone(), &bad), Err(AuthError));
+        let mut a2 = aad.clone();
+        a2[0] ^= 1;
+        assert_eq!(g.open(&iv, &a2, &mut data.clone(), &tag), Err(AuthError));
+        let mut c2 = data.clone();
+        c2[59] ^= 1;
+        assert_eq!(g.open(&iv, &aad, &mut c2, &tag), Err(AuthError));
+        assert!(RingGcm::new(&[0u8; 24], salt).is_err());
+    }
+}
