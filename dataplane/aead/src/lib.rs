@@ -1,18 +1,21 @@
-//! The fast AES-GCM provider behind espd-core's `Transform` seam: ring's
-//! AES-GCM (AES-NI + PCLMULQDQ/AVX assembly that interleaves the cipher and
+//! The fast AEAD providers behind espd-core's `Transform` seam: ring's
+//! AES-GCM (AES-NI + PCLMULQDQ/VAES assembly that interleaves the cipher and
 //! GHASH in one pass) for RFC 4106 SAs with the full 16-octet ICV — the
-//! common case. Truncated 8/12-octet ICVs, which ring cannot verify, stay
-//! with espd-core's own composition.
+//! common case — and ring's ChaCha20-Poly1305 for RFC 7634. Truncated
+//! 8/12-octet GCM ICVs, which ring cannot verify, stay with espd-core's own
+//! composition.
 //!
 //! Why a crate of its own: ring does not zeroize its key schedule on drop
 //! (briansmith/ring#15), and espd's rule is that key material is. Doing it
 //! takes one `unsafe` write over ring's key object, which cannot live in the
 //! `#![forbid(unsafe_code)]` core; it lives here, alone and commented.
 //!
-//! Nonce: RFC 4106 §4 — salt (4 octets of the keying material) ‖ explicit
-//! IV (8 octets, on the wire).
+//! Nonce: RFC 4106 §4 and RFC 7634 §2 alike — salt (the last 4 octets of
+//! the keying material) ‖ explicit IV (8 octets, on the wire).
 
-use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_128_GCM, AES_256_GCM};
+use ring::aead::{
+    Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_128_GCM, AES_256_GCM, CHACHA20_POLY1305,
+};
 use zeroize::Zeroize;
 
 pub const TAG_LEN: usize = 16;
@@ -25,15 +28,16 @@ pub struct AuthError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyLenError;
 
-/// An expanded AES-GCM key (ring) and its salt; zeroized on drop.
-pub struct RingGcm {
+/// An expanded AES-GCM or ChaCha20-Poly1305 key (ring) and its salt;
+/// zeroized on drop.
+pub struct RingAead {
     // Boxed so that its memory is ours to wipe on drop, wherever the SA moves.
     key: Box<LessSafeKey>,
     salt: [u8; 4],
     bits: usize,
 }
 
-impl RingGcm {
+impl RingAead {
     /// `key` is the 16- or 32-octet AES key, `salt` the 4 octets after it.
     pub fn new(key: &[u8], salt: [u8; 4]) -> Result<Self, KeyLenError> {
         let alg = match key.len() {
@@ -42,10 +46,23 @@ impl RingGcm {
             _ => return Err(KeyLenError),
         };
         let unbound = UnboundKey::new(alg, key).map_err(|_| KeyLenError)?;
-        Ok(RingGcm {
+        Ok(RingAead {
             key: Box::new(LessSafeKey::new(unbound)),
             salt,
             bits: key.len() * 8,
+        })
+    }
+
+    /// ChaCha20-Poly1305 (RFC 7634): a 32-octet key and its 4-octet salt.
+    pub fn new_chacha(key: &[u8], salt: [u8; 4]) -> Result<Self, KeyLenError> {
+        if key.len() != 32 {
+            return Err(KeyLenError);
+        }
+        let unbound = UnboundKey::new(&CHACHA20_POLY1305, key).map_err(|_| KeyLenError)?;
+        Ok(RingAead {
+            key: Box::new(LessSafeKey::new(unbound)),
+            salt,
+            bits: 256,
         })
     }
 
@@ -89,7 +106,7 @@ impl RingGcm {
     }
 }
 
-impl Drop for RingGcm {
+impl Drop for RingAead {
     fn drop(&mut self) {
         self.salt.zeroize();
         let p: *mut LessSafeKey = &mut *self.key;
@@ -122,6 +139,27 @@ mod tests {
     /// The GCM specification's Test Case 4 (McGrew & Viega; also NIST's
     /// gcmEncryptExtIV128 set): AES-128, 96-bit IV split as RFC 4106 does
     /// (salt ‖ explicit IV), 20 octets of AAD, 60 of plaintext.
+    /// RFC 7539 §2.8.2 (the AEAD example): its 12-octet nonce is
+    /// 07000000 ‖ 4041424344454647, i.e. salt ‖ IV as RFC 7634 builds it.
+    #[test]
+    fn chacha_rfc7539_2_8_2() {
+        let key = hex("808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9f");
+        let salt = [0x07, 0, 0, 0];
+        let iv: [u8; 8] = hex("4041424344454647").try_into().unwrap();
+        let aad = hex("50515253c0c1c2c3c4c5c6c7");
+        let plain = b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip for the future, sunscreen would be it.".to_vec();
+        let g = RingAead::new_chacha(&key, salt).unwrap();
+        let mut data = plain.clone();
+        let mut tag = [0u8; 16];
+        g.seal(&iv, &aad, &mut data, &mut tag);
+        assert_eq!(&data[..16], &hex("d31a8d34648e60db7b86afbc53ef7ec2")[..]);
+        assert_eq!(tag.to_vec(), hex("1ae10b594f09e26a7e902ecbd0600691"));
+        g.open(&iv, &aad, &mut data, &tag).unwrap();
+        assert_eq!(data, plain);
+        tag[3] ^= 4;
+        assert_eq!(g.open(&iv, &aad, &mut data, &tag), Err(AuthError));
+    }
+
     #[test]
     fn gcm_spec_test_case_4() {
         let key = hex("feffe9928665731c6d6a8f9467308308");
@@ -129,7 +167,7 @@ mod tests {
         let iv: [u8; 8] = hex("facedbaddecaf888").try_into().unwrap();
         let aad = hex("feedfacedeadbeeffeedfacedeadbeefabaddad2");
         let plain = hex("d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a721c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657ba637b39");
-        let g = RingGcm::new(&key, salt).unwrap();
+        let g = RingAead::new(&key, salt).unwrap();
         let mut data = plain.clone();
         let mut tag = [0u8; 16];
         g.seal(&iv, &aad, &mut data, &mut tag);
@@ -148,6 +186,6 @@ mod tests {
         let mut c2 = data.clone();
         c2[59] ^= 1;
         assert_eq!(g.open(&iv, &aad, &mut c2, &tag), Err(AuthError));
-        assert!(RingGcm::new(&[0u8; 24], salt).is_err());
+        assert!(RingAead::new(&[0u8; 24], salt).is_err());
     }
 }

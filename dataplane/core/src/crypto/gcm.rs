@@ -42,7 +42,7 @@ pub struct AesGcm {
     icv_len: usize,
     /// The fast provider, for 16-octet ICVs.
     #[cfg(feature = "ring")]
-    fast: Option<espd_aead::RingGcm>,
+    fast: Option<espd_aead::RingAead>,
 }
 
 impl Drop for AesGcm {
@@ -82,7 +82,7 @@ impl AesGcm {
             icv_len,
             #[cfg(feature = "ring")]
             fast: if icv_len == espd_aead::TAG_LEN {
-                espd_aead::RingGcm::new(key, s).ok()
+                espd_aead::RingAead::new(key, s).ok()
             } else {
                 None
             },
