@@ -360,3 +360,29 @@ def test_two_workers_share_the_sas_safely(tmp_path):
     assert sa["oseq"] == sa["packets"], sa
     rx = {x["spi"]: x for x in s2["sas"]}["0x00001001"]
     assert rx["packets"] == sa["packets"], (rx, sa)
+
+
+def test_big_packets_fragment_before_encapsulation_or_get_icmp(net):
+    """IPv4 without DF that will not fit the outside MTU once encapsulated is
+    fragmented first and each fragment tunnelled (host B reassembles);
+    with DF the sender gets ICMP "fragmentation needed" with the MTU left
+    after the ESP overhead (PMTUD through the tunnel)."""
+    net.start("gw1")
+    net.start("gw2")
+    r = net.ns("a", "ping", "-M", "dont", "-s", "1472", "-c", "3", "-i", "0.2", "-W", "2",
+               "198.18.2.20", check=False)
+    assert r.returncode == 0 and " 0% packet loss" in r.stdout, r.stdout
+    r = net.ns("a", "ping", "-M", "do", "-s", "1472", "-c", "1", "-W", "2", "198.18.2.20",
+               check=False)
+    assert r.returncode != 0
+    m = re.search(r"mtu ?= ?(\d+)", r.stdout + r.stderr)
+    assert m, r.stdout + r.stderr
+    # 1500 − outer IPv4 (20) − ESP header and IV (16) − ICV (16) − trailer
+    # (2), down to the 4-octet alignment: 1446 … 1444 depending on padding.
+    assert 1400 <= int(m[1]) <= 1446, m[1]
+    s1, _ = net.stop("gw1")
+    s2, _ = net.stop("gw2")
+    assert s1["workers"][0]["prefragmented"] == 3, s1["workers"][0]
+    assert s1["workers"][0]["prefragments"] == 6
+    assert s2["workers"][0]["prefragmented"] == 3, s2["workers"][0]
+    assert set(drops(s1)) <= {"PacketTooBig"} and not drops(s2), (drops(s1), drops(s2))

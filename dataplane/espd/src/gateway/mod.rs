@@ -323,6 +323,7 @@ pub fn run(a: &Args) -> Result<()> {
             },
             inbox: inboxes.remove(0),
             peers: peers.clone(),
+            reinject: worker::Reinject::default(),
             out,
             stop: Arc::clone(&stop),
         };
@@ -484,6 +485,8 @@ impl Stats {
                 "icmp_sent": s.engine.icmp_sent,
                 "handed_off": s.engine.handed_off,
                 "checksums_completed": s.csum_fixed,
+                "prefragmented": s.prefragmented,
+                "prefragments": s.prefragments,
                 "busy_turns": s.busy_turns, "turns": s.turns,
                 "drops": d,
             }));

@@ -38,6 +38,21 @@ const SLOT_BYTES: usize = 2048;
 /// Packets waiting for one worker at most; more are dropped as `ForeignQueue`.
 pub const HANDOFF_QUEUE: usize = 1024;
 
+/// Frames made inside the worker (inner fragments) waiting to be processed
+/// as if received on `side`: Ethernet frames end to end in `arena`. Both
+/// vectors keep their capacity, so steady traffic allocates nothing.
+#[derive(Default)]
+pub struct Reinject {
+    arena: Vec<u8>,
+    list: Vec<(usize, usize, usize)>,
+    scratch: Vec<u8>,
+}
+
+/// Room kept below the outside MTU when fragmenting before encapsulation:
+/// outer IPv6 (40) + UDP (8) + ESP header and IV (16) + padding, trailer
+/// and ICV (at most 17 + 16), rounded up.
+const PREFRAG_OVERHEAD: usize = 100;
+
 /// What a worker publishes for the stats loop (a few times a second).
 #[derive(Clone, Default)]
 pub struct Snapshot {
@@ -50,6 +65,9 @@ pub struct Snapshot {
     /// Per SA: packets, bytes, drops (indexed like the SAD).
     pub sa: Vec<(u64, u64, [u64; DropReason::COUNT])>,
     pub oseq: Vec<u64>,
+    /// IPv4 packets without DF fragmented before encapsulation, and the fragments.
+    pub prefragmented: u64,
+    pub prefragments: u64,
     /// Partial TCP/UDP checksums completed (virtual inside links).
     pub csum_fixed: u64,
     pub busy_turns: u64,
@@ -69,6 +87,7 @@ pub struct Worker {
     /// Packets other workers hand to this one, and every worker's inbox (by id).
     pub inbox: Receiver<Slot>,
     pub peers: Vec<SyncSender<Slot>>,
+    pub reinject: Reinject,
     pub out: Arc<Mutex<Snapshot>>,
     pub stop: Arc<AtomicBool>,
 }
@@ -86,6 +105,8 @@ struct Ctx<'a> {
     /// The side the frame came in on, and where to hand packets over.
     side: usize,
     peers: &'a [SyncSender<Slot>],
+    reinject: &'a mut Reinject,
+    prefrag: (&'a mut u64, &'a mut u64),
 }
 
 impl Worker {
@@ -114,6 +135,8 @@ impl Worker {
                     csum_fixed: &mut snap.csum_fixed,
                     side: 0,
                     peers: &self.peers,
+                    reinject: &mut self.reinject,
+                    prefrag: (&mut snap.prefragmented, &mut snap.prefragments),
                 };
                 self.ports
                     .release_held(|buf, at, len, waited| ctx.retry(buf, at, len, waited));
@@ -131,6 +154,8 @@ impl Worker {
                     csum_fixed: &mut snap.csum_fixed,
                     side,
                     peers: &self.peers,
+                    reinject: &mut self.reinject,
+                    prefrag: (&mut snap.prefragmented, &mut snap.prefragments),
                 };
                 got += self
                     .ports
@@ -154,6 +179,8 @@ impl Worker {
                     csum_fixed: &mut snap.csum_fixed,
                     side,
                     peers: &self.peers,
+                    reinject: &mut self.reinject,
+                    prefrag: (&mut snap.prefragmented, &mut snap.prefragments),
                 };
                 let len = usize::from(slot.len);
                 let ok = self.ports.inject(|buf| {
@@ -163,6 +190,40 @@ impl Worker {
                 if !ok {
                     snap.io_drops[DropReason::ForeignQueue as usize] += 1;
                 }
+            }
+            // Inner fragments made this turn: processed like received frames.
+            if !self.reinject.list.is_empty() {
+                let list = std::mem::take(&mut self.reinject.list);
+                let arena = std::mem::take(&mut self.reinject.arena);
+                for &(side, off, len) in &list {
+                    let mut ctx = Ctx {
+                        engine: &mut self.engine,
+                        cache: &mut self.cache,
+                        macs: self.macs,
+                        mtu: self.mtu,
+                        io_drops: &mut snap.io_drops,
+                        not_ip: &mut snap.not_ip,
+                        fix_csum: false,
+                        csum_fixed: &mut snap.csum_fixed,
+                        side,
+                        peers: &self.peers,
+                        reinject: &mut self.reinject,
+                        prefrag: (&mut snap.prefragmented, &mut snap.prefragments),
+                    };
+                    let ok = self.ports.inject(|buf| {
+                        buf[..len].copy_from_slice(&arena[off..off + len]);
+                        ctx.frame(buf, len)
+                    });
+                    if !ok {
+                        snap.io_drops[DropReason::TxRingFull as usize] += 1;
+                    }
+                }
+                // Give the buffers back, emptied, capacity kept.
+                let (mut list, mut arena) = (list, arena);
+                list.clear();
+                arena.clear();
+                self.reinject.list = list;
+                self.reinject.arena = arena;
             }
             self.ports.flush();
             snap.turns += 1;
@@ -225,6 +286,21 @@ impl Ctx<'_> {
         if self.fix_csum && complete_partial_checksum(pkt.data_mut()) {
             *self.csum_fixed += 1;
         }
+        // RFC 4301 §8.1 allows fragmenting before or after IPsec; fragments
+        // after it would have to be reassembled by the peer's kernel before
+        // its ESP (espd does not reassemble), so an IPv4 packet without DF
+        // that cannot fit the outside MTU once encapsulated is fragmented
+        // first, as Linux's tunnel path does, and each fragment goes through
+        // the tunnel on its own. DF packets get ICMP from the engine instead.
+        let limit = self.mtu[1].saturating_sub(PREFRAG_OVERHEAD);
+        if self.side == 0 && ip_len > limit && limit >= 576 && pkt.data()[0] >> 4 == 4 {
+            let r = self.prefragment(&buf[HEADROOM..HEADROOM + ip_len], limit);
+            if r {
+                // buf[..ETH] was copied with each fragment: this frame is done.
+                return Out::Drop;
+            }
+            pkt = PacketBuf::new(buf, HEADROOM, ip_len);
+        }
         let v = self.engine.process(&mut pkt);
         match v {
             Verdict::Encapsulated(_)
@@ -259,6 +335,48 @@ impl Ctx<'_> {
         let (at, n) = (pkt.start(), pkt.len());
 
         self.send(buf, at, n, dst)
+    }
+
+    /// Splits an IPv4 packet without DF into fragments of at most `limit`
+    /// octets, queued (with this frame's Ethernet header) to be processed
+    /// like received frames. False, changing nothing, if it may not be
+    /// fragmented (DF) — the engine answers with ICMP then.
+    fn prefragment(&mut self, ip: &[u8], limit: usize) -> bool {
+        let r = &mut *self.reinject;
+        if r.scratch.len() < limit {
+            r.scratch.resize(limit.max(9216), 0);
+        }
+        let (before_list, before_arena) = (r.list.len(), r.arena.len());
+        let side = self.side;
+        let Reinject {
+            arena,
+            list,
+            scratch,
+        } = r;
+        // The Ethernet header of this frame: the worker reads the EtherType only.
+        let eth: [u8; ETH] = {
+            let mut e = [0u8; ETH];
+            e[12..].copy_from_slice(&0x0800u16.to_be_bytes());
+            e
+        };
+        let res = espd_core::wire::frag::ipv4(ip, limit, scratch, |f| {
+            let off = arena.len();
+            arena.extend_from_slice(&eth);
+            arena.extend_from_slice(f);
+            list.push((side, off, ETH + f.len()));
+        });
+        match res {
+            Ok(_) => {
+                *self.prefrag.0 += 1;
+                *self.prefrag.1 += (list.len() - before_list) as u64;
+                true
+            }
+            Err(_) => {
+                list.truncate(before_list);
+                arena.truncate(before_arena);
+                false
+            }
+        }
     }
 
     /// A held frame (its packet processed, at `at..at + n`) once more.
