@@ -359,7 +359,11 @@ def test_two_workers_share_the_sas_safely(tmp_path):
     sa = {x["spi"]: x for x in s1["sas"]}["0x00001001"]
     assert sa["oseq"] == sa["packets"], sa
     rx = {x["spi"]: x for x in s2["sas"]}["0x00001001"]
-    assert rx["packets"] == sa["packets"], (rx, sa)
+    # Received, or dropped by the kernel before AF_XDP (RX ring full: the
+    # two gateways' four workers share two cores); nothing else is lost.
+    kdrop = sum(w["kernel_rx_dropped_outside"] for w in s2["workers"])
+    assert rx["packets"] + kdrop == sa["packets"], \
+        (rx, sa, kdrop, s2["workers"])
 
 
 def test_big_packets_fragment_before_encapsulation_or_get_icmp(net):

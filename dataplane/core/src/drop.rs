@@ -75,8 +75,8 @@ drop_reasons! {
     NoNeighbour => "next hop not resolved yet",
     /// Gateway: a decapsulated packet is addressed to this host; espd forwards only (see docs/operations.md).
     LocalDelivery => "decapsulated packet for this host (not delivered)",
-    /// Gateway: the TX ring of the output interface was full.
-    TxRingFull => "TX ring full",
+    /// Gateway: no free UMEM frame for a frame espd made itself (an inner fragment).
+    TxRingFull => "no free frame for a frame espd made",
 }
 
 #[cfg(test)]

@@ -188,7 +188,7 @@ struct Held {
 pub struct PortStats {
     pub rx: [u64; 2],
     pub tx: [u64; 2],
-    /// Frames that found the TX ring full (dropped, counted as `TxRingFull`).
+    /// Times the TX ring was full at a flush (frames wait, none is dropped).
     pub tx_full: [u64; 2],
     /// Frames in each fill ring now, and idle in the free list.
     pub in_fill: [usize; 2],
@@ -429,6 +429,11 @@ impl WorkerPorts {
         }
     }
 
+    /// Frames free for [`WorkerPorts::inject`].
+    pub fn free_frames(&self) -> usize {
+        self.free.len()
+    }
+
     /// How many frames are held.
     pub fn held(&self) -> usize {
         self.held.len()
@@ -471,36 +476,30 @@ impl WorkerPorts {
     pub fn flush(&mut self) {
         for s in 0..2 {
             let side = &mut self.sides[s];
-            let mut pending = std::mem::take(&mut side.pending);
-            let mut it = pending.drain(..);
-            loop {
-                let mut n = 0;
-                for (slot, f) in self.scratch.iter_mut().zip(it.by_ref()) {
-                    *slot = f.0; // the Frame is consumed: the ring or the free list gets it
-                    n += 1;
-                }
-                if n == 0 {
-                    break;
+            // Submit in order as much as the TX ring takes; what it cannot
+            // take yet stays pending for the next flush (back-pressure: the
+            // frames are not dropped, and while they wait fewer frames refill
+            // the RX side, so the kernel holds back or counts its drops).
+            let mut sent = 0;
+            while sent < side.pending.len() {
+                let n = (side.pending.len() - sent).min(self.scratch.len());
+                for (slot, f) in self.scratch.iter_mut().zip(&side.pending[sent..sent + n]) {
+                    *slot = f.0;
                 }
                 // SAFETY: the pending frames are ours (received, processed,
-                // not in any ring); each is submitted once.
+                // not in any ring); each is submitted once, and removed from
+                // `pending` below exactly when the ring took it.
                 let done = unsafe { side.tx.produce(&self.scratch[..n]) };
                 side.in_tx += done;
                 self.stats.tx[s] += done as u64;
+                sent += done;
                 if done < n {
-                    // The ring is full: what did not fit goes back to the free list.
-                    self.free
-                        .extend(self.scratch[done..n].iter().map(|d| Frame(*d)));
-                    self.stats.tx_full[s] += (n - done) as u64;
-                    for f in it.by_ref() {
-                        self.stats.tx_full[s] += 1;
-                        self.free.push(f);
-                    }
+                    self.stats.tx_full[s] += 1; // times the ring was full
                     break;
                 }
             }
-            drop(it);
-            side.pending = pending;
+            // The submitted frames are the ring's now: drop our handles to them.
+            side.pending.drain(..sent);
             // Copy mode sends in batches per kick; kick while anything is in flight.
             if side.in_tx > 0 && side.tx.needs_wakeup() {
                 let _ = side.tx.wakeup();
@@ -518,7 +517,7 @@ impl WorkerPorts {
                 + self
                     .sides
                     .iter()
-                    .map(|s| s.in_fill + s.in_tx)
+                    .map(|s| s.in_fill + s.in_tx + s.pending.len())
                     .sum::<usize>()
                 == self.total,
             "every frame is in exactly one place"

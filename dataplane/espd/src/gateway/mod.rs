@@ -449,10 +449,7 @@ impl Stats {
         for (i, s) in snaps.iter().enumerate() {
             let mut d = serde_json::Map::new();
             for r in DropReason::ALL {
-                let mut n = s.engine.drops[*r as usize] + s.io_drops[*r as usize];
-                if *r == DropReason::TxRingFull {
-                    n += s.ports.tx_full.iter().sum::<u64>();
-                }
+                let n = s.engine.drops[*r as usize] + s.io_drops[*r as usize];
                 total[*r as usize] += n;
                 if n > 0 {
                     d.insert(r.name().into(), json!(n));
@@ -474,6 +471,7 @@ impl Stats {
                 "tx_inside": s.ports.tx[0], "tx_outside": s.ports.tx[1],
                 "fill_inside": s.ports.in_fill[0], "fill_outside": s.ports.in_fill[1],
                 "free_frames": s.ports.free,
+                "tx_ring_full": s.ports.tx_full.iter().sum::<u64>(),
                 "kernel_rx_dropped_inside": s.ports.kernel_rx_dropped[0],
                 "kernel_rx_dropped_outside": s.ports.kernel_rx_dropped[1],
                 "kernel_rx_ring_full": s.ports.kernel_rx_ring_full.iter().sum::<u64>(),

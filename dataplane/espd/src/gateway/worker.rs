@@ -163,6 +163,10 @@ impl Worker {
             }
             // Packets other workers handed over: processed as if received here.
             for _ in 0..BURST {
+                // A slot waits in the inbox until a frame is free for it.
+                if self.ports.free_frames() == 0 {
+                    break;
+                }
                 let Ok(slot) = self.inbox.try_recv() else {
                     break;
                 };
