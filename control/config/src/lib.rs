@@ -8,6 +8,7 @@
 //! Errors never contain key material.
 #![forbid(unsafe_code)]
 
+pub mod db;
 mod lex;
 mod parse;
 

@@ -181,6 +181,48 @@ impl Engine {
         self.worker = id;
     }
 
+    /// Takes over the runtime state of `old` (the engine this one replaces
+    /// after a configuration change): every SA that exists in both — same
+    /// destination, SPI and source — keeps its replay window, outbound
+    /// sequence number, sharing and counters, so a change elsewhere in the
+    /// configuration costs a tunnel nothing (no replays accepted, no numbers
+    /// reused). The engine's own counters carry on too.
+    pub fn adopt_state(&mut self, old: &Engine) {
+        for id in 0..self.sad.len() {
+            let (dst, spi, src) = {
+                let c = &self.sad.get(id).cfg;
+                (c.dst, c.spi, c.src)
+            };
+            let Some(oid) = old.sad.lookup_in(dst, spi) else {
+                continue;
+            };
+            let o = old.sad.get(oid);
+            if o.cfg.src != src {
+                continue;
+            }
+            let n = self.sad.get_mut(id);
+            // The IV is seq ⊕ this mask: a new mask with the sequence going
+            // on could repeat an IV (a GCM nonce). Keep the old one.
+            n.cfg.iv_mask = o.cfg.iv_mask;
+            n.replay = o.replay.clone();
+            n.oseq = o.oseq;
+            n.exhausted = o.exhausted;
+            n.ip_id = o.ip_id;
+            n.last_tx = o.last_tx;
+            n.counters = o.counters.clone();
+            if o.share.is_some() {
+                n.share = o.share.clone();
+            }
+        }
+        self.counters = old.counters.clone();
+        self.now = old.now;
+        self.mtu = old.mtu;
+        self.router = old.router;
+        self.worker = old.worker;
+        self.icmp_src = old.icmp_src.clone();
+        self.icmp_rate = old.icmp_rate;
+    }
+
     /// The addresses ICMP errors come from, by family: a router's are those
     /// of the interface the error leaves by (RFC 1812 §4.3.2.4) — the
     /// gateway's inside interface. Without one of a family, the first local

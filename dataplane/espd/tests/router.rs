@@ -281,3 +281,32 @@ fn partial_checksums_are_completed_and_nothing_else_is_touched() {
     assert!(!complete_partial_checksum(&mut icmp));
     assert!(!complete_partial_checksum(&mut [0x45, 0, 0]));
 }
+
+#[test]
+fn a_new_engine_takes_over_windows_sequence_numbers_and_iv_masks() {
+    let mut a = engine(&gw1(), &[]);
+    let mut b = engine(&gw2(), &[]);
+    let pkt = udp4("198.18.1.10", "198.18.2.20", 9);
+    let esp: Vec<Vec<u8>> = (0..5).map(|_| run(&mut a, &pkt).1).collect();
+    for e in &esp[..3] {
+        assert!(matches!(run(&mut b, e).0, Verdict::Decapsulated(_)));
+    }
+    // A configuration change elsewhere: both sides rebuild their engines.
+    let extra = "policy add src 198.18.7.0/24 dst 198.18.8.0/24 dir out action block\n";
+    let mut a2 = engine(&format!("{}{extra}", gw1()), &[]);
+    let mut b2 = engine(&format!("{}{extra}", gw2()), &[]);
+    a2.adopt_state(&a);
+    b2.adopt_state(&b);
+    assert_eq!(a2.sad.get(0).cfg.iv_mask, a.sad.get(0).cfg.iv_mask);
+    // The window survived: a replay of an old packet is refused, the unseen ones pass.
+    assert_eq!(run(&mut b2, &esp[1]).0, Verdict::Drop(DropReason::Replay));
+    assert!(matches!(run(&mut b2, &esp[4]).0, Verdict::Decapsulated(_)));
+    assert!(matches!(run(&mut b2, &esp[3]).0, Verdict::Decapsulated(_)));
+    // The sequence goes on (6, not 1), with the same IV mask: no IV repeats.
+    let next = run(&mut a2, &pkt).1;
+    assert_eq!(u32::from_be_bytes(next[24..28].try_into().unwrap()), 6);
+    let iv = |p: &[u8]| p[28..36].to_vec();
+    assert!(esp.iter().all(|e| iv(e) != iv(&next)));
+    assert!(matches!(run(&mut b2, &next).0, Verdict::Decapsulated(_)));
+    assert_eq!(b2.counters.decapsulated, 6);
+}

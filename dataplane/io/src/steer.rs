@@ -188,6 +188,63 @@ impl Steering {
         Ok(())
     }
 
+    /// Removes SPIs (absent ones are ignored).
+    pub fn remove_spis(&mut self, spis: impl IntoIterator<Item = u32>) -> Result<(), SteerError> {
+        let mut m: HashMap<&mut MapData, u32, u8> = HashMap::try_from(
+            self.ebpf
+                .map_mut(MAP_SPIS)
+                .ok_or(SteerError::Missing(MAP_SPIS))?,
+        )?;
+        for s in spis {
+            let _ = m.remove(&s);
+        }
+        Ok(())
+    }
+
+    /// Removes encapsulation ports (absent ones are ignored).
+    pub fn remove_encap_ports(
+        &mut self,
+        ports: impl IntoIterator<Item = u16>,
+    ) -> Result<(), SteerError> {
+        let mut m: HashMap<&mut MapData, u16, u8> = HashMap::try_from(
+            self.ebpf
+                .map_mut(MAP_ENCAP_PORTS)
+                .ok_or(SteerError::Missing(MAP_ENCAP_PORTS))?,
+        )?;
+        for p in ports {
+            let _ = m.remove(&p);
+        }
+        Ok(())
+    }
+
+    /// Removes destination prefixes from the inside program (absent ones are ignored).
+    pub fn remove_selectors(
+        &mut self,
+        sels: impl IntoIterator<Item = (IpAddr, u8)>,
+    ) -> Result<(), SteerError> {
+        for (addr, len) in sels {
+            match addr {
+                IpAddr::V4(a) => {
+                    let mut t: LpmTrie<&mut MapData, [u8; 4], u8> = LpmTrie::try_from(
+                        self.ebpf
+                            .map_mut(MAP_SEL_V4)
+                            .ok_or(SteerError::Missing(MAP_SEL_V4))?,
+                    )?;
+                    let _ = t.remove(&Key::new(u32::from(len), a.octets()));
+                }
+                IpAddr::V6(a) => {
+                    let mut t: LpmTrie<&mut MapData, [u8; 16], u8> = LpmTrie::try_from(
+                        self.ebpf
+                            .map_mut(MAP_SEL_V6)
+                            .ok_or(SteerError::Missing(MAP_SEL_V6))?,
+                    )?;
+                    let _ = t.remove(&Key::new(u32::from(len), a.octets()));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Adds addresses of this box: the inside program never steers traffic to them.
     pub fn add_local(&mut self, addrs: impl IntoIterator<Item = IpAddr>) -> Result<(), SteerError> {
         for a in addrs {

@@ -13,14 +13,14 @@
 //! ```
 //! One worker per queue pair; each owns a UMEM shared by its two sockets.
 
+pub mod control;
 pub mod nexthop;
 mod worker;
 
 use anyhow::{bail, Context, Result};
 use aya::programs::XdpMode;
 use espd_config::Config;
-use espd_core::engine::Engine;
-use espd_core::state::{Action, Direction, SaShare};
+use espd_core::state::{Action, Direction};
 use espd_core::DropReason;
 use espd_io::steer::{SelAction, Side, Steering};
 use espd_io::xsk::{BindMode, WorkerPorts, WORKER_FRAMES};
@@ -36,9 +36,13 @@ use worker::{Snapshot, Worker};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Configuration in `ip xfrm` syntax (see docs/config.md).
+    /// Configuration in `ip xfrm` syntax (see docs/config.md). Without it
+    /// espd starts with no SAs or policies and takes them from `espctl`.
     #[arg(long, short = 'c')]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
+    /// The control socket `espctl -s PATH` talks to (mode 0600, root only).
+    #[arg(long, default_value = espd_proto::DEFAULT_SOCKET)]
+    pub control: PathBuf,
     /// The interface towards the protected networks.
     #[arg(long)]
     pub inside: String,
@@ -177,7 +181,17 @@ pub fn run(a: &Args) -> Result<()> {
             missing.join(", ")
         );
     }
-    let cfg = Config::load(&a.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The running configuration: the file's lines, as if applied by espctl.
+    let mut db = espd_config::db::Db::default();
+    if let Some(path) = &a.config {
+        let text = zeroize::Zeroizing::new(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?,
+        );
+        db.apply(&path.display().to_string(), &text)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let cfg = db.config().map_err(|e| anyhow::anyhow!("{e}"))?;
     let (in_idx, in_mac) = espd_io::netlink::link_info(&a.inside)
         .with_context(|| format!("inside interface {}", a.inside))?;
     let (out_idx, out_mac) = espd_io::netlink::link_info(&a.outside)
@@ -225,21 +239,10 @@ pub fn run(a: &Args) -> Result<()> {
             anyhow::anyhow!("loading XDP: {e}")
         }
     })?;
-    let spis: Vec<u32> = cfg.sad.iter().map(|sa| sa.cfg.spi).collect();
-    let mut ports: Vec<u16> = cfg
-        .sad
-        .iter()
-        .filter_map(|sa| sa.cfg.encap)
-        .flat_map(|e| [e.sport, e.dport])
-        .collect();
-    ports.sort();
-    ports.dedup();
-    let sels = inside_selectors(&cfg);
-    steer.add_spis(spis.iter().copied())?;
-    steer.add_encap_ports(ports.iter().copied())?;
+    let mirror = control::Mirror::of(&cfg);
+    control::Mirror::add(&mut steer, &mirror)?;
     steer.add_local(local.iter().copied())?;
-    steer.add_selectors(sels.iter().copied())?;
-
+    let sels_len = mirror.sels.len();
     // Workers' ports and engines (one engine per worker, from the same config).
     let bind = if a.copy {
         BindMode::Copy
@@ -248,34 +251,22 @@ pub fn run(a: &Args) -> Result<()> {
     } else {
         BindMode::Auto
     };
-    let mut engines = Vec::new();
+    let params = control::EngineParams {
+        local: local.clone(),
+        inside_addrs: inside_addrs.clone(),
+        mtu: read_mtu(&a.outside),
+        bench_no_crypto: a.bench_no_crypto,
+        workers: queues,
+    };
+    let engines = params.build(|| db.config())?;
     let mut wports = Vec::new();
     for q in 0..queues {
-        let c = Config::load(&a.config).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let mut e = Engine::new(c.sad, c.spd, &local);
-        if a.bench_no_crypto {
-            for id in 0..e.sad.len() {
-                e.sad.get_mut(id).transform = espd_core::crypto::Transform::BenchNoCrypto;
-            }
-        }
-        e.set_router(true);
-        e.set_worker(q);
-        e.set_icmp_sources(&inside_addrs);
-        e.set_mtu(Some(read_mtu(&a.outside)));
-        engines.push(e);
         let p = WorkerPorts::bind(&a.inside, &a.outside, q, WORKER_FRAMES, bind)
             .with_context(|| format!("AF_XDP sockets on queue {q}"))?;
         wports.push(p);
     }
-    if queues > 1 {
-        // One owner per SA, and one sequence counter (see docs/architecture.md).
-        for id in 0..engines[0].sad.len() {
-            let share = SaShare::new(engines[0].sad.get(id).oseq);
-            for e in &mut engines {
-                e.sad.get_mut(id).share = Some(share.clone());
-            }
-        }
-    }
+    let listener = control::bind(&a.control)
+        .with_context(|| format!("control socket {}", a.control.display()))?;
     for (q, p) in wports.iter().enumerate() {
         steer.set_socket_side(Side::Inside, q as u32, p.fd(0))?;
         steer.set_socket_side(Side::Outside, q as u32, p.fd(1))?;
@@ -303,6 +294,9 @@ pub fn run(a: &Args) -> Result<()> {
 
     let mut handles = Vec::new();
     let mut snaps = Vec::new();
+    let mailboxes: Vec<Arc<control::Mailbox>> = (0..queues)
+        .map(|_| Arc::new(control::Mailbox::default()))
+        .collect();
     let (peers, mut inboxes): (Vec<_>, Vec<_>) = (0..queues)
         .map(|_| std::sync::mpsc::sync_channel(worker::HANDOFF_QUEUE))
         .unzip();
@@ -324,6 +318,7 @@ pub fn run(a: &Args) -> Result<()> {
             inbox: inboxes.remove(0),
             peers: peers.clone(),
             reinject: worker::Reinject::default(),
+            mailbox: Arc::clone(&mailboxes[q]),
             out,
             stop: Arc::clone(&stop),
         };
@@ -351,8 +346,28 @@ pub fn run(a: &Args) -> Result<()> {
         handles.iter().map(|h| h.1).collect::<Vec<_>>(),
         cfg.sad.len(),
         Direction::ALL.iter().map(|d| cfg.spd.policies(*d).len()).sum::<usize>(),
-        sels.len(),
+        sels_len,
     );
+    eprintln!("espd run: control socket {}", a.control.display());
+    let cores_used: Vec<(usize, usize)> = handles.iter().map(|h| (h.0, h.1)).collect();
+    let steer = Arc::new(Mutex::new(steer));
+    let ctl = Arc::new(control::Control {
+        db: Mutex::new(db),
+        cfg: Mutex::new(cfg),
+        mirror: Mutex::new(mirror),
+        steer: Arc::clone(&steer),
+        mailboxes,
+        snaps: snaps.clone(),
+        cores: cores_used.clone(),
+        params,
+        apply_lock: Mutex::new(()),
+    });
+    let ctl_thread = {
+        let (c, st, path) = (Arc::clone(&ctl), Arc::clone(&stop), a.control.clone());
+        std::thread::Builder::new()
+            .name("espd-control".into())
+            .spawn(move || control::serve(listener, path, c, st))?
+    };
 
     if a.bench_no_crypto {
         eprintln!("espd run: WARNING: --bench-no-crypto: ESP without encryption or integrity, for benchmarks only");
@@ -377,7 +392,12 @@ pub fn run(a: &Args) -> Result<()> {
         }
         if last.elapsed() >= Duration::from_secs(1) {
             last = Instant::now();
-            let s = Stats::gather(&snaps, &steer, &cfg, &handles);
+            let s = Stats::gather_final(
+                &snaps,
+                &steer.lock().expect("steering lock"),
+                &ctl.cfg.lock().expect("config lock"),
+                &cores_used,
+            );
             if tty {
                 eprint!("\r\x1b[K{}", s.line());
             }
@@ -388,12 +408,17 @@ pub fn run(a: &Args) -> Result<()> {
     }
     stop.store(true, Ordering::Relaxed);
     let mut panicked = false;
-    let cores_used: Vec<(usize, usize)> = handles.iter().map(|h| (h.0, h.1)).collect();
     for (_, _, h) in handles {
         panicked |= h.join().is_err();
     }
     let _ = resolver.join();
-    let s = Stats::gather_final(&snaps, &steer, &cfg, &cores_used);
+    let _ = ctl_thread.join();
+    let s = Stats::gather_final(
+        &snaps,
+        &steer.lock().expect("steering lock"),
+        &ctl.cfg.lock().expect("config lock"),
+        &cores_used,
+    );
     if tty {
         eprint!("\r\x1b[K");
     }
@@ -402,6 +427,11 @@ pub fn run(a: &Args) -> Result<()> {
         std::fs::write(p, serde_json::to_string_pretty(&s.json)? + "\n")
             .with_context(|| format!("writing {}", p.display()))?;
     }
+    drop(ctl);
+    let steer = Arc::try_unwrap(steer)
+        .map_err(|_| anyhow::anyhow!("steering still shared at exit"))?
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("steering lock poisoned"))?;
     steer.detach().context("detaching XDP")?;
     eprintln!("espd run: detached from {} and {}", a.inside, a.outside);
     if panicked || failed.is_some() {
@@ -410,8 +440,8 @@ pub fn run(a: &Args) -> Result<()> {
     Ok(())
 }
 
-struct Stats {
-    json: serde_json::Value,
+pub struct Stats {
+    pub json: serde_json::Value,
     rx: u64,
     tx: u64,
     enc: u64,
@@ -422,17 +452,7 @@ struct Stats {
 }
 
 impl Stats {
-    fn gather(
-        snaps: &[Arc<Mutex<Snapshot>>],
-        steer: &Steering,
-        cfg: &Config,
-        handles: &[(usize, usize, std::thread::JoinHandle<()>)],
-    ) -> Stats {
-        let cores: Vec<(usize, usize)> = handles.iter().map(|h| (h.0, h.1)).collect();
-        Self::gather_final(snaps, steer, cfg, &cores)
-    }
-
-    fn gather_final(
+    pub fn gather_final(
         snaps: &[Arc<Mutex<Snapshot>>],
         steer: &Steering,
         cfg: &Config,

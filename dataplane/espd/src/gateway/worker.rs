@@ -88,6 +88,8 @@ pub struct Worker {
     pub inbox: Receiver<Slot>,
     pub peers: Vec<SyncSender<Slot>>,
     pub reinject: Reinject,
+    /// New engines from the control socket.
+    pub mailbox: Arc<super::control::Mailbox>,
     pub out: Arc<Mutex<Snapshot>>,
     pub stop: Arc<AtomicBool>,
 }
@@ -116,8 +118,22 @@ impl Worker {
         let mut idle = 0u32;
         let mut snap = Snapshot::default();
         let mut turn = 0u64;
+        let mut generation = self.mailbox.gen.load(Ordering::Acquire);
         while !self.stop.load(Ordering::Relaxed) {
             turn += 1;
+            // A configuration change: swap engines between two bursts.
+            let g = self.mailbox.gen.load(Ordering::Acquire);
+            if g != generation {
+                let next = self.mailbox.next.lock().ok().and_then(|mut n| n.take());
+                if let Some(mut e) = next {
+                    e.adopt_state(&self.engine);
+                    // The old engine (and its keys) is dropped here.
+                    self.engine = e;
+                    self.publish(&mut snap);
+                }
+                generation = g;
+                self.mailbox.seen.store(g, Ordering::Release);
+            }
             if turn.is_multiple_of(64) {
                 self.engine.set_time(start.elapsed().as_secs());
             }

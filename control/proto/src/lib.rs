@@ -1,0 +1,100 @@
+//! The control protocol between `espctl` and `espd run` (docs/control.md).
+//!
+//! A Unix stream socket (default [`DEFAULT_SOCKET`], mode 0600, root only:
+//! espd checks the peer's credentials). One request per connection: one
+//! JSON object on one line, answered by one JSON object on one line.
+//!
+//! Request:  `{"v": 1, "op": OP, ...}` with OP one of
+//! - `"apply"`, `"text"`: lines of `ip xfrm` words (`state add|update|delete|flush`,
+//!   `policy add|update|delete|flush|setdefault`), applied all or nothing;
+//!   `"name"`: what errors call the batch (a file name for `espctl -b`).
+//! - `"states"`, `"keys"`: bool — the states as `state add` lines; keys are
+//!   replaced by `<redacted>` unless `keys` is true.
+//! - `"policies"` — the policies as `policy add` lines.
+//! - `"stats"` — the counters (the same object as `espd run --stats-json`).
+//!
+//! Response: `{"v": 1, "ok": true, ...}` with `"changes"` (apply), `"text"`
+//! (states, policies) or `"stats"`; or `{"v": 1, "ok": false, "error": "..."}`
+//! where the error names the batch line (`NAME:LINE: what was expected`).
+//! A request with another `v` is refused with an error naming ours.
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+pub const VERSION: u64 = 1;
+pub const DEFAULT_SOCKET: &str = "/run/espd/espd.sock";
+
+pub fn apply(name: &str, text: &str) -> Value {
+    json!({"v": VERSION, "op": "apply", "name": name, "text": text})
+}
+
+pub fn states(keys: bool) -> Value {
+    json!({"v": VERSION, "op": "states", "keys": keys})
+}
+
+pub fn policies() -> Value {
+    json!({"v": VERSION, "op": "policies"})
+}
+
+pub fn stats() -> Value {
+    json!({"v": VERSION, "op": "stats"})
+}
+
+pub fn ok(mut fields: Value) -> Value {
+    fields["v"] = json!(VERSION);
+    fields["ok"] = json!(true);
+    fields
+}
+
+pub fn error(msg: impl Into<String>) -> Value {
+    json!({"v": VERSION, "ok": false, "error": msg.into()})
+}
+
+/// Checks a request's version; the error response if it is not ours.
+pub fn check_version(req: &Value) -> Result<(), Value> {
+    match req.get("v").and_then(Value::as_u64) {
+        Some(VERSION) => Ok(()),
+        other => Err(error(format!(
+            "protocol version {} not supported: this espd speaks version {VERSION}",
+            other.map_or("(none)".to_string(), |v| v.to_string())
+        ))),
+    }
+}
+
+/// Sends one request and reads the answer (client side).
+pub fn call(socket: &Path, req: &Value) -> Result<Value, String> {
+    let mut s = UnixStream::connect(socket).map_err(|e| {
+        format!(
+            "cannot connect to {}: {e} (is `espd run --control {}` running, and are you root?)",
+            socket.display(),
+            socket.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    let mut line = req.to_string();
+    line.push('\n');
+    s.write_all(line.as_bytes()).map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    BufReader::new(s)
+        .read_line(&mut answer)
+        .map_err(|e| format!("reading espd's answer: {e}"))?;
+    serde_json::from_str(&answer).map_err(|e| format!("espd's answer is not JSON ({e}): {answer}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_checked() {
+        assert!(check_version(&apply("b", "state flush")).is_ok());
+        let e = check_version(&json!({"v": 2, "op": "stats"})).unwrap_err();
+        assert_eq!(e["ok"], false);
+        assert!(e["error"].as_str().unwrap().contains("version 1"));
+        assert!(check_version(&json!({"op": "stats"})).is_err());
+    }
+}

@@ -1,0 +1,331 @@
+//! Runtime changes: the control socket and how a change reaches the
+//! running workers (docs/control.md).
+//!
+//! A change is applied to a copy of the running configuration ([`Db`]),
+//! all or nothing. From the result one new engine per worker is built (SAs
+//! shared between workers linked), the XDP maps get what is new, each worker
+//! is handed its new engine through a mailbox and swaps it in between two
+//! bursts — taking over the replay windows, sequence numbers and counters of
+//! every SA that did not change ([`Engine::adopt_state`]) — and only when
+//! every worker has swapped are the XDP entries nothing uses any more
+//! removed and the answer sent. The old engines are dropped by the workers,
+//! and their keys zeroized with them.
+
+use super::worker::Snapshot;
+use super::{inside_selectors, Stats};
+use espd_config::db::Db;
+use espd_config::{Config, ConfigErrors};
+use espd_core::engine::Engine;
+use espd_core::state::SaShare;
+use espd_io::steer::{SelAction, Steering};
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How engines are built for this gateway.
+pub struct EngineParams {
+    pub local: Vec<IpAddr>,
+    pub inside_addrs: Vec<IpAddr>,
+    pub mtu: usize,
+    pub bench_no_crypto: bool,
+    pub workers: u32,
+}
+
+impl EngineParams {
+    /// One engine per worker from the configuration; SAs linked between
+    /// workers when there are several.
+    pub fn build(
+        &self,
+        cfg_of: impl Fn() -> Result<Config, ConfigErrors>,
+    ) -> anyhow::Result<Vec<Engine>> {
+        let mut engines = Vec::new();
+        for q in 0..self.workers {
+            let c = cfg_of().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut e = Engine::new(c.sad, c.spd, &self.local);
+            if self.bench_no_crypto {
+                for id in 0..e.sad.len() {
+                    e.sad.get_mut(id).transform = espd_core::crypto::Transform::BenchNoCrypto;
+                }
+            }
+            e.set_router(true);
+            e.set_worker(q);
+            e.set_icmp_sources(&self.inside_addrs);
+            e.set_mtu(Some(self.mtu));
+            engines.push(e);
+        }
+        if self.workers > 1 {
+            // One owner per SA, and one sequence counter (see docs/architecture.md).
+            // Each engine parsed the configuration itself, so each drew its
+            // own IV mask: one mask per SA, or two workers' IVs could meet.
+            for id in 0..engines[0].sad.len() {
+                let share = SaShare::new(engines[0].sad.get(id).oseq);
+                let mask = engines[0].sad.get(id).cfg.iv_mask;
+                for e in &mut engines {
+                    let sa = e.sad.get_mut(id);
+                    sa.share = Some(share.clone());
+                    sa.cfg.iv_mask = mask;
+                }
+            }
+        }
+        Ok(engines)
+    }
+}
+
+/// What the XDP maps must hold for a configuration.
+#[derive(Default, PartialEq)]
+pub struct Mirror {
+    pub spis: BTreeSet<u32>,
+    pub ports: BTreeSet<u16>,
+    pub sels: Vec<(IpAddr, u8, SelAction)>,
+}
+
+impl Mirror {
+    pub fn of(cfg: &Config) -> Mirror {
+        Mirror {
+            spis: cfg.sad.iter().map(|sa| sa.cfg.spi).collect(),
+            ports: cfg
+                .sad
+                .iter()
+                .filter_map(|sa| sa.cfg.encap)
+                .flat_map(|e| [e.sport, e.dport])
+                .collect(),
+            sels: inside_selectors(cfg),
+        }
+    }
+
+    /// Make-before-break, first half: everything `new` needs (changed
+    /// actions overwrite in place).
+    pub fn add(steer: &mut Steering, new: &Mirror) -> anyhow::Result<()> {
+        steer.add_spis(new.spis.iter().copied())?;
+        steer.add_encap_ports(new.ports.iter().copied())?;
+        steer.add_selectors(new.sels.iter().copied())?;
+        Ok(())
+    }
+
+    /// Second half, once the workers run on `new`: what only `old` had.
+    pub fn remove_stale(steer: &mut Steering, old: &Mirror, new: &Mirror) -> anyhow::Result<()> {
+        steer.remove_spis(old.spis.difference(&new.spis).copied())?;
+        steer.remove_encap_ports(old.ports.difference(&new.ports).copied())?;
+        let keep: BTreeSet<(IpAddr, u8)> = new.sels.iter().map(|s| (s.0, s.1)).collect();
+        steer.remove_selectors(
+            old.sels
+                .iter()
+                .map(|s| (s.0, s.1))
+                .filter(|k| !keep.contains(k)),
+        )?;
+        Ok(())
+    }
+}
+
+/// A worker's inbox for a new engine.
+#[derive(Default)]
+pub struct Mailbox {
+    pub next: Mutex<Option<Engine>>,
+    /// Bumped when `next` is filled; the worker stores it in `seen` once swapped.
+    pub gen: AtomicU64,
+    pub seen: AtomicU64,
+}
+
+/// Everything the control socket acts on.
+pub struct Control {
+    pub db: Mutex<Db>,
+    pub cfg: Mutex<Config>,
+    pub mirror: Mutex<Mirror>,
+    pub steer: Arc<Mutex<Steering>>,
+    pub mailboxes: Vec<Arc<Mailbox>>,
+    pub snaps: Vec<Arc<Mutex<Snapshot>>>,
+    pub cores: Vec<(usize, usize)>,
+    pub params: EngineParams,
+    /// One change at a time.
+    pub apply_lock: Mutex<()>,
+}
+
+impl Control {
+    /// Applies a batch to the running gateway; the changes made, or why not.
+    pub fn apply(&self, name: &str, text: &str) -> Result<Value, String> {
+        let _one = self
+            .apply_lock
+            .lock()
+            .map_err(|_| "control state poisoned")?;
+        let mut db = self
+            .db
+            .lock()
+            .map_err(|_| "control state poisoned")?
+            .clone();
+        let ch = db.apply(name, text).map_err(|e| e.to_string())?;
+        let new_cfg = db.config().map_err(|e| e.to_string())?;
+        let engines = self
+            .params
+            .build(|| db.config())
+            .map_err(|e| e.to_string())?;
+        let new_mirror = Mirror::of(&new_cfg);
+        {
+            let mut st = self.steer.lock().map_err(|_| "steering poisoned")?;
+            Mirror::add(&mut st, &new_mirror).map_err(|e| format!("XDP maps: {e}"))?;
+        }
+        // Hand each worker its engine and wait until all have swapped.
+        let mut gens = Vec::new();
+        for (mb, e) in self.mailboxes.iter().zip(engines) {
+            *mb.next.lock().map_err(|_| "mailbox poisoned")? = Some(e);
+            gens.push(mb.gen.fetch_add(1, Ordering::AcqRel) + 1);
+        }
+        let start = Instant::now();
+        while self
+            .mailboxes
+            .iter()
+            .zip(&gens)
+            .any(|(mb, g)| mb.seen.load(Ordering::Acquire) < *g)
+        {
+            if start.elapsed() > Duration::from_secs(10) {
+                return Err("a worker did not take the new configuration within 10 s".into());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        {
+            let mut st = self.steer.lock().map_err(|_| "steering poisoned")?;
+            let old = self.mirror.lock().map_err(|_| "poisoned")?;
+            Mirror::remove_stale(&mut st, &old, &new_mirror)
+                .map_err(|e| format!("XDP maps: {e}"))?;
+        }
+        *self.mirror.lock().map_err(|_| "poisoned")? = new_mirror;
+        *self.cfg.lock().map_err(|_| "poisoned")? = new_cfg;
+        *self.db.lock().map_err(|_| "poisoned")? = db;
+        Ok(json!({
+            "states_added": ch.states_added, "states_updated": ch.states_updated,
+            "states_deleted": ch.states_deleted, "policies_added": ch.policies_added,
+            "policies_updated": ch.policies_updated, "policies_deleted": ch.policies_deleted,
+        }))
+    }
+
+    pub fn stats(&self) -> Value {
+        let st = self.steer.lock();
+        let cfg = self.cfg.lock();
+        match (st, cfg) {
+            (Ok(st), Ok(cfg)) => Stats::gather_final(&self.snaps, &st, &cfg, &self.cores).json,
+            _ => json!({}),
+        }
+    }
+
+    fn handle(&self, mut req: Value) -> Value {
+        if let Err(e) = espd_proto::check_version(&req) {
+            return e;
+        }
+        match req.get("op").and_then(Value::as_str) {
+            Some("apply") => {
+                let name = req
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("espctl")
+                    .to_string();
+                // The batch holds keys: take it out of the request and wipe it after.
+                let text = zeroize::Zeroizing::new(match req["text"].take() {
+                    Value::String(t) => t,
+                    _ => String::new(),
+                });
+                match self.apply(&name, &text) {
+                    Ok(ch) => espd_proto::ok(json!({ "changes": ch })),
+                    Err(e) => espd_proto::error(e),
+                }
+            }
+            Some("states") => {
+                let keys = req.get("keys").and_then(Value::as_bool).unwrap_or(false);
+                let db = self.db.lock().expect("db lock");
+                let lines: Vec<String> =
+                    db.state_lines(keys).iter().map(|l| l.to_string()).collect();
+                espd_proto::ok(json!({ "text": lines.join("\n") }))
+            }
+            Some("policies") => {
+                let db = self.db.lock().expect("db lock");
+                espd_proto::ok(json!({ "text": db.policy_lines().join("\n") }))
+            }
+            Some("stats") => espd_proto::ok(json!({ "stats": self.stats() })),
+            other => espd_proto::error(format!(
+                "unknown op {other:?}: expected apply, states, policies or stats"
+            )),
+        }
+    }
+}
+
+/// Binds the control socket: its directory created 0700 if missing, the
+/// socket 0600; a stale socket file is replaced, a live one refused.
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "{} is in use by a running espd (use --control PATH for another instance)",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// Serves requests until `stop`; removes the socket file at the end.
+pub fn serve(l: UnixListener, path: PathBuf, c: Arc<Control>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        match l.accept() {
+            Ok((s, _)) => {
+                let _ = one(&c, s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+fn one(c: &Control, mut s: UnixStream) -> std::io::Result<()> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    // Root only (SO_PEERCRED), whatever the file mode says.
+    let uid = nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials)
+        .map(|c| c.uid())
+        .ok();
+    let answer = if uid != Some(0) {
+        espd_proto::error(format!(
+            "permission denied: espd's control socket serves root only (peer uid {})",
+            uid.map_or("unknown".into(), |u| u.to_string())
+        ))
+    } else {
+        let mut line = String::new();
+        BufReader::new(&s).take_line(&mut line)?;
+        let line = zeroize::Zeroizing::new(line);
+        match serde_json::from_str::<Value>(&line) {
+            Ok(req) => c.handle(req),
+            Err(e) => espd_proto::error(format!("request is not JSON: {e}")),
+        }
+    };
+    let mut out = answer.to_string();
+    out.push('\n');
+    s.write_all(out.as_bytes())
+}
+
+trait TakeLine {
+    fn take_line(self, out: &mut String) -> std::io::Result<usize>;
+}
+
+impl<R: BufRead> TakeLine for R {
+    /// One line of at most 16 MiB (a batch of many thousand states).
+    fn take_line(self, out: &mut String) -> std::io::Result<usize> {
+        self.take(16 << 20).read_line(out)
+    }
+}
