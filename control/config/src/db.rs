@@ -342,9 +342,7 @@ mod tests {
         assert!(db
             .apply("b", "state delete dst 198.18.0.2 spi 0x999")
             .is_err());
-        assert!(db
-            .apply("b", &pol.replace("policy add", "policy add"))
-            .is_err());
+        assert!(db.apply("b", pol).is_err(), "the same policy twice");
         // update replaces, delete removes, flush empties.
         let ch = db
             .apply("b", &sa(0x100).replace("state add", "state update"))
