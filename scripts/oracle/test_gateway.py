@@ -66,7 +66,10 @@ class Net:
     def popen(self, name, *cmd, **kw):
         return subprocess.Popen(["ip", "netns", "exec", f"{self.p}-{name}", *cmd], **kw)
 
-    def start(self, gw, extra_conf="", args=()):
+    def sock(self, gw):
+        return str(self.tmp / f"{gw}.sock")
+
+    def start(self, gw, extra_conf="", args=(), config=True):
         inside, outside = {"gw1": ("i1", "o1"), "gw2": ("i2", "o2")}[gw]
         conf = self.tmp / f"{gw}.conf"
         if extra_conf:
@@ -75,8 +78,10 @@ class Net:
         core = "0" if gw == "gw1" else str(1 % os.cpu_count())
         if self.queues > 1:
             core = ",".join(str(i % os.cpu_count()) for i in range(self.queues))
-        p = self.popen(gw, str(ESPD), "run", "-c", str(conf), "--inside", inside, "--outside",
-                       outside, "--cores", core, "--stats-json", str(stats), *args,
+        cfg = ["-c", str(conf)] if config else []
+        p = self.popen(gw, str(ESPD), "run", *cfg, "--inside", inside, "--outside",
+                       outside, "--cores", core, "--stats-json", str(stats),
+                       "--control", self.sock(gw), *args,
                        stderr=subprocess.PIPE, text=True)
         self.procs[gw] = p
         # Up once the banner is printed (XDP attached, sockets bound, workers started).

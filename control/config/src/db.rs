@@ -173,6 +173,8 @@ impl Db {
                     return Err("expected a state".into());
                 };
                 let key = (cfg.dst, cfg.spi);
+                // The SA must be buildable (key lengths, algorithm limits): say so on this line.
+                espd_core::state::Sa::new(*cfg).map_err(|e| e.to_string())?;
                 let at = self.states.iter().position(|(k, _)| *k == key);
                 match (verb, at) {
                     ("add", Some(_)) => Err(format!(
