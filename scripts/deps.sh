@@ -48,8 +48,9 @@ if ! bpf-linker --version >/dev/null 2>&1; then
     LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker@0.13.0 --locked --no-default-features --features llvm-22
 fi
 
-if ! .venv/bin/python -c 'import scapy, cryptography, pytest; assert scapy.__version__ >= "2.8"' 2>/dev/null; then
-    echo "deps.sh: creating .venv (scapy 2.8.0, cryptography, pytest)"
+if ! .venv/bin/python -c 'import scapy, cryptography, pytest, prometheus_client; assert scapy.__version__ >= "2.8"' 2>/dev/null; then
+    echo "deps.sh: creating .venv (scapy 2.8.0, cryptography, pytest, prometheus-client)"
     python3 -m venv .venv
-    .venv/bin/pip install -q --disable-pip-version-check 'scapy==2.8.0' cryptography pytest
+    # prometheus-client: its parser checks espd's metrics text in the tests.
+    .venv/bin/pip install -q --disable-pip-version-check 'scapy==2.8.0' cryptography pytest 'prometheus-client==0.21.1'
 fi

@@ -14,6 +14,7 @@
 //! One worker per queue pair; each owns a UMEM shared by its two sockets.
 
 pub mod control;
+mod metrics;
 pub mod nexthop;
 mod worker;
 
@@ -84,6 +85,10 @@ pub struct Args {
     /// to measure the I/O path without crypto. Protects nothing.
     #[arg(long, hide_short_help = true)]
     pub bench_no_crypto: bool,
+    /// Serve Prometheus metrics over HTTP on ADDR:PORT (a bare PORT listens
+    /// on 127.0.0.1). Off by default.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<String>,
     /// No live counter line even on a TTY.
     #[arg(long, short = 'q')]
     pub quiet: bool,
@@ -267,6 +272,13 @@ pub fn run(a: &Args) -> Result<()> {
     }
     let listener = control::bind(&a.control)
         .with_context(|| format!("control socket {}", a.control.display()))?;
+    let metrics = match &a.metrics {
+        Some(m) => {
+            let addr = metrics::parse_addr(m).map_err(|e| anyhow::anyhow!(e))?;
+            Some(std::net::TcpListener::bind(addr).with_context(|| format!("--metrics {addr}"))?)
+        }
+        None => None,
+    };
     for (q, p) in wports.iter().enumerate() {
         steer.set_socket_side(Side::Inside, q as u32, p.fd(0))?;
         steer.set_socket_side(Side::Outside, q as u32, p.fd(1))?;
@@ -362,6 +374,18 @@ pub fn run(a: &Args) -> Result<()> {
         params,
         apply_lock: Mutex::new(()),
     });
+    let metrics_thread = match metrics {
+        Some(l) => {
+            eprintln!("espd run: metrics on http://{}/metrics", l.local_addr()?);
+            let (c, st) = (Arc::clone(&ctl), Arc::clone(&stop));
+            Some(
+                std::thread::Builder::new()
+                    .name("espd-metrics".into())
+                    .spawn(move || metrics::serve(l, c, st))?,
+            )
+        }
+        None => None,
+    };
     let ctl_thread = {
         let (c, st, path) = (Arc::clone(&ctl), Arc::clone(&stop), a.control.clone());
         std::thread::Builder::new()
@@ -413,6 +437,9 @@ pub fn run(a: &Args) -> Result<()> {
     }
     let _ = resolver.join();
     let _ = ctl_thread.join();
+    if let Some(t) = metrics_thread {
+        let _ = t.join();
+    }
     let s = Stats::gather_final(
         &snaps,
         &steer.lock().expect("steering lock"),
