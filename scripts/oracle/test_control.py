@@ -226,3 +226,67 @@ def test_metrics_scrape_parses_and_matches_espctl_stats(net, tmp_path):
     r = net.ns("gw2", PY, "-c", "import urllib.request as u; u.urlopen('http://198.18.0.1:9464/', timeout=2)",
                check=False)
     assert r.returncode != 0
+
+
+def test_lifetimes_and_monitor(net, tmp_path):
+    net.start("gw1")
+    net.start("gw2")
+    mon = subprocess.Popen([ESPCTL, "-s", net.sock("gw1"), "monitor", "--count", "4"],
+                           stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    # A new outbound SA for A→B with a packet limit: soft at 3, hard at 5.
+    key = "0x" + os.urandom(20).hex()
+    line = (f"state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x6000 reqid 1 mode tunnel "
+            f"aead 'rfc4106(gcm(aes))' {key} 128 limit packet-soft 3 packet-hard 5\n")
+    b = tmp_path / "l.batch"
+    b.write_text(line.replace("limit packet-soft 3 packet-hard 5", ""))
+    ctl(net, "gw2", "-b", str(b))
+    b.write_text(line)
+    ctl(net, "gw1", "-b", str(b))
+    r = net.ns("a", "ping", "-c", "8", "-i", "0.2", "-W", "1", "198.18.2.20", check=False)
+    # 5 go through the new SA; the 6th hits the hard limit, the SA is deleted,
+    # and the older SA of reqid 1 (0x1001) carries the rest.
+    time.sleep(0.5)
+    ctl(net, "gw1", "state", "get", "dst", "198.18.0.2", "spi", "0x6000")
+    assert "spi 0x6000" not in ctl(net, "gw1", "state", "list").stdout
+    try:
+        out, _ = mon.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        mon.kill()
+        out, _ = mon.communicate()
+        raise AssertionError("events so far:\n" + out)
+    ev = [json.loads(l) for l in out.splitlines()]
+    kinds = [(e["event"], e.get("spi"), e.get("why")) for e in ev]
+    assert kinds[0] == ("sa-added", "0x00006000", None), kinds
+    assert ("soft-expire", "0x00006000", "packets") in kinds, kinds
+    assert ("hard-expire", "0x00006000", "packets") in kinds, kinds
+    assert ("sa-removed", "0x00006000", None) in kinds, kinds
+    s1, _ = net.stop("gw1")
+    assert s1["drops"]["SaExpired"] >= 1, drops(s1)
+    # The pings after the expiry went through the older SA.
+    assert r.stdout.count("bytes from") >= 7, r.stdout
+
+
+UNKNOWN = r"""
+import sys
+from scapy.all import IP, ESP, Ether, sendp
+sendp(Ether(dst=sys.argv[1]) / IP(src="198.18.0.2", dst="198.18.0.1") / ESP(spi=0xdead, seq=1) / (b"x" * 40),
+      iface="o2", count=3, verbose=False)
+"""
+
+
+def test_monitor_reports_unknown_spis(net, tmp_path):
+    net.start("gw1")
+    mon = subprocess.Popen([ESPCTL, "-s", net.sock("gw1"), "monitor", "--count", "1"],
+                           stdout=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    mac = json.loads(net.ns("gw1", "ip", "-j", "link", "show", "o1").stdout)[0]["address"]
+    (tmp_path / "u.py").write_text(UNKNOWN)
+    net.ns("gw2", PY, str(tmp_path / "u.py"), mac)
+    try:
+        out, _ = mon.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        mon.kill()
+        raise
+    ev = json.loads(out.splitlines()[0])
+    assert ev["event"] == "unknown-spi" and ev["count"] == 3, ev

@@ -98,6 +98,11 @@ impl Db {
             .collect()
     }
 
+    /// The (destination, SPI) of every state.
+    pub fn state_keys(&self) -> Vec<(IpAddr, u32)> {
+        self.states.iter().map(|(k, _)| *k).collect()
+    }
+
     pub fn states(&self) -> usize {
         self.states.len()
     }

@@ -3,8 +3,8 @@
 use crate::lex;
 use espd_core::state::replay::MAX_WINDOW;
 use espd_core::state::{
-    Action, Algs, Direction, Encap, KeyedAlg, Level, Mode, Policy, PortRange, Prefix, SaConfig,
-    SaFlags, Selector, Template,
+    Action, Algs, Direction, Encap, KeyedAlg, Level, Lifetime, Mode, Policy, PortRange, Prefix,
+    SaConfig, SaFlags, Selector, Template,
 };
 use espd_core::wire::proto;
 use std::net::IpAddr;
@@ -309,6 +309,7 @@ fn state_add(w: &mut Words<'_>) -> R<SaConfig> {
     let (mut aead, mut enc, mut auth, mut encap) = (None, None, None, None);
     let (mut seq, mut seq_hi, mut oseq, mut oseq_hi) = (None, None, None, None);
     let mut fl = SaFlags::default();
+    let mut lifetime = Lifetime::default();
     while let Some(k) = w.next() {
         macro_rules! once {
             ($slot:ident, $e:expr) => {{
@@ -355,6 +356,7 @@ fn state_add(w: &mut Words<'_>) -> R<SaConfig> {
                 return Err("`auth` truncates hmac(sha256) to 96 bits on Linux, which RFC 4868 does not define: use `auth-trunc 'hmac(sha256)' KEY 128`".into())
             }
             "sel" => once!(sel, selector(w, "state")?),
+            "limit" => limits(w, &mut lifetime)?,
             "comp" => return Err("`comp` (IPComp) is not supported".into()),
             "encap" => {
                 let ty = w.value(k, "espinudp SPORT DPORT OADDR")?;
@@ -371,7 +373,7 @@ fn state_add(w: &mut Words<'_>) -> R<SaConfig> {
             }
             other => {
                 return Err(format!(
-                    "unknown or unsupported word `{other}` in `state add` (expected src, dst, proto, spi, reqid, mode, replay-window, replay-seq, replay-seq-hi, replay-oseq, replay-oseq-hi, flag, aead, enc, auth-trunc, encap, sel)"
+                    "unknown or unsupported word `{other}` in `state add` (expected src, dst, proto, spi, reqid, mode, replay-window, replay-seq, replay-seq-hi, replay-oseq, replay-oseq-hi, flag, aead, enc, auth-trunc, encap, sel, limit)"
                 ))
             }
         }
@@ -419,7 +421,53 @@ fn state_add(w: &mut Words<'_>) -> R<SaConfig> {
         encap,
         sel,
         iv_mask: random_u64(),
+        lifetime,
     })
+}
+
+/// `limit time-soft N time-hard N byte-soft N byte-hard N packet-soft N
+/// packet-hard N` (any of them, at least one): ip xfrm's lifetime words.
+fn limits(w: &mut Words<'_>, lt: &mut Lifetime) -> R<()> {
+    let mut any = false;
+    while let Some(k) = w.peek() {
+        let slot = match k {
+            "time-soft" => &mut lt.time_soft,
+            "time-hard" => &mut lt.time_hard,
+            "byte-soft" => &mut lt.bytes_soft,
+            "byte-hard" => &mut lt.bytes_hard,
+            "packet-soft" => &mut lt.packets_soft,
+            "packet-hard" => &mut lt.packets_hard,
+            "time-use-soft" | "time-use-hard" => {
+                return Err(format!(
+                    "`limit {k}` is not supported: use time-soft/time-hard"
+                ))
+            }
+            _ => break,
+        };
+        w.next();
+        *slot = number(
+            k,
+            w.value(k, "a number (seconds, octets or packets)")?,
+            u64::MAX,
+        )?;
+        any = true;
+    }
+    if !any {
+        return Err("`limit` needs time-soft, time-hard, byte-soft, byte-hard, packet-soft or packet-hard followed by a number".into());
+    }
+    let pairs = [
+        ("time", lt.time_soft, lt.time_hard),
+        ("byte", lt.bytes_soft, lt.bytes_hard),
+        ("packet", lt.packets_soft, lt.packets_hard),
+    ];
+    for (what, soft, hard) in pairs {
+        if soft != 0 && hard != 0 && soft > hard {
+            return Err(format!(
+                "`limit {what}-soft` ({soft}) is above `{what}-hard` ({hard})"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn random_u64() -> u64 {

@@ -45,6 +45,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print events as they happen, one JSON object per line: SA added and
+    /// removed, soft and hard expiry, unknown SPIs (at most one a second).
+    Monitor {
+        /// Exit after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Check a configuration file (ip xfrm syntax): every error as FILE:LINE: why.
     Check { file: PathBuf },
 }
@@ -188,6 +195,16 @@ fn run(cli: Cli) -> Result<(), String> {
                 }
             }
             Ok(())
+        }
+        Cmd::Monitor { count } => {
+            use std::io::Write;
+            let mut n = 0u64;
+            espd_proto::subscribe(s, |ev| {
+                println!("{ev}");
+                let _ = std::io::stdout().flush();
+                n += 1;
+                count.is_none_or(|c| n < c)
+            })
         }
         Cmd::Policy { verb, .. } if verb == "list" => {
             let r = call(s, &espd_proto::policies())?;

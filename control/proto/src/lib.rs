@@ -12,6 +12,9 @@
 //!   replaced by `<redacted>` unless `keys` is true.
 //! - `"policies"` — the policies as `policy add` lines.
 //! - `"stats"` — the counters (the same object as `espd run --stats-json`).
+//! - `"monitor"` — the connection stays open: after `{"ok": true}`, one JSON
+//!   object per line per event: `{"event": "sa-added"|"sa-removed"|"soft-expire"|
+//!   "hard-expire"|"unknown-spi", "dst", "spi", "why", …}`.
 //!
 //! Response: `{"v": 1, "ok": true, ...}` with `"changes"` (apply), `"text"`
 //! (states, policies) or `"stats"`; or `{"v": 1, "ok": false, "error": "..."}`
@@ -39,6 +42,10 @@ pub fn policies() -> Value {
     json!({"v": VERSION, "op": "policies"})
 }
 
+pub fn monitor() -> Value {
+    json!({"v": VERSION, "op": "monitor"})
+}
+
 pub fn stats() -> Value {
     json!({"v": VERSION, "op": "stats"})
 }
@@ -62,6 +69,38 @@ pub fn check_version(req: &Value) -> Result<(), Value> {
             other.map_or("(none)".to_string(), |v| v.to_string())
         ))),
     }
+}
+
+/// Subscribes to events: calls `f` with each one until the connection ends
+/// or `f` returns false.
+pub fn subscribe(socket: &Path, mut f: impl FnMut(&Value) -> bool) -> Result<(), String> {
+    let mut s = UnixStream::connect(socket)
+        .map_err(|e| format!("cannot connect to {}: {e}", socket.display()))?;
+    let mut line = monitor().to_string();
+    line.push('\n');
+    s.write_all(line.as_bytes()).map_err(|e| e.to_string())?;
+    let r = BufReader::new(s);
+    let mut first = true;
+    for l in r.lines() {
+        let l = l.map_err(|e| e.to_string())?;
+        let v: Value =
+            serde_json::from_str(&l).map_err(|e| format!("bad event line ({e}): {l}"))?;
+        if first {
+            first = false;
+            if v.get("ok").and_then(Value::as_bool) != Some(true) {
+                return Err(v
+                    .get("error")
+                    .and_then(Value::as_str)
+                    .unwrap_or("refused")
+                    .to_string());
+            }
+            continue;
+        }
+        if !f(&v) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Sends one request and reads the answer (client side).

@@ -65,6 +65,8 @@ drop_reasons! {
     PacketTooBig => "too big for the path MTU after encapsulation (DF or IPv6)",
     /// The packet would not fit its buffer after encapsulation.
     TooBig => "packet too big for the buffer after encapsulation",
+    /// The SA reached its hard lifetime (time, bytes, packets) or the end of its sequence space (RFC 4301 §4.4.2.1): it carries nothing more and the gateway deletes it.
+    SaExpired => "SA hard lifetime reached",
     /// Router mode: the TTL / hop limit would reach 0 when forwarded (RFC 1812 §5.3.1, RFC 8200 §3); an ICMP time exceeded goes back for plaintext from the inside.
     TtlExceeded => "TTL or hop limit exceeded in forwarding",
     /// Gateway: a packet of an SA another worker owns that could not be handed to it (its queue was full, or an inner SA of a bundle, or a race at the first packet; see docs/architecture.md).

@@ -97,7 +97,36 @@ pub struct Engine {
     worker: u32,
     /// Sources for ICMP errors (see [`Engine::set_icmp_sources`]).
     icmp_src: Vec<IpAddr>,
+    /// Events since the last [`Engine::take_events`], and the second of the
+    /// last unknown-SPI event.
+    events: Vec<SaEvent>,
+    unknown_spi_second: Option<u64>,
 }
+
+/// Something the control side should hear about (`espctl monitor`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaEventKind {
+    /// The soft lifetime was reached: time to rekey.
+    SoftExpire,
+    /// The hard lifetime (or the end of the sequence space) was reached: the
+    /// SA carries nothing more and is to be deleted.
+    HardExpire,
+    /// ESP for one of our addresses with an SPI no SA has (at most one such
+    /// event a second per engine).
+    UnknownSpi,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SaEvent {
+    pub kind: SaEventKind,
+    pub dst: IpAddr,
+    pub spi: u32,
+    /// What was reached: "time", "bytes", "packets", "sequence" (empty for UnknownSpi).
+    pub why: &'static str,
+}
+
+/// Events kept at most between two [`Engine::take_events`]; more are counted only.
+pub const MAX_EVENTS: usize = 256;
 
 /// Why one layer of ESP was not removed.
 enum DecapErr {
@@ -159,6 +188,8 @@ impl Engine {
             router: false,
             worker: 0,
             icmp_src: Vec::new(),
+            events: Vec::with_capacity(MAX_EVENTS),
+            unknown_spi_second: None,
         }
     }
 
@@ -181,6 +212,83 @@ impl Engine {
         self.worker = id;
     }
 
+    /// The events since the last call (lifetimes reached, unknown SPIs).
+    pub fn take_events(&mut self, out: &mut Vec<SaEvent>) {
+        out.append(&mut self.events);
+    }
+
+    fn event(&mut self, kind: SaEventKind, dst: IpAddr, spi: u32, why: &'static str) {
+        if self.events.len() < MAX_EVENTS {
+            self.events.push(SaEvent {
+                kind,
+                dst,
+                spi,
+                why,
+            });
+        }
+    }
+
+    /// RFC 4301 §4.4.2.1 lifetimes of SA `id` before it carries a packet:
+    /// false (and the SA expired, with an event) once a hard limit is
+    /// reached; an event the first time a soft one is.
+    fn within_lifetime(&mut self, id: SaId) -> bool {
+        let now = self.now;
+        let sa = self.sad.get(id);
+        if sa.expired {
+            return false;
+        }
+        let lt = sa.cfg.lifetime;
+        if lt.is_unlimited() {
+            return true;
+        }
+        let (age, bytes, packets) = (
+            now.saturating_sub(sa.added),
+            sa.counters.bytes,
+            sa.counters.packets,
+        );
+        let over = |limit: u64, v: u64| limit != 0 && v >= limit;
+        let hard = if over(lt.time_hard, age) {
+            Some("time")
+        } else if over(lt.bytes_hard, bytes) {
+            Some("bytes")
+        } else if over(lt.packets_hard, packets) {
+            Some("packets")
+        } else {
+            None
+        };
+        let soft = if over(lt.time_soft, age) {
+            Some("time")
+        } else if over(lt.bytes_soft, bytes) {
+            Some("bytes")
+        } else if over(lt.packets_soft, packets) {
+            Some("packets")
+        } else {
+            None
+        };
+        let (dst, spi) = (sa.cfg.dst, sa.cfg.spi);
+        if let Some(why) = soft.filter(|_| !sa.soft_reached) {
+            self.sad.get_mut(id).soft_reached = true;
+            self.event(SaEventKind::SoftExpire, dst, spi, why);
+        }
+        if let Some(why) = hard {
+            self.sad.get_mut(id).expired = true;
+            self.event(SaEventKind::HardExpire, dst, spi, why);
+            return false;
+        }
+        true
+    }
+
+    /// Checks the time lifetimes of every SA (call it a few times a second):
+    /// an SA that idles past its hard time expires without waiting for a packet.
+    pub fn check_lifetimes(&mut self) {
+        for id in 0..self.sad.len() {
+            let sa = self.sad.get(id);
+            if !sa.expired && (sa.cfg.lifetime.time_soft != 0 || sa.cfg.lifetime.time_hard != 0) {
+                self.within_lifetime(id);
+            }
+        }
+    }
+
     /// Takes over the runtime state of `old` (the engine this one replaces
     /// after a configuration change): every SA that exists in both — same
     /// destination, SPI and source — keeps its replay window, outbound
@@ -193,13 +301,16 @@ impl Engine {
                 let c = &self.sad.get(id).cfg;
                 (c.dst, c.spi, c.src)
             };
-            let Some(oid) = old.sad.lookup_in(dst, spi) else {
+            let found = old
+                .sad
+                .lookup_in(dst, spi)
+                .filter(|oid| old.sad.get(*oid).cfg.src == src);
+            let Some(oid) = found else {
+                // New: its lifetime starts now.
+                self.sad.get_mut(id).added = old.now;
                 continue;
             };
             let o = old.sad.get(oid);
-            if o.cfg.src != src {
-                continue;
-            }
             let n = self.sad.get_mut(id);
             // The IV is seq ⊕ this mask: a new mask with the sequence going
             // on could repeat an IV (a GCM nonce). Keep the old one.
@@ -210,6 +321,9 @@ impl Engine {
             n.ip_id = o.ip_id;
             n.last_tx = o.last_tx;
             n.counters = o.counters.clone();
+            n.added = o.added;
+            n.soft_reached = o.soft_reached;
+            n.expired = o.expired;
             if o.share.is_some() {
                 n.share = o.share.clone();
             }
@@ -436,10 +550,13 @@ impl Engine {
         if spi == 0 {
             return Err(Failed(DropReason::SpiZero));
         }
-        let id = self
-            .sad
-            .lookup_in(dst, spi)
-            .ok_or(Failed(DropReason::NoSa))?;
+        let Some(id) = self.sad.lookup_in(dst, spi) else {
+            if self.unknown_spi_second != Some(self.now) {
+                self.unknown_spi_second = Some(self.now);
+                self.event(SaEventKind::UnknownSpi, dst, spi, "");
+            }
+            return Err(Failed(DropReason::NoSa));
+        };
         let worker = self.worker;
         let sa = self.sad.get_mut(id);
         if sa.cfg.encap.is_some() != l3.udp_encap {
@@ -453,6 +570,11 @@ impl Engine {
                 return Err(Owned(w));
             }
         }
+        if !self.within_lifetime(id) {
+            self.sad.get_mut(id).count_drop(DropReason::SaExpired);
+            return Err(Failed(DropReason::SaExpired));
+        }
+        let sa = self.sad.get_mut(id);
         let r = inbound::decapsulate(sa, pkt, l3);
         let r = match (r, sa.share.as_ref()) {
             // Claimed only after the ICV verified, so forged packets on
@@ -593,11 +715,23 @@ impl Engine {
             flow_label: flow_label(flow),
         };
         let mut l3 = *l3;
+        for &id in chain {
+            if !self.within_lifetime(id) {
+                self.sad.get_mut(id).count_drop(DropReason::SaExpired);
+                return Verdict::Drop(DropReason::SaExpired);
+            }
+        }
         for (i, &id) in chain.iter().enumerate() {
             let sa = self.sad.get_mut(id);
             sa.last_tx = self.now;
             if let Err(r) = outbound::encapsulate(sa, pkt, &l3, &params) {
                 sa.count_drop(r);
+                if r == DropReason::SeqCycled && !sa.expired {
+                    // The end of the sequence space acts as a hard expiry.
+                    sa.expired = true;
+                    let (dst, spi) = (sa.cfg.dst, sa.cfg.spi);
+                    self.event(SaEventKind::HardExpire, dst, spi, "sequence");
+                }
                 return Verdict::Drop(r);
             }
             // Only a further layer needs the new header's facts.

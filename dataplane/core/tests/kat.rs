@@ -106,6 +106,7 @@ fn sa_for(v: &Vector, out: &[u8]) -> Sa {
         encap: None,
         // The first packet has sequence number 1: make its IV the vector's.
         iv_mask: iv ^ 1,
+        lifetime: Default::default(),
     })
     .unwrap()
 }

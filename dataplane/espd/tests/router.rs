@@ -310,3 +310,62 @@ fn a_new_engine_takes_over_windows_sequence_numbers_and_iv_masks() {
     assert!(matches!(run(&mut b2, &next).0, Verdict::Decapsulated(_)));
     assert_eq!(b2.counters.decapsulated, 6);
 }
+
+#[test]
+fn lifetimes_soft_then_hard_by_packets_bytes_and_time() {
+    use espd_core::engine::{SaEvent, SaEventKind};
+    let lim = |l: &str| gw1().replace(" 128\n", &format!(" 128 limit {l}\n"));
+    let pkt = udp4("198.18.1.10", "198.18.2.20", 9);
+    // Packets: soft at 2, hard at 3 — the 4th packet is refused.
+    let mut a = engine(&lim("packet-soft 2 packet-hard 3"), &[]);
+    let v: Vec<Verdict> = (0..4).map(|_| run(&mut a, &pkt).0).collect();
+    assert!(
+        v[..3].iter().all(|v| matches!(v, Verdict::Encapsulated(_))),
+        "{v:?}"
+    );
+    assert_eq!(v[3], Verdict::Drop(DropReason::SaExpired));
+    let mut ev = Vec::new();
+    a.take_events(&mut ev);
+    let kinds: Vec<(SaEventKind, &str)> = ev.iter().map(|e: &SaEvent| (e.kind, e.why)).collect();
+    assert_eq!(
+        kinds,
+        [
+            (SaEventKind::SoftExpire, "packets"),
+            (SaEventKind::HardExpire, "packets")
+        ]
+    );
+    // Bytes: hard at 100 octets of inner packets (35 each here).
+    let mut b = engine(&lim("byte-hard 100"), &[]);
+    let n = (0..5)
+        .filter(|_| matches!(run(&mut b, &pkt).0, Verdict::Encapsulated(_)))
+        .count();
+    assert_eq!(n, 3, "35 + 35 + 35 ≥ 100 after the third");
+    // Time: an idle SA expires on the clock alone.
+    let mut c = engine(&lim("time-soft 10 time-hard 20"), &[]);
+    c.set_time(15);
+    c.check_lifetimes();
+    c.set_time(25);
+    c.check_lifetimes();
+    let mut ev = Vec::new();
+    c.take_events(&mut ev);
+    assert_eq!(ev.len(), 2);
+    assert_eq!(
+        (ev[0].kind, ev[1].kind),
+        (SaEventKind::SoftExpire, SaEventKind::HardExpire)
+    );
+    assert_eq!(run(&mut c, &pkt).0, Verdict::Drop(DropReason::SaExpired));
+}
+
+#[test]
+fn limit_words_are_checked() {
+    let bad = |l: &str| {
+        Config::parse("t", &gw1().replace(" 128\n", &format!(" 128 limit {l}\n"))).is_err()
+    };
+    assert!(bad(""));
+    assert!(bad("packet-soft 5 packet-hard 3"));
+    assert!(bad("time-use-hard 5"));
+    assert!(bad("byte-hard lots"));
+    assert!(!bad(
+        "time-soft 3600 time-hard 3900 byte-soft 1000000 packet-hard 99"
+    ));
+}

@@ -9,7 +9,8 @@ pub mod spd;
 
 pub use replay::{ReplayError, ReplayWindow};
 pub use sa::{
-    Algs, Encap, KeyedAlg, Mode, Sa, SaConfig, SaCounters, SaError, SaFlags, SaId, SaShare,
+    Algs, Encap, KeyedAlg, Lifetime, Mode, Sa, SaConfig, SaCounters, SaError, SaFlags, SaId,
+    SaShare,
 };
 pub use sad::Sad;
 pub use selector::{Flow, PortRange, Prefix, Selector};

@@ -119,6 +119,29 @@ pub struct SaConfig {
     /// Linux's `seqiv` does: unique per packet (a bijection of a counter that
     /// never cycles) without exposing the counter. The loader picks it at random.
     pub iv_mask: u64,
+    /// `limit …`: soft and hard lifetimes (RFC 4301 §4.4.2.1).
+    pub lifetime: Lifetime,
+}
+
+/// SA lifetimes as `ip xfrm state add … limit` gives them; 0 = no limit.
+/// Soft raises an event (time for IKE to rekey); hard ends the SA: its
+/// packets are dropped as `SaExpired` and the gateway deletes it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lifetime {
+    /// Seconds since the SA was installed.
+    pub time_soft: u64,
+    pub time_hard: u64,
+    /// Octets of inner packets through the SA.
+    pub bytes_soft: u64,
+    pub bytes_hard: u64,
+    pub packets_soft: u64,
+    pub packets_hard: u64,
+}
+
+impl Lifetime {
+    pub fn is_unlimited(&self) -> bool {
+        *self == Lifetime::default()
+    }
 }
 
 impl SaConfig {
@@ -259,6 +282,12 @@ pub struct Sa {
     /// go out after an idle time (RFC 3948 §4).
     pub last_tx: u64,
     pub counters: SaCounters,
+    /// When it was installed (the engine's clock), for time lifetimes.
+    pub added: u64,
+    /// The soft lifetime was reached (reported once).
+    pub soft_reached: bool,
+    /// The hard lifetime was reached, or the sequence space: no more packets.
+    pub expired: bool,
 }
 
 impl Sa {
@@ -276,6 +305,9 @@ impl Sa {
             ip_id,
             last_tx: 0,
             counters: SaCounters::default(),
+            added: 0,
+            soft_reached: false,
+            expired: false,
             cfg,
         })
     }

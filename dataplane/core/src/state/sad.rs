@@ -123,6 +123,7 @@ mod tests {
             sel: None,
             encap: None,
             iv_mask: 0,
+            lifetime: Default::default(),
         })
         .unwrap()
     }

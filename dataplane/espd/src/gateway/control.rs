@@ -145,6 +145,8 @@ pub struct Control {
     pub params: EngineParams,
     /// One change at a time.
     pub apply_lock: Mutex<()>,
+    /// `espctl monitor` connections.
+    pub monitors: Mutex<Vec<UnixStream>>,
 }
 
 impl Control {
@@ -196,12 +198,33 @@ impl Control {
         }
         *self.mirror.lock().map_err(|_| "poisoned")? = new_mirror;
         *self.cfg.lock().map_err(|_| "poisoned")? = new_cfg;
-        *self.db.lock().map_err(|_| "poisoned")? = db;
+        let (before, after): (BTreeSet<_>, BTreeSet<_>) = {
+            let mut cur = self.db.lock().map_err(|_| "poisoned")?;
+            let before = cur.state_keys().into_iter().collect();
+            let after = db.state_keys().into_iter().collect();
+            *cur = db;
+            (before, after)
+        };
+        for (dst, spi) in after.difference(&before) {
+            self.broadcast(json!({"event": "sa-added", "dst": dst.to_string(), "spi": format!("0x{spi:08x}"), "by": name}));
+        }
+        for (dst, spi) in before.difference(&after) {
+            self.broadcast(json!({"event": "sa-removed", "dst": dst.to_string(), "spi": format!("0x{spi:08x}"), "by": name}));
+        }
         Ok(json!({
             "states_added": ch.states_added, "states_updated": ch.states_updated,
             "states_deleted": ch.states_deleted, "policies_added": ch.policies_added,
             "policies_updated": ch.policies_updated, "policies_deleted": ch.policies_deleted,
         }))
+    }
+
+    /// One event line to every `espctl monitor`; gone ones are forgotten.
+    pub fn broadcast(&self, ev: Value) {
+        let mut line = ev.to_string();
+        line.push('\n');
+        if let Ok(mut m) = self.monitors.lock() {
+            m.retain_mut(|s| s.write_all(line.as_bytes()).is_ok());
+        }
     }
 
     pub fn stats(&self) -> Value {
@@ -293,6 +316,61 @@ pub fn serve(l: UnixListener, path: PathBuf, c: Arc<Control>, stop: Arc<AtomicBo
     let _ = std::fs::remove_file(&path);
 }
 
+/// The workers' SA events: to the monitors, and a hard expiry deletes the
+/// SA (RFC 4301 §4.4.2.1) through the same path as `espctl state delete`.
+pub fn events(
+    c: Arc<Control>,
+    rx: std::sync::mpsc::Receiver<(u32, espd_core::engine::SaEvent)>,
+    stop: Arc<AtomicBool>,
+) {
+    use espd_core::engine::SaEventKind;
+    let mut last_check = Instant::now();
+    let mut unknown_seen = None;
+    while !stop.load(Ordering::Relaxed) {
+        // ESP with an SPI we do not know never reaches the workers (the XDP
+        // program passes it to the kernel): report its count once a second.
+        if last_check.elapsed() >= Duration::from_secs(1) {
+            last_check = Instant::now();
+            let n = c
+                .steer
+                .lock()
+                .ok()
+                .and_then(|s| s.counters().ok())
+                .map(|k| k[espd_io::Counter::UnknownSpi as usize]);
+            if let (Some(n), Some(before)) = (n, unknown_seen) {
+                if n > before {
+                    c.broadcast(
+                        json!({"event": "unknown-spi", "count": n - before, "seen_by": "xdp"}),
+                    );
+                }
+            }
+            unknown_seen = n.or(unknown_seen);
+        }
+        let Ok((w, e)) = rx.recv_timeout(Duration::from_millis(100)) else {
+            continue;
+        };
+        let kind = match e.kind {
+            SaEventKind::SoftExpire => "soft-expire",
+            SaEventKind::HardExpire => "hard-expire",
+            SaEventKind::UnknownSpi => "unknown-spi",
+        };
+        let spi = format!("0x{:08x}", e.spi);
+        if e.kind != SaEventKind::UnknownSpi {
+            eprintln!("espd run: SA dst {} spi {spi}: {kind} ({})", e.dst, e.why);
+        }
+        c.broadcast(
+            json!({"event": kind, "dst": e.dst.to_string(), "spi": spi, "why": e.why, "worker": w}),
+        );
+        if e.kind == SaEventKind::HardExpire {
+            // Several workers may report one SA: the first delete wins.
+            let _ = c.apply(
+                "hard lifetime",
+                &format!("state delete dst {} spi {spi}", e.dst),
+            );
+        }
+    }
+}
+
 fn one(c: &Control, mut s: UnixStream) -> std::io::Result<()> {
     s.set_nonblocking(false)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -310,6 +388,19 @@ fn one(c: &Control, mut s: UnixStream) -> std::io::Result<()> {
         BufReader::new(&s).take_line(&mut line)?;
         let line = zeroize::Zeroizing::new(line);
         match serde_json::from_str::<Value>(&line) {
+            Ok(req) if req.get("op").and_then(Value::as_str) == Some("monitor") => {
+                if let Err(e) = espd_proto::check_version(&req) {
+                    e
+                } else {
+                    // The connection stays open: events follow, one per line.
+                    s.write_all(format!("{}\n", espd_proto::ok(json!({}))).as_bytes())?;
+                    s.set_write_timeout(Some(Duration::from_millis(200)))?;
+                    if let Ok(mut m) = c.monitors.lock() {
+                        m.push(s);
+                    }
+                    return Ok(());
+                }
+            }
             Ok(req) => c.handle(req),
             Err(e) => espd_proto::error(format!("request is not JSON: {e}")),
         }

@@ -306,6 +306,7 @@ pub fn run(a: &Args) -> Result<()> {
 
     let mut handles = Vec::new();
     let mut snaps = Vec::new();
+    let (events_tx, events_rx) = std::sync::mpsc::sync_channel(1024);
     let mailboxes: Vec<Arc<control::Mailbox>> = (0..queues)
         .map(|_| Arc::new(control::Mailbox::default()))
         .collect();
@@ -331,6 +332,8 @@ pub fn run(a: &Args) -> Result<()> {
             peers: peers.clone(),
             reinject: worker::Reinject::default(),
             mailbox: Arc::clone(&mailboxes[q]),
+            events: events_tx.clone(),
+            id: q as u32,
             out,
             stop: Arc::clone(&stop),
         };
@@ -373,7 +376,14 @@ pub fn run(a: &Args) -> Result<()> {
         cores: cores_used.clone(),
         params,
         apply_lock: Mutex::new(()),
+        monitors: Mutex::new(Vec::new()),
     });
+    let events_thread = {
+        let (c, st) = (Arc::clone(&ctl), Arc::clone(&stop));
+        std::thread::Builder::new()
+            .name("espd-events".into())
+            .spawn(move || control::events(c, events_rx, st))?
+    };
     let metrics_thread = match metrics {
         Some(l) => {
             eprintln!("espd run: metrics on http://{}/metrics", l.local_addr()?);
@@ -437,6 +447,7 @@ pub fn run(a: &Args) -> Result<()> {
     }
     let _ = resolver.join();
     let _ = ctl_thread.join();
+    let _ = events_thread.join();
     if let Some(t) = metrics_thread {
         let _ = t.join();
     }

@@ -90,6 +90,9 @@ pub struct Worker {
     pub reinject: Reinject,
     /// New engines from the control socket.
     pub mailbox: Arc<super::control::Mailbox>,
+    /// Where this worker's SA events go (the control thread).
+    pub events: SyncSender<(u32, espd_core::engine::SaEvent)>,
+    pub id: u32,
     pub out: Arc<Mutex<Snapshot>>,
     pub stop: Arc<AtomicBool>,
 }
@@ -267,6 +270,13 @@ impl Worker {
 
     fn publish(&mut self, snap: &mut Snapshot) {
         self.ports.kernel_stats();
+        self.engine.check_lifetimes();
+        let mut ev = Vec::new();
+        self.engine.take_events(&mut ev);
+        for e in ev {
+            // Full: the control side is behind; the counters still tell.
+            let _ = self.events.try_send((self.id, e));
+        }
         let s = &mut *snap;
         s.engine = self.engine.counters.clone();
         s.ports = self.ports.stats;
