@@ -127,13 +127,27 @@ impl Steering {
             .map_or("", |l| l.1.as_str())
     }
 
+    fn hash<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<HashMap<&mut MapData, K, V>, SteerError> {
+        Ok(HashMap::try_from(
+            self.ebpf.map_mut(name).ok_or(SteerError::Missing(name))?,
+        )?)
+    }
+
+    fn trie<K: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<LpmTrie<&mut MapData, K, u8>, SteerError> {
+        Ok(LpmTrie::try_from(
+            self.ebpf.map_mut(name).ok_or(SteerError::Missing(name))?,
+        )?)
+    }
+
     /// Adds SPIs whose ESP is steered to the AF_XDP sockets.
     pub fn add_spis(&mut self, spis: impl IntoIterator<Item = u32>) -> Result<(), SteerError> {
-        let mut m: HashMap<&mut MapData, u32, u8> = HashMap::try_from(
-            self.ebpf
-                .map_mut(MAP_SPIS)
-                .ok_or(SteerError::Missing(MAP_SPIS))?,
-        )?;
+        let mut m: HashMap<&mut MapData, u32, u8> = self.hash(MAP_SPIS)?;
         for s in spis {
             m.insert(s, 1, 0)?;
         }
@@ -145,11 +159,7 @@ impl Steering {
         &mut self,
         ports: impl IntoIterator<Item = u16>,
     ) -> Result<(), SteerError> {
-        let mut m: HashMap<&mut MapData, u16, u8> = HashMap::try_from(
-            self.ebpf
-                .map_mut(MAP_ENCAP_PORTS)
-                .ok_or(SteerError::Missing(MAP_ENCAP_PORTS))?,
-        )?;
+        let mut m: HashMap<&mut MapData, u16, u8> = self.hash(MAP_ENCAP_PORTS)?;
         for p in ports {
             m.insert(p, 1, 0)?;
         }
@@ -168,19 +178,11 @@ impl Steering {
             };
             match addr {
                 IpAddr::V4(a) => {
-                    let mut t: LpmTrie<&mut MapData, [u8; 4], u8> = LpmTrie::try_from(
-                        self.ebpf
-                            .map_mut(MAP_SEL_V4)
-                            .ok_or(SteerError::Missing(MAP_SEL_V4))?,
-                    )?;
+                    let mut t: LpmTrie<&mut MapData, [u8; 4], u8> = self.trie(MAP_SEL_V4)?;
                     t.insert(&Key::new(u32::from(len), a.octets()), v, 0)?;
                 }
                 IpAddr::V6(a) => {
-                    let mut t: LpmTrie<&mut MapData, [u8; 16], u8> = LpmTrie::try_from(
-                        self.ebpf
-                            .map_mut(MAP_SEL_V6)
-                            .ok_or(SteerError::Missing(MAP_SEL_V6))?,
-                    )?;
+                    let mut t: LpmTrie<&mut MapData, [u8; 16], u8> = self.trie(MAP_SEL_V6)?;
                     t.insert(&Key::new(u32::from(len), a.octets()), v, 0)?;
                 }
             }
@@ -190,11 +192,7 @@ impl Steering {
 
     /// Removes SPIs (absent ones are ignored).
     pub fn remove_spis(&mut self, spis: impl IntoIterator<Item = u32>) -> Result<(), SteerError> {
-        let mut m: HashMap<&mut MapData, u32, u8> = HashMap::try_from(
-            self.ebpf
-                .map_mut(MAP_SPIS)
-                .ok_or(SteerError::Missing(MAP_SPIS))?,
-        )?;
+        let mut m: HashMap<&mut MapData, u32, u8> = self.hash(MAP_SPIS)?;
         for s in spis {
             let _ = m.remove(&s);
         }
@@ -206,11 +204,7 @@ impl Steering {
         &mut self,
         ports: impl IntoIterator<Item = u16>,
     ) -> Result<(), SteerError> {
-        let mut m: HashMap<&mut MapData, u16, u8> = HashMap::try_from(
-            self.ebpf
-                .map_mut(MAP_ENCAP_PORTS)
-                .ok_or(SteerError::Missing(MAP_ENCAP_PORTS))?,
-        )?;
+        let mut m: HashMap<&mut MapData, u16, u8> = self.hash(MAP_ENCAP_PORTS)?;
         for p in ports {
             let _ = m.remove(&p);
         }
@@ -225,19 +219,11 @@ impl Steering {
         for (addr, len) in sels {
             match addr {
                 IpAddr::V4(a) => {
-                    let mut t: LpmTrie<&mut MapData, [u8; 4], u8> = LpmTrie::try_from(
-                        self.ebpf
-                            .map_mut(MAP_SEL_V4)
-                            .ok_or(SteerError::Missing(MAP_SEL_V4))?,
-                    )?;
+                    let mut t: LpmTrie<&mut MapData, [u8; 4], u8> = self.trie(MAP_SEL_V4)?;
                     let _ = t.remove(&Key::new(u32::from(len), a.octets()));
                 }
                 IpAddr::V6(a) => {
-                    let mut t: LpmTrie<&mut MapData, [u8; 16], u8> = LpmTrie::try_from(
-                        self.ebpf
-                            .map_mut(MAP_SEL_V6)
-                            .ok_or(SteerError::Missing(MAP_SEL_V6))?,
-                    )?;
+                    let mut t: LpmTrie<&mut MapData, [u8; 16], u8> = self.trie(MAP_SEL_V6)?;
                     let _ = t.remove(&Key::new(u32::from(len), a.octets()));
                 }
             }
@@ -250,19 +236,11 @@ impl Steering {
         for a in addrs {
             match a {
                 IpAddr::V4(a) => {
-                    let mut m: HashMap<&mut MapData, [u8; 4], u8> = HashMap::try_from(
-                        self.ebpf
-                            .map_mut(MAP_LOCAL_V4)
-                            .ok_or(SteerError::Missing(MAP_LOCAL_V4))?,
-                    )?;
+                    let mut m: HashMap<&mut MapData, [u8; 4], u8> = self.hash(MAP_LOCAL_V4)?;
                     m.insert(a.octets(), 1, 0)?;
                 }
                 IpAddr::V6(a) => {
-                    let mut m: HashMap<&mut MapData, [u8; 16], u8> = HashMap::try_from(
-                        self.ebpf
-                            .map_mut(MAP_LOCAL_V6)
-                            .ok_or(SteerError::Missing(MAP_LOCAL_V6))?,
-                    )?;
+                    let mut m: HashMap<&mut MapData, [u8; 16], u8> = self.hash(MAP_LOCAL_V6)?;
                     m.insert(a.octets(), 1, 0)?;
                 }
             }

@@ -47,34 +47,14 @@ impl XskPort {
     /// A UMEM of `frames` frames and a socket on (`iface`, `queue`), its fill
     /// ring topped up. `copy` forces copy mode (veth has no zero-copy).
     pub fn bind(iface: &str, queue: u32, frames: u32, copy: bool) -> Result<Self, XskError> {
-        let count = frames
-            .try_into()
-            .map_err(|e| XskError::Umem(format!("{e:?}")))?;
-        let (umem, descs) = Umem::new(UmemConfig::default(), count, false)
-            .map_err(|e| XskError::Umem(e.to_string()))?;
-        let mut flags = BindFlags::XDP_USE_NEED_WAKEUP;
-        if copy {
-            flags |= BindFlags::XDP_COPY;
-        }
-        let cfg = SocketConfig::builder()
-            .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
-            .bind_flags(flags)
-            .build();
+        let (umem, descs) = new_umem(frames)?;
+        let mode = if copy { BindMode::Copy } else { BindMode::Auto };
+        let (tx, rx, mut fq, cq) = open_socket(&umem, iface, queue, mode)?;
         let err = |msg: String| XskError::Socket {
             iface: iface.to_string(),
             queue,
             msg,
         };
-        let name = iface
-            .parse()
-            .map_err(|e| err(format!("bad interface name: {e:?}")))?;
-        // SAFETY: the UMEM is owned by this port together with the socket and
-        // outlives it (fields drop in declaration order after the rings are
-        // gone); we inhibit libxdp's program, so no double detach can occur.
-        let (tx, rx, rings) =
-            unsafe { Socket::new(cfg, &umem, &name, queue) }.map_err(|e| err(e.to_string()))?;
-        let (mut fq, cq) =
-            rings.ok_or_else(|| err("no fill/completion rings for a fresh UMEM".into()))?;
         // SAFETY: the descriptors come from this UMEM and none is in any ring yet.
         let n = unsafe { fq.produce(&descs) };
         if n != descs.len() {
@@ -117,6 +97,52 @@ impl XskPort {
         );
         Ok(n)
     }
+}
+
+/// A UMEM of `frames` default-sized frames (4 KiB) and their descriptors.
+fn new_umem(frames: u32) -> Result<(Umem, Vec<FrameDesc>), XskError> {
+    let count = frames
+        .try_into()
+        .map_err(|e| XskError::Umem(format!("{e:?}")))?;
+    Umem::new(UmemConfig::default(), count, false).map_err(|e| XskError::Umem(e.to_string()))
+}
+
+/// An AF_XDP socket on (`iface`, `queue`) over `umem`, with the fill and
+/// completion rings of that pair. libxdp's own XDP program is never loaded
+/// (ours redirects); need-wakeup is on.
+fn open_socket(
+    umem: &Umem,
+    iface: &str,
+    queue: u32,
+    mode: BindMode,
+) -> Result<(TxQueue, RxQueue, FillQueue, CompQueue), XskError> {
+    let mut flags = BindFlags::XDP_USE_NEED_WAKEUP;
+    match mode {
+        BindMode::Auto => {}
+        BindMode::Copy => flags |= BindFlags::XDP_COPY,
+        BindMode::ZeroCopy => flags |= BindFlags::XDP_ZEROCOPY,
+    }
+    let cfg = SocketConfig::builder()
+        .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
+        .bind_flags(flags)
+        .build();
+    let err = |msg: String| XskError::Socket {
+        iface: iface.to_string(),
+        queue,
+        msg,
+    };
+    let name = iface
+        .parse()
+        .map_err(|e| err(format!("bad interface name: {e:?}")))?;
+    // SAFETY: xsk-rs keeps its own handle on the UMEM inside every queue it
+    // returns, so the memory outlives the socket whatever the caller drops
+    // first; libxdp's program is inhibited (XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD),
+    // which is what Socket::new requires when a UMEM is shared by several
+    // (interface, queue) pairs, so no program is detached twice.
+    let (tx, rx, rings) =
+        unsafe { Socket::new(cfg, umem, &name, queue) }.map_err(|e| err(e.to_string()))?;
+    let (fq, cq) = rings.ok_or_else(|| err("no fill/completion rings for this pair".into()))?;
+    Ok((tx, rx, fq, cq))
 }
 
 /// The RX queues of an interface (from sysfs), at least one.
@@ -233,38 +259,12 @@ impl WorkerPorts {
         frames: u32,
         mode: BindMode,
     ) -> Result<Self, XskError> {
-        let count = frames
-            .try_into()
-            .map_err(|e| XskError::Umem(format!("{e:?}")))?;
-        let (umem, descs) = Umem::new(UmemConfig::default(), count, false)
-            .map_err(|e| XskError::Umem(e.to_string()))?;
-        let mut flags = BindFlags::XDP_USE_NEED_WAKEUP;
-        match mode {
-            BindMode::Auto => {}
-            BindMode::Copy => flags |= BindFlags::XDP_COPY,
-            BindMode::ZeroCopy => flags |= BindFlags::XDP_ZEROCOPY,
-        }
-        let cfg = SocketConfig::builder()
-            .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
-            .bind_flags(flags)
-            .build();
+        let (umem, descs) = new_umem(frames)?;
         let mut sides = Vec::with_capacity(2);
         for iface in [inside, outside] {
-            let err = |msg: String| XskError::Socket {
-                iface: iface.to_string(),
-                queue,
-                msg,
-            };
-            let name = iface
-                .parse()
-                .map_err(|e| err(format!("bad interface name: {e:?}")))?;
-            // SAFETY: the UMEM is owned by this struct and outlives the
-            // sockets (declared after `sides`, and xsk-rs keeps its own
-            // handle); libxdp's program is inhibited, so sharing the UMEM
-            // across two (interface, queue) pairs cannot double-detach.
-            let (tx, rx, rings) =
-                unsafe { Socket::new(cfg, &umem, &name, queue) }.map_err(|e| err(e.to_string()))?;
-            let (fq, cq) = rings.ok_or_else(|| err("no fill/completion rings".into()))?;
+            // Both sockets on one UMEM (XDP_SHARED_UMEM), each (interface,
+            // queue) pair with its own fill and completion rings.
+            let (tx, rx, fq, cq) = open_socket(&umem, iface, queue, mode)?;
             sides.push(Side {
                 iface: iface.to_string(),
                 rx,

@@ -227,13 +227,15 @@ impl Control {
         }
     }
 
+    /// The counters of every worker, SA and XDP action, now.
+    pub fn counters(&self) -> Stats {
+        let st = self.steer.lock().expect("steering lock");
+        let cfg = self.cfg.lock().expect("config lock");
+        Stats::gather_final(&self.snaps, &st, &cfg, &self.cores)
+    }
+
     pub fn stats(&self) -> Value {
-        let st = self.steer.lock();
-        let cfg = self.cfg.lock();
-        match (st, cfg) {
-            (Ok(st), Ok(cfg)) => Stats::gather_final(&self.snaps, &st, &cfg, &self.cores).json,
-            _ => json!({}),
-        }
+        self.counters().json
     }
 
     fn handle(&self, mut req: Value) -> Value {

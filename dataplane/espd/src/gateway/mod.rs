@@ -426,12 +426,7 @@ pub fn run(a: &Args) -> Result<()> {
         }
         if last.elapsed() >= Duration::from_secs(1) {
             last = Instant::now();
-            let s = Stats::gather_final(
-                &snaps,
-                &steer.lock().expect("steering lock"),
-                &ctl.cfg.lock().expect("config lock"),
-                &cores_used,
-            );
+            let s = ctl.counters();
             if tty {
                 eprint!("\r\x1b[K{}", s.line());
             }
@@ -451,12 +446,7 @@ pub fn run(a: &Args) -> Result<()> {
     if let Some(t) = metrics_thread {
         let _ = t.join();
     }
-    let s = Stats::gather_final(
-        &snaps,
-        &steer.lock().expect("steering lock"),
-        &ctl.cfg.lock().expect("config lock"),
-        &cores_used,
-    );
+    let s = ctl.counters();
     if tty {
         eprint!("\r\x1b[K");
     }

@@ -114,6 +114,26 @@ struct Ctx<'a> {
     prefrag: (&'a mut u64, &'a mut u64),
 }
 
+/// The per-frame context over a worker's fields (one place, four users).
+macro_rules! ctx {
+    ($w:expr, $snap:expr, $side:expr, $fix:expr) => {
+        Ctx {
+            engine: &mut $w.engine,
+            cache: &mut $w.cache,
+            macs: $w.macs,
+            mtu: $w.mtu,
+            io_drops: &mut $snap.io_drops,
+            not_ip: &mut $snap.not_ip,
+            fix_csum: $fix,
+            csum_fixed: &mut $snap.csum_fixed,
+            side: $side,
+            peers: &$w.peers,
+            reinject: &mut $w.reinject,
+            prefrag: (&mut $snap.prefragmented, &mut $snap.prefragments),
+        }
+    };
+}
+
 impl Worker {
     pub fn run(mut self) {
         let start = Instant::now();
@@ -143,39 +163,13 @@ impl Worker {
             let changed = self.cache.sync();
             if (changed || turn.is_multiple_of(4096)) && self.ports.held() > 0 {
                 // The next-hop table changed: frames waiting for a neighbour may go.
-                let mut ctx = Ctx {
-                    engine: &mut self.engine,
-                    cache: &mut self.cache,
-                    macs: self.macs,
-                    mtu: self.mtu,
-                    io_drops: &mut snap.io_drops,
-                    not_ip: &mut snap.not_ip,
-                    fix_csum: false,
-                    csum_fixed: &mut snap.csum_fixed,
-                    side: 0,
-                    peers: &self.peers,
-                    reinject: &mut self.reinject,
-                    prefrag: (&mut snap.prefragmented, &mut snap.prefragments),
-                };
+                let mut ctx = ctx!(self, snap, 0, false);
                 self.ports
                     .release_held(|buf, at, len, waited| ctx.retry(buf, at, len, waited));
             }
             let mut got = 0;
             for side in 0..2 {
-                let mut ctx = Ctx {
-                    engine: &mut self.engine,
-                    cache: &mut self.cache,
-                    macs: self.macs,
-                    mtu: self.mtu,
-                    io_drops: &mut snap.io_drops,
-                    not_ip: &mut snap.not_ip,
-                    fix_csum: self.fix_csum && side == 0,
-                    csum_fixed: &mut snap.csum_fixed,
-                    side,
-                    peers: &self.peers,
-                    reinject: &mut self.reinject,
-                    prefrag: (&mut snap.prefragmented, &mut snap.prefragments),
-                };
+                let mut ctx = ctx!(self, snap, side, self.fix_csum && side == 0);
                 got += self
                     .ports
                     .rx_burst(side, BURST, |buf, len| ctx.frame(buf, len));
@@ -191,20 +185,7 @@ impl Worker {
                 };
                 got += 1;
                 let side = usize::from(slot.side);
-                let mut ctx = Ctx {
-                    engine: &mut self.engine,
-                    cache: &mut self.cache,
-                    macs: self.macs,
-                    mtu: self.mtu,
-                    io_drops: &mut snap.io_drops,
-                    not_ip: &mut snap.not_ip,
-                    fix_csum: false,
-                    csum_fixed: &mut snap.csum_fixed,
-                    side,
-                    peers: &self.peers,
-                    reinject: &mut self.reinject,
-                    prefrag: (&mut snap.prefragmented, &mut snap.prefragments),
-                };
+                let mut ctx = ctx!(self, snap, side, false);
                 let len = usize::from(slot.len);
                 let ok = self.ports.inject(|buf| {
                     buf[..len].copy_from_slice(&slot.data[..len]);
@@ -219,20 +200,7 @@ impl Worker {
                 let list = std::mem::take(&mut self.reinject.list);
                 let arena = std::mem::take(&mut self.reinject.arena);
                 for &(side, off, len) in &list {
-                    let mut ctx = Ctx {
-                        engine: &mut self.engine,
-                        cache: &mut self.cache,
-                        macs: self.macs,
-                        mtu: self.mtu,
-                        io_drops: &mut snap.io_drops,
-                        not_ip: &mut snap.not_ip,
-                        fix_csum: false,
-                        csum_fixed: &mut snap.csum_fixed,
-                        side,
-                        peers: &self.peers,
-                        reinject: &mut self.reinject,
-                        prefrag: (&mut snap.prefragmented, &mut snap.prefragments),
-                    };
+                    let mut ctx = ctx!(self, snap, side, false);
                     let ok = self.ports.inject(|buf| {
                         buf[..len].copy_from_slice(&arena[off..off + len]);
                         ctx.frame(buf, len)
