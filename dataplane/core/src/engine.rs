@@ -717,8 +717,15 @@ impl Engine {
         let mut l3 = *l3;
         for &id in chain {
             if !self.within_lifetime(id) {
-                self.sad.get_mut(id).count_drop(DropReason::SaExpired);
-                return Verdict::Drop(DropReason::SaExpired);
+                // An SA that ran out of sequence numbers keeps saying so.
+                let sa = self.sad.get_mut(id);
+                let r = if sa.exhausted {
+                    DropReason::SeqCycled
+                } else {
+                    DropReason::SaExpired
+                };
+                sa.count_drop(r);
+                return Verdict::Drop(r);
             }
         }
         for (i, &id) in chain.iter().enumerate() {
