@@ -6,8 +6,9 @@
 #   espd-null  espd on both gateways with --bench-no-crypto: ESP framing, no
 #              cipher (the AF_XDP I/O ceiling)
 #   espd-gcm   espd on both gateways, AES-GCM-128 tunnel (RFC 4106)
-#   strongswan strongSwan kernel-libipsec (IKEv2 PSK, AES-GCM-128, always UDP-
-#              encapsulated) — skipped with the reason when not installed
+#   strongswan strongSwan 5.9 kernel-libipsec (IKEv2 PSK, ESP AES-GCM-128, always
+#              UDP-encapsulated; scripts/strongswan-peer.sh) — skipped with the
+#              reason when not installed
 #
 # Each row: iperf3 TCP A→B (Mbit/s) and a UDP packet rate A→B (64-octet
 # payloads, unlimited offered rate, packets/s received), medians of RUNS.
@@ -84,7 +85,8 @@ start_espd
 measure espd-gcm
 stop_espd
 
-if [ -x scripts/strongswan-peer.sh ] && command -v charon >/dev/null 2>&1 || [ -x /usr/lib/ipsec/charon ]; then
+if [ -x /usr/lib/ipsec/charon ] && command -v swanctl >/dev/null &&
+    [ -e /usr/lib/ipsec/plugins/libstrongswan-kernel-libipsec.so ]; then
     if scripts/strongswan-peer.sh up "$P" "$work" >"$work/swan.log" 2>&1; then
         measure strongswan || true
         scripts/strongswan-peer.sh down "$P" "$work" >/dev/null 2>&1 || true
@@ -92,7 +94,7 @@ if [ -x scripts/strongswan-peer.sh ] && command -v charon >/dev/null 2>&1 || [ -
         echo "  strongswan  skipped: setting up the IKEv2 tunnel failed (see its log)"; tail -5 "$work/swan.log"
     fi
 else
-    echo "  strongswan  skipped: strongSwan with kernel-libipsec is not installed (apt-get install strongswan libcharon-extra-plugins)"
+    echo "  strongswan  skipped: strongSwan with kernel-libipsec is not installed (apt-get install strongswan-charon strongswan-swanctl libcharon-extra-plugins)"
 fi
 
 python3 - "$work/rows" "$JSON" <<'PY'
