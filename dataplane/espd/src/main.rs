@@ -41,6 +41,26 @@ enum Cmd {
     Run(gateway::Args),
 }
 
+/// A flag set by SIGINT or SIGTERM, for the long-running commands.
+fn stop_on_signals() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    use anyhow::Context;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, std::sync::Arc::clone(&stop))
+            .context("installing signal handlers")?;
+    }
+    Ok(stop)
+}
+
+/// Native (driver) XDP, or generic with `--skb-mode`.
+fn xdp_mode(skb: bool) -> aya::programs::XdpMode {
+    if skb {
+        aya::programs::XdpMode::Skb
+    } else {
+        aya::programs::XdpMode::Driver
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     let r: Result<()> = match cli.cmd {

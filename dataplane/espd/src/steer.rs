@@ -2,15 +2,13 @@
 //! steering before the gateway runs on it.
 
 use anyhow::{bail, Context, Result};
-use aya::programs::XdpMode;
 use espd_config::Config;
 use espd_io::steer::Steering;
 use espd_io::xsk::XskPort;
 use espd_io::Counter;
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
@@ -52,16 +50,8 @@ pub fn run(a: &Args) -> Result<()> {
     ports.sort();
     ports.dedup();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop))
-            .context("installing signal handlers")?;
-    }
-    let mode = if a.skb_mode {
-        XdpMode::Skb
-    } else {
-        XdpMode::Driver
-    };
+    let stop = crate::stop_on_signals()?;
+    let mode = crate::xdp_mode(a.skb_mode);
     let mut s = match Steering::attach(&a.outside, mode) {
         Ok(s) => s,
         Err(e) if e.is_permission() => bail!(

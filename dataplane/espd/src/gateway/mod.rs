@@ -19,7 +19,6 @@ pub mod nexthop;
 mod worker;
 
 use anyhow::{bail, Context, Result};
-use aya::programs::XdpMode;
 use espd_config::Config;
 use espd_core::state::{Action, Direction};
 use espd_core::DropReason;
@@ -30,7 +29,7 @@ use serde_json::json;
 use std::io::IsTerminal;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use worker::{Snapshot, Worker};
@@ -225,18 +224,10 @@ pub fn run(a: &Args) -> Result<()> {
         bail!("no cores to run workers on");
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop))
-            .context("installing signal handlers")?;
-    }
+    let stop = crate::stop_on_signals()?;
 
     // XDP first (dropping `steer` detaches on every error path below).
-    let mode = if a.skb_mode {
-        XdpMode::Skb
-    } else {
-        XdpMode::Driver
-    };
+    let mode = crate::xdp_mode(a.skb_mode);
     let mut steer = Steering::load().map_err(|e| {
         if e.is_permission() {
             anyhow::anyhow!("loading XDP was refused: espd needs CAP_BPF, CAP_NET_ADMIN and CAP_NET_RAW and enough locked memory: {e}")
