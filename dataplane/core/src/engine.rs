@@ -246,25 +246,16 @@ impl Engine {
             sa.counters.bytes,
             sa.counters.packets,
         );
-        let over = |limit: u64, v: u64| limit != 0 && v >= limit;
-        let hard = if over(lt.time_hard, age) {
-            Some("time")
-        } else if over(lt.bytes_hard, bytes) {
-            Some("bytes")
-        } else if over(lt.packets_hard, packets) {
-            Some("packets")
-        } else {
-            None
+        // The first limit reached, in the order time, bytes, packets.
+        let reached = |limits: [u64; 3]| {
+            [("time", age), ("bytes", bytes), ("packets", packets)]
+                .into_iter()
+                .zip(limits)
+                .find(|((_, v), limit)| *limit != 0 && v >= limit)
+                .map(|((why, _), _)| why)
         };
-        let soft = if over(lt.time_soft, age) {
-            Some("time")
-        } else if over(lt.bytes_soft, bytes) {
-            Some("bytes")
-        } else if over(lt.packets_soft, packets) {
-            Some("packets")
-        } else {
-            None
-        };
+        let hard = reached([lt.time_hard, lt.bytes_hard, lt.packets_hard]);
+        let soft = reached([lt.time_soft, lt.bytes_soft, lt.packets_soft]);
         let (dst, spi) = (sa.cfg.dst, sa.cfg.spi);
         if let Some(why) = soft.filter(|_| !sa.soft_reached) {
             self.sad.get_mut(id).soft_reached = true;

@@ -1,7 +1,9 @@
 //! Packet builders shared by the integration tests.
 #![allow(dead_code)]
 
+use espd_core::engine::{Engine, Verdict};
 use espd_core::wire::{ipv4, proto};
+use espd_core::PacketBuf;
 use std::net::Ipv4Addr;
 
 /// An IPv4 packet with a correct header checksum. `l4` is the upper layer.
@@ -63,4 +65,14 @@ impl Rng {
     pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n.max(1)
     }
+}
+
+/// Runs one IP packet through an engine (256 octets of room on each side):
+/// the verdict and what the buffer holds afterwards.
+pub fn run(e: &mut Engine, pkt: &[u8]) -> (Verdict, Vec<u8>) {
+    let mut buf = vec![0u8; 256 + pkt.len() + 256];
+    buf[256..256 + pkt.len()].copy_from_slice(pkt);
+    let mut p = PacketBuf::new(&mut buf, 256, pkt.len());
+    let v = e.process(&mut p);
+    (v, p.data().to_vec())
 }

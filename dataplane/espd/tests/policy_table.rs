@@ -6,7 +6,7 @@ use common::*;
 use espd_config::Config;
 use espd_core::engine::{Engine, Verdict};
 use espd_core::wire::proto;
-use espd_core::{DropReason, PacketBuf};
+use espd_core::DropReason;
 
 const K1: &str = "0x0101010101010101010101010101010101010101";
 const K2: &str = "0x0202020202020202020202020202020202020202";
@@ -43,14 +43,6 @@ policy add src 0.0.0.0/0 dst 198.18.1.0/24 dir out tmpl src 198.18.0.2 dst 198.1
 fn engine(text: &str) -> Engine {
     let c = Config::parse("t.conf", text).unwrap_or_else(|e| panic!("{e}"));
     Engine::new(c.sad, c.spd, &[])
-}
-
-fn run(e: &mut Engine, pkt: &[u8]) -> (Verdict, Vec<u8>) {
-    let mut buf = vec![0u8; 256 + pkt.len() + 256];
-    buf[256..256 + pkt.len()].copy_from_slice(pkt);
-    let mut p = PacketBuf::new(&mut buf, 256, pkt.len());
-    let v = e.process(&mut p);
-    (v, p.data().to_vec())
 }
 
 fn spi_of(e: &Engine, v: Verdict) -> Option<u32> {

@@ -8,7 +8,7 @@ use espd_config::Config;
 use espd_core::engine::{Engine, Verdict};
 use espd_core::state::SaShare;
 use espd_core::wire::{checksum, proto};
-use espd_core::{DropReason, PacketBuf};
+use espd_core::DropReason;
 
 const K: &str = "0x0101010101010101010101010101010101010101";
 
@@ -34,14 +34,6 @@ fn engine(text: &str, local: &[&str]) -> Engine {
     let mut e = Engine::new(c.sad, c.spd, &local);
     e.set_router(true);
     e
-}
-
-fn run(e: &mut Engine, pkt: &[u8]) -> (Verdict, Vec<u8>) {
-    let mut buf = vec![0u8; 256 + pkt.len() + 256];
-    buf[256..256 + pkt.len()].copy_from_slice(pkt);
-    let mut p = PacketBuf::new(&mut buf, 256, pkt.len());
-    let v = e.process(&mut p);
-    (v, p.data().to_vec())
 }
 
 fn ipv4_ok(p: &[u8]) -> bool {

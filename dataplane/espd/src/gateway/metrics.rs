@@ -103,37 +103,30 @@ pub fn render(st: &Value) -> String {
     for (r, v) in st["drops"].as_object().into_iter().flatten() {
         let _ = writeln!(o, "espd_drops_total{{reason=\"{}\"}} {}", esc(r), n(v));
     }
-    family(
-        &mut o,
-        "espd_sa_packets_total",
-        "counter",
-        "Packets through each SA.",
-    );
-    for sa in st["sas"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            o,
-            "espd_sa_packets_total{{spi=\"{}\",src=\"{}\",dst=\"{}\"}} {}",
-            esc(sa["spi"].as_str().unwrap_or("")),
-            esc(sa["src"].as_str().unwrap_or("")),
-            esc(sa["dst"].as_str().unwrap_or("")),
-            n(&sa["packets"])
-        );
-    }
-    family(
-        &mut o,
-        "espd_sa_bytes_total",
-        "counter",
-        "Inner octets through each SA.",
-    );
-    for sa in st["sas"].as_array().into_iter().flatten() {
-        let _ = writeln!(
-            o,
-            "espd_sa_bytes_total{{spi=\"{}\",src=\"{}\",dst=\"{}\"}} {}",
-            esc(sa["spi"].as_str().unwrap_or("")),
-            esc(sa["src"].as_str().unwrap_or("")),
-            esc(sa["dst"].as_str().unwrap_or("")),
-            n(&sa["bytes"])
-        );
+    for (name, key, help) in [
+        (
+            "espd_sa_packets_total",
+            "packets",
+            "Packets through each SA.",
+        ),
+        (
+            "espd_sa_bytes_total",
+            "bytes",
+            "Inner octets through each SA.",
+        ),
+    ] {
+        family(&mut o, name, "counter", help);
+        for sa in st["sas"].as_array().into_iter().flatten() {
+            let label = |k: &str| esc(sa[k].as_str().unwrap_or(""));
+            let _ = writeln!(
+                o,
+                "{name}{{spi=\"{}\",src=\"{}\",dst=\"{}\"}} {}",
+                label("spi"),
+                label("src"),
+                label("dst"),
+                n(&sa[key])
+            );
+        }
     }
     family(
         &mut o,
