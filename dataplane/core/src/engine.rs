@@ -101,6 +101,67 @@ pub struct Engine {
     /// last unknown-SPI event.
     events: Vec<SaEvent>,
     unknown_spi_second: Option<u64>,
+    /// Decisions reused across the packets of one burst (see [`Engine::begin_burst`]).
+    burst: BurstCache,
+}
+
+/// What the SPD and the SAD decided for an outbound flow: the part of
+/// [`Engine::process`] that depends on the flow alone, so the packets of a
+/// burst that share a flow reuse it.
+#[derive(Debug, Clone, Copy)]
+enum OutDecision {
+    /// Dropped (DISCARD, plaintext where protection is required, no policy
+    /// or no SA) or delivered to this host.
+    Done(Verdict),
+    /// BYPASS of a packet not for this host.
+    Forward,
+    /// Through these SAs, innermost first.
+    Protect([SaId; MAX_NEST], u8),
+}
+
+/// The state of a burst: flow decisions cached across consecutive packets,
+/// verdict counts to add to [`Counters`] once at the end, and the SAs that
+/// reserved sequence numbers. Empty outside a burst. The SPD and SAD cannot
+/// change during one (the engine is borrowed), so nothing cached can go stale.
+#[derive(Debug, Default)]
+struct BurstCache {
+    active: bool,
+    /// Packets still expected in this burst (sequence numbers to reserve).
+    left: u64,
+    out: Option<(Flow, OutDecision)>,
+    /// The last inbound SA: (destination, SPI) → SA.
+    sa_in: Option<(IpAddr, u32, SaId)>,
+    /// The last inner flow and SA path that passed the inbound policy check.
+    checked: Option<(Flow, [SaId; MAX_NEST], usize)>,
+    /// SAs holding reserved sequence numbers (given back at the end).
+    reserved: [SaId; MAX_RESERVED],
+    n_reserved: usize,
+    encapsulated: u64,
+    decapsulated: u64,
+    bypass: u64,
+}
+
+/// SAs per burst that reserve sequence numbers ahead; further SAs in the
+/// same burst take theirs one at a time.
+const MAX_RESERVED: usize = 8;
+
+/// A burst of packets through an [`Engine`] (see [`Engine::begin_burst`]);
+/// ends when dropped.
+pub struct Burst<'e> {
+    engine: &'e mut Engine,
+}
+
+impl Burst<'_> {
+    /// Processes one IP packet of the burst (see [`Engine::process`]).
+    pub fn process(&mut self, pkt: &mut PacketBuf<'_>) -> Verdict {
+        self.engine.process(pkt)
+    }
+}
+
+impl Drop for Burst<'_> {
+    fn drop(&mut self) {
+        self.engine.end_burst();
+    }
 }
 
 /// Something the control side should hear about (`espctl monitor`).
@@ -190,6 +251,7 @@ impl Engine {
             icmp_src: Vec::new(),
             events: Vec::with_capacity(MAX_EVENTS),
             unknown_spi_second: None,
+            burst: BurstCache::default(),
         }
     }
 
@@ -344,11 +406,62 @@ impl Engine {
         self.local.contains(&a)
     }
 
+    /// Starts a burst of up to `n` packets, processed one by one with
+    /// [`Engine::process`] until [`Engine::end_burst`] — DPDK lib/ipsec's and
+    /// VPP's vector processing, shaped for a caller that walks its RX ring:
+    /// the SPD and SAD decision of a flow is made once and reused by the
+    /// following packets of that flow, an SA shared between workers takes
+    /// sequence numbers for the rest of the burst in one atomic operation,
+    /// and the verdict counters are added once at the end. Verdicts and
+    /// packets are exactly those of unbatched processing.
+    pub fn begin_burst(&mut self, n: usize) {
+        if self.burst.active {
+            self.end_burst();
+        }
+        self.burst.active = true;
+        self.burst.left = n as u64;
+    }
+
+    /// Ends the burst begun by [`Engine::begin_burst`]: counters added,
+    /// unused reserved sequence numbers given back, cached decisions forgotten.
+    pub fn end_burst(&mut self) {
+        let b = &mut self.burst;
+        let c = &mut self.counters;
+        c.encapsulated += b.encapsulated;
+        c.decapsulated += b.decapsulated;
+        c.bypass += b.bypass;
+        for &id in &b.reserved[..b.n_reserved] {
+            let sa = self.sad.get_mut(id);
+            if let (Some((next, last)), Some(share)) = (sa.seq_block.take(), &sa.share) {
+                // The owner is the only sender, so the counter still stands
+                // at `last`: move it back and no number is skipped. Should
+                // it have moved, the numbers stay unused (a gap is allowed,
+                // a repeat never).
+                if next <= last {
+                    let _ = share
+                        .oseq
+                        .compare_exchange(last, next - 1, Relaxed, Relaxed);
+                }
+            }
+        }
+        *b = BurstCache::default();
+    }
+
+    /// [`Engine::begin_burst`] as a guard that ends the burst when dropped.
+    pub fn burst(&mut self, n: usize) -> Burst<'_> {
+        self.begin_burst(n);
+        Burst { engine: self }
+    }
+
     /// Processes one IP packet (no link-layer header) in place.
     pub fn process(&mut self, pkt: &mut PacketBuf<'_>) -> Verdict {
         let v = self.classify(pkt);
-        let c = &mut self.counters;
+        let (c, b) = (&mut self.counters, &mut self.burst);
+        b.left = b.left.saturating_sub(1);
         match v {
+            Verdict::Encapsulated(_) if b.active => b.encapsulated += 1,
+            Verdict::Decapsulated(_) if b.active => b.decapsulated += 1,
+            Verdict::Bypass if b.active => b.bypass += 1,
             Verdict::Encapsulated(_) => c.encapsulated += 1,
             Verdict::Decapsulated(_) => c.decapsulated += 1,
             Verdict::Bypass => c.bypass += 1,
@@ -411,7 +524,7 @@ impl Engine {
                 && (self.is_local(flow.dst) || self.sad.has_dst(flow.dst));
             if !nested {
                 // The inner packet is parsed once; the policy check uses this flow.
-                return match self.check_decapsulated(&flow, &sp[..n]) {
+                return match self.check_decapsulated_cached(&flow, &sp[..n]) {
                     Ok(()) if self.router && !self.is_local(flow.dst) => {
                         match decrement_ttl(pkt.data_mut(), &inner) {
                             Ok(()) => Verdict::Decapsulated(sp[0]),
@@ -541,13 +654,20 @@ impl Engine {
         if spi == 0 {
             return Err(Failed(DropReason::SpiZero));
         }
-        let Some(id) = self.sad.lookup_in(dst, spi) else {
+        let cached = match self.burst.sa_in {
+            Some((d, s, id)) if s == spi && d == dst => Some(id),
+            _ => None,
+        };
+        let Some(id) = cached.or_else(|| self.sad.lookup_in(dst, spi)) else {
             if self.unknown_spi_second != Some(self.now) {
                 self.unknown_spi_second = Some(self.now);
                 self.event(SaEventKind::UnknownSpi, dst, spi, "");
             }
             return Err(Failed(DropReason::NoSa));
         };
+        if self.burst.active {
+            self.burst.sa_in = Some((dst, spi, id));
+        }
         let worker = self.worker;
         let sa = self.sad.get_mut(id);
         if sa.cfg.encap.is_some() != l3.udp_encap {
@@ -570,6 +690,7 @@ impl Engine {
         let r = match (r, sa.share.as_ref()) {
             // Claimed only after the ICV verified, so forged packets on
             // another queue cannot take a tunnel away from its worker.
+            (Ok(d), Some(s)) if s.owner.load(Relaxed) == worker => Ok(d),
             (Ok(d), Some(s)) => {
                 match s
                     .owner
@@ -591,6 +712,23 @@ impl Engine {
             }
             Ok(d) => Ok((id, d)),
         }
+    }
+
+    /// [`Engine::check_decapsulated`], answered from the burst's last
+    /// accepted flow when the flow and the SA path are the same.
+    fn check_decapsulated_cached(&mut self, flow: &Flow, sp: &[SaId]) -> Result<(), DropReason> {
+        if let Some((f, p, k)) = &self.burst.checked {
+            if p[..*k] == *sp && f == flow {
+                return Ok(());
+            }
+        }
+        let r = self.check_decapsulated(flow, sp);
+        if r.is_ok() && self.burst.active {
+            let mut p = [0 as SaId; MAX_NEST];
+            p[..sp.len()].copy_from_slice(sp);
+            self.burst.checked = Some((*flow, p, sp.len()));
+        }
+        r
     }
 
     /// RFC 4301 §5.2 step 4 and Linux `__xfrm_policy_check`: what came out of
@@ -628,65 +766,34 @@ impl Engine {
     }
 
     fn outbound(&mut self, pkt: &mut PacketBuf<'_>, l3: &L3, flow: &Flow) -> Verdict {
-        // Inbound check on plaintext (RFC 4301 §5.2 step 3a): a packet that a
-        // policy says must arrive protected is dropped when it arrives in clear.
-        let dir = if self.is_local(flow.dst) {
-            Direction::In
-        } else {
-            Direction::Fwd
-        };
-        match self.spd.lookup(dir, flow) {
-            Some(p) if p.action == Action::Block => return Verdict::Drop(DropReason::Discard),
-            Some(p) if p.requires_protection() => return Verdict::Drop(DropReason::PolicyMismatch),
-            Some(_) => {}
-            None if self.spd.default_action(dir) == Action::Block => {
-                return Verdict::Drop(DropReason::NoPolicy)
-            }
-            None => {}
-        }
-        if self.is_local(flow.dst) {
-            // Addressed to this host and allowed: delivered, not forwarded.
-            return Verdict::Bypass;
-        }
-        let Some(p) = self.spd.lookup(Direction::Out, flow) else {
-            return match self.spd.default_action(Direction::Out) {
-                Action::Allow => self.forward_bypass(pkt, l3, flow),
-                Action::Block => Verdict::Drop(DropReason::NoPolicy),
-            };
-        };
-        if p.action == Action::Block {
-            return Verdict::Drop(DropReason::Discard);
-        }
-        if p.tmpls.is_empty() {
-            return self.forward_bypass(pkt, l3, flow);
-        }
-        // An SA bundle applies its templates in order: the first innermost
-        // (XFRM), e.g. transport end to end, then the tunnel to the gateway.
-        // Resolve the whole chain before touching the packet.
-        let tmpls: [Option<Template>; MAX_NEST] = core::array::from_fn(|i| p.tmpls.get(i).copied());
-        let mut chain = [0 as SaId; MAX_NEST];
-        let mut k = 0;
-        for t in tmpls.iter().flatten() {
-            match self.sad.lookup_out(t, flow) {
-                Some(id) => {
-                    chain[k] = id;
-                    k += 1;
+        let decision = match self.burst.out {
+            Some((f, d)) if f == *flow => d,
+            _ => {
+                let d = self.out_decision(flow);
+                if self.burst.active {
+                    self.burst.out = Some((*flow, d));
                 }
-                None if t.level == Level::Use => {}
-                None => return Verdict::Drop(DropReason::NoOutSa),
+                d
             }
-        }
+        };
+        let (chain, k) = match decision {
+            OutDecision::Done(v) => return v,
+            OutDecision::Forward => return self.forward_bypass(pkt, l3, flow),
+            OutDecision::Protect(chain, k) => (chain, usize::from(k)),
+        };
         let chain = &chain[..k];
-        if chain.is_empty() {
-            return self.forward_bypass(pkt, l3, flow);
-        }
         // The owner of the first SA encapsulates, so that its packets leave
         // in sequence-number order; the first worker to send claims it.
         if let Some(s) = self.sad.get(chain[0]).share.as_ref() {
-            match s
-                .owner
-                .compare_exchange(SaShare::NO_OWNER, self.worker, Relaxed, Relaxed)
-            {
+            // A plain load first: the owner's own packets need no atomic write.
+            let owner = s.owner.load(Relaxed);
+            let claim = if owner == SaShare::NO_OWNER {
+                s.owner
+                    .compare_exchange(SaShare::NO_OWNER, self.worker, Relaxed, Relaxed)
+            } else {
+                Err(owner)
+            };
+            match claim {
                 Ok(_) => {}
                 Err(w) if w == self.worker => {}
                 Err(w) => return Verdict::Handoff(w),
@@ -702,8 +809,14 @@ impl Engine {
                 return v;
             }
         }
-        let params = OutParams {
-            flow_label: flow_label(flow),
+        // RFC 6437: only an IPv6 tunnel header carries the flow label.
+        let v6_tunnel = chain.iter().any(|&id| {
+            let c = &self.sad.get(id).cfg;
+            c.mode == Mode::Tunnel && c.dst.is_ipv6()
+        });
+        let mut params = OutParams {
+            flow_label: if v6_tunnel { flow_label(flow) } else { 0 },
+            reserve: 1,
         };
         let mut l3 = *l3;
         for &id in chain {
@@ -720,9 +833,24 @@ impl Engine {
             }
         }
         for (i, &id) in chain.iter().enumerate() {
+            let b = &mut self.burst;
             let sa = self.sad.get_mut(id);
             sa.last_tx = self.now;
-            if let Err(r) = outbound::encapsulate(sa, pkt, &l3, &params) {
+            // Reserve the burst's numbers only where end_burst will find them.
+            let listed = b.reserved[..b.n_reserved].contains(&id);
+            params.reserve = if b.active && (listed || b.n_reserved < MAX_RESERVED) {
+                b.left.max(1)
+            } else {
+                1
+            };
+            let r = outbound::encapsulate(sa, pkt, &l3, &params);
+            if sa.seq_block.is_some() && !listed {
+                if let Some(slot) = b.reserved.get_mut(b.n_reserved) {
+                    *slot = id;
+                    b.n_reserved += 1;
+                }
+            }
+            if let Err(r) = r {
                 sa.count_drop(r);
                 if r == DropReason::SeqCycled && !sa.expired {
                     // The end of the sequence space acts as a hard expiry.
@@ -741,6 +869,60 @@ impl Engine {
             }
         }
         Verdict::Encapsulated(chain[0])
+    }
+
+    /// The SPD and SAD part of outbound processing for `flow`.
+    fn out_decision(&self, flow: &Flow) -> OutDecision {
+        use OutDecision::{Done, Forward, Protect};
+        // Inbound check on plaintext (RFC 4301 §5.2 step 3a): a packet that a
+        // policy says must arrive protected is dropped when it arrives in clear.
+        let local = self.is_local(flow.dst);
+        let dir = if local { Direction::In } else { Direction::Fwd };
+        match self.spd.lookup(dir, flow) {
+            Some(p) if p.action == Action::Block => {
+                return Done(Verdict::Drop(DropReason::Discard))
+            }
+            Some(p) if p.requires_protection() => {
+                return Done(Verdict::Drop(DropReason::PolicyMismatch))
+            }
+            Some(_) => {}
+            None if self.spd.default_action(dir) == Action::Block => {
+                return Done(Verdict::Drop(DropReason::NoPolicy))
+            }
+            None => {}
+        }
+        if local {
+            // Addressed to this host and allowed: delivered, not forwarded.
+            return Done(Verdict::Bypass);
+        }
+        let Some(p) = self.spd.lookup(Direction::Out, flow) else {
+            return match self.spd.default_action(Direction::Out) {
+                Action::Allow => Forward,
+                Action::Block => Done(Verdict::Drop(DropReason::NoPolicy)),
+            };
+        };
+        if p.action == Action::Block {
+            return Done(Verdict::Drop(DropReason::Discard));
+        }
+        // An SA bundle applies its templates in order: the first innermost
+        // (XFRM), e.g. transport end to end, then the tunnel to the gateway.
+        // Resolve the whole chain before touching the packet.
+        let mut chain = [0 as SaId; MAX_NEST];
+        let mut k = 0;
+        for t in p.tmpls.iter().take(MAX_NEST) {
+            match self.sad.lookup_out(t, flow) {
+                Some(id) => {
+                    chain[k] = id;
+                    k += 1;
+                }
+                None if t.level == Level::Use => {}
+                None => return Done(Verdict::Drop(DropReason::NoOutSa)),
+            }
+        }
+        if k == 0 {
+            return Forward;
+        }
+        Protect(chain, k as u8)
     }
 
     /// BYPASS of a packet that is not for this host: forwarded in clear,
@@ -1025,12 +1207,16 @@ fn map_wire(e: wire::Error) -> DropReason {
 
 /// Checks the headers of an IP packet, trims link-layer padding and returns
 /// what processing needs.
+// Inlined: its result is large, and built in place it is not copied.
+#[inline(always)]
 fn parse(pkt: &mut PacketBuf<'_>) -> Result<(L3, Flow), DropReason> {
     let (l3, flow, len) = parse_inner(pkt.data())?;
     pkt.truncate(len);
     Ok((l3, flow))
 }
 
+// Inlined: its result is large, and built in place it is not copied.
+#[inline(always)]
 fn parse_ro(d: &[u8]) -> Result<(L3, Flow), DropReason> {
     parse_inner(d).map(|(a, b, _)| (a, b))
 }
@@ -1098,6 +1284,8 @@ pub fn complete_partial_checksum(ip: &mut [u8]) -> bool {
     true
 }
 
+// Inlined: its result is large, and built in place it is not copied.
+#[inline(always)]
 fn parse_inner(d: &[u8]) -> Result<(L3, Flow, usize), DropReason> {
     match d.first().map(|b| b >> 4) {
         None => Err(DropReason::Runt),

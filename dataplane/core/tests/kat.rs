@@ -120,7 +120,7 @@ fn outbound_matches_published_esp_octets() {
         buf[128..128 + input.len()].copy_from_slice(&input);
         let mut pkt = PacketBuf::new(&mut buf, 128, input.len());
         let (l3, _, _) = parse_ip(pkt.data()).unwrap();
-        encapsulate(&mut sa, &mut pkt, &l3, &OutParams { flow_label: 0 }).unwrap();
+        encapsulate(&mut sa, &mut pkt, &l3, &OutParams::default()).unwrap();
         let got = pkt.data();
         assert_eq!(got.len(), want.len(), "{}", v.name);
         let hl = if want[0] >> 4 == 4 { 20 } else { 40 };

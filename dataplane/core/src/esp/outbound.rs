@@ -13,10 +13,14 @@ use core::net::IpAddr;
 pub const OUTER_TTL: u8 = 64;
 
 /// Per-packet inputs the engine computed from the inner packet.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct OutParams {
     /// RFC 6437 flow label for an IPv6 outer header (hash of the inner flow).
     pub flow_label: u32,
+    /// For an SA shared between workers: how many sequence numbers to take
+    /// from the shared counter at once when this SA has none reserved (the
+    /// packets left in the burst; 0 or 1: one at a time). See [`Sa::seq_block`].
+    pub reserve: u64,
 }
 
 /// Octets of ESP framing around `payload` octets through `sa`, not counting
@@ -73,19 +77,31 @@ pub fn max_inner(sa: &Sa, mtu: usize, keep: usize) -> usize {
 
 /// Reserves the next outbound sequence number. RFC 4303 §3.3.3: it starts at 1
 /// and never cycles; at the end of the space the SA is exhausted for good.
-fn next_seq(sa: &mut Sa) -> Result<u64, DropReason> {
+fn next_seq(sa: &mut Sa, reserve: u64) -> Result<u64, DropReason> {
     let limit = sa.seq_limit();
     if sa.exhausted {
         return Err(DropReason::SeqCycled);
     }
+    if let Some((next, end)) = sa.seq_block.filter(|(n, e)| n <= e) {
+        // A number reserved for this burst (DPDK lib/ipsec reserves per
+        // burst the same way): no atomic operation per packet.
+        sa.seq_block = Some((next + 1, end));
+        sa.oseq = next;
+        return Ok(next);
+    }
     if let Some(share) = &sa.share {
         // Several workers send through this SA: one counter for all of them.
+        // Take `reserve` numbers at once (fewer at the end of the space).
         use core::sync::atomic::Ordering::Relaxed;
-        return match share
-            .oseq
-            .fetch_update(Relaxed, Relaxed, |c| (c < limit).then_some(c + 1))
-        {
+        let n = reserve.max(1);
+        return match share.oseq.fetch_update(Relaxed, Relaxed, |c| {
+            (c < limit).then_some(c.saturating_add(n).min(limit))
+        }) {
             Ok(prev) => {
+                let end = prev.saturating_add(n).min(limit);
+                if end > prev + 1 {
+                    sa.seq_block = Some((prev + 2, end));
+                }
                 sa.oseq = prev + 1;
                 Ok(prev + 1)
             }
@@ -164,7 +180,7 @@ pub fn encapsulate(
     if sa.cfg.dst.is_ipv4() && new_len > usize::from(u16::MAX) {
         return Err(DropReason::TooBig);
     }
-    let seq = next_seq(sa)?;
+    let seq = next_seq(sa, params.reserve)?;
 
     // Inner facts needed for the outer header, read before encryption.
     let inner_len = pkt.len();

@@ -232,6 +232,7 @@ impl core::fmt::Display for SaError {
 
 /// Per-SA counters. Drops here are the ones attributable to this SA.
 #[derive(Debug, Clone, Default)]
+#[repr(C)]
 pub struct SaCounters {
     pub packets: u64,
     pub bytes: u64,
@@ -266,28 +267,39 @@ impl SaShare {
 }
 
 /// The runtime SA: everything the hot path touches.
+///
+/// Laid out for the data path (DPDK's `rte_ipsec_sa` and VPP's
+/// `ipsec_sa_t` do the same): C order with the fields every packet reads or
+/// writes first, so they share the SA's first cache lines, and each SA
+/// starts on its own line, so two workers' SAs never share one.
+#[repr(C, align(64))]
 pub struct Sa {
-    /// Set when several workers' engines hold this SA.
-    pub share: Option<SaShare>,
-    pub cfg: SaConfig,
-    pub transform: Transform,
     /// Last outbound sequence number used (the next one is `oseq + 1`).
     pub oseq: u64,
-    pub replay: ReplayWindow,
-    /// Set when the outbound sequence space is exhausted: the SA sends nothing more.
-    pub exhausted: bool,
-    /// IPv4 identification for outer headers (tunnel mode).
-    pub ip_id: u16,
+    /// Sequence numbers taken from the shared counter for the current burst
+    /// and not used yet: `(next, last)`; `None` outside a burst (see
+    /// `OutParams::reserve` and `Engine::end_burst`).
+    pub seq_block: Option<(u64, u64)>,
     /// When the SA last sent (the caller's clock, seconds): NAT keepalives
     /// go out after an idle time (RFC 3948 §4).
     pub last_tx: u64,
-    pub counters: SaCounters,
     /// When it was installed (the engine's clock), for time lifetimes.
     pub added: u64,
+    /// IPv4 identification for outer headers (tunnel mode).
+    pub ip_id: u16,
+    /// Set when the outbound sequence space is exhausted: the SA sends nothing more.
+    pub exhausted: bool,
     /// The soft lifetime was reached (reported once).
     pub soft_reached: bool,
     /// The hard lifetime was reached, or the sequence space: no more packets.
     pub expired: bool,
+    pub replay: ReplayWindow,
+    /// Packet and octet counts first; the per-reason drops after them.
+    pub counters: SaCounters,
+    /// Set when several workers' engines hold this SA.
+    pub share: Option<SaShare>,
+    pub cfg: SaConfig,
+    pub transform: Transform,
 }
 
 impl Sa {
@@ -299,6 +311,7 @@ impl Sa {
         Ok(Sa {
             share: None,
             oseq: cfg.replay_oseq,
+            seq_block: None,
             transform,
             replay,
             exhausted: false,

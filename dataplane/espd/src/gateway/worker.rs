@@ -169,12 +169,17 @@ impl Worker {
             }
             let mut got = 0;
             for side in 0..2 {
+                // One engine burst per RX burst: flow decisions reused,
+                // sequence numbers reserved, counters added once.
+                self.engine.begin_burst(BURST);
                 let mut ctx = ctx!(self, snap, side, self.fix_csum && side == 0);
                 got += self
                     .ports
                     .rx_burst(side, BURST, |buf, len| ctx.frame(buf, len));
+                self.engine.end_burst();
             }
             // Packets other workers handed over: processed as if received here.
+            self.engine.begin_burst(BURST);
             for _ in 0..BURST {
                 // A slot waits in the inbox until a frame is free for it.
                 if self.ports.free_frames() == 0 {
@@ -195,6 +200,7 @@ impl Worker {
                     snap.io_drops[DropReason::ForeignQueue as usize] += 1;
                 }
             }
+            self.engine.end_burst();
             // Inner fragments made this turn: processed like received frames.
             if !self.reinject.list.is_empty() {
                 let list = std::mem::take(&mut self.reinject.list);
