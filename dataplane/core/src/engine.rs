@@ -119,26 +119,76 @@ enum OutDecision {
     Protect([SaId; MAX_NEST], u8),
 }
 
-/// The state of a burst: flow decisions cached across consecutive packets,
-/// verdict counts to add to [`Counters`] once at the end, and the SAs that
-/// reserved sequence numbers. Empty outside a burst. The SPD and SAD cannot
-/// change during one (the engine is borrowed), so nothing cached can go stale.
+/// The state of bursts: flow decisions (kept from burst to burst while the
+/// SPD and SAD stay as they are), verdict counts to add to [`Counters`] once
+/// at the end, and the SAs that reserved sequence numbers.
 #[derive(Debug, Default)]
 struct BurstCache {
     active: bool,
     /// Packets still expected in this burst (sequence numbers to reserve).
     left: u64,
-    out: Option<(Flow, OutDecision)>,
+    /// Outbound decisions of the burst's flows.
+    out: FlowCache<OutDecision>,
     /// The last inbound SA: (destination, SPI) → SA.
     sa_in: Option<(IpAddr, u32, SaId)>,
-    /// The last inner flow and SA path that passed the inbound policy check.
-    checked: Option<(Flow, [SaId; MAX_NEST], usize)>,
+    /// Inner flows that passed the inbound policy check, with their SA path.
+    checked: FlowCache<([SaId; MAX_NEST], usize)>,
     /// SAs holding reserved sequence numbers (given back at the end).
     reserved: [SaId; MAX_RESERVED],
     n_reserved: usize,
     encapsulated: u64,
     decapsulated: u64,
     bypass: u64,
+}
+
+/// A direct-mapped cache of per-flow answers: traffic interleaves flows (a
+/// gateway's burst holds many), so one entry is not enough; 64 slots by a
+/// hash of the 5-tuple cost one compare on a hit. Entries carry the
+/// SPD's and SAD's versions when they were made, so any change to either
+/// voids them all without writing to the cache (and a new engine starts
+/// with an empty one).
+#[derive(Debug)]
+struct FlowCache<V: Copy> {
+    slots: Box<[Option<(u64, Flow, V)>; FLOW_SLOTS]>,
+}
+
+const FLOW_SLOTS: usize = 64;
+
+impl<V: Copy> Default for FlowCache<V> {
+    fn default() -> Self {
+        FlowCache {
+            slots: Box::new([None; FLOW_SLOTS]),
+        }
+    }
+}
+
+impl<V: Copy> FlowCache<V> {
+    fn slot(f: &Flow) -> usize {
+        let a = |x: IpAddr| match x {
+            IpAddr::V4(v) => u64::from(v.to_bits()),
+            IpAddr::V6(v) => {
+                let b = v.to_bits();
+                (b as u64) ^ ((b >> 64) as u64)
+            }
+        };
+        let p = f
+            .ports
+            .map_or(0, |p| u64::from(p.sport) << 16 | u64::from(p.dport));
+        let h = (a(f.src) ^ a(f.dst).rotate_left(32) ^ p << 8 ^ u64::from(f.proto))
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        (h >> 58) as usize
+    }
+
+    fn get(&self, burst: u64, f: &Flow) -> Option<V> {
+        match &self.slots[Self::slot(f)] {
+            Some((b, k, v)) if *b == burst && k == f => Some(*v),
+            _ => None,
+        }
+    }
+
+    fn put(&mut self, burst: u64, f: &Flow, v: V) {
+        self.slots[Self::slot(f)] = Some((burst, *f, v));
+    }
 }
 
 /// SAs per burst that reserve sequence numbers ahead; further SAs in the
@@ -444,7 +494,17 @@ impl Engine {
                 }
             }
         }
-        *b = BurstCache::default();
+        // The flow caches stay: their entries hold while the SPD and SAD do.
+        b.active = false;
+        b.left = 0;
+        b.sa_in = None;
+        b.n_reserved = 0;
+        (b.encapsulated, b.decapsulated, b.bypass) = (0, 0, 0);
+    }
+
+    /// The tag of cached decisions: grows with any change to the SPD or SAD.
+    fn tables_version(&self) -> u64 {
+        self.spd.version() + self.sad.version()
     }
 
     /// [`Engine::begin_burst`] as a guard that ends the burst when dropped.
@@ -717,8 +777,14 @@ impl Engine {
     /// [`Engine::check_decapsulated`], answered from the burst's last
     /// accepted flow when the flow and the SA path are the same.
     fn check_decapsulated_cached(&mut self, flow: &Flow, sp: &[SaId]) -> Result<(), DropReason> {
-        if let Some((f, p, k)) = &self.burst.checked {
-            if p[..*k] == *sp && f == flow {
+        let n = self.tables_version();
+        if let Some((p, k)) = self
+            .burst
+            .checked
+            .get(n, flow)
+            .filter(|_| self.burst.active)
+        {
+            if p[..k] == *sp {
                 return Ok(());
             }
         }
@@ -726,7 +792,7 @@ impl Engine {
         if r.is_ok() && self.burst.active {
             let mut p = [0 as SaId; MAX_NEST];
             p[..sp.len()].copy_from_slice(sp);
-            self.burst.checked = Some((*flow, p, sp.len()));
+            self.burst.checked.put(n, flow, (p, sp.len()));
         }
         r
     }
@@ -766,12 +832,13 @@ impl Engine {
     }
 
     fn outbound(&mut self, pkt: &mut PacketBuf<'_>, l3: &L3, flow: &Flow) -> Verdict {
-        let decision = match self.burst.out {
-            Some((f, d)) if f == *flow => d,
-            _ => {
+        let (b, n) = (&self.burst, self.tables_version());
+        let decision = match b.out.get(n, flow).filter(|_| b.active) {
+            Some(d) => d,
+            None => {
                 let d = self.out_decision(flow);
                 if self.burst.active {
-                    self.burst.out = Some((*flow, d));
+                    self.burst.out.put(n, flow, d);
                 }
                 d
             }

@@ -21,7 +21,7 @@ fn gw1() -> String {
         "state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1000 reqid 1 mode tunnel replay-window 64 aead 'rfc4106(gcm(aes))' {K} 128
 state add src 198.18.0.2 dst 198.18.0.1 proto esp spi 0x2000 reqid 2 mode tunnel replay-window 64 aead 'rfc4106(gcm(aes))' {K2} 128
 policy add src 198.18.1.0/24 dst 198.18.2.0/24 proto tcp dport 23 dir out priority 10 action block
-policy add src 198.18.1.0/24 dst 198.18.2.0/24 dir out tmpl src 198.18.0.1 dst 198.18.0.2 proto esp reqid 1 mode tunnel
+policy add src 198.18.1.0/24 dst 198.18.2.0/24 dir out priority 100 tmpl src 198.18.0.1 dst 198.18.0.2 proto esp reqid 1 mode tunnel
 policy add src 198.18.1.0/24 dst 198.18.3.0/24 dir out action block
 policy add src 198.18.1.0/24 dst 198.18.4.0/24 dir out
 policy add src 198.18.2.0/24 dst 198.18.1.0/24 dir fwd tmpl src 198.18.0.2 dst 198.18.0.1 proto esp reqid 2 mode tunnel
@@ -268,4 +268,33 @@ fn a_reservation_never_passes_the_end_of_the_sequence_space() {
         [Verdict::Drop(espd_core::DropReason::SeqCycled); 3]
     );
     assert_eq!(shared.oseq.load(Relaxed), u64::from(u32::MAX));
+}
+
+#[test]
+fn a_change_to_the_spd_voids_the_cached_decisions() {
+    use espd_core::state::{Direction, Spd};
+    let mut e = engine(&gw1());
+    let pkt = udp4("198.18.1.10", "198.18.2.20", 9);
+    let one = |e: &mut Engine| {
+        let mut b = e.burst(4);
+        let mut buf = vec![0u8; 512];
+        buf[256..256 + pkt.len()].copy_from_slice(&pkt);
+        let mut pb = PacketBuf::new(&mut buf, 256, pkt.len());
+        b.process(&mut pb)
+    };
+    assert_eq!(one(&mut e), Verdict::Encapsulated(0));
+    assert_eq!(one(&mut e), Verdict::Encapsulated(0), "from the cache");
+    // A higher-priority DISCARD for the same traffic, put into the live SPD.
+    let block = Config::parse(
+        "b.conf",
+        "policy add src 198.18.1.10/32 dst 198.18.2.0/24 dir out priority 1 action block\n",
+    )
+    .unwrap();
+    let p: &Spd = &block.spd;
+    e.spd.insert(p.policies(Direction::Out)[0].clone()).unwrap();
+    assert_eq!(
+        one(&mut e),
+        Verdict::Drop(espd_core::DropReason::Discard),
+        "the cached PROTECT is void"
+    );
 }

@@ -18,6 +18,8 @@ pub struct Sad {
     /// always known (tunnel templates name them, transport uses the flow's).
     by_pair: HashMap<(IpAddr, IpAddr), Vec<SaId>>,
     dsts: HashSet<IpAddr>,
+    /// SAs installed so far (see [`Sad::version`]).
+    version: u64,
 }
 
 /// `state add` for a (dst, SPI) that exists already.
@@ -35,6 +37,7 @@ impl Sad {
             return Err(Exists);
         }
         let id = self.sas.len();
+        self.version += 1;
         self.by_dst_spi.insert(key, id);
         self.by_reqid.entry(sa.cfg.reqid).or_default().push(id);
         self.dsts.insert(sa.cfg.dst);
@@ -48,6 +51,14 @@ impl Sad {
 
     pub fn len(&self) -> usize {
         self.sas.len()
+    }
+
+    /// Grows with every SA installed: decisions cached under one version
+    /// are void under the next (the engine's flow caches). An installed
+    /// SA's selector, mode, reqid and addresses never change (the control
+    /// plane replaces an SA by building a new engine).
+    pub fn version(&self) -> u64 {
+        self.version
     }
     pub fn is_empty(&self) -> bool {
         self.sas.is_empty()

@@ -235,6 +235,8 @@ fn mask(a: IpAddr, len: u8) -> IpAddr {
 pub struct Spd {
     tables: [Table; 3],
     defaults: [Action; 3],
+    /// Changes so far (see [`Spd::version`]).
+    version: u64,
 }
 
 impl Default for Spd {
@@ -242,6 +244,7 @@ impl Default for Spd {
         Spd {
             tables: Default::default(),
             defaults: [Action::Allow; 3],
+            version: 0,
         }
     }
 }
@@ -252,11 +255,19 @@ impl Spd {
     }
 
     pub fn insert(&mut self, p: Policy) -> Result<(), Exists> {
+        self.version += 1;
         self.tables[p.dir.idx()].insert(p)
     }
 
     pub fn set_default(&mut self, dir: Direction, a: Action) {
+        self.version += 1;
         self.defaults[dir.idx()] = a;
+    }
+
+    /// Grows with every change: decisions cached under one version are
+    /// void under the next (the engine's flow caches).
+    pub fn version(&self) -> u64 {
+        self.version
     }
     pub fn default_action(&self, dir: Direction) -> Action {
         self.defaults[dir.idx()]
