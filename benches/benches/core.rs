@@ -169,7 +169,7 @@ fn pipeline(c: &mut Criterion) {
         espd_core::wire::ipv4::Packet::new_unchecked(&mut inner[..]).fill_checksum();
         let mut buf = vec![0u8; 2048];
         g.throughput(Throughput::Bytes(n as u64));
-        g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
+        g.bench_with_input(BenchmarkId::new("one by one", n), &n, |b, &n| {
             b.iter(|| {
                 buf[128..128 + n].copy_from_slice(&inner);
                 let mut p = PacketBuf::new(&mut buf, 128, n);
@@ -177,9 +177,25 @@ fn pipeline(c: &mut Criterion) {
                 assert!(matches!(gw2.process(&mut p), Verdict::Decapsulated(_)));
             })
         });
+        // The whole burst pipeline, as the gateway's workers run it.
+        g.throughput(Throughput::Bytes((BURST * n) as u64));
+        g.bench_with_input(BenchmarkId::new("bursts of 64", n), &n, |b, &n| {
+            b.iter(|| {
+                let (mut b1, mut b2) = (gw1.burst(BURST), gw2.burst(BURST));
+                for _ in 0..BURST {
+                    buf[128..128 + n].copy_from_slice(&inner);
+                    let mut p = PacketBuf::new(&mut buf, 128, n);
+                    assert!(matches!(b1.process(&mut p), Verdict::Encapsulated(_)));
+                    assert!(matches!(b2.process(&mut p), Verdict::Decapsulated(_)));
+                }
+            })
+        });
     }
     g.finish();
 }
+
+/// Packets per burst in the burst pipeline bench (the gateway's RX burst).
+const BURST: usize = 64;
 
 criterion_group!(benches, aead, replay, parse, pipeline);
 criterion_main!(benches);
