@@ -49,6 +49,28 @@ impl Provider for Packaged {
     }
 }
 
+/// AWS-LC through `aws-lc-rs`, for comparison only.
+struct AwsLc(aws_lc_rs::aead::LessSafeKey);
+impl Provider for AwsLc {
+    fn round(&self, iv: [u8; 8], data: &mut [u8]) {
+        use aws_lc_rs::aead::{Aad, Nonce};
+        let mut n = [0u8; 12];
+        n[4..].copy_from_slice(&iv);
+        let tag = self
+            .0
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(n), Aad::from([1u8; 8]), data)
+            .unwrap();
+        self.0
+            .open_in_place_separate_tag(
+                Nonce::assume_unique_for_key(n),
+                Aad::from([1u8; 8]),
+                tag.as_ref(),
+                data,
+            )
+            .unwrap();
+    }
+}
+
 /// IMIX by packet count 7:4:1 of 64, 576 and 1500 octets (the classic
 /// simple IMIX); one iteration is the twelve packets.
 const IMIX: [(usize, usize); 3] = [(64, 7), (576, 4), (1500, 1)];
@@ -68,6 +90,13 @@ fn aead(c: &mut Criterion) {
         (
             "aes-gcm 0.10 (RustCrypto)",
             Box::new(Packaged(aes_gcm::Aes128Gcm::new(&[7u8; 16].into()))),
+        ),
+        (
+            "aws-lc-rs 1.x (AWS-LC)",
+            Box::new(AwsLc(aws_lc_rs::aead::LessSafeKey::new(
+                aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_128_GCM, &[7u8; 16])
+                    .unwrap(),
+            ))),
         ),
         (
             "chacha20poly1305 (RFC 7634)",
