@@ -7,7 +7,6 @@ mod common;
 use common::*;
 use espd_config::Config;
 use espd_core::engine::{Engine, Verdict};
-use espd_core::state::SaShare;
 use espd_core::PacketBuf;
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -57,14 +56,6 @@ fn twins() -> (Engine, Engine) {
     (a, b)
 }
 
-fn process(e: &mut Engine, pkt: &[u8]) -> (Verdict, Vec<u8>) {
-    let mut buf = vec![0u8; 256 + pkt.len() + 256];
-    buf[256..256 + pkt.len()].copy_from_slice(pkt);
-    let mut p = PacketBuf::new(&mut buf, 256, pkt.len());
-    let v = e.process(&mut p);
-    (v, p.data().to_vec())
-}
-
 #[test]
 fn bursts_give_exactly_the_verdicts_packets_and_counters_of_single_packets() {
     let (mut single, mut burst) = twins();
@@ -72,7 +63,7 @@ fn bursts_give_exactly_the_verdicts_packets_and_counters_of_single_packets() {
     // Inbound ESP from the peer: in order, then some replayed, forged, or
     // for an unknown SPI.
     let mut esp: Vec<Vec<u8>> = (0..151)
-        .map(|i| process(&mut peer, &udp4("198.18.2.20", "198.18.1.10", 9 + i % 3)).1)
+        .map(|i| run(&mut peer, &udp4("198.18.2.20", "198.18.1.10", 9 + i % 3)).1)
         .collect();
     // The last one is never delivered: forged, it is ahead of the window.
     let mut forged = esp.pop().unwrap();
@@ -114,7 +105,7 @@ fn bursts_give_exactly_the_verdicts_packets_and_counters_of_single_packets() {
             input.push(p);
         }
     }
-    let want: Vec<_> = input.iter().map(|p| process(&mut single, p)).collect();
+    let want: Vec<_> = input.iter().map(|p| run(&mut single, p)).collect();
     let mut got = Vec::new();
     let mut rest = &input[..];
     while !rest.is_empty() {
@@ -191,13 +182,7 @@ fn counters_are_added_when_the_burst_ends() {
 /// Two workers' engines over gw1's SAs, linked as the gateway links them.
 fn shared_pair() -> (Engine, Engine) {
     let (mut e0, mut e1) = twins();
-    for id in 0..e0.sad.len() {
-        let s = SaShare::new(e0.sad.get(id).oseq);
-        e0.sad.get_mut(id).share = Some(s.clone());
-        e1.sad.get_mut(id).share = Some(s);
-    }
-    e0.set_worker(0);
-    e1.set_worker(1);
+    link_workers(&mut e0, &mut e1);
     (e0, e1)
 }
 
@@ -214,7 +199,7 @@ fn a_shared_sa_reserves_a_bursts_numbers_at_once_and_gives_back_the_rest() {
     for (burst, used) in [(64, 10), (64, 64), (16, 3), (1, 1), (64, 0), (32, 31)] {
         w0.begin_burst(burst);
         for i in 0..used {
-            let (v, esp) = process(&mut w0, &pkt);
+            let (v, esp) = run(&mut w0, &pkt);
             assert_eq!(v, Verdict::Encapsulated(0));
             seen.push(seq_of(&esp));
             if i == 0 {
@@ -224,7 +209,7 @@ fn a_shared_sa_reserves_a_bursts_numbers_at_once_and_gives_back_the_rest() {
             }
         }
         // Another worker meanwhile hands the SA's packets over untouched.
-        let (v, same) = process(&mut w1, &pkt);
+        let (v, same) = run(&mut w1, &pkt);
         assert_eq!(v, Verdict::Handoff(0));
         assert_eq!(same, pkt);
         w0.end_burst();

@@ -76,3 +76,15 @@ pub fn run(e: &mut Engine, pkt: &[u8]) -> (Verdict, Vec<u8>) {
     let v = e.process(&mut p);
     (v, p.data().to_vec())
 }
+
+/// Links two workers' engines over the same SAs as the gateway links them
+/// (one `SaShare` per SA) and makes them workers 0 and 1.
+pub fn link_workers(e0: &mut Engine, e1: &mut Engine) {
+    for id in 0..e0.sad.len() {
+        let s = espd_core::state::SaShare::new(e0.sad.get(id).oseq);
+        e0.sad.get_mut(id).share = Some(s.clone());
+        e1.sad.get_mut(id).share = Some(s);
+    }
+    e0.set_worker(0);
+    e1.set_worker(1);
+}

@@ -113,13 +113,7 @@ fn without_router_mode_nothing_changes() {
 fn shared_pair(text: &str, local: &[&str]) -> (Engine, Engine) {
     let mut e0 = engine(text, local);
     let mut e1 = engine(text, local);
-    for id in 0..e0.sad.len() {
-        let s = SaShare::new(e0.sad.get(id).oseq);
-        e0.sad.get_mut(id).share = Some(s.clone());
-        e1.sad.get_mut(id).share = Some(s);
-    }
-    e0.set_worker(0);
-    e1.set_worker(1);
+    link_workers(&mut e0, &mut e1);
     (e0, e1)
 }
 
