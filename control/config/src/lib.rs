@@ -55,6 +55,31 @@ pub struct Config {
 }
 
 impl Config {
+    /// Another configuration with the same SAs (keys expanded anew: the
+    /// expanded key objects are not copied) and the same policies, without
+    /// parsing the text again. The gateway builds one per worker this way.
+    pub fn replicate(&self) -> Config {
+        let mut sad = Sad::new();
+        for sa in self.sad.iter() {
+            let copy = Sa::new(sa.cfg.clone()).expect("an installed SA's configuration builds");
+            if sad.insert(copy).is_err() {
+                unreachable!("an installed SAD has no duplicate (dst, SPI)");
+            }
+        }
+        Config {
+            sad,
+            spd: self.spd.clone(),
+        }
+    }
+
+    /// `n` replicas (one per worker), built in parallel on rayon's threads:
+    /// each is independent work. Called by the control thread when the
+    /// configuration changes, never on a worker's loop.
+    pub fn replicas(&self, n: usize) -> Vec<Config> {
+        use rayon::prelude::*;
+        (0..n).into_par_iter().map(|_| self.replicate()).collect()
+    }
+
     /// Reads and checks a file.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let name = path.display().to_string();

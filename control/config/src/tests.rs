@@ -151,3 +151,34 @@ fn defaults_follow_ip_xfrm() {
     assert_eq!(sa.oseq, 0);
     assert!(!sa.cfg.flags.esn);
 }
+
+#[test]
+fn replicas_hold_the_same_sas_keys_and_policies() {
+    use espd_core::state::Direction;
+    let c = Config::parse("gw1.conf", &good()).unwrap();
+    for r in c.replicas(3) {
+        assert_eq!(r.sad.len(), c.sad.len());
+        assert_eq!(r.spd.len(), c.spd.len());
+        for id in 0..c.sad.len() {
+            let (a, b) = (&c.sad.get(id).cfg, &r.sad.get(id).cfg);
+            assert_eq!((a.dst, a.spi, a.iv_mask), (b.dst, b.spi, b.iv_mask));
+            // The same key: the same ciphertext and ICV for the same input.
+            let (ta, tb) = (&c.sad.get(id).transform, &r.sad.get(id).transform);
+            let mut x = vec![7u8; 8 + ta.iv_len() + 64];
+            let mut y = x.clone();
+            let (mut ia, mut ib) = ([0u8; 16], [0u8; 16]);
+            let n = ta.icv_len();
+            ta.seal(&mut x, None, &mut ia[..n]);
+            tb.seal(&mut y, None, &mut ib[..n]);
+            assert_eq!((x, ia), (y, ib));
+        }
+        for dir in Direction::ALL {
+            assert_eq!(r.spd.default_action(dir), c.spd.default_action(dir));
+            let (pa, pb) = (c.spd.policies(dir), r.spd.policies(dir));
+            assert_eq!(pa.len(), pb.len());
+            for (a, b) in pa.iter().zip(&pb) {
+                assert_eq!((a.sel, a.priority, a.action), (b.sel, b.priority, b.action));
+            }
+        }
+    }
+}

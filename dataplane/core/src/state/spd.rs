@@ -97,7 +97,7 @@ pub struct Exists;
 /// length, destination prefix length) shape, keyed by the masked addresses.
 /// A lookup probes each shape once, so its cost grows with the number of
 /// distinct shapes, not with the number of policies.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Table {
     /// In insertion order; `order` is the position here.
     policies: Vec<Policy>,
@@ -105,6 +105,7 @@ struct Table {
     seen: HashSet<Selector>,
 }
 
+#[derive(Clone)]
 struct Shape {
     v4: bool,
     src_len: u8,
@@ -126,6 +127,7 @@ struct Entry {
 }
 
 /// Most keys have one policy: keep it inline (no pointer chase).
+#[derive(Clone)]
 enum Bucket {
     One(Entry),
     Many(Vec<Entry>),
@@ -232,6 +234,7 @@ fn mask(a: IpAddr, len: u8) -> IpAddr {
     Prefix::new(a, len).map_or(a, |p| p.addr)
 }
 
+#[derive(Clone)]
 pub struct Spd {
     tables: [Table; 3],
     defaults: [Action; 3],

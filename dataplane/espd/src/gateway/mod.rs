@@ -254,7 +254,7 @@ pub fn run(a: &Args) -> Result<()> {
         bench_no_crypto: a.bench_no_crypto,
         workers: queues,
     };
-    let engines = params.build(|| db.config())?;
+    let engines = params.build(&cfg)?;
     let mut wports = Vec::new();
     for q in 0..queues {
         let p = WorkerPorts::bind(&a.inside, &a.outside, q, WORKER_FRAMES, bind)
