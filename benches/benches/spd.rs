@@ -95,6 +95,8 @@ fn lookup(c: &mut Criterion) {
                 }
             })
             .collect();
+        // One lookup per packet: lookups per second.
+        g.throughput(criterion::Throughput::Elements(1));
         g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             let mut k = 0usize;
             b.iter(|| {
@@ -146,6 +148,8 @@ fn per_packet(c: &mut Criterion) {
             })
             .collect();
         let mut buf = vec![0u8; 512];
+        // One lookup per packet: lookups per second.
+        g.throughput(criterion::Throughput::Elements(1));
         g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             let mut k = 0usize;
             b.iter(|| {

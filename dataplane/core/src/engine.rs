@@ -101,7 +101,7 @@ pub struct Engine {
     /// last unknown-SPI event.
     events: Vec<SaEvent>,
     unknown_spi_second: Option<u64>,
-    /// Decisions reused across the packets of one burst (see [`Engine::begin_burst`]).
+    /// Decisions reused across the packets of bursts (see [`Engine::begin_burst`]).
     burst: BurstCache,
 }
 
@@ -473,7 +473,8 @@ impl Engine {
     }
 
     /// Ends the burst begun by [`Engine::begin_burst`]: counters added,
-    /// unused reserved sequence numbers given back, cached decisions forgotten.
+    /// unused reserved sequence numbers given back. The flow caches are kept
+    /// for the next burst (their entries hold while the SPD and SAD do).
     pub fn end_burst(&mut self) {
         let b = &mut self.burst;
         let c = &mut self.counters;
@@ -774,8 +775,8 @@ impl Engine {
         }
     }
 
-    /// [`Engine::check_decapsulated`], answered from the burst's last
-    /// accepted flow when the flow and the SA path are the same.
+    /// [`Engine::check_decapsulated`], answered from the flow cache when this
+    /// inner flow came through the same SA path before (in a burst only).
     fn check_decapsulated_cached(&mut self, flow: &Flow, sp: &[SaId]) -> Result<(), DropReason> {
         let n = self.tables_version();
         if let Some((p, k)) = self
