@@ -81,33 +81,67 @@ fn bursts_give_exactly_the_verdicts_packets_and_counters_of_single_packets() {
         udp4("198.18.2.20", "198.18.1.10", 9), // plaintext where ESP is required
     ];
     let mut rng = Rng(0x5eed_0fb0_a7a7);
+    let input = mix(&plain, &esp, &[forged, unknown], &mut rng);
+    compare(
+        &mut single,
+        &mut burst,
+        &input,
+        &mut rng,
+        &[
+            "Bypass",
+            "Decapsulated(1)",
+            "Encapsulated(0)",
+            "Drop(Discard)",
+            "Drop(NoPolicy)",
+            "Drop(PolicyMismatch)",
+            "Drop(Replay)",
+            "Drop(IcvMismatch)",
+            "Drop(NoSa)",
+        ],
+    );
+}
+
+/// 600 packets in runs of one kind, so the flow caches both hit and miss:
+/// the first two `plain` packets (the common case), the others, the ESP in
+/// order, and replays of ESP already sent or the `bad` packets.
+fn mix(plain: &[Vec<u8>], esp: &[Vec<u8>], bad: &[Vec<u8>], rng: &mut Rng) -> Vec<Vec<u8>> {
     let mut input = Vec::new();
     let mut next_esp = 0;
     while input.len() < 600 {
-        // Runs of one kind, so the burst's caches both hit and miss.
         let run_len = 1 + rng.below(6) as usize;
         let kind = rng.below(10);
         for _ in 0..run_len {
             let p = match kind {
                 0..=4 => plain[rng.below(2) as usize].clone(),
-                5 => plain[2 + rng.below(5) as usize].clone(),
+                5 => plain[2 + rng.below(plain.len() as u64 - 2) as usize].clone(),
                 6..=8 if next_esp < esp.len() => {
                     next_esp += 1;
                     esp[next_esp - 1].clone()
                 }
-                _ => [
-                    esp[rng.below(next_esp.max(1) as u64) as usize].clone(),
-                    forged.clone(),
-                    unknown.clone(),
-                ][rng.below(3) as usize]
-                    .clone(),
+                _ => match rng.below(1 + bad.len() as u64) as usize {
+                    0 => esp[rng.below(next_esp.max(1) as u64) as usize].clone(),
+                    i => bad[i - 1].clone(),
+                },
             };
             input.push(p);
         }
     }
-    let want: Vec<_> = input.iter().map(|p| run(&mut single, p)).collect();
+    input
+}
+
+/// Runs `input` through `single` one packet at a time and through `burst`
+/// in bursts of random sizes: the same verdicts, the same octets, the same
+/// engine and SA counters. `must` names verdicts the mix has to contain.
+fn compare(
+    single: &mut Engine,
+    burst: &mut Engine,
+    input: &[Vec<u8>],
+    rng: &mut Rng,
+    must: &[&str],
+) {
+    let want: Vec<_> = input.iter().map(|p| run(single, p)).collect();
     let mut got = Vec::new();
-    let mut rest = &input[..];
+    let mut rest = input;
     while !rest.is_empty() {
         let n = (1 + rng.below(20) as usize).min(rest.len());
         let mut b = burst.burst(n);
@@ -121,26 +155,12 @@ fn bursts_give_exactly_the_verdicts_packets_and_counters_of_single_packets() {
         drop(b);
         rest = &rest[n..];
     }
-    let kinds = |v: &[(Verdict, Vec<u8>)]| {
-        let mut k = std::collections::BTreeMap::new();
-        for (v, _) in v {
-            *k.entry(format!("{v:?}")).or_insert(0) += 1;
-        }
-        k
-    };
-    let mix = kinds(&want);
-    for k in [
-        "Bypass",
-        "Decapsulated(1)",
-        "Encapsulated(0)",
-        "Drop(Discard)",
-        "Drop(NoPolicy)",
-        "Drop(PolicyMismatch)",
-        "Drop(Replay)",
-        "Drop(IcvMismatch)",
-        "Drop(NoSa)",
-    ] {
-        assert!(mix.contains_key(k), "{k} missing from the mix: {mix:?}");
+    let mut mix = std::collections::BTreeMap::new();
+    for (v, _) in &want {
+        *mix.entry(format!("{v:?}")).or_insert(0) += 1;
+    }
+    for k in must {
+        assert!(mix.contains_key(*k), "{k} missing from the mix: {mix:?}");
     }
     for (i, (w, g)) in want.iter().zip(&got).enumerate() {
         assert_eq!(w, g, "packet {i}");
@@ -156,6 +176,90 @@ fn bursts_give_exactly_the_verdicts_packets_and_counters_of_single_packets() {
         assert_eq!(x.counters.packets, y.counters.packets);
         assert_eq!(x.counters.drops, y.counters.drops);
     }
+}
+
+/// IPv6 host A to host B, transport mode end to end inside a tunnel to the
+/// gateway G (an SA bundle, RFC 4301 §4.5; as scripts/oracle/test_bundle.py).
+fn host_a() -> String {
+    let k = |b: u8| format!("0x{}", format!("{b:02x}").repeat(20));
+    format!(
+        "state add src 2001:db8:1::10 dst 2001:db8:2::20 proto esp spi 0x3001 reqid 31 mode transport aead 'rfc4106(gcm(aes))' {k1} 128
+state add src 2001:db8:2::20 dst 2001:db8:1::10 proto esp spi 0x3002 reqid 32 mode transport aead 'rfc4106(gcm(aes))' {k2} 128
+state add src 2001:db8:1::10 dst 2001:db8::1 proto esp spi 0x3003 reqid 33 mode tunnel aead 'rfc4106(gcm(aes))' {k3} 128
+state add src 2001:db8::1 dst 2001:db8:1::10 proto esp spi 0x3004 reqid 34 mode tunnel aead 'rfc4106(gcm(aes))' {k4} 128
+policy add src 2001:db8:1::10 dst 2001:db8:2::20 dir out tmpl proto esp reqid 31 mode transport tmpl src 2001:db8:1::10 dst 2001:db8::1 proto esp reqid 33 mode tunnel
+policy add src 2001:db8:2::20 dst 2001:db8:1::10 dir in tmpl proto esp reqid 32 mode transport tmpl src 2001:db8::1 dst 2001:db8:1::10 proto esp reqid 34 mode tunnel
+policy add src 2001:db8:1::10 dst 2001:db8:3::/48 dir out action block
+",
+        k1 = k(1),
+        k2 = k(2),
+        k3 = k(3),
+        k4 = k(4)
+    )
+}
+
+/// B and G together: what A receives, transport inside the tunnel.
+fn b_and_g() -> String {
+    let k = |b: u8| format!("0x{}", format!("{b:02x}").repeat(20));
+    format!(
+        "state add src 2001:db8:2::20 dst 2001:db8:1::10 proto esp spi 0x3002 reqid 32 mode transport aead 'rfc4106(gcm(aes))' {k2} 128
+state add src 2001:db8::1 dst 2001:db8:1::10 proto esp spi 0x3004 reqid 34 mode tunnel aead 'rfc4106(gcm(aes))' {k4} 128
+policy add src 2001:db8:2::20 dst 2001:db8:1::10 dir out tmpl proto esp reqid 32 mode transport tmpl src 2001:db8::1 dst 2001:db8:1::10 proto esp reqid 34 mode tunnel
+",
+        k2 = k(2),
+        k4 = k(4)
+    )
+}
+
+#[test]
+fn bursts_match_single_packets_for_an_ipv6_bundle_too() {
+    let single_e = || {
+        let c = Config::parse("a.conf", &host_a()).unwrap_or_else(|e| panic!("{e}"));
+        Engine::new(c.sad, c.spd, &["2001:db8:1::10".parse().unwrap()])
+    };
+    let (mut single, mut burst) = (single_e(), single_e());
+    for id in 0..single.sad.len() {
+        burst.sad.get_mut(id).cfg.iv_mask = single.sad.get(id).cfg.iv_mask;
+    }
+    let c = Config::parse("bg.conf", &b_and_g()).unwrap_or_else(|e| panic!("{e}"));
+    let mut peer = Engine::new(c.sad, c.spd, &[]);
+    let mut esp: Vec<Vec<u8>> = (0..151)
+        .map(|i| {
+            let (v, p) = run(
+                &mut peer,
+                &udp6("2001:db8:2::20", "2001:db8:1::10", 9 + i % 3),
+            );
+            assert!(matches!(v, Verdict::Encapsulated(_)), "{v:?}");
+            p
+        })
+        .collect();
+    let mut forged = esp.pop().unwrap();
+    let n = forged.len();
+    forged[n - 1] ^= 0x80;
+    let plain = [
+        udp6("2001:db8:1::10", "2001:db8:2::20", 9), // protect: transport in tunnel
+        udp6("2001:db8:1::10", "2001:db8:2::20", 53), // another flow
+        udp6("2001:db8:1::10", "2001:db8:3::30", 9), // block
+        udp6("2001:db8:1::10", "2001:db8:4::40", 9), // no policy: default allow
+        udp6("2001:db8:2::20", "2001:db8:1::10", 9), // plaintext where ESP is required
+    ];
+    let mut rng = Rng(0x0b0b_1e5e_ed00_0006);
+    let input = mix(&plain, &esp, &[forged], &mut rng);
+    compare(
+        &mut single,
+        &mut burst,
+        &input,
+        &mut rng,
+        &[
+            "Bypass",
+            "Decapsulated(3)",
+            "Encapsulated(0)",
+            "Drop(Discard)",
+            "Drop(PolicyMismatch)",
+            "Drop(Replay)",
+            "Drop(IcvMismatch)",
+        ],
+    );
 }
 
 #[test]

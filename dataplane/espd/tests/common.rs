@@ -52,6 +52,22 @@ pub fn udp4(src: &str, dst: &str, dport: u16) -> Vec<u8> {
     ipv4(src, dst, proto::UDP, 0, &udp(40000, dport, b"payload"))
 }
 
+/// An IPv6/UDP packet (hop limit 61) with a correct UDP checksum.
+pub fn udp6(src: &str, dst: &str, dport: u16) -> Vec<u8> {
+    let (s, d): (std::net::Ipv6Addr, std::net::Ipv6Addr) =
+        (src.parse().unwrap(), dst.parse().unwrap());
+    let mut l4 = udp(40000, dport, b"payload");
+    let c = espd_core::wire::udp::checksum_v6(&s.octets(), &d.octets(), &l4);
+    l4[6..8].copy_from_slice(&c.to_be_bytes());
+    let mut b = vec![0x60, 0, 0, 0];
+    b.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    b.extend_from_slice(&[proto::UDP, 61]);
+    b.extend_from_slice(&s.octets());
+    b.extend_from_slice(&d.octets());
+    b.extend_from_slice(&l4);
+    b
+}
+
 /// A tiny deterministic PRNG (xorshift64*), so failures reproduce.
 pub struct Rng(pub u64);
 
