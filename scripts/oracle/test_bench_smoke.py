@@ -29,3 +29,15 @@ def test_bench_report_and_bad_arguments():
     for bad in (["--aead", "rot13"], ["--size", "12"], ["--size", "big"]):
         r = subprocess.run([str(ESPD), "bench", "--seconds", "0.1", *bad], capture_output=True, text=True, timeout=30)
         assert r.returncode == 1 and "espd:" in r.stderr
+
+
+@pytest.mark.parametrize("burst", ["1", "7", "1024"])
+def test_bench_bursts_of_any_size_round_trip(burst):
+    r = subprocess.run([str(ESPD), "bench", "--seconds", "0.2", "--workers", "1", "--size", "imix",
+                        "--burst", burst, "--json"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["burst"] == int(burst) and d["failed"] == 0 and d["packets"] > 100
+    for bad in ("0", "1025", "x"):
+        r = subprocess.run([str(ESPD), "bench", "--seconds", "0.1", "--burst", bad], capture_output=True, text=True, timeout=30)
+        assert r.returncode != 0 and "--burst" in r.stderr

@@ -30,6 +30,10 @@ pub struct Args {
     /// gcm128, gcm256, chacha, cbc128, cbc256, gmac128, null.
     #[arg(long, default_value = "gcm128")]
     pub aead: String,
+    /// Packets per engine burst (1: one at a time, no batching); the
+    /// gateway's workers use 64.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub burst: u16,
     /// Print one JSON object instead of the report.
     #[arg(long)]
     pub json: bool,
@@ -110,8 +114,6 @@ fn packet(n: usize, i: usize) -> Vec<u8> {
     p
 }
 
-/// Packets per burst (the gateway's RX burst).
-const BURST: usize = 64;
 /// How long each phase runs before the other takes a turn.
 const SLICE: Duration = Duration::from_millis(20);
 
@@ -126,7 +128,13 @@ struct Result1 {
     hist: Histogram<u64>,
 }
 
-fn worker(alg: &str, sizes: &[usize], secs: f64, live: &AtomicU64) -> Result<Result1> {
+fn worker(
+    alg: &str,
+    sizes: &[usize],
+    secs: f64,
+    burst: usize,
+    live: &AtomicU64,
+) -> Result<Result1> {
     let clause = alg_clause(alg)?;
     let sa = format!("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1000 reqid 1 mode tunnel replay-window 4096 flag esn {clause}\n");
     let g1 = Config::parse("bench-gw1", &format!("{sa}policy add src 198.18.1.0/24 dst 198.18.2.0/24 dir out tmpl src 198.18.0.1 dst 198.18.0.2 proto esp reqid 1 mode tunnel\n"))
@@ -174,8 +182,8 @@ fn worker(alg: &str, sizes: &[usize], secs: f64, live: &AtomicU64) -> Result<Res
         let start = Instant::now();
         loop {
             // Bursts as the gateway's workers take them from their rings.
-            let (mut b1, mut b2) = (gw1.burst(BURST), gw2.burst(BURST));
-            for p in next.by_ref().take(BURST) {
+            let (mut b1, mut b2) = (gw1.burst(burst), gw2.burst(burst));
+            for p in next.by_ref().take(burst) {
                 // Every 61st packet: a prime, so all positions in a burst get sampled.
                 let t = packets.is_multiple_of(61).then(Instant::now);
                 buf[256..256 + p.len()].copy_from_slice(p);
@@ -192,7 +200,7 @@ fn worker(alg: &str, sizes: &[usize], secs: f64, live: &AtomicU64) -> Result<Res
                 bytes += p.len() as u64;
             }
             drop((b1, b2));
-            if packets & 1023 < BURST as u64 && start.elapsed() >= SLICE {
+            if packets % 1024 < burst as u64 && start.elapsed() >= SLICE {
                 break;
             }
         }
@@ -242,10 +250,11 @@ pub fn run(a: &Args) -> Result<()> {
     let lives: Vec<Arc<AtomicU64>> = (0..n).map(|_| Arc::new(AtomicU64::new(0))).collect();
     let mut handles = Vec::new();
     for (i, live) in lives.iter().enumerate() {
-        let (alg, sizes, secs, live, core) = (
+        let (alg, sizes, secs, burst, live, core) = (
             a.aead.clone(),
             sizes.clone(),
             a.seconds,
+            a.burst,
             Arc::clone(live),
             cores.get(i % cores.len().max(1)).copied(),
         );
@@ -254,7 +263,7 @@ pub fn run(a: &Args) -> Result<()> {
             if let Some(c) = core {
                 core_affinity::set_for_current(c);
             }
-            worker(&alg, &sizes, secs, &live)
+            worker(&alg, &sizes, secs, usize::from(burst), &live)
         }));
     }
     let start = Instant::now();
@@ -307,6 +316,7 @@ pub fn run(a: &Args) -> Result<()> {
         "size": a.size,
         "aead": a.aead,
         "seconds": a.seconds,
+        "burst": a.burst,
         "packets": results.iter().map(|r| r.packets).sum::<u64>(),
         "failed": failed,
         "pps": pps,
@@ -323,9 +333,9 @@ pub fn run(a: &Args) -> Result<()> {
         println!("{out}");
     } else {
         println!(
-            "espd bench: {} worker(s), {} B, {}: {:.3} Mpps, {:.2} Gbit/s (encap+decap, inner bytes); \
+            "espd bench: {} worker(s), {} B, {}, bursts of {}: {:.3} Mpps, {:.2} Gbit/s (encap+decap, inner bytes); \
              latency p50 {} ns p99 {} ns p99.9 {} ns; raw seal+open {:.3} Mpps, {:.2} Gbit/s; ratio {:.2}{}",
-            n, a.size, a.aead, pps / 1e6, bps / 1e9,
+            n, a.size, a.aead, a.burst, pps / 1e6, bps / 1e9,
             hist.value_at_quantile(0.5), hist.value_at_quantile(0.99), hist.value_at_quantile(0.999),
             raw_pps / 1e6, raw_bps / 1e9, pps / raw_pps,
             if failed > 0 { format!("; {failed} FAILED") } else { String::new() }
