@@ -12,7 +12,7 @@ cd "$(dirname "$0")/../dataplane/core"
 secs=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(wire decap config)
+[ ${#targets[@]} -gt 0 ] || targets=(wire decap config burst)
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 for t in "${targets[@]}"; do
     mkdir -p "fuzz/corpus/$t"
