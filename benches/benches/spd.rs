@@ -39,18 +39,20 @@ fn load(c: &mut Criterion) {
     let cfg = Config::parse("big.conf", &text).unwrap();
     g.bench_function("replicate 10000 states + 10000 policies", |b| {
         b.iter(|| {
-            let copy = black_box(&cfg).replicate();
+            let copy = black_box(&cfg).replicate().unwrap();
             assert_eq!(copy.sad.len(), 10_000);
         })
     });
     g.bench_function("2 replicas, one after the other", |b| {
         b.iter(|| {
-            let v: Vec<Config> = (0..2).map(|_| black_box(&cfg).replicate()).collect();
+            let v: Vec<Config> = (0..2)
+                .map(|_| black_box(&cfg).replicate().unwrap())
+                .collect();
             assert_eq!(v.len(), 2);
         })
     });
     g.bench_function("2 replicas in parallel (rayon)", |b| {
-        b.iter(|| assert_eq!(black_box(&cfg).replicas(2).len(), 2))
+        b.iter(|| assert_eq!(black_box(&cfg).replicas(2).unwrap().len(), 2))
     });
     g.finish();
 }

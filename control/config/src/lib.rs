@@ -56,26 +56,29 @@ pub struct Config {
 
 impl Config {
     /// Another configuration with the same SAs (keys expanded anew: the
-    /// expanded key objects are not copied) and the same policies, without
-    /// parsing the text again. The gateway builds one per worker this way.
-    pub fn replicate(&self) -> Config {
+    /// expanded key objects are not copied; the key bytes are `Zeroizing`
+    /// in both) and the same policies, without parsing the text again. The
+    /// gateway builds one per worker this way. An SA that built once builds
+    /// again; should it not, the error says which.
+    pub fn replicate(&self) -> Result<Config, String> {
         let mut sad = Sad::new();
         for sa in self.sad.iter() {
-            let copy = Sa::new(sa.cfg.clone()).expect("an installed SA's configuration builds");
-            if sad.insert(copy).is_err() {
-                unreachable!("an installed SAD has no duplicate (dst, SPI)");
-            }
+            let (dst, spi) = (sa.cfg.dst, sa.cfg.spi);
+            let copy = Sa::new(sa.cfg.clone())
+                .map_err(|e| format!("state dst {dst} spi 0x{spi:08x}: {e}"))?;
+            sad.insert(copy)
+                .map_err(|_| format!("state dst {dst} spi 0x{spi:08x} twice"))?;
         }
-        Config {
+        Ok(Config {
             sad,
             spd: self.spd.clone(),
-        }
+        })
     }
 
     /// `n` replicas (one per worker), built in parallel on rayon's threads:
     /// each is independent work. Called by the control thread when the
     /// configuration changes, never on a worker's loop.
-    pub fn replicas(&self, n: usize) -> Vec<Config> {
+    pub fn replicas(&self, n: usize) -> Result<Vec<Config>, String> {
         use rayon::prelude::*;
         (0..n).into_par_iter().map(|_| self.replicate()).collect()
     }

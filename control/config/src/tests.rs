@@ -156,7 +156,7 @@ fn defaults_follow_ip_xfrm() {
 fn replicas_hold_the_same_sas_keys_and_policies() {
     use espd_core::state::Direction;
     let c = Config::parse("gw1.conf", &good()).unwrap();
-    for r in c.replicas(3) {
+    for r in c.replicas(3).unwrap() {
         assert_eq!(r.sad.len(), c.sad.len());
         assert_eq!(r.spd.len(), c.spd.len());
         for id in 0..c.sad.len() {

@@ -46,7 +46,10 @@ impl EngineParams {
         // Parsed once; each worker's SAs expanded anew from it, in parallel
         // (10 000 tunnels, two workers: 69 ms, where parsing twice took 190;
         // docs/performance.md).
-        for (q, c) in (0u32..).zip(cfg.replicas(self.workers as usize)) {
+        let replicas = cfg
+            .replicas(self.workers as usize)
+            .map_err(|e| anyhow::anyhow!("building the workers' engines: {e}"))?;
+        for (q, c) in (0u32..).zip(replicas) {
             let mut e = Engine::new(c.sad, c.spd, &self.local);
             if self.bench_no_crypto {
                 for id in 0..e.sad.len() {
