@@ -16,6 +16,8 @@ command -v setpriv >/dev/null || need+=(util-linux)
 # The live gateway's demo and tests: iperf3 traffic, ethtool on veth.
 command -v iperf3 >/dev/null || need+=(iperf3)
 command -v ethtool >/dev/null || need+=(ethtool)
+# The test command lints every script.
+command -v shellcheck >/dev/null || need+=(shellcheck)
 # The XDP program: LLVM 22 for bpf-linker (Debian 12's security suite has it).
 [ -d /usr/lib/llvm-22 ] || need+=(llvm-22-dev)
 # xsk-rs builds a vendored libxdp/libbpf.

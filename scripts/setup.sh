@@ -5,8 +5,7 @@
 # The main job is the live gateway (scripts/demo.sh, root): host A — gw1 —
 # gw2 — host B in network namespaces, espd on both gateways with an AES-GCM
 # tunnel for IPv4 and IPv6, ping and iperf3 both ways, counters. The offline
-# round trip (scripts/demo-pcap.sh
-scripts/demo.sh) runs first: it needs no privileges.
+# round trip (scripts/demo-pcap.sh) runs first: it needs no privileges.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh

@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
+echo "== scripts: bash -n and shellcheck"
+for f in scripts/*.sh .ci/run; do bash -n "$f"; done
+shellcheck -S warning scripts/*.sh .ci/run
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"

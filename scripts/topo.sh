@@ -76,7 +76,7 @@ up() {
     # Let links, DAD-less addresses and multicast snooping settle: one ping
     # each way over the kernel path, then forget the neighbours, so that espd
     # resolves its next hops itself.
-    for i in 1 2 3 4 5 6 7 8 9 10; do
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
         ns gw1 ping -c1 -W1 198.18.0.2 >/dev/null 2>&1 &&
             ns gw1 ping -6 -c1 -W1 2001:db8::2 >/dev/null 2>&1 && break
         sleep 0.2
