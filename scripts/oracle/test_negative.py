@@ -61,7 +61,7 @@ def test_every_bad_packet_has_its_reason(tmp_path):
     bad_sum[14 + 10] ^= 0xFF
     from scapy.all import Ether
     add(Ether(bytes(bad_sum)))  # BadChecksum
-    add(eth(IP(bytes(IP(src=B, dst=A) / UDP(sport=1, dport=2) / Raw(b"clear")))))  # PolicyMismatch: must arrive protected
+    add(eth(IP(bytes(IP(src=B, dst=A) / UDP(sport=1, dport=2) / Raw(b"clear")))))  # UnprotectedInbound: must arrive protected
     add(eth(IP(src="198.18.9.9", dst="198.18.9.8") / UDP() / Raw(b"bypass")), "bypass")
     add(eth(IPv6(src="2001:db8::9", dst="2001:db8::8") / UDP() / Raw(b"bypass6")), "bypass6")
 
@@ -75,7 +75,7 @@ def test_every_bad_packet_has_its_reason(tmp_path):
             assert g == w
     want_drops = {"IcvMismatch": 2, "BadPadding": 2, "Runt": 1, "Replay": 1, "TooOld": 1,
                   "NoSa": 1, "SpiZero": 1, "Fragment": 1, "BadInner": 1, "NoPolicy": 1,
-                  "EcnDrop": 1, "BadChecksum": 1, "PolicyMismatch": 1}
+                  "EcnDrop": 1, "BadChecksum": 1, "UnprotectedInbound": 1}
     nonzero = {k: v for k, v in st["drops"].items() if v}
     assert nonzero == want_drops
     v = st["verdicts"]

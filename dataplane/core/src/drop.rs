@@ -35,6 +35,8 @@ drop_reasons! {
     Fragment => "IP fragment (not reassembled)",
     /// ESP to one of our addresses with an SPI no SA has (RFC 4303 §3.4.2).
     NoSa => "no SA for destination and SPI",
+    /// ESP (raw or in UDP) of one of our own outbound SAs, not addressed to us: a reflected or looped copy of what we sent (RFC 4301 §4.4.2: inbound SAs are looked up for our addresses only). No crypto is spent on it.
+    OwnEsp => "our own outbound ESP came back (reflected)",
     /// ESP with SPI 0, which is reserved (RFC 4303 §2.1).
     SpiZero => "SPI 0 is reserved",
     /// A sequence number already received, or 0 (RFC 4303 §3.4.3).
@@ -53,8 +55,10 @@ drop_reasons! {
     SeqCycled => "outbound sequence number space exhausted",
     /// A PROTECT policy matched but no usable SA exists for its template.
     NoOutSa => "no outbound SA for the policy template",
-    /// Decapsulated traffic does not match the SA's selector or an in/fwd policy naming the SA; or plaintext arrived where policy demands protection (RFC 4301 §5.2).
+    /// Decapsulated traffic does not match the SA's selector or an in/fwd policy naming the SA (RFC 4301 §5.2 step 4).
     PolicyMismatch => "traffic does not match the policy for its SA",
+    /// Plaintext arrived that an in/fwd PROTECT policy says must arrive protected (RFC 4301 §5.2 step 3a, §4.4.1), or an unprotected ICMP error about a protected flow (§6.1.1).
+    UnprotectedInbound => "unprotected packet where policy demands IPsec",
     /// No policy matched and the direction's default is block; or tunnel-mode traffic came through an SA no policy covers.
     NoPolicy => "no matching policy",
     /// A DISCARD policy (`action block`) matched.

@@ -3,14 +3,14 @@
 //! XFRM's semantics. Sans-IO: the caller hands in a buffer and gets a verdict.
 //!
 //! ```text
-//!  IP packet ──► header checks ──► ESP to one of our SA endpoints? ──yes──► SAD (dst, SPI)
+//!  IP packet ──► header checks ──► ESP to one of our addresses? ──yes──► SAD (dst, SPI)
 //!                 (Runt, BadHeader,      │                                  │ inbound ESP
 //!                  BadChecksum)          no                                 ▼
 //!                                        │                       decapsulate (replay, ICV,
 //!                                        ▼                        padding) ──► SA sel +
 //!                             in/fwd policy check (plaintext       in/fwd policy check
 //!                             where protection is required ─►         │
-//!                             PolicyMismatch; block ─► Discard)       ▼
+//!                             UnprotectedInbound; block ─► Discard)   ▼
 //!                                        │                         Decapsulated
 //!                                        ▼
 //!                             out policy: block ─► Discard; allow+tmpl ─► SA ─► encapsulate
@@ -77,8 +77,10 @@ pub struct Counters {
 pub struct Engine {
     pub sad: Sad,
     pub spd: Spd,
-    /// Addresses of this host: decides `in` vs `fwd` and whose ESP is ours.
+    /// Addresses of this host: decides `in` vs `fwd`, and which plaintext is for it.
     local: Vec<IpAddr>,
+    /// Where ESP is ours to open: `local` and the inbound SAs' destinations.
+    esp_local: Vec<IpAddr>,
     pub counters: Counters,
     /// UDP ports that carry ESP (the `encap` ports of the SAs).
     encap_ports: Vec<u16>,
@@ -261,23 +263,12 @@ enum IcmpKind {
 pub const ICMP_PER_SECOND: u32 = 100;
 
 impl Engine {
-    /// An engine over installed SAs and policies. This host's addresses are
-    /// `extra_local` plus those the policies imply: the `tmpl src` of `out`
-    /// policies and the `tmpl dst` of `in`/`fwd` policies.
+    /// An engine over installed SAs and policies; this host's addresses are
+    /// [`local_addrs`]`(spd, extra_local)`, and ESP is opened when addressed
+    /// to one of [`esp_addrs`].
     pub fn new(sad: Sad, spd: Spd, extra_local: &[IpAddr]) -> Self {
-        let mut local: Vec<IpAddr> = extra_local.to_vec();
-        for dir in Direction::ALL {
-            for p in spd.policies(dir) {
-                for t in &p.tmpls {
-                    let a = if dir == Direction::Out { t.src } else { t.dst };
-                    if let Some(a) = a.filter(|a| !a.is_unspecified()) {
-                        local.push(a);
-                    }
-                }
-            }
-        }
-        local.sort();
-        local.dedup();
+        let local = local_addrs(&spd, extra_local);
+        let esp_local = esp_addrs(&sad, &local);
         let mut encap_ports: Vec<u16> = sad
             .iter()
             .filter_map(|sa| sa.cfg.encap)
@@ -289,6 +280,7 @@ impl Engine {
             sad,
             spd,
             local,
+            esp_local,
             counters: Counters::default(),
             encap_ports,
             now: 0,
@@ -453,7 +445,7 @@ impl Engine {
     }
 
     fn is_local(&self, a: IpAddr) -> bool {
-        self.local.contains(&a)
+        self.local.binary_search(&a).is_ok()
     }
 
     /// Starts a burst of up to `n` packets, processed one by one with
@@ -547,19 +539,91 @@ impl Engine {
             Ok(x) => x,
             Err(r) => return Verdict::Drop(r),
         };
-        let ours = || self.is_local(flow.dst) || self.sad.has_dst(flow.dst);
-        if l3.proto == proto::ESP && ours() {
-            return self.inbound(pkt, &l3, flow.dst);
-        }
-        if l3.proto == proto::UDP
+        // RFC 4301 §4.4.2: inbound SAs are looked up for this host's
+        // addresses only; ESP to anyone else is not ours to open.
+        let ours = self.esp_local.binary_search(&flow.dst).is_ok();
+        let encap = l3.proto == proto::UDP
             && flow
                 .ports
-                .is_some_and(|p| self.encap_ports.contains(&p.dport))
-            && ours()
-        {
+                .is_some_and(|p| self.encap_ports.contains(&p.dport));
+        if l3.proto == proto::ESP && ours {
+            return self.inbound(pkt, &l3, flow.dst);
+        }
+        if encap && ours {
             return self.udp_encapsulated(pkt, &l3, flow.dst);
         }
+        if (l3.proto == proto::ESP || encap) && self.is_own_esp(pkt.data(), &l3, encap, flow.dst) {
+            return Verdict::Drop(DropReason::OwnEsp);
+        }
+        if flow
+            .ports
+            .is_some_and(|p| l4::is_icmp_error(flow.proto, p.sport as u8))
+            && self.icmp_error_about_protected(pkt.data(), &l3, &flow)
+        {
+            return Verdict::Drop(DropReason::UnprotectedInbound);
+        }
         self.outbound(pkt, &l3, &flow)
+    }
+
+    /// RFC 4301 §6.1.1: an ICMP error that arrives unprotected while the
+    /// packet it quotes belongs to a flow the SPD protects is not accepted —
+    /// otherwise anyone on the wire could reset or redirect protected flows.
+    /// An error that is itself selected for protection (a host behind us
+    /// answering a peer) goes on through the normal path. Checked per packet,
+    /// not through the flow cache: two errors with one outer 5-tuple may
+    /// quote different packets.
+    fn icmp_error_about_protected(&self, d: &[u8], l3: &L3, flow: &Flow) -> bool {
+        if l3.fragment
+            || self
+                .spd
+                .lookup(Direction::Out, flow)
+                .is_some_and(|p| p.requires_protection())
+        {
+            return false;
+        }
+        let Some((src, dst, proto, ports)) = d.get(l3.upper_at..).and_then(l4::quoted) else {
+            return false;
+        };
+        if src.is_ipv4() != flow.src.is_ipv4() || dst.is_ipv4() != flow.dst.is_ipv4() {
+            return false;
+        }
+        let q = Flow {
+            src,
+            dst,
+            proto,
+            ports,
+        };
+        // The quoted packet went out from behind us (out policy), or came in
+        // to us or our hosts (in/fwd policy): either way, protected traffic.
+        [Direction::Out, Direction::Fwd, Direction::In]
+            .iter()
+            .any(|dir| {
+                self.spd
+                    .lookup(*dir, &q)
+                    .is_some_and(|p| p.requires_protection())
+            })
+    }
+
+    /// ESP (raw, or behind an encapsulation port's UDP header) not addressed
+    /// to us whose destination and SPI are one of our SAs': a copy of our own
+    /// outbound traffic that came back (reflected, looped, or the other
+    /// direction of a capture). Dropped before any crypto.
+    fn is_own_esp(&self, d: &[u8], l3: &L3, encap: bool, dst: IpAddr) -> bool {
+        if l3.fragment {
+            return false;
+        }
+        let at = l3.upper_at + if encap { wire::udp::HEADER_LEN } else { 0 };
+        let Some(spi) = d
+            .get(at..at + 4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        else {
+            return false;
+        };
+        spi != 0
+            && self
+                .sad
+                .lookup_in(dst, spi)
+                .is_some_and(|id| self.sad.get(id).cfg.encap.is_some() == encap)
     }
 
     fn inbound(&mut self, pkt: &mut PacketBuf<'_>, l3: &L3, dst: IpAddr) -> Verdict {
@@ -581,8 +645,8 @@ impl Engine {
             let Ok((inner, flow)) = parse_ro(pkt.data()) else {
                 return self.drop_for(&sp[..n], DropReason::BadInner);
             };
-            let nested = inner.proto == proto::ESP
-                && (self.is_local(flow.dst) || self.sad.has_dst(flow.dst));
+            let nested =
+                inner.proto == proto::ESP && self.esp_local.binary_search(&flow.dst).is_ok();
             if !nested {
                 // The inner packet is parsed once; the policy check uses this flow.
                 return match self.check_decapsulated_cached(&flow, &sp[..n]) {
@@ -951,7 +1015,7 @@ impl Engine {
                 return Done(Verdict::Drop(DropReason::Discard))
             }
             Some(p) if p.requires_protection() => {
-                return Done(Verdict::Drop(DropReason::PolicyMismatch))
+                return Done(Verdict::Drop(DropReason::UnprotectedInbound))
             }
             Some(_) => {}
             None if self.spd.default_action(dir) == Action::Block => {
@@ -1232,6 +1296,44 @@ fn keepalive(buf: &mut [u8], src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -
 
 /// RFC 6437 §3: a tunnel endpoint may set the outer flow label from a hash of
 /// the inner flow, so ECMP can spread tunnels without looking inside ESP.
+/// This host's addresses as the engine sees them (sorted): `extra` (the
+/// gateway passes every address of its namespace; `espd pcap` its
+/// `--local`) and those the policies imply — the `tmpl src` of `out`
+/// policies and the `tmpl dst` of `in`/`fwd` policies.
+pub fn local_addrs(spd: &Spd, extra: &[IpAddr]) -> Vec<IpAddr> {
+    let mut local: Vec<IpAddr> = extra.to_vec();
+    for dir in Direction::ALL {
+        for p in spd.policies(dir) {
+            for t in &p.tmpls {
+                let a = if dir == Direction::Out { t.src } else { t.dst };
+                if let Some(a) = a.filter(|a| !a.is_unspecified()) {
+                    local.push(a);
+                }
+            }
+        }
+    }
+    local.sort();
+    local.dedup();
+    local
+}
+
+/// The addresses whose ESP is ours to open (RFC 4301 §4.4.2), sorted:
+/// `local` ([`local_addrs`]) and the destination of every SA whose source
+/// is not one of them — an SA from one of our addresses is outbound and its
+/// destination is the peer's. A configuration of bare states with no
+/// policies and no `--local` thus opens ESP to every SA's destination.
+pub fn esp_addrs(sad: &Sad, local: &[IpAddr]) -> Vec<IpAddr> {
+    let mut out = local.to_vec();
+    out.extend(
+        sad.iter()
+            .filter(|sa| local.binary_search(&sa.cfg.src).is_err())
+            .map(|sa| sa.cfg.dst),
+    );
+    out.sort();
+    out.dedup();
+    out
+}
+
 pub fn flow_label(f: &Flow) -> u32 {
     // FNV-1a over the 5-tuple.
     let mut h: u32 = 0x811c_9dc5;

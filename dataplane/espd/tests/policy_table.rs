@@ -68,7 +68,7 @@ fn outbound_and_plaintext_verdicts() {
         ("A→C: PROTECT but no SA", udp4("198.18.1.10", "198.18.3.5", 1), Err(NoOutSa)),
         ("A→D: level use, no SA: sent in clear", udp4("198.18.1.10", "198.18.4.5", 1), Ok(None)),
         ("unrelated: default allow", udp4("198.18.9.1", "198.18.9.2", 1), Ok(None)),
-        ("B→A in clear: fwd policy requires ESP", udp4("198.18.2.20", "198.18.1.10", 1), Err(PolicyMismatch)),
+        ("B→A in clear: fwd policy requires ESP", udp4("198.18.2.20", "198.18.1.10", 1), Err(UnprotectedInbound)),
         ("site 8 → A: fwd block", udp4("198.18.8.1", "198.18.1.10", 1), Err(Discard)),
         ("to gw1 itself, no policy: delivered", udp4("198.18.2.20", "198.18.0.1", 1), Ok(None)),
     ];
@@ -167,4 +167,78 @@ fn default_block_and_no_policy() {
     ));
     let (v, _) = run(&mut gw1, &udp4("198.18.1.10", "198.18.2.20", 5000));
     assert_eq!(spi_of(&gw1, v), Some(0x1000));
+}
+
+/// An ICMPv4 error (type 3, code 1) quoting the first 28 octets of `quoted`.
+fn icmp_unreach(src: &str, dst: &str, quoted: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![3, 1, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&quoted[..28.min(quoted.len())]);
+    ipv4(src, dst, proto::ICMP, 0, &icmp)
+}
+
+#[test]
+fn unprotected_icmp_errors_about_protected_flows_are_dropped() {
+    use DropReason::*;
+    let mut gw1 = engine(&gw1_conf(""));
+    let a2b = udp4("198.18.1.10", "198.18.2.20", 5000);
+    let b2a = udp4("198.18.2.20", "198.18.1.10", 5000);
+    let other = udp4("198.18.1.10", "198.18.9.9", 5000);
+    #[rustfmt::skip]
+    let table: &[(&str, Vec<u8>, Result<Option<u32>, DropReason>)] = &[
+        // RFC 4301 §6.1.1: anyone on the wire could forge these to cut a tunnelled flow.
+        ("wire router → A about A→B", icmp_unreach("198.18.0.99", "198.18.1.10", &a2b), Err(UnprotectedInbound)),
+        ("wire router → A about B→A", icmp_unreach("198.18.0.99", "198.18.1.10", &b2a), Err(UnprotectedInbound)),
+        // Outer selectors in the protected range: the plaintext check already refuses it.
+        ("forged B → A about A→B", icmp_unreach("198.18.2.20", "198.18.1.10", &a2b), Err(UnprotectedInbound)),
+        // About an unprotected flow: forwarded as any bypass traffic.
+        ("wire router → A about A→9.9", icmp_unreach("198.18.0.99", "198.18.1.10", &other), Ok(None)),
+        // A host behind us answering the peer's site: protected like any A→B traffic.
+        ("A → B about B→A", icmp_unreach("198.18.1.10", "198.18.2.20", &b2a), Ok(Some(0x1000))),
+        // Cut short before the quoted header: nothing to check, so the outer selectors decide.
+        ("truncated error", ipv4("198.18.0.99", "198.18.1.10", proto::ICMP, 0, &[3, 1, 0, 0, 0, 0, 0, 0, 0x45]), Ok(None)),
+    ];
+    for (what, pkt, want) in table {
+        let (v, _) = run(&mut gw1, pkt);
+        match want {
+            Ok(spi) => {
+                assert!(!matches!(v, Verdict::Drop(_)), "{what}: {v:?}");
+                assert_eq!(spi_of(&gw1, v), *spi, "{what}: {v:?}");
+            }
+            Err(r) => assert_eq!(v, Verdict::Drop(*r), "{what}"),
+        }
+    }
+    assert_eq!(gw1.counters.drops[UnprotectedInbound as usize], 3);
+}
+
+#[test]
+fn our_own_esp_coming_back_is_dropped_before_any_crypto() {
+    use DropReason::*;
+    let mut gw1 = engine(&gw1_conf(""));
+    let (v, esp) = run(&mut gw1, &udp4("198.18.1.10", "198.18.2.20", 5000));
+    assert_eq!(spi_of(&gw1, v), Some(0x1000));
+    // The same packet back at gw1 (a reflection, or the other direction of a
+    // capture): addressed to the peer, SPI of our outbound SA.
+    let (v, out) = run(&mut gw1, &esp);
+    assert_eq!(v, Verdict::Drop(OwnEsp));
+    assert_eq!(out, esp, "nothing decrypted or changed");
+    assert_eq!(gw1.counters.drops[OwnEsp as usize], 1);
+    // Not counted against the SA: it is not the SA's traffic.
+    assert_eq!(gw1.sad.get(0).counters.drops[OwnEsp as usize], 0);
+    assert_eq!(gw1.sad.get(0).counters.drops.iter().sum::<u64>(), 0);
+    // ESP to the peer with an SPI we do not have is transit traffic: not ours.
+    let mut transit = esp.clone();
+    transit[20..24].copy_from_slice(&0x7777u32.to_be_bytes());
+    let (v, _) = run(&mut gw1, &transit);
+    assert_eq!(v, Verdict::Bypass);
+    // A bare-states configuration (no policies, no --local) still opens ESP
+    // to every SA's destination, as `espd pcap` users rely on.
+    let mut bare = engine(
+        &gw1_conf("")
+            .lines()
+            .filter(|l| l.starts_with("state"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
+    let (v, _) = run(&mut bare, &esp);
+    assert_ne!(v, Verdict::Drop(OwnEsp));
 }

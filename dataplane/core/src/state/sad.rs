@@ -6,7 +6,7 @@ use super::sa::{Mode, Sa, SaId};
 use super::selector::Flow;
 use super::spd::Template;
 use core::net::IpAddr;
-use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use rustc_hash::FxHashMap as HashMap;
 // Fx: keys are installed from configuration only; packets merely look up.
 
 #[derive(Default)]
@@ -17,7 +17,6 @@ pub struct Sad {
     /// (src, dst) → SAs, for templates without a reqid: both endpoints are
     /// always known (tunnel templates name them, transport uses the flow's).
     by_pair: HashMap<(IpAddr, IpAddr), Vec<SaId>>,
-    dsts: HashSet<IpAddr>,
     /// SAs installed so far (see [`Sad::version`]).
     version: u64,
 }
@@ -40,7 +39,6 @@ impl Sad {
         self.version += 1;
         self.by_dst_spi.insert(key, id);
         self.by_reqid.entry(sa.cfg.reqid).or_default().push(id);
-        self.dsts.insert(sa.cfg.dst);
         self.by_pair
             .entry((sa.cfg.src, sa.cfg.dst))
             .or_default()
@@ -76,11 +74,6 @@ impl Sad {
     /// Inbound: the SA for ESP arriving at `dst` with `spi`.
     pub fn lookup_in(&self, dst: IpAddr, spi: u32) -> Option<SaId> {
         self.by_dst_spi.get(&(dst, spi)).copied()
-    }
-
-    /// True if some SA terminates at `dst` (so ESP to it is ours to process).
-    pub fn has_dst(&self, dst: IpAddr) -> bool {
-        self.dsts.contains(&dst)
     }
 
     /// Outbound: the SA a template resolves to for `flow`. Of several, the most
