@@ -84,9 +84,12 @@ class Net:
                        "--control", self.sock(gw), *args,
                        stderr=subprocess.PIPE, text=True)
         self.procs[gw] = p
-        # Up once the banner is printed (XDP attached, sockets bound, workers started).
-        line = p.stderr.readline()
-        assert "espd run: inside" in line, line + p.stderr.read()
+        # Up once the banner is printed (guard in place, XDP attached, sockets
+        # bound, workers started).
+        self.banner = [p.stderr.readline()]
+        while "espd run: inside" not in self.banner[-1]:
+            assert self.banner[-1], "".join(self.banner) + p.stderr.read()
+            self.banner.append(p.stderr.readline())
         time.sleep(0.2)
         return p
 

@@ -144,7 +144,7 @@ def test_steering_counts_every_kind_exactly_and_detaches(netns, tmp_path):
 
 # The inside program is not attached by `espd steer`: its counters stay 0.
 NO_INSIDE = {k: 0 for k in ("inside_steered", "inside_discard", "inside_local", "inside_pass",
-                            "inside_no_socket")}
+                            "inside_no_socket", "own_esp", "unprotected_inbound", "plain_steered")}
 
 
 def test_af_xdp_sockets_receive_exactly_the_steered_frames(netns, tmp_path):

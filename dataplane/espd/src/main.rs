@@ -39,6 +39,11 @@ enum Cmd {
     /// ESP engine, next hops from the kernel's routing and neighbour tables.
     /// Live counters on a TTY; detaches cleanly on SIGINT/SIGTERM.
     Run(gateway::Args),
+    /// Lifts the fail-closed guard that `espd run` leaves in the kernel (its
+    /// XFRM policies: what the policies protect is dropped while espd is not
+    /// running): afterwards this host forwards that traffic as a plain
+    /// router would — in clear. Refused while espd runs here.
+    Down(gateway::DownArgs),
 }
 
 /// A flag set by SIGINT or SIGTERM, for the long-running commands.
@@ -68,6 +73,7 @@ fn main() {
         Cmd::Steer(a) => steer::run(&a),
         Cmd::Bench(a) => bench::run(&a),
         Cmd::Run(a) => gateway::run(&a),
+        Cmd::Down(a) => gateway::down(&a),
     };
     if let Err(e) = r {
         eprintln!("espd: {e:#}");

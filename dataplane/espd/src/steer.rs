@@ -60,8 +60,11 @@ pub fn run(a: &Args) -> Result<()> {
         ),
         Err(e) => return Err(e).with_context(|| format!("attaching XDP to {}", a.outside)),
     };
-    s.add_spis(spis.iter().copied())?;
-    s.add_encap_ports(ports.iter().copied())?;
+    // The same maps as the gateway's (SPIs by direction, our addresses,
+    // inbound and outbound prefixes), so what this shows is what it does.
+    let host = espd_io::netlink::local_addrs(None).context("reading this host's addresses")?;
+    let mirror = crate::gateway::control::Mirror::of(&cfg, &host);
+    crate::gateway::control::Mirror::add(&mut s, &mirror)?;
     eprintln!(
         "espd steer: attached to {} ({} mode), {} SPIs, encap ports {:?}",
         a.outside,

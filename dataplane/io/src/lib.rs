@@ -5,6 +5,7 @@
 
 pub mod netlink;
 pub mod steer;
+pub mod xfrm;
 pub mod xsk;
 
 pub use espd_common::Counter;

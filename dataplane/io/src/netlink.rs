@@ -6,8 +6,8 @@
 //! or refresh an entry — espd never guesses a link-layer address.
 //!
 //! Messages are built and parsed here by hand (a few fixed layouts from
-//! `linux/rtnetlink.h` and `linux/neighbour.h`); the socket is nix's, so
-//! there is no `unsafe` in this module.
+//! `linux/rtnetlink.h` and `linux/neighbour.h`); the socket is nix's (one
+//! `unsafe` opens the XFRM socket nix does not name).
 
 use nix::sys::socket::{
     bind, recv, sendto, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol,
@@ -23,7 +23,7 @@ const RTM_GETROUTE: u16 = 26;
 const RTM_NEWNEIGH: u16 = 28;
 const RTM_GETNEIGH: u16 = 30;
 const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
+pub(crate) const NLM_F_ACK: u16 = 0x4;
 const NLM_F_REPLACE: u16 = 0x100;
 const NLM_F_CREATE: u16 = 0x400;
 const RTA_DST: u16 = 1;
@@ -57,12 +57,16 @@ pub enum Route {
     None,
 }
 
-/// One rtnetlink socket. Requests are answered in order; one at a time.
+/// One netlink socket (rtnetlink, or XFRM for [`crate::xfrm`]). Requests
+/// are answered in order; one at a time.
 pub struct Rtnl {
     fd: OwnedFd,
     seq: u32,
     buf: Vec<u8>,
 }
+
+const NLMSG_DONE: u16 = 3;
+const NLM_F_DUMP: u16 = 0x300;
 
 fn family(a: IpAddr) -> u8 {
     match a {
@@ -87,7 +91,7 @@ fn ip_from(b: &[u8]) -> Option<IpAddr> {
 }
 
 /// Appends one attribute (`struct rtattr`, 4-aligned).
-fn attr(m: &mut Vec<u8>, ty: u16, data: &[u8]) {
+pub(crate) fn attr(m: &mut Vec<u8>, ty: u16, data: &[u8]) {
     let len = 4 + data.len();
     m.extend_from_slice(&(len as u16).to_ne_bytes());
     m.extend_from_slice(&ty.to_ne_bytes());
@@ -96,7 +100,7 @@ fn attr(m: &mut Vec<u8>, ty: u16, data: &[u8]) {
 }
 
 /// The attributes after a fixed header: (type, payload) pairs.
-fn attrs(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+pub(crate) fn attrs(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     std::iter::from_fn(move || {
         if b.len() < 4 {
             return None;
@@ -120,6 +124,29 @@ impl Rtnl {
             SockFlag::SOCK_CLOEXEC,
             SockProtocol::NetlinkRoute,
         )?;
+        Self::with_fd(fd)
+    }
+
+    /// A socket of netlink protocol `proto` that nix does not name
+    /// (`NETLINK_XFRM`).
+    pub(crate) fn open_raw(proto: libc::c_int) -> io::Result<Self> {
+        // SAFETY: socket(2) takes no pointers; the result is checked before use.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                proto,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor this process owns and nothing else holds.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        Self::with_fd(fd)
+    }
+
+    fn with_fd(fd: OwnedFd) -> io::Result<Self> {
         bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
         Ok(Rtnl {
             fd,
@@ -128,15 +155,7 @@ impl Rtnl {
         })
     }
 
-    /// Sends one request (header added here) and returns the payload of the
-    /// answer of type `want` (`None` for an ACK), or the kernel's error.
-    fn request(
-        &mut self,
-        ty: u16,
-        flags: u16,
-        body: &[u8],
-        want: Option<u16>,
-    ) -> io::Result<Option<Vec<u8>>> {
+    fn send(&mut self, ty: u16, flags: u16, body: &[u8]) -> io::Result<u32> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
         let mut m = Vec::with_capacity(16 + body.len());
@@ -152,6 +171,60 @@ impl Rtnl {
             &NetlinkAddr::new(0, 0),
             MsgFlags::empty(),
         )?;
+        Ok(seq)
+    }
+
+    /// A dump request: the payloads of every answer of type `want`, until
+    /// the kernel says it is done.
+    pub(crate) fn dump(&mut self, ty: u16, body: &[u8], want: u16) -> io::Result<Vec<Vec<u8>>> {
+        let seq = self.send(ty, NLM_F_DUMP, body)?;
+        let mut out = Vec::new();
+        loop {
+            let n = recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty())?;
+            let mut b = &self.buf[..n];
+            while b.len() >= 16 {
+                let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
+                let mty = u16::from_ne_bytes([b[4], b[5]]);
+                let mseq = u32::from_ne_bytes([b[8], b[9], b[10], b[11]]);
+                if len < 16 || len > b.len() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "bad netlink message",
+                    ));
+                }
+                let payload = &b[16..len];
+                b = &b[len.next_multiple_of(4).min(b.len())..];
+                if mseq != seq {
+                    continue;
+                }
+                match mty {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR => {
+                        let e = payload
+                            .get(..4)
+                            .map_or(0, |e| i32::from_ne_bytes([e[0], e[1], e[2], e[3]]));
+                        if e != 0 {
+                            return Err(io::Error::from_raw_os_error(-e));
+                        }
+                        return Ok(out);
+                    }
+                    t if t == want => out.push(payload.to_vec()),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Sends one request (header added here) and returns the payload of the
+    /// answer of type `want` (`None` for an ACK), or the kernel's error.
+    pub(crate) fn request(
+        &mut self,
+        ty: u16,
+        flags: u16,
+        body: &[u8],
+        want: Option<u16>,
+    ) -> io::Result<Option<Vec<u8>>> {
+        let seq = self.send(ty, flags, body)?;
         loop {
             let n = recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty())?;
             let mut b = &self.buf[..n];

@@ -8,8 +8,9 @@ use aya::programs::xdp::XdpLinkId;
 use aya::programs::{Xdp, XdpMode};
 use aya::Ebpf;
 use espd_common::{
-    Counter, MAP_COUNTERS, MAP_ENCAP_PORTS, MAP_LOCAL_V4, MAP_LOCAL_V6, MAP_SEL_V4, MAP_SEL_V6,
-    MAP_SPIS, MAP_XSKS, MAP_XSKS_INSIDE, PROG_INSIDE, PROG_OUTSIDE,
+    Counter, MAP_COUNTERS, MAP_ENCAP_PORTS, MAP_IN_SEL_V4, MAP_IN_SEL_V6, MAP_LOCAL_V4,
+    MAP_LOCAL_V6, MAP_SEL_V4, MAP_SEL_V6, MAP_SPIS, MAP_XSKS, MAP_XSKS_INSIDE, PROG_INSIDE,
+    PROG_OUTSIDE,
 };
 use std::net::IpAddr;
 
@@ -58,16 +59,29 @@ impl Side {
             Side::Inside => MAP_XSKS_INSIDE,
         }
     }
+    /// The destination-prefix tries (IPv4, IPv6) of this side's program:
+    /// outbound policies' inside, `in`/`fwd` policies' outside.
+    fn tries(self) -> (&'static str, &'static str) {
+        match self {
+            Side::Inside => (MAP_SEL_V4, MAP_SEL_V6),
+            Side::Outside => (MAP_IN_SEL_V4, MAP_IN_SEL_V6),
+        }
+    }
 }
 
-/// What a selector prefix does in the inside program.
+/// What a selector prefix does in a program.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SelAction {
     /// To espd, which makes the exact SPD decision.
     Steer,
-    /// Dropped in XDP (a DISCARD policy no other policy overlaps).
+    /// Dropped in XDP (inside: a DISCARD policy no other policy overlaps;
+    /// outside: plaintext only PROTECT/DISCARD policies select).
     Drop,
 }
+
+/// How an SPI is ours (both, when an inbound and an outbound SA share it).
+pub const SPI_IN: u8 = espd_common::SPI_IN;
+pub const SPI_OUT: u8 = espd_common::SPI_OUT;
 
 /// The loaded programs and their attachments. Dropping it detaches them.
 pub struct Steering {
@@ -145,11 +159,15 @@ impl Steering {
         )?)
     }
 
-    /// Adds SPIs whose ESP is steered to the AF_XDP sockets.
-    pub fn add_spis(&mut self, spis: impl IntoIterator<Item = u32>) -> Result<(), SteerError> {
+    /// Adds (or changes) SPIs with how they are ours ([`SPI_IN`], [`SPI_OUT`]):
+    /// inbound ones addressed to us are steered, outbound ones coming back dropped.
+    pub fn add_spis(
+        &mut self,
+        spis: impl IntoIterator<Item = (u32, u8)>,
+    ) -> Result<(), SteerError> {
         let mut m: HashMap<&mut MapData, u32, u8> = self.hash(MAP_SPIS)?;
-        for s in spis {
-            m.insert(s, 1, 0)?;
+        for (s, bits) in spis {
+            m.insert(s, bits, 0)?;
         }
         Ok(())
     }
@@ -166,11 +184,13 @@ impl Steering {
         Ok(())
     }
 
-    /// Adds destination prefixes for the inside program.
+    /// Adds destination prefixes for the program of `side`.
     pub fn add_selectors(
         &mut self,
+        side: Side,
         sels: impl IntoIterator<Item = (IpAddr, u8, SelAction)>,
     ) -> Result<(), SteerError> {
+        let (t4, t6) = side.tries();
         for (addr, len, action) in sels {
             let v = match action {
                 SelAction::Steer => espd_common::SEL_STEER,
@@ -178,11 +198,11 @@ impl Steering {
             };
             match addr {
                 IpAddr::V4(a) => {
-                    let mut t: LpmTrie<&mut MapData, [u8; 4], u8> = self.trie(MAP_SEL_V4)?;
+                    let mut t: LpmTrie<&mut MapData, [u8; 4], u8> = self.trie(t4)?;
                     t.insert(&Key::new(u32::from(len), a.octets()), v, 0)?;
                 }
                 IpAddr::V6(a) => {
-                    let mut t: LpmTrie<&mut MapData, [u8; 16], u8> = self.trie(MAP_SEL_V6)?;
+                    let mut t: LpmTrie<&mut MapData, [u8; 16], u8> = self.trie(t6)?;
                     t.insert(&Key::new(u32::from(len), a.octets()), v, 0)?;
                 }
             }
@@ -211,19 +231,21 @@ impl Steering {
         Ok(())
     }
 
-    /// Removes destination prefixes from the inside program (absent ones are ignored).
+    /// Removes destination prefixes from the program of `side` (absent ones are ignored).
     pub fn remove_selectors(
         &mut self,
+        side: Side,
         sels: impl IntoIterator<Item = (IpAddr, u8)>,
     ) -> Result<(), SteerError> {
+        let (t4, t6) = side.tries();
         for (addr, len) in sels {
             match addr {
                 IpAddr::V4(a) => {
-                    let mut t: LpmTrie<&mut MapData, [u8; 4], u8> = self.trie(MAP_SEL_V4)?;
+                    let mut t: LpmTrie<&mut MapData, [u8; 4], u8> = self.trie(t4)?;
                     let _ = t.remove(&Key::new(u32::from(len), a.octets()));
                 }
                 IpAddr::V6(a) => {
-                    let mut t: LpmTrie<&mut MapData, [u8; 16], u8> = self.trie(MAP_SEL_V6)?;
+                    let mut t: LpmTrie<&mut MapData, [u8; 16], u8> = self.trie(t6)?;
                     let _ = t.remove(&Key::new(u32::from(len), a.octets()));
                 }
             }
@@ -231,7 +253,8 @@ impl Steering {
         Ok(())
     }
 
-    /// Adds addresses of this box: the inside program never steers traffic to them.
+    /// Adds addresses of this box: the inside program never steers traffic to
+    /// them, the outside program steers ESP only to them.
     pub fn add_local(&mut self, addrs: impl IntoIterator<Item = IpAddr>) -> Result<(), SteerError> {
         for a in addrs {
             match a {
@@ -242,6 +265,26 @@ impl Steering {
                 IpAddr::V6(a) => {
                     let mut m: HashMap<&mut MapData, [u8; 16], u8> = self.hash(MAP_LOCAL_V6)?;
                     m.insert(a.octets(), 1, 0)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes addresses added by [`Steering::add_local`] (absent ones are ignored).
+    pub fn remove_local(
+        &mut self,
+        addrs: impl IntoIterator<Item = IpAddr>,
+    ) -> Result<(), SteerError> {
+        for a in addrs {
+            match a {
+                IpAddr::V4(a) => {
+                    let mut m: HashMap<&mut MapData, [u8; 4], u8> = self.hash(MAP_LOCAL_V4)?;
+                    let _ = m.remove(&a.octets());
+                }
+                IpAddr::V6(a) => {
+                    let mut m: HashMap<&mut MapData, [u8; 16], u8> = self.hash(MAP_LOCAL_V6)?;
+                    let _ = m.remove(&a.octets());
                 }
             }
         }

@@ -2,8 +2,15 @@
 //! sizes and the per-action counter indexes.
 #![no_std]
 
-/// Map: SPI (host order) → 1, for every SPI whose ESP should be steered.
+/// Map: SPI (host order) → [`SPI_IN`] | [`SPI_OUT`]: the SPIs of our SAs.
+/// ESP with an `SPI_IN` SPI addressed to one of this box's addresses is
+/// steered; ESP with an `SPI_OUT` SPI not addressed to us is our own
+/// outbound traffic come back, dropped (RFC 4301 §4.4.2).
 pub const MAP_SPIS: &str = "ESP_SPIS";
+/// An inbound SA has this SPI (its destination is ours).
+pub const SPI_IN: u8 = 1;
+/// An outbound SA has this SPI (we send with it).
+pub const SPI_OUT: u8 = 2;
 /// Map: UDP port (host order) → 1, for RFC 3948 encapsulation ports.
 pub const MAP_ENCAP_PORTS: &str = "ENCAP_PORTS";
 /// XSKMAP: RX queue index → AF_XDP socket.
@@ -21,6 +28,13 @@ pub const MAP_XSKS_INSIDE: &str = "XSKS_IN";
 /// policies, mirrored by the control side.
 pub const MAP_SEL_V4: &str = "SEL_V4";
 pub const MAP_SEL_V6: &str = "SEL_V6";
+/// LPM tries for the outside program, like [`MAP_SEL_V4`]: the destination
+/// prefixes of `in`/`fwd` PROTECT and DISCARD policies. Plaintext arriving
+/// from the outside to such a prefix is steered to espd's inbound policy
+/// check ([`SEL_STEER`]) or dropped here ([`SEL_DROP`]: nothing but PROTECT
+/// and DISCARD policies of any source, protocol and port select it).
+pub const MAP_IN_SEL_V4: &str = "IN_SEL_V4";
+pub const MAP_IN_SEL_V6: &str = "IN_SEL_V6";
 /// Hash maps of this box's addresses (network order) → 1: never steered.
 pub const MAP_LOCAL_V4: &str = "LOCAL_V4";
 pub const MAP_LOCAL_V6: &str = "LOCAL_V6";
@@ -34,9 +48,10 @@ pub const MAX_SPIS: u32 = 65_536;
 pub const MAX_ENCAP_PORTS: u32 = 16;
 pub const MAX_QUEUES: u32 = 256;
 
-/// What the outside program did with a frame. Everything but the two
-/// `*Steered` kinds is `XDP_PASS`: the kernel keeps ARP, ND, IKE, ICMP to
-/// the box and anything not ours.
+/// What the XDP programs did with a frame. Outside, the `*Steered` kinds go
+/// to espd, `OwnEsp` and `UnprotectedInbound` are dropped, and the rest is
+/// `XDP_PASS`: the kernel keeps ARP, ND, IKE, ICMP to the box and anything
+/// not ours.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
@@ -52,13 +67,13 @@ pub enum Counter {
     EspSteered = 4,
     /// UDP-encapsulated ESP with a known SPI: redirected.
     NattSteered = 5,
-    /// ESP (raw or in UDP) with an SPI that is not ours: passed.
+    /// ESP (raw or in UDP) to this box with an SPI that is not ours: passed.
     UnknownSpi = 6,
     /// Known SPI but no AF_XDP socket on this queue: passed.
     NoSocket = 7,
-    /// IP fragments: passed (ESP is not reassembled; see docs).
+    /// IP fragments addressed to this box, or to no protected prefix: passed (the kernel reassembles what is its own).
     Fragment = 8,
-    /// Other IP traffic (ICMP, TCP, other UDP, IPv6 extension headers): passed.
+    /// Other IP traffic to this box or to no protected prefix (ICMP, TCP, other UDP, transit ESP): passed.
     Other = 9,
     /// Truncated headers: passed (the kernel decides).
     Malformed = 10,
@@ -72,10 +87,16 @@ pub enum Counter {
     InsidePass = 14,
     /// Inside: selected but no AF_XDP socket on this queue: passed.
     InsideNoSocket = 15,
+    /// Outside: ESP of one of our outbound SAs not addressed to us (reflected): dropped.
+    OwnEsp = 16,
+    /// Outside: plaintext to a prefix only PROTECT/DISCARD in/fwd policies select: dropped.
+    UnprotectedInbound = 17,
+    /// Outside: plaintext to a prefix an in/fwd PROTECT/DISCARD policy selects: to espd's policy check.
+    PlainSteered = 18,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 19;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::NotIp,
         Counter::Arp,
@@ -93,6 +114,9 @@ impl Counter {
         Counter::InsideLocal,
         Counter::InsidePass,
         Counter::InsideNoSocket,
+        Counter::OwnEsp,
+        Counter::UnprotectedInbound,
+        Counter::PlainSteered,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -112,6 +136,9 @@ impl Counter {
             Counter::InsideLocal => "inside_local",
             Counter::InsidePass => "inside_pass",
             Counter::InsideNoSocket => "inside_no_socket",
+            Counter::OwnEsp => "own_esp",
+            Counter::UnprotectedInbound => "unprotected_inbound",
+            Counter::PlainSteered => "plain_steered",
         }
     }
 }

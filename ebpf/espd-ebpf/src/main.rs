@@ -1,10 +1,17 @@
 //! espd's XDP programs.
 //!
 //! Outside interface (`espd_outside`): ESP (IP protocol 50) and RFC 3948
-//! UDP-encapsulated ESP with a non-zero SPI that espd knows goes to the AF_XDP
-//! socket of the receiving queue; IKE (the zero non-ESP marker), NAT
-//! keepalives, ARP, ICMP, fragments and everything else is `XDP_PASS`, so the
-//! kernel keeps what is not ours.
+//! UDP-encapsulated ESP addressed to this box with the SPI of one of espd's
+//! inbound SAs goes to the AF_XDP socket of the receiving queue; ESP of one
+//! of our outbound SAs not addressed to us (a reflected copy) is dropped
+//! (RFC 4301 §4.4.2). Plaintext that is not for this box and whose
+//! destination lies in a prefix of an `in`/`fwd` PROTECT or DISCARD policy
+//! goes to espd's inbound policy check, or is dropped here when nothing but
+//! such policies of any source, protocol and port select it (RFC 4301 §5.2
+//! step 3a) — fragments included, so a non-first fragment of a protected
+//! flow cannot slip past. IKE (the zero non-ESP marker), NAT keepalives,
+//! ARP, ND, ICMP and everything else for this box, and traffic no policy
+//! selects, is `XDP_PASS`: the kernel keeps what is not ours.
 //!
 //! Inside interface (`espd_inside`): IP traffic whose destination falls in a
 //! prefix of an outbound PROTECT policy goes to espd's AF_XDP socket (the
@@ -24,6 +31,7 @@ use aya_ebpf::maps::{HashMap, LpmTrie, PerCpuArray, XskMap};
 use aya_ebpf::programs::XdpContext;
 use espd_common::{
     Counter, MAX_ENCAP_PORTS, MAX_LOCAL, MAX_QUEUES, MAX_SELECTORS, MAX_SPIS, SEL_DROP, SEL_STEER,
+    SPI_IN, SPI_OUT,
 };
 
 #[map]
@@ -41,6 +49,10 @@ static SEL_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_SELECTORS, 0
 #[map]
 static SEL_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_SELECTORS, 0);
 #[map]
+static IN_SEL_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_SELECTORS, 0);
+#[map]
+static IN_SEL_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_SELECTORS, 0);
+#[map]
 static LOCAL_V4: HashMap<[u8; 4], u8> = HashMap::with_max_entries(MAX_LOCAL, 0);
 #[map]
 static LOCAL_V6: HashMap<[u8; 16], u8> = HashMap::with_max_entries(MAX_LOCAL, 0);
@@ -53,6 +65,7 @@ const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ESP: u8 = 50;
+const IPPROTO_FRAGMENT: u8 = 44;
 
 #[xdp]
 pub fn espd_outside(ctx: XdpContext) -> u32 {
@@ -110,16 +123,12 @@ fn classify_inside(ctx: &XdpContext) -> Result<(Counter, u32), ()> {
     };
     match sel {
         Some(SEL_DROP) => Ok((Counter::InsideDiscard, xdp_action::XDP_DROP)),
-        Some(SEL_STEER) => {
-            let q = ctx.rx_queue_index();
-            if XSKS_IN.get(q).is_none() {
-                return Ok((Counter::InsideNoSocket, pass));
-            }
-            match XSKS_IN.redirect(q, u64::from(pass)) {
-                Ok(a) if a == xdp_action::XDP_REDIRECT => Ok((Counter::InsideSteered, a)),
-                Ok(a) | Err(a) => Ok((Counter::InsideNoSocket, a)),
-            }
-        }
+        Some(SEL_STEER) => Ok(redirect(
+            ctx,
+            &XSKS_IN,
+            Counter::InsideSteered,
+            Counter::InsideNoSocket,
+        )),
         _ => Ok((Counter::InsidePass, pass)),
     }
 }
@@ -162,66 +171,121 @@ fn be16(ctx: &XdpContext, off: usize) -> Result<u16, ()> {
 fn classify(ctx: &XdpContext) -> Result<(Counter, u32), ()> {
     let pass = xdp_action::XDP_PASS;
     let (ty, l3) = ethertype(ctx)?;
-    let (proto, l4) = match ty {
+    // (protocol, upper-layer offset, fragment, destination in this box's
+    // address map, and the destination's trie lookup result).
+    let (proto, l4, fragment, local, sel) = match ty {
         ETH_P_IP => {
             let h = bytes::<20>(ctx, l3)?;
             if h[0] >> 4 != 4 {
                 return Ok((Counter::Malformed, pass));
             }
-            let frag = u16::from_be_bytes([h[6], h[7]]);
-            if frag & 0x3fff != 0 {
-                return Ok((Counter::Fragment, pass));
-            }
-            (h[9], l3 + usize::from(h[0] & 0x0f) * 4)
+            let frag = u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0;
+            let dst = [h[16], h[17], h[18], h[19]];
+            // SAFETY: a hash map lookup by value; the reference is only tested.
+            let local = dst[0] >= 224 || unsafe { LOCAL_V4.get(&dst) }.is_some();
+            let sel = if local {
+                None
+            } else {
+                IN_SEL_V4.get(Key::new(32, dst)).copied()
+            };
+            (h[9], l3 + usize::from(h[0] & 0x0f) * 4, frag, local, sel)
         }
-        // Extension headers are left to the kernel path (counted as Other).
-        ETH_P_IPV6 => (bytes::<8>(ctx, l3)?[6], l3 + 40),
+        ETH_P_IPV6 => {
+            let nh = bytes::<8>(ctx, l3)?[6];
+            let dst = bytes::<16>(ctx, l3 + 24)?;
+            let local = dst[0] == 0xff
+                || (dst[0] == 0xfe && dst[1] & 0xc0 == 0x80)
+                // SAFETY: a hash map lookup by value; the reference is only tested.
+                || unsafe { LOCAL_V6.get(&dst) }.is_some();
+            let sel = if local {
+                None
+            } else {
+                IN_SEL_V6.get(Key::new(128, dst)).copied()
+            };
+            // Extension headers (a fragment header among them) are not walked:
+            // such packets for this box go to the kernel, others are checked.
+            (nh, l3 + 40, nh == IPPROTO_FRAGMENT, local, sel)
+        }
         ETH_P_ARP => return Ok((Counter::Arp, pass)),
         _ => return Ok((Counter::NotIp, pass)),
     };
-    match proto {
-        IPPROTO_ESP => {
-            let spi = u32::from_be_bytes(bytes::<4>(ctx, l4)?);
-            Ok(steer(ctx, spi, Counter::EspSteered))
+    if !fragment {
+        match proto {
+            IPPROTO_ESP => {
+                let spi = u32::from_be_bytes(bytes::<4>(ctx, l4)?);
+                if let Some(r) = esp(ctx, spi, local, Counter::EspSteered) {
+                    return Ok(r);
+                }
+            }
+            IPPROTO_UDP => {
+                let udp = bytes::<8>(ctx, l4)?;
+                let dport = u16::from_be_bytes([udp[2], udp[3]]);
+                // SAFETY: a hash map lookup by value; the reference is only tested.
+                if unsafe { ENCAP_PORTS.get(&dport) }.is_some() {
+                    let ulen = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
+                    if local && ulen == 9 && bytes::<1>(ctx, l4 + 8)?[0] == 0xff {
+                        return Ok((Counter::Keepalive, pass));
+                    }
+                    let marker = u32::from_be_bytes(bytes::<4>(ctx, l4 + 8).unwrap_or([0; 4]));
+                    if local && marker == 0 {
+                        return Ok((Counter::Ike, pass));
+                    }
+                    if marker != 0 {
+                        if let Some(r) = esp(ctx, marker, local, Counter::NattSteered) {
+                            return Ok(r);
+                        }
+                    }
+                }
+            }
+            _ => {}
         }
-        IPPROTO_UDP => {
-            let udp = bytes::<8>(ctx, l4)?;
-            let dport = u16::from_be_bytes([udp[2], udp[3]]);
-            // SAFETY: a hash map lookup by value; the reference is only tested.
-            if unsafe { ENCAP_PORTS.get(&dport) }.is_none() {
-                return Ok((Counter::Other, pass));
-            }
-            let ulen = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
-            if ulen == 9 && bytes::<1>(ctx, l4 + 8)?[0] == 0xff {
-                return Ok((Counter::Keepalive, pass));
-            }
-            let marker = u32::from_be_bytes(bytes::<4>(ctx, l4 + 8)?);
-            if marker == 0 {
-                return Ok((Counter::Ike, pass));
-            }
-            Ok(steer(ctx, marker, Counter::NattSteered))
-        }
-        _ => Ok((Counter::Other, pass)),
+    }
+    let passed = if fragment {
+        Counter::Fragment
+    } else {
+        Counter::Other
+    };
+    match sel {
+        // RFC 4301 §5.2 step 3a: plaintext a PROTECT or DISCARD policy selects.
+        Some(SEL_DROP) => Ok((Counter::UnprotectedInbound, xdp_action::XDP_DROP)),
+        Some(SEL_STEER) => Ok(redirect(ctx, &XSKS, Counter::PlainSteered, Counter::NoSocket)),
+        _ => Ok((passed, pass)),
     }
 }
 
-/// To the AF_XDP socket of this RX queue if the SPI is ours and a socket is
-/// bound; otherwise the kernel gets it.
+/// ESP (raw or in UDP) with `spi`: to the AF_XDP socket of this RX queue if
+/// it is addressed to us and one of our inbound SAs has the SPI; dropped if
+/// it is our own outbound ESP not addressed to us; otherwise `None` (the
+/// caller decides as for any other packet).
 #[inline(always)]
-fn steer(ctx: &XdpContext, spi: u32, kind: Counter) -> (Counter, u32) {
-    let pass = xdp_action::XDP_PASS;
-    // SAFETY: a hash map lookup by value; the reference is only tested.
-    if spi == 0 || unsafe { ESP_SPIS.get(&spi) }.is_none() {
-        return (Counter::UnknownSpi, pass);
+fn esp(ctx: &XdpContext, spi: u32, local: bool, kind: Counter) -> Option<(Counter, u32)> {
+    // SAFETY: a hash map lookup by value; the value is copied out at once.
+    let bits = if spi == 0 { 0 } else { unsafe { ESP_SPIS.get(&spi) }.copied().unwrap_or(0) };
+    if local {
+        if bits & SPI_IN != 0 {
+            return Some(redirect(ctx, &XSKS, kind, Counter::NoSocket));
+        }
+        return Some((Counter::UnknownSpi, xdp_action::XDP_PASS));
     }
+    if bits & SPI_OUT != 0 {
+        return Some((Counter::OwnEsp, xdp_action::XDP_DROP));
+    }
+    None
+}
+
+/// To the AF_XDP socket of this RX queue in `xsks`, counted as `kind`;
+/// `XDP_PASS` counted as `none` when the queue has no socket.
+#[inline(always)]
+fn redirect(ctx: &XdpContext, xsks: &XskMap, kind: Counter, none: Counter) -> (Counter, u32) {
+    let pass = xdp_action::XDP_PASS;
     let q = ctx.rx_queue_index();
-    if XSKS.get(q).is_none() {
-        return (Counter::NoSocket, pass);
+    if xsks.get(q).is_none() {
+        return (none, pass);
     }
     // The lower bits of the flags are the action if the lookup fails after all.
-    match XSKS.redirect(q, u64::from(pass)) {
+    match xsks.redirect(q, u64::from(pass)) {
         Ok(a) if a == xdp_action::XDP_REDIRECT => (kind, a),
-        Ok(a) | Err(a) => (Counter::NoSocket, a),
+        Ok(a) | Err(a) => (none, a),
     }
 }
 

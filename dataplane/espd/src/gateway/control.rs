@@ -12,14 +12,14 @@
 //! and their keys zeroized with them.
 
 use super::worker::Snapshot;
-use super::{inside_selectors, Stats};
+use super::{inside_selectors, outside_selectors, Stats};
 use espd_config::db::Db;
 use espd_config::Config;
 use espd_core::engine::Engine;
 use espd_core::state::SaShare;
-use espd_io::steer::{SelAction, Steering};
+use espd_io::steer::{SelAction, Side, Steering, SPI_IN, SPI_OUT};
 use serde_json::{json, Value};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -80,15 +80,36 @@ impl EngineParams {
 /// What the XDP maps must hold for a configuration.
 #[derive(Default, PartialEq)]
 pub struct Mirror {
-    pub spis: BTreeSet<u32>,
+    /// SPI → [`SPI_IN`] | [`SPI_OUT`].
+    pub spis: BTreeMap<u32, u8>,
     pub ports: BTreeSet<u16>,
+    /// Inside program: destination prefixes of outbound PROTECT/DISCARD policies.
     pub sels: Vec<(IpAddr, u8, SelAction)>,
+    /// Outside program: destination prefixes of in/fwd PROTECT/DISCARD policies.
+    pub in_sels: Vec<(IpAddr, u8, SelAction)>,
+    /// Addresses whose ESP is ours ([`espd_core::engine::esp_addrs`]): the
+    /// host's own and the inbound SAs' destinations.
+    pub local: BTreeSet<IpAddr>,
 }
 
 impl Mirror {
-    pub fn of(cfg: &Config) -> Mirror {
+    /// The maps for `cfg` on a host with addresses `host`. An SPI is
+    /// inbound when its SA's destination is one of ours, as the engine
+    /// decides it, so XDP and the engine agree on whose ESP is ours.
+    pub fn of(cfg: &Config, host: &[IpAddr]) -> Mirror {
+        let local = espd_core::engine::local_addrs(&cfg.spd, host);
+        let esp = espd_core::engine::esp_addrs(&cfg.sad, &local);
+        let mut spis = BTreeMap::new();
+        for sa in cfg.sad.iter() {
+            let bit = if esp.binary_search(&sa.cfg.dst).is_ok() {
+                SPI_IN
+            } else {
+                SPI_OUT
+            };
+            *spis.entry(sa.cfg.spi).or_insert(0) |= bit;
+        }
         Mirror {
-            spis: cfg.sad.iter().map(|sa| sa.cfg.spi).collect(),
+            spis,
             ports: cfg
                 .sad
                 .iter()
@@ -96,29 +117,42 @@ impl Mirror {
                 .flat_map(|e| [e.sport, e.dport])
                 .collect(),
             sels: inside_selectors(cfg),
+            in_sels: outside_selectors(cfg),
+            local: esp.into_iter().collect(),
         }
     }
 
     /// Make-before-break, first half: everything `new` needs (changed
     /// actions overwrite in place).
     pub fn add(steer: &mut Steering, new: &Mirror) -> anyhow::Result<()> {
-        steer.add_spis(new.spis.iter().copied())?;
+        steer.add_local(new.local.iter().copied())?;
+        steer.add_spis(new.spis.iter().map(|(s, b)| (*s, *b)))?;
         steer.add_encap_ports(new.ports.iter().copied())?;
-        steer.add_selectors(new.sels.iter().copied())?;
+        steer.add_selectors(Side::Inside, new.sels.iter().copied())?;
+        steer.add_selectors(Side::Outside, new.in_sels.iter().copied())?;
         Ok(())
     }
 
     /// Second half, once the workers run on `new`: what only `old` had.
     pub fn remove_stale(steer: &mut Steering, old: &Mirror, new: &Mirror) -> anyhow::Result<()> {
-        steer.remove_spis(old.spis.difference(&new.spis).copied())?;
-        steer.remove_encap_ports(old.ports.difference(&new.ports).copied())?;
-        let keep: BTreeSet<(IpAddr, u8)> = new.sels.iter().map(|s| (s.0, s.1)).collect();
-        steer.remove_selectors(
-            old.sels
-                .iter()
-                .map(|s| (s.0, s.1))
-                .filter(|k| !keep.contains(k)),
+        steer.remove_spis(
+            old.spis
+                .keys()
+                .filter(|s| !new.spis.contains_key(s))
+                .copied(),
         )?;
+        steer.remove_encap_ports(old.ports.difference(&new.ports).copied())?;
+        for (side, o, n) in [
+            (Side::Inside, &old.sels, &new.sels),
+            (Side::Outside, &old.in_sels, &new.in_sels),
+        ] {
+            let keep: BTreeSet<(IpAddr, u8)> = n.iter().map(|s| (s.0, s.1)).collect();
+            steer.remove_selectors(
+                side,
+                o.iter().map(|s| (s.0, s.1)).filter(|k| !keep.contains(k)),
+            )?;
+        }
+        steer.remove_local(old.local.difference(&new.local).copied())?;
         Ok(())
     }
 }
@@ -142,6 +176,8 @@ pub struct Control {
     pub snaps: Vec<Arc<Mutex<Snapshot>>>,
     pub cores: Vec<(usize, usize)>,
     pub params: EngineParams,
+    /// The kernel's fail-closed copy of the SPD (see [`super::guard`]).
+    pub guard: Mutex<super::guard::Guard>,
     /// One change at a time.
     pub apply_lock: Mutex<()>,
     /// `espctl monitor` connections.
@@ -163,7 +199,15 @@ impl Control {
         let ch = db.apply(name, text).map_err(|e| e.to_string())?;
         let new_cfg = db.config().map_err(|e| e.to_string())?;
         let engines = self.params.build(&new_cfg).map_err(|e| e.to_string())?;
-        let new_mirror = Mirror::of(&new_cfg);
+        let new_mirror = Mirror::of(&new_cfg, &self.params.local);
+        // The guard first: what the change protects or blocks is dropped by
+        // the kernel before espd's workers handle it (make-before-break).
+        let want = super::guard::desired(&new_cfg);
+        self.guard
+            .lock()
+            .map_err(|_| "guard poisoned")?
+            .tighten(&want)
+            .map_err(|e| format!("kernel XFRM guard: {e}"))?;
         {
             let mut st = self.steer.lock().map_err(|_| "steering poisoned")?;
             Mirror::add(&mut st, &new_mirror).map_err(|e| format!("XDP maps: {e}"))?;
@@ -191,6 +235,16 @@ impl Control {
             let old = self.mirror.lock().map_err(|_| "poisoned")?;
             Mirror::remove_stale(&mut st, &old, &new_mirror)
                 .map_err(|e| format!("XDP maps: {e}"))?;
+        }
+        // Loosened only now that every worker runs on the new policies. A
+        // failure leaves stricter entries behind (fail closed): logged.
+        if let Err(e) = self
+            .guard
+            .lock()
+            .map_err(|_| std::io::Error::other("guard poisoned"))
+            .and_then(|mut g| g.loosen(&want))
+        {
+            eprintln!("espd run: guard: removing entries the change no longer needs: {e}");
         }
         *self.mirror.lock().map_err(|_| "poisoned")? = new_mirror;
         *self.cfg.lock().map_err(|_| "poisoned")? = new_cfg;

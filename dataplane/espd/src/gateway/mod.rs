@@ -14,6 +14,7 @@
 //! One worker per queue pair; each owns a UMEM shared by its two sockets.
 
 pub mod control;
+pub mod guard;
 mod metrics;
 pub mod nexthop;
 mod worker;
@@ -93,6 +94,31 @@ pub struct Args {
     pub quiet: bool,
 }
 
+#[derive(clap::Args)]
+pub struct DownArgs {
+    /// The control socket of the espd whose guard this is: refused while it answers.
+    #[arg(long, default_value = espd_proto::DEFAULT_SOCKET)]
+    pub control: PathBuf,
+}
+
+/// `espd down`: removes the guard's kernel policies in this namespace.
+pub fn down(a: &DownArgs) -> Result<()> {
+    if std::os::unix::net::UnixStream::connect(&a.control).is_ok() {
+        bail!(
+            "espd is running here ({} answers): stop it first; the guard is what keeps \
+             protected traffic from leaving in clear while espd is down",
+            a.control.display()
+        );
+    }
+    let mut g = guard::Guard::open().context("opening the kernel's XFRM policy table")?;
+    let n = g.lift().context("removing the guard's XFRM policies")?;
+    eprintln!(
+        "espd down: removed {n} kernel XFRM policies: traffic the policies protected is now \
+         forwarded by the kernel in clear"
+    );
+    Ok(())
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum CsumFix {
     Auto,
@@ -133,15 +159,59 @@ fn missing_caps() -> Vec<&'static str> {
 /// outbound default of block, everything is steered.
 pub fn inside_selectors(cfg: &Config) -> Vec<(IpAddr, u8, SelAction)> {
     let pols = cfg.spd.policies(Direction::Out);
-    let mut out = Vec::new();
-    for p in &pols {
-        let s = &p.sel;
-        let protect = p.action == Action::Allow && !p.tmpls.is_empty();
-        let block = p.action == Action::Block;
-        if !protect && !block {
-            continue;
+    let pick = |p: &espd_core::state::Policy| {
+        if p.action == Action::Block {
+            Some(true)
+        } else if !p.tmpls.is_empty() {
+            Some(false)
+        } else {
+            None
         }
-        let alone = block
+    };
+    let default_block = cfg.spd.default_action(Direction::Out) == Action::Block;
+    selectors(&pols, pick, default_block)
+}
+
+/// The destination prefixes the outside XDP program checks plaintext
+/// against (RFC 4301 §5.2 step 3a), from the `in` and `fwd` policies:
+/// prefixes of PROTECT (a required template) and DISCARD policies are
+/// steered to the engine's inbound policy check; where nothing but such
+/// policies of any source, protocol and port select a prefix, plaintext to
+/// it is dropped in XDP. Traffic to this box never meets the tries (the
+/// kernel and its XFRM guard handle it). With an in/fwd default of block,
+/// everything is steered.
+pub fn outside_selectors(cfg: &Config) -> Vec<(IpAddr, u8, SelAction)> {
+    let mut pols = cfg.spd.policies(Direction::In);
+    pols.extend(cfg.spd.policies(Direction::Fwd));
+    let pick = |p: &espd_core::state::Policy| {
+        if p.action == Action::Block || p.requires_protection() {
+            Some(true)
+        } else {
+            None
+        }
+    };
+    let default_block = [Direction::In, Direction::Fwd]
+        .iter()
+        .any(|d| cfg.spd.default_action(*d) == Action::Block);
+    selectors(&pols, pick, default_block)
+}
+
+/// Destination prefixes of the policies `pick` selects: `Some(droppable)`
+/// when a policy's prefix is to be looked at, and whether its action alone
+/// may drop in XDP (when its selector names no source, protocol or port and
+/// no other policy of `pols` overlaps its prefix).
+fn selectors(
+    pols: &[&espd_core::state::Policy],
+    pick: impl Fn(&espd_core::state::Policy) -> Option<bool>,
+    default_block: bool,
+) -> Vec<(IpAddr, u8, SelAction)> {
+    let mut out = Vec::new();
+    for p in pols {
+        let s = &p.sel;
+        let Some(droppable) = pick(p) else {
+            continue;
+        };
+        let alone = droppable
             && s.src.len == 0
             && s.proto.is_none()
             && s.sport.is_none()
@@ -158,7 +228,7 @@ pub fn inside_selectors(cfg: &Config) -> Vec<(IpAddr, u8, SelAction)> {
         };
         out.push((s.dst.addr, s.dst.len, act));
     }
-    if cfg.spd.default_action(Direction::Out) == Action::Block {
+    if default_block {
         out.push((IpAddr::V4(0u32.into()), 0, SelAction::Steer));
         out.push((IpAddr::V6(0u128.into()), 0, SelAction::Steer));
     }
@@ -226,6 +296,20 @@ pub fn run(a: &Args) -> Result<()> {
 
     let stop = crate::stop_on_signals()?;
 
+    // The guard before anything else: from here on, what the policies
+    // protect is dropped by the kernel whenever espd is not handling it —
+    // if a step below fails, when espd stops, or if it dies. It stays after
+    // exit; `espd down` lifts it (docs/operations.md, "Failure modes").
+    let mut guard = guard::Guard::open().context("opening the kernel's XFRM policy table")?;
+    guard
+        .sync(&cfg)
+        .context("installing the fail-closed guard (kernel XFRM policies)")?;
+    eprintln!(
+        "espd run: guard: {} kernel XFRM policies (`ip xfrm policy` lists them; `espd down` lifts them)",
+        guard.len()
+    );
+    fault("attach")?;
+
     // XDP first (dropping `steer` detaches on every error path below).
     let mode = crate::xdp_mode(a.skb_mode);
     let mut steer = Steering::load().map_err(|e| {
@@ -235,9 +319,8 @@ pub fn run(a: &Args) -> Result<()> {
             anyhow::anyhow!("loading XDP: {e}")
         }
     })?;
-    let mirror = control::Mirror::of(&cfg);
+    let mirror = control::Mirror::of(&cfg, &local);
     control::Mirror::add(&mut steer, &mirror)?;
-    steer.add_local(local.iter().copied())?;
     let sels_len = mirror.sels.len();
     // Workers' ports and engines (one engine per worker, from the same config).
     let bind = if a.copy {
@@ -366,6 +449,7 @@ pub fn run(a: &Args) -> Result<()> {
         snaps: snaps.clone(),
         cores: cores_used.clone(),
         params,
+        guard: Mutex::new(guard),
         apply_lock: Mutex::new(()),
         monitors: Mutex::new(Vec::new()),
     });
@@ -452,9 +536,22 @@ pub fn run(a: &Args) -> Result<()> {
         .into_inner()
         .map_err(|_| anyhow::anyhow!("steering lock poisoned"))?;
     steer.detach().context("detaching XDP")?;
-    eprintln!("espd run: detached from {} and {}", a.inside, a.outside);
+    eprintln!(
+        "espd run: detached from {} and {}; the guard stays (`espd down` lifts it)",
+        a.inside, a.outside
+    );
     if panicked || failed.is_some() {
         bail!("worker {} stopped unexpectedly", failed.unwrap_or(0));
+    }
+    Ok(())
+}
+
+/// Test-only fault injection (`ESPD_FAULT`), so the fail-closed tests can
+/// make espd fail where a real one might: `attach` fails the start before
+/// XDP is attached; `worker-panic` panics a worker on its first packet.
+pub(crate) fn fault(at: &str) -> Result<()> {
+    if std::env::var("ESPD_FAULT").is_ok_and(|f| f == at) {
+        bail!("ESPD_FAULT={at}: injected failure (tests only)");
     }
     Ok(())
 }

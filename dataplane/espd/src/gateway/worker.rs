@@ -142,6 +142,8 @@ impl Worker {
         let mut snap = Snapshot::default();
         let mut turn = 0u64;
         let mut generation = self.mailbox.gen.load(Ordering::Acquire);
+        // Tests only (super::fault): a worker that dies on its first packet.
+        let panic_on_traffic = super::fault("worker-panic").is_err();
         while !self.stop.load(Ordering::Relaxed) {
             turn += 1;
             // A configuration change: swap engines between two bursts.
@@ -178,6 +180,10 @@ impl Worker {
                     .rx_burst(side, BURST, |buf, len| ctx.frame(buf, len));
                 self.engine.end_burst();
             }
+            assert!(
+                !(panic_on_traffic && got > 0),
+                "ESPD_FAULT=worker-panic: injected panic (tests only)"
+            );
             // Packets other workers handed over: processed as if received here.
             self.engine.begin_burst(BURST);
             for _ in 0..BURST {

@@ -1,0 +1,265 @@
+//! The fail-closed guard: espd's SPD mirrored into the kernel's XFRM policy
+//! table, so that what a PROTECT policy selects is dropped by Linux — never
+//! forwarded in clear, never accepted in clear — whenever espd is not there
+//! to handle it: while it starts, after SIGTERM, SIGKILL, a crash or a failed
+//! attach (RFC 4301 §4.4.1: the SPD is consulted for all traffic crossing
+//! the boundary, and §5: a packet with no usable SA is discarded).
+//!
+//! Why XFRM policies (docs/architecture.md, "The guard"): they are the
+//! kernel's own SPD, they outlive the process without a pinned program or a
+//! helper, `ip xfrm policy` shows them, and with no SA installed a template
+//! makes the kernel drop exactly what the policy selects, in both
+//! directions — how strongSwan's trap policies fail closed. While espd runs,
+//! XDP takes the selected traffic before the kernel sees it, so the guard
+//! costs nothing on the data path.
+//!
+//! It changes make-before-break with the configuration: entries that
+//! protect or block go in before the workers run on a change, entries that
+//! loosen (BYPASS, a deleted policy) only after. Only `espd down` lifts it.
+
+use espd_config::Config;
+use espd_core::state::{Action, Direction, Level, Mode, Policy, PortRange};
+use espd_io::xfrm::{self, Dir, KPolicy, KSelector, KTmpl, Xfrm};
+use std::collections::BTreeMap;
+
+/// Kernel policies one espd policy may become (port ranges split into
+/// aligned blocks); past that a PROTECT or DISCARD policy is widened to any
+/// port of its protocol (stricter, never looser) and a BYPASS is left out.
+const MAX_SPLIT: usize = 16;
+
+/// The guard's kernel entries, by direction and selector.
+pub struct Guard {
+    nl: Xfrm,
+    installed: BTreeMap<(Dir, KSelector), (u32, KPolicy)>,
+    next: [u32; 3],
+}
+
+fn dir(d: Direction) -> Dir {
+    match d {
+        Direction::In => Dir::In,
+        Direction::Out => Dir::Out,
+        Direction::Fwd => Dir::Fwd,
+    }
+}
+
+fn blocks(r: Option<PortRange>) -> Vec<(u16, u16)> {
+    match r {
+        None => vec![(0, 0)],
+        Some(r) => xfrm::port_blocks(r.lo, r.hi),
+    }
+}
+
+/// The kernel policies for one espd policy.
+fn kernel(p: &Policy) -> Vec<KPolicy> {
+    let s = &p.sel;
+    let tmpls: Vec<KTmpl> = p
+        .tmpls
+        .iter()
+        .map(|t| KTmpl {
+            src: t.src,
+            dst: t.dst,
+            spi: t.spi.unwrap_or(0),
+            reqid: t.reqid,
+            tunnel: t.mode == Mode::Tunnel,
+            optional: t.level == Level::Use,
+        })
+        .collect();
+    let strict = p.action == Action::Block || p.requires_protection();
+    let (mut sp, mut dp) = (blocks(s.sport), blocks(s.dport));
+    if sp.len() * dp.len() > MAX_SPLIT {
+        if !strict {
+            return Vec::new();
+        }
+        (sp, dp) = (vec![(0, 0)], vec![(0, 0)]);
+    }
+    let mut out = Vec::with_capacity(sp.len() * dp.len());
+    for &(sport, sport_mask) in &sp {
+        for &(dport, dport_mask) in &dp {
+            out.push(KPolicy {
+                dir: dir(p.dir),
+                sel: KSelector {
+                    src: s.src.addr,
+                    src_len: s.src.len,
+                    dst: s.dst.addr,
+                    dst_len: s.dst.len,
+                    proto: s.proto.unwrap_or(0),
+                    sport,
+                    sport_mask,
+                    dport,
+                    dport_mask,
+                },
+                priority: p.priority,
+                block: p.action == Action::Block,
+                tmpls: tmpls.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// What the kernel must hold for `cfg`: every policy of every direction, in
+/// priority order (where two map to one kernel selector, the first wins).
+pub fn desired(cfg: &Config) -> BTreeMap<(Dir, KSelector), KPolicy> {
+    let mut pols: Vec<&Policy> = Direction::ALL
+        .iter()
+        .flat_map(|d| cfg.spd.policies(*d))
+        .collect();
+    pols.sort_by_key(|p| p.priority);
+    let mut out = BTreeMap::new();
+    for p in pols {
+        for k in kernel(p) {
+            out.entry((k.dir, k.sel)).or_insert(k);
+        }
+    }
+    out
+}
+
+/// True if the entry, once in the kernel, drops more than it lets through:
+/// it protects (a required template) or blocks.
+fn strict(k: &KPolicy) -> bool {
+    k.block || k.tmpls.iter().any(|t| !t.optional)
+}
+
+impl Guard {
+    /// Opens the kernel's table and takes over the entries an earlier espd
+    /// left (they are recognised by their index).
+    pub fn open() -> std::io::Result<Guard> {
+        let mut nl = Xfrm::open()?;
+        let mut installed = BTreeMap::new();
+        let mut next = [0u32; 3];
+        for l in nl.list()? {
+            if !xfrm::is_ours(l.index) {
+                continue;
+            }
+            let d = l.policy.dir as usize;
+            next[d] = next[d].max(((l.index & !xfrm::INDEX_TAG) >> 3) + 1);
+            installed.insert((l.policy.dir, l.policy.sel), (l.index, l.policy));
+        }
+        Ok(Guard {
+            nl,
+            installed,
+            next,
+        })
+    }
+
+    /// Kernel entries in place now.
+    pub fn len(&self) -> usize {
+        self.installed.len()
+    }
+
+    fn put(&mut self, k: &KPolicy) -> std::io::Result<()> {
+        let key = (k.dir, k.sel);
+        let index = match self.installed.get(&key) {
+            Some((i, have)) if have == k => return Ok(()),
+            Some((i, _)) => *i,
+            None => {
+                let d = k.dir as usize;
+                self.next[d] += 1;
+                xfrm::index(self.next[d] - 1, k.dir)
+            }
+        };
+        self.nl.put(k, index)?;
+        self.installed.insert(key, (index, k.clone()));
+        Ok(())
+    }
+
+    /// First half of a change: every entry of `want` that protects or
+    /// blocks is in the kernel (added, or changed in place).
+    pub fn tighten(&mut self, want: &BTreeMap<(Dir, KSelector), KPolicy>) -> std::io::Result<()> {
+        for k in want.values().filter(|k| strict(k)) {
+            self.put(k)?;
+        }
+        Ok(())
+    }
+
+    /// Second half, once espd runs on the new configuration: BYPASS entries
+    /// of `want` are put, and entries `want` no longer has are removed.
+    pub fn loosen(&mut self, want: &BTreeMap<(Dir, KSelector), KPolicy>) -> std::io::Result<()> {
+        for k in want.values().filter(|k| !strict(k)) {
+            self.put(k)?;
+        }
+        let stale: Vec<(Dir, KSelector)> = self
+            .installed
+            .keys()
+            .filter(|k| !want.contains_key(k))
+            .copied()
+            .collect();
+        for key in stale {
+            if let Some((index, _)) = self.installed.get(&key) {
+                self.nl.delete(key.0, *index)?;
+            }
+            self.installed.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Both halves at once (at start, before anything is attached).
+    pub fn sync(&mut self, cfg: &Config) -> std::io::Result<()> {
+        let want = desired(cfg);
+        self.tighten(&want)?;
+        self.loosen(&want)
+    }
+
+    /// `espd down`: removes every entry espd put in this namespace's kernel.
+    pub fn lift(&mut self) -> std::io::Result<usize> {
+        let all: Vec<((Dir, KSelector), u32)> =
+            self.installed.iter().map(|(k, v)| (*k, v.0)).collect();
+        for ((d, _), index) in &all {
+            self.nl.delete(*d, *index)?;
+        }
+        self.installed.clear();
+        Ok(all.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn want(text: &str) -> BTreeMap<(Dir, KSelector), KPolicy> {
+        desired(&Config::parse("t.conf", text).unwrap())
+    }
+
+    #[test]
+    fn every_policy_becomes_a_kernel_entry_with_its_templates() {
+        let w = want(
+            "policy add src 198.18.1.0/24 dst 198.18.2.0/24 dir out priority 100 tmpl src 198.18.0.1 dst 198.18.0.2 proto esp reqid 1 mode tunnel
+policy add src 198.18.2.0/24 dst 198.18.1.0/24 dir fwd tmpl src 198.18.0.2 dst 198.18.0.1 proto esp reqid 2 mode tunnel
+policy add src 198.18.1.0/24 dst 198.18.2.0/24 proto udp dport 53 dir out priority 10
+policy add src 198.18.1.0/24 dst 198.18.2.0/24 proto tcp dport 23 dir out priority 10 action block
+policy add src 198.18.1.0/24 dst 198.18.4.0/24 dir out tmpl src 198.18.0.1 dst 198.18.0.9 proto esp reqid 9 mode tunnel level use
+",
+        );
+        assert_eq!(w.len(), 5);
+        let protect: Vec<&KPolicy> = w.values().filter(|k| strict(k)).collect();
+        // The tunnel both ways and the block; the bypass and the optional
+        // (`level use`) template are not strict.
+        assert_eq!(protect.len(), 3);
+        let out = w
+            .values()
+            .find(|k| k.dir == Dir::Out && k.priority == 100)
+            .unwrap();
+        assert_eq!(out.tmpls[0].reqid, 1);
+        assert!(out.tmpls[0].tunnel && !out.tmpls[0].optional);
+        let dns = w.values().find(|k| k.sel.dport == 53).unwrap();
+        assert!(dns.tmpls.is_empty() && !dns.block && dns.sel.dport_mask == 0xffff);
+        assert_eq!(dns.sel.proto, 17);
+    }
+
+    #[test]
+    fn port_ranges_split_and_wide_ones_fail_closed() {
+        // 1000-1003: one aligned block of four ports.
+        let w = want("policy add src 0.0.0.0/0 dst 198.18.2.0/24 proto tcp dport 1000-1003 dir out tmpl src 198.18.0.1 dst 198.18.0.2 proto esp reqid 1 mode tunnel\n");
+        assert_eq!(w.len(), 1);
+        assert_eq!(w.values().next().unwrap().sel.dport_mask, 0xfffc);
+        // Too many blocks: PROTECT widens to every port, BYPASS is left out.
+        let ragged = "sport 1-9999 dport 3-9997";
+        let w = want(&format!("policy add src 0.0.0.0/0 dst 198.18.2.0/24 proto tcp {ragged} dir out tmpl src 198.18.0.1 dst 198.18.0.2 proto esp reqid 1 mode tunnel\n"));
+        assert_eq!(w.len(), 1);
+        assert_eq!(w.values().next().unwrap().sel.dport_mask, 0);
+        let w = want(&format!(
+            "policy add src 0.0.0.0/0 dst 198.18.2.0/24 proto tcp {ragged} dir out\n"
+        ));
+        assert!(w.is_empty());
+    }
+}
