@@ -60,9 +60,9 @@ print((s["packets"] - s["lost_packets"]) / s["seconds"])')
 start_espd() { # extra args
     local n=$(($(nproc) > 1 ? 1 : 0))
     # `ip netns exec` directly (not a shell function), so that $! is espd itself.
-    ip netns exec "$P-gw1" "$ESPD" run -c "$work/gw1.conf" --inside i1 --outside o1 --cores 0 --control "$work/gw1.sock" -q "$@" 2>"$work/gw1.log" &
+    ip netns exec "$P-gw1" "$ESPD" run -c "$work/gw1.conf" --inside i1 --outside o1 --cores 0 --control "$work/gw1.sock" --seq-file "$work/gw1.seq" -q "$@" 2>"$work/gw1.log" &
     pids+=($!)
-    ip netns exec "$P-gw2" "$ESPD" run -c "$work/gw2.conf" --inside i2 --outside o2 --cores "$n" --control "$work/gw2.sock" -q "$@" 2>"$work/gw2.log" &
+    ip netns exec "$P-gw2" "$ESPD" run -c "$work/gw2.conf" --inside i2 --outside o2 --cores "$n" --control "$work/gw2.sock" --seq-file "$work/gw2.seq" -q "$@" 2>"$work/gw2.log" &
     pids+=($!)
     sleep 1.5
 }

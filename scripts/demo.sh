@@ -33,7 +33,8 @@ scripts/topo.sh up "$P" "$work"
 ncores=$(nproc)
 start_gw() { # name inside outside core
     ip netns exec "$P-$1" "$ESPD" run -c "$work/$1.conf" --inside "$2" --outside "$3" \
-        --cores "$4" --stats-json "$work/$1.json" --control "$work/$1.sock" -q 2>"$work/$1.log" &
+        --cores "$4" --stats-json "$work/$1.json" --control "$work/$1.sock" --seq-file "$work/$1.seq" \
+        -q 2>"$work/$1.log" &
     pids+=($!)
 }
 start_gw gw1 i1 o1 0

@@ -81,7 +81,7 @@ class Net:
         cfg = ["-c", str(conf)] if config else []
         p = self.popen(gw, str(ESPD), "run", *cfg, "--inside", inside, "--outside",
                        outside, "--cores", core, "--stats-json", str(stats),
-                       "--control", self.sock(gw), *args,
+                       "--control", self.sock(gw), "--seq-file", str(self.tmp / f"{gw}.seq"), *args,
                        stderr=subprocess.PIPE, text=True)
         self.procs[gw] = p
         # Up once the banner is printed (guard in place, XDP attached, sockets

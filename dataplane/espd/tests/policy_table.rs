@@ -184,7 +184,7 @@ fn unprotected_icmp_errors_about_protected_flows_are_dropped() {
     let b2a = udp4("198.18.2.20", "198.18.1.10", 5000);
     let other = udp4("198.18.1.10", "198.18.9.9", 5000);
     #[rustfmt::skip]
-    let table: &[(&str, Vec<u8>, Result<Option<u32>, DropReason>)] = &[
+    let table: &[Row] = &[
         // RFC 4301 §6.1.1: anyone on the wire could forge these to cut a tunnelled flow.
         ("wire router → A about A→B", icmp_unreach("198.18.0.99", "198.18.1.10", &a2b), Err(UnprotectedInbound)),
         ("wire router → A about B→A", icmp_unreach("198.18.0.99", "198.18.1.10", &b2a), Err(UnprotectedInbound)),

@@ -289,7 +289,11 @@ pub fn port_blocks(lo: u16, hi: u16) -> Vec<(u16, u16)> {
     let mut out = Vec::new();
     while lo <= hi {
         // The largest aligned block starting at lo that stays within hi.
-        let mut size = if lo == 0 { 1 << 16 } else { 1u32 << lo.trailing_zeros() };
+        let mut size = if lo == 0 {
+            1 << 16
+        } else {
+            1u32 << lo.trailing_zeros()
+        };
         while lo + size - 1 > hi {
             size >>= 1;
         }

@@ -178,6 +178,8 @@ pub struct Control {
     pub params: EngineParams,
     /// The kernel's fail-closed copy of the SPD (see [`super::guard`]).
     pub guard: Mutex<super::guard::Guard>,
+    /// Outbound sequence numbers kept across restarts (see [`super::seqstore`]).
+    pub seqs: Mutex<super::seqstore::SeqStore>,
     /// One change at a time.
     pub apply_lock: Mutex<()>,
     /// `espctl monitor` connections.
@@ -197,7 +199,16 @@ impl Control {
             .map_err(|_| "control state poisoned")?
             .clone();
         let ch = db.apply(name, text).map_err(|e| e.to_string())?;
-        let new_cfg = db.config().map_err(|e| e.to_string())?;
+        let mut new_cfg = db.config().map_err(|e| e.to_string())?;
+        // New outbound SAs continue a recorded key's numbers, and every one
+        // is written down before a worker can send through it.
+        {
+            let running = self.cfg.lock().map_err(|_| "poisoned")?;
+            let ids = super::seqstore::outbound(&new_cfg, &self.params.local);
+            let mut seqs = self.seqs.lock().map_err(|_| "poisoned")?;
+            seqs.reconcile(&mut new_cfg, &ids, &running);
+            seqs.save(false).map_err(|e| format!("{e:#}"))?;
+        }
         let engines = self.params.build(&new_cfg).map_err(|e| e.to_string())?;
         let new_mirror = Mirror::of(&new_cfg, &self.params.local);
         // The guard first: what the change protects or blocks is dropped by
@@ -282,6 +293,23 @@ impl Control {
         let st = self.steer.lock().expect("steering lock");
         let cfg = self.cfg.lock().expect("config lock");
         Stats::gather_final(&self.snaps, &st, &cfg, &self.cores)
+    }
+
+    /// The workers' latest outbound sequence numbers to the store; `clean`
+    /// once they have all stopped.
+    pub fn save_sequences(&self, clean: bool) -> anyhow::Result<()> {
+        let cfg = self.cfg.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let snaps: Vec<Snapshot> = self
+            .snaps
+            .iter()
+            .map(|s| s.lock().map(|s| s.clone()).unwrap_or_default())
+            .collect();
+        let mut seqs = self.seqs.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        seqs.update(|dst, spi| {
+            let id = cfg.sad.lookup_in(dst, spi)?;
+            snaps.iter().filter_map(|s| s.oseq.get(id).copied()).max()
+        });
+        seqs.save(clean)
     }
 
     pub fn stats(&self) -> Value {

@@ -17,6 +17,7 @@ pub mod control;
 pub mod guard;
 mod metrics;
 pub mod nexthop;
+pub mod seqstore;
 mod worker;
 
 use anyhow::{bail, Context, Result};
@@ -92,6 +93,23 @@ pub struct Args {
     /// No live counter line even on a TTY.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+    /// Where outbound sequence numbers and IV masks are kept across restarts
+    /// and crashes (RFC 4303 §3.3.3; 0600). Default:
+    /// /var/lib/espd/NAME.seq, NAME the control socket's file name.
+    #[arg(long, value_name = "PATH")]
+    pub seq_file: Option<PathBuf>,
+}
+
+impl Args {
+    fn seq_path(&self) -> PathBuf {
+        self.seq_file.clone().unwrap_or_else(|| {
+            let stem = self
+                .control
+                .file_stem()
+                .map_or("espd".into(), |s| s.to_string_lossy().into_owned());
+            PathBuf::from(format!("/var/lib/espd/{stem}.seq"))
+        })
+    }
 }
 
 #[derive(clap::Args)]
@@ -265,7 +283,7 @@ pub fn run(a: &Args) -> Result<()> {
         db.apply(&path.display().to_string(), &text)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    let cfg = db.config().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut cfg = db.config().map_err(|e| anyhow::anyhow!("{e}"))?;
     let (in_idx, in_mac) = espd_io::netlink::link_info(&a.inside)
         .with_context(|| format!("inside interface {}", a.inside))?;
     let (out_idx, out_mac) = espd_io::netlink::link_info(&a.outside)
@@ -275,6 +293,14 @@ pub fn run(a: &Args) -> Result<()> {
     }
     let local = espd_io::netlink::local_addrs(None).context("reading this host's addresses")?;
     let inside_addrs = espd_io::netlink::local_addrs(Some(&a.inside))?;
+    // Outbound SAs continue their sequence numbers and IV masks (RFC 4303
+    // §3.3.3), written down before any worker sends.
+    let seq_path = a.seq_path();
+    let mut seqs = seqstore::SeqStore::open(&seq_path)?;
+    let outbound = seqstore::outbound(&cfg, &local);
+    let restored = seqs.restore(&mut cfg, &outbound);
+    seqs.save(false)
+        .with_context(|| format!("writing {}", seq_path.display()))?;
     let queues = a.queues.unwrap_or_else(|| {
         espd_io::xsk::rx_queues(&a.inside).min(espd_io::xsk::rx_queues(&a.outside))
     });
@@ -438,6 +464,10 @@ pub fn run(a: &Args) -> Result<()> {
         sels_len,
     );
     eprintln!("espd run: control socket {}", a.control.display());
+    eprintln!(
+        "espd run: outbound sequence numbers in {} ({restored} SA(s) continued)",
+        seq_path.display()
+    );
     let cores_used: Vec<(usize, usize)> = handles.iter().map(|h| (h.0, h.1)).collect();
     let steer = Arc::new(Mutex::new(steer));
     let ctl = Arc::new(control::Control {
@@ -450,6 +480,7 @@ pub fn run(a: &Args) -> Result<()> {
         cores: cores_used.clone(),
         params,
         guard: Mutex::new(guard),
+        seqs: Mutex::new(seqs),
         apply_lock: Mutex::new(()),
         monitors: Mutex::new(Vec::new()),
     });
@@ -484,6 +515,7 @@ pub fn run(a: &Args) -> Result<()> {
     let tty = !a.quiet && std::io::stderr().is_terminal();
     let start = Instant::now();
     let mut last = Instant::now();
+    let mut last_seq = Instant::now();
     let mut failed = None;
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
@@ -498,6 +530,12 @@ pub fn run(a: &Args) -> Result<()> {
         if let Some((q, _, _)) = handles.iter().find(|h| h.2.is_finished()) {
             failed = Some(*q);
             break;
+        }
+        if last_seq.elapsed() >= seqstore::PERIOD {
+            last_seq = Instant::now();
+            if let Err(e) = ctl.save_sequences(false) {
+                eprintln!("espd run: {e:#}");
+            }
         }
         if last.elapsed() >= Duration::from_secs(1) {
             last = Instant::now();
@@ -520,6 +558,12 @@ pub fn run(a: &Args) -> Result<()> {
     let _ = events_thread.join();
     if let Some(t) = metrics_thread {
         let _ = t.join();
+    }
+    // Every worker has stopped: the numbers are final (a clean stop needs
+    // no margin on the next start). A worker that died may have sent more
+    // than it reported, so that stop is not clean.
+    if let Err(e) = ctl.save_sequences(!panicked && failed.is_none()) {
+        eprintln!("espd run: {e:#}");
     }
     let s = ctl.counters();
     if tty {

@@ -1,0 +1,368 @@
+//! Outbound sequence numbers that survive a restart or a crash.
+//!
+//! RFC 4303 §3.3.3: with anti-replay, a manually keyed SA's sender "MUST"
+//! keep its counter across local reboots until the key is replaced —
+//! otherwise the peer drops everything as a replay until the counter passes
+//! what it saw, and (worse) the explicit IV, sequence number ⊕ the SA's IV
+//! mask, could repeat under the same key (an AES-GCM nonce reuse).
+//!
+//! So for every outbound SA espd keeps, in one file (0600, replaced
+//! atomically: written beside, fsynced, renamed, directory fsynced — a kill
+//! mid-write leaves the old file or the new one, never a torn one):
+//! destination, SPI, a fingerprint of the key, the IV mask, and the last
+//! sequence number the workers reported. It is written before any worker
+//! sends through a new SA and then every [`PERIOD`] while the number moves.
+//! On start a record whose fingerprint matches the configured key gives the
+//! SA its old IV mask and a sequence number [`MARGIN`] past the recorded one
+//! (after an unclean stop; exactly the recorded one after a clean one). The
+//! mask stays the same and the sequence number only grows, so IVs stay
+//! unique across restarts. The fingerprint is HMAC-SHA-256 keyed with the
+//! SA's key material over a label, truncated to 64 bits: it tells a replaced
+//! key from the same one and says nothing about the key.
+//!
+//! Inbound replay windows start fresh after a restart (the peer's sequence
+//! numbers only grow, so a replay of an old packet lands left of the window
+//! only once traffic has moved it; docs/operations.md).
+
+use anyhow::{bail, Context, Result};
+use espd_config::Config;
+use espd_core::state::SaConfig;
+use hmac::{Hmac, Mac};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How often the numbers are written while they move.
+pub const PERIOD: Duration = Duration::from_millis(100);
+/// How far past the recorded number an SA starts after an unclean stop:
+/// what may have been sent since the last write. Workers report every
+/// 100 ms and the file is written every [`PERIOD`], so about 200 ms of
+/// traffic (plus a write) can be unrecorded: 2^22 covers 20 million packets
+/// a second through one SA, about twenty times what one core encrypts here
+/// (docs/performance.md). It costs 1/1024 of a 32-bit sequence space per crash.
+pub const MARGIN: u64 = 1 << 22;
+
+const HEADER: &str = "espd-oseq v1";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Record {
+    fp: u64,
+    mask: u64,
+    oseq: u64,
+}
+
+pub struct SeqStore {
+    path: PathBuf,
+    recs: BTreeMap<(IpAddr, u32), Record>,
+    /// The previous run stopped cleanly (the file says so): no margin.
+    clean: bool,
+    dirty: bool,
+}
+
+/// The key's fingerprint (see the module doc).
+fn fingerprint(c: &SaConfig) -> u64 {
+    let mut key = zeroize::Zeroizing::new(Vec::new());
+    for a in [&c.algs.aead, &c.algs.enc, &c.algs.auth]
+        .into_iter()
+        .flatten()
+    {
+        key.extend_from_slice(&a.key);
+        key.extend_from_slice(a.name.as_bytes());
+    }
+    let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&key).expect("HMAC takes any key");
+    m.update(b"espd outbound sequence number store v1");
+    let t = m.finalize().into_bytes();
+    u64::from_be_bytes(t[..8].try_into().expect("32 octets"))
+}
+
+/// The largest sequence number of the SA's space (RFC 4303 §2.2, ESN §2.2.1).
+fn seq_max(c: &SaConfig) -> u64 {
+    if c.flags.esn {
+        u64::MAX
+    } else {
+        u64::from(u32::MAX)
+    }
+}
+
+/// The outbound SAs of `cfg` (their destination is not ours, as the engine
+/// decides it) by SAD index.
+pub fn outbound(cfg: &Config, host: &[IpAddr]) -> Vec<usize> {
+    let local = espd_core::engine::local_addrs(&cfg.spd, host);
+    let esp = espd_core::engine::esp_addrs(&cfg.sad, &local);
+    cfg.sad
+        .iter()
+        .enumerate()
+        .filter(|(_, sa)| esp.binary_search(&sa.cfg.dst).is_err())
+        .map(|(i, _)| i)
+        .collect()
+}
+
+impl SeqStore {
+    /// Reads `path` (a missing file is an empty store). A malformed file is
+    /// an error naming the line: starting over from 1 would repeat numbers.
+    pub fn open(path: &Path) -> Result<SeqStore> {
+        let mut s = SeqStore {
+            path: path.to_path_buf(),
+            recs: BTreeMap::new(),
+            clean: false,
+            dirty: true,
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(s),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let bad = |n: usize, what: &str| {
+            anyhow::anyhow!(
+                "{}:{}: {what} (the outbound sequence number store; see docs/operations.md \
+                 before removing it)",
+                path.display(),
+                n + 1
+            )
+        };
+        let mut lines = text.lines().enumerate();
+        match lines.next() {
+            Some((_, h)) if h == format!("{HEADER} clean") => s.clean = true,
+            Some((_, h)) if h == format!("{HEADER} running") => {}
+            _ => bail!(bad(0, &format!("expected `{HEADER} clean|running`"))),
+        }
+        for (n, l) in lines {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let expected =
+                "expected `DST SPI FINGERPRINT IV-MASK OSEQ` (hex SPI, fingerprint and mask)";
+            let [dst, spi, fp, mask, oseq] = w[..] else {
+                bail!(bad(n, expected));
+            };
+            let hex = |v: &str| u64::from_str_radix(v.trim_start_matches("0x"), 16);
+            let (Ok(dst), Ok(spi), Ok(fp), Ok(mask), Ok(oseq)) = (
+                dst.parse::<IpAddr>(),
+                u32::from_str_radix(spi.trim_start_matches("0x"), 16),
+                hex(fp),
+                hex(mask),
+                oseq.parse::<u64>(),
+            ) else {
+                bail!(bad(n, expected));
+            };
+            s.recs.insert((dst, spi), Record { fp, mask, oseq });
+        }
+        Ok(s)
+    }
+
+    /// Before a configuration goes live: each outbound SA in `ids` that has
+    /// a record for its key takes the recorded IV mask and continues past
+    /// the recorded number; one without gets a record of its own values.
+    /// Records of SAs not in `keep` are dropped. Returns how many were
+    /// restored.
+    pub fn restore(&mut self, cfg: &mut Config, ids: &[usize]) -> usize {
+        let margin = if self.clean { 0 } else { MARGIN };
+        let mut restored = 0;
+        let mut keep = BTreeMap::new();
+        for &id in ids {
+            let c = &mut cfg.sad.get_mut(id).cfg;
+            let key = (c.dst, c.spi);
+            let fp = fingerprint(c);
+            let rec = match self.recs.remove(&key) {
+                Some(r) if r.fp == fp => {
+                    c.iv_mask = r.mask;
+                    c.replay_oseq = c
+                        .replay_oseq
+                        .max(r.oseq.saturating_add(margin).min(seq_max(c)));
+                    restored += 1;
+                    Record {
+                        oseq: c.replay_oseq,
+                        ..r
+                    }
+                }
+                // A new SA, or its key was replaced: it starts afresh.
+                _ => Record {
+                    fp,
+                    mask: c.iv_mask,
+                    oseq: c.replay_oseq,
+                },
+            };
+            keep.insert(key, rec);
+        }
+        self.recs = keep;
+        self.clean = false;
+        self.dirty = true;
+        restored
+    }
+
+    /// After a change to running SAs: records for the outbound SAs of
+    /// `cfg`, keeping the running ones' (whose masks and numbers the workers
+    /// carry over) with the key's fingerprint brought up to date, and
+    /// restoring or creating the others as [`SeqStore::restore`] does.
+    pub fn reconcile(&mut self, cfg: &mut Config, ids: &[usize], running: &Config) {
+        let mut fresh = Vec::new();
+        let mut keep = BTreeMap::new();
+        for &id in ids {
+            let c = &cfg.sad.get(id).cfg;
+            let key = (c.dst, c.spi);
+            let live = running
+                .sad
+                .iter()
+                .any(|sa| (sa.cfg.dst, sa.cfg.spi, sa.cfg.src) == (c.dst, c.spi, c.src));
+            match self.recs.get(&key) {
+                Some(r) if live => {
+                    keep.insert(
+                        key,
+                        Record {
+                            fp: fingerprint(c),
+                            ..r.clone()
+                        },
+                    );
+                }
+                _ => fresh.push(id),
+            }
+        }
+        // The new ones against the old records (restore keeps only theirs),
+        // then the running ones back.
+        self.restore(cfg, &fresh);
+        self.recs.extend(keep);
+        self.dirty = true;
+    }
+
+    /// The workers' latest numbers: `oseq(dst, spi)` for each record.
+    pub fn update(&mut self, mut oseq: impl FnMut(IpAddr, u32) -> Option<u64>) {
+        for ((dst, spi), r) in &mut self.recs {
+            if let Some(n) = oseq(*dst, *spi).filter(|n| *n > r.oseq) {
+                r.oseq = n;
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// Writes the file if anything changed (atomically, 0600). `clean` marks
+    /// a final write after every worker stopped.
+    pub fn save(&mut self, clean: bool) -> Result<()> {
+        if !self.dirty && !clean {
+            return Ok(());
+        }
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.exists() {
+                std::fs::create_dir_all(dir)?;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+            }
+        }
+        let mut text = format!("{HEADER} {}\n", if clean { "clean" } else { "running" });
+        for ((dst, spi), r) in &self.recs {
+            text.push_str(&format!(
+                "{dst} 0x{spi:08x} {:016x} {:016x} {}\n",
+                r.fp, r.mask, r.oseq
+            ));
+        }
+        let tmp = self.path.with_extension("tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, &self.path)
+            .with_context(|| format!("replacing {}", self.path.display()))?;
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        self.dirty = false;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONF: &str = "state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 reqid 1 mode tunnel replay-window 64 aead 'rfc4106(gcm(aes))' 0x0101010101010101010101010101010101010101 128
+state add src 198.18.0.2 dst 198.18.0.1 proto esp spi 0x2001 reqid 2 mode tunnel replay-window 64 aead 'rfc4106(gcm(aes))' 0x0202020202020202020202020202020202020202 128
+policy add src 198.18.1.0/24 dst 198.18.2.0/24 dir out tmpl src 198.18.0.1 dst 198.18.0.2 proto esp reqid 1 mode tunnel
+";
+
+    fn cfg(text: &str) -> Config {
+        Config::parse("t.conf", text).unwrap()
+    }
+
+    #[test]
+    fn numbers_and_masks_survive_restarts_and_a_new_key_starts_afresh() {
+        let dir = std::env::temp_dir().join(format!("espd-seq-{}", std::process::id()));
+        let path = dir.join("sub/espd.seq");
+        let mut c = cfg(CONF);
+        let ids = outbound(&c, &[]);
+        assert_eq!(ids, vec![0], "only the SA from our address is outbound");
+        let mut s = SeqStore::open(&path).unwrap();
+        assert_eq!(s.restore(&mut c, &ids), 0);
+        let mask = c.sad.get(0).cfg.iv_mask;
+        s.save(false).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        s.update(|dst, spi| (dst.to_string() == "198.18.0.2" && spi == 0x1001).then_some(5000));
+        s.save(false).unwrap();
+
+        // A crash: the next start continues MARGIN past the last write, same mask.
+        let mut c2 = cfg(CONF);
+        assert_ne!(
+            c2.sad.get(0).cfg.iv_mask,
+            mask,
+            "a fresh parse draws a new mask"
+        );
+        let mut s2 = SeqStore::open(&path).unwrap();
+        assert_eq!(s2.restore(&mut c2, &ids), 1);
+        assert_eq!(c2.sad.get(0).cfg.iv_mask, mask);
+        assert_eq!(c2.sad.get(0).cfg.replay_oseq, 5000 + MARGIN);
+        // A clean stop: exactly where it was.
+        s2.update(|_, _| Some(6000 + MARGIN));
+        s2.save(true).unwrap();
+        let mut c3 = cfg(CONF);
+        SeqStore::open(&path).unwrap().restore(&mut c3, &ids);
+        assert_eq!(c3.sad.get(0).cfg.replay_oseq, 6000 + MARGIN);
+
+        // The key replaced: a new start, a new mask.
+        let mut c4 = cfg(&CONF.replace("0x0101010101", "0x0909090909"));
+        let mut s4 = SeqStore::open(&path).unwrap();
+        assert_eq!(s4.restore(&mut c4, &ids), 0);
+        assert_eq!(c4.sad.get(0).cfg.replay_oseq, 0);
+        assert_ne!(c4.sad.get(0).cfg.iv_mask, mask);
+        // Nothing of the key is in the file.
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("0101010101") && !text.contains("0202020202"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_malformed_store_is_refused_with_its_line() {
+        let dir = std::env::temp_dir().join(format!("espd-seqbad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("espd.seq");
+        std::fs::write(&path, "espd-oseq v1 running\n198.18.0.2 0x1001 zz 00 1\n").unwrap();
+        let e = SeqStore::open(&path).err().unwrap().to_string();
+        assert!(e.contains("espd.seq:2:") && e.contains("expected"), "{e}");
+        std::fs::write(&path, "something else\n").unwrap();
+        let e = SeqStore::open(&path).err().unwrap().to_string();
+        assert!(e.contains("espd.seq:1:"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_end_of_the_sequence_space_is_never_passed() {
+        let mut c = cfg(CONF);
+        let ids = outbound(&c, &[]);
+        let mut s = SeqStore {
+            path: PathBuf::from("/nonexistent"),
+            recs: BTreeMap::new(),
+            clean: false,
+            dirty: false,
+        };
+        s.restore(&mut c, &ids);
+        s.update(|_, _| Some(u64::from(u32::MAX) - 10));
+        let mut c2 = cfg(CONF);
+        c2.sad.get_mut(0).cfg.iv_mask = c.sad.get(0).cfg.iv_mask;
+        s.restore(&mut c2, &ids);
+        assert_eq!(c2.sad.get(0).cfg.replay_oseq, u64::from(u32::MAX));
+    }
+}
