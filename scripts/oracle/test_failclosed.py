@@ -166,7 +166,9 @@ def test_a_prefix_only_protect_policies_select_is_dropped_in_xdp(net, tmp_path):
     # here); the IPv6 ones still go through the engine (its fwd policy names
     # a source).
     assert s1["xdp"]["unprotected_inbound"] == 6, s1["xdp"]
-    assert drops(s1) == {"UnprotectedInbound": 4}, drops(s1)
+    # The summary counts both places; the worker only the engine's.
+    assert drops(s1) == {"UnprotectedInbound": 10}, drops(s1)
+    assert s1["workers"][0]["drops"] == {"UnprotectedInbound": 4}
 
 
 def pingers(net):
@@ -339,6 +341,7 @@ def test_our_own_esp_reflected_back_is_dropped_before_any_crypto(net, tmp_path):
     time.sleep(0.5)
     s1, _ = net.stop("gw1")
     assert s1["xdp"]["own_esp"] == n, s1["xdp"]
+    assert drops(s1) == {"OwnEsp": n}, drops(s1)
     # No worker saw them: nothing decrypted, nothing counted against the SAs.
-    assert drops(s1) == {}, drops(s1)
+    assert s1["workers"][0]["drops"] == {}, s1["workers"]
     assert all(not x["drops"] for x in s1["sas"]), s1["sas"]

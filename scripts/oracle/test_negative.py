@@ -136,3 +136,20 @@ def test_esn_sequence_continues_past_2_32(tmp_path):
     for f, hi, lo in zip(out, his, los):
         seq, payload, nh = esp_open(km, l3_bytes(f)[20:], esn_hi=hi)
         assert seq == lo
+
+
+def test_both_directions_of_a_capture_our_own_esp_is_not_opened(tmp_path):
+    """A capture of both directions: the ESP this gateway sent (to G2) comes
+    through again. It is counted as OwnEsp and never decrypted (RFC 4301
+    §4.4.2: inbound SAs are looked up for our own addresses only), while the
+    peer's ESP to us is decapsulated as usual."""
+    km_in = keymat(128, 8)
+    conf = gw_config("tunnel", 4, 4, keymat(128, 7), km_in)
+    plain = [eth(IP(bytes(IP(src=A, dst=B) / UDP(sport=4000, dport=5000) / Raw(b"%03d" % i))))
+             for i in range(3)]
+    sent, st = run_espd(tmp_path, conf, plain, name="out")
+    assert st["verdicts"]["encapsulated"] == 3
+    peer = [outer(esp_gcm(km_in, SPI_IN, i + 1, inner(i), 4)) for i in range(2)]
+    out, st = run_espd(tmp_path, conf, sent + peer, name="both")
+    assert [l3_bytes(f) for f in out] == [inner(0), inner(1)]
+    assert {k: n for k, n in st["drops"].items() if n} == {"OwnEsp": 3}

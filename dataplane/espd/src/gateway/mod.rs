@@ -669,6 +669,17 @@ impl Stats {
                 "drops": d,
             }));
         }
+        let xdp_counts = steer.counters().ok();
+        // Drops made in XDP belong in the same summary (under the engine's
+        // names for them): an operator reads one list.
+        if let Some(c) = &xdp_counts {
+            for (k, r) in [
+                (Counter::UnprotectedInbound, DropReason::UnprotectedInbound),
+                (Counter::OwnEsp, DropReason::OwnEsp),
+            ] {
+                total[r as usize] += c[k as usize];
+            }
+        }
         let mut drops_json = serde_json::Map::new();
         for r in DropReason::ALL {
             drops_json.insert(r.name().into(), json!(total[*r as usize]));
@@ -705,12 +716,12 @@ impl Stats {
                 })
             })
             .collect();
-        let xdp: serde_json::Map<String, serde_json::Value> = match steer.counters() {
-            Ok(c) => Counter::ALL
+        let xdp: serde_json::Map<String, serde_json::Value> = match xdp_counts {
+            Some(c) => Counter::ALL
                 .iter()
                 .map(|k| (k.name().to_string(), json!(c[*k as usize])))
                 .collect(),
-            Err(_) => serde_json::Map::new(),
+            None => serde_json::Map::new(),
         };
         let drops: Vec<(DropReason, u64)> = DropReason::ALL
             .iter()
