@@ -345,3 +345,44 @@ def test_our_own_esp_reflected_back_is_dropped_before_any_crypto(net, tmp_path):
     # No worker saw them: nothing decrypted, nothing counted against the SAs.
     assert s1["workers"][0]["drops"] == {}, s1["workers"]
     assert all(not x["drops"] for x in s1["sas"]), s1["sas"]
+
+
+def kernel_policies(net, gw):
+    """`ip xfrm policy` entries as (dir, src, dst, has an ESP template)."""
+    out, cur = [], None
+    for line in net.ns(gw, "ip", "xfrm", "policy").stdout.splitlines():
+        w = line.split()
+        if w and w[0] == "src":
+            cur = [None, w[1], w[3], False]
+            out.append(cur)
+        elif w and w[0] == "dir" and cur:
+            cur[0] = w[1]
+        elif "proto esp" in line and cur:
+            cur[3] = True
+    return sorted(tuple(x) for x in out)
+
+
+def test_the_guard_follows_espctl_changes(net, tmp_path):
+    from test_control import ctl
+    net.start("gw1")
+    assert len(kernel_policies(net, "gw1")) == 4
+    ctl(net, "gw1", "policy", "add", "src", "198.18.1.0/24", "dst", "198.18.3.0/24", "dir", "out",
+        "tmpl", "src", "198.18.0.1", "dst", "198.18.0.3", "proto", "esp", "reqid", "9", "mode", "tunnel")
+    assert ("out", "198.18.1.0/24", "198.18.3.0/24", True) in kernel_policies(net, "gw1")
+    # PROTECT becomes BYPASS: the kernel entry loses its template.
+    ctl(net, "gw1", "policy", "update", "src", "198.18.1.0/24", "dst", "198.18.3.0/24", "dir", "out")
+    assert ("out", "198.18.1.0/24", "198.18.3.0/24", False) in kernel_policies(net, "gw1")
+    ctl(net, "gw1", "policy", "delete", "src", "198.18.1.0/24", "dst", "198.18.3.0/24", "dir", "out")
+    assert len(kernel_policies(net, "gw1")) == 4
+    # A bad batch changes nothing, in the kernel either.
+    bad = tmp_path / "bad.batch"
+    bad.write_text("policy add src 198.18.1.0/24 dst 198.18.4.0/24 dir out tmpl src 198.18.0.1 "
+                   "dst 198.18.0.4 proto esp reqid 4 mode tunnel\npolicy add nonsense\n")
+    assert ctl(net, "gw1", "-b", str(bad), check=False).returncode != 0
+    assert len(kernel_policies(net, "gw1")) == 4
+    # The next start with fewer policies removes what the config no longer has.
+    net.stop("gw1")
+    conf = tmp_path / "gw1.conf"
+    conf.write_text("\n".join(l for l in conf.read_text().splitlines() if "2001:db8" not in l) + "\n")
+    net.start("gw1")
+    assert sorted(x[1] for x in kernel_policies(net, "gw1")) == ["198.18.1.0/24", "198.18.2.0/24"]
