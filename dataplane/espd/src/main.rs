@@ -24,10 +24,10 @@ enum Cmd {
     /// Run a capture through the ESP engine: decapsulate ESP for known states,
     /// encapsulate what outbound policies protect, pass what they allow, drop the rest.
     Pcap(pcap::Args),
-    /// Diagnostic: attach only the XDP steering program to the outside
-    /// interface, mirror the config's SPIs and NAT-T ports into it, and report
-    /// what it steers and what it passes to the kernel (no AF_XDP workers yet:
-    /// steered frames fall back to the kernel). Detaches on SIGINT/SIGTERM.
+    /// Diagnostic: attach only the outside XDP program, with the maps the
+    /// gateway would give it, and report what it steers, drops and passes to
+    /// the kernel (no workers: steered frames fall back to the kernel unless
+    /// --xsk takes them). Detaches on SIGINT/SIGTERM.
     Steer(steer::Args),
     /// In-memory benchmark: a generator feeds encapsulation and then
     /// decapsulation through the gateway's engine, one pinned worker per core;
