@@ -24,7 +24,6 @@ const RTM_NEWNEIGH: u16 = 28;
 const RTM_GETNEIGH: u16 = 30;
 const NLM_F_REQUEST: u16 = 0x1;
 pub(crate) const NLM_F_ACK: u16 = 0x4;
-const NLM_F_REPLACE: u16 = 0x100;
 const NLM_F_CREATE: u16 = 0x400;
 const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
@@ -38,6 +37,7 @@ const NTF_USE: u8 = 0x01;
 const NUD_INCOMPLETE: u16 = 0x01;
 const NUD_FAILED: u16 = 0x20;
 const NUD_NONE: u16 = 0x00;
+const NUD_NOARP: u16 = 0x40;
 const NUD_PERMANENT: u16 = 0x80;
 
 /// Where the kernel would send a packet for a destination.
@@ -312,9 +312,13 @@ impl Rtnl {
         body
     }
 
-    /// The link-layer address of neighbour `addr` on `ifindex`, if the kernel
-    /// has a usable one (any state but incomplete/failed/none).
-    pub fn neigh_get(&mut self, ifindex: u32, addr: IpAddr) -> io::Result<Option<[u8; 6]>> {
+    /// The kernel's entry for neighbour `addr` on `ifindex`: its NUD state
+    /// and link-layer address, `None` if there is none.
+    pub fn neigh_entry(
+        &mut self,
+        ifindex: u32,
+        addr: IpAddr,
+    ) -> io::Result<Option<(u16, Option<[u8; 6]>)>> {
         let body = Self::ndmsg(addr, ifindex, 0, 0);
         let r = match self.request(RTM_GETNEIGH, 0, &body, Some(RTM_NEWNEIGH)) {
             Ok(Some(r)) => r,
@@ -326,28 +330,53 @@ impl Rtnl {
             return Ok(None);
         }
         let state = u16::from_ne_bytes([r[8], r[9]]);
-        if state == NUD_NONE || state & (NUD_INCOMPLETE | NUD_FAILED) != 0 {
-            return Ok(None);
-        }
         let mac = attrs(&r[12..])
             .find(|(t, d)| *t == NDA_LLADDR && d.len() == 6)
             .and_then(|(_, d)| <[u8; 6]>::try_from(d).ok());
-        Ok(mac)
+        Ok(Some((state, mac)))
     }
 
-    /// `ip neigh replace ADDR dev IF use`: the kernel resolves the neighbour
-    /// if it has no entry, or refreshes it (an entry espd's traffic uses is
-    /// never seen in use by the kernel otherwise).
-    pub fn neigh_use(&mut self, ifindex: u32, addr: IpAddr) -> io::Result<()> {
-        let body = Self::ndmsg(addr, ifindex, NUD_PERMANENT, NTF_USE);
-        self.request(
-            RTM_NEWNEIGH,
-            NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
-            &body,
-            None,
-        )
-        .map(|_| ())
+    /// The link-layer address of neighbour `addr` on `ifindex`, if the kernel
+    /// has a usable one (any state but incomplete/failed/none).
+    pub fn neigh_get(&mut self, ifindex: u32, addr: IpAddr) -> io::Result<Option<[u8; 6]>> {
+        Ok(match self.neigh_entry(ifindex, addr)? {
+            Some((state, mac)) if usable(state) => mac,
+            _ => None,
+        })
     }
+
+    /// Asks the kernel to resolve neighbour `addr` (no entry yet) or to
+    /// re-confirm it (a dynamic entry espd's traffic uses, which the kernel
+    /// never sees in use): `NTF_USE` on the entry, what `ip neigh replace
+    /// ADDR dev IF use` sends. An entry the operator set — `permanent` or
+    /// `noarp` — is used as it is and never touched: replacing it would turn
+    /// it into a dynamic one (seen on Linux 6.x: it went INCOMPLETE). Returns
+    /// whether a request was sent.
+    pub fn neigh_use(&mut self, ifindex: u32, addr: IpAddr) -> io::Result<bool> {
+        let state = self.neigh_entry(ifindex, addr)?.map(|e| e.0);
+        if state.is_some_and(operator_set) {
+            return Ok(false);
+        }
+        // The state is not applied with NTF_USE (the kernel only kicks the
+        // entry's resolution); NUD_NONE keeps a new entry dynamic.
+        let body = Self::ndmsg(addr, ifindex, NUD_NONE, NTF_USE);
+        let flags = if state.is_some() {
+            NLM_F_ACK
+        } else {
+            NLM_F_ACK | NLM_F_CREATE
+        };
+        self.request(RTM_NEWNEIGH, flags, &body, None).map(|_| true)
+    }
+}
+
+/// A state with a link-layer address to use.
+fn usable(state: u16) -> bool {
+    state != NUD_NONE && state & (NUD_INCOMPLETE | NUD_FAILED) == 0
+}
+
+/// An entry the operator set: `nud permanent` or `nud noarp`.
+fn operator_set(state: u16) -> bool {
+    state & (NUD_PERMANENT | NUD_NOARP) != 0
 }
 
 /// An interface's index and MAC address (from sysfs).
@@ -410,6 +439,17 @@ mod tests {
         bad[8] = 200; // second attribute's length runs past the end
         assert_eq!(attrs(&bad).count(), 1);
         assert_eq!(attrs(&[1, 0]).count(), 0);
+    }
+
+    #[test]
+    fn operator_entries_are_never_refreshed_and_only_resolved_ones_used() {
+        assert!(operator_set(NUD_PERMANENT) && operator_set(NUD_NOARP));
+        // REACHABLE, STALE, DELAY, PROBE, INCOMPLETE, FAILED: the kernel's.
+        for s in [0x02, 0x04, 0x08, 0x10, NUD_INCOMPLETE, NUD_FAILED] {
+            assert!(!operator_set(s), "{s:#x}");
+        }
+        assert!(usable(NUD_PERMANENT) && usable(0x02) && usable(0x04));
+        assert!(!usable(NUD_NONE) && !usable(NUD_INCOMPLETE) && !usable(NUD_FAILED));
     }
 
     #[test]
