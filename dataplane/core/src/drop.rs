@@ -83,6 +83,12 @@ drop_reasons! {
     LocalDelivery => "decapsulated packet for this host (not delivered)",
     /// Gateway: no free UMEM frame for a frame espd made itself (an inner fragment).
     TxRingFull => "no free frame for a frame espd made",
+    /// Gateway (XDP): a frame to steer arrived on a queue with no AF_XDP socket and went to the kernel, which drops protected traffic (the guard) and forwards the rest.
+    NoSocket => "no AF_XDP socket on the receiving queue",
+    /// Gateway (kernel): a steered frame found the AF_XDP RX ring full (the socket's `rx_ring_full`).
+    XskRingFull => "AF_XDP RX ring full (kernel)",
+    /// Gateway (kernel): a steered frame was dropped for another reason, mostly no free frame in the fill ring (the socket's `rx_dropped`).
+    XskDropped => "AF_XDP receive dropped by the kernel (no fill-ring frame)",
 }
 
 #[cfg(test)]

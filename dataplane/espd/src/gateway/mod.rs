@@ -590,9 +590,10 @@ pub fn run(a: &Args) -> Result<()> {
     Ok(())
 }
 
-/// Test-only fault injection (`ESPD_FAULT`), so the fail-closed tests can
-/// make espd fail where a real one might: `attach` fails the start before
-/// XDP is attached; `worker-panic` panics a worker on its first packet.
+/// Test-only fault injection (`ESPD_FAULT`), so the tests can make espd
+/// fail where a real one might: `attach` fails the start before XDP is
+/// attached; `worker-panic` panics a worker on its first packet;
+/// `slow-worker` makes workers sleep 2 ms a turn (rings overrun).
 pub(crate) fn fault(at: &str) -> Result<()> {
     if std::env::var("ESPD_FAULT").is_ok_and(|f| f == at) {
         bail!("ESPD_FAULT={at}: injected failure (tests only)");
@@ -623,6 +624,13 @@ impl Stats {
             .map(|s| s.lock().map(|s| s.clone()).unwrap_or_default())
             .collect();
         let mut total = [0u64; DropReason::COUNT];
+        // What the kernel lost on the way into the AF_XDP sockets is a loss
+        // like any other: in the summary, under its own names.
+        for s in &snaps {
+            total[DropReason::XskRingFull as usize] +=
+                s.ports.kernel_rx_ring_full.iter().sum::<u64>();
+            total[DropReason::XskDropped as usize] += s.ports.kernel_rx_dropped.iter().sum::<u64>();
+        }
         let (mut rx, mut tx, mut enc, mut dec) = (0, 0, 0, 0);
         let mut per_worker = Vec::new();
         let mut workers = Vec::new();
@@ -676,6 +684,8 @@ impl Stats {
             for (k, r) in [
                 (Counter::UnprotectedInbound, DropReason::UnprotectedInbound),
                 (Counter::OwnEsp, DropReason::OwnEsp),
+                (Counter::NoSocket, DropReason::NoSocket),
+                (Counter::InsideNoSocket, DropReason::NoSocket),
             ] {
                 total[r as usize] += c[k as usize];
             }

@@ -144,6 +144,9 @@ impl Worker {
         let mut generation = self.mailbox.gen.load(Ordering::Acquire);
         // Tests only (super::fault): a worker that dies on its first packet.
         let panic_on_traffic = super::fault("worker-panic").is_err();
+        // Tests only: a worker slower than its traffic (2 ms a turn), to
+        // overrun its rings on purpose.
+        let slow = super::fault("slow-worker").is_err();
         while !self.stop.load(Ordering::Relaxed) {
             turn += 1;
             // A configuration change: swap engines between two bursts.
@@ -179,6 +182,9 @@ impl Worker {
                     .ports
                     .rx_burst(side, BURST, |buf, len| ctx.frame(buf, len));
                 self.engine.end_burst();
+            }
+            if slow {
+                std::thread::sleep(Duration::from_millis(2));
             }
             assert!(
                 !(panic_on_traffic && got > 0),
