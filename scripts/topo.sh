@@ -14,13 +14,16 @@
 #                                         # (AES-GCM-128 tunnel SAs for v4 and v6, fresh keys)
 #   scripts/topo.sh down PREFIX
 #   QUEUES=2 scripts/topo.sh up …         # veth pairs with 2 RX/TX queues (2 workers per espd)
+#   QIN=1 QOUT=2 scripts/topo.sh up …     # uneven: 1-queue inside links, 2-queue outside links
 #
 # Hosts A and B keep veth's default TX checksum offload: their TCP/UDP
 # checksums reach espd partial, and espd completes them (see
 # docs/operations.md, "veth caveats").
 set -euo pipefail
 
-QUEUES=${QUEUES:-1}  # RX/TX queues per veth: espd runs one worker per queue pair
+QUEUES=${QUEUES:-1}  # RX/TX queues per veth: espd runs one worker per queue index
+QIN=${QIN:-$QUEUES}   # … of the inside links (a0–i1, i2–b0) only
+QOUT=${QOUT:-$QUEUES} # … of the outside links (o1–w1, o2–w2) only
 cmd=${1:?up|down}
 P=${2:?namespace prefix}
 
@@ -40,11 +43,19 @@ up() {
         # addresses would be tentative for a second and ND answers wait).
         ip netns exec "$P-$n" sysctl -qw net.ipv6.conf.default.accept_dad=0 net.ipv6.conf.all.accept_dad=0
     done
-    local q="numtxqueues $QUEUES numrxqueues $QUEUES"
-    ip link add a0 netns "$P-a" $q type veth peer name i1 netns "$P-gw1" $q
-    ip link add o1 netns "$P-gw1" $q type veth peer name w1 netns "$P-wire" $q
-    ip link add o2 netns "$P-gw2" $q type veth peer name w2 netns "$P-wire" $q
-    ip link add i2 netns "$P-gw2" $q type veth peer name b0 netns "$P-b" $q
+    # Queue counts on both ends (iproute2 6.1 applies them to one end only
+    # in some word orders: checked below).
+    local qi="numtxqueues $QIN numrxqueues $QIN" qo="numtxqueues $QOUT numrxqueues $QOUT"
+    ip link add a0 netns "$P-a" $qi type veth peer name i1 netns "$P-gw1" $qi
+    ip link add o1 netns "$P-gw1" $qo type veth peer name w1 netns "$P-wire" $qo
+    ip link add o2 netns "$P-gw2" $qo type veth peer name w2 netns "$P-wire" $qo
+    ip link add i2 netns "$P-gw2" $qi type veth peer name b0 netns "$P-b" $qi
+    for x in "a a0 $QIN" "gw1 i1 $QIN" "gw1 o1 $QOUT" "wire w1 $QOUT" "wire w2 $QOUT" \
+             "gw2 o2 $QOUT" "gw2 i2 $QIN" "b b0 $QIN"; do
+        set -- $x
+        n=$(ns "$1" ls "/sys/class/net/$2/queues" | grep -c '^rx-')
+        [ "$n" = "$3" ] || { echo "topo.sh: $2 in $P-$1 has $n RX queues, not $3" >&2; exit 1; }
+    done
     ip -n "$P-wire" link add br0 type bridge
     ip -n "$P-wire" link set w1 master br0
     ip -n "$P-wire" link set w2 master br0

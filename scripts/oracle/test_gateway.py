@@ -50,14 +50,19 @@ def sh(*args, check=True, timeout=60):
 class Net:
     """The five namespaces and the two gateways' espd processes."""
 
-    def __init__(self, tmp, queues=1):
+    def __init__(self, tmp, queues=1, qin=None, qout=None):
         _n[0] += 1
         self.p = f"espdt{os.getpid()}n{_n[0]}"
         self.tmp = tmp
         self.procs = {}
-        self.queues = queues
+        self.queues = max(queues, qin or 0, qout or 0)
+        env = {**os.environ, "QUEUES": str(queues)}
+        if qin:
+            env["QIN"] = str(qin)
+        if qout:
+            env["QOUT"] = str(qout)
         r = subprocess.run(["bash", TOPO, "up", self.p, str(tmp)], capture_output=True, text=True,
-                           timeout=120, env={**os.environ, "QUEUES": str(queues)})
+                           timeout=120, env=env)
         assert r.returncode == 0, r.stdout + r.stderr
 
     def ns(self, name, *cmd, check=True, timeout=60):

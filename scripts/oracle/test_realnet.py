@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from espd_oracle import ESPD
 from test_gateway import Net, need
 
 
@@ -106,3 +107,43 @@ def test_a_flood_that_overruns_a_worker_shows_its_loss_where_operators_look(net,
     # ... and what the receiver did not get is exactly what espd counted,
     # plus what host B's own socket buffer dropped.
     assert n - got == lost_by_espd + lost_at_b, (n, got, d1, d2, lost_at_b)
+
+
+@pytest.mark.parametrize("qin,qout", [(1, 2), (2, 1)])
+def test_uneven_queue_counts_serve_every_queue(tmp_path, qin, qout):
+    """A 1-queue inside and a 2-queue outside (and the reverse): a worker per
+    queue index, each serving the queues that exist; nothing for lack of a
+    socket, and 4 TCP streams pass both ways."""
+    need("iperf3", "ping")
+    from test_gateway import drops, iperf
+    net = Net(tmp_path, qin=qin, qout=qout)
+    try:
+        net.start("gw1")
+        net.start("gw2")
+        banner = "".join(net.banner)
+        assert "worker 1 (core" in banner and "sends through AF_PACKET (no queue 1)" in banner, banner
+        for src, dst in (("a", "198.18.2.20"), ("b", "198.18.1.10"),
+                         ("a", "2001:db8:2::20"), ("b", "2001:db8:1::10")):
+            r = net.ns(src, "ping", "-c", "3", "-i", "0.2", "-W", "2", dst, check=False)
+            assert r.returncode == 0 and " 0% packet loss" in r.stdout, r.stdout
+        for client, server, dst in (("a", "b", "198.18.2.20"), ("b", "a", "198.18.1.10")):
+            t = iperf(net, client, server, dst, "-P", "4")
+            assert t["end"]["sum_received"]["bits_per_second"] > 20e6, t["end"]["sum_received"]
+        # --queues below what the interfaces have is refused, naming the queue.
+        r = net.ns("gw1", str(ESPD), "run", "-c", str(tmp_path / "gw1.conf"), "--inside", "i1",
+                   "--outside", "o1", "--queues", "1", "--control", str(tmp_path / "x.sock"),
+                   "--seq-file", str(tmp_path / "x.seq"), check=False)
+        assert r.returncode != 0 and "unserved" in r.stderr and "ethtool -L" in r.stderr, r.stderr
+        s1, _ = net.stop("gw1")
+        s2, _ = net.stop("gw2")
+    finally:
+        net.close()
+    for s in (s1, s2):
+        assert len(s["workers"]) == 2
+        assert s["xdp"]["no_socket"] == 0 and s["xdp"]["inside_no_socket"] == 0, s["xdp"]
+        assert set(drops(s)) <= {"PacketTooBig", "XskDropped", "XskRingFull"}, drops(s)
+    # The second queue was really used and served (a veth receives on the
+    # queue its peer's sender hashed a flow to: with 4 flows each way, some
+    # land on queue 1 of some link).
+    assert any(s["workers"][1]["rx_inside"] + s["workers"][1]["rx_outside"] > 0 for s in (s1, s2)), \
+        [s["workers"] for s in (s1, s2)]

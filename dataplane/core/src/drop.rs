@@ -83,12 +83,45 @@ drop_reasons! {
     LocalDelivery => "decapsulated packet for this host (not delivered)",
     /// Gateway: no free UMEM frame for a frame espd made itself (an inner fragment).
     TxRingFull => "no free frame for a frame espd made",
+    /// Gateway: the kernel refused a frame sent through the AF_PACKET socket of a side the worker has no AF_XDP socket on (uneven queue counts).
+    TxFailed => "transmit through AF_PACKET refused",
     /// Gateway (XDP): a frame to steer arrived on a queue with no AF_XDP socket and went to the kernel, which drops protected traffic (the guard) and forwards the rest.
     NoSocket => "no AF_XDP socket on the receiving queue",
     /// Gateway (kernel): a steered frame found the AF_XDP RX ring full (the socket's `rx_ring_full`).
     XskRingFull => "AF_XDP RX ring full (kernel)",
     /// Gateway (kernel): a steered frame was dropped for another reason, mostly no free frame in the fill ring (the socket's `rx_dropped`).
     XskDropped => "AF_XDP receive dropped by the kernel (no fill-ring frame)",
+}
+
+/// One counter per [`DropReason`], indexed by it (`c[r as usize]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DropCounts(pub [u64; DropReason::COUNT]);
+
+impl Default for DropCounts {
+    fn default() -> Self {
+        DropCounts([0; DropReason::COUNT])
+    }
+}
+
+impl core::ops::Deref for DropCounts {
+    type Target = [u64; DropReason::COUNT];
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl core::ops::DerefMut for DropCounts {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl<'a> IntoIterator for &'a DropCounts {
+    type Item = &'a u64;
+    type IntoIter = core::slice::Iter<'a, u64>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
 }
 
 #[cfg(test)]

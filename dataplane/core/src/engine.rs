@@ -69,7 +69,7 @@ pub struct Counters {
     /// ICMP errors generated (each also counted as a drop).
     pub icmp_sent: u64,
     pub dropped: u64,
-    pub drops: [u64; DropReason::COUNT],
+    pub drops: crate::drop::DropCounts,
     /// Packets handed to the worker that owns their SA.
     pub handed_off: u64,
 }

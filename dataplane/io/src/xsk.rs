@@ -165,7 +165,6 @@ struct Frame(FrameDesc);
 /// One side of a worker: the AF_XDP socket bound to (interface, queue) with
 /// its RX/TX rings and the fill/completion rings of that pair.
 struct Side {
-    iface: String,
     rx: RxQueue,
     tx: TxQueue,
     fq: FillQueue,
@@ -226,14 +225,24 @@ pub struct PortStats {
     pub kernel_rx_ring_full: [u64; 2],
     pub kernel_fill_empty: [u64; 2],
     pub kernel_tx_invalid: [u64; 2],
+    /// Frames the AF_PACKET fallback could not send (a side without an
+    /// AF_XDP socket).
+    pub tx_dropped: [u64; 2],
 }
 
 /// A worker's AF_XDP ports: one UMEM shared by a socket on (inside, queue)
 /// and one on (outside, queue) (`XDP_SHARED_UMEM`), so a frame received on
 /// one interface is transmitted on the other without a copy between UMEMs.
+///
+/// With uneven queue counts (a 1-queue inside, a 2-queue outside) a worker
+/// serves queue q of only the interfaces that have it; for the other side
+/// it has no AF_XDP socket (that queue is another worker's) and sends
+/// through an AF_PACKET socket instead — one copy per frame, the kernel's
+/// transmit path, no RX ([`PacketTx`]).
 pub struct WorkerPorts {
     // Field order is drop order: sockets (inside `sides`) before the UMEM.
-    sides: [Side; 2],
+    sides: [Option<Side>; 2],
+    fallback: [Option<PacketTx>; 2],
     free: Vec<Frame>,
     held: std::collections::VecDeque<Held>,
     scratch: Vec<FrameDesc>,
@@ -249,24 +258,93 @@ pub const WORKER_FRAMES: u32 = 4096;
 /// Frames kept in each fill ring.
 const FILL_TARGET: usize = 1024;
 
+/// Transmit-only AF_PACKET socket on an interface: for the side of a worker
+/// that has no AF_XDP socket there (see [`WorkerPorts`]).
+pub struct PacketTx {
+    fd: std::os::fd::OwnedFd,
+    ifindex: i32,
+}
+
+impl PacketTx {
+    fn open(iface: &str) -> Result<Self, XskError> {
+        let ifindex: i32 = std::fs::read_to_string(format!("/sys/class/net/{iface}/ifindex"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| XskError::Umem(format!("{iface}: no such interface")))?;
+        // SAFETY: socket(2) takes no pointers. Protocol 0: this socket
+        // receives nothing, it only sends.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: a new descriptor that this process owns and nothing else holds.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let one: libc::c_int = 1;
+        // SAFETY: a c_int option value of the right size; failure is harmless
+        // (the frames then go through the qdisc).
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_QDISC_BYPASS,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        Ok(PacketTx { fd, ifindex })
+    }
+
+    /// Sends one whole Ethernet frame; false if the kernel refused it.
+    fn send(&self, frame: &[u8]) -> bool {
+        if frame.len() < 14 {
+            return false;
+        }
+        // SAFETY: sockaddr_ll is plain data; zero is a valid value for every field.
+        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_ifindex = self.ifindex;
+        sa.sll_halen = 6;
+        sa.sll_addr[..6].copy_from_slice(&frame[..6]);
+        // SAFETY: `frame` and `sa` are valid for the call's duration and their
+        // lengths are the ones passed.
+        let n = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                libc::MSG_DONTWAIT,
+                (&sa as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        n == frame.len() as isize
+    }
+}
+
 impl WorkerPorts {
-    /// Binds the pair of sockets on `queue` of `inside` and `outside`.
-    /// `copy` forces copy mode (veth has no zero-copy).
+    /// Binds sockets on `queue` of `inside` and `outside` — of each side
+    /// whose `serve` is true; a side not served gets an AF_PACKET socket to
+    /// send on. `mode`: copy forced, zero-copy required, or the kernel's choice.
     pub fn bind(
         inside: &str,
         outside: &str,
         queue: u32,
         frames: u32,
         mode: BindMode,
+        serve: [bool; 2],
     ) -> Result<Self, XskError> {
         let (umem, descs) = new_umem(frames)?;
-        let mut sides = Vec::with_capacity(2);
-        for iface in [inside, outside] {
+        let mut sides: [Option<Side>; 2] = [None, None];
+        let mut fallback: [Option<PacketTx>; 2] = [None, None];
+        for (s, iface) in [inside, outside].into_iter().enumerate() {
+            if !serve[s] {
+                fallback[s] = Some(PacketTx::open(iface)?);
+                continue;
+            }
             // Both sockets on one UMEM (XDP_SHARED_UMEM), each (interface,
             // queue) pair with its own fill and completion rings.
             let (tx, rx, fq, cq) = open_socket(&umem, iface, queue, mode)?;
-            sides.push(Side {
-                iface: iface.to_string(),
+            sides[s] = Some(Side {
                 rx,
                 tx,
                 fq,
@@ -276,11 +354,10 @@ impl WorkerPorts {
                 pending: Vec::with_capacity(256),
             });
         }
-        let outside_side = sides.pop().expect("two sides");
-        let inside_side = sides.pop().expect("two sides");
         let total = descs.len();
         let mut p = WorkerPorts {
-            sides: [inside_side, outside_side],
+            sides,
+            fallback,
             free: descs.into_iter().map(Frame).collect(),
             held: std::collections::VecDeque::with_capacity(MAX_HELD),
             scratch: vec![FrameDesc::default(); 256],
@@ -294,20 +371,16 @@ impl WorkerPorts {
         Ok(p)
     }
 
-    /// The socket of side `s` (0 inside, 1 outside), for the XSKMAP.
-    pub fn fd(&self, s: usize) -> std::os::fd::RawFd {
-        self.sides[s].rx.fd().as_raw_fd()
-    }
-
-    pub fn iface(&self, s: usize) -> &str {
-        &self.sides[s].iface
+    /// The AF_XDP socket of side `s` (0 inside, 1 outside), for the XSKMAP;
+    /// `None` for a side this worker does not serve.
+    pub fn fd(&self, s: usize) -> Option<std::os::fd::RawFd> {
+        self.sides[s].as_ref().map(|x| x.rx.fd().as_raw_fd())
     }
 
     /// Reclaims completed TX frames into the free list.
     fn reclaim(&mut self) {
         for s in 0..2 {
-            loop {
-                let side = &mut self.sides[s];
+            while let Some(side) = self.sides[s].as_mut() {
                 if side.in_tx == 0 {
                     break;
                 }
@@ -326,7 +399,7 @@ impl WorkerPorts {
 
     /// Tops up both fill rings to the target from the free list.
     fn refill(&mut self) {
-        for side in &mut self.sides {
+        for side in self.sides.iter_mut().flatten() {
             let want = self.fill_target.saturating_sub(side.in_fill);
             let n = want.min(self.free.len()).min(self.scratch.len());
             if n == 0 {
@@ -356,10 +429,13 @@ impl WorkerPorts {
         mut f: impl FnMut(&mut [u8], usize) -> Out,
     ) -> usize {
         let max = max.min(self.scratch.len());
+        let Some(side) = self.sides[s].as_mut() else {
+            return 0;
+        };
         // SAFETY: the RX ring hands over frames the kernel has finished
         // writing; they are ours until given to a ring again.
-        let n = unsafe { self.sides[s].rx.consume(&mut self.scratch[..max]) };
-        self.sides[s].in_fill -= n;
+        let n = unsafe { side.rx.consume(&mut self.scratch[..max]) };
+        side.in_fill -= n;
         self.stats.rx[s] += n as u64;
         for i in 0..n {
             let mut desc = self.scratch[i];
@@ -381,10 +457,22 @@ impl WorkerPorts {
         match out {
             Out::Tx { side, len } if side < 2 && len > 0 && len <= cap => {
                 // SAFETY: the frame is ours (in no ring); only its length is set.
-                unsafe { self.umem.data_mut(&mut frame.0) }
-                    .cursor()
-                    .set_pos(len);
-                self.sides[side].pending.push(frame);
+                let mut data = unsafe { self.umem.data_mut(&mut frame.0) };
+                data.cursor().set_pos(len);
+                if let Some(sd) = self.sides[side].as_mut() {
+                    sd.pending.push(frame);
+                    return;
+                }
+                // No AF_XDP socket on that side: one copy through AF_PACKET.
+                let sent = self.fallback[side]
+                    .as_ref()
+                    .is_some_and(|p| p.send(&data.contents()[..len]));
+                if sent {
+                    self.stats.tx[side] += 1;
+                } else {
+                    self.stats.tx_dropped[side] += 1;
+                }
+                self.free.push(frame);
             }
             Out::Hold { at, len } if self.held.len() < MAX_HELD && at + len <= cap => {
                 self.held.push_back(Held {
@@ -420,7 +508,10 @@ impl WorkerPorts {
     /// per socket: call it a few times a second, not per burst).
     pub fn kernel_stats(&mut self) {
         for s in 0..2 {
-            if let Ok(k) = self.sides[s].rx.fd().xdp_statistics() {
+            let Some(side) = self.sides[s].as_ref() else {
+                continue;
+            };
+            if let Ok(k) = side.rx.fd().xdp_statistics() {
                 self.stats.kernel_rx_dropped[s] = k.rx_dropped();
                 self.stats.kernel_rx_ring_full[s] = k.rx_ring_full();
                 self.stats.kernel_fill_empty[s] = k.rx_fill_ring_empty_descs();
@@ -456,16 +547,12 @@ impl WorkerPorts {
             let cap = cur.buf_len();
             cur.set_pos(cap);
             match f(data.contents_mut(), h.at, h.len, h.since.elapsed()) {
-                Out::Tx { side, len } if side < 2 && len > 0 && len <= cap => {
-                    data.cursor().set_pos(len);
-                    self.sides[side].pending.push(h.frame);
-                }
                 Out::Hold { at, len } if at + len <= cap => {
                     h.at = at;
                     h.len = len;
                     self.held.push_back(h);
                 }
-                _ => self.free.push(h.frame),
+                out => self.place(h.frame, out, cap),
             }
         }
     }
@@ -475,7 +562,9 @@ impl WorkerPorts {
     /// Reclaims completions and refills the fill rings.
     pub fn flush(&mut self) {
         for s in 0..2 {
-            let side = &mut self.sides[s];
+            let Some(side) = self.sides[s].as_mut() else {
+                continue;
+            };
             // Submit in order as much as the TX ring takes; what it cannot
             // take yet stays pending for the next flush (back-pressure: the
             // frames are not dropped, and while they wait fewer frames refill
@@ -508,7 +597,7 @@ impl WorkerPorts {
         self.reclaim();
         self.refill();
         for s in 0..2 {
-            self.stats.in_fill[s] = self.sides[s].in_fill;
+            self.stats.in_fill[s] = self.sides[s].as_ref().map_or(0, |x| x.in_fill);
         }
         self.stats.free = self.free.len();
         debug_assert!(
@@ -517,6 +606,7 @@ impl WorkerPorts {
                 + self
                     .sides
                     .iter()
+                    .flatten()
                     .map(|s| s.in_fill + s.in_tx + s.pending.len())
                     .sum::<usize>()
                 == self.total,
@@ -528,20 +618,20 @@ impl WorkerPorts {
     /// busy workers never call it). Also lets the kernel fill rings that
     /// asked for a wakeup.
     pub fn wait(&mut self, timeout_ms: i32) -> Result<(), XskError> {
-        let mut fds = [
-            libc::pollfd {
-                fd: self.fd(0),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: self.fd(1),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a valid array of two pollfd for the call's duration.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+        let mut fds = [libc::pollfd {
+            fd: -1,
+            events: libc::POLLIN,
+            revents: 0,
+        }; 2];
+        let mut n = 0;
+        for s in 0..2 {
+            if let Some(fd) = self.fd(s) {
+                fds[n].fd = fd;
+                n += 1;
+            }
+        }
+        // SAFETY: `fds` holds `n` valid pollfd for the call's duration.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, timeout_ms) };
         if r < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() != std::io::ErrorKind::Interrupted {

@@ -236,7 +236,7 @@ impl core::fmt::Display for SaError {
 pub struct SaCounters {
     pub packets: u64,
     pub bytes: u64,
-    pub drops: [u64; DropReason::COUNT],
+    pub drops: crate::drop::DropCounts,
 }
 
 /// What one SA's engines on several workers share (see

@@ -51,8 +51,10 @@ pub struct Args {
     /// The interface towards the peers (where ESP leaves and arrives).
     #[arg(long)]
     pub outside: String,
-    /// Queue pairs to serve, one worker each (default: every RX queue both
-    /// interfaces have).
+    /// Workers, one per queue index: worker q serves RX queue q of each
+    /// interface that has it. Default, and the only accepted value: the
+    /// larger of the two interfaces' RX queue counts — a queue no socket
+    /// serves would be a black hole.
     #[arg(long)]
     pub queues: Option<u32>,
     /// Cores to pin the workers to, in order, e.g. `2,3` (default: worker i
@@ -256,6 +258,39 @@ fn selectors(
     out
 }
 
+/// How many workers serve `ifaces` with `nq` RX queues each: one per queue
+/// index up to the larger count, so every queue of both has a socket (a
+/// worker serves queue q of each interface that has it). A `--queues`
+/// asking for fewer is refused with the queue it would leave unserved and
+/// how to reduce the queues instead; more than there are, too.
+fn serving_plan(ifaces: &[&str; 2], nq: [u32; 2], want: Option<u32>) -> Result<u32> {
+    let need = nq[0].max(nq[1]);
+    match want {
+        None => Ok(need),
+        Some(0) => bail!("--queues must be at least 1"),
+        Some(w) if w < need => {
+            let i = usize::from(nq[1] > nq[0]);
+            bail!(
+                "--queues {w} leaves RX queue {w} of {} unserved ({} has {} RX queues): frames \
+                 XDP steers there would find no socket. Serve every queue (omit --queues), or \
+                 give the interface fewer queues first: ethtool -L {} combined {w} (or rx {w})",
+                ifaces[i],
+                ifaces[i],
+                nq[i],
+                ifaces[i]
+            )
+        }
+        Some(w) if w > need => bail!(
+            "--queues {w}: {} has {} and {} has {} RX queues; there is nothing for more than {need} workers",
+            ifaces[0],
+            nq[0],
+            ifaces[1],
+            nq[1]
+        ),
+        Some(w) => Ok(w),
+    }
+}
+
 fn read_mtu(iface: &str) -> usize {
     std::fs::read_to_string(format!("/sys/class/net/{iface}/mtu"))
         .ok()
@@ -301,12 +336,11 @@ pub fn run(a: &Args) -> Result<()> {
     let restored = seqs.restore(&mut cfg, &outbound);
     seqs.save(false)
         .with_context(|| format!("writing {}", seq_path.display()))?;
-    let queues = a.queues.unwrap_or_else(|| {
-        espd_io::xsk::rx_queues(&a.inside).min(espd_io::xsk::rx_queues(&a.outside))
-    });
-    if queues == 0 {
-        bail!("--queues must be at least 1");
-    }
+    let nq = [
+        espd_io::xsk::rx_queues(&a.inside),
+        espd_io::xsk::rx_queues(&a.outside),
+    ];
+    let queues = serving_plan(&[&a.inside, &a.outside], nq, a.queues)?;
     let cores: Vec<usize> = if a.cores.is_empty() {
         core_affinity::get_core_ids()
             .unwrap_or_default()
@@ -366,7 +400,8 @@ pub fn run(a: &Args) -> Result<()> {
     let engines = params.build(&cfg)?;
     let mut wports = Vec::new();
     for q in 0..queues {
-        let p = WorkerPorts::bind(&a.inside, &a.outside, q, WORKER_FRAMES, bind)
+        let serve = [q < nq[0], q < nq[1]];
+        let p = WorkerPorts::bind(&a.inside, &a.outside, q, WORKER_FRAMES, bind, serve)
             .with_context(|| format!("AF_XDP sockets on queue {q}"))?;
         wports.push(p);
     }
@@ -380,8 +415,11 @@ pub fn run(a: &Args) -> Result<()> {
         None => None,
     };
     for (q, p) in wports.iter().enumerate() {
-        steer.set_socket_side(Side::Inside, q as u32, p.fd(0))?;
-        steer.set_socket_side(Side::Outside, q as u32, p.fd(1))?;
+        for (side, s) in [(Side::Inside, 0), (Side::Outside, 1)] {
+            if let Some(fd) = p.fd(s) {
+                steer.set_socket_side(side, q as u32, fd)?;
+            }
+        }
     }
     steer
         .attach_side(Side::Outside, &a.outside, mode)
@@ -446,6 +484,21 @@ pub fn run(a: &Args) -> Result<()> {
                 w.run();
             })?;
         handles.push((q, core, h));
+    }
+    for (q, core) in handles.iter().map(|h| (h.0, h.1)) {
+        let q32 = q as u32;
+        let on = |i: usize, name: &str| {
+            if q32 < nq[i] {
+                format!("{name} RX queue {q}")
+            } else {
+                format!("{name}: sends through AF_PACKET (no queue {q})")
+            }
+        };
+        eprintln!(
+            "espd run: worker {q} (core {core}): {}, {}",
+            on(0, &a.inside),
+            on(1, &a.outside)
+        );
     }
     eprintln!(
         "espd run: inside {} outside {} ({} XDP, {} AF_XDP), {} worker(s) on core(s) {:?}, {} SAs, {} policies, {} inside prefixes",
@@ -630,6 +683,7 @@ impl Stats {
             total[DropReason::XskRingFull as usize] +=
                 s.ports.kernel_rx_ring_full.iter().sum::<u64>();
             total[DropReason::XskDropped as usize] += s.ports.kernel_rx_dropped.iter().sum::<u64>();
+            total[DropReason::TxFailed as usize] += s.ports.tx_dropped.iter().sum::<u64>();
         }
         let (mut rx, mut tx, mut enc, mut dec) = (0, 0, 0, 0);
         let mut per_worker = Vec::new();
@@ -816,6 +870,22 @@ policy add src 2001:db8:1::/64 dst 2001:db8:2::/64 dir out tmpl src 2001:db8::1 
         assert_eq!(get("198.18.5.0", 24), None);
         assert_eq!(get("2001:db8:2::", 64), Some(SelAction::Steer));
         assert_eq!(s.len(), 5);
+    }
+
+    #[test]
+    fn every_queue_of_both_interfaces_gets_a_worker() {
+        let i = ["i1", "o1"];
+        assert_eq!(serving_plan(&i, [1, 2], None).unwrap(), 2);
+        assert_eq!(serving_plan(&i, [4, 2], None).unwrap(), 4);
+        assert_eq!(serving_plan(&i, [2, 2], Some(2)).unwrap(), 2);
+        let e = serving_plan(&i, [1, 2], Some(1)).unwrap_err().to_string();
+        assert!(
+            e.contains("RX queue 1 of o1 unserved") && e.contains("ethtool -L o1 combined 1"),
+            "{e}"
+        );
+        let e = serving_plan(&i, [1, 1], Some(2)).unwrap_err().to_string();
+        assert!(e.contains("nothing for more than 1"), "{e}");
+        assert!(serving_plan(&i, [1, 1], Some(0)).is_err());
     }
 
     #[test]

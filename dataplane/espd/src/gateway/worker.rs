@@ -58,12 +58,12 @@ const PREFRAG_OVERHEAD: usize = 100;
 pub struct Snapshot {
     pub engine: Counters,
     /// Drops outside the engine (no route, neighbour, TX ring), by reason.
-    pub io_drops: [u64; DropReason::COUNT],
+    pub io_drops: espd_core::drop::DropCounts,
     /// Frames that were not IPv4/IPv6 (the XDP programs pass those; 0).
     pub not_ip: u64,
     pub ports: PortStats,
     /// Per SA: packets, bytes, drops (indexed like the SAD).
-    pub sa: Vec<(u64, u64, [u64; DropReason::COUNT])>,
+    pub sa: Vec<(u64, u64, espd_core::drop::DropCounts)>,
     pub oseq: Vec<u64>,
     /// IPv4 packets without DF fragmented before encapsulation, and the fragments.
     pub prefragmented: u64,
@@ -103,7 +103,7 @@ struct Ctx<'a> {
     cache: &'a mut Cache,
     macs: [[u8; 6]; 2],
     mtu: [usize; 2],
-    io_drops: &'a mut [u64; DropReason::COUNT],
+    io_drops: &'a mut espd_core::drop::DropCounts,
     not_ip: &'a mut u64,
     fix_csum: bool,
     csum_fixed: &'a mut u64,
