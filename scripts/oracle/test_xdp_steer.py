@@ -91,6 +91,7 @@ frames = (
     + [E() / ip() / UDP(sport=1, dport=53) / b"dns"]                        # other
     + [E() / IPv6(src="2001:db8::1", dst="2001:db8::2", nh=50) / esp(0x2002)]  # no_socket
     + [E() / ARP(psrc="198.18.0.1", pdst="198.18.0.9")]                     # arp
+    + [E() / Dot1Q(vlan=20) / ip(proto=50) / esp(0x2000)]                   # vlan_tagged (the VLAN's own interface steers it)
     + [E(type=0x88cc) / (b"\x02\x07" + b"\x00" * 40)]                       # not_ip
     + [Ether(bytes(E() / ip())[:24])]                                       # malformed (cut IPv4 header)
 )
@@ -132,7 +133,8 @@ def test_steering_counts_every_kind_exactly_and_detaches(netns, tmp_path):
     c = json.loads(stats.read_text())
     assert c == {
         "not_ip": 1, "arp": 1, "ike": 1, "keepalive": 1, "esp_steered": 0, "natt_steered": 0,
-        "unknown_spi": 4, "no_socket": 6, "fragment": 1, "other": 4, "malformed": 1, **NO_INSIDE,
+        "unknown_spi": 4, "no_socket": 6, "fragment": 1, "other": 4, "malformed": 1,
+        **NO_INSIDE, "vlan_tagged": 1,
     }, c  # other = 3 ICMP echo requests + 1 DNS
 
     # The next start works (nothing stale left behind), and --seconds ends it.
@@ -144,7 +146,8 @@ def test_steering_counts_every_kind_exactly_and_detaches(netns, tmp_path):
 
 # The inside program is not attached by `espd steer`: its counters stay 0.
 NO_INSIDE = {k: 0 for k in ("inside_steered", "inside_discard", "inside_local", "inside_pass",
-                            "inside_no_socket", "own_esp", "unprotected_inbound", "plain_steered")}
+                            "inside_no_socket", "own_esp", "unprotected_inbound", "plain_steered",
+                            "vlan_tagged")}
 
 
 def test_af_xdp_sockets_receive_exactly_the_steered_frames(netns, tmp_path):
@@ -168,7 +171,7 @@ def test_af_xdp_sockets_receive_exactly_the_steered_frames(netns, tmp_path):
     assert c == {
         "not_ip": 1, "arp": 1, "ike": 1, "keepalive": 1, "esp_steered": 4, "natt_steered": 2,
         "unknown_spi": 4, "no_socket": 0, "fragment": 1, "other": 4, "malformed": 1,
-        "xsk_received": 6, "xsk_unexpected": 0, **NO_INSIDE,
+        "xsk_received": 6, "xsk_unexpected": 0, **NO_INSIDE, "vlan_tagged": 1,
     }, c
 
 

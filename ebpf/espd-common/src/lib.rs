@@ -93,10 +93,13 @@ pub enum Counter {
     UnprotectedInbound = 17,
     /// Outside: plaintext to a prefix an in/fwd PROTECT/DISCARD policy selects: to espd's policy check.
     PlainSteered = 18,
+    /// 802.1Q / 802.1ad tagged frames: passed (never steered; run espd on the
+    /// VLAN's own interface, see docs/operations.md).
+    VlanTagged = 19,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::NotIp,
         Counter::Arp,
@@ -117,6 +120,7 @@ impl Counter {
         Counter::OwnEsp,
         Counter::UnprotectedInbound,
         Counter::PlainSteered,
+        Counter::VlanTagged,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -139,6 +143,7 @@ impl Counter {
             Counter::OwnEsp => "own_esp",
             Counter::UnprotectedInbound => "unprotected_inbound",
             Counter::PlainSteered => "plain_steered",
+            Counter::VlanTagged => "vlan_tagged",
         }
     }
 }

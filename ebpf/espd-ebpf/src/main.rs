@@ -96,7 +96,11 @@ fn count(counter: Counter) {
 #[inline(always)]
 fn classify_inside(ctx: &XdpContext) -> Result<(Counter, u32), ()> {
     let pass = xdp_action::XDP_PASS;
-    let (ty, l3) = ethertype(ctx)?;
+    let (ty, l3) = match ethertype(ctx) {
+        Ok(x) => x,
+        Err(Some(r)) => return Ok(r),
+        Err(None) => return Err(()),
+    };
     let sel = match ty {
         ETH_P_IP => {
             let dst = bytes::<4>(ctx, l3 + 16)?;
@@ -133,20 +137,17 @@ fn classify_inside(ctx: &XdpContext) -> Result<(Counter, u32), ()> {
     }
 }
 
-/// The ethertype after up to two VLAN tags, and where the L3 header starts.
+/// The ethertype and where the L3 header starts. 802.1Q / 802.1ad tagged
+/// frames belong to a VLAN: the kernel's VLAN interface gets them (espd
+/// runs there if it protects that VLAN), so they are never steered from the
+/// interface below: `Err(Some(..))`.
 #[inline(always)]
-fn ethertype(ctx: &XdpContext) -> Result<(u16, usize), ()> {
-    let mut l3 = ETH_HLEN;
-    let mut ty = be16(ctx, 12)?;
+fn ethertype(ctx: &XdpContext) -> Result<(u16, usize), Option<(Counter, u32)>> {
+    let ty = be16(ctx, 12).map_err(|_| None)?;
     if ty == ETH_P_8021Q || ty == ETH_P_8021AD {
-        ty = be16(ctx, l3 + 2)?;
-        l3 += 4;
-        if ty == ETH_P_8021Q || ty == ETH_P_8021AD {
-            ty = be16(ctx, l3 + 2)?;
-            l3 += 4;
-        }
+        return Err(Some((Counter::VlanTagged, xdp_action::XDP_PASS)));
     }
-    Ok((ty, l3))
+    Ok((ty, ETH_HLEN))
 }
 
 /// The bytes at `off..off + N` of the frame, bounds-checked for the verifier.
@@ -170,7 +171,11 @@ fn be16(ctx: &XdpContext, off: usize) -> Result<u16, ()> {
 #[inline(always)]
 fn classify(ctx: &XdpContext) -> Result<(Counter, u32), ()> {
     let pass = xdp_action::XDP_PASS;
-    let (ty, l3) = ethertype(ctx)?;
+    let (ty, l3) = match ethertype(ctx) {
+        Ok(x) => x,
+        Err(Some(r)) => return Ok(r),
+        Err(None) => return Err(()),
+    };
     // (protocol, upper-layer offset, fragment, destination in this box's
     // address map, and the destination's trie lookup result).
     let (proto, l4, fragment, local, sel) = match ty {

@@ -6,6 +6,7 @@
 
 use super::nexthop::{Cache, Resolved};
 use espd_core::engine::{complete_partial_checksum, Counters, Engine, Verdict};
+use espd_core::wire::ethernet;
 use espd_core::{DropReason, PacketBuf};
 use espd_io::xsk::{Out, PortStats, WorkerPorts};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -287,17 +288,25 @@ impl Ctx<'_> {
     /// One frame: `buf` is the frame's writable area, the first `len`
     /// octets the received Ethernet frame.
     fn frame(&mut self, buf: &mut [u8], len: usize) -> Out {
-        if len < ETH + 20 || !matches!(u16::from_be_bytes([buf[12], buf[13]]), 0x0800 | 0x86dd) {
+        // The one L2 parser espd has (`espd pcap` uses it too): VLAN tags
+        // are walked, so a tagged frame is never lost for its form (the XDP
+        // programs pass tagged frames to the kernel; see docs/operations.md).
+        // What leaves is untagged, as the interface it leaves by is.
+        let (l2, ty) = match ethernet::Frame::new_checked(&buf[..len.min(buf.len())]) {
+            Ok(f) => (f.header_len(), f.ethertype()),
+            Err(_) => (len, 0),
+        };
+        if len < l2 + 20 || !matches!(ty, ethernet::ETHERTYPE_IPV4 | ethernet::ETHERTYPE_IPV6) {
             *self.not_ip += 1;
             return Out::Drop;
         }
-        let ip_len = len - ETH;
+        let ip_len = len - l2;
         if HEADROOM + ip_len + 256 > buf.len() {
             return self.drop_io(DropReason::TooBig);
         }
         // The engine needs room in front for outer headers: move the IP
         // packet back (one memmove of the frame; see docs/architecture.md).
-        buf.copy_within(ETH..len, HEADROOM);
+        buf.copy_within(l2..len, HEADROOM);
         let mut pkt = PacketBuf::new(buf, HEADROOM, ip_len);
         if self.fix_csum && complete_partial_checksum(pkt.data_mut()) {
             *self.csum_fixed += 1;
@@ -338,7 +347,14 @@ impl Ctx<'_> {
                     data: [0; SLOT_BYTES],
                 };
                 slot.data[ETH..n].copy_from_slice(ip);
-                slot.data[..ETH].copy_from_slice(&buf[..ETH]);
+                let ty = if ip[0] >> 4 == 6 {
+                    ethernet::ETHERTYPE_IPV6
+                } else {
+                    ethernet::ETHERTYPE_IPV4
+                };
+                // An untagged header: the addresses, the packet's EtherType.
+                slot.data[..12].copy_from_slice(&buf[..12]);
+                slot.data[12..ETH].copy_from_slice(&ty.to_be_bytes());
                 return match to.try_send(slot) {
                     Ok(()) => Out::Drop,
                     Err(_) => self.drop_io(DropReason::ForeignQueue),
