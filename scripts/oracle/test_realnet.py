@@ -147,3 +147,83 @@ def test_uneven_queue_counts_serve_every_queue(tmp_path, qin, qout):
     # land on queue 1 of some link).
     assert any(s["workers"][1]["rx_inside"] + s["workers"][1]["rx_outside"] > 0 for s in (s1, s2)), \
         [s["workers"] for s in (s1, s2)]
+
+
+FRAGS = r"""
+import sys
+from scapy.all import *
+from scapy.layers.ipsec import SecurityAssociation, ESP
+conf.verb = 0
+gw_mac, k4, k6 = sys.argv[1], bytes.fromhex(sys.argv[2][2:]), bytes.fromhex(sys.argv[3][2:])
+sa4 = SecurityAssociation(ESP, spi=0x2001, crypt_algo="AES-GCM", crypt_key=k4,
+                          tunnel_header=IP(src="198.18.0.2", dst="198.18.0.1"))
+sa6 = SecurityAssociation(ESP, spi=0x2006, crypt_algo="AES-GCM", crypt_key=k6,
+                          tunnel_header=IPv6(src="2001:db8::2", dst="2001:db8::1"))
+E = lambda p: Ether(dst=gw_mac) / p
+def esp4(n):
+    sa4.seq_num = n
+    inner = IP(src="198.18.2.20", dst="198.18.1.10") / UDP(sport=7000, dport=7001) / Raw(b"reasm-%d-" % n + bytes(range(256)) * 5)
+    p = sa4.encrypt(inner)
+    p.id = 100 + n  # one IP id per datagram, as a sender's stack gives them
+    del p.chksum
+    return IP(bytes(p))
+def esp6(n):
+    sa6.seq_num = n
+    inner = IPv6(src="2001:db8:2::20", dst="2001:db8:1::10") / UDP(sport=7000, dport=7001) / Raw(b"reasm6-%d-" % n + bytes(range(256)) * 5)
+    return sa6.encrypt(inner)
+out = []
+f = fragment(esp4(1), fragsize=512); out += f                     # in order
+f = fragment(esp4(2), fragsize=512); out += f[::-1]               # reversed
+f = fragment(esp4(3), fragsize=512); out += [f[0], f[1], f[1], f[2]]  # duplicated
+f = fragment(esp4(4), fragsize=512)
+bad = f[1].copy(); bad[Raw].load = b"\x00" * len(bad[Raw].load); bad.frag += 16  # overlapping
+out += [f[0], f[1], bad, f[2]]
+f = fragment(esp4(5), fragsize=512); out += f[:-1]                # one missing
+F6 = lambda p, i: fragment6(IPv6(src="2001:db8::2", dst="2001:db8::1") / IPv6ExtHdrFragment(id=i, nh=50)
+                            / Raw(bytes(p)[40:]), 700)
+out += F6(esp6(1), 61)                                             # IPv6, in order
+out += F6(esp6(2), 62)[::-1]                                       # IPv6, reversed
+sendp([E(x) for x in out], iface="br0")
+print(len(out))
+if len(sys.argv) > 4:  # a flood of first fragments, one source, distinct ids
+    fl = [E(IP(src="198.18.0.2", dst="198.18.0.1", proto=50, id=10000 + i, flags="MF") / Raw(b"\x00" * 512))
+          for i in range(int(sys.argv[4]))]
+    sendp(fl, iface="br0")
+"""
+
+
+def test_outer_fragments_of_esp_are_reassembled_before_esp(net, tmp_path):
+    from test_gateway import PY, drops, keys
+    net.start("gw1")
+    km = {spi: k for _, _, spi, k in keys(tmp_path / "gw1.conf")}
+    pa = tmp_path / "a.pcap"
+    dump = net.popen("a", "tcpdump", "-ni", "a0", "-U", "-w", str(pa), "udp port 7001",
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)
+    f = tmp_path / "frags.py"
+    f.write_text(FRAGS)
+    mac = net.ns("gw1", "cat", "/sys/class/net/o1/address").stdout.strip()
+    flood = 2000
+    sent = int(net.ns("wire", PY, str(f), mac, km[0x2001], km[0x2006], str(flood)).stdout)
+    time.sleep(6.5)  # the incomplete datagrams time out (5 s)
+    dump.send_signal(2)
+    dump.wait(timeout=10)
+    s1, _ = net.stop("gw1")
+    from scapy.all import rdpcap, Raw
+    got = sorted(bytes(p[Raw].load).split(b"-")[0] + b"-" + bytes(p[Raw].load).split(b"-")[1]
+                 for p in rdpcap(str(pa)) if Raw in p)
+    # The complete datagrams, byte for byte (the inner payload is checked whole).
+    assert got == [b"reasm-1", b"reasm-2", b"reasm-3", b"reasm6-1", b"reasm6-2"], got
+    for p in rdpcap(str(pa)):
+        tail = bytes(p[Raw].load).split(b"-", 2)[2]
+        assert tail == bytes(range(256)) * 5
+    d = drops(s1)
+    per_source = 64
+    # The flood finds two datagrams of that source held already (the one
+    # missing a fragment, and the overlapping one's last fragment, which
+    # arrived after its datagram was discarded): the table takes 62 more,
+    # refuses the rest, and all 64 time out. Nothing reached the ICV check
+    # half-assembled.
+    assert d == {"FragDuplicate": 1, "FragOverlap": 1, "FragTableFull": flood - (per_source - 2),
+                 "FragTimeout": per_source}, d
+    assert s1["xdp"]["frag_steered"] == sent + flood, s1["xdp"]

@@ -31,12 +31,22 @@ drop_reasons! {
     BadHeader => "malformed header",
     /// The IPv4 header checksum is wrong.
     BadChecksum => "bad IPv4 header checksum",
-    /// An IP fragment that cannot be processed here: ESP fragments are not reassembled (RFC 4303 §3.4.1), and transport mode cannot carry fragments (RFC 4301 §7).
+    /// An IP fragment that cannot be processed here: an ESP fragment the caller did not reassemble first (RFC 4303 §3.4.1: the gateway reassembles raw ESP; `espd pcap` does not), or a fragment selected for transport mode (RFC 4301 §7).
     Fragment => "IP fragment (not reassembled)",
     /// ESP to one of our addresses with an SPI no SA has (RFC 4303 §3.4.2).
     NoSa => "no SA for destination and SPI",
     /// ESP (raw or in UDP) of one of our own outbound SAs, not addressed to us: a reflected or looped copy of what we sent (RFC 4301 §4.4.2: inbound SAs are looked up for our addresses only). No crypto is spent on it.
     OwnEsp => "our own outbound ESP came back (reflected)",
+    /// Outer reassembly: a fragment overlapping another of its datagram, or past the end its last fragment declared; the whole datagram is discarded (RFC 5722).
+    FragOverlap => "overlapping fragments (datagram discarded)",
+    /// Outer reassembly: an exact copy of a fragment already held (dropped alone).
+    FragDuplicate => "duplicate fragment",
+    /// Outer reassembly: the datagram did not complete in time (its fragments are dropped).
+    FragTimeout => "fragments did not complete in time",
+    /// Outer reassembly: the table is full (entries, bytes, or datagrams from this source).
+    FragTableFull => "reassembly table full",
+    /// Outer reassembly: the datagram would exceed what espd reassembles.
+    FragTooBig => "reassembled datagram too big",
     /// ESP with SPI 0, which is reserved (RFC 4303 §2.1).
     SpiZero => "SPI 0 is reserved",
     /// A sequence number already received, or 0 (RFC 4303 §3.4.3).

@@ -11,6 +11,7 @@ pub mod crypto;
 pub mod drop;
 pub mod engine;
 pub mod esp;
+pub mod reasm;
 pub mod state;
 pub mod wire;
 

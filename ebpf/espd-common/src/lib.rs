@@ -96,10 +96,13 @@ pub enum Counter {
     /// 802.1Q / 802.1ad tagged frames: passed (never steered; run espd on the
     /// VLAN's own interface, see docs/operations.md).
     VlanTagged = 19,
+    /// Outside: a fragment of raw ESP addressed to this box: to espd, which
+    /// reassembles before ESP (RFC 4303 §3.4.1).
+    FragSteered = 20,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::NotIp,
         Counter::Arp,
@@ -121,6 +124,7 @@ impl Counter {
         Counter::UnprotectedInbound,
         Counter::PlainSteered,
         Counter::VlanTagged,
+        Counter::FragSteered,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -144,6 +148,7 @@ impl Counter {
             Counter::UnprotectedInbound => "unprotected_inbound",
             Counter::PlainSteered => "plain_steered",
             Counter::VlanTagged => "vlan_tagged",
+            Counter::FragSteered => "frag_steered",
         }
     }
 }

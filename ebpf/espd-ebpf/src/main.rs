@@ -214,6 +214,19 @@ fn classify(ctx: &XdpContext) -> Result<(Counter, u32), ()> {
         ETH_P_ARP => return Ok((Counter::Arp, pass)),
         _ => return Ok((Counter::NotIp, pass)),
     };
+    // Raw ESP in fragments, for us: espd reassembles it before ESP (RFC
+    // 4303 §3.4.1). IPv4 names the protocol in every fragment; IPv6 in the
+    // Fragment header. (UDP fragments stay with the kernel: IKE's.)
+    if fragment && local {
+        let carried = if ty == ETH_P_IP {
+            proto
+        } else {
+            bytes::<1>(ctx, l4)?[0]
+        };
+        if carried == IPPROTO_ESP {
+            return Ok(redirect(ctx, &XSKS, Counter::FragSteered, Counter::NoSocket));
+        }
+    }
     if !fragment {
         match proto {
             IPPROTO_ESP => {

@@ -469,6 +469,7 @@ pub fn run(a: &Args) -> Result<()> {
             inbox: inboxes.remove(0),
             peers: peers.clone(),
             reinject: worker::Reinject::default(),
+            reasm: worker::Reasm::default(),
             mailbox: Arc::clone(&mailboxes[q]),
             events: events_tx.clone(),
             id: q as u32,

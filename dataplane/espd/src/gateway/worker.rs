@@ -49,6 +49,43 @@ pub struct Reinject {
     scratch: Vec<u8>,
 }
 
+/// Outer reassembly of raw ESP fragments for this gateway (RFC 4303
+/// §3.4.1), one table per worker: a NIC hashes the fragments of one
+/// datagram to one queue (they share addresses and carry no ports), and a
+/// veth receives them on the queue they were sent on.
+pub struct Reasm {
+    table: espd_core::reasm::Reassembler,
+    out: Vec<u8>,
+    now_ms: u64,
+}
+
+impl Default for Reasm {
+    fn default() -> Self {
+        let datagram = FRAME_ROOM;
+        Reasm {
+            table: espd_core::reasm::Reassembler::new(espd_core::reasm::Limits {
+                datagram,
+                ..Default::default()
+            }),
+            out: vec![0; datagram],
+            now_ms: 0,
+        }
+    }
+}
+
+/// The largest IP packet a frame takes at HEADROOM with room after it.
+const FRAME_ROOM: usize = 4096 - HEADROOM - 256;
+
+/// What reassembly made of a received packet.
+enum Whole {
+    /// Not a raw ESP fragment: as it was.
+    No,
+    /// Held (or dropped, counted): nothing to process now.
+    Taken,
+    /// The datagram it completed, now at HEADROOM, this long.
+    Done(usize),
+}
+
 /// Room kept below the outside MTU when fragmenting before encapsulation:
 /// outer IPv6 (40) + UDP (8) + ESP header and IV (16) + padding, trailer
 /// and ICV (at most 17 + 16), rounded up.
@@ -89,6 +126,7 @@ pub struct Worker {
     pub inbox: Receiver<Slot>,
     pub peers: Vec<SyncSender<Slot>>,
     pub reinject: Reinject,
+    pub reasm: Reasm,
     /// New engines from the control socket.
     pub mailbox: Arc<super::control::Mailbox>,
     /// Where this worker's SA events go (the control thread).
@@ -112,6 +150,7 @@ struct Ctx<'a> {
     side: usize,
     peers: &'a [SyncSender<Slot>],
     reinject: &'a mut Reinject,
+    reasm: &'a mut Reasm,
     prefrag: (&'a mut u64, &'a mut u64),
 }
 
@@ -130,6 +169,7 @@ macro_rules! ctx {
             side: $side,
             peers: &$w.peers,
             reinject: &mut $w.reinject,
+            reasm: &mut $w.reasm,
             prefrag: (&mut $snap.prefragmented, &mut $snap.prefragments),
         }
     };
@@ -165,6 +205,11 @@ impl Worker {
             }
             if turn.is_multiple_of(64) {
                 self.engine.set_time(start.elapsed().as_secs());
+                self.reasm.now_ms = start.elapsed().as_millis() as u64;
+                if !self.reasm.table.is_empty() {
+                    let n = self.reasm.table.expire(self.reasm.now_ms);
+                    snap.io_drops[DropReason::FragTimeout as usize] += n;
+                }
             }
             let changed = self.cache.sync();
             if (changed || turn.is_multiple_of(4096)) && self.ports.held() > 0 {
@@ -300,13 +345,20 @@ impl Ctx<'_> {
             *self.not_ip += 1;
             return Out::Drop;
         }
-        let ip_len = len - l2;
+        let mut ip_len = len - l2;
         if HEADROOM + ip_len + 256 > buf.len() {
             return self.drop_io(DropReason::TooBig);
         }
         // The engine needs room in front for outer headers: move the IP
         // packet back (one memmove of the frame; see docs/architecture.md).
         buf.copy_within(l2..len, HEADROOM);
+        if self.side == 1 {
+            match self.reassemble(buf, ip_len) {
+                Whole::No => {}
+                Whole::Taken => return Out::Drop,
+                Whole::Done(n) => ip_len = n,
+            }
+        }
         let mut pkt = PacketBuf::new(buf, HEADROOM, ip_len);
         if self.fix_csum && complete_partial_checksum(pkt.data_mut()) {
             *self.csum_fixed += 1;
@@ -367,6 +419,73 @@ impl Ctx<'_> {
         let (at, n) = (pkt.start(), pkt.len());
 
         self.send(buf, at, n, dst)
+    }
+
+    /// Raw ESP fragments addressed to us (XDP steers only those) go into
+    /// the reassembly table; a completed datagram replaces the frame's packet.
+    fn reassemble(&mut self, buf: &mut [u8], ip_len: usize) -> Whole {
+        use espd_core::reasm::{Added, Fragment};
+        let ip = &buf[HEADROOM..HEADROOM + ip_len];
+        let f = match ip[0] >> 4 {
+            4 if ip.len() >= 20 => {
+                let ihl = usize::from(ip[0] & 0x0f) * 4;
+                let fo = u16::from_be_bytes([ip[6], ip[7]]);
+                let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+                if fo & 0x3fff == 0 || ip[9] != 50 || ihl < 20 || total > ip.len() || total < ihl {
+                    return Whole::No;
+                }
+                Fragment {
+                    src: IpAddr::V4(Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15])),
+                    dst: IpAddr::V4(Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19])),
+                    id: u32::from(u16::from_be_bytes([ip[4], ip[5]])),
+                    proto: 50,
+                    offset: usize::from(fo & 0x1fff) * 8,
+                    more: fo & 0x2000 != 0,
+                    header: &ip[..ihl],
+                    next: 0,
+                    payload: &ip[ihl..total],
+                }
+            }
+            6 if ip.len() >= 48 && ip[6] == 44 && ip[40] == 50 => {
+                let plen = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+                if 40 + plen > ip.len() || plen < 8 {
+                    return Whole::No;
+                }
+                let fo = u16::from_be_bytes([ip[42], ip[43]]);
+                let a = |o: usize| {
+                    let b: [u8; 16] = ip[o..o + 16].try_into().unwrap_or([0; 16]);
+                    IpAddr::V6(Ipv6Addr::from(b))
+                };
+                Fragment {
+                    src: a(8),
+                    dst: a(24),
+                    id: u32::from_be_bytes([ip[44], ip[45], ip[46], ip[47]]),
+                    proto: 0,
+                    offset: usize::from(fo >> 3) * 8,
+                    more: fo & 1 != 0,
+                    header: &ip[..40],
+                    next: 50,
+                    payload: &ip[48..40 + plen],
+                }
+            }
+            _ => return Whole::No,
+        };
+        let r = &mut *self.reasm;
+        match r.table.add(&f, r.now_ms, &mut r.out) {
+            Ok(Added::Held) => Whole::Taken,
+            Ok(Added::Complete(n)) if HEADROOM + n + 256 <= buf.len() => {
+                buf[HEADROOM..HEADROOM + n].copy_from_slice(&r.out[..n]);
+                Whole::Done(n)
+            }
+            Ok(Added::Complete(_)) => {
+                self.io_drops[DropReason::FragTooBig as usize] += 1;
+                Whole::Taken
+            }
+            Err(e) => {
+                self.io_drops[e as usize] += 1;
+                Whole::Taken
+            }
+        }
     }
 
     /// Splits an IPv4 packet without DF into fragments of at most `limit`
