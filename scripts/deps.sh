@@ -18,6 +18,10 @@ command -v iperf3 >/dev/null || need+=(iperf3)
 command -v ethtool >/dev/null || need+=(ethtool)
 # The test command lints every script.
 command -v shellcheck >/dev/null || need+=(shellcheck)
+# DPDK 22.11's ipsec-secgw as a far gateway in the tests (scripts/dpdk-secgw.sh builds it).
+for p in libdpdk-dev dpdk-doc; do
+    dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done
 # The XDP program: LLVM 22 for bpf-linker (Debian 12's security suite has it).
 [ -d /usr/lib/llvm-22 ] || need+=(llvm-22-dev)
 # xsk-rs builds a vendored libxdp/libbpf.
