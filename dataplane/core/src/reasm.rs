@@ -94,6 +94,8 @@ pub struct Reassembler {
     per_source: HashMap<IpAddr, usize>,
     bytes: usize,
     pub reassembled: u64,
+    /// The most datagrams ever in progress at once.
+    pub peak: usize,
 }
 
 impl Reassembler {
@@ -104,6 +106,7 @@ impl Reassembler {
             per_source: HashMap::default(),
             bytes: 0,
             reassembled: 0,
+            peak: 0,
         }
     }
 
@@ -181,6 +184,7 @@ impl Reassembler {
             );
             self.bytes += max;
             *self.per_source.entry(f.src).or_insert(0) += 1;
+            self.peak = self.peak.max(self.map.len());
         }
         let e = self.map.get_mut(&key).expect("just inserted");
         // An exact duplicate changes nothing; any other overlap ends it all.

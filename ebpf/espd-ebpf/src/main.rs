@@ -27,7 +27,7 @@
 use aya_ebpf::bindings::xdp_action;
 use aya_ebpf::macros::{map, xdp};
 use aya_ebpf::maps::lpm_trie::Key;
-use aya_ebpf::maps::{HashMap, LpmTrie, PerCpuArray, XskMap};
+use aya_ebpf::maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, XskMap};
 use aya_ebpf::programs::XdpContext;
 use espd_common::{
     Counter, MAX_ENCAP_PORTS, MAX_LOCAL, MAX_QUEUES, MAX_SELECTORS, MAX_SPIS, SEL_DROP, SEL_STEER,
@@ -52,6 +52,11 @@ static SEL_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_SELECTORS, 
 static IN_SEL_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_SELECTORS, 0);
 #[map]
 static IN_SEL_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_SELECTORS, 0);
+/// Datagrams whose first fragment was ESP in UDP for us: (source,
+/// destination, identification) → 1, so their later fragments, which carry
+/// no UDP header, are steered too. LRU: old entries make room by themselves.
+#[map]
+static FRAG_UDP_ESP: LruHashMap<[u8; 36], u8> = LruHashMap::with_max_entries(4096, 0);
 #[map]
 static LOCAL_V4: HashMap<[u8; 4], u8> = HashMap::with_max_entries(MAX_LOCAL, 0);
 #[map]
@@ -177,14 +182,24 @@ fn classify(ctx: &XdpContext) -> Result<(Counter, u32), ()> {
         Err(None) => return Err(()),
     };
     // (protocol, upper-layer offset, fragment, destination in this box's
-    // address map, and the destination's trie lookup result).
+    // address map, and the destination's trie lookup result); for fragments,
+    // the datagram's key and whether this is its first fragment.
+    let mut fkey = [0u8; 36];
+    let mut first = false;
     let (proto, l4, fragment, local, sel) = match ty {
         ETH_P_IP => {
             let h = bytes::<20>(ctx, l3)?;
             if h[0] >> 4 != 4 {
                 return Ok((Counter::Malformed, pass));
             }
-            let frag = u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0;
+            let fo = u16::from_be_bytes([h[6], h[7]]);
+            let frag = fo & 0x3fff != 0;
+            if frag {
+                first = fo & 0x1fff == 0;
+                fkey[..4].copy_from_slice(&h[12..16]);
+                fkey[16..20].copy_from_slice(&h[16..20]);
+                fkey[32..34].copy_from_slice(&h[4..6]);
+            }
             let dst = [h[16], h[17], h[18], h[19]];
             // SAFETY: a hash map lookup by value; the reference is only tested.
             let local = dst[0] >= 224 || unsafe { LOCAL_V4.get(&dst) }.is_some();
@@ -207,9 +222,18 @@ fn classify(ctx: &XdpContext) -> Result<(Counter, u32), ()> {
             } else {
                 IN_SEL_V6.get(Key::new(128, dst)).copied()
             };
-            // Extension headers (a fragment header among them) are not walked:
-            // such packets for this box go to the kernel, others are checked.
-            (nh, l3 + 40, nh == IPPROTO_FRAGMENT, local, sel)
+            // Extension headers other than a first Fragment header are not
+            // walked: such packets for this box go to the kernel, others are
+            // checked against the tries.
+            let frag = nh == IPPROTO_FRAGMENT;
+            if frag {
+                let fh = bytes::<8>(ctx, l3 + 40)?;
+                first = u16::from_be_bytes([fh[2], fh[3]]) & 0xfff8 == 0;
+                fkey[..16].copy_from_slice(&bytes::<16>(ctx, l3 + 8)?);
+                fkey[16..32].copy_from_slice(&dst);
+                fkey[32..36].copy_from_slice(&fh[4..8]);
+            }
+            (nh, l3 + 40, frag, local, sel)
         }
         ETH_P_ARP => return Ok((Counter::Arp, pass)),
         _ => return Ok((Counter::NotIp, pass)),
@@ -218,13 +242,35 @@ fn classify(ctx: &XdpContext) -> Result<(Counter, u32), ()> {
     // 4303 §3.4.1). IPv4 names the protocol in every fragment; IPv6 in the
     // Fragment header. (UDP fragments stay with the kernel: IKE's.)
     if fragment && local {
-        let carried = if ty == ETH_P_IP {
-            proto
+        // The carried protocol and where its header starts (IPv6: after the
+        // Fragment header).
+        let (carried, at) = if ty == ETH_P_IP {
+            (proto, l4)
         } else {
-            bytes::<1>(ctx, l4)?[0]
+            (bytes::<1>(ctx, l4)?[0], l4 + 8)
         };
         if carried == IPPROTO_ESP {
             return Ok(redirect(ctx, &XSKS, Counter::FragSteered, Counter::NoSocket));
+        }
+        if carried == IPPROTO_UDP {
+            // ESP in UDP: the first fragment says so (an encapsulation port,
+            // a non-zero marker: not IKE); later ones are known by their key.
+            let ours = if first {
+                let udp = bytes::<12>(ctx, at)?;
+                let dport = u16::from_be_bytes([udp[2], udp[3]]);
+                // SAFETY: a hash map lookup by value; the reference is only tested.
+                let esp = unsafe { ENCAP_PORTS.get(&dport) }.is_some() && udp[8..12] != [0; 4];
+                if esp {
+                    let _ = FRAG_UDP_ESP.insert(&fkey, &1, 0);
+                }
+                esp
+            } else {
+                // SAFETY: a hash map lookup by value; the reference is only tested.
+                unsafe { FRAG_UDP_ESP.get(&fkey) }.is_some()
+            };
+            if ours {
+                return Ok(redirect(ctx, &XSKS, Counter::FragSteered, Counter::NoSocket));
+            }
         }
     }
     if !fragment {

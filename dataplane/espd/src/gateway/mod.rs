@@ -728,6 +728,7 @@ impl Stats {
                 "checksums_completed": s.csum_fixed,
                 "prefragmented": s.prefragmented,
                 "prefragments": s.prefragments,
+                "reassembled": s.reassembled, "reassembly_peak": s.reassembly_peak,
                 "busy_turns": s.busy_turns, "turns": s.turns,
                 "drops": d,
             }));

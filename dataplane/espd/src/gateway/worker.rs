@@ -108,6 +108,9 @@ pub struct Snapshot {
     pub prefragments: u64,
     /// Partial TCP/UDP checksums completed (virtual inside links).
     pub csum_fixed: u64,
+    /// Outer reassembly: datagrams completed, and the most in progress at once.
+    pub reassembled: u64,
+    pub reassembly_peak: usize,
     pub busy_turns: u64,
     pub turns: u64,
 }
@@ -310,6 +313,8 @@ impl Worker {
             let _ = self.events.try_send((self.id, e));
         }
         let s = &mut *snap;
+        s.reassembled = self.reasm.table.reassembled;
+        s.reassembly_peak = self.reasm.table.peak;
         s.engine = self.engine.counters.clone();
         s.ports = self.ports.stats;
         s.sa.clear();
@@ -421,8 +426,9 @@ impl Ctx<'_> {
         self.send(buf, at, n, dst)
     }
 
-    /// Raw ESP fragments addressed to us (XDP steers only those) go into
-    /// the reassembly table; a completed datagram replaces the frame's packet.
+    /// Fragments of ESP addressed to us, raw or in UDP (XDP steers only
+    /// those), go into the reassembly table; a completed datagram replaces
+    /// the frame's packet.
     fn reassemble(&mut self, buf: &mut [u8], ip_len: usize) -> Whole {
         use espd_core::reasm::{Added, Fragment};
         let ip = &buf[HEADROOM..HEADROOM + ip_len];
@@ -431,14 +437,16 @@ impl Ctx<'_> {
                 let ihl = usize::from(ip[0] & 0x0f) * 4;
                 let fo = u16::from_be_bytes([ip[6], ip[7]]);
                 let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-                if fo & 0x3fff == 0 || ip[9] != 50 || ihl < 20 || total > ip.len() || total < ihl {
+                // XDP steers raw ESP fragments and those of ESP in UDP.
+                let carried = matches!(ip[9], 50 | 17);
+                if fo & 0x3fff == 0 || !carried || ihl < 20 || total > ip.len() || total < ihl {
                     return Whole::No;
                 }
                 Fragment {
                     src: IpAddr::V4(Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15])),
                     dst: IpAddr::V4(Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19])),
                     id: u32::from(u16::from_be_bytes([ip[4], ip[5]])),
-                    proto: 50,
+                    proto: ip[9],
                     offset: usize::from(fo & 0x1fff) * 8,
                     more: fo & 0x2000 != 0,
                     header: &ip[..ihl],
@@ -446,7 +454,7 @@ impl Ctx<'_> {
                     payload: &ip[ihl..total],
                 }
             }
-            6 if ip.len() >= 48 && ip[6] == 44 && ip[40] == 50 => {
+            6 if ip.len() >= 48 && ip[6] == 44 && matches!(ip[40], 50 | 17) => {
                 let plen = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
                 if 40 + plen > ip.len() || plen < 8 {
                     return Whole::No;
@@ -464,7 +472,7 @@ impl Ctx<'_> {
                     offset: usize::from(fo >> 3) * 8,
                     more: fo & 1 != 0,
                     header: &ip[..40],
-                    next: 50,
+                    next: ip[40],
                     payload: &ip[48..40 + plen],
                 }
             }
