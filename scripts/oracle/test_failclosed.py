@@ -30,17 +30,7 @@ import time
 import pytest
 
 from espd_oracle import ESPD
-from test_gateway import PY, Net, drops, need, sh
-
-
-@pytest.fixture
-def net(tmp_path):
-    need("ping")
-    n = Net(tmp_path)
-    try:
-        yield n
-    finally:
-        n.close()
+from test_gateway import PY, drops, net, sh  # noqa: F401 (net: the shared fixture)
 
 
 def mac(net, gw, dev):

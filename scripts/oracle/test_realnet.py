@@ -14,17 +14,7 @@ import time
 import pytest
 
 from espd_oracle import ESPD
-from test_gateway import Net, need
-
-
-@pytest.fixture
-def net(tmp_path):
-    need("ping")
-    n = Net(tmp_path)
-    try:
-        yield n
-    finally:
-        n.close()
+from test_gateway import Net, need, net  # noqa: F401 (net: the shared fixture)
 
 
 def test_a_permanent_neighbour_entry_is_used_and_left_alone(net):

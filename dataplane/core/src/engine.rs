@@ -444,6 +444,11 @@ impl Engine {
         &self.local
     }
 
+    /// True if ESP to `a` is ours to open (see [`esp_addrs`]).
+    pub fn opens_esp_to(&self, a: IpAddr) -> bool {
+        self.esp_local.binary_search(&a).is_ok()
+    }
+
     fn is_local(&self, a: IpAddr) -> bool {
         self.local.binary_search(&a).is_ok()
     }

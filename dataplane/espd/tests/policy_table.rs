@@ -54,6 +54,20 @@ fn spi_of(e: &Engine, v: Verdict) -> Option<u32> {
     }
 }
 
+/// Runs each row's packet and checks its verdict (and SA).
+fn check_rows(e: &mut Engine, table: &[Row]) {
+    for (what, pkt, want) in table {
+        let (v, _) = run(e, pkt);
+        match want {
+            Ok(spi) => {
+                assert!(!matches!(v, Verdict::Drop(_)), "{what}: {v:?}");
+                assert_eq!(spi_of(e, v), *spi, "{what}: {v:?}");
+            }
+            Err(r) => assert_eq!(v, Verdict::Drop(*r), "{what}"),
+        }
+    }
+}
+
 #[test]
 fn outbound_and_plaintext_verdicts() {
     use DropReason::*;
@@ -141,16 +155,7 @@ policy add src 198.18.1.0/24 dst 198.18.2.0/24 proto 47 dir out priority 1",
         ("SCTP to 3870: protected", sctp(3870), Ok(Some(0x1000))),
         ("GRE (proto 47): bypass", ipv4("198.18.1.10", "198.18.2.20", proto::GRE, 0, &[0, 0, 8, 0]), Ok(None)),
     ];
-    for (what, pkt, want) in table {
-        let (v, _) = run(&mut gw1, pkt);
-        match want {
-            Ok(spi) => {
-                assert!(!matches!(v, Verdict::Drop(_)), "{what}: {v:?}");
-                assert_eq!(spi_of(&gw1, v), *spi, "{what}: {v:?}");
-            }
-            Err(r) => assert_eq!(v, Verdict::Drop(*r), "{what}"),
-        }
-    }
+    check_rows(&mut gw1, table);
 }
 
 #[test]
@@ -197,16 +202,7 @@ fn unprotected_icmp_errors_about_protected_flows_are_dropped() {
         // Cut short before the quoted header: nothing to check, so the outer selectors decide.
         ("truncated error", ipv4("198.18.0.99", "198.18.1.10", proto::ICMP, 0, &[3, 1, 0, 0, 0, 0, 0, 0, 0x45]), Ok(None)),
     ];
-    for (what, pkt, want) in table {
-        let (v, _) = run(&mut gw1, pkt);
-        match want {
-            Ok(spi) => {
-                assert!(!matches!(v, Verdict::Drop(_)), "{what}: {v:?}");
-                assert_eq!(spi_of(&gw1, v), *spi, "{what}: {v:?}");
-            }
-            Err(r) => assert_eq!(v, Verdict::Drop(*r), "{what}"),
-        }
-    }
+    check_rows(&mut gw1, table);
     assert_eq!(gw1.counters.drops[UnprotectedInbound as usize], 3);
 }
 

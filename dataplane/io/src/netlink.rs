@@ -169,11 +169,14 @@ impl Rtnl {
         Ok(seq)
     }
 
-    /// A dump request: the payloads of every answer of type `want`, until
-    /// the kernel says it is done.
-    pub(crate) fn dump(&mut self, ty: u16, body: &[u8], want: u16) -> io::Result<Vec<Vec<u8>>> {
-        let seq = self.send(ty, NLM_F_DUMP, body)?;
-        let mut out = Vec::new();
+    /// Receives the answers to request `seq` (stale answers to earlier
+    /// requests are skipped), giving each message's type and payload to `f`
+    /// until it returns a result.
+    fn answers<R>(
+        &mut self,
+        seq: u32,
+        mut f: impl FnMut(u16, &[u8]) -> Option<io::Result<R>>,
+    ) -> io::Result<R> {
         loop {
             let n = recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty())?;
             let mut b = &self.buf[..n];
@@ -192,22 +195,28 @@ impl Rtnl {
                 if mseq != seq {
                     continue;
                 }
-                match mty {
-                    NLMSG_DONE => return Ok(out),
-                    NLMSG_ERROR => {
-                        let e = payload
-                            .get(..4)
-                            .map_or(0, |e| i32::from_ne_bytes([e[0], e[1], e[2], e[3]]));
-                        if e != 0 {
-                            return Err(io::Error::from_raw_os_error(-e));
-                        }
-                        return Ok(out);
-                    }
-                    t if t == want => out.push(payload.to_vec()),
-                    _ => {}
+                if let Some(r) = f(mty, payload) {
+                    return r;
                 }
             }
         }
+    }
+
+    /// A dump request: the payloads of every answer of type `want`, until
+    /// the kernel says it is done.
+    pub(crate) fn dump(&mut self, ty: u16, body: &[u8], want: u16) -> io::Result<Vec<Vec<u8>>> {
+        let seq = self.send(ty, NLM_F_DUMP, body)?;
+        let mut out = Vec::new();
+        self.answers(seq, |mty, payload| match mty {
+            NLMSG_DONE => Some(Ok(())),
+            NLMSG_ERROR => Some(error_of(payload)),
+            t if t == want => {
+                out.push(payload.to_vec());
+                None
+            }
+            _ => None,
+        })?;
+        Ok(out)
     }
 
     /// Sends one request (header added here) and returns the payload of the
@@ -220,39 +229,11 @@ impl Rtnl {
         want: Option<u16>,
     ) -> io::Result<Option<Vec<u8>>> {
         let seq = self.send(ty, flags, body)?;
-        loop {
-            let n = recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty())?;
-            let mut b = &self.buf[..n];
-            while b.len() >= 16 {
-                let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
-                let mty = u16::from_ne_bytes([b[4], b[5]]);
-                let mseq = u32::from_ne_bytes([b[8], b[9], b[10], b[11]]);
-                if len < 16 || len > b.len() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "bad netlink message",
-                    ));
-                }
-                let payload = &b[16..len];
-                b = &b[len.next_multiple_of(4).min(b.len())..];
-                if mseq != seq {
-                    continue; // a stale answer to an earlier request
-                }
-                if mty == NLMSG_ERROR {
-                    let e = payload
-                        .get(..4)
-                        .map_or(0, |e| i32::from_ne_bytes([e[0], e[1], e[2], e[3]]));
-                    return if e == 0 {
-                        Ok(None)
-                    } else {
-                        Err(io::Error::from_raw_os_error(-e))
-                    };
-                }
-                if Some(mty) == want {
-                    return Ok(Some(payload.to_vec()));
-                }
-            }
-        }
+        self.answers(seq, |mty, payload| match mty {
+            NLMSG_ERROR => Some(error_of(payload).map(|()| None)),
+            t if Some(t) == want => Some(Ok(Some(payload.to_vec()))),
+            _ => None,
+        })
     }
 
     /// `ip route get DST`: the kernel's choice for a packet to `dst`.
@@ -366,6 +347,18 @@ impl Rtnl {
             NLM_F_ACK | NLM_F_CREATE
         };
         self.request(RTM_NEWNEIGH, flags, &body, None).map(|_| true)
+    }
+}
+
+/// An `NLMSG_ERROR` payload: 0 is an ACK, else a negated errno.
+fn error_of(payload: &[u8]) -> io::Result<()> {
+    let e = payload
+        .get(..4)
+        .map_or(0, |e| i32::from_ne_bytes([e[0], e[1], e[2], e[3]]));
+    if e == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(-e))
     }
 }
 

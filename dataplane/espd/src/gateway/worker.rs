@@ -478,6 +478,11 @@ impl Ctx<'_> {
             }
             _ => return Whole::No,
         };
+        // Only what is addressed to us: fragments of plaintext steered to the
+        // inbound policy check go on to the engine as they are.
+        if !self.engine.opens_esp_to(f.dst) {
+            return Whole::No;
+        }
         let r = &mut *self.reasm;
         match r.table.add(&f, r.now_ms, &mut r.out) {
             Ok(Added::Held) => Whole::Taken,
