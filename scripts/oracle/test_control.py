@@ -170,7 +170,9 @@ def test_three_rekeys_under_load_lose_and_duplicate_nothing(net, tmp_path):
     out = tmp_path / "seen.json"
     rx = net.popen("b", PY, str(tmp_path / "rx.py"), str(out))
     time.sleep(0.5)
-    n, rate = 6000, 1500.0  # four seconds at a fixed rate
+    # Six seconds at a fixed rate: the three rekeys (each four changes, every
+    # one fsyncing the sequence store and updating the guard) end well before it.
+    n, rate = 9000, 1500.0
     tx = net.popen("a", PY, str(tmp_path / "tx.py"), str(n), str(rate))
     spis = []
     for i in range(3):
