@@ -57,6 +57,8 @@ struct Entry {
     /// The payload length, once the last fragment arrived.
     total: Option<usize>,
     since: u64,
+    /// What this entry counts against [`Limits::bytes`].
+    charged: usize,
 }
 
 /// One fragment's facts, from the caller's header parse.
@@ -121,7 +123,7 @@ impl Reassembler {
 
     fn remove(&mut self, k: &Key) {
         if let Some(e) = self.map.remove(k) {
-            self.bytes -= e.data.capacity();
+            self.bytes -= e.charged;
             if let Some(n) = self.per_source.get_mut(&k.0) {
                 *n -= 1;
                 if *n == 0 {
@@ -180,6 +182,7 @@ impl Reassembler {
                     have: Vec::new(),
                     total: None,
                     since: now_ms,
+                    charged: max,
                 },
             );
             self.bytes += max;
