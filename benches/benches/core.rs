@@ -251,7 +251,11 @@ fn pipeline(c: &mut Criterion) {
         bursts("bursts of 64", &mut gw1, &mut gw2);
         // The same with the cipher taken out: the ESP work around it alone.
         for e in [&mut gw1, &mut gw2] {
-            e.sad.get_mut(0).transform = espd_core::crypto::Transform::BenchNoCrypto;
+            let mut t = (**e.tables()).clone();
+            let mut c = espd_core::state::SaCore::new(t.sad().get(0).cfg.clone()).unwrap();
+            c.transform = espd_core::crypto::Transform::BenchNoCrypto;
+            t.update_sa(c).unwrap();
+            e.set_tables(std::sync::Arc::new(t));
         }
         bursts("bursts of 64, no cipher", &mut gw1, &mut gw2);
     }

@@ -34,25 +34,13 @@ fn load(c: &mut Criterion) {
             assert_eq!(cfg.sad.len(), 10_000);
         })
     });
-    // What each further worker's engine costs: the gateway parses once and
-    // replicates (keys expanded anew, policies cloned).
+    // The shared tables the workers run on, from the parsed configuration.
     let cfg = Config::parse("big.conf", &text).unwrap();
-    g.bench_function("replicate 10000 states + 10000 policies", |b| {
+    g.bench_function("tables of 10000 states + 10000 policies", |b| {
         b.iter(|| {
-            let copy = black_box(&cfg).replicate().unwrap();
-            assert_eq!(copy.sad.len(), 10_000);
+            let t = black_box(&cfg).tables(&[]);
+            assert_eq!(t.sad().len(), 10_000);
         })
-    });
-    g.bench_function("2 replicas, one after the other", |b| {
-        b.iter(|| {
-            let v: Vec<Config> = (0..2)
-                .map(|_| black_box(&cfg).replicate().unwrap())
-                .collect();
-            assert_eq!(v.len(), 2);
-        })
-    });
-    g.bench_function("2 replicas in parallel (rayon)", |b| {
-        b.iter(|| assert_eq!(black_box(&cfg).replicas(2).unwrap().len(), 2))
     });
     g.finish();
 }

@@ -9,15 +9,38 @@
 
 use crate::parse::{parse_line, Item};
 use crate::{lex, Config, ConfigError, ConfigErrors};
-use espd_core::state::{Direction, Selector};
+use espd_core::state::{Action, Direction, PMap, Policy, SaCore, Selector};
 use std::net::IpAddr;
+use std::sync::Arc;
 use zeroize::Zeroizing;
+
+/// The lines are persistent maps: a copy is O(1), so a batch is applied to
+/// a copy and the copy kept only if every line was good — all or nothing
+/// at a cost that depends on the batch, not on the number of states.
+/// A state's line and its insertion order.
+type StateLine = (u64, Arc<Zeroizing<String>>);
 
 #[derive(Default, Clone)]
 pub struct Db {
-    states: Vec<((IpAddr, u32), Zeroizing<String>)>,
-    policies: Vec<((Direction, Selector), String)>,
+    states: PMap<(IpAddr, u32), StateLine>,
+    policies: PMap<(Direction, Selector), (u64, Arc<String>)>,
     defaults: Vec<String>,
+    /// Insertion order of the lines (listings keep it).
+    next: u64,
+}
+
+/// One change a batch makes, in batch order, checked: what the running
+/// tables apply ([`espd_core::state::Tables`]). An SA comes with its keys
+/// expanded (once, here).
+#[derive(Debug)]
+pub enum Op {
+    AddSa(Box<SaCore>),
+    UpdateSa(Box<SaCore>),
+    DelSa(IpAddr, u32),
+    AddPolicy(Policy),
+    UpdatePolicy(Policy),
+    DelPolicy(Direction, Selector),
+    Default(Direction, Action),
 }
 
 /// What a batch changed.
@@ -37,10 +60,22 @@ impl Db {
         Config::parse("running", &self.text())
     }
 
+    fn state_list(&self) -> Vec<&Arc<Zeroizing<String>>> {
+        let mut v: Vec<_> = self.states.values().collect();
+        v.sort_by_key(|(o, _)| *o);
+        v.into_iter().map(|(_, l)| l).collect()
+    }
+
+    fn policy_list(&self) -> Vec<&Arc<String>> {
+        let mut v: Vec<_> = self.policies.values().collect();
+        v.sort_by_key(|(o, _)| *o);
+        v.into_iter().map(|(_, l)| l).collect()
+    }
+
     /// The lines, as a configuration file would hold them.
     pub fn text(&self) -> Zeroizing<String> {
         let mut t = Zeroizing::new(String::new());
-        for (_, l) in &self.states {
+        for l in self.state_list() {
             t.push_str(l);
             t.push('\n');
         }
@@ -48,7 +83,7 @@ impl Db {
             t.push_str(l);
             t.push('\n');
         }
-        for (_, l) in &self.policies {
+        for l in self.policy_list() {
             t.push_str(l);
             t.push('\n');
         }
@@ -58,11 +93,11 @@ impl Db {
     /// The states as `state add` lines; key words replaced by `<redacted>`
     /// unless `keys` (the `ip xfrm state list nokeys` spirit, by default).
     pub fn state_lines(&self, keys: bool) -> Vec<Zeroizing<String>> {
-        self.states
-            .iter()
-            .map(|(_, l)| {
+        self.state_list()
+            .into_iter()
+            .map(|l| {
                 if keys {
-                    return l.clone();
+                    return Zeroizing::new(l.to_string());
                 }
                 let Ok(w) = lex::words(l) else {
                     return Zeroizing::new("<unprintable>".into());
@@ -94,13 +129,13 @@ impl Db {
         self.defaults
             .iter()
             .cloned()
-            .chain(self.policies.iter().map(|(_, l)| l.clone()))
+            .chain(self.policy_list().into_iter().map(|l| l.to_string()))
             .collect()
     }
 
     /// The (destination, SPI) of every state.
     pub fn state_keys(&self) -> Vec<(IpAddr, u32)> {
-        self.states.iter().map(|(k, _)| *k).collect()
+        self.states.keys().copied().collect()
     }
 
     pub fn states(&self) -> usize {
@@ -111,13 +146,15 @@ impl Db {
         self.policies.len()
     }
 
-    /// Applies every line of `batch` (named `file` in errors) or none.
-    pub fn apply(&mut self, file: &str, batch: &str) -> Result<Changes, ConfigErrors> {
+    /// Applies every line of `batch` (named `file` in errors) or none; the
+    /// changes it makes, in order.
+    pub fn apply(&mut self, file: &str, batch: &str) -> Result<(Changes, Vec<Op>), ConfigErrors> {
         let mut next = self.clone();
         let mut ch = Changes::default();
+        let mut ops = Vec::new();
         let mut errs = Vec::new();
         for (i, raw) in batch.lines().enumerate() {
-            if let Err(msg) = next.apply_line(raw, &mut ch) {
+            if let Err(msg) = next.apply_line(raw, &mut ch, &mut ops) {
                 errs.push(ConfigError {
                     file: file.to_string(),
                     line: i + 1,
@@ -125,23 +162,14 @@ impl Db {
                 });
             }
         }
-        if errs.is_empty() {
-            // The whole result must stand as one configuration, too.
-            if let Err(e) = next.config() {
-                errs.extend(e.0.into_iter().map(|mut e| {
-                    e.file = format!("{file} (resulting configuration)");
-                    e
-                }));
-            }
-        }
         if !errs.is_empty() {
             return Err(ConfigErrors(errs));
         }
         *self = next;
-        Ok(ch)
+        Ok((ch, ops))
     }
 
-    fn apply_line(&mut self, raw: &str, ch: &mut Changes) -> Result<(), String> {
+    fn apply_line(&mut self, raw: &str, ch: &mut Changes, ops: &mut Vec<Op>) -> Result<(), String> {
         let words = Zeroizing::new(lex::words(raw)?);
         let mut w: Vec<&str> = words.iter().map(String::as_str).collect();
         if w.first() == Some(&"ip") {
@@ -178,9 +206,10 @@ impl Db {
                     return Err("expected a state".into());
                 };
                 let key = (cfg.dst, cfg.spi);
-                // The SA must be buildable (key lengths, algorithm limits): say so on this line.
-                espd_core::state::Sa::new(*cfg).map_err(|e| e.to_string())?;
-                let at = self.states.iter().position(|(k, _)| *k == key);
+                // The SA must be buildable (key lengths, algorithm limits):
+                // say so on this line. Its keys are expanded here, once.
+                let core = Box::new(SaCore::new(*cfg).map_err(|e| e.to_string())?);
+                let at = self.states.get(&key).map(|(o, _)| *o);
                 match (verb, at) {
                     ("add", Some(_)) => Err(format!(
                         "a state for dst {} spi 0x{:08x} exists already (use `state update`)",
@@ -190,31 +219,34 @@ impl Db {
                         "no state for dst {} spi 0x{:08x} to update",
                         key.0, key.1
                     )),
-                    (_, Some(i)) => {
-                        self.states[i].1 = line;
+                    (_, Some(o)) => {
+                        self.states.insert(key, (o, Arc::new(line)));
                         ch.states_updated += 1;
+                        ops.push(Op::UpdateSa(core));
                         Ok(())
                     }
                     (_, None) => {
-                        self.states.push((key, line));
+                        self.next += 1;
+                        self.states.insert(key, (self.next, Arc::new(line)));
                         ch.states_added += 1;
+                        ops.push(Op::AddSa(core));
                         Ok(())
                     }
                 }
             }
             ("state", "delete") => {
                 let (dst, spi) = state_id(&w[2..])?;
-                let before = self.states.len();
-                self.states.retain(|(k, _)| *k != (dst, spi));
-                if self.states.len() == before {
+                if self.states.remove(&(dst, spi)).is_none() {
                     return Err(format!("no state for dst {dst} spi 0x{spi:08x}"));
                 }
                 ch.states_deleted += 1;
+                ops.push(Op::DelSa(dst, spi));
                 Ok(())
             }
             ("state", "flush") => {
                 ch.states_deleted += self.states.len();
-                self.states.clear();
+                ops.extend(self.states.keys().map(|(d, s)| Op::DelSa(*d, *s)));
+                self.states = PMap::default();
                 Ok(())
             }
             ("policy", "add" | "update" | "delete") => {
@@ -223,7 +255,7 @@ impl Db {
                     return Err("expected a policy".into());
                 };
                 let key = (p.dir, p.sel);
-                let at = self.policies.iter().position(|(k, _)| *k == key);
+                let at = self.policies.get(&key).map(|(o, _)| *o);
                 let name = || {
                     format!(
                         "dir {} policy for src {} dst {}",
@@ -237,30 +269,38 @@ impl Db {
                         Err(format!("a {} exists already (use `policy update`)", name()))
                     }
                     ("update" | "delete", None) => Err(format!("no {}", name())),
-                    ("delete", Some(i)) => {
-                        self.policies.remove(i);
+                    ("delete", Some(_)) => {
+                        self.policies.remove(&key);
                         ch.policies_deleted += 1;
+                        ops.push(Op::DelPolicy(key.0, key.1));
                         Ok(())
                     }
-                    (_, Some(i)) => {
-                        self.policies[i].1 = line.to_string();
+                    (_, Some(o)) => {
+                        self.policies.insert(key, (o, Arc::new(line.to_string())));
                         ch.policies_updated += 1;
+                        ops.push(Op::UpdatePolicy(p));
                         Ok(())
                     }
                     (_, None) => {
-                        self.policies.push((key, line.to_string()));
+                        self.next += 1;
+                        self.policies
+                            .insert(key, (self.next, Arc::new(line.to_string())));
                         ch.policies_added += 1;
+                        ops.push(Op::AddPolicy(p));
                         Ok(())
                     }
                 }
             }
             ("policy", "flush") => {
                 ch.policies_deleted += self.policies.len();
-                self.policies.clear();
+                ops.extend(self.policies.keys().map(|(d, s)| Op::DelPolicy(*d, *s)));
+                self.policies = PMap::default();
                 Ok(())
             }
             ("policy", "setdefault") => {
-                parse_line(raw)?;
+                if let Some(Item::Default(d)) = parse_line(raw)? {
+                    ops.extend(d.into_iter().map(|(dir, a)| Op::Default(dir, a)));
+                }
                 self.defaults.push(raw.trim().to_string());
                 Ok(())
             }
@@ -329,7 +369,7 @@ mod tests {
     fn batches_apply_whole_or_not_at_all() {
         let mut db = Db::default();
         let pol = "policy add src 198.18.1.0/24 dst 198.18.2.0/24 dir out tmpl src 198.18.0.1 dst 198.18.0.2 proto esp reqid 1 mode tunnel";
-        let ch = db.apply("b", &format!("{}\n{pol}\n", sa(0x100))).unwrap();
+        let (ch, _) = db.apply("b", &format!("{}\n{pol}\n", sa(0x100))).unwrap();
         assert_eq!((ch.states_added, ch.policies_added), (1, 1));
         // A bad third line: nothing of the batch happens, and it says where.
         let e = db
@@ -351,11 +391,11 @@ mod tests {
             .is_err());
         assert!(db.apply("b", pol).is_err(), "the same policy twice");
         // update replaces, delete removes, flush empties.
-        let ch = db
+        let (ch, _) = db
             .apply("b", &sa(0x100).replace("state add", "state update"))
             .unwrap();
         assert_eq!(ch.states_updated, 1);
-        let ch = db
+        let (ch, _) = db
             .apply(
                 "b",
                 "policy delete src 198.18.1.0/24 dst 198.18.2.0/24 dir out\nstate flush",

@@ -14,7 +14,7 @@ mod parse;
 
 pub use parse::{parse_line, Item};
 
-use espd_core::state::{Action, Direction, Policy, Sa, SaConfig, Sad, Spd};
+use espd_core::state::{Action, Direction, Policy, SaConfig, SaCore, Sad, Spd};
 use std::fmt;
 use std::path::Path;
 
@@ -49,38 +49,17 @@ impl fmt::Display for ConfigErrors {
 }
 
 /// A checked configuration, ready to become an engine.
+#[derive(Clone)]
 pub struct Config {
     pub sad: Sad,
     pub spd: Spd,
 }
 
 impl Config {
-    /// Another configuration with the same SAs (keys expanded anew: the
-    /// expanded key objects are not copied; the key bytes are `Zeroizing`
-    /// in both) and the same policies, without parsing the text again. The
-    /// gateway builds one per worker this way. An SA that built once builds
-    /// again; should it not, the error says which.
-    pub fn replicate(&self) -> Result<Config, String> {
-        let mut sad = Sad::new();
-        for sa in self.sad.iter() {
-            let (dst, spi) = (sa.cfg.dst, sa.cfg.spi);
-            let copy = Sa::new(sa.cfg.clone())
-                .map_err(|e| format!("state dst {dst} spi 0x{spi:08x}: {e}"))?;
-            sad.insert(copy)
-                .map_err(|_| format!("state dst {dst} spi 0x{spi:08x} twice"))?;
-        }
-        Ok(Config {
-            sad,
-            spd: self.spd.clone(),
-        })
-    }
-
-    /// `n` replicas (one per worker), built in parallel on rayon's threads:
-    /// each is independent work. Called by the control thread when the
-    /// configuration changes, never on a worker's loop.
-    pub fn replicas(&self, n: usize) -> Result<Vec<Config>, String> {
-        use rayon::prelude::*;
-        (0..n).into_par_iter().map(|_| self.replicate()).collect()
+    /// The shared tables for this configuration, `extra` being the host's
+    /// own addresses (see [`espd_core::state::Tables`]).
+    pub fn tables(&self, extra: &[std::net::IpAddr]) -> espd_core::state::Tables {
+        espd_core::state::Tables::new(self.sad.clone(), self.spd.clone(), extra)
     }
 
     /// Reads and checks a file.
@@ -139,7 +118,7 @@ impl Config {
 
 fn install_state(sad: &mut Sad, cfg: SaConfig) -> Result<(), String> {
     let (dst, spi) = (cfg.dst, cfg.spi);
-    let sa = Sa::new(cfg).map_err(|e| e.to_string())?;
+    let sa = SaCore::new(cfg).map_err(|e| e.to_string())?;
     sad.insert(sa).map_err(|_| {
         format!("a state for dst {dst} spi 0x{spi:08x} exists already (states are keyed by dst and SPI)")
     })?;

@@ -28,6 +28,9 @@ use std::path::Path;
 use std::time::Duration;
 
 pub const VERSION: u64 = 1;
+/// Version 2: a kept connection with pipelined requests (each with an
+/// `"id"` echoed in its answer) and `"subscribe"` for events on it.
+pub const VERSION_2: u64 = 2;
 pub const DEFAULT_SOCKET: &str = "/run/espd/espd.sock";
 
 pub fn apply(name: &str, text: &str) -> Value {
@@ -63,11 +66,19 @@ pub fn error(msg: impl Into<String>) -> Value {
 /// Checks a request's version; the error response if it is not ours.
 pub fn check_version(req: &Value) -> Result<(), Value> {
     match req.get("v").and_then(Value::as_u64) {
-        Some(VERSION) => Ok(()),
+        Some(VERSION | VERSION_2) => Ok(()),
         other => Err(error(format!(
-            "protocol version {} not supported: this espd speaks version {VERSION}",
+            "protocol version {} not supported: this espd speaks versions {VERSION} and {VERSION_2}",
             other.map_or("(none)".to_string(), |v| v.to_string())
         ))),
+    }
+}
+
+/// The version a request asks for (answers carry the same); 1 if none.
+pub fn version_of(req: &Value) -> u64 {
+    match req.get("v").and_then(Value::as_u64) {
+        Some(VERSION_2) => VERSION_2,
+        _ => VERSION,
     }
 }
 
@@ -131,9 +142,10 @@ mod tests {
     #[test]
     fn versions_are_checked() {
         assert!(check_version(&apply("b", "state flush")).is_ok());
-        let e = check_version(&json!({"v": 2, "op": "stats"})).unwrap_err();
+        assert!(check_version(&json!({"v": 2, "op": "stats"})).is_ok());
+        let e = check_version(&json!({"v": 3, "op": "stats"})).unwrap_err();
         assert_eq!(e["ok"], false);
-        assert!(e["error"].as_str().unwrap().contains("version 1"));
+        assert!(e["error"].as_str().unwrap().contains("versions 1 and 2"));
         assert!(check_version(&json!({"op": "stats"})).is_err());
     }
 }

@@ -23,8 +23,9 @@ use crate::esp::inbound::{self, Decap};
 use crate::esp::outbound::{self, OutParams};
 use crate::esp::L3;
 use crate::state::spd::{Action, Direction, Level};
-use crate::state::{Flow, Mode, SaConfig, SaId, SaShare, Sad, Spd, Template};
+use crate::state::{Flow, Mode, Sa, SaConfig, SaId, SaShare, Sad, Selector, Spd, Tables, Template};
 use core::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 
 /// The most ESP layers one packet may carry (an SA bundle), as XFRM's
 /// XFRM_MAX_DEPTH bounds it.
@@ -75,15 +76,16 @@ pub struct Counters {
 }
 
 pub struct Engine {
-    pub sad: Sad,
-    pub spd: Spd,
-    /// Addresses of this host: decides `in` vs `fwd`, and which plaintext is for it.
-    local: Vec<IpAddr>,
-    /// Where ESP is ours to open: `local` and the inbound SAs' destinations.
-    esp_local: Vec<IpAddr>,
+    /// The SAs and policies, shared with the other workers' engines (see
+    /// [`Engine::set_tables`]). They also say which addresses are this
+    /// host's (`in` vs `fwd`, which plaintext is for it), where ESP is ours
+    /// to open and which UDP ports carry ESP.
+    tables: Arc<Tables>,
+    /// This engine's runtime state of each SA it has used.
+    runs: Runs,
+    /// Several engines use the tables' SAs (see [`Engine::set_shared`]).
+    shared: bool,
     pub counters: Counters,
-    /// UDP ports that carry ESP (the `encap` ports of the SAs).
-    encap_ports: Vec<u16>,
     /// The caller's clock in seconds (see [`Engine::set_time`]).
     now: u64,
     /// Path MTU for encapsulated packets (see [`Engine::set_mtu`]).
@@ -105,6 +107,96 @@ pub struct Engine {
     unknown_spi_second: Option<u64>,
     /// Decisions reused across the packets of bursts (see [`Engine::begin_burst`]).
     burst: BurstCache,
+    /// Where the next [`Engine::nat_keepalives`] sweep goes on from.
+    keepalive_at: SaId,
+    /// Acquire events: policy → the second of its last one (rate limit).
+    acquired: rustc_hash::FxHashMap<Selector, u64>,
+}
+
+/// Ids per chunk of [`Runs`]: a chunk is allocated when first used, so the
+/// table grows without moving the runtime states already in it.
+const RUN_CHUNK: usize = 256;
+
+/// One engine's runtime SAs ([`Sa`]), by SA id, made the first time the
+/// engine uses an SA; renewed or dropped as the tables change. Idle SAs
+/// cost an engine nothing.
+#[derive(Default)]
+struct Runs {
+    chunks: Vec<Option<Box<[Option<Sa>]>>>,
+    /// Ids used since the last [`Engine::take_sa_updates`] (each once: `Sa::dirty`).
+    touched: Vec<SaId>,
+    /// Ids whose runtime state went since then (their SA was removed or replaced).
+    gone: Vec<SaId>,
+}
+
+impl Runs {
+    fn slot(chunks: &mut Vec<Option<Box<[Option<Sa>]>>>, id: SaId) -> &mut Option<Sa> {
+        let (c, i) = (id / RUN_CHUNK, id % RUN_CHUNK);
+        if c >= chunks.len() {
+            chunks.resize_with(c + 1, || None);
+        }
+        &mut chunks[c].get_or_insert_with(|| (0..RUN_CHUNK).map(|_| None).collect())[i]
+    }
+
+    fn peek(&self, id: SaId) -> Option<&Sa> {
+        self.chunks
+            .get(id / RUN_CHUNK)?
+            .as_ref()?
+            .get(id % RUN_CHUNK)?
+            .as_ref()
+    }
+
+    fn peek_mut(&mut self, id: SaId) -> Option<&mut Sa> {
+        self.chunks
+            .get_mut(id / RUN_CHUNK)?
+            .as_mut()?
+            .get_mut(id % RUN_CHUNK)?
+            .as_mut()
+    }
+
+    /// The runtime state of SA `id` (an id of `t`), made if new.
+    #[inline]
+    fn get(&mut self, t: &Tables, id: SaId, shared: bool) -> &mut Sa {
+        let slot = Self::slot(&mut self.chunks, id);
+        let sa = slot.get_or_insert_with(|| {
+            let core = t.sad().core(id).expect("an SA id of these tables");
+            Sa::from_core(core.clone(), shared)
+        });
+        if !sa.dirty {
+            sa.dirty = true;
+            self.touched.push(id);
+        }
+        sa
+    }
+
+    /// After a change of tables to `t`: the state of `id` follows its SA
+    /// (same lineage: a `state update`) or goes.
+    fn renew(&mut self, t: &Tables, id: SaId, shared: bool) {
+        let Some(slot) = self.chunks.get_mut(id / RUN_CHUNK).and_then(|c| c.as_mut()) else {
+            return;
+        };
+        let slot = &mut slot[id % RUN_CHUNK];
+        let Some(sa) = slot.as_mut() else { return };
+        match t.sad().core(id) {
+            Some(c) if c.lineage == sa.core.lineage => {
+                sa.core = c.clone();
+                sa.share = shared.then(|| c.share.clone());
+            }
+            _ => {
+                *slot = None;
+                self.gone.push(id);
+            }
+        }
+    }
+
+    fn ids(&self) -> impl Iterator<Item = SaId> + '_ {
+        self.chunks.iter().enumerate().flat_map(|(c, ch)| {
+            ch.iter()
+                .flat_map(|ch| ch.iter().enumerate())
+                .filter(|(_, s)| s.is_some())
+                .map(move |(i, _)| c * RUN_CHUNK + i)
+        })
+    }
 }
 
 /// What the SPD and the SAD decided for an outbound flow: the part of
@@ -191,6 +283,10 @@ impl<V: Copy> FlowCache<V> {
     fn put(&mut self, burst: u64, f: &Flow, v: V) {
         self.slots[Self::slot(f)] = Some((burst, *f, v));
     }
+
+    fn clear(&mut self) {
+        self.slots.fill(None);
+    }
 }
 
 /// SAs per burst that reserve sequence numbers ahead; further SAs in the
@@ -227,6 +323,22 @@ pub enum SaEventKind {
     /// ESP for one of our addresses with an SPI no SA has (at most one such
     /// event a second per engine).
     UnknownSpi,
+    /// A packet matched a PROTECT policy whose template has no SA (RFC 4301
+    /// §5.1 step 3a, Linux's XFRM_MSG_ACQUIRE): an IKE daemon may negotiate
+    /// one. At most one a second per policy per engine. `dst` is the
+    /// template's tunnel destination (or the packet's), `spi` 0.
+    Acquire,
+}
+
+/// What an [`SaEventKind::Acquire`] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Acquire {
+    /// The outbound policy that matched, and the template without an SA.
+    pub policy: Selector,
+    pub priority: u32,
+    pub tmpl: Template,
+    /// The packet's own selector fields (what strongSwan narrows to).
+    pub flow: Flow,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,10 +348,18 @@ pub struct SaEvent {
     pub spi: u32,
     /// What was reached: "time", "bytes", "packets", "sequence" (empty for UnknownSpi).
     pub why: &'static str,
+    /// For [`SaEventKind::Acquire`].
+    pub acquire: Option<Acquire>,
 }
 
 /// Events kept at most between two [`Engine::take_events`]; more are counted only.
 pub const MAX_EVENTS: usize = 256;
+
+/// Policies remembered for the acquire rate limit (then forgotten at once).
+const MAX_ACQUIRING: usize = 4096;
+
+/// SA ids one [`Engine::nat_keepalives`] call looks at.
+pub const KEEPALIVE_SWEEP: usize = 2048;
 
 /// Why one layer of ESP was not removed.
 enum DecapErr {
@@ -267,22 +387,16 @@ impl Engine {
     /// [`local_addrs`]`(spd, extra_local)`, and ESP is opened when addressed
     /// to one of [`esp_addrs`].
     pub fn new(sad: Sad, spd: Spd, extra_local: &[IpAddr]) -> Self {
-        let local = local_addrs(&spd, extra_local);
-        let esp_local = esp_addrs(&sad, &local);
-        let mut encap_ports: Vec<u16> = sad
-            .iter()
-            .filter_map(|sa| sa.cfg.encap)
-            .flat_map(|e| [e.sport, e.dport])
-            .collect();
-        encap_ports.sort();
-        encap_ports.dedup();
+        Self::with_tables(Arc::new(Tables::new(sad, spd, extra_local)))
+    }
+
+    /// An engine over shared tables (see [`Engine::set_tables`]).
+    pub fn with_tables(tables: Arc<Tables>) -> Self {
         Engine {
-            sad,
-            spd,
-            local,
-            esp_local,
+            tables,
+            runs: Runs::default(),
+            shared: false,
             counters: Counters::default(),
-            encap_ports,
             now: 0,
             mtu: None,
             icmp_rate: ICMP_PER_SECOND,
@@ -294,7 +408,94 @@ impl Engine {
             events: Vec::with_capacity(MAX_EVENTS),
             unknown_spi_second: None,
             burst: BurstCache::default(),
+            keepalive_at: 0,
+            acquired: Default::default(),
         }
+    }
+
+    /// The tables this engine runs on.
+    pub fn tables(&self) -> &Arc<Tables> {
+        &self.tables
+    }
+
+    /// Moves to newer tables (between bursts): O(SAs changed since the
+    /// current ones). Each SA that was updated keeps its runtime state —
+    /// replay window, sequence number, counters — and each that was
+    /// removed (or whose id now names another SA) loses it, so its core
+    /// and keys go once no engine and no snapshot holds them. Decisions
+    /// cached under the old tables are void.
+    pub fn set_tables(&mut self, t: Arc<Tables>) {
+        if Arc::ptr_eq(&t, &self.tables) {
+            return;
+        }
+        if self.burst.active {
+            self.end_burst();
+        }
+        let shared = self.shared;
+        match t.changed_since(self.tables.version()) {
+            Some(ids) if t.version() >= self.tables.version() => {
+                for id in ids {
+                    self.runs.renew(&t, id, shared);
+                }
+            }
+            // Too far behind for the log (or unrelated tables): every state.
+            _ => {
+                let ids: Vec<SaId> = self.runs.ids().collect();
+                for id in ids {
+                    self.runs.renew(&t, id, shared);
+                }
+            }
+        }
+        self.tables = t;
+        self.burst.out.clear();
+        self.burst.checked.clear();
+    }
+
+    /// Several engines (the gateway's workers) use these tables' SAs: they
+    /// share each SA's outbound sequence counter and owner
+    /// ([`crate::state::SaShare`]). Set before the first packet.
+    pub fn set_shared(&mut self, on: bool) {
+        self.shared = on;
+    }
+
+    /// The runtime state of SA `id`, if this engine has used it.
+    pub fn sa_state(&self, id: SaId) -> Option<&Sa> {
+        self.runs.peek(id)
+    }
+
+    /// The runtime state of SA `id` (an id of the current tables), made if
+    /// new: for tools and tests that set a state up.
+    pub fn sa_mut(&mut self, id: SaId) -> &mut Sa {
+        self.run(id)
+    }
+
+    /// The runtime SA `id` (an id of the current tables), made if new.
+    #[inline]
+    fn run(&mut self, id: SaId) -> &mut Sa {
+        self.runs.get(&self.tables, id, self.shared)
+    }
+
+    /// The SAs used since the last call, with their runtime state, and
+    /// those whose state went (`None`): what a worker publishes for the
+    /// counters and the sequence store — O(SAs used), not O(SAs).
+    pub fn take_sa_updates(&mut self, mut f: impl FnMut(SaId, Option<&Sa>)) {
+        for id in core::mem::take(&mut self.runs.gone) {
+            f(id, None);
+        }
+        let mut touched = core::mem::take(&mut self.runs.touched);
+        for &id in &touched {
+            if let Some(sa) = self.runs.peek_mut(id) {
+                sa.dirty = false;
+                f(id, Some(sa));
+            }
+        }
+        touched.clear();
+        self.runs.touched = touched;
+    }
+
+    /// True if events wait for [`Engine::take_events`].
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
     }
 
     /// Router mode, for the gateway: what it forwards has its IPv4 TTL or
@@ -328,6 +529,7 @@ impl Engine {
                 dst,
                 spi,
                 why,
+                acquire: None,
             });
         }
     }
@@ -337,16 +539,17 @@ impl Engine {
     /// reached; an event the first time a soft one is.
     fn within_lifetime(&mut self, id: SaId) -> bool {
         let now = self.now;
-        let sa = self.sad.get(id);
+        let core = self.tables.sad().get(id);
+        let (lt, added, dst, spi) = (core.cfg.lifetime, core.added, core.cfg.dst, core.cfg.spi);
+        let sa = self.run(id);
         if sa.expired {
             return false;
         }
-        let lt = sa.cfg.lifetime;
         if lt.is_unlimited() {
             return true;
         }
         let (age, bytes, packets) = (
-            now.saturating_sub(sa.added),
+            now.saturating_sub(added),
             sa.counters.bytes,
             sa.counters.packets,
         );
@@ -360,76 +563,31 @@ impl Engine {
         };
         let hard = reached([lt.time_hard, lt.bytes_hard, lt.packets_hard]);
         let soft = reached([lt.time_soft, lt.bytes_soft, lt.packets_soft]);
-        let (dst, spi) = (sa.cfg.dst, sa.cfg.spi);
         if let Some(why) = soft.filter(|_| !sa.soft_reached) {
-            self.sad.get_mut(id).soft_reached = true;
+            sa.soft_reached = true;
             self.event(SaEventKind::SoftExpire, dst, spi, why);
         }
         if let Some(why) = hard {
-            self.sad.get_mut(id).expired = true;
+            self.run(id).expired = true;
             self.event(SaEventKind::HardExpire, dst, spi, why);
             return false;
         }
         true
     }
 
-    /// Checks the time lifetimes of every SA (call it a few times a second):
-    /// an SA that idles past its hard time expires without waiting for a packet.
+    /// Checks the time lifetimes of every SA: an SA that idles past its
+    /// hard time expires without waiting for a packet. O(SAs): for `espd
+    /// pcap` and tests; the gateway's control thread keeps the deadlines.
     pub fn check_lifetimes(&mut self) {
-        for id in 0..self.sad.len() {
-            let sa = self.sad.get(id);
-            if !sa.expired && (sa.cfg.lifetime.time_soft != 0 || sa.cfg.lifetime.time_hard != 0) {
+        for id in 0..self.tables.sad().id_bound() {
+            let Some(c) = self.tables.sad().core(id) else {
+                continue;
+            };
+            let lt = c.cfg.lifetime;
+            if lt.time_soft != 0 || lt.time_hard != 0 {
                 self.within_lifetime(id);
             }
         }
-    }
-
-    /// Takes over the runtime state of `old` (the engine this one replaces
-    /// after a configuration change): every SA that exists in both — same
-    /// destination, SPI and source — keeps its replay window, outbound
-    /// sequence number, sharing and counters, so a change elsewhere in the
-    /// configuration costs a tunnel nothing (no replays accepted, no numbers
-    /// reused). The engine's own counters carry on too.
-    pub fn adopt_state(&mut self, old: &Engine) {
-        for id in 0..self.sad.len() {
-            let (dst, spi, src) = {
-                let c = &self.sad.get(id).cfg;
-                (c.dst, c.spi, c.src)
-            };
-            let found = old
-                .sad
-                .lookup_in(dst, spi)
-                .filter(|oid| old.sad.get(*oid).cfg.src == src);
-            let Some(oid) = found else {
-                // New: its lifetime starts now.
-                self.sad.get_mut(id).added = old.now;
-                continue;
-            };
-            let o = old.sad.get(oid);
-            let n = self.sad.get_mut(id);
-            // The IV is seq ⊕ this mask: a new mask with the sequence going
-            // on could repeat an IV (a GCM nonce). Keep the old one.
-            n.cfg.iv_mask = o.cfg.iv_mask;
-            n.replay = o.replay.clone();
-            n.oseq = o.oseq;
-            n.exhausted = o.exhausted;
-            n.ip_id = o.ip_id;
-            n.last_tx = o.last_tx;
-            n.counters = o.counters.clone();
-            n.added = o.added;
-            n.soft_reached = o.soft_reached;
-            n.expired = o.expired;
-            if o.share.is_some() {
-                n.share = o.share.clone();
-            }
-        }
-        self.counters = old.counters.clone();
-        self.now = old.now;
-        self.mtu = old.mtu;
-        self.router = old.router;
-        self.worker = old.worker;
-        self.icmp_src = old.icmp_src.clone();
-        self.icmp_rate = old.icmp_rate;
     }
 
     /// The addresses ICMP errors come from, by family: a router's are those
@@ -441,16 +599,16 @@ impl Engine {
     }
 
     pub fn local_addrs(&self) -> &[IpAddr] {
-        &self.local
+        self.tables.local()
     }
 
     /// True if ESP to `a` is ours to open (see [`esp_addrs`]).
     pub fn opens_esp_to(&self, a: IpAddr) -> bool {
-        self.esp_local.binary_search(&a).is_ok()
+        self.tables.esp_local().binary_search(&a).is_ok()
     }
 
     fn is_local(&self, a: IpAddr) -> bool {
-        self.local.binary_search(&a).is_ok()
+        self.tables.is_local(a)
     }
 
     /// Starts a burst of up to `n` packets, processed one by one with
@@ -479,7 +637,9 @@ impl Engine {
         c.decapsulated += b.decapsulated;
         c.bypass += b.bypass;
         for &id in &b.reserved[..b.n_reserved] {
-            let sa = self.sad.get_mut(id);
+            let Some(sa) = self.runs.peek_mut(id) else {
+                continue;
+            };
             if let (Some((next, last)), Some(share)) = (sa.seq_block.take(), &sa.share) {
                 // The owner is the only sender, so the counter still stands
                 // at `last`: move it back and no number is skipped. Should
@@ -502,7 +662,7 @@ impl Engine {
 
     /// The tag of cached decisions: grows with any change to the SPD or SAD.
     fn tables_version(&self) -> u64 {
-        self.spd.version() + self.sad.version()
+        self.tables.version()
     }
 
     /// [`Engine::begin_burst`] as a guard that ends the burst when dropped.
@@ -546,11 +706,11 @@ impl Engine {
         };
         // RFC 4301 §4.4.2: inbound SAs are looked up for this host's
         // addresses only; ESP to anyone else is not ours to open.
-        let ours = self.esp_local.binary_search(&flow.dst).is_ok();
+        let ours = self.opens_esp_to(flow.dst);
         let encap = l3.proto == proto::UDP
             && flow
                 .ports
-                .is_some_and(|p| self.encap_ports.contains(&p.dport));
+                .is_some_and(|p| self.tables.encap_ports().contains(&p.dport));
         if l3.proto == proto::ESP && ours {
             return self.inbound(pkt, &l3, flow.dst);
         }
@@ -580,7 +740,8 @@ impl Engine {
     fn icmp_error_about_protected(&self, d: &[u8], l3: &L3, flow: &Flow) -> bool {
         if l3.fragment
             || self
-                .spd
+                .tables
+                .spd()
                 .lookup(Direction::Out, flow)
                 .is_some_and(|p| p.requires_protection())
         {
@@ -603,7 +764,8 @@ impl Engine {
         [Direction::Out, Direction::Fwd, Direction::In]
             .iter()
             .any(|dir| {
-                self.spd
+                self.tables
+                    .spd()
                     .lookup(*dir, &q)
                     .is_some_and(|p| p.requires_protection())
             })
@@ -626,9 +788,10 @@ impl Engine {
         };
         spi != 0
             && self
-                .sad
+                .tables
+                .sad()
                 .lookup_in(dst, spi)
-                .is_some_and(|id| self.sad.get(id).cfg.encap.is_some() == encap)
+                .is_some_and(|id| self.tables.sad().get(id).cfg.encap.is_some() == encap)
     }
 
     fn inbound(&mut self, pkt: &mut PacketBuf<'_>, l3: &L3, dst: IpAddr) -> Verdict {
@@ -650,8 +813,7 @@ impl Engine {
             let Ok((inner, flow)) = parse_ro(pkt.data()) else {
                 return self.drop_for(&sp[..n], DropReason::BadInner);
             };
-            let nested =
-                inner.proto == proto::ESP && self.esp_local.binary_search(&flow.dst).is_ok();
+            let nested = inner.proto == proto::ESP && self.opens_esp_to(flow.dst);
             if !nested {
                 // The inner packet is parsed once; the policy check uses this flow.
                 return match self.check_decapsulated_cached(&flow, &sp[..n]) {
@@ -736,13 +898,22 @@ impl Engine {
     /// to `emit`. Call it about once a second.
     pub fn nat_keepalives(&mut self, idle: u64, buf: &mut [u8], mut emit: impl FnMut(&[u8])) {
         let now = self.now;
-        for id in 0..self.sad.len() {
-            let sa = self.sad.get(id);
-            let Some(e) = sa.cfg.encap else { continue };
-            if !self.is_local(sa.cfg.src) {
+        let bound = self.tables.sad().id_bound();
+        // A bounded sweep that goes on where the last one stopped: with
+        // calls ten times a second, 100 000 SAs are all visited within the
+        // 20 s a keepalive interval lasts, and no call stalls the worker.
+        for _ in 0..bound.min(KEEPALIVE_SWEEP) {
+            let id = self.keepalive_at % bound;
+            self.keepalive_at = id + 1;
+            let Some(core) = self.tables.sad().core(id) else {
+                continue;
+            };
+            let Some(e) = core.cfg.encap else { continue };
+            let (src, dst) = (core.cfg.src, core.cfg.dst);
+            if !self.is_local(src) {
                 continue;
             }
-            let sa = self.sad.get_mut(id);
+            let sa = self.run(id);
             if sa.last_tx == 0 {
                 // First sight: start the idle timer now.
                 sa.last_tx = now;
@@ -752,7 +923,7 @@ impl Engine {
                 continue;
             }
             sa.last_tx = now;
-            let n = keepalive(buf, sa.cfg.src, sa.cfg.dst, e.sport, e.dport);
+            let n = keepalive(buf, src, dst, e.sport, e.dport);
             emit(&buf[..n]);
         }
     }
@@ -760,7 +931,7 @@ impl Engine {
     /// Counts `r` against the innermost SA of the path and drops.
     fn drop_for(&mut self, sp: &[SaId], r: DropReason) -> Verdict {
         if let Some(&id) = sp.last() {
-            self.sad.get_mut(id).count_drop(r);
+            self.run(id).count_drop(r);
         }
         Verdict::Drop(r)
     }
@@ -788,7 +959,7 @@ impl Engine {
             Some((d, s, id)) if s == spi && d == dst => Some(id),
             _ => None,
         };
-        let Some(id) = cached.or_else(|| self.sad.lookup_in(dst, spi)) else {
+        let Some(id) = cached.or_else(|| self.tables.sad().lookup_in(dst, spi)) else {
             if self.unknown_spi_second != Some(self.now) {
                 self.unknown_spi_second = Some(self.now);
                 self.event(SaEventKind::UnknownSpi, dst, spi, "");
@@ -799,8 +970,8 @@ impl Engine {
             self.burst.sa_in = Some((dst, spi, id));
         }
         let worker = self.worker;
-        let sa = self.sad.get_mut(id);
-        if sa.cfg.encap.is_some() != l3.udp_encap {
+        let sa = self.run(id);
+        if sa.core.cfg.encap.is_some() != l3.udp_encap {
             sa.count_drop(DropReason::EncapMismatch);
             return Err(Failed(DropReason::EncapMismatch));
         }
@@ -812,10 +983,10 @@ impl Engine {
             }
         }
         if !self.within_lifetime(id) {
-            self.sad.get_mut(id).count_drop(DropReason::SaExpired);
+            self.run(id).count_drop(DropReason::SaExpired);
             return Err(Failed(DropReason::SaExpired));
         }
-        let sa = self.sad.get_mut(id);
+        let sa = self.run(id);
         let r = inbound::decapsulate(sa, pkt, l3);
         let r = match (r, sa.share.as_ref()) {
             // Claimed only after the ICV verified, so forged packets on
@@ -873,7 +1044,7 @@ impl Engine {
     fn check_decapsulated(&self, flow: &Flow, sp: &[SaId]) -> Result<(), DropReason> {
         let mut path = [None; MAX_NEST];
         for (slot, &id) in path.iter_mut().zip(sp) {
-            let c = &self.sad.get(id).cfg;
+            let c = &self.tables.sad().get(id).cfg;
             if c.sel.as_ref().is_some_and(|sel| !sel.matches(flow)) {
                 return Err(DropReason::PolicyMismatch);
             }
@@ -890,13 +1061,15 @@ impl Engine {
         } else {
             Direction::Fwd
         };
-        match self.spd.lookup(dir, flow) {
+        match self.tables.spd().lookup(dir, flow) {
             Some(p) if p.action == Action::Block => Err(DropReason::Discard),
             Some(p) if templates_match(&p.tmpls, path) => Ok(()),
             Some(_) => Err(DropReason::PolicyMismatch),
             // No policy: transport-mode traffic is accepted when the default
             // allows; tunnel-mode traffic never is (XFRM's XfrmInNoPols).
-            None if all_transport && self.spd.default_action(dir) == Action::Allow => Ok(()),
+            None if all_transport && self.tables.spd().default_action(dir) == Action::Allow => {
+                Ok(())
+            }
             None => Err(DropReason::NoPolicy),
         }
     }
@@ -914,6 +1087,10 @@ impl Engine {
             }
         };
         let (chain, k) = match decision {
+            OutDecision::Done(v @ Verdict::Drop(DropReason::NoOutSa)) => {
+                self.acquire(flow);
+                return v;
+            }
             OutDecision::Done(v) => return v,
             OutDecision::Forward => return self.forward_bypass(pkt, l3, flow),
             OutDecision::Protect(chain, k) => (chain, usize::from(k)),
@@ -921,7 +1098,7 @@ impl Engine {
         let chain = &chain[..k];
         // The owner of the first SA encapsulates, so that its packets leave
         // in sequence-number order; the first worker to send claims it.
-        if let Some(s) = self.sad.get(chain[0]).share.as_ref() {
+        if let Some(s) = self.shared.then(|| &self.tables.sad().get(chain[0]).share) {
             // A plain load first: the owner's own packets need no atomic write.
             let owner = s.owner.load(Relaxed);
             let claim = if owner == SaShare::NO_OWNER {
@@ -948,7 +1125,7 @@ impl Engine {
         }
         // RFC 6437: only an IPv6 tunnel header carries the flow label.
         let v6_tunnel = chain.iter().any(|&id| {
-            let c = &self.sad.get(id).cfg;
+            let c = &self.tables.sad().get(id).cfg;
             c.mode == Mode::Tunnel && c.dst.is_ipv6()
         });
         let mut params = OutParams {
@@ -959,7 +1136,7 @@ impl Engine {
         for &id in chain {
             if !self.within_lifetime(id) {
                 // An SA that ran out of sequence numbers keeps saying so.
-                let sa = self.sad.get_mut(id);
+                let sa = self.run(id);
                 let r = if sa.exhausted {
                     DropReason::SeqCycled
                 } else {
@@ -971,7 +1148,7 @@ impl Engine {
         }
         for (i, &id) in chain.iter().enumerate() {
             let b = &mut self.burst;
-            let sa = self.sad.get_mut(id);
+            let sa = self.runs.get(&self.tables, id, self.shared);
             sa.last_tx = self.now;
             // Reserve the burst's numbers only where end_burst will find them.
             let listed = b.reserved[..b.n_reserved].contains(&id);
@@ -992,7 +1169,7 @@ impl Engine {
                 if r == DropReason::SeqCycled && !sa.expired {
                     // The end of the sequence space acts as a hard expiry.
                     sa.expired = true;
-                    let (dst, spi) = (sa.cfg.dst, sa.cfg.spi);
+                    let (dst, spi) = (sa.core.cfg.dst, sa.core.cfg.spi);
                     self.event(SaEventKind::HardExpire, dst, spi, "sequence");
                 }
                 return Verdict::Drop(r);
@@ -1015,7 +1192,7 @@ impl Engine {
         // policy says must arrive protected is dropped when it arrives in clear.
         let local = self.is_local(flow.dst);
         let dir = if local { Direction::In } else { Direction::Fwd };
-        match self.spd.lookup(dir, flow) {
+        match self.tables.spd().lookup(dir, flow) {
             Some(p) if p.action == Action::Block => {
                 return Done(Verdict::Drop(DropReason::Discard))
             }
@@ -1023,7 +1200,7 @@ impl Engine {
                 return Done(Verdict::Drop(DropReason::UnprotectedInbound))
             }
             Some(_) => {}
-            None if self.spd.default_action(dir) == Action::Block => {
+            None if self.tables.spd().default_action(dir) == Action::Block => {
                 return Done(Verdict::Drop(DropReason::NoPolicy))
             }
             None => {}
@@ -1032,8 +1209,8 @@ impl Engine {
             // Addressed to this host and allowed: delivered, not forwarded.
             return Done(Verdict::Bypass);
         }
-        let Some(p) = self.spd.lookup(Direction::Out, flow) else {
-            return match self.spd.default_action(Direction::Out) {
+        let Some(p) = self.tables.spd().lookup(Direction::Out, flow) else {
+            return match self.tables.spd().default_action(Direction::Out) {
                 Action::Allow => Forward,
                 Action::Block => Done(Verdict::Drop(DropReason::NoPolicy)),
             };
@@ -1047,7 +1224,7 @@ impl Engine {
         let mut chain = [0 as SaId; MAX_NEST];
         let mut k = 0;
         for t in p.tmpls.iter().take(MAX_NEST) {
-            match self.sad.lookup_out(t, flow) {
+            match self.tables.sad().lookup_out(t, flow) {
                 Some(id) => {
                     chain[k] = id;
                     k += 1;
@@ -1060,6 +1237,45 @@ impl Engine {
             return Forward;
         }
         Protect(chain, k as u8)
+    }
+
+    /// RFC 4301 §5.1 step 3a: a PROTECT policy matched and its SA does not
+    /// exist — the packet is dropped (XFRM's larval state does the same)
+    /// and the IKE daemon hears of it once a second per policy, with the
+    /// policy and the packet's selector fields, to negotiate the SA (Linux's
+    /// XFRM_MSG_ACQUIRE; strongSwan's `start_action = trap`).
+    fn acquire(&mut self, flow: &Flow) {
+        let Some(p) = self.tables.spd().lookup(Direction::Out, flow) else {
+            return;
+        };
+        if self.acquired.get(&p.sel) == Some(&self.now) || self.events.len() >= MAX_EVENTS {
+            return;
+        }
+        let Some(t) = p
+            .tmpls
+            .iter()
+            .find(|t| t.level == Level::Required && self.tables.sad().lookup_out(t, flow).is_none())
+            .copied()
+        else {
+            return;
+        };
+        let (sel, priority) = (p.sel, p.priority);
+        if self.acquired.len() >= MAX_ACQUIRING {
+            self.acquired.clear();
+        }
+        self.acquired.insert(sel, self.now);
+        self.events.push(SaEvent {
+            kind: SaEventKind::Acquire,
+            dst: t.dst.unwrap_or(flow.dst),
+            spi: 0,
+            why: "",
+            acquire: Some(Acquire {
+                policy: sel,
+                priority,
+                tmpl: t,
+                flow: *flow,
+            }),
+        });
     }
 
     /// BYPASS of a packet that is not for this host: forwarded in clear,
@@ -1092,7 +1308,7 @@ impl Engine {
         let mut len = pkt.len();
         let mut keep_now = keep;
         for &id in chain {
-            len = outbound::encapsulated_len(self.sad.get(id), len, keep_now);
+            len = outbound::encapsulated_len(self.tables.sad().get(id), len, keep_now);
             keep_now = 0;
         }
         if len <= mtu {
@@ -1101,7 +1317,11 @@ impl Engine {
         // The largest inner packet that fits, from the outermost SA inwards.
         let mut fit = mtu;
         for (i, &id) in chain.iter().enumerate().rev() {
-            fit = outbound::max_inner(self.sad.get(id), fit, if i == 0 { keep } else { 0 });
+            fit = outbound::max_inner(
+                self.tables.sad().get(id),
+                fit,
+                if i == 0 { keep } else { 0 },
+            );
         }
         // IPv4 without DF: encapsulate; the outer packet will be fragmented.
         // IPv6 of at most 1280 octets must get through whatever the tunnel's
@@ -1137,7 +1357,7 @@ impl Engine {
             self.icmp_left = self.icmp_rate;
         }
         let v4 = l3.version == 4;
-        let Some(src) = (self.icmp_src.iter().chain(&self.local))
+        let Some(src) = (self.icmp_src.iter().chain(self.tables.local()))
             .copied()
             .find(|a| a.is_ipv4() == v4)
         else {

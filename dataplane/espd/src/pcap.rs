@@ -285,22 +285,27 @@ impl Run {
             .iter()
             .map(|r| (r.name().to_string(), json!(c.drops[*r as usize])))
             .collect();
-        let sas: Vec<serde_json::Value> = self
-            .engine
-            .sad
-            .iter()
-            .map(|sa| {
+        let e = &self.engine;
+        let sas: Vec<serde_json::Value> = e
+            .tables()
+            .sad()
+            .iter_ids()
+            .map(|(id, core)| {
+                // An SA no packet used has its configured state.
+                let fresh = espd_core::state::Sa::from_core(core.clone(), false);
+                let sa = e.sa_state(id).unwrap_or(&fresh);
                 let d: serde_json::Map<String, serde_json::Value> = DropReason::ALL
                     .iter()
                     .filter(|r| sa.counters.drops[**r as usize] > 0)
                     .map(|r| (r.name().to_string(), json!(sa.counters.drops[*r as usize])))
                     .collect();
+                let cfg = sa.cfg();
                 json!({
-                    "spi": format!("0x{:08x}", sa.cfg.spi),
-                    "src": sa.cfg.src.to_string(),
-                    "dst": sa.cfg.dst.to_string(),
-                    "reqid": sa.cfg.reqid,
-                    "mode": sa.cfg.mode.as_str(),
+                    "spi": format!("0x{:08x}", cfg.spi),
+                    "src": cfg.src.to_string(),
+                    "dst": cfg.dst.to_string(),
+                    "reqid": cfg.reqid,
+                    "mode": cfg.mode.as_str(),
                     "packets": sa.counters.packets,
                     "bytes": sa.counters.bytes,
                     "oseq": sa.oseq,

@@ -50,9 +50,8 @@ fn engine(text: &str) -> Engine {
 fn twins() -> (Engine, Engine) {
     let a = engine(&gw1());
     let mut b = engine(&gw1());
-    for id in 0..a.sad.len() {
-        b.sad.get_mut(id).cfg.iv_mask = a.sad.get(id).cfg.iv_mask;
-    }
+    // The same SAs (one set of tables), each engine its own runtime state.
+    b.set_tables(a.tables().clone());
     (a, b)
 }
 
@@ -170,11 +169,14 @@ fn compare(
         (a.encapsulated, a.decapsulated, a.bypass, a.dropped, a.drops),
         (b.encapsulated, b.decapsulated, b.bypass, b.dropped, b.drops)
     );
-    for id in 0..single.sad.len() {
-        let (x, y) = (single.sad.get(id), burst.sad.get(id));
-        assert_eq!(x.oseq, y.oseq);
-        assert_eq!(x.counters.packets, y.counters.packets);
-        assert_eq!(x.counters.drops, y.counters.drops);
+    for id in 0..single.tables().sad().id_bound() {
+        let (x, y) = (single.sa_state(id), burst.sa_state(id));
+        assert_eq!(x.is_some(), y.is_some());
+        if let (Some(x), Some(y)) = (x, y) {
+            assert_eq!(x.oseq, y.oseq);
+            assert_eq!(x.counters.packets, y.counters.packets);
+            assert_eq!(x.counters.drops, y.counters.drops);
+        }
     }
 }
 
@@ -218,9 +220,7 @@ fn bursts_match_single_packets_for_an_ipv6_bundle_too() {
         Engine::new(c.sad, c.spd, &["2001:db8:1::10".parse().unwrap()])
     };
     let (mut single, mut burst) = (single_e(), single_e());
-    for id in 0..single.sad.len() {
-        burst.sad.get_mut(id).cfg.iv_mask = single.sad.get(id).cfg.iv_mask;
-    }
+    burst.set_tables(single.tables().clone());
     let c = Config::parse("bg.conf", &b_and_g()).unwrap_or_else(|e| panic!("{e}"));
     let mut peer = Engine::new(c.sad, c.spd, &[]);
     let mut esp: Vec<Vec<u8>> = (0..151)
@@ -275,7 +275,7 @@ fn counters_are_added_when_the_burst_ends() {
     }
     assert_eq!(e.counters.encapsulated, 0, "not yet: once per burst");
     assert_eq!(
-        e.sad.get(0).counters.packets,
+        e.sa_state(0).unwrap().counters.packets,
         3,
         "the SA's own count is live"
     );
@@ -297,7 +297,7 @@ fn seq_of(esp: &[u8]) -> u32 {
 #[test]
 fn a_shared_sa_reserves_a_bursts_numbers_at_once_and_gives_back_the_rest() {
     let (mut w0, mut w1) = shared_pair();
-    let shared = w0.sad.get(0).share.clone().unwrap();
+    let shared = w0.tables().sad().get(0).share.clone();
     let pkt = udp4("198.18.1.10", "198.18.2.20", 9);
     let mut seen = Vec::new();
     for (burst, used) in [(64, 10), (64, 64), (16, 3), (1, 1), (64, 0), (32, 31)] {
@@ -319,11 +319,11 @@ fn a_shared_sa_reserves_a_bursts_numbers_at_once_and_gives_back_the_rest() {
         w0.end_burst();
         // What was not used is given back: the counter stands at the last number sent.
         assert_eq!(shared.oseq.load(Relaxed), seen.len() as u64);
-        assert_eq!(w0.sad.get(0).seq_block, None);
+        assert_eq!(w0.sa_state(0).unwrap().seq_block, None);
     }
     // In order, none skipped, none twice.
     assert_eq!(seen, (1..=seen.len() as u32).collect::<Vec<_>>());
-    assert_eq!(w0.sad.get(0).oseq, seen.len() as u64);
+    assert_eq!(w0.sa_state(0).unwrap().oseq, seen.len() as u64);
 }
 
 #[test]
@@ -331,8 +331,8 @@ fn a_reservation_never_passes_the_end_of_the_sequence_space() {
     let (mut w0, _w1) = shared_pair();
     // Without ESN the last number is 2^32 - 1; leave room for 5.
     let start = u64::from(u32::MAX) - 5;
-    w0.sad.get_mut(0).oseq = start;
-    let shared = w0.sad.get(0).share.clone().unwrap();
+    w0.sa_mut(0).oseq = start;
+    let shared = w0.tables().sad().get(0).share.clone();
     shared.oseq.store(start, Relaxed);
     let pkt = udp4("198.18.1.10", "198.18.2.20", 9);
     let mut e = w0.burst(64);
@@ -380,7 +380,8 @@ fn a_change_to_the_spd_voids_the_cached_decisions() {
     )
     .unwrap();
     let p: &Spd = &block.spd;
-    e.spd.insert(p.policies(Direction::Out)[0].clone()).unwrap();
+    let pol = p.policies(Direction::Out)[0].clone();
+    change(&mut e, |t| t.insert_policy(pol).unwrap());
     assert_eq!(
         one(&mut e),
         Verdict::Drop(espd_core::DropReason::Discard),

@@ -93,14 +93,20 @@ pub fn run(e: &mut Engine, pkt: &[u8]) -> (Verdict, Vec<u8>) {
     (v, p.data().to_vec())
 }
 
-/// Links two workers' engines over the same SAs as the gateway links them
-/// (one `SaShare` per SA) and makes them workers 0 and 1.
+/// Links two workers' engines as the gateway links them: one set of
+/// tables (each SA once, with its shared counter and owner), workers 0 and 1.
 pub fn link_workers(e0: &mut Engine, e1: &mut Engine) {
-    for id in 0..e0.sad.len() {
-        let s = espd_core::state::SaShare::new(e0.sad.get(id).oseq);
-        e0.sad.get_mut(id).share = Some(s.clone());
-        e1.sad.get_mut(id).share = Some(s);
-    }
+    e1.set_tables(e0.tables().clone());
+    e0.set_shared(true);
+    e1.set_shared(true);
     e0.set_worker(0);
     e1.set_worker(1);
+}
+
+/// Applies a change to an engine's tables as the control side does: a
+/// copy changed and published.
+pub fn change(e: &mut Engine, f: impl FnOnce(&mut espd_core::state::Tables)) {
+    let mut t = (**e.tables()).clone();
+    f(&mut t);
+    e.set_tables(std::sync::Arc::new(t));
 }

@@ -87,7 +87,7 @@ fn expiring_plaintext_gets_time_exceeded_and_expiring_inner_is_dropped() {
     let (v, _) = run(&mut b, &esp);
     assert_eq!(v, Verdict::Drop(DropReason::TtlExceeded));
     assert_eq!(
-        b.sad.get(0).counters.drops[DropReason::TtlExceeded as usize],
+        b.sa_state(0).unwrap().counters.drops[DropReason::TtlExceeded as usize],
         1
     );
 }
@@ -153,7 +153,7 @@ fn the_shared_counter_never_reuses_a_number_even_across_owners() {
     let mut seen = std::collections::BTreeSet::new();
     for i in 0..100 {
         let e = if i % 2 == 0 { &mut w0 } else { &mut w1 };
-        let owner = &e.sad.get(0).share.as_ref().unwrap().owner;
+        let owner = &e.tables().sad().get(0).share.owner;
         owner.store(SaShare::NO_OWNER, std::sync::atomic::Ordering::Relaxed);
         let (v, esp) = run(e, &udp4("198.18.1.10", "198.18.2.20", 9));
         assert!(matches!(v, Verdict::Encapsulated(_)));
@@ -269,7 +269,7 @@ fn partial_checksums_are_completed_and_nothing_else_is_touched() {
 }
 
 #[test]
-fn a_new_engine_takes_over_windows_sequence_numbers_and_iv_masks() {
+fn a_change_of_tables_keeps_windows_sequence_numbers_and_iv_masks() {
     let mut a = engine(&gw1(), &[]);
     let mut b = engine(&gw2(), &[]);
     let pkt = udp4("198.18.1.10", "198.18.2.20", 9);
@@ -277,24 +277,50 @@ fn a_new_engine_takes_over_windows_sequence_numbers_and_iv_masks() {
     for e in &esp[..3] {
         assert!(matches!(run(&mut b, e).0, Verdict::Decapsulated(_)));
     }
-    // A configuration change elsewhere: both sides rebuild their engines.
-    let extra = "policy add src 198.18.7.0/24 dst 198.18.8.0/24 dir out action block\n";
-    let mut a2 = engine(&format!("{}{extra}", gw1()), &[]);
-    let mut b2 = engine(&format!("{}{extra}", gw2()), &[]);
-    a2.adopt_state(&a);
-    b2.adopt_state(&b);
-    assert_eq!(a2.sad.get(0).cfg.iv_mask, a.sad.get(0).cfg.iv_mask);
+    // A configuration change elsewhere (a policy), and a `state update` of
+    // the SAs themselves (a new lifetime): both sides take new tables.
+    let extra = Config::parse(
+        "x.conf",
+        "policy add src 198.18.7.0/24 dst 198.18.8.0/24 dir out action block\n",
+    )
+    .unwrap();
+    let pol = extra.spd.policies(espd_core::state::Direction::Out)[0].clone();
+    let mask = a.tables().sad().get(0).cfg.iv_mask;
+    for e in [&mut a, &mut b] {
+        let p = pol.clone();
+        let mut cfg = e.tables().sad().get(0).cfg.clone();
+        cfg.lifetime.packets_hard = 1000;
+        // A fresh parse would draw another mask: the update keeps the running one.
+        cfg.iv_mask ^= 0xffff;
+        change(e, move |t| {
+            t.insert_policy(p).unwrap();
+            t.update_sa(espd_core::state::SaCore::new(cfg).unwrap())
+                .unwrap();
+        });
+    }
+    assert_eq!(a.tables().sad().get(0).cfg.iv_mask, mask);
+    assert_eq!(a.tables().sad().get(0).cfg.lifetime.packets_hard, 1000);
     // The window survived: a replay of an old packet is refused, the unseen ones pass.
-    assert_eq!(run(&mut b2, &esp[1]).0, Verdict::Drop(DropReason::Replay));
-    assert!(matches!(run(&mut b2, &esp[4]).0, Verdict::Decapsulated(_)));
-    assert!(matches!(run(&mut b2, &esp[3]).0, Verdict::Decapsulated(_)));
+    assert_eq!(run(&mut b, &esp[1]).0, Verdict::Drop(DropReason::Replay));
+    assert!(matches!(run(&mut b, &esp[4]).0, Verdict::Decapsulated(_)));
+    assert!(matches!(run(&mut b, &esp[3]).0, Verdict::Decapsulated(_)));
     // The sequence goes on (6, not 1), with the same IV mask: no IV repeats.
-    let next = run(&mut a2, &pkt).1;
+    let next = run(&mut a, &pkt).1;
     assert_eq!(u32::from_be_bytes(next[24..28].try_into().unwrap()), 6);
     let iv = |p: &[u8]| p[28..36].to_vec();
     assert!(esp.iter().all(|e| iv(e) != iv(&next)));
-    assert!(matches!(run(&mut b2, &next).0, Verdict::Decapsulated(_)));
-    assert_eq!(b2.counters.decapsulated, 6);
+    assert!(matches!(run(&mut b, &next).0, Verdict::Decapsulated(_)));
+    assert_eq!(b.counters.decapsulated, 6);
+    // A delete and a re-add under the same id is a new SA: a fresh window.
+    let cfg = b.tables().sad().get(0).cfg.clone();
+    let (d, spi) = (cfg.dst, cfg.spi);
+    change(&mut b, move |t| {
+        t.remove_sa(d, spi).unwrap();
+        t.insert_sa(espd_core::state::SaCore::new(cfg).unwrap())
+            .unwrap();
+    });
+    assert!(b.sa_state(0).is_none(), "the old state went with its SA");
+    assert!(matches!(run(&mut b, &esp[1]).0, Verdict::Decapsulated(_)));
 }
 
 #[test]

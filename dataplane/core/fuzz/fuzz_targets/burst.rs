@@ -28,9 +28,8 @@ fn twins(t: &str) -> (Engine, Engine) {
     let a = Engine::new(c.sad, c.spd, &[]);
     let c = Config::parse("fuzz", t).expect("fuzz config");
     let mut b = Engine::new(c.sad, c.spd, &[]);
-    for id in 0..a.sad.len() {
-        b.sad.get_mut(id).cfg.iv_mask = a.sad.get(id).cfg.iv_mask;
-    }
+    // The same SAs (one set of tables), each engine its own runtime state.
+    b.set_tables(a.tables().clone());
     (a, b)
 }
 

@@ -29,33 +29,34 @@ impl From<ReplayError> for DropReason {
 /// Decapsulates the ESP packet in `pkt` (its ESP header at `l3.upper_at`).
 /// Nothing in the SA changes unless the ICV verified.
 pub fn decapsulate(sa: &mut Sa, pkt: &mut PacketBuf<'_>, l3: &L3) -> Result<Decap, DropReason> {
-    let iv_len = sa.transform.iv_len();
-    let icv_len = sa.transform.icv_len();
+    let iv_len = sa.core.transform.iv_len();
+    let icv_len = sa.core.transform.icv_len();
     let esp_at = l3.upper_at;
     let ct_start = esp_at + esp::HEADER_LEN + iv_len;
     let len = pkt.len();
     // Smallest ciphertext: pad length and next header, aligned to the block.
-    if len < ct_start + icv_len + sa.transform.align().max(4) {
+    if len < ct_start + icv_len + sa.core.transform.align().max(4) {
         return Err(DropReason::Runt);
     }
     let ct_end = len - icv_len;
-    if !(ct_end - ct_start).is_multiple_of(sa.transform.align()) {
+    if !(ct_end - ct_start).is_multiple_of(sa.core.transform.align()) {
         // RFC 4303 §2.4: the trailer must end 4-octet (or block) aligned.
         return Err(DropReason::BadHeader);
     }
     let d = pkt.data_mut();
     let seq_lo = u32::from_be_bytes([d[esp_at + 4], d[esp_at + 5], d[esp_at + 6], d[esp_at + 7]]);
     // RFC 4303 §3.4.3 / Appendix A: the full number, then the cheap check first.
-    let seq = if sa.cfg.flags.esn {
+    let seq = if sa.core.cfg.flags.esn {
         sa.replay.infer_esn(seq_lo)
     } else {
         u64::from(seq_lo)
     };
     sa.replay.check(seq)?;
-    let hi = sa.cfg.flags.esn.then_some((seq >> 32) as u32);
+    let hi = sa.core.cfg.flags.esn.then_some((seq >> 32) as u32);
     let (body, icv) = d.split_at_mut(ct_end);
     // RFC 4303 §3.4.4: integrity first; nothing is decrypted unless it verified.
-    sa.transform
+    sa.core
+        .transform
         .open(&mut body[esp_at..], hi, icv)
         .map_err(|_| DropReason::IcvMismatch)?;
     // Only an authenticated packet moves the window.
@@ -65,10 +66,11 @@ pub fn decapsulate(sa: &mut Sa, pkt: &mut PacketBuf<'_>, l3: &L3) -> Result<Deca
         esp::parse_trailer(&d[ct_start..ct_end]).map_err(|_| DropReason::BadPadding)?;
     sa.counters.packets += 1;
     sa.counters.bytes += payload_len as u64;
+    sa.dirty = true;
     if nh == proto::NONE {
         return Ok(Decap::Dummy);
     }
-    match sa.cfg.mode {
+    match sa.core.cfg.mode {
         Mode::Tunnel => tunnel(sa, pkt, l3, ct_start, payload_len, nh),
         Mode::Transport => transport(pkt, l3, payload_len, nh, iv_len),
     }
@@ -122,10 +124,10 @@ fn tunnel(
 /// `decap-dscp`.
 fn inner_tos(sa: &Sa, inner: u8, outer: u8) -> Result<u8, DropReason> {
     let mut tos = inner;
-    if !sa.cfg.flags.noecn {
+    if !sa.core.cfg.flags.noecn {
         tos = (tos & 0xfc) | ecn::decap(inner, outer).ok_or(DropReason::EcnDrop)?;
     }
-    if sa.cfg.flags.decap_dscp {
+    if sa.core.cfg.flags.decap_dscp {
         tos = (outer & 0xfc) | (tos & 3);
     }
     Ok(tos)

@@ -5,7 +5,7 @@
 use super::{ecn, L3};
 use crate::buf::PacketBuf;
 use crate::drop::DropReason;
-use crate::state::{Mode, Sa};
+use crate::state::{Mode, Sa, SaCore};
 use crate::wire::{esp, ipv4, ipv6, proto, udp};
 use core::net::IpAddr;
 
@@ -25,7 +25,7 @@ pub struct OutParams {
 
 /// Octets of ESP framing around `payload` octets through `sa`, not counting
 /// any outer IP header: UDP (NAT-T), ESP header, IV, padding, trailer, ICV.
-fn framing(sa: &Sa, payload: usize) -> usize {
+fn framing(sa: &SaCore, payload: usize) -> usize {
     let t = &sa.transform;
     let udp = if sa.cfg.encap.is_some() {
         udp::HEADER_LEN
@@ -39,7 +39,7 @@ fn framing(sa: &Sa, payload: usize) -> usize {
         + t.icv_len()
 }
 
-fn outer_len(sa: &Sa) -> usize {
+fn outer_len(sa: &SaCore) -> usize {
     match (sa.cfg.mode, sa.cfg.dst) {
         (Mode::Tunnel, IpAddr::V4(_)) => ipv4::HEADER_LEN,
         (Mode::Tunnel, IpAddr::V6(_)) => ipv6::HEADER_LEN,
@@ -50,7 +50,7 @@ fn outer_len(sa: &Sa) -> usize {
 /// The length of a packet of `len` octets after encapsulation through `sa`.
 /// `keep` is what transport mode leaves in front of ESP (the IP header and
 /// the extension headers before ESP); tunnel mode protects everything.
-pub fn encapsulated_len(sa: &Sa, len: usize, keep: usize) -> usize {
+pub fn encapsulated_len(sa: &SaCore, len: usize, keep: usize) -> usize {
     let keep = if sa.cfg.mode == Mode::Tunnel { 0 } else { keep };
     len + outer_len(sa) + framing(sa, len - keep.min(len))
 }
@@ -58,7 +58,7 @@ pub fn encapsulated_len(sa: &Sa, len: usize, keep: usize) -> usize {
 /// The largest packet that still fits `mtu` after encapsulation through `sa`
 /// (RFC 4301 §8.2.1: the MTU to report back is the path MTU less the
 /// IPsec overhead). 0 if nothing fits.
-pub fn max_inner(sa: &Sa, mtu: usize, keep: usize) -> usize {
+pub fn max_inner(sa: &SaCore, mtu: usize, keep: usize) -> usize {
     let keep = if sa.cfg.mode == Mode::Tunnel { 0 } else { keep };
     let t = &sa.transform;
     let udp = if sa.cfg.encap.is_some() {
@@ -127,10 +127,10 @@ pub fn encapsulate(
     l3: &L3,
     params: &OutParams,
 ) -> Result<(), DropReason> {
-    let iv_len = sa.transform.iv_len();
-    let icv_len = sa.transform.icv_len();
+    let iv_len = sa.core.transform.iv_len();
+    let icv_len = sa.core.transform.icv_len();
     // Where the protected payload starts in the original packet, and its next header.
-    let (keep, nh) = match sa.cfg.mode {
+    let (keep, nh) = match sa.core.cfg.mode {
         Mode::Tunnel => (
             0,
             if l3.version == 4 {
@@ -152,15 +152,15 @@ pub fn encapsulate(
         }
     };
     let payload_len = pkt.len() - keep;
-    let pad = esp::pad_len(payload_len, sa.transform.align());
+    let pad = esp::pad_len(payload_len, sa.core.transform.align());
     let tail = pad + esp::TRAILER_LEN + icv_len;
-    let outer_len = match (sa.cfg.mode, sa.cfg.dst) {
+    let outer_len = match (sa.core.cfg.mode, sa.core.cfg.dst) {
         (Mode::Tunnel, IpAddr::V4(_)) => ipv4::HEADER_LEN,
         (Mode::Tunnel, IpAddr::V6(_)) => ipv6::HEADER_LEN,
         (Mode::Transport, _) => keep,
     };
     // RFC 3948 §2.1: a UDP header between the IP header and ESP.
-    let udp_len = if sa.cfg.encap.is_some() {
+    let udp_len = if sa.core.cfg.encap.is_some() {
         udp::HEADER_LEN
     } else {
         0
@@ -168,7 +168,7 @@ pub fn encapsulate(
     let grow = udp_len
         + esp::HEADER_LEN
         + iv_len
-        + if sa.cfg.mode == Mode::Tunnel {
+        + if sa.core.cfg.mode == Mode::Tunnel {
             outer_len
         } else {
             0
@@ -177,7 +177,7 @@ pub fn encapsulate(
     if pkt.headroom() < grow || pkt.tailroom() < tail || new_len > usize::from(u16::MAX) + 40 {
         return Err(DropReason::TooBig);
     }
-    if sa.cfg.dst.is_ipv4() && new_len > usize::from(u16::MAX) {
+    if sa.core.cfg.dst.is_ipv4() && new_len > usize::from(u16::MAX) {
         return Err(DropReason::TooBig);
     }
     let seq = next_seq(sa, params.reserve)?;
@@ -191,7 +191,7 @@ pub fn encapsulate(
     pkt.prepend(grow).expect("headroom checked");
     pkt.append(tail).expect("tailroom checked");
     let d = pkt.data_mut();
-    if sa.cfg.mode == Mode::Transport {
+    if sa.core.cfg.mode == Mode::Transport {
         d.copy_within(grow..grow + keep, 0);
     }
     let esp_at = outer_len + udp_len;
@@ -207,26 +207,27 @@ pub fn encapsulate(
     let hdr: &mut [u8; esp::HEADER_LEN] = (&mut d[esp_at..esp_at + esp::HEADER_LEN])
         .try_into()
         .expect("8 octets");
-    esp::emit_header(hdr, sa.cfg.spi, seq as u32);
+    esp::emit_header(hdr, sa.core.cfg.spi, seq as u32);
     // The IV: unique (counter modes) or unpredictable (CBC); see Transform::make_iv.
-    sa.transform.make_iv(
+    sa.core.transform.make_iv(
         seq,
-        sa.cfg.iv_mask,
+        sa.core.cfg.iv_mask,
         &mut d[esp_at + esp::HEADER_LEN..ct_start],
     );
     // RFC 4303 §2.2.1: with ESN the high half is authenticated, never sent.
-    let hi = sa.cfg.flags.esn.then_some((seq >> 32) as u32);
+    let hi = sa.core.cfg.flags.esn.then_some((seq >> 32) as u32);
     let (body, icv) = d.split_at_mut(ct_end);
-    sa.transform
+    sa.core
+        .transform
         .seal(&mut body[esp_at..], hi, &mut icv[..icv_len]);
 
     let total = d.len();
-    match (sa.cfg.mode, sa.cfg.src, sa.cfg.dst) {
+    match (sa.core.cfg.mode, sa.core.cfg.src, sa.core.cfg.dst) {
         (Mode::Tunnel, IpAddr::V4(src), IpAddr::V4(dst)) => {
             let mut o = ipv4::Packet::new_unchecked(&mut d[..]);
             o.set_version_header_len(ipv4::HEADER_LEN);
             // DSCP copied (RFC 2983 uniform model); ECN per RFC 6040 §4.1.
-            o.set_tos((inner_tos & 0xfc) | ecn::encap(inner_tos, sa.cfg.flags.noecn));
+            o.set_tos((inner_tos & 0xfc) | ecn::encap(inner_tos, sa.core.cfg.flags.noecn));
             o.set_total_len(total as u16);
             sa.ip_id = sa.ip_id.wrapping_add(1);
             o.set_ident(sa.ip_id);
@@ -234,7 +235,7 @@ pub fn encapsulate(
             // RFC 4213 §3.2: set above 1280 octets (PMTU discovery works for
             // those), clear at or below, so the minimum IPv6 MTU always gets
             // through by outer fragmentation. Never with `flag nopmtudisc`.
-            let df = !sa.cfg.flags.nopmtudisc
+            let df = !sa.core.cfg.flags.nopmtudisc
                 && if l3.version == 6 {
                     inner_len > 1280
                 } else {
@@ -249,7 +250,7 @@ pub fn encapsulate(
         }
         (Mode::Tunnel, IpAddr::V6(src), IpAddr::V6(dst)) => {
             let mut o = ipv6::Packet::new_unchecked(&mut d[..]);
-            let tc = (inner_tos & 0xfc) | ecn::encap(inner_tos, sa.cfg.flags.noecn);
+            let tc = (inner_tos & 0xfc) | ecn::encap(inner_tos, sa.core.cfg.flags.noecn);
             o.set_ver_tc_flow(tc, params.flow_label);
             o.set_payload_len((total - ipv6::HEADER_LEN) as u16);
             o.set_next_header(proto::ESP);
@@ -271,11 +272,12 @@ pub fn encapsulate(
             }
         }
     }
-    if let Some(e) = sa.cfg.encap {
+    if let Some(e) = sa.core.cfg.encap {
         udp_encap(d, outer_len, e.sport, e.dport);
     }
     sa.counters.packets += 1;
     sa.counters.bytes += payload_len as u64;
+    sa.dirty = true;
     Ok(())
 }
 

@@ -6,12 +6,24 @@ pub mod sa;
 pub mod sad;
 pub mod selector;
 pub mod spd;
+pub mod tables;
 
 pub use replay::{ReplayError, ReplayWindow};
 pub use sa::{
-    Algs, Encap, KeyedAlg, Lifetime, Mode, Sa, SaConfig, SaCounters, SaError, SaFlags, SaId,
-    SaShare,
+    Algs, Encap, KeyedAlg, Lifetime, Mode, Sa, SaConfig, SaCore, SaCounters, SaError, SaFlags,
+    SaId, SaShare,
 };
 pub use sad::Sad;
 pub use selector::{Flow, PortRange, Prefix, Selector};
 pub use spd::{Action, Direction, Level, Policy, Spd, Template};
+pub use tables::Tables;
+
+/// The persistent hash map of the shared tables: Fx, not SipHash — they
+/// hold only configured keys (packets look up, never insert), so there is
+/// no hash-flooding exposure, and lookups are hot.
+pub type PMap<K, V> = imbl::GenericHashMap<
+    K,
+    V,
+    core::hash::BuildHasherDefault<rustc_hash::FxHasher>,
+    imbl::shared_ptr::DefaultSharedPtr,
+>;

@@ -266,7 +266,48 @@ impl SaShare {
     }
 }
 
-/// The runtime SA: everything the hot path touches.
+/// The part of an SA that exists once, whatever the number of workers:
+/// its configuration, its expanded keys and the state the workers share.
+/// Immutable once installed and reached through an `Arc`: a `state update`
+/// installs a new `SaCore` under the same [`SaCore::lineage`]; the old one
+/// (and its keys, zeroized) goes when the last worker lets go of it.
+pub struct SaCore {
+    pub cfg: SaConfig,
+    pub transform: Transform,
+    pub share: SaShare,
+    /// Kept across `state update`: a worker's runtime state (replay window,
+    /// sequence number, counters) follows the lineage, not the object.
+    pub lineage: u64,
+    /// When it was installed (the tables' clock, seconds), for time lifetimes.
+    pub added: u64,
+}
+
+impl SaCore {
+    /// Expands the keys (see [`SaConfig::transform`]).
+    pub fn new(cfg: SaConfig) -> Result<Self, SaError> {
+        let transform = cfg.transform()?;
+        Ok(SaCore {
+            share: SaShare::new(cfg.replay_oseq),
+            transform,
+            lineage: 0,
+            added: 0,
+            cfg,
+        })
+    }
+}
+
+impl core::fmt::Debug for SaCore {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "SaCore {{ dst: {}, spi: 0x{:08x}, lineage: {} }}",
+            self.cfg.dst, self.cfg.spi, self.lineage
+        )
+    }
+}
+
+/// One engine's runtime SA: everything the hot path writes, beside the
+/// shared [`SaCore`] it reads.
 ///
 /// Laid out for the data path (DPDK's `rte_ipsec_sa` and VPP's
 /// `ipsec_sa_t` do the same): C order with the fields every packet reads or
@@ -283,8 +324,6 @@ pub struct Sa {
     /// When the SA last sent (the caller's clock, seconds): NAT keepalives
     /// go out after an idle time (RFC 3948 §4).
     pub last_tx: u64,
-    /// When it was installed (the engine's clock), for time lifetimes.
-    pub added: u64,
     /// IPv4 identification for outer headers (tunnel mode).
     pub ip_id: u16,
     /// Set when the outbound sequence space is exhausted: the SA sends nothing more.
@@ -293,42 +332,52 @@ pub struct Sa {
     pub soft_reached: bool,
     /// The hard lifetime was reached, or the sequence space: no more packets.
     pub expired: bool,
+    /// Counted since the engine last published its counters.
+    pub dirty: bool,
     pub replay: ReplayWindow,
     /// Packet and octet counts first; the per-reason drops after them.
     pub counters: SaCounters,
-    /// Set when several workers' engines hold this SA.
+    /// Set when several workers' engines use this SA (the core's share).
     pub share: Option<SaShare>,
-    pub cfg: SaConfig,
-    pub transform: Transform,
+    pub core: Arc<SaCore>,
 }
 
 impl Sa {
+    /// An SA of its own (one engine, nothing shared): for tests and tools.
     pub fn new(cfg: SaConfig) -> Result<Self, SaError> {
-        let transform = cfg.transform()?;
+        Ok(Sa::from_core(Arc::new(SaCore::new(cfg)?), false))
+    }
+
+    /// A fresh runtime state for `core`; `shared` when several engines use it.
+    pub fn from_core(core: Arc<SaCore>, shared: bool) -> Self {
+        let cfg = &core.cfg;
         let replay = ReplayWindow::new(cfg.replay_window, cfg.replay_seq);
         // A per-SA start for the IPv4 ID so two tunnels do not march in step.
         let ip_id = (cfg.spi ^ (cfg.spi >> 16)) as u16;
-        Ok(Sa {
-            share: None,
+        Sa {
+            share: shared.then(|| core.share.clone()),
             oseq: cfg.replay_oseq,
             seq_block: None,
-            transform,
             replay,
             exhausted: false,
             ip_id,
             last_tx: 0,
             counters: SaCounters::default(),
-            added: 0,
             soft_reached: false,
             expired: false,
-            cfg,
-        })
+            dirty: false,
+            core,
+        }
+    }
+
+    pub fn cfg(&self) -> &SaConfig {
+        &self.core.cfg
     }
 
     /// The highest outbound sequence number this SA may use:
     /// RFC 4303 §3.3.3, the counter must not cycle.
     pub fn seq_limit(&self) -> u64 {
-        if self.cfg.flags.esn {
+        if self.core.cfg.flags.esn {
             u64::MAX
         } else {
             u64::from(u32::MAX)
@@ -337,5 +386,6 @@ impl Sa {
 
     pub fn count_drop(&mut self, r: DropReason) {
         self.counters.drops[r as usize] += 1;
+        self.dirty = true;
     }
 }

@@ -1,23 +1,34 @@
 //! The security association database (RFC 4301 §4.4.2). Inbound lookup is by
 //! destination address and SPI, as in Linux XFRM; outbound lookup by the
 //! policy template (reqid, mode, addresses).
+//!
+//! Persistent (structurally shared) maps: a copy costs O(1) and each
+//! change O(log n) — the control plane changes a copy and publishes it to
+//! the workers (see [`super::tables`]), whatever the number of SAs. An SA's
+//! id stays its own while it exists (a freed id is reused later; the
+//! tables' change log tells engines which ids changed).
 
-use super::sa::{Mode, Sa, SaId};
+use super::sa::{Mode, SaCore, SaId};
 use super::selector::Flow;
 use super::spd::Template;
+use super::PMap;
 use core::net::IpAddr;
-use rustc_hash::FxHashMap as HashMap;
-// Fx: keys are installed from configuration only; packets merely look up.
+use std::sync::Arc;
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Sad {
-    sas: Vec<Sa>,
-    by_dst_spi: HashMap<(IpAddr, u32), SaId>,
-    by_reqid: HashMap<u32, Vec<SaId>>,
+    cores: imbl::Vector<Option<Arc<SaCore>>>,
+    /// Ids freed by deletes, reused by later inserts.
+    free: imbl::Vector<SaId>,
+    by_dst_spi: PMap<(IpAddr, u32), SaId>,
+    /// reqid → SAs in install order (the newest last).
+    by_reqid: PMap<u32, Arc<[SaId]>>,
     /// (src, dst) → SAs, for templates without a reqid: both endpoints are
     /// always known (tunnel templates name them, transport uses the flow's).
-    by_pair: HashMap<(IpAddr, IpAddr), Vec<SaId>>,
-    /// SAs installed so far (see [`Sad::version`]).
+    by_pair: PMap<(IpAddr, IpAddr), Arc<[SaId]>>,
+    len: usize,
+    lineages: u64,
+    /// Changes so far (see [`Sad::version`]).
     version: u64,
 }
 
@@ -25,50 +36,160 @@ pub struct Sad {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Exists;
 
+/// `state update` or `delete` of a (dst, SPI) that does not exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotFound;
+
+/// `list` with `id` in install order (by lineage: an updated SA keeps its place).
+fn with(list: Option<&Arc<[SaId]>>, id: SaId, lineage: impl Fn(SaId) -> u64) -> Arc<[SaId]> {
+    let mut v: Vec<SaId> = list.map(|l| l.to_vec()).unwrap_or_default();
+    let me = lineage(id);
+    let at = v.partition_point(|x| lineage(*x) < me);
+    v.insert(at, id);
+    v.into()
+}
+
+fn without(list: &Arc<[SaId]>, id: SaId) -> Option<Arc<[SaId]>> {
+    let v: Vec<SaId> = list.iter().copied().filter(|x| *x != id).collect();
+    (!v.is_empty()).then(|| v.into())
+}
+
 impl Sad {
     pub fn new() -> Self {
         Self::default()
     }
 
-    pub fn insert(&mut self, sa: Sa) -> Result<SaId, Exists> {
-        let key = (sa.cfg.dst, sa.cfg.spi);
+    /// Installs an SA under a free id.
+    pub fn insert(&mut self, mut core: SaCore) -> Result<SaId, Exists> {
+        let key = (core.cfg.dst, core.cfg.spi);
         if self.by_dst_spi.contains_key(&key) {
             return Err(Exists);
         }
-        let id = self.sas.len();
+        self.lineages += 1;
+        core.lineage = self.lineages;
+        let id = match self.free.pop_back() {
+            Some(id) => id,
+            None => {
+                self.cores.push_back(None);
+                self.cores.len() - 1
+            }
+        };
+        let core = Arc::new(core);
+        self.cores.set(id, Some(core.clone()));
+        self.index(id, &core);
+        self.len += 1;
         self.version += 1;
-        self.by_dst_spi.insert(key, id);
-        self.by_reqid.entry(sa.cfg.reqid).or_default().push(id);
-        self.by_pair
-            .entry((sa.cfg.src, sa.cfg.dst))
-            .or_default()
-            .push(id);
-        self.sas.push(sa);
         Ok(id)
     }
 
-    pub fn len(&self) -> usize {
-        self.sas.len()
+    /// Indexes `id` (its core already in `cores`).
+    fn index(&mut self, id: SaId, core: &SaCore) {
+        let c = &core.cfg;
+        self.by_dst_spi.insert((c.dst, c.spi), id);
+        let cores = &self.cores;
+        let lineage = |x: SaId| cores[x].as_ref().map_or(0, |c| c.lineage);
+        let l = with(self.by_reqid.get(&c.reqid), id, lineage);
+        let p = with(self.by_pair.get(&(c.src, c.dst)), id, lineage);
+        self.by_reqid.insert(c.reqid, l);
+        self.by_pair.insert((c.src, c.dst), p);
     }
 
-    /// Grows with every SA installed: decisions cached under one version
-    /// are void under the next (the engine's flow caches). An installed
-    /// SA's selector, mode, reqid and addresses never change (the control
-    /// plane replaces an SA by building a new engine).
+    fn unindex(&mut self, id: SaId, core: &SaCore) {
+        let c = &core.cfg;
+        self.by_dst_spi.remove(&(c.dst, c.spi));
+        if let Some(l) = self.by_reqid.get(&c.reqid).map(|l| without(l, id)) {
+            match l {
+                Some(l) => self.by_reqid.insert(c.reqid, l),
+                None => self.by_reqid.remove(&c.reqid),
+            };
+        }
+        let pair = (c.src, c.dst);
+        if let Some(l) = self.by_pair.get(&pair).map(|l| without(l, id)) {
+            match l {
+                Some(l) => self.by_pair.insert(pair, l),
+                None => self.by_pair.remove(&pair),
+            };
+        }
+    }
+
+    /// `state update`: replaces the SA with the same (dst, SPI), keeping
+    /// what its traffic depends on — the IV mask (the sequence goes on, so
+    /// a new mask could repeat an IV), the shared sequence counter and
+    /// owner, the install time and the lineage (so every engine keeps the
+    /// SA's replay window, sequence number and counters). The replaced
+    /// core, and its keys, are returned to be dropped.
+    pub fn update(&mut self, mut core: SaCore) -> Result<(SaId, Arc<SaCore>), NotFound> {
+        let key = (core.cfg.dst, core.cfg.spi);
+        let id = *self.by_dst_spi.get(&key).ok_or(NotFound)?;
+        let old = self.cores[id].clone().ok_or(NotFound)?;
+        core.cfg.iv_mask = old.cfg.iv_mask;
+        core.share = old.share.clone();
+        core.lineage = old.lineage;
+        core.added = old.added;
+        let reindex = (old.cfg.reqid, old.cfg.src) != (core.cfg.reqid, core.cfg.src);
+        if reindex {
+            self.unindex(id, &old);
+        }
+        let core = Arc::new(core);
+        self.cores.set(id, Some(core.clone()));
+        if reindex {
+            self.index(id, &core);
+        }
+        self.version += 1;
+        Ok((id, old))
+    }
+
+    /// `state delete`: the SA's id, and its core to be dropped.
+    pub fn remove(&mut self, dst: IpAddr, spi: u32) -> Option<(SaId, Arc<SaCore>)> {
+        let id = *self.by_dst_spi.get(&(dst, spi))?;
+        let old = self.cores.set(id, None)?;
+        self.unindex(id, &old);
+        self.free.push_back(id);
+        self.len -= 1;
+        self.version += 1;
+        Some((id, old))
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// One more than the highest id in use or freed: engines size their
+    /// runtime tables by it.
+    pub fn id_bound(&self) -> usize {
+        self.cores.len()
+    }
+
+    /// Grows with every change: decisions cached under one version are
+    /// void under the next (the engine's flow caches).
     pub fn version(&self) -> u64 {
         self.version
     }
     pub fn is_empty(&self) -> bool {
-        self.sas.is_empty()
+        self.len == 0
     }
-    pub fn get(&self, id: SaId) -> &Sa {
-        &self.sas[id]
+
+    /// The SA `id` (which must exist: ids come from this table's lookups).
+    pub fn get(&self, id: SaId) -> &SaCore {
+        self.cores[id].as_deref().expect("an SA id from this table")
     }
-    pub fn get_mut(&mut self, id: SaId) -> &mut Sa {
-        &mut self.sas[id]
+
+    /// The SA `id`, if one has it.
+    pub fn core(&self, id: SaId) -> Option<&Arc<SaCore>> {
+        self.cores.get(id).and_then(Option::as_ref)
     }
-    pub fn iter(&self) -> impl Iterator<Item = &Sa> {
-        self.sas.iter()
+
+    /// The SAs in id order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<SaCore>> {
+        self.cores.iter().flatten()
+    }
+
+    /// The SAs with their ids.
+    pub fn iter_ids(&self) -> impl Iterator<Item = (SaId, &Arc<SaCore>)> {
+        self.cores
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
     }
 
     /// Inbound: the SA for ESP arriving at `dst` with `spi`.
@@ -88,7 +209,7 @@ impl Sad {
             ),
         };
         let ok = |id: &SaId| {
-            let c = &self.sas[*id].cfg;
+            let c = &self.get(*id).cfg;
             c.mode == t.mode
                 && (t.reqid == 0 || c.reqid == t.reqid)
                 && t.spi.is_none_or(|s| s == c.spi)
@@ -112,8 +233,8 @@ mod tests {
     use crate::state::{Algs, Level, SaConfig, SaFlags};
     use crate::wire::l4::Ports;
 
-    fn sa(src: &str, dst: &str, spi: u32, reqid: u32, mode: Mode) -> Sa {
-        Sa::new(SaConfig {
+    fn sa(src: &str, dst: &str, spi: u32, reqid: u32, mode: Mode) -> SaCore {
+        SaCore::new(SaConfig {
             src: src.parse().unwrap(),
             dst: dst.parse().unwrap(),
             spi,

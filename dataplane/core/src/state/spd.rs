@@ -6,10 +6,9 @@
 
 use super::sa::Mode;
 use super::selector::{Flow, Prefix, Selector};
+use super::PMap;
 use core::net::IpAddr;
-use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
-// Fx, not SipHash: these tables hold only configured keys (packets look up,
-// never insert), so there is no hash-flooding exposure, and lookups are hot.
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Direction {
@@ -96,13 +95,17 @@ pub struct Exists;
 /// Open vSwitch classifies flows): one hash table per (family, source prefix
 /// length, destination prefix length) shape, keyed by the masked addresses.
 /// A lookup probes each shape once, so its cost grows with the number of
-/// distinct shapes, not with the number of policies.
+/// distinct shapes, not with the number of policies. The maps are
+/// persistent (a copy is O(1), a change O(log n)), so the control plane
+/// changes a copy while the workers read the published one.
 #[derive(Default, Clone)]
 struct Table {
-    /// In insertion order; `order` is the position here.
-    policies: Vec<Policy>,
+    /// Every policy by selector, with its insertion order.
+    by_sel: PMap<Selector, Entry>,
     shapes: Vec<Shape>,
-    seen: HashSet<Selector>,
+    /// The next insertion order (ties between equal priorities go to the
+    /// earlier policy, as in XFRM).
+    next_order: u64,
 }
 
 #[derive(Clone)]
@@ -113,24 +116,27 @@ struct Shape {
     /// The lowest priority value in this shape: shapes are probed in this order
     /// and the search stops once no shape can beat the best match.
     min_priority: u32,
+    /// Priority → policies of this shape with it (for `min_priority` after a delete).
+    prios: std::collections::BTreeMap<u32, u32>,
     /// Masked (src, dst) → the policies with that key, by (priority, order).
-    map: HashMap<(IpAddr, IpAddr), Bucket>,
+    map: PMap<(IpAddr, IpAddr), Bucket>,
 }
 
-/// What a lookup needs of a policy without touching it.
-#[derive(Clone, Copy)]
+/// What a lookup needs of a policy, and the policy.
+#[derive(Clone)]
 struct Entry {
     priority: u32,
-    idx: u32,
+    order: u64,
     /// No protocol or ports in the selector: the address key decides the match.
     by_key: bool,
+    policy: Arc<Policy>,
 }
 
 /// Most keys have one policy: keep it inline (no pointer chase).
 #[derive(Clone)]
 enum Bucket {
     One(Entry),
-    Many(Vec<Entry>),
+    Many(Arc<[Entry]>),
 }
 
 impl Bucket {
@@ -140,32 +146,47 @@ impl Bucket {
             Bucket::Many(v) => v,
         }
     }
-    fn insert(&mut self, e: Entry) {
-        let mut v = match self {
-            Bucket::One(x) => vec![*x],
-            Bucket::Many(v) => core::mem::take(v),
-        };
-        let pos = v.partition_point(|x| x.priority <= e.priority);
+    fn with(&self, e: Entry) -> Bucket {
+        let mut v = self.entries().to_vec();
+        let pos = v.partition_point(|x| (x.priority, x.order) <= (e.priority, e.order));
         v.insert(pos, e);
-        *self = Bucket::Many(v);
+        Bucket::Many(v.into())
+    }
+    fn without(&self, order: u64) -> Option<Bucket> {
+        let v: Vec<Entry> = self
+            .entries()
+            .iter()
+            .filter(|x| x.order != order)
+            .cloned()
+            .collect();
+        match v.len() {
+            0 => None,
+            1 => v.into_iter().next().map(Bucket::One),
+            _ => Some(Bucket::Many(v.into())),
+        }
     }
 }
 
 impl Table {
-    fn insert(&mut self, p: Policy) -> Result<(), Exists> {
-        if !self.seen.insert(p.sel) {
+    fn insert(&mut self, p: Policy, order: Option<u64>) -> Result<(), Exists> {
+        if self.by_sel.contains_key(&p.sel) {
             return Err(Exists);
         }
-        let idx = self.policies.len() as u32;
+        let order = order.unwrap_or_else(|| {
+            self.next_order += 1;
+            self.next_order
+        });
         let (v4, sl, dl) = (p.sel.src.is_ipv4(), p.sel.src.len, p.sel.dst.len);
         let key = (p.sel.src.addr, p.sel.dst.addr);
         let prio = p.priority;
+        let sel = p.sel;
         let entry = Entry {
             priority: prio,
-            idx,
+            order,
             by_key: p.sel.proto.is_none() && p.sel.sport.is_none() && p.sel.dport.is_none(),
+            policy: Arc::new(p),
         };
-        self.policies.push(p);
+        self.by_sel.insert(sel, entry.clone());
         let at = match self
             .shapes
             .iter()
@@ -178,28 +199,63 @@ impl Table {
                     src_len: sl,
                     dst_len: dl,
                     min_priority: prio,
-                    map: HashMap::default(),
+                    prios: Default::default(),
+                    map: PMap::default(),
                 });
                 self.shapes.len() - 1
             }
         };
         let shape = &mut self.shapes[at];
+        *shape.prios.entry(prio).or_default() += 1;
         shape.min_priority = shape.min_priority.min(prio);
-        match shape.map.get_mut(&key) {
-            Some(b) => b.insert(entry),
-            None => {
-                shape.map.insert(key, Bucket::One(entry));
-            }
-        }
+        let b = match shape.map.get(&key) {
+            Some(b) => b.with(entry),
+            None => Bucket::One(entry),
+        };
+        shape.map.insert(key, b);
         self.shapes.sort_by_key(|s| s.min_priority);
         Ok(())
     }
 
+    /// Removes the policy with selector `sel`; it and its order.
+    fn remove(&mut self, sel: &Selector) -> Option<(Arc<Policy>, u64)> {
+        let e = self.by_sel.remove(sel)?;
+        let (v4, sl, dl) = (sel.src.is_ipv4(), sel.src.len, sel.dst.len);
+        let key = (sel.src.addr, sel.dst.addr);
+        if let Some(at) = self
+            .shapes
+            .iter()
+            .position(|s| s.v4 == v4 && s.src_len == sl && s.dst_len == dl)
+        {
+            let shape = &mut self.shapes[at];
+            if let Some(b) = shape.map.get(&key).map(|b| b.without(e.order)) {
+                match b {
+                    Some(b) => shape.map.insert(key, b),
+                    None => shape.map.remove(&key),
+                };
+            }
+            if let Some(n) = shape.prios.get_mut(&e.priority) {
+                *n -= 1;
+                if *n == 0 {
+                    shape.prios.remove(&e.priority);
+                }
+            }
+            match shape.prios.keys().next() {
+                Some(&m) => shape.min_priority = m,
+                None => {
+                    self.shapes.remove(at);
+                }
+            }
+            self.shapes.sort_by_key(|s| s.min_priority);
+        }
+        Some((e.policy, e.order))
+    }
+
     fn lookup(&self, flow: &Flow) -> Option<&Policy> {
         let v4 = flow.src.is_ipv4();
-        let mut best: Option<(u32, u32)> = None; // (priority, order)
+        let mut best: Option<(u32, u64, &Policy)> = None;
         for s in &self.shapes {
-            if best.is_some_and(|(bp, _)| s.min_priority > bp) {
+            if best.is_some_and(|(bp, _, _)| s.min_priority > bp) {
                 break;
             }
             if s.v4 != v4 {
@@ -210,23 +266,23 @@ impl Table {
                 continue;
             };
             for e in bucket.entries() {
-                if best.is_some_and(|b| (e.priority, e.idx) >= b) {
+                if best.is_some_and(|(p, o, _)| (e.priority, e.order) >= (p, o)) {
                     break;
                 }
-                if e.by_key || self.policies[e.idx as usize].sel.matches(flow) {
-                    best = Some((e.priority, e.idx));
+                if e.by_key || e.policy.sel.matches(flow) {
+                    best = Some((e.priority, e.order, &e.policy));
                     break;
                 }
             }
         }
-        best.map(|(_, i)| &self.policies[i as usize])
+        best.map(|(_, _, p)| p)
     }
 
     /// Policies in lookup order: priority, then insertion.
     fn sorted(&self) -> Vec<&Policy> {
-        let mut v: Vec<&Policy> = self.policies.iter().collect();
-        v.sort_by_key(|p| p.priority); // stable: insertion order within a priority
-        v
+        let mut v: Vec<&Entry> = self.by_sel.values().collect();
+        v.sort_by_key(|e| (e.priority, e.order));
+        v.into_iter().map(|e| &*e.policy).collect()
     }
 }
 
@@ -259,7 +315,28 @@ impl Spd {
 
     pub fn insert(&mut self, p: Policy) -> Result<(), Exists> {
         self.version += 1;
-        self.tables[p.dir.idx()].insert(p)
+        self.tables[p.dir.idx()].insert(p, None)
+    }
+
+    /// Removes the `dir` policy with selector `sel`, returning it.
+    pub fn remove(&mut self, dir: Direction, sel: &Selector) -> Option<Arc<Policy>> {
+        self.version += 1;
+        self.tables[dir.idx()].remove(sel).map(|(p, _)| p)
+    }
+
+    /// `policy update`: the policy with `p`'s direction and selector
+    /// replaced, keeping its place among equal priorities; the old one.
+    pub fn update(&mut self, p: Policy) -> Option<Arc<Policy>> {
+        self.version += 1;
+        let t = &mut self.tables[p.dir.idx()];
+        let (old, order) = t.remove(&p.sel)?;
+        t.insert(p, Some(order)).ok()?;
+        Some(old)
+    }
+
+    /// The `dir` policy with selector `sel`.
+    pub fn get(&self, dir: Direction, sel: &Selector) -> Option<&Policy> {
+        self.tables[dir.idx()].by_sel.get(sel).map(|e| &*e.policy)
     }
 
     pub fn set_default(&mut self, dir: Direction, a: Action) {
@@ -281,7 +358,7 @@ impl Spd {
         self.tables[dir.idx()].sorted()
     }
     pub fn len(&self) -> usize {
-        self.tables.iter().map(|t| t.policies.len()).sum()
+        self.tables.iter().map(|t| t.by_sel.len()).sum()
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0

@@ -1,31 +1,33 @@
 //! Runtime changes: the control socket and how a change reaches the
 //! running workers (docs/control.md).
 //!
-//! A change is applied to a copy of the running configuration ([`Db`]),
-//! all or nothing. From the result one new engine per worker is built (SAs
-//! shared between workers linked), the XDP maps get what is new, each worker
-//! is handed its new engine through a mailbox and swaps it in between two
-//! bursts — taking over the replay windows, sequence numbers and counters of
-//! every SA that did not change ([`Engine::adopt_state`]) — and only when
-//! every worker has swapped are the XDP entries nothing uses any more
-//! removed and the answer sent. The old engines are dropped by the workers,
-//! and their keys zeroized with them.
+//! A batch is checked line by line against a copy of the running lines
+//! ([`Db`], persistent: the copy is O(1)), all or nothing, and becomes a
+//! list of changes ([`Op`]) with every new SA's keys expanded once. They
+//! are applied to a copy of the running [`Tables`] — O(log n) each — which
+//! is published to the workers (RCU through an `ArcSwap`): each worker
+//! picks the new tables up between two bursts, keeping the runtime state of
+//! every SA that did not change ([`Engine::set_tables`]). The answer is sent
+//! once every worker runs on them (or sleeps and will wake on them). The
+//! old tables, and the keys only they held, are freed when the last worker
+//! lets go of them.
 
 use super::worker::Snapshot;
 use super::{inside_selectors, outside_selectors, Stats};
-use espd_config::db::Db;
+use arc_swap::ArcSwap;
+use espd_config::db::{Db, Op};
 use espd_config::Config;
 use espd_core::engine::Engine;
-use espd_core::state::SaShare;
+use espd_core::state::{SaCore, Tables};
 use espd_io::steer::{SelAction, Side, Steering, SPI_IN, SPI_OUT};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,45 +38,102 @@ pub struct EngineParams {
     pub mtu: usize,
     pub bench_no_crypto: bool,
     pub workers: u32,
+    /// The clock of SA lifetimes (engines and tables count from it).
+    pub start: Instant,
 }
 
 impl EngineParams {
-    /// One engine per worker from the configuration; SAs linked between
-    /// workers when there are several.
-    pub fn build(&self, cfg: &Config) -> anyhow::Result<Vec<Engine>> {
-        let mut engines = Vec::new();
-        // Parsed once; each worker's SAs expanded anew from it, in parallel
-        // (10 000 tunnels, two workers: 69 ms, where parsing twice took 190;
-        // docs/performance.md).
-        let replicas = cfg
-            .replicas(self.workers as usize)
-            .map_err(|e| anyhow::anyhow!("building the workers' engines: {e}"))?;
-        for (q, c) in (0u32..).zip(replicas) {
-            let mut e = Engine::new(c.sad, c.spd, &self.local);
-            if self.bench_no_crypto {
-                for id in 0..e.sad.len() {
-                    e.sad.get_mut(id).transform = espd_core::crypto::Transform::BenchNoCrypto;
-                }
-            }
-            e.set_router(true);
-            e.set_worker(q);
-            e.set_icmp_sources(&self.inside_addrs);
-            e.set_mtu(Some(self.mtu));
-            engines.push(e);
-        }
-        if self.workers > 1 {
-            // One owner per SA, and one sequence counter (see docs/architecture.md).
-            // The replicas carry the parsed configuration's IV mask: one
-            // mask per SA, so two workers' IVs cannot meet.
-            for id in 0..engines[0].sad.len() {
-                let share = SaShare::new(engines[0].sad.get(id).oseq);
-                for e in &mut engines {
-                    e.sad.get_mut(id).share = Some(share.clone());
-                }
-            }
-        }
-        Ok(engines)
+    /// One engine per worker over the shared tables.
+    pub fn build(&self, tables: &Arc<Tables>) -> Vec<Engine> {
+        (0..self.workers)
+            .map(|q| {
+                let mut e = Engine::with_tables(Arc::clone(tables));
+                e.set_router(true);
+                e.set_worker(q);
+                // One owner per SA, and one sequence counter (see docs/architecture.md).
+                e.set_shared(self.workers > 1);
+                e.set_icmp_sources(&self.inside_addrs);
+                e.set_mtu(Some(self.mtu));
+                e
+            })
+            .collect()
     }
+
+    /// Seconds on the lifetime clock.
+    pub fn now(&self) -> u64 {
+        self.start.elapsed().as_secs()
+    }
+
+    /// An SA as this gateway installs it.
+    fn prepare(&self, core: &mut SaCore) {
+        if self.bench_no_crypto {
+            core.transform = espd_core::crypto::Transform::BenchNoCrypto;
+        }
+    }
+
+    /// Applies `ops` to `t` (a copy of the running tables): the SAs'
+    /// sequence numbers continued from the store first (RFC 4303 §3.3.3).
+    pub fn apply_ops(
+        &self,
+        t: &mut Tables,
+        ops: Vec<Op>,
+        seqs: &mut super::seqstore::SeqStore,
+    ) -> Result<(), String> {
+        t.set_clock(self.now());
+        for op in ops {
+            match op {
+                Op::AddSa(mut core) => {
+                    // Outbound: from one of ours to an address whose ESP is not ours.
+                    let c = &core.cfg;
+                    if t.is_local(c.src) && t.esp_local().binary_search(&c.dst).is_err() {
+                        seqs.admit(&mut core.cfg);
+                        core.share = espd_core::state::SaShare::new(core.cfg.replay_oseq);
+                    }
+                    self.prepare(&mut core);
+                    let (d, spi) = (core.cfg.dst, core.cfg.spi);
+                    t.insert_sa(*core)
+                        .map_err(|_| format!("state dst {d} spi 0x{spi:08x} exists already"))?;
+                }
+                Op::UpdateSa(mut core) => {
+                    self.prepare(&mut core);
+                    let (d, spi) = (core.cfg.dst, core.cfg.spi);
+                    let (id, _) = t
+                        .update_sa(*core)
+                        .map_err(|_| format!("no state dst {d} spi 0x{spi:08x}"))?;
+                    let c = &t.sad().get(id).cfg;
+                    if t.is_local(c.src) && t.esp_local().binary_search(&c.dst).is_err() {
+                        seqs.updated(c);
+                    }
+                }
+                Op::DelSa(d, spi) => {
+                    t.remove_sa(d, spi)
+                        .ok_or_else(|| format!("no state dst {d} spi 0x{spi:08x}"))?;
+                    seqs.forget(d, spi);
+                }
+                Op::AddPolicy(p) => t
+                    .insert_policy(p)
+                    .map_err(|_| "a policy exists already".to_string())?,
+                Op::UpdatePolicy(p) => {
+                    t.update_policy(p).ok_or("no such policy")?;
+                }
+                Op::DelPolicy(d, sel) => {
+                    t.remove_policy(d, &sel).ok_or("no such policy")?;
+                }
+                Op::Default(d, a) => t.set_default(d, a),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How a worker tells the control thread which tables it runs on.
+#[derive(Default)]
+pub struct WorkerSync {
+    /// The version of the tables the worker runs on.
+    pub seen: AtomicU64,
+    /// Set while the worker sleeps in poll(2): it takes the newest tables
+    /// before it handles another packet.
+    pub parked: AtomicBool,
 }
 
 /// What the XDP maps must hold for a configuration.
@@ -157,22 +216,18 @@ impl Mirror {
     }
 }
 
-/// A worker's inbox for a new engine.
-#[derive(Default)]
-pub struct Mailbox {
-    pub next: Mutex<Option<Engine>>,
-    /// Bumped when `next` is filled; the worker stores it in `seen` once swapped.
-    pub gen: AtomicU64,
-    pub seen: AtomicU64,
-}
-
 /// Everything the control socket acts on.
 pub struct Control {
     pub db: Mutex<Db>,
+    /// The running tables (the control side's copy; changed, then published).
+    pub tables: Mutex<Tables>,
+    /// What the workers run on.
+    pub shared: Arc<ArcSwap<Tables>>,
+    /// The running configuration's SAD and SPD (O(1) copies of the tables').
     pub cfg: Mutex<Config>,
     pub mirror: Mutex<Mirror>,
     pub steer: Arc<Mutex<Steering>>,
-    pub mailboxes: Vec<Arc<Mailbox>>,
+    pub workers: Vec<Arc<WorkerSync>>,
     pub snaps: Vec<Arc<Mutex<Snapshot>>>,
     pub cores: Vec<(usize, usize)>,
     pub params: EngineParams,
@@ -182,8 +237,10 @@ pub struct Control {
     pub seqs: Mutex<super::seqstore::SeqStore>,
     /// One change at a time.
     pub apply_lock: Mutex<()>,
-    /// `espctl monitor` connections.
-    pub monitors: Mutex<Vec<UnixStream>>,
+    /// Connections that receive events (`espctl monitor`, v2 `subscribe`).
+    pub monitors: Mutex<Vec<Arc<Mutex<UnixStream>>>>,
+    /// Control connections being served now.
+    pub clients: AtomicUsize,
 }
 
 impl Control {
@@ -198,18 +255,24 @@ impl Control {
             .lock()
             .map_err(|_| "control state poisoned")?
             .clone();
-        let ch = db.apply(name, text).map_err(|e| e.to_string())?;
-        let mut new_cfg = db.config().map_err(|e| e.to_string())?;
-        // New outbound SAs continue a recorded key's numbers, and every one
-        // is written down before a worker can send through it.
-        {
-            let running = self.cfg.lock().map_err(|_| "poisoned")?;
-            let ids = super::seqstore::outbound(&new_cfg, &self.params.local);
-            let mut seqs = self.seqs.lock().map_err(|_| "poisoned")?;
-            seqs.reconcile(&mut new_cfg, &ids, &running);
-            seqs.save(false).map_err(|e| format!("{e:#}"))?;
+        let (ch, ops) = db.apply(name, text).map_err(|e| e.to_string())?;
+        let mut events = Vec::new();
+        for op in &ops {
+            match op {
+                Op::AddSa(c) => events.push(("sa-added", c.cfg.dst, c.cfg.spi)),
+                Op::DelSa(d, s) => events.push(("sa-removed", *d, *s)),
+                _ => {}
+            }
         }
-        let engines = self.params.build(&new_cfg).map_err(|e| e.to_string())?;
+        let mut t = self.tables.lock().map_err(|_| "poisoned")?.clone();
+        {
+            let mut seqs = self.seqs.lock().map_err(|_| "poisoned")?;
+            self.params.apply_ops(&mut t, ops, &mut seqs)?;
+        }
+        let new_cfg = Config {
+            sad: t.sad().clone(),
+            spd: t.spd().clone(),
+        };
         let new_mirror = Mirror::of(&new_cfg, &self.params.local);
         // The guard first: what the change protects or blocks is dropped by
         // the kernel before espd's workers handle it (make-before-break).
@@ -223,24 +286,10 @@ impl Control {
             let mut st = self.steer.lock().map_err(|_| "steering poisoned")?;
             Mirror::add(&mut st, &new_mirror).map_err(|e| format!("XDP maps: {e}"))?;
         }
-        // Hand each worker its engine and wait until all have swapped.
-        let mut gens = Vec::new();
-        for (mb, e) in self.mailboxes.iter().zip(engines) {
-            *mb.next.lock().map_err(|_| "mailbox poisoned")? = Some(e);
-            gens.push(mb.gen.fetch_add(1, Ordering::AcqRel) + 1);
-        }
-        let start = Instant::now();
-        while self
-            .mailboxes
-            .iter()
-            .zip(&gens)
-            .any(|(mb, g)| mb.seen.load(Ordering::Acquire) < *g)
-        {
-            if start.elapsed() > Duration::from_secs(10) {
-                return Err("a worker did not take the new configuration within 10 s".into());
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        // Publish, and wait until every worker runs on the new tables.
+        let version = t.version();
+        self.shared.store(Arc::new(t.clone()));
+        self.wait_for_workers(version)?;
         {
             let mut st = self.steer.lock().map_err(|_| "steering poisoned")?;
             let old = self.mirror.lock().map_err(|_| "poisoned")?;
@@ -259,18 +308,10 @@ impl Control {
         }
         *self.mirror.lock().map_err(|_| "poisoned")? = new_mirror;
         *self.cfg.lock().map_err(|_| "poisoned")? = new_cfg;
-        let (before, after): (BTreeSet<_>, BTreeSet<_>) = {
-            let mut cur = self.db.lock().map_err(|_| "poisoned")?;
-            let before = cur.state_keys().into_iter().collect();
-            let after = db.state_keys().into_iter().collect();
-            *cur = db;
-            (before, after)
-        };
-        for (dst, spi) in after.difference(&before) {
-            self.broadcast(json!({"event": "sa-added", "dst": dst.to_string(), "spi": format!("0x{spi:08x}"), "by": name}));
-        }
-        for (dst, spi) in before.difference(&after) {
-            self.broadcast(json!({"event": "sa-removed", "dst": dst.to_string(), "spi": format!("0x{spi:08x}"), "by": name}));
+        *self.tables.lock().map_err(|_| "poisoned")? = t;
+        *self.db.lock().map_err(|_| "poisoned")? = db;
+        for (ev, dst, spi) in events {
+            self.broadcast(json!({"event": ev, "dst": dst.to_string(), "spi": format!("0x{spi:08x}"), "by": name}));
         }
         Ok(json!({
             "states_added": ch.states_added, "states_updated": ch.states_updated,
@@ -279,12 +320,38 @@ impl Control {
         }))
     }
 
+    /// Until every worker runs on tables of `version` or newer (a parked
+    /// worker takes the newest before its next packet).
+    fn wait_for_workers(&self, version: u64) -> Result<(), String> {
+        let start = Instant::now();
+        let mut spins = 0u32;
+        while self
+            .workers
+            .iter()
+            .any(|w| w.seen.load(Ordering::SeqCst) < version && !w.parked.load(Ordering::SeqCst))
+        {
+            if start.elapsed() > Duration::from_secs(10) {
+                return Err("a worker did not take the new configuration within 10 s".into());
+            }
+            spins += 1;
+            if spins < 2000 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        }
+        Ok(())
+    }
+
     /// One event line to every `espctl monitor`; gone ones are forgotten.
     pub fn broadcast(&self, ev: Value) {
         let mut line = ev.to_string();
         line.push('\n');
         if let Ok(mut m) = self.monitors.lock() {
-            m.retain_mut(|s| s.write_all(line.as_bytes()).is_ok());
+            m.retain(|s| {
+                s.lock()
+                    .is_ok_and(|mut s| s.write_all(line.as_bytes()).is_ok())
+            });
         }
     }
 
@@ -307,7 +374,10 @@ impl Control {
         let mut seqs = self.seqs.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
         seqs.update(|dst, spi| {
             let id = cfg.sad.lookup_in(dst, spi)?;
-            snaps.iter().filter_map(|s| s.oseq.get(id).copied()).max()
+            snaps
+                .iter()
+                .filter_map(|s| s.sa.get(&id).map(|x| x.oseq))
+                .max()
         });
         seqs.save(clean)
     }
@@ -320,6 +390,17 @@ impl Control {
         if let Err(e) = espd_proto::check_version(&req) {
             return e;
         }
+        let v = espd_proto::version_of(&req);
+        let id = req.get("id").cloned();
+        let mut answer = self.answer(&mut req);
+        answer["v"] = json!(v);
+        if let Some(id) = id {
+            answer["id"] = id;
+        }
+        answer
+    }
+
+    fn answer(&self, req: &mut Value) -> Value {
         match req.get("op").and_then(Value::as_str) {
             Some("apply") => {
                 let name = req
@@ -380,15 +461,45 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(l)
 }
 
-/// Serves requests until `stop`; removes the socket file at the end.
+/// Control connections served at once; one more is refused with an error.
+pub const MAX_CLIENTS: usize = 64;
+/// A request must arrive whole within this time of its first octet (and a
+/// one-shot connection's request within this time of connecting).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest request line (a batch of many thousand states).
+pub const MAX_REQUEST: usize = 16 << 20;
+
+/// Serves connections until `stop`, each on its own thread, so a client
+/// that sends nothing, half a line, or never reads its answer holds up no
+/// other (changes stay serialised by [`Control::apply`]); removes the
+/// socket file at the end.
 pub fn serve(l: UnixListener, path: PathBuf, c: Arc<Control>, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::Relaxed) {
         match l.accept() {
             Ok((s, _)) => {
-                let _ = one(&c, s);
+                if c.clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+                    c.clients.fetch_sub(1, Ordering::AcqRel);
+                    let _ = reply(
+                        &mut &s,
+                        &espd_proto::error(format!(
+                            "too many control connections at once (the limit is {MAX_CLIENTS})"
+                        )),
+                    );
+                    continue;
+                }
+                let (c2, st) = (Arc::clone(&c), Arc::clone(&stop));
+                let spawned = std::thread::Builder::new()
+                    .name("espd-ctl-conn".into())
+                    .spawn(move || {
+                        let _ = connection(&c2, s, &st);
+                        c2.clients.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if spawned.is_err() {
+                    c.clients.fetch_sub(1, Ordering::AcqRel);
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(20));
+                std::thread::sleep(Duration::from_millis(5));
             }
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
@@ -396,8 +507,166 @@ pub fn serve(l: UnixListener, path: PathBuf, c: Arc<Control>, stop: Arc<AtomicBo
     let _ = std::fs::remove_file(&path);
 }
 
+fn reply(w: &mut impl Write, v: &Value) -> std::io::Result<()> {
+    let mut out = v.to_string();
+    out.push('\n');
+    w.write_all(out.as_bytes())
+}
+
+/// Why a request line could not be read.
+enum LineErr {
+    /// The peer closed (or the server is stopping): nothing to answer.
+    Closed,
+    /// Answered with this error, then the connection is closed.
+    Refused(String),
+}
+
+/// Reads one request line (without the newline) into `line`; `idle_ok`:
+/// the connection may wait for its next request without a limit (a kept
+/// v2 connection), otherwise the request must come within the timeout.
+fn read_line(
+    s: &mut UnixStream,
+    buf: &mut Vec<u8>,
+    line: &mut zeroize::Zeroizing<Vec<u8>>,
+    idle_ok: bool,
+    stop: &AtomicBool,
+) -> Result<(), LineErr> {
+    let mut started: Option<Instant> = (!idle_ok).then(Instant::now);
+    let mut chunk = [0u8; 64 * 1024];
+    loop {
+        if let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+            line.clear();
+            line.extend_from_slice(&buf[..nl]);
+            // The request may hold keys: wipe what is left behind.
+            let rest = buf.split_off(nl + 1);
+            zeroize::Zeroize::zeroize(buf);
+            *buf = rest;
+            return Ok(());
+        }
+        if buf.len() > MAX_REQUEST {
+            zeroize::Zeroize::zeroize(buf);
+            return Err(LineErr::Refused(format!(
+                "request larger than {} MiB (the limit of one request): split the batch",
+                MAX_REQUEST >> 20
+            )));
+        }
+        if !buf.is_empty() && started.is_none() {
+            started = Some(Instant::now());
+        }
+        if started.is_some_and(|t| t.elapsed() > REQUEST_TIMEOUT) {
+            return Err(LineErr::Refused(format!(
+                "{} within {} s: a request is one JSON line ending in a newline",
+                if buf.is_empty() {
+                    "no request"
+                } else {
+                    "request incomplete"
+                },
+                REQUEST_TIMEOUT.as_secs()
+            )));
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Err(LineErr::Closed);
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => return Err(LineErr::Closed),
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                zeroize::Zeroize::zeroize(&mut chunk[..n]);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Err(LineErr::Closed),
+        }
+    }
+}
+
+/// One control connection: v1 is one request and one answer; a v2
+/// request keeps the connection for further requests, answered in order
+/// with their `id`s (pipelined), and `subscribe` adds events to it.
+fn connection(c: &Control, mut s: UnixStream, stop: &AtomicBool) -> std::io::Result<()> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(Duration::from_millis(250)))?;
+    // A reader that does not read its answers is dropped, not waited for.
+    s.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+    // Root only (SO_PEERCRED), whatever the file mode says.
+    let uid = nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials)
+        .map(|c| c.uid())
+        .ok();
+    if uid != Some(0) {
+        return reply(
+            &mut s,
+            &espd_proto::error(format!(
+                "permission denied: espd's control socket serves root only (peer uid {})",
+                uid.map_or("unknown".into(), |u| u.to_string())
+            )),
+        );
+    }
+    let writer = Arc::new(Mutex::new(s.try_clone()?));
+    let send = |v: &Value| -> std::io::Result<()> {
+        let mut w = writer
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?;
+        reply(&mut *w, v)
+    };
+    let mut buf = Vec::new();
+    let mut line = zeroize::Zeroizing::new(Vec::new());
+    let mut kept = false;
+    loop {
+        match read_line(&mut s, &mut buf, &mut line, kept, stop) {
+            Ok(()) => {}
+            Err(LineErr::Closed) => return Ok(()),
+            Err(LineErr::Refused(e)) => return send(&espd_proto::error(e)),
+        }
+        let req = match serde_json::from_slice::<Value>(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                send(&espd_proto::error(format!("request is not JSON: {e}")))?;
+                if kept {
+                    continue;
+                }
+                return Ok(());
+            }
+        };
+        let v2 = espd_proto::version_of(&req) >= 2;
+        match req.get("op").and_then(Value::as_str) {
+            Some("monitor") | Some("subscribe") => {
+                if let Err(e) = espd_proto::check_version(&req) {
+                    return send(&e);
+                }
+                let mut ok = espd_proto::ok(json!({}));
+                if let Some(id) = req.get("id") {
+                    ok["id"] = id.clone();
+                }
+                ok["v"] = json!(espd_proto::version_of(&req));
+                send(&ok)?;
+                // Events follow, one per line; a monitor that stops reading is dropped.
+                if let Ok(w) = writer.lock() {
+                    let _ = w.set_write_timeout(Some(Duration::from_millis(200)));
+                }
+                if let Ok(mut m) = c.monitors.lock() {
+                    m.push(Arc::clone(&writer));
+                }
+                if !v2 {
+                    return Ok(());
+                }
+            }
+            _ => send(&c.handle(req))?,
+        }
+        if !v2 {
+            return Ok(());
+        }
+        kept = true;
+    }
+}
+
 /// The workers' SA events: to the monitors, and a hard expiry deletes the
 /// SA (RFC 4301 §4.4.2.1) through the same path as `espctl state delete`.
+/// Time lifetimes are watched here too, once a second over the running
+/// tables (on this thread, never a worker's), so an idle SA expires on time.
 pub fn events(
     c: Arc<Control>,
     rx: std::sync::mpsc::Receiver<(u32, espd_core::engine::SaEvent)>,
@@ -406,11 +675,15 @@ pub fn events(
     use espd_core::engine::SaEventKind;
     let mut last_check = Instant::now();
     let mut unknown_seen = None;
+    // Soft expiries already reported (by a worker or here), and the last
+    // acquire per policy (workers rate-limit each their own).
+    let mut soft: BTreeSet<(IpAddr, u32)> = BTreeSet::new();
+    let mut acquired: BTreeMap<String, Instant> = BTreeMap::new();
     while !stop.load(Ordering::Relaxed) {
-        // ESP with an SPI we do not know never reaches the workers (the XDP
-        // program passes it to the kernel): report its count once a second.
         if last_check.elapsed() >= Duration::from_secs(1) {
             last_check = Instant::now();
+            // ESP with an SPI we do not know never reaches the workers (the XDP
+            // program passes it to the kernel): report its count once a second.
             let n = c
                 .steer
                 .lock()
@@ -425,6 +698,37 @@ pub fn events(
                 }
             }
             unknown_seen = n.or(unknown_seen);
+            let now = c.params.now();
+            let (mut soft_now, mut hard_now) = (Vec::new(), Vec::new());
+            if let Ok(t) = c.tables.lock() {
+                for sa in t.sad().iter() {
+                    let lt = sa.cfg.lifetime;
+                    let age = now.saturating_sub(sa.added);
+                    let key = (sa.cfg.dst, sa.cfg.spi);
+                    if lt.time_hard != 0 && age >= lt.time_hard {
+                        hard_now.push(key);
+                    } else if lt.time_soft != 0 && age >= lt.time_soft && !soft.contains(&key) {
+                        soft_now.push(key);
+                    }
+                }
+            }
+            for (dst, spi) in soft_now {
+                soft.insert((dst, spi));
+                let spi = format!("0x{spi:08x}");
+                eprintln!("espd run: SA dst {dst} spi {spi}: soft-expire (time)");
+                c.broadcast(json!({"event": "soft-expire", "dst": dst.to_string(), "spi": spi, "why": "time"}));
+            }
+            for (dst, spi) in hard_now {
+                soft.remove(&(dst, spi));
+                let spi = format!("0x{spi:08x}");
+                eprintln!("espd run: SA dst {dst} spi {spi}: hard-expire (time)");
+                c.broadcast(json!({"event": "hard-expire", "dst": dst.to_string(), "spi": spi, "why": "time"}));
+                let _ = c.apply(
+                    "hard lifetime",
+                    &format!("state delete dst {dst} spi {spi}"),
+                );
+            }
+            acquired.retain(|_, t| t.elapsed() < Duration::from_secs(1));
         }
         let Ok((w, e)) = rx.recv_timeout(Duration::from_millis(100)) else {
             continue;
@@ -433,8 +737,32 @@ pub fn events(
             SaEventKind::SoftExpire => "soft-expire",
             SaEventKind::HardExpire => "hard-expire",
             SaEventKind::UnknownSpi => "unknown-spi",
+            SaEventKind::Acquire => "acquire",
         };
+        if let (SaEventKind::Acquire, Some(a)) = (e.kind, e.acquire) {
+            // RFC 4301 §5.1 step 3a: an SA is wanted. Once a second per policy.
+            let key = format!("{:?}", a.policy);
+            if acquired.contains_key(&key) {
+                continue;
+            }
+            acquired.insert(key, Instant::now());
+            let ports = |p: Option<espd_core::wire::l4::Ports>| p.map(|p| (p.sport, p.dport));
+            c.broadcast(json!({
+                "event": "acquire",
+                "policy": {"src": a.policy.src.to_string(), "dst": a.policy.dst.to_string(),
+                           "proto": a.policy.proto, "dir": "out", "priority": a.priority},
+                "tmpl": {"src": a.tmpl.src.map(|x| x.to_string()), "dst": a.tmpl.dst.map(|x| x.to_string()),
+                         "reqid": a.tmpl.reqid, "mode": a.tmpl.mode.as_str()},
+                "packet": {"src": a.flow.src.to_string(), "dst": a.flow.dst.to_string(),
+                           "proto": a.flow.proto, "ports": ports(a.flow.ports)},
+                "worker": w,
+            }));
+            continue;
+        }
         let spi = format!("0x{:08x}", e.spi);
+        if e.kind == SaEventKind::SoftExpire && !soft.insert((e.dst, e.spi)) {
+            continue;
+        }
         if e.kind != SaEventKind::UnknownSpi {
             eprintln!("espd run: SA dst {} spi {spi}: {kind} ({})", e.dst, e.why);
         }
@@ -442,61 +770,12 @@ pub fn events(
             json!({"event": kind, "dst": e.dst.to_string(), "spi": spi, "why": e.why, "worker": w}),
         );
         if e.kind == SaEventKind::HardExpire {
+            soft.remove(&(e.dst, e.spi));
             // Several workers may report one SA: the first delete wins.
             let _ = c.apply(
                 "hard lifetime",
                 &format!("state delete dst {} spi {spi}", e.dst),
             );
         }
-    }
-}
-
-fn one(c: &Control, mut s: UnixStream) -> std::io::Result<()> {
-    s.set_nonblocking(false)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    // Root only (SO_PEERCRED), whatever the file mode says.
-    let uid = nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials)
-        .map(|c| c.uid())
-        .ok();
-    let answer = if uid != Some(0) {
-        espd_proto::error(format!(
-            "permission denied: espd's control socket serves root only (peer uid {})",
-            uid.map_or("unknown".into(), |u| u.to_string())
-        ))
-    } else {
-        let mut line = String::new();
-        BufReader::new(&s).take_line(&mut line)?;
-        let line = zeroize::Zeroizing::new(line);
-        match serde_json::from_str::<Value>(&line) {
-            Ok(req) if req.get("op").and_then(Value::as_str) == Some("monitor") => {
-                if let Err(e) = espd_proto::check_version(&req) {
-                    e
-                } else {
-                    // The connection stays open: events follow, one per line.
-                    s.write_all(format!("{}\n", espd_proto::ok(json!({}))).as_bytes())?;
-                    s.set_write_timeout(Some(Duration::from_millis(200)))?;
-                    if let Ok(mut m) = c.monitors.lock() {
-                        m.push(s);
-                    }
-                    return Ok(());
-                }
-            }
-            Ok(req) => c.handle(req),
-            Err(e) => espd_proto::error(format!("request is not JSON: {e}")),
-        }
-    };
-    let mut out = answer.to_string();
-    out.push('\n');
-    s.write_all(out.as_bytes())
-}
-
-trait TakeLine {
-    fn take_line(self, out: &mut String) -> std::io::Result<usize>;
-}
-
-impl<R: BufRead> TakeLine for R {
-    /// One line of at most 16 MiB (a batch of many thousand states).
-    fn take_line(self, out: &mut String) -> std::io::Result<usize> {
-        self.take(16 << 20).read_line(out)
     }
 }

@@ -310,15 +310,17 @@ pub fn run(a: &Args) -> Result<()> {
     }
     // The running configuration: the file's lines, as if applied by espctl.
     let mut db = espd_config::db::Db::default();
+    let mut ops = Vec::new();
     if let Some(path) = &a.config {
         let text = zeroize::Zeroizing::new(
             std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?,
         );
-        db.apply(&path.display().to_string(), &text)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        ops = db
+            .apply(&path.display().to_string(), &text)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .1;
     }
-    let mut cfg = db.config().map_err(|e| anyhow::anyhow!("{e}"))?;
     let (in_idx, in_mac) = espd_io::netlink::link_info(&a.inside)
         .with_context(|| format!("inside interface {}", a.inside))?;
     let (out_idx, out_mac) = espd_io::netlink::link_info(&a.outside)
@@ -332,10 +334,6 @@ pub fn run(a: &Args) -> Result<()> {
     // §3.3.3), written down before any worker sends.
     let seq_path = a.seq_path();
     let mut seqs = seqstore::SeqStore::open(&seq_path)?;
-    let outbound = seqstore::outbound(&cfg, &local);
-    let restored = seqs.restore(&mut cfg, &outbound);
-    seqs.save(false)
-        .with_context(|| format!("writing {}", seq_path.display()))?;
     let nq = [
         espd_io::xsk::rx_queues(&a.inside),
         espd_io::xsk::rx_queues(&a.outside),
@@ -355,6 +353,42 @@ pub fn run(a: &Args) -> Result<()> {
     }
 
     let stop = crate::stop_on_signals()?;
+    let params = control::EngineParams {
+        local: local.clone(),
+        inside_addrs: inside_addrs.clone(),
+        mtu: read_mtu(&a.outside),
+        bench_no_crypto: a.bench_no_crypto,
+        workers: queues,
+        start: std::time::Instant::now(),
+    };
+    // The shared tables: the policies first (they say which addresses are
+    // ours), then the SAs, each outbound one continuing its recorded numbers.
+    let mut tables = espd_core::state::Tables::default();
+    tables.set_extra(&local);
+    let (sa_ops, pol_ops): (Vec<_>, Vec<_>) = ops.into_iter().partition(|o| {
+        matches!(
+            o,
+            espd_config::db::Op::AddSa(_)
+                | espd_config::db::Op::UpdateSa(_)
+                | espd_config::db::Op::DelSa(..)
+        )
+    });
+    params
+        .apply_ops(&mut tables, pol_ops, &mut seqs)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let before = seqs.len();
+    params
+        .apply_ops(&mut tables, sa_ops, &mut seqs)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let restored = seqs.restored();
+    let _ = before;
+    seqs.retain(|dst, spi| tables.sad().lookup_in(dst, spi).is_some());
+    seqs.save(false)
+        .with_context(|| format!("writing {}", seq_path.display()))?;
+    let cfg = Config {
+        sad: tables.sad().clone(),
+        spd: tables.spd().clone(),
+    };
 
     // The guard before anything else: from here on, what the policies
     // protect is dropped by the kernel whenever espd is not handling it —
@@ -390,14 +424,8 @@ pub fn run(a: &Args) -> Result<()> {
     } else {
         BindMode::Auto
     };
-    let params = control::EngineParams {
-        local: local.clone(),
-        inside_addrs: inside_addrs.clone(),
-        mtu: read_mtu(&a.outside),
-        bench_no_crypto: a.bench_no_crypto,
-        workers: queues,
-    };
-    let engines = params.build(&cfg)?;
+    let shared = Arc::new(arc_swap::ArcSwap::from_pointee(tables.clone()));
+    let engines = params.build(&shared.load_full());
     let mut wports = Vec::new();
     for q in 0..queues {
         let serve = [q < nq[0], q < nq[1]];
@@ -445,8 +473,8 @@ pub fn run(a: &Args) -> Result<()> {
     let mut handles = Vec::new();
     let mut snaps = Vec::new();
     let (events_tx, events_rx) = std::sync::mpsc::sync_channel(1024);
-    let mailboxes: Vec<Arc<control::Mailbox>> = (0..queues)
-        .map(|_| Arc::new(control::Mailbox::default()))
+    let syncs: Vec<Arc<control::WorkerSync>> = (0..queues)
+        .map(|_| Arc::new(control::WorkerSync::default()))
         .collect();
     let (peers, mut inboxes): (Vec<_>, Vec<_>) = (0..queues)
         .map(|_| std::sync::mpsc::sync_channel(worker::HANDOFF_QUEUE))
@@ -470,7 +498,8 @@ pub fn run(a: &Args) -> Result<()> {
             peers: peers.clone(),
             reinject: worker::Reinject::default(),
             reasm: worker::Reasm::default(),
-            mailbox: Arc::clone(&mailboxes[q]),
+            tables: Arc::clone(&shared),
+            sync: Arc::clone(&syncs[q]),
             events: events_tx.clone(),
             id: q as u32,
             out,
@@ -526,10 +555,12 @@ pub fn run(a: &Args) -> Result<()> {
     let steer = Arc::new(Mutex::new(steer));
     let ctl = Arc::new(control::Control {
         db: Mutex::new(db),
+        tables: Mutex::new(tables),
+        shared,
         cfg: Mutex::new(cfg),
         mirror: Mutex::new(mirror),
         steer: Arc::clone(&steer),
-        mailboxes,
+        workers: syncs,
         snaps: snaps.clone(),
         cores: cores_used.clone(),
         params,
@@ -537,6 +568,7 @@ pub fn run(a: &Args) -> Result<()> {
         seqs: Mutex::new(seqs),
         apply_lock: Mutex::new(()),
         monitors: Mutex::new(Vec::new()),
+        clients: std::sync::atomic::AtomicUsize::new(0),
     });
     let events_thread = {
         let (c, st) = (Arc::clone(&ctl), Arc::clone(&stop));
@@ -753,20 +785,19 @@ impl Stats {
         let mut bytes = 0;
         let sas: Vec<serde_json::Value> = cfg
             .sad
-            .iter()
-            .enumerate()
+            .iter_ids()
             .map(|(id, sa)| {
                 let (mut p, mut b, mut d) = (0, 0, [0u64; DropReason::COUNT]);
                 let mut oseq = 0;
                 for s in &snaps {
-                    if let Some((pp, bb, dd)) = s.sa.get(id) {
-                        p += pp;
-                        b += bb;
-                        for (x, y) in d.iter_mut().zip(dd) {
+                    if let Some(st) = s.sa.get(&id) {
+                        p += st.packets;
+                        b += st.bytes;
+                        for (x, y) in d.iter_mut().zip(st.drops.iter()) {
                             *x += y;
                         }
+                        oseq = oseq.max(st.oseq);
                     }
-                    oseq = oseq.max(s.oseq.get(id).copied().unwrap_or(0));
                 }
                 bytes += b;
                 let dj: serde_json::Map<String, serde_json::Value> = DropReason::ALL

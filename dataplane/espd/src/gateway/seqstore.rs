@@ -25,6 +25,7 @@
 //! only once traffic has moved it; docs/operations.md).
 
 use anyhow::{bail, Context, Result};
+#[cfg(test)]
 use espd_config::Config;
 use espd_core::state::SaConfig;
 use hmac::{Hmac, Mac};
@@ -60,6 +61,8 @@ pub struct SeqStore {
     /// The previous run stopped cleanly (the file says so): no margin.
     clean: bool,
     dirty: bool,
+    /// SAs that continued a record in this run.
+    restored: usize,
 }
 
 /// The key's fingerprint (see the module doc).
@@ -87,6 +90,7 @@ fn seq_max(c: &SaConfig) -> u64 {
     }
 }
 
+#[cfg(test)]
 /// The outbound SAs of `cfg` (their destination is not ours, as the engine
 /// decides it) by SAD index.
 pub fn outbound(cfg: &Config, host: &[IpAddr]) -> Vec<usize> {
@@ -109,6 +113,7 @@ impl SeqStore {
             recs: BTreeMap::new(),
             clean: false,
             dirty: true,
+            restored: 0,
         };
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
@@ -151,78 +156,110 @@ impl SeqStore {
         Ok(s)
     }
 
+    #[cfg(test)]
     /// Before a configuration goes live: each outbound SA in `ids` that has
     /// a record for its key takes the recorded IV mask and continues past
     /// the recorded number; one without gets a record of its own values.
     /// Records of SAs not in `keep` are dropped. Returns how many were
     /// restored.
     pub fn restore(&mut self, cfg: &mut Config, ids: &[usize]) -> usize {
-        let margin = if self.clean { 0 } else { MARGIN };
         let mut restored = 0;
         let mut keep = BTreeMap::new();
-        for &id in ids {
-            let c = &mut cfg.sad.get_mut(id).cfg;
-            let key = (c.dst, c.spi);
-            let fp = fingerprint(c);
-            let rec = match self.recs.remove(&key) {
-                Some(r) if r.fp == fp => {
-                    c.iv_mask = r.mask;
-                    c.replay_oseq = c
-                        .replay_oseq
-                        .max(r.oseq.saturating_add(margin).min(seq_max(c)));
-                    restored += 1;
-                    Record {
-                        oseq: c.replay_oseq,
-                        ..r
-                    }
-                }
-                // A new SA, or its key was replaced: it starts afresh.
-                _ => Record {
-                    fp,
-                    mask: c.iv_mask,
-                    oseq: c.replay_oseq,
-                },
-            };
-            keep.insert(key, rec);
+        let mut sad = espd_core::state::Sad::new();
+        for (id, core) in cfg.sad.iter_ids() {
+            let mut c = core.cfg.clone();
+            if ids.contains(&id) && self.admit_into(&mut c, &mut keep) {
+                restored += 1;
+            }
+            let core = espd_core::state::SaCore::new(c).expect("it built once");
+            let _ = sad.insert(core);
         }
+        cfg.sad = sad;
         self.recs = keep;
         self.clean = false;
         self.dirty = true;
         restored
     }
 
-    /// After a change to running SAs: records for the outbound SAs of
-    /// `cfg`, keeping the running ones' (whose masks and numbers the workers
-    /// carry over) with the key's fingerprint brought up to date, and
-    /// restoring or creating the others as [`SeqStore::restore`] does.
-    pub fn reconcile(&mut self, cfg: &mut Config, ids: &[usize], running: &Config) {
-        let mut fresh = Vec::new();
-        let mut keep = BTreeMap::new();
-        for &id in ids {
-            let c = &cfg.sad.get(id).cfg;
-            let key = (c.dst, c.spi);
-            let live = running
-                .sad
-                .iter()
-                .any(|sa| (sa.cfg.dst, sa.cfg.spi, sa.cfg.src) == (c.dst, c.spi, c.src));
-            match self.recs.get(&key) {
-                Some(r) if live => {
-                    keep.insert(
-                        key,
-                        Record {
-                            fp: fingerprint(c),
-                            ..r.clone()
-                        },
-                    );
-                }
-                _ => fresh.push(id),
-            }
-        }
-        // The new ones against the old records (restore keeps only theirs),
-        // then the running ones back.
-        self.restore(cfg, &fresh);
-        self.recs.extend(keep);
+    /// One outbound SA before its keys go live: with a record for its key
+    /// it takes the recorded IV mask and continues past the recorded number
+    /// (true); without, it gets a record of its own values. O(log n): what
+    /// `espctl state add` of an outbound SA costs here.
+    pub fn admit(&mut self, c: &mut SaConfig) -> bool {
+        let mut recs = std::mem::take(&mut self.recs);
+        let r = self.admit_into(c, &mut recs);
+        self.recs = recs;
         self.dirty = true;
+        self.restored += usize::from(r);
+        r
+    }
+
+    fn admit_into(&mut self, c: &mut SaConfig, into: &mut BTreeMap<(IpAddr, u32), Record>) -> bool {
+        let margin = if self.clean { 0 } else { MARGIN };
+        let key = (c.dst, c.spi);
+        let fp = fingerprint(c);
+        let (rec, restored) = match self.recs.remove(&key).or_else(|| into.remove(&key)) {
+            Some(r) if r.fp == fp => {
+                c.iv_mask = r.mask;
+                c.replay_oseq = c
+                    .replay_oseq
+                    .max(r.oseq.saturating_add(margin).min(seq_max(c)));
+                (
+                    Record {
+                        oseq: c.replay_oseq,
+                        ..r
+                    },
+                    true,
+                )
+            }
+            // A new SA, or its key was replaced: it starts afresh.
+            _ => (
+                Record {
+                    fp,
+                    mask: c.iv_mask,
+                    oseq: c.replay_oseq,
+                },
+                false,
+            ),
+        };
+        into.insert(key, rec);
+        restored
+    }
+
+    /// A `state update` of a running outbound SA (the workers carry its
+    /// mask and numbers on): the record follows the key.
+    pub fn updated(&mut self, c: &SaConfig) {
+        let fp = fingerprint(c);
+        let rec = self.recs.entry((c.dst, c.spi)).or_insert(Record {
+            fp,
+            mask: c.iv_mask,
+            oseq: c.replay_oseq,
+        });
+        rec.fp = fp;
+        self.dirty = true;
+    }
+
+    /// Records kept.
+    pub fn len(&self) -> usize {
+        self.recs.len()
+    }
+
+    /// How many SAs continued a record so far in this run.
+    pub fn restored(&self) -> usize {
+        self.restored
+    }
+
+    /// Drops the records of SAs that are not running.
+    pub fn retain(&mut self, keep: impl Fn(IpAddr, u32) -> bool) {
+        self.recs.retain(|(d, s), _| keep(*d, *s));
+        self.dirty = true;
+    }
+
+    /// The SA is gone: so is its record.
+    pub fn forget(&mut self, dst: IpAddr, spi: u32) {
+        if self.recs.remove(&(dst, spi)).is_some() {
+            self.dirty = true;
+        }
     }
 
     /// The workers' latest numbers: `oseq(dst, spi)` for each record.
@@ -357,11 +394,11 @@ policy add src 198.18.1.0/24 dst 198.18.2.0/24 dir out tmpl src 198.18.0.1 dst 1
             recs: BTreeMap::new(),
             clean: false,
             dirty: false,
+            restored: 0,
         };
         s.restore(&mut c, &ids);
         s.update(|_, _| Some(u64::from(u32::MAX) - 10));
         let mut c2 = cfg(CONF);
-        c2.sad.get_mut(0).cfg.iv_mask = c.sad.get(0).cfg.iv_mask;
         s.restore(&mut c2, &ids);
         assert_eq!(c2.sad.get(0).cfg.replay_oseq, u64::from(u32::MAX));
     }

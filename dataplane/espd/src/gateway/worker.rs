@@ -100,9 +100,9 @@ pub struct Snapshot {
     /// Frames that were not IPv4/IPv6 (the XDP programs pass those; 0).
     pub not_ip: u64,
     pub ports: PortStats,
-    /// Per SA: packets, bytes, drops (indexed like the SAD).
-    pub sa: Vec<(u64, u64, espd_core::drop::DropCounts)>,
-    pub oseq: Vec<u64>,
+    /// Per SA this worker used, by SA id: a persistent map, so publishing
+    /// costs O(SAs used since the last time), not O(SAs).
+    pub sa: espd_core::state::PMap<usize, SaStat>,
     /// IPv4 packets without DF fragmented before encapsulation, and the fragments.
     pub prefragmented: u64,
     pub prefragments: u64,
@@ -113,6 +113,21 @@ pub struct Snapshot {
     pub reassembly_peak: usize,
     pub busy_turns: u64,
     pub turns: u64,
+    /// The longest turn (not counting sleep in poll(2)) since the start,
+    /// and since the last publication, in nanoseconds: a stall shows here.
+    pub max_turn_ns: u64,
+    pub max_turn_recent_ns: u64,
+    /// Tables taken (each a configuration change reaching this worker).
+    pub tables_taken: u64,
+}
+
+/// One SA's counters on one worker.
+#[derive(Clone, Copy, Default)]
+pub struct SaStat {
+    pub packets: u64,
+    pub bytes: u64,
+    pub drops: espd_core::drop::DropCounts,
+    pub oseq: u64,
 }
 
 pub struct Worker {
@@ -130,8 +145,9 @@ pub struct Worker {
     pub peers: Vec<SyncSender<Slot>>,
     pub reinject: Reinject,
     pub reasm: Reasm,
-    /// New engines from the control socket.
-    pub mailbox: Arc<super::control::Mailbox>,
+    /// The tables the control side publishes, and what this worker tells it.
+    pub tables: Arc<arc_swap::ArcSwap<espd_core::state::Tables>>,
+    pub sync: Arc<super::control::WorkerSync>,
     /// Where this worker's SA events go (the control thread).
     pub events: SyncSender<(u32, espd_core::engine::SaEvent)>,
     pub id: u32,
@@ -185,7 +201,7 @@ impl Worker {
         let mut idle = 0u32;
         let mut snap = Snapshot::default();
         let mut turn = 0u64;
-        let mut generation = self.mailbox.gen.load(Ordering::Acquire);
+        let mut max_recent = 0u64;
         // Tests only (super::fault): a worker that dies on its first packet.
         let panic_on_traffic = super::fault("worker-panic").is_err();
         // Tests only: a worker slower than its traffic (2 ms a turn), to
@@ -193,19 +209,10 @@ impl Worker {
         let slow = super::fault("slow-worker").is_err();
         while !self.stop.load(Ordering::Relaxed) {
             turn += 1;
-            // A configuration change: swap engines between two bursts.
-            let g = self.mailbox.gen.load(Ordering::Acquire);
-            if g != generation {
-                let next = self.mailbox.next.lock().ok().and_then(|mut n| n.take());
-                if let Some(mut e) = next {
-                    e.adopt_state(&self.engine);
-                    // The old engine (and its keys) is dropped here.
-                    self.engine = e;
-                    self.publish(&mut snap);
-                }
-                generation = g;
-                self.mailbox.seen.store(g, Ordering::Release);
-            }
+            let t0 = Instant::now();
+            // A configuration change: the new tables between two bursts
+            // (one pointer compare when nothing changed).
+            self.take_tables(&mut snap);
             if turn.is_multiple_of(64) {
                 self.engine.set_time(start.elapsed().as_secs());
                 self.reasm.now_ms = start.elapsed().as_millis() as u64;
@@ -284,6 +291,12 @@ impl Worker {
                 self.reinject.arena = arena;
             }
             self.ports.flush();
+            // Events at once (an acquire must reach the IKE daemon fast).
+            if self.engine.has_events() {
+                self.send_events();
+            }
+            let took = t0.elapsed().as_nanos() as u64;
+            max_recent = max_recent.max(took);
             snap.turns += 1;
             if got > 0 {
                 snap.busy_turns += 1;
@@ -291,11 +304,20 @@ impl Worker {
             } else {
                 idle = idle.saturating_add(1);
                 if idle > SPIN {
-                    let _ = self.ports.wait(1);
+                    // Parked: the control side need not wait for this worker
+                    // (it takes the newest tables before its next packet).
+                    self.sync.parked.store(true, Ordering::SeqCst);
+                    if self.tables.load().version() == self.engine.tables().version() {
+                        let _ = self.ports.wait(1);
+                    }
+                    self.sync.parked.store(false, Ordering::SeqCst);
                 }
             }
             if turn.is_multiple_of(64) && last_pub.elapsed() >= Duration::from_millis(100) {
                 last_pub = Instant::now();
+                snap.max_turn_recent_ns = max_recent;
+                snap.max_turn_ns = snap.max_turn_ns.max(max_recent);
+                max_recent = 0;
                 self.publish(&mut snap);
             }
         }
@@ -303,26 +325,52 @@ impl Worker {
         self.publish(&mut snap);
     }
 
-    fn publish(&mut self, snap: &mut Snapshot) {
-        self.ports.kernel_stats();
-        self.engine.check_lifetimes();
+    /// Takes the published tables if they are newer than the engine's.
+    fn take_tables(&mut self, snap: &mut Snapshot) {
+        let cur = self.tables.load();
+        if !Arc::ptr_eq(&cur, self.engine.tables()) {
+            self.engine.set_tables(arc_swap::Guard::into_inner(cur));
+            snap.tables_taken += 1;
+        }
+        self.sync
+            .seen
+            .store(self.engine.tables().version(), Ordering::SeqCst);
+    }
+
+    fn send_events(&mut self) {
         let mut ev = Vec::new();
         self.engine.take_events(&mut ev);
         for e in ev {
             // Full: the control side is behind; the counters still tell.
             let _ = self.events.try_send((self.id, e));
         }
+    }
+
+    fn publish(&mut self, snap: &mut Snapshot) {
+        self.ports.kernel_stats();
+        self.send_events();
         let s = &mut *snap;
         s.reassembled = self.reasm.table.reassembled;
         s.reassembly_peak = self.reasm.table.peak;
         s.engine = self.engine.counters.clone();
         s.ports = self.ports.stats;
-        s.sa.clear();
-        s.oseq.clear();
-        for sa in self.engine.sad.iter() {
-            s.sa.push((sa.counters.packets, sa.counters.bytes, sa.counters.drops));
-            s.oseq.push(sa.oseq);
-        }
+        let map = &mut s.sa;
+        self.engine.take_sa_updates(|id, sa| match sa {
+            Some(sa) => {
+                map.insert(
+                    id,
+                    SaStat {
+                        packets: sa.counters.packets,
+                        bytes: sa.counters.bytes,
+                        drops: sa.counters.drops,
+                        oseq: sa.oseq,
+                    },
+                );
+            }
+            None => {
+                map.remove(&id);
+            }
+        });
         if let Ok(mut o) = self.out.lock() {
             o.clone_from(s);
         }
