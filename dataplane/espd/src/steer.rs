@@ -63,8 +63,10 @@ pub fn run(a: &Args) -> Result<()> {
     // The same maps as the gateway's (SPIs by direction, our addresses,
     // inbound and outbound prefixes), so what this shows is what it does.
     let host = espd_io::netlink::local_addrs(None).context("reading this host's addresses")?;
-    let mirror = crate::gateway::control::Mirror::of(&cfg, &host);
-    crate::gateway::control::Mirror::add(&mut s, &mirror)?;
+    let tables = cfg.tables(&host);
+    let mut maps = crate::gateway::mirror::Maps::default();
+    maps.apply(&crate::gateway::mirror::everything(&tables), &tables)
+        .add(&mut s)?;
     eprintln!(
         "espd steer: attached to {} ({} mode), {} SPIs, encap ports {:?}",
         a.outside,

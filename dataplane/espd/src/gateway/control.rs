@@ -12,14 +12,15 @@
 //! old tables, and the keys only they held, are freed when the last worker
 //! lets go of them.
 
+use super::mirror::{Delta, Maps};
 use super::worker::Snapshot;
-use super::{inside_selectors, outside_selectors, Stats};
+use super::Stats;
 use arc_swap::ArcSwap;
 use espd_config::db::{Db, Op};
 use espd_config::Config;
 use espd_core::engine::Engine;
 use espd_core::state::{SaCore, Tables};
-use espd_io::steer::{SelAction, Side, Steering, SPI_IN, SPI_OUT};
+use espd_io::steer::Steering;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -33,7 +34,6 @@ use std::time::{Duration, Instant};
 
 /// How engines are built for this gateway.
 pub struct EngineParams {
-    pub local: Vec<IpAddr>,
     pub inside_addrs: Vec<IpAddr>,
     pub mtu: usize,
     pub bench_no_crypto: bool,
@@ -78,7 +78,9 @@ impl EngineParams {
         t: &mut Tables,
         ops: Vec<Op>,
         seqs: &mut super::seqstore::SeqStore,
-    ) -> Result<(), String> {
+    ) -> Result<Delta, String> {
+        use super::mirror::Change;
+        let mut d = Delta::default();
         t.set_clock(self.now());
         for op in ops {
             match op {
@@ -90,39 +92,54 @@ impl EngineParams {
                         core.share = espd_core::state::SaShare::new(core.cfg.replay_oseq);
                     }
                     self.prepare(&mut core);
-                    let (d, spi) = (core.cfg.dst, core.cfg.spi);
-                    t.insert_sa(*core)
-                        .map_err(|_| format!("state dst {d} spi 0x{spi:08x} exists already"))?;
+                    let (dst, spi) = (core.cfg.dst, core.cfg.spi);
+                    let id = t
+                        .insert_sa(*core)
+                        .map_err(|_| format!("state dst {dst} spi 0x{spi:08x} exists already"))?;
+                    d.changes
+                        .push(Change::SaAdded(t.sad().core(id).expect("added").clone()));
                 }
                 Op::UpdateSa(mut core) => {
                     self.prepare(&mut core);
-                    let (d, spi) = (core.cfg.dst, core.cfg.spi);
-                    let (id, _) = t
+                    let (dst, spi) = (core.cfg.dst, core.cfg.spi);
+                    let (id, old) = t
                         .update_sa(*core)
-                        .map_err(|_| format!("no state dst {d} spi 0x{spi:08x}"))?;
+                        .map_err(|_| format!("no state dst {dst} spi 0x{spi:08x}"))?;
+                    d.changes.push(Change::SaRemoved(old));
+                    d.changes
+                        .push(Change::SaAdded(t.sad().core(id).expect("updated").clone()));
                     let c = &t.sad().get(id).cfg;
                     if t.is_local(c.src) && t.esp_local().binary_search(&c.dst).is_err() {
                         seqs.updated(c);
                     }
                 }
-                Op::DelSa(d, spi) => {
-                    t.remove_sa(d, spi)
-                        .ok_or_else(|| format!("no state dst {d} spi 0x{spi:08x}"))?;
-                    seqs.forget(d, spi);
+                Op::DelSa(dst, spi) => {
+                    let (_, old) = t
+                        .remove_sa(dst, spi)
+                        .ok_or_else(|| format!("no state dst {dst} spi 0x{spi:08x}"))?;
+                    seqs.forget(dst, spi);
+                    d.changes.push(Change::SaRemoved(old));
                 }
-                Op::AddPolicy(p) => t
-                    .insert_policy(p)
-                    .map_err(|_| "a policy exists already".to_string())?,
+                Op::AddPolicy(p) => {
+                    let p = Arc::new(p);
+                    t.insert_policy((*p).clone())
+                        .map_err(|_| "a policy exists already".to_string())?;
+                    d.changes.push(Change::PolicyAdded(p));
+                }
                 Op::UpdatePolicy(p) => {
-                    t.update_policy(p).ok_or("no such policy")?;
+                    let p = Arc::new(p);
+                    let old = t.update_policy((*p).clone()).ok_or("no such policy")?;
+                    d.changes.push(Change::PolicyRemoved(old));
+                    d.changes.push(Change::PolicyAdded(p));
                 }
-                Op::DelPolicy(d, sel) => {
-                    t.remove_policy(d, &sel).ok_or("no such policy")?;
+                Op::DelPolicy(dir, sel) => {
+                    let old = t.remove_policy(dir, &sel).ok_or("no such policy")?;
+                    d.changes.push(Change::PolicyRemoved(old));
                 }
-                Op::Default(d, a) => t.set_default(d, a),
+                Op::Default(dir, a) => t.set_default(dir, a),
             }
         }
-        Ok(())
+        Ok(d)
     }
 }
 
@@ -136,86 +153,6 @@ pub struct WorkerSync {
     pub parked: AtomicBool,
 }
 
-/// What the XDP maps must hold for a configuration.
-#[derive(Default, PartialEq)]
-pub struct Mirror {
-    /// SPI → [`SPI_IN`] | [`SPI_OUT`].
-    pub spis: BTreeMap<u32, u8>,
-    pub ports: BTreeSet<u16>,
-    /// Inside program: destination prefixes of outbound PROTECT/DISCARD policies.
-    pub sels: Vec<(IpAddr, u8, SelAction)>,
-    /// Outside program: destination prefixes of in/fwd PROTECT/DISCARD policies.
-    pub in_sels: Vec<(IpAddr, u8, SelAction)>,
-    /// Addresses whose ESP is ours ([`espd_core::engine::esp_addrs`]): the
-    /// host's own and the inbound SAs' destinations.
-    pub local: BTreeSet<IpAddr>,
-}
-
-impl Mirror {
-    /// The maps for `cfg` on a host with addresses `host`. An SPI is
-    /// inbound when its SA's destination is one of ours, as the engine
-    /// decides it, so XDP and the engine agree on whose ESP is ours.
-    pub fn of(cfg: &Config, host: &[IpAddr]) -> Mirror {
-        let local = espd_core::engine::local_addrs(&cfg.spd, host);
-        let esp = espd_core::engine::esp_addrs(&cfg.sad, &local);
-        let mut spis = BTreeMap::new();
-        for sa in cfg.sad.iter() {
-            let bit = if esp.binary_search(&sa.cfg.dst).is_ok() {
-                SPI_IN
-            } else {
-                SPI_OUT
-            };
-            *spis.entry(sa.cfg.spi).or_insert(0) |= bit;
-        }
-        Mirror {
-            spis,
-            ports: cfg
-                .sad
-                .iter()
-                .filter_map(|sa| sa.cfg.encap)
-                .flat_map(|e| [e.sport, e.dport])
-                .collect(),
-            sels: inside_selectors(cfg),
-            in_sels: outside_selectors(cfg),
-            local: esp.into_iter().collect(),
-        }
-    }
-
-    /// Make-before-break, first half: everything `new` needs (changed
-    /// actions overwrite in place).
-    pub fn add(steer: &mut Steering, new: &Mirror) -> anyhow::Result<()> {
-        steer.add_local(new.local.iter().copied())?;
-        steer.add_spis(new.spis.iter().map(|(s, b)| (*s, *b)))?;
-        steer.add_encap_ports(new.ports.iter().copied())?;
-        steer.add_selectors(Side::Inside, new.sels.iter().copied())?;
-        steer.add_selectors(Side::Outside, new.in_sels.iter().copied())?;
-        Ok(())
-    }
-
-    /// Second half, once the workers run on `new`: what only `old` had.
-    pub fn remove_stale(steer: &mut Steering, old: &Mirror, new: &Mirror) -> anyhow::Result<()> {
-        steer.remove_spis(
-            old.spis
-                .keys()
-                .filter(|s| !new.spis.contains_key(s))
-                .copied(),
-        )?;
-        steer.remove_encap_ports(old.ports.difference(&new.ports).copied())?;
-        for (side, o, n) in [
-            (Side::Inside, &old.sels, &new.sels),
-            (Side::Outside, &old.in_sels, &new.in_sels),
-        ] {
-            let keep: BTreeSet<(IpAddr, u8)> = n.iter().map(|s| (s.0, s.1)).collect();
-            steer.remove_selectors(
-                side,
-                o.iter().map(|s| (s.0, s.1)).filter(|k| !keep.contains(k)),
-            )?;
-        }
-        steer.remove_local(old.local.difference(&new.local).copied())?;
-        Ok(())
-    }
-}
-
 /// Everything the control socket acts on.
 pub struct Control {
     pub db: Mutex<Db>,
@@ -225,7 +162,8 @@ pub struct Control {
     pub shared: Arc<ArcSwap<Tables>>,
     /// The running configuration's SAD and SPD (O(1) copies of the tables').
     pub cfg: Mutex<Config>,
-    pub mirror: Mutex<Mirror>,
+    /// What the XDP maps hold, changed with each batch.
+    pub maps: Mutex<Maps>,
     pub steer: Arc<Mutex<Steering>>,
     pub workers: Vec<Arc<WorkerSync>>,
     pub snaps: Vec<Arc<Mutex<Snapshot>>>,
@@ -265,26 +203,25 @@ impl Control {
             }
         }
         let mut t = self.tables.lock().map_err(|_| "poisoned")?.clone();
-        {
+        let delta = {
             let mut seqs = self.seqs.lock().map_err(|_| "poisoned")?;
-            self.params.apply_ops(&mut t, ops, &mut seqs)?;
-        }
-        let new_cfg = Config {
-            sad: t.sad().clone(),
-            spd: t.spd().clone(),
+            self.params.apply_ops(&mut t, ops, &mut seqs)?
         };
-        let new_mirror = Mirror::of(&new_cfg, &self.params.local);
+        // Everything below costs what the batch changed (the maps and the
+        // guard's contributions are persistent: their copies are O(1)).
+        let mut maps = self.maps.lock().map_err(|_| "poisoned")?.clone();
+        let plan = maps.apply(&delta, &t);
+        let mut guard = self.guard.lock().map_err(|_| "guard poisoned")?;
+        let mut contrib = guard.contrib.clone();
+        let keys = contrib.stage(delta.policies());
         // The guard first: what the change protects or blocks is dropped by
         // the kernel before espd's workers handle it (make-before-break).
-        let want = super::guard::desired(&new_cfg);
-        self.guard
-            .lock()
-            .map_err(|_| "guard poisoned")?
-            .tighten(&want)
+        guard
+            .tighten_keys(&contrib, &keys)
             .map_err(|e| format!("kernel XFRM guard: {e}"))?;
         {
             let mut st = self.steer.lock().map_err(|_| "steering poisoned")?;
-            Mirror::add(&mut st, &new_mirror).map_err(|e| format!("XDP maps: {e}"))?;
+            plan.add(&mut st).map_err(|e| format!("XDP maps: {e}"))?;
         }
         // Publish, and wait until every worker runs on the new tables.
         let version = t.version();
@@ -292,22 +229,19 @@ impl Control {
         self.wait_for_workers(version)?;
         {
             let mut st = self.steer.lock().map_err(|_| "steering poisoned")?;
-            let old = self.mirror.lock().map_err(|_| "poisoned")?;
-            Mirror::remove_stale(&mut st, &old, &new_mirror)
-                .map_err(|e| format!("XDP maps: {e}"))?;
+            plan.remove(&mut st).map_err(|e| format!("XDP maps: {e}"))?;
         }
         // Loosened only now that every worker runs on the new policies. A
         // failure leaves stricter entries behind (fail closed): logged.
-        if let Err(e) = self
-            .guard
-            .lock()
-            .map_err(|_| std::io::Error::other("guard poisoned"))
-            .and_then(|mut g| g.loosen(&want))
-        {
+        if let Err(e) = guard.loosen_keys(contrib, &keys) {
             eprintln!("espd run: guard: removing entries the change no longer needs: {e}");
         }
-        *self.mirror.lock().map_err(|_| "poisoned")? = new_mirror;
-        *self.cfg.lock().map_err(|_| "poisoned")? = new_cfg;
+        drop(guard);
+        *self.maps.lock().map_err(|_| "poisoned")? = maps;
+        *self.cfg.lock().map_err(|_| "poisoned")? = Config {
+            sad: t.sad().clone(),
+            spd: t.spd().clone(),
+        };
         *self.tables.lock().map_err(|_| "poisoned")? = t;
         *self.db.lock().map_err(|_| "poisoned")? = db;
         for (ev, dst, spi) in events {

@@ -16,22 +16,121 @@
 //! It changes make-before-break with the configuration: entries that
 //! protect or block go in before the workers run on a change, entries that
 //! loosen (BYPASS, a deleted policy) only after. Only `espd down` lifts it.
+//!
+//! A change touches only the kernel entries of the policies it adds,
+//! updates or deletes ([`Guard::stage`]): each kernel key keeps the espd
+//! policies that map to it, and the first by priority is what the kernel
+//! holds — the cost of a change does not grow with the number of policies.
 
 use espd_config::Config;
 use espd_core::state::{Action, Direction, Level, Mode, Policy, PortRange};
 use espd_io::xfrm::{self, Dir, KPolicy, KSelector, KTmpl, Xfrm};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Kernel policies one espd policy may become (port ranges split into
 /// aligned blocks); past that a PROTECT or DISCARD policy is widened to any
 /// port of its protocol (stricter, never looser) and a BYPASS is left out.
 const MAX_SPLIT: usize = 16;
 
+/// A kernel key: direction and selector.
+pub type Key = (Dir, KSelector);
+
+/// An espd policy's identity: its direction and selector.
+type PolicyId = (u8, String);
+/// A contribution's rank among those to one key: (priority, order).
+type Rank = (u32, u64);
+
+/// The espd policies that map to kernel keys (persistent: a copy is O(1),
+/// so a change is staged on a copy and kept only if it goes through).
+#[derive(Clone, Default)]
+pub struct Contrib {
+    /// Key → (priority, order) → the kernel policy that espd policy makes.
+    by_key: imbl::OrdMap<Key, imbl::OrdMap<Rank, KPolicy>>,
+    /// espd policy (direction, selector) → its keys and its (priority, order).
+    by_policy: imbl::OrdMap<PolicyId, (Vec<Key>, Rank)>,
+    next: u64,
+}
+
+impl Contrib {
+    /// What the kernel must hold at `key`: the first contribution by priority.
+    pub fn want(&self, key: &Key) -> Option<&KPolicy> {
+        self.by_key.get(key)?.values().next()
+    }
+
+    fn pid(p: &Policy) -> PolicyId {
+        (p.dir as u8, format!("{:?}", p.sel))
+    }
+
+    fn remove(&mut self, p: &Policy, touched: &mut BTreeSet<Key>) {
+        let Some((keys, rank)) = self.by_policy.remove(&Self::pid(p)) else {
+            return;
+        };
+        for k in keys {
+            if let Some(mut m) = self.by_key.get(&k).cloned() {
+                m.remove(&rank);
+                if m.is_empty() {
+                    self.by_key.remove(&k);
+                } else {
+                    self.by_key.insert(k, m);
+                }
+            }
+            touched.insert(k);
+        }
+    }
+
+    fn add(&mut self, p: &Policy, touched: &mut BTreeSet<Key>) {
+        self.remove(p, touched);
+        self.next += 1;
+        let rank = (p.priority, self.next);
+        let mut keys = Vec::new();
+        for k in kernel(p) {
+            let key = (k.dir, k.sel);
+            let mut m = self.by_key.get(&key).cloned().unwrap_or_default();
+            m.insert(rank, k);
+            self.by_key.insert(key, m);
+            keys.push(key);
+            touched.insert(key);
+        }
+        self.by_policy.insert(Self::pid(p), (keys, rank));
+    }
+
+    /// Stages a change: policies added (`true`) and removed (deleted, or
+    /// the old side of an update), in batch order; the kernel keys it touches.
+    pub fn stage<'a>(
+        &mut self,
+        changes: impl IntoIterator<Item = (bool, &'a Policy)>,
+    ) -> BTreeSet<Key> {
+        let mut touched = BTreeSet::new();
+        for (added, p) in changes {
+            if added {
+                self.add(p, &mut touched);
+            } else {
+                self.remove(p, &mut touched);
+            }
+        }
+        touched
+    }
+
+    /// Every policy of `cfg`, in priority order (as [`desired`]).
+    pub fn of(cfg: &Config) -> Contrib {
+        let mut pols: Vec<&Policy> = Direction::ALL
+            .iter()
+            .flat_map(|d| cfg.spd.policies(*d))
+            .collect();
+        pols.sort_by_key(|p| p.priority);
+        let mut c = Contrib::default();
+        c.stage(pols.into_iter().map(|p| (true, p)));
+        c
+    }
+}
+
 /// The guard's kernel entries, by direction and selector.
 pub struct Guard {
     nl: Xfrm,
-    installed: BTreeMap<(Dir, KSelector), (u32, KPolicy)>,
+    installed: BTreeMap<Key, (u32, KPolicy)>,
     next: [u32; 3],
+    /// What the running configuration contributes to each key.
+    pub contrib: Contrib,
 }
 
 fn dir(d: Direction) -> Dir {
@@ -139,6 +238,7 @@ impl Guard {
             nl,
             installed,
             next,
+            contrib: Contrib::default(),
         })
     }
 
@@ -197,7 +297,39 @@ impl Guard {
     pub fn sync(&mut self, cfg: &Config) -> std::io::Result<()> {
         let want = desired(cfg);
         self.tighten(&want)?;
-        self.loosen(&want)
+        self.loosen(&want)?;
+        self.contrib = Contrib::of(cfg);
+        Ok(())
+    }
+
+    /// First half of a staged change (`c`, with the keys it touches):
+    /// what protects or blocks goes in.
+    pub fn tighten_keys(&mut self, c: &Contrib, keys: &BTreeSet<Key>) -> std::io::Result<()> {
+        for k in keys {
+            if let Some(w) = c.want(k).filter(|w| strict(w)) {
+                let w = w.clone();
+                self.put(&w)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Second half, once espd runs on the change: BYPASS entries put,
+    /// entries no policy wants removed; `c` becomes the running contribution.
+    pub fn loosen_keys(&mut self, c: Contrib, keys: &BTreeSet<Key>) -> std::io::Result<()> {
+        self.contrib = c;
+        for k in keys {
+            match self.contrib.want(k).cloned() {
+                Some(w) if !strict(&w) => self.put(&w)?,
+                Some(_) => {}
+                None => {
+                    if let Some((index, _)) = self.installed.remove(k) {
+                        self.nl.delete(k.0, index)?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `espd down`: removes every entry espd put in this namespace's kernel.
@@ -244,6 +376,64 @@ policy add src 198.18.1.0/24 dst 198.18.4.0/24 dir out tmpl src 198.18.0.1 dst 1
         let dns = w.values().find(|k| k.sel.dport == 53).unwrap();
         assert!(dns.tmpls.is_empty() && !dns.block && dns.sel.dport_mask == 0xffff);
         assert_eq!(dns.sel.proto, 17);
+    }
+
+    /// Staging changes one by one gives what `desired` computes from the
+    /// whole configuration.
+    #[test]
+    fn staged_changes_give_the_desired_entries() {
+        let lines = [
+            "policy add src 198.18.1.0/24 dst 198.18.2.0/24 dir out priority 100 tmpl src 198.18.0.1 dst 198.18.0.2 proto esp reqid 1 mode tunnel",
+            "policy add src 198.18.1.0/24 dst 198.18.2.0/24 proto tcp dport 1000-1003 dir out priority 5 action block",
+            "policy add src 198.18.1.0/24 dst 198.18.2.0/24 proto tcp dport 1000-1001 dir out priority 9",
+            "policy add src 198.18.2.0/24 dst 198.18.1.0/24 dir fwd tmpl src 198.18.0.2 dst 198.18.0.1 proto esp reqid 2 mode tunnel",
+        ];
+        let mut c = Contrib::default();
+        let mut text = String::new();
+        for (i, l) in lines.iter().enumerate() {
+            text.push_str(l);
+            text.push('\n');
+            let cfg = Config::parse("t.conf", &text).unwrap();
+            let p = cfg
+                .spd
+                .policies(Direction::ALL[[1, 1, 1, 2][i]])
+                .into_iter()
+                .find(|p| {
+                    format!("{:?}", p.sel)
+                        == format!(
+                            "{:?}",
+                            Config::parse("x", l).unwrap().spd.policies(p.dir)[0].sel
+                        )
+                })
+                .unwrap()
+                .clone();
+            c.stage([(true, &p)]);
+            let want = desired(&cfg);
+            for (k, w) in &want {
+                assert_eq!(c.want(k), Some(w), "after line {}", i + 1);
+            }
+            assert_eq!(c.by_key.len(), want.len());
+        }
+        // Removing the block uncovers the bypass under it.
+        let cfg = Config::parse("t.conf", &text).unwrap();
+        let block = cfg
+            .spd
+            .policies(Direction::Out)
+            .into_iter()
+            .find(|p| p.priority == 5)
+            .unwrap()
+            .clone();
+        let touched = c.stage([(false, &block)]);
+        assert!(!touched.is_empty());
+        let rest: String = lines
+            .iter()
+            .filter(|l| !l.contains("action block"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let want = desired(&Config::parse("t.conf", &rest).unwrap());
+        for k in &touched {
+            assert_eq!(c.want(k), want.get(k), "{k:?}");
+        }
     }
 
     #[test]

@@ -16,15 +16,20 @@
 pub mod control;
 pub mod guard;
 mod metrics;
+pub mod mirror;
 pub mod nexthop;
 pub mod seqstore;
 mod worker;
 
 use anyhow::{bail, Context, Result};
 use espd_config::Config;
-use espd_core::state::{Action, Direction};
+#[cfg(test)]
+use espd_core::state::Action;
+use espd_core::state::Direction;
 use espd_core::DropReason;
-use espd_io::steer::{SelAction, Side, Steering};
+#[cfg(test)]
+use espd_io::steer::SelAction;
+use espd_io::steer::{Side, Steering};
 use espd_io::xsk::{BindMode, WorkerPorts, WORKER_FRAMES};
 use espd_io::Counter;
 use serde_json::json;
@@ -172,6 +177,7 @@ fn missing_caps() -> Vec<&'static str> {
         .collect()
 }
 
+#[cfg(test)]
 /// The destination prefixes the inside XDP program must look at, from the
 /// outbound policies: PROTECT and DISCARD prefixes are steered to espd
 /// (whose engine makes the exact decision); a DISCARD of any source, protocol
@@ -192,6 +198,7 @@ pub fn inside_selectors(cfg: &Config) -> Vec<(IpAddr, u8, SelAction)> {
     selectors(&pols, pick, default_block)
 }
 
+#[cfg(test)]
 /// The destination prefixes the outside XDP program checks plaintext
 /// against (RFC 4301 §5.2 step 3a), from the `in` and `fwd` policies:
 /// prefixes of PROTECT (a required template) and DISCARD policies are
@@ -216,6 +223,7 @@ pub fn outside_selectors(cfg: &Config) -> Vec<(IpAddr, u8, SelAction)> {
     selectors(&pols, pick, default_block)
 }
 
+#[cfg(test)]
 /// Destination prefixes of the policies `pick` selects: `Some(droppable)`
 /// when a policy's prefix is to be looked at, and whether its action alone
 /// may drop in XDP (when its selector names no source, protocol or port and
@@ -354,7 +362,6 @@ pub fn run(a: &Args) -> Result<()> {
 
     let stop = crate::stop_on_signals()?;
     let params = control::EngineParams {
-        local: local.clone(),
         inside_addrs: inside_addrs.clone(),
         mtu: read_mtu(&a.outside),
         bench_no_crypto: a.bench_no_crypto,
@@ -413,9 +420,10 @@ pub fn run(a: &Args) -> Result<()> {
             anyhow::anyhow!("loading XDP: {e}")
         }
     })?;
-    let mirror = control::Mirror::of(&cfg, &local);
-    control::Mirror::add(&mut steer, &mirror)?;
-    let sels_len = mirror.sels.len();
+    let mut maps = mirror::Maps::default();
+    let plan = maps.apply(&mirror::everything(&tables), &tables);
+    plan.add(&mut steer)?;
+    let sels_len = plan.sels[0].len();
     // Workers' ports and engines (one engine per worker, from the same config).
     let bind = if a.copy {
         BindMode::Copy
@@ -558,7 +566,7 @@ pub fn run(a: &Args) -> Result<()> {
         tables: Mutex::new(tables),
         shared,
         cfg: Mutex::new(cfg),
-        mirror: Mutex::new(mirror),
+        maps: Mutex::new(maps),
         steer: Arc::clone(&steer),
         workers: syncs,
         snaps: snaps.clone(),
@@ -762,6 +770,8 @@ impl Stats {
                 "prefragments": s.prefragments,
                 "reassembled": s.reassembled, "reassembly_peak": s.reassembly_peak,
                 "busy_turns": s.busy_turns, "turns": s.turns,
+                "max_turn_ns": s.max_turn_ns, "max_turn_recent_ns": s.max_turn_recent_ns,
+                "tables_taken": s.tables_taken,
                 "drops": d,
             }));
         }

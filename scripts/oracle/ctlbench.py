@@ -1,0 +1,174 @@
+"""Control-plane benchmark of a live `espd run` (docs/performance.md).
+
+For each tunnel count N: gw1 of the namespace topology (scripts/topo.sh)
+gets N tunnels (an outbound SA and its policy each) installed in batches
+over one kept v2 connection (the install rate, keys expanded included),
+then single changes are timed from request to answer — the answer comes
+once every worker runs on the change — over the kept connection (SA add,
+SA delete, policy add, policy delete) and through `espctl` (a process per
+change), and the gateway's RSS per tunnel and its workers' longest turn
+(a stall) are read. Prints the table of docs/performance.md.
+
+    python scripts/oracle/ctlbench.py 0 10000 100000      # the full table
+    python scripts/oracle/ctlbench.py --smoke              # bounded (tests)
+
+Root, namespaces and a release build of espd are needed.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from espd_oracle import ROOT  # noqa: E402
+from test_gateway import Net  # noqa: E402
+
+ESPCTL = ROOT / "target" / "release" / "espctl"
+KEY = "0x" + "11" * 20
+
+
+def tunnel(i, spi_base=0x10000000):
+    """An outbound SA to a peer and the policy that uses it (198.19.0.0/16 inside)."""
+    peer = f"198.18.{200 + (i >> 8) % 50}.{(i & 255) or 1}"
+    src = f"198.19.{128 + ((i >> 14) & 127)}.0"
+    dst = f"198.19.{(i >> 6) & 255}.{(i & 63) << 2}"
+    spi = spi_base + i
+    sa = (f"state add src 198.18.0.1 dst {peer} proto esp spi {spi:#x} reqid {i + 100} "
+          f"mode tunnel aead 'rfc4106(gcm(aes))' {KEY} 128")
+    pol = (f"policy add src {src}/30 dst {dst}/30 dir out priority 100 "
+           f"tmpl src 198.18.0.1 dst {peer} proto esp reqid {i + 100} mode tunnel")
+    return sa, pol, peer
+
+
+class Conn:
+    """A kept v2 control connection with pipelined requests."""
+
+    def __init__(self, path):
+        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.s.connect(path)
+        self.f = self.s.makefile("rb")
+        self.n = 0
+
+    def call(self, op, **kw):
+        self.n += 1
+        req = {"v": 2, "id": self.n, "op": op, **kw}
+        self.s.sendall(json.dumps(req).encode() + b"\n")
+        a = json.loads(self.f.readline())
+        assert a.get("id") == self.n, a
+        return a
+
+    def apply(self, text):
+        a = self.call("apply", name="bench", text=text)
+        assert a["ok"], a
+        return a
+
+
+def rss_kib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def espd_pid(net):
+    # `ip netns exec` execs espd: the Popen's pid is espd's.
+    return net.procs["gw1"].pid
+
+
+def pct(v, p):
+    v = sorted(v)
+    return v[min(len(v) - 1, int(len(v) * p / 100))]
+
+
+def measure(net, n, singles, espctl_calls, batch=2000):
+    c = Conn(net.sock("gw1"))
+    pid = espd_pid(net)
+    base = rss_kib(pid)
+    t0 = time.perf_counter()
+    for start in range(0, n, batch):
+        lines = []
+        for i in range(start, min(n, start + batch)):
+            sa, pol, _ = tunnel(i)
+            lines += [sa, pol]
+        c.apply("\n".join(lines))
+    install = time.perf_counter() - t0
+    time.sleep(0.3)
+    rss = rss_kib(pid)
+    lat = {"sa add": [], "sa delete": [], "policy add": [], "policy delete": []}
+    for k in range(singles):
+        sa, pol, _ = tunnel(n + 1_000_000 + k, spi_base=0x70000000)
+        dst = sa.split(" dst ")[1].split()[0]
+        spi = sa.split(" spi ")[1].split()[0]
+        sel = pol.split(" tmpl ")[0].replace("policy add", "policy delete").replace(" priority 100", "")
+        for what, text in (("sa add", sa), ("policy add", pol), ("policy delete", sel),
+                           ("sa delete", f"state delete dst {dst} spi {spi}")):
+            t = time.perf_counter()
+            c.apply(text)
+            lat[what].append((time.perf_counter() - t) * 1e3)
+    ctl = []
+    for k in range(espctl_calls):
+        sa, _, _ = tunnel(n + 2_000_000 + k, spi_base=0x60000000)
+        t = time.perf_counter()
+        r = subprocess.run(["ip", "netns", "exec", f"{net.p}-gw1", str(ESPCTL), "-s", net.sock("gw1"),
+                            *shlex.split(sa)], capture_output=True, text=True)
+        ctl.append((time.perf_counter() - t) * 1e3)
+        assert r.returncode == 0, r.stderr
+    stats = c.call("stats")["stats"]
+    stall = max(w.get("max_turn_ns", 0) for w in stats["workers"]) / 1e3
+    return {
+        "tunnels": n,
+        "install_s": install,
+        "install_per_s": n / install if n else 0,
+        "rss_mib": rss / 1024,
+        "kib_per_tunnel": (rss - base) / n if n else 0,
+        "lat": {k: (statistics.median(v), pct(v, 99)) for k, v in lat.items()},
+        "espctl_ms": (statistics.median(ctl), pct(ctl, 99)) if ctl else (0, 0),
+        "max_turn_us": stall,
+        "workers": len(stats["workers"]),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("counts", nargs="*", type=int, default=[0, 10_000, 100_000])
+    ap.add_argument("--smoke", action="store_true", help="0 and 1000 tunnels, few samples")
+    ap.add_argument("--queues", type=int, default=2, help="workers (veth queues)")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    counts = [0, 1000] if a.smoke else a.counts
+    singles = 20 if a.smoke else 200
+    calls = 5 if a.smoke else 30
+    rows = []
+    for n in counts:
+        with tempfile.TemporaryDirectory() as tmp:
+            net = Net(Path(tmp), queues=a.queues)
+            try:
+                net.start("gw1")
+                rows.append(measure(net, n, singles, calls))
+            finally:
+                net.close()
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"control plane, {rows[0]['workers']} workers, {os.cpu_count()} vCPUs; "
+          "change latency request→live in every worker, median / p99 ms")
+    print("| tunnels | SA add | SA delete | policy add | policy delete | espctl (process) | install SAs/s | RSS MiB | KiB/tunnel | longest turn µs |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        l = r["lat"]
+        f = lambda k: f"{l[k][0]:.2f} / {l[k][1]:.2f}"  # noqa: E731
+        print(f"| {r['tunnels']} | {f('sa add')} | {f('sa delete')} | {f('policy add')} | {f('policy delete')} "
+              f"| {r['espctl_ms'][0]:.1f} / {r['espctl_ms'][1]:.1f} | {r['install_per_s']:.0f} "
+              f"| {r['rss_mib']:.0f} | {r['kib_per_tunnel']:.2f} | {r['max_turn_us']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
