@@ -9,7 +9,7 @@
 
 use crate::parse::{parse_line, Item};
 use crate::{lex, Config, ConfigError, ConfigErrors};
-use espd_core::state::{Action, Direction, PMap, Policy, SaCore, Selector};
+use espd_core::state::{Action, CMap as PMap, Direction, Policy, SaCore, Selector};
 use std::net::IpAddr;
 use std::sync::Arc;
 use zeroize::Zeroizing;
@@ -220,14 +220,14 @@ impl Db {
                         key.0, key.1
                     )),
                     (_, Some(o)) => {
-                        self.states.insert(key, (o, Arc::new(line)));
+                        self.states.insert(key, (o, exact(line)));
                         ch.states_updated += 1;
                         ops.push(Op::UpdateSa(core));
                         Ok(())
                     }
                     (_, None) => {
                         self.next += 1;
-                        self.states.insert(key, (self.next, Arc::new(line)));
+                        self.states.insert(key, (self.next, exact(line)));
                         ch.states_added += 1;
                         ops.push(Op::AddSa(core));
                         Ok(())
@@ -313,6 +313,13 @@ impl Db {
             (o, _) => Err(format!("expected `state` or `policy`, found `{o}`")),
         }
     }
+}
+
+/// A line kept at its own length (a grown buffer is half empty), through a
+/// copy: shrinking in place would free the old buffer, key and all,
+/// without wiping it.
+fn exact(line: Zeroizing<String>) -> Arc<Zeroizing<String>> {
+    Arc::new(Zeroizing::new(String::from(line.as_str())))
 }
 
 fn quote(x: &str) -> String {

@@ -83,7 +83,7 @@ drop_reasons! {
     SaExpired => "SA hard lifetime reached",
     /// Router mode: the TTL / hop limit would reach 0 when forwarded (RFC 1812 §5.3.1, RFC 8200 §3); an ICMP time exceeded goes back for plaintext from the inside.
     TtlExceeded => "TTL or hop limit exceeded in forwarding",
-    /// Gateway: a packet of an SA another worker owns that could not be handed to it (its queue was full, or an inner SA of a bundle, or a race at the first packet; see docs/architecture.md).
+    /// Gateway: a packet of an SA another worker owns that cannot be handed to it: an inner SA of a bundle, or another worker claimed the SA at the same first packet (see docs/architecture.md).
     ForeignQueue => "SA owned by another worker, and the packet could not be handed over",
     /// Gateway: the kernel has no route for the destination, or it leads out of an interface espd does not run on.
     NoRoute => "no route through espd's interfaces",
@@ -101,6 +101,10 @@ drop_reasons! {
     XskRingFull => "AF_XDP RX ring full (kernel)",
     /// Gateway (kernel): a steered frame was dropped for another reason, mostly no free frame in the fill ring (the socket's `rx_dropped`).
     XskDropped => "AF_XDP receive dropped by the kernel (no fill-ring frame)",
+    /// Gateway: the SA's owner is behind — its hand-over queue is full, or it has no free frame for a handed-over packet (an overload drop, like a full ring).
+    HandoffFull => "owner worker's hand-over queue full",
+    /// Gateway: a packet of another worker's SA larger than a hand-over slot.
+    HandoffTooBig => "packet too big to hand over to the owner worker",
 }
 
 /// One counter per [`DropReason`], indexed by it (`c[r as usize]`).

@@ -127,6 +127,9 @@ struct Runs {
     touched: Vec<SaId>,
     /// Ids whose runtime state went since then (their SA was removed or replaced).
     gone: Vec<SaId>,
+    /// The states that went, kept for [`Engine::take_retired`] (so that
+    /// their last reference, and the keys, are let go off the hot path).
+    retired: Vec<Sa>,
 }
 
 impl Runs {
@@ -183,7 +186,9 @@ impl Runs {
                 sa.share = shared.then(|| c.share.clone());
             }
             _ => {
-                *slot = None;
+                if let Some(sa) = slot.take() {
+                    self.retired.push(sa);
+                }
                 self.gone.push(id);
             }
         }
@@ -424,9 +429,13 @@ impl Engine {
     /// removed (or whose id now names another SA) loses it, so its core
     /// and keys go once no engine and no snapshot holds them. Decisions
     /// cached under the old tables are void.
-    pub fn set_tables(&mut self, t: Arc<Tables>) {
+    ///
+    /// Returns the tables it ran on: the caller may hand them (and
+    /// [`Engine::take_retired`]) to another thread to be freed, RCU's
+    /// deferred reclamation, so a worker never spends its time freeing.
+    pub fn set_tables(&mut self, t: Arc<Tables>) -> Arc<Tables> {
         if Arc::ptr_eq(&t, &self.tables) {
-            return;
+            return t;
         }
         if self.burst.active {
             self.end_burst();
@@ -446,9 +455,14 @@ impl Engine {
                 }
             }
         }
-        self.tables = t;
         self.burst.out.clear();
         self.burst.checked.clear();
+        core::mem::replace(&mut self.tables, t)
+    }
+
+    /// The runtime states of SAs that went since the last call.
+    pub fn take_retired(&mut self) -> Vec<Sa> {
+        core::mem::take(&mut self.runs.retired)
     }
 
     /// Several engines (the gateway's workers) use these tables' SAs: they
@@ -467,6 +481,17 @@ impl Engine {
     /// new: for tools and tests that set a state up.
     pub fn sa_mut(&mut self, id: SaId) -> &mut Sa {
         self.run(id)
+    }
+
+    /// SA `id`'s shared part: through this engine's runtime state when it
+    /// has one (a slice index, where the tables' persistent vector is a
+    /// short tree walk), from the tables otherwise.
+    #[inline]
+    fn core(&self, id: SaId) -> &crate::state::SaCore {
+        match self.runs.peek(id) {
+            Some(sa) => &sa.core,
+            None => self.tables.sad().get(id),
+        }
     }
 
     /// The runtime SA `id` (an id of the current tables), made if new.
@@ -539,7 +564,7 @@ impl Engine {
     /// reached; an event the first time a soft one is.
     fn within_lifetime(&mut self, id: SaId) -> bool {
         let now = self.now;
-        let core = self.tables.sad().get(id);
+        let core = self.core(id);
         let (lt, added, dst, spi) = (core.cfg.lifetime, core.added, core.cfg.dst, core.cfg.spi);
         let sa = self.run(id);
         if sa.expired {
@@ -1044,7 +1069,7 @@ impl Engine {
     fn check_decapsulated(&self, flow: &Flow, sp: &[SaId]) -> Result<(), DropReason> {
         let mut path = [None; MAX_NEST];
         for (slot, &id) in path.iter_mut().zip(sp) {
-            let c = &self.tables.sad().get(id).cfg;
+            let c = &self.core(id).cfg;
             if c.sel.as_ref().is_some_and(|sel| !sel.matches(flow)) {
                 return Err(DropReason::PolicyMismatch);
             }
@@ -1098,7 +1123,7 @@ impl Engine {
         let chain = &chain[..k];
         // The owner of the first SA encapsulates, so that its packets leave
         // in sequence-number order; the first worker to send claims it.
-        if let Some(s) = self.shared.then(|| &self.tables.sad().get(chain[0]).share) {
+        if let Some(s) = self.shared.then(|| &self.core(chain[0]).share) {
             // A plain load first: the owner's own packets need no atomic write.
             let owner = s.owner.load(Relaxed);
             let claim = if owner == SaShare::NO_OWNER {
@@ -1125,7 +1150,7 @@ impl Engine {
         }
         // RFC 6437: only an IPv6 tunnel header carries the flow label.
         let v6_tunnel = chain.iter().any(|&id| {
-            let c = &self.tables.sad().get(id).cfg;
+            let c = &self.core(id).cfg;
             c.mode == Mode::Tunnel && c.dst.is_ipv6()
         });
         let mut params = OutParams {
@@ -1308,7 +1333,7 @@ impl Engine {
         let mut len = pkt.len();
         let mut keep_now = keep;
         for &id in chain {
-            len = outbound::encapsulated_len(self.tables.sad().get(id), len, keep_now);
+            len = outbound::encapsulated_len(self.core(id), len, keep_now);
             keep_now = 0;
         }
         if len <= mtu {
@@ -1317,11 +1342,7 @@ impl Engine {
         // The largest inner packet that fits, from the outermost SA inwards.
         let mut fit = mtu;
         for (i, &id) in chain.iter().enumerate().rev() {
-            fit = outbound::max_inner(
-                self.tables.sad().get(id),
-                fit,
-                if i == 0 { keep } else { 0 },
-            );
+            fit = outbound::max_inner(self.core(id), fit, if i == 0 { keep } else { 0 });
         }
         // IPv4 without DF: encapsulate; the outer packet will be fragmented.
         // IPv6 of at most 1280 octets must get through whatever the tunnel's

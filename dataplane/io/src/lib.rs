@@ -8,4 +8,4 @@ pub mod steer;
 pub mod xfrm;
 pub mod xsk;
 
-pub use espd_common::Counter;
+pub use espd_common::{Counter, MAX_ENCAP_PORTS, MAX_LOCAL, MAX_SELECTORS, MAX_SPIS};

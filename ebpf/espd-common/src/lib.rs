@@ -41,10 +41,14 @@ pub const MAP_LOCAL_V6: &str = "LOCAL_V6";
 /// Selector actions in the tries.
 pub const SEL_STEER: u8 = 1;
 pub const SEL_DROP: u8 = 2;
-pub const MAX_SELECTORS: u32 = 131_072;
+/// Prefixes per trie (each side, each family): a policy of its own per
+/// tunnel at the carrier edge (LPM tries allocate as entries come).
+pub const MAX_SELECTORS: u32 = 262_144;
 pub const MAX_LOCAL: u32 = 1024;
 
-pub const MAX_SPIS: u32 = 65_536;
+/// SPIs (an inbound and an outbound SA per tunnel: 131 072 tunnels). The
+/// hash map is preallocated: about 17 MiB of kernel memory.
+pub const MAX_SPIS: u32 = 262_144;
 pub const MAX_ENCAP_PORTS: u32 = 16;
 pub const MAX_QUEUES: u32 = 256;
 

@@ -34,12 +34,23 @@ enum Cipher {
     Aes256(aes::Aes256),
 }
 
-/// An expanded AES-GCM key with its salt and ICV length.
-pub struct AesGcm {
+/// The composition of RustCrypto's AES, CTR and GHASH: for truncated
+/// ICVs and GMAC, and where ring is not built in.
+struct Portable {
     cipher: Cipher,
     ghash: GHash,
+}
+
+/// An expanded AES-GCM key with its salt and ICV length.
+///
+/// With the fast provider (16-octet ICVs) the composition is not built at
+/// all: an SA's key schedule is ring's alone (a carrier-edge gateway holds
+/// 100 000 of them; see docs/performance.md). Otherwise it is boxed.
+pub struct AesGcm {
+    portable: Option<Box<Portable>>,
     salt: [u8; SALT_LEN],
     icv_len: usize,
+    key_bits: usize,
     /// The fast provider, for 16-octet ICVs.
     #[cfg(feature = "ring")]
     fast: Option<espd_aead::RingAead>,
@@ -62,31 +73,37 @@ impl AesGcm {
             20 | 36 => keymat.split_at(keymat.len() - SALT_LEN),
             _ => return Err(KeyLenError),
         };
-        let cipher = match key.len() {
-            16 => Cipher::Aes128(aes::Aes128::new(GenericArray::from_slice(key))),
-            _ => Cipher::Aes256(aes::Aes256::new(GenericArray::from_slice(key))),
-        };
-        let mut h = Block::default();
-        match &cipher {
-            Cipher::Aes128(c) => c.encrypt_block(&mut h),
-            Cipher::Aes256(c) => c.encrypt_block(&mut h),
-        }
-        let ghash = GHash::new(&h);
-        h.zeroize();
         let mut s = [0u8; SALT_LEN];
         s.copy_from_slice(salt);
+        #[cfg(feature = "ring")]
+        let fast = if icv_len == espd_aead::TAG_LEN {
+            espd_aead::RingAead::new(key, s).ok()
+        } else {
+            None
+        };
+        #[cfg(feature = "ring")]
+        let portable = fast.is_none().then(|| Portable::new(key));
+        #[cfg(not(feature = "ring"))]
+        let portable = Some(Portable::new(key));
         Ok(AesGcm {
-            cipher,
-            ghash,
+            portable,
             salt: s,
             icv_len,
+            key_bits: key.len() * 8,
             #[cfg(feature = "ring")]
-            fast: if icv_len == espd_aead::TAG_LEN {
-                espd_aead::RingAead::new(key, s).ok()
-            } else {
-                None
-            },
+            fast,
         })
+    }
+
+    /// RFC 4543 GMAC (integrity only) with the composition.
+    pub fn new_gmac(keymat: &[u8], icv_len: usize) -> Result<Self, KeyLenError> {
+        Self::new_composition(keymat, icv_len)
+    }
+
+    fn p(&self) -> &Portable {
+        self.portable
+            .as_deref()
+            .expect("the composition is built wherever ring does not seal (AesGcm::new)")
     }
 
     pub fn icv_len(&self) -> usize {
@@ -102,6 +119,10 @@ impl AesGcm {
         {
             g.fast = None;
         }
+        if g.portable.is_none() {
+            let (key, _) = keymat.split_at(keymat.len() - SALT_LEN);
+            g.portable = Some(Portable::new(key));
+        }
         Ok(g)
     }
 
@@ -116,10 +137,7 @@ impl AesGcm {
 
     /// Key length in bits, for display.
     pub fn key_bits(&self) -> usize {
-        match self.cipher {
-            Cipher::Aes128(_) => 128,
-            Cipher::Aes256(_) => 256,
-        }
+        self.key_bits
     }
 
     /// J0 = salt ‖ IV ‖ 0x00000001 (SP 800-38D §7.1 with a 96-bit nonce).
@@ -135,7 +153,7 @@ impl AesGcm {
     fn gctr(&self, j0: &Block, data: &mut [u8]) {
         let mut cb = *j0;
         cb[15] = 2;
-        match &self.cipher {
+        match &self.p().cipher {
             Cipher::Aes128(c) => {
                 ctr::Ctr32BE::<&aes::Aes128>::from_core(ctr::CtrCore::inner_iv_init(c, &cb))
                     .apply_keystream(data)
@@ -149,7 +167,7 @@ impl AesGcm {
 
     /// The full 16-octet tag: E(K, J0) ⊕ GHASH(AAD, C, lengths).
     fn tag(&self, j0: &Block, aad: &[u8], ct: &[u8]) -> Block {
-        let mut g = self.ghash.clone();
+        let mut g = self.p().ghash.clone();
         g.update_padded(aad);
         g.update_padded(ct);
         self.finish(g, j0, aad.len(), ct.len())
@@ -163,7 +181,7 @@ impl AesGcm {
         g.update(&[lens]);
         let mut t = g.finalize();
         let mut mask = *j0;
-        match &self.cipher {
+        match &self.p().cipher {
             Cipher::Aes128(c) => c.encrypt_block(&mut mask),
             Cipher::Aes256(c) => c.encrypt_block(&mut mask),
         }
@@ -176,7 +194,7 @@ impl AesGcm {
     /// RFC 4543: the GMAC tag over an AAD given in pieces, with no plaintext.
     fn gmac_tag(&self, iv: &[u8; IV_LEN], aad: &GmacAad<'_>) -> Block {
         let j0 = self.j0(iv);
-        let mut s = Stream::new(self.ghash.clone());
+        let mut s = Stream::new(self.p().ghash.clone());
         s.feed(aad.spi);
         if let Some(hi) = &aad.hi {
             s.feed(hi);
@@ -242,6 +260,23 @@ impl AesGcm {
         }
         self.gctr(&j0, data);
         Ok(())
+    }
+}
+
+impl Portable {
+    fn new(key: &[u8]) -> Box<Portable> {
+        let cipher = match key.len() {
+            16 => Cipher::Aes128(aes::Aes128::new(GenericArray::from_slice(key))),
+            _ => Cipher::Aes256(aes::Aes256::new(GenericArray::from_slice(key))),
+        };
+        let mut h = Block::default();
+        match &cipher {
+            Cipher::Aes128(c) => c.encrypt_block(&mut h),
+            Cipher::Aes256(c) => c.encrypt_block(&mut h),
+        }
+        let ghash = GHash::new(&h);
+        h.zeroize();
+        Box::new(Portable { cipher, ghash })
     }
 }
 
@@ -401,6 +436,7 @@ mod tests {
     #[test]
     fn gmac_stream_matches_one_piece_aad() {
         let g = AesGcm::new(&[9u8; 36], 16).unwrap();
+        let m = AesGcm::new_gmac(&[9u8; 36], 16).unwrap();
         let iv = [3u8; 8];
         for len in [0usize, 1, 7, 15, 16, 17, 33, 100] {
             let rest: Vec<u8> = (0..len as u8).collect();
@@ -418,11 +454,11 @@ mod tests {
                     rest: &rest,
                 };
                 let mut got = [0u8; 16];
-                g.gmac(&iv, &aad, &mut got);
+                m.gmac(&iv, &aad, &mut got);
                 assert_eq!(got, want, "len {len} esn {}", hi.is_some());
-                g.verify_gmac(&iv, &aad, &got).unwrap();
+                m.verify_gmac(&iv, &aad, &got).unwrap();
                 got[0] ^= 1;
-                assert_eq!(g.verify_gmac(&iv, &aad, &got), Err(AuthError));
+                assert_eq!(m.verify_gmac(&iv, &aad, &got), Err(AuthError));
             }
         }
     }

@@ -50,7 +50,11 @@ pub enum Transform {
     ChaCha(chacha::ChaChaPoly),
     /// AES-CBC (RFC 3602) or NULL (RFC 2410) with HMAC-SHA-256-128 (RFC 4868),
     /// encrypt-then-MAC.
-    CbcHmac(cbc_hmac::CbcHmac),
+    ///
+    /// Boxed: its key schedules (AES both ways, HMAC's inner and outer
+    /// states) are a kilobyte, and every SA's transform is as large as the
+    /// largest variant.
+    CbcHmac(Box<cbc_hmac::CbcHmac>),
     /// Benchmarks only: ESP framing with no cipher and a zero 16-octet ICV,
     /// to measure the I/O path without crypto (`espd run --bench-no-crypto`
     /// on both gateways). Never produced by a configuration: it protects nothing.

@@ -165,7 +165,7 @@ impl SaConfig {
                     if x.bits != 128 {
                         return Err(SaError("rfc4543(gcm(aes)): the ICV is 128 bits (RFC 4543 §3.5)"));
                     }
-                    AesGcm::new(&x.key, 16).map(Transform::Gmac).map_err(|_| {
+                    AesGcm::new_gmac(&x.key, 16).map(Transform::Gmac).map_err(|_| {
                         SaError("rfc4543(gcm(aes)): key must be 20 or 36 octets (a 16- or 32-octet AES key followed by a 4-octet salt)")
                     })
                 }
@@ -206,7 +206,7 @@ impl SaConfig {
                     _ => return Err(SaError("unsupported cipher: expected enc 'cbc(aes)' KEY or enc 'ecb(cipher_null)' \"\"")),
                 };
                 CbcHmac::new(enc_key, &m.key)
-                    .map(Transform::CbcHmac)
+                    .map(|c| Transform::CbcHmac(Box::new(c)))
                     .map_err(|_| SaError("bad key length"))
             }
             (None, Some(e), None) => Err(if matches!(e.name.as_str(), "ecb(cipher_null)" | "cipher_null") {

@@ -7,7 +7,7 @@ use core::fmt;
 use core::net::IpAddr;
 
 /// An address prefix. The family of `addr` is the family the prefix matches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Prefix {
     pub addr: IpAddr,
     pub len: u8,
@@ -67,7 +67,7 @@ impl fmt::Display for Prefix {
 }
 
 /// An inclusive port (or ICMP type/code) range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortRange {
     pub lo: u16,
     pub hi: u16,
@@ -83,7 +83,7 @@ impl PortRange {
 }
 
 /// What a policy or an SA's `sel` matches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Selector {
     pub src: Prefix,
     pub dst: Prefix,

@@ -6,11 +6,11 @@
 
 use super::sa::Mode;
 use super::selector::{Flow, Prefix, Selector};
-use super::PMap;
+use super::{CMap, PMap};
 use core::net::IpAddr;
 use std::sync::Arc;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Direction {
     /// Traffic to this host (checked after decapsulation, and on plaintext).
     In,
@@ -101,7 +101,7 @@ pub struct Exists;
 #[derive(Default, Clone)]
 struct Table {
     /// Every policy by selector, with its insertion order.
-    by_sel: PMap<Selector, Entry>,
+    by_sel: CMap<Selector, Entry>,
     shapes: Vec<Shape>,
     /// The next insertion order (ties between equal priorities go to the
     /// earlier policy, as in XFRM).

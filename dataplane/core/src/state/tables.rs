@@ -15,7 +15,7 @@
 use super::sa::{SaCore, SaId};
 use super::sad::{Exists as SaExists, NotFound, Sad};
 use super::spd::{Action, Direction, Exists as PolicyExists, Policy, Spd};
-use super::{PMap, Selector};
+use super::{CMap, Selector};
 use core::net::IpAddr;
 use std::sync::Arc;
 
@@ -30,14 +30,14 @@ pub struct Tables {
     /// Addresses given by the caller (the gateway's own), sorted.
     extra: Arc<[IpAddr]>,
     /// Addresses the policies imply ([`crate::engine::local_addrs`]), counted.
-    policy_addrs: PMap<IpAddr, u32>,
+    policy_addrs: CMap<IpAddr, u32>,
     /// src → dst → SAs: to move SAs in and out of `nonlocal` when an
     /// address becomes local or stops being local.
-    by_src: PMap<IpAddr, PMap<IpAddr, u32>>,
+    by_src: CMap<IpAddr, CMap<IpAddr, u32>>,
     /// Destinations of SAs whose source is not local (their ESP is ours), counted.
-    nonlocal: PMap<IpAddr, u32>,
+    nonlocal: CMap<IpAddr, u32>,
     /// Encapsulation ports of the SAs, counted.
-    ports: PMap<u16, u32>,
+    ports: CMap<u16, u32>,
     /// The derived sets as the hot path reads them (sorted slices), made
     /// again only when a set's members change.
     local: Arc<[IpAddr]>,
@@ -221,12 +221,11 @@ impl Tables {
     fn count_sa(&mut self, core: &SaCore, d: i64) -> bool {
         let c = &core.cfg;
         let mut changed = false;
-        let mut m = self.by_src.get(&c.src).cloned().unwrap_or_default();
-        add(&mut m, c.dst, d);
+        // In place: a copy of the inner map would copy its path on every change.
+        let m = self.by_src.entry(c.src).or_default();
+        add(m, c.dst, d);
         if m.is_empty() {
             self.by_src.remove(&c.src);
-        } else {
-            self.by_src.insert(c.src, m);
         }
         if !self.is_local_now(c.src) {
             changed |= add(&mut self.nonlocal, c.dst, d);
@@ -315,7 +314,7 @@ fn policy_addrs(p: &Policy) -> Vec<IpAddr> {
 }
 
 /// Adds `d` to `k`'s count; true if `k` came or went (the key set changed).
-fn add<K: core::hash::Hash + Eq + Clone>(m: &mut PMap<K, u32>, k: K, d: i64) -> bool {
+fn add<K: Ord + Clone>(m: &mut CMap<K, u32>, k: K, d: i64) -> bool {
     let had = m.get(&k).copied().unwrap_or(0);
     let n = i64::from(had) + d;
     if n <= 0 {

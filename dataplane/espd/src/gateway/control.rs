@@ -12,7 +12,7 @@
 //! old tables, and the keys only they held, are freed when the last worker
 //! lets go of them.
 
-use super::mirror::{Delta, Maps};
+use super::mirror::{Delta, Maps, SeqOp};
 use super::worker::Snapshot;
 use super::Stats;
 use arc_swap::ArcSwap;
@@ -77,7 +77,7 @@ impl EngineParams {
         &self,
         t: &mut Tables,
         ops: Vec<Op>,
-        seqs: &mut super::seqstore::SeqStore,
+        seqs: &super::seqstore::SeqStore,
     ) -> Result<Delta, String> {
         use super::mirror::Change;
         let mut d = Delta::default();
@@ -87,9 +87,12 @@ impl EngineParams {
                 Op::AddSa(mut core) => {
                     // Outbound: from one of ours to an address whose ESP is not ours.
                     let c = &core.cfg;
-                    if t.is_local(c.src) && t.esp_local().binary_search(&c.dst).is_err() {
-                        seqs.admit(&mut core.cfg);
+                    let outbound =
+                        t.is_local(c.src) && t.esp_local().binary_search(&c.dst).is_err();
+                    if outbound {
+                        let continued = seqs.continue_from(&mut core.cfg);
                         core.share = espd_core::state::SaShare::new(core.cfg.replay_oseq);
+                        d.seqs.push(SeqOp::Record(core.cfg.clone(), continued));
                     }
                     self.prepare(&mut core);
                     let (dst, spi) = (core.cfg.dst, core.cfg.spi);
@@ -110,14 +113,14 @@ impl EngineParams {
                         .push(Change::SaAdded(t.sad().core(id).expect("updated").clone()));
                     let c = &t.sad().get(id).cfg;
                     if t.is_local(c.src) && t.esp_local().binary_search(&c.dst).is_err() {
-                        seqs.updated(c);
+                        d.seqs.push(SeqOp::Updated(c.clone()));
                     }
                 }
                 Op::DelSa(dst, spi) => {
                     let (_, old) = t
                         .remove_sa(dst, spi)
                         .ok_or_else(|| format!("no state dst {dst} spi 0x{spi:08x}"))?;
-                    seqs.forget(dst, spi);
+                    d.seqs.push(SeqOp::Forget(dst, spi));
                     d.changes.push(Change::SaRemoved(old));
                 }
                 Op::AddPolicy(p) => {
@@ -140,6 +143,48 @@ impl EngineParams {
             }
         }
         Ok(d)
+    }
+}
+
+/// Phase times of one change, printed with `ESPD_TRACE_APPLY=1`
+/// (docs/performance.md).
+struct Trace {
+    on: bool,
+    start: Instant,
+    last: Instant,
+    phases: Vec<(&'static str, Duration)>,
+}
+
+impl Trace {
+    fn new() -> Trace {
+        let now = Instant::now();
+        Trace {
+            on: std::env::var_os("ESPD_TRACE_APPLY").is_some(),
+            start: now,
+            last: now,
+            phases: Vec::new(),
+        }
+    }
+    fn mark(&mut self, what: &'static str) {
+        if self.on {
+            let now = Instant::now();
+            self.phases.push((what, now - self.last));
+            self.last = now;
+        }
+    }
+    fn report(&self, name: &str) {
+        if self.on {
+            let p: Vec<String> = self
+                .phases
+                .iter()
+                .map(|(w, d)| format!("{w} {:.3} ms", d.as_secs_f64() * 1e3))
+                .collect();
+            eprintln!(
+                "espd run: apply {name}: {:.3} ms ({})",
+                self.start.elapsed().as_secs_f64() * 1e3,
+                p.join(", ")
+            );
+        }
     }
 }
 
@@ -193,7 +238,9 @@ impl Control {
             .lock()
             .map_err(|_| "control state poisoned")?
             .clone();
+        let mut trace = Trace::new();
         let (ch, ops) = db.apply(name, text).map_err(|e| e.to_string())?;
+        trace.mark("lines checked, keys expanded");
         let mut events = Vec::new();
         for op in &ops {
             match op {
@@ -204,13 +251,16 @@ impl Control {
         }
         let mut t = self.tables.lock().map_err(|_| "poisoned")?.clone();
         let delta = {
-            let mut seqs = self.seqs.lock().map_err(|_| "poisoned")?;
-            self.params.apply_ops(&mut t, ops, &mut seqs)?
+            let seqs = self.seqs.lock().map_err(|_| "poisoned")?;
+            self.params.apply_ops(&mut t, ops, &seqs)?
         };
+        trace.mark("tables");
         // Everything below costs what the batch changed (the maps and the
         // guard's contributions are persistent: their copies are O(1)).
         let mut maps = self.maps.lock().map_err(|_| "poisoned")?.clone();
         let plan = maps.apply(&delta, &t);
+        maps.check_limits()?;
+        trace.mark("XDP plan");
         let mut guard = self.guard.lock().map_err(|_| "guard poisoned")?;
         let mut contrib = guard.contrib.clone();
         let keys = contrib.stage(delta.policies());
@@ -219,14 +269,17 @@ impl Control {
         guard
             .tighten_keys(&contrib, &keys)
             .map_err(|e| format!("kernel XFRM guard: {e}"))?;
+        trace.mark("guard tightened");
         {
             let mut st = self.steer.lock().map_err(|_| "steering poisoned")?;
             plan.add(&mut st).map_err(|e| format!("XDP maps: {e}"))?;
         }
+        trace.mark("XDP added");
         // Publish, and wait until every worker runs on the new tables.
         let version = t.version();
         self.shared.store(Arc::new(t.clone()));
         self.wait_for_workers(version)?;
+        trace.mark("workers live");
         {
             let mut st = self.steer.lock().map_err(|_| "steering poisoned")?;
             plan.remove(&mut st).map_err(|e| format!("XDP maps: {e}"))?;
@@ -237,6 +290,8 @@ impl Control {
             eprintln!("espd run: guard: removing entries the change no longer needs: {e}");
         }
         drop(guard);
+        // The sequence store follows (written by the periodic saver).
+        self.seqs.lock().map_err(|_| "poisoned")?.apply(&delta.seqs);
         *self.maps.lock().map_err(|_| "poisoned")? = maps;
         *self.cfg.lock().map_err(|_| "poisoned")? = Config {
             sad: t.sad().clone(),
@@ -247,6 +302,8 @@ impl Control {
         for (ev, dst, spi) in events {
             self.broadcast(json!({"event": ev, "dst": dst.to_string(), "spi": format!("0x{spi:08x}"), "by": name}));
         }
+        trace.mark("loosened, committed");
+        trace.report(name);
         Ok(json!({
             "states_added": ch.states_added, "states_updated": ch.states_updated,
             "states_deleted": ch.states_deleted, "policies_added": ch.policies_added,
@@ -604,6 +661,7 @@ fn connection(c: &Control, mut s: UnixStream, stop: &AtomicBool) -> std::io::Res
 pub fn events(
     c: Arc<Control>,
     rx: std::sync::mpsc::Receiver<(u32, espd_core::engine::SaEvent)>,
+    retired: std::sync::mpsc::Receiver<super::worker::Retired>,
     stop: Arc<AtomicBool>,
 ) {
     use espd_core::engine::SaEventKind;
@@ -664,7 +722,11 @@ pub fn events(
             }
             acquired.retain(|_, t| t.elapsed() < Duration::from_secs(1));
         }
-        let Ok((w, e)) = rx.recv_timeout(Duration::from_millis(100)) else {
+        // What the workers let go of is freed here, off their time.
+        while let Ok(r) = retired.try_recv() {
+            drop(r);
+        }
+        let Ok((w, e)) = rx.recv_timeout(Duration::from_millis(20)) else {
             continue;
         };
         let kind = match e.kind {

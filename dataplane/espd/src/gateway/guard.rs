@@ -23,9 +23,11 @@
 //! holds — the cost of a change does not grow with the number of policies.
 
 use espd_config::Config;
+use espd_core::state::CMap as PMap;
 use espd_core::state::{Action, Direction, Level, Mode, Policy, PortRange};
 use espd_io::xfrm::{self, Dir, KPolicy, KSelector, KTmpl, Xfrm};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 /// Kernel policies one espd policy may become (port ranges split into
 /// aligned blocks); past that a PROTECT or DISCARD policy is widened to any
@@ -36,7 +38,7 @@ const MAX_SPLIT: usize = 16;
 pub type Key = (Dir, KSelector);
 
 /// An espd policy's identity: its direction and selector.
-type PolicyId = (u8, String);
+type PolicyId = (u8, espd_core::state::Selector);
 /// A contribution's rank among those to one key: (priority, order).
 type Rank = (u32, u64);
 
@@ -44,34 +46,36 @@ type Rank = (u32, u64);
 /// so a change is staged on a copy and kept only if it goes through).
 #[derive(Clone, Default)]
 pub struct Contrib {
-    /// Key → (priority, order) → the kernel policy that espd policy makes.
-    by_key: imbl::OrdMap<Key, imbl::OrdMap<Rank, KPolicy>>,
+    /// Key → the kernel policies espd policies make for it, by (priority,
+    /// order): almost always one, so a small sorted slice.
+    by_key: PMap<Key, Arc<[(Rank, KPolicy)]>>,
     /// espd policy (direction, selector) → its keys and its (priority, order).
-    by_policy: imbl::OrdMap<PolicyId, (Vec<Key>, Rank)>,
+    by_policy: PMap<PolicyId, (Arc<[Key]>, Rank)>,
     next: u64,
 }
 
 impl Contrib {
     /// What the kernel must hold at `key`: the first contribution by priority.
     pub fn want(&self, key: &Key) -> Option<&KPolicy> {
-        self.by_key.get(key)?.values().next()
+        self.by_key.get(key)?.first().map(|(_, k)| k)
     }
 
     fn pid(p: &Policy) -> PolicyId {
-        (p.dir as u8, format!("{:?}", p.sel))
+        (p.dir as u8, p.sel)
     }
 
     fn remove(&mut self, p: &Policy, touched: &mut BTreeSet<Key>) {
         let Some((keys, rank)) = self.by_policy.remove(&Self::pid(p)) else {
             return;
         };
-        for k in keys {
-            if let Some(mut m) = self.by_key.get(&k).cloned() {
-                m.remove(&rank);
-                if m.is_empty() {
+        for &k in keys.iter() {
+            if let Some(m) = self.by_key.get(&k) {
+                let rest: Vec<(Rank, KPolicy)> =
+                    m.iter().filter(|(r, _)| *r != rank).cloned().collect();
+                if rest.is_empty() {
                     self.by_key.remove(&k);
                 } else {
-                    self.by_key.insert(k, m);
+                    self.by_key.insert(k, rest.into());
                 }
             }
             touched.insert(k);
@@ -85,13 +89,18 @@ impl Contrib {
         let mut keys = Vec::new();
         for k in kernel(p) {
             let key = (k.dir, k.sel);
-            let mut m = self.by_key.get(&key).cloned().unwrap_or_default();
-            m.insert(rank, k);
-            self.by_key.insert(key, m);
+            let mut m: Vec<(Rank, KPolicy)> = self
+                .by_key
+                .get(&key)
+                .map(|m| m.to_vec())
+                .unwrap_or_default();
+            let at = m.partition_point(|(r, _)| *r < rank);
+            m.insert(at, (rank, k));
+            self.by_key.insert(key, m.into());
             keys.push(key);
             touched.insert(key);
         }
-        self.by_policy.insert(Self::pid(p), (keys, rank));
+        self.by_policy.insert(Self::pid(p), (keys.into(), rank));
     }
 
     /// Stages a change: policies added (`true`) and removed (deleted, or

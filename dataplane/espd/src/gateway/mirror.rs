@@ -56,8 +56,9 @@ struct Side {
     picked: PMap<PKey, (u32, u32)>,
     /// Drop candidates' prefixes (few: DISCARD of any source to a prefix).
     cands: imbl::OrdSet<PKey>,
-    /// What the trie holds.
+    /// What the trie holds, and how many IPv4 and IPv6 prefixes.
     installed: PMap<PKey, SelAction>,
+    held: [usize; 2],
     default_block: bool,
 }
 
@@ -236,10 +237,20 @@ pub enum Change {
     PolicyRemoved(Arc<Policy>),
 }
 
-/// The changes a batch made, as the maps and the guard need them.
+/// What a batch does to the outbound sequence store, once it went through.
+pub enum SeqOp {
+    /// A new outbound SA (and whether it continued a record).
+    Record(espd_core::state::SaConfig, bool),
+    Updated(espd_core::state::SaConfig),
+    Forget(IpAddr, u32),
+}
+
+/// The changes a batch made, as the maps, the guard and the sequence
+/// store need them.
 #[derive(Default)]
 pub struct Delta {
     pub changes: Vec<Change>,
+    pub seqs: Vec<SeqOp>,
 }
 
 impl Delta {
@@ -369,10 +380,12 @@ impl Maps {
                 match (want, have) {
                     (Some(w), h) if h != Some(w) => {
                         side.installed.insert(k, w);
+                        side.held[usize::from(k.0)] += usize::from(h.is_none());
                         plan.sels[s].push((addr(k), k.1, w));
                     }
                     (None, Some(_)) => {
                         side.installed.remove(&k);
+                        side.held[usize::from(k.0)] -= 1;
                         plan.stale_sels[s].push((addr(k), k.1));
                     }
                     _ => {}
@@ -380,6 +393,38 @@ impl Maps {
             }
         }
         plan
+    }
+
+    /// Refuses what the XDP maps cannot hold, before anything is written.
+    pub fn check_limits(&self) -> Result<(), String> {
+        use espd_io::{MAX_ENCAP_PORTS, MAX_LOCAL, MAX_SELECTORS, MAX_SPIS};
+        if self.spis.len() > MAX_SPIS as usize {
+            return Err(format!(
+                "the change needs {} SPIs in XDP, which holds at most {MAX_SPIS}",
+                self.spis.len()
+            ));
+        }
+        if self.ports.len() > MAX_ENCAP_PORTS as usize {
+            return Err(format!(
+                "the change needs {} encapsulation ports, XDP holds at most {MAX_ENCAP_PORTS}",
+                self.ports.len()
+            ));
+        }
+        if self.local.len() > MAX_LOCAL as usize {
+            return Err(format!("more than {MAX_LOCAL} local addresses"));
+        }
+        for (s, name) in self.sides.iter().zip(["inside", "outside"]) {
+            for v6 in [false, true] {
+                let n = s.held[usize::from(v6)];
+                if n > MAX_SELECTORS as usize {
+                    return Err(format!(
+                        "the change needs {n} {name} IPv{} prefixes in XDP, which holds at most {MAX_SELECTORS}",
+                        if v6 { 6 } else { 4 }
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn count_spi(&mut self, spi: u32, bit: u8, d: i64) {
@@ -437,6 +482,7 @@ impl Maps {
 pub fn everything(t: &Tables) -> Delta {
     let mut d = Delta {
         changes: t.sad().iter().cloned().map(Change::SaAdded).collect(),
+        seqs: Vec::new(),
     };
     for dir in Direction::ALL {
         d.changes.extend(
@@ -637,6 +683,70 @@ mod tests {
         assert!(
             applied > 150 && drops > 0 && sas > 3,
             "{applied} {drops} {sas}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod memory {
+    /// Resident memory now, in KiB.
+    fn rss() -> i64 {
+        let s = std::fs::read_to_string("/proc/self/statm").unwrap();
+        let pages: i64 = s.split_whitespace().nth(1).unwrap().parse().unwrap();
+        pages * 4
+    }
+
+    /// What each part of the control side costs per tunnel (run by hand:
+    /// `cargo test --release -p espd memory -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn per_tunnel_memory_by_part() {
+        use super::*;
+        let n = 100_000u32;
+        let key = "0x1111111111111111111111111111111111111111";
+        let mut text = String::new();
+        for i in 0..n {
+            let peer = format!("198.18.{}.{}", 200 + (i >> 8) % 50, (i & 255).max(1));
+            let (a, b) = ((i >> 6) & 255, (i & 63) << 2);
+            text.push_str(&format!("state add src 198.18.0.1 dst {peer} proto esp spi {:#x} reqid {} mode tunnel aead 'rfc4106(gcm(aes))' {key} 128\n", 0x1000_0000 + i, i + 100));
+            text.push_str(&format!("policy add src 198.19.{}.0/30 dst 198.19.{a}.{b}/30 dir out priority 100 tmpl src 198.18.0.1 dst {peer} proto esp reqid {} mode tunnel\n", 128 + ((i >> 14) & 127), i + 100));
+        }
+        let r0 = rss();
+        let mut db = espd_config::db::Db::default();
+        let (_, ops) = db.apply("big", &text).unwrap();
+        drop(text);
+        let r1 = rss();
+        let mut t = Tables::default();
+        t.set_extra(&["198.18.0.1".parse().unwrap()]);
+        let mut d = Delta::default();
+        for op in ops {
+            use espd_config::db::Op;
+            match op {
+                Op::AddSa(c) => {
+                    let id = t.insert_sa(*c).unwrap();
+                    d.changes
+                        .push(Change::SaAdded(t.sad().core(id).unwrap().clone()));
+                }
+                Op::AddPolicy(p) => {
+                    d.changes.push(Change::PolicyAdded(Arc::new(p.clone())));
+                    t.insert_policy(p).unwrap();
+                }
+                _ => {}
+            }
+        }
+        let r2 = rss();
+        let mut maps = Maps::default();
+        maps.apply(&d, &t);
+        let r3 = rss();
+        let mut c = super::super::guard::Contrib::default();
+        c.stage(d.policies());
+        let r4 = rss();
+        drop(d);
+        let r5 = rss();
+        let per = |a: i64, b: i64| (b - a) as f64 / f64::from(n);
+        eprintln!(
+            "KiB per tunnel: db lines {:.2}, tables (SAs with keys, policies, indexes) {:.2}, XDP maps mirror {:.2}, guard {:.2}, delta freed {:.2}; total {:.2}",
+            per(r0, r1), per(r1, r2), per(r2, r3), per(r3, r4), per(r5, r4), per(r0, r5)
         );
     }
 }

@@ -381,15 +381,15 @@ pub fn run(a: &Args) -> Result<()> {
         )
     });
     params
-        .apply_ops(&mut tables, pol_ops, &mut seqs)
+        .apply_ops(&mut tables, pol_ops, &seqs)
         .map_err(|e| anyhow::anyhow!(e))?;
-    let before = seqs.len();
-    params
-        .apply_ops(&mut tables, sa_ops, &mut seqs)
+    let d = params
+        .apply_ops(&mut tables, sa_ops, &seqs)
         .map_err(|e| anyhow::anyhow!(e))?;
-    let restored = seqs.restored();
-    let _ = before;
+    // Records of SAs that are not configured go; the outbound SAs' are written.
     seqs.retain(|dst, spi| tables.sad().lookup_in(dst, spi).is_some());
+    seqs.apply(&d.seqs);
+    let restored = seqs.restored();
     seqs.save(false)
         .with_context(|| format!("writing {}", seq_path.display()))?;
     let cfg = Config {
@@ -481,6 +481,7 @@ pub fn run(a: &Args) -> Result<()> {
     let mut handles = Vec::new();
     let mut snaps = Vec::new();
     let (events_tx, events_rx) = std::sync::mpsc::sync_channel(1024);
+    let (retired_tx, retired_rx) = std::sync::mpsc::sync_channel(4096);
     let syncs: Vec<Arc<control::WorkerSync>> = (0..queues)
         .map(|_| Arc::new(control::WorkerSync::default()))
         .collect();
@@ -508,6 +509,7 @@ pub fn run(a: &Args) -> Result<()> {
             reasm: worker::Reasm::default(),
             tables: Arc::clone(&shared),
             sync: Arc::clone(&syncs[q]),
+            retired: retired_tx.clone(),
             events: events_tx.clone(),
             id: q as u32,
             out,
@@ -582,7 +584,7 @@ pub fn run(a: &Args) -> Result<()> {
         let (c, st) = (Arc::clone(&ctl), Arc::clone(&stop));
         std::thread::Builder::new()
             .name("espd-events".into())
-            .spawn(move || control::events(c, events_rx, st))?
+            .spawn(move || control::events(c, events_rx, retired_rx, st))?
     };
     let metrics_thread = match metrics {
         Some(l) => {
@@ -772,6 +774,8 @@ impl Stats {
                 "busy_turns": s.busy_turns, "turns": s.turns,
                 "max_turn_ns": s.max_turn_ns, "max_turn_recent_ns": s.max_turn_recent_ns,
                 "tables_taken": s.tables_taken,
+                "turns_over_50us": s.turn_hist[worker::TURN_BUCKETS.partition_point(|b| *b <= 50_000)..].iter().sum::<u64>(),
+                "turn_hist": s.turn_hist.to_vec(),
                 "drops": d,
             }));
         }

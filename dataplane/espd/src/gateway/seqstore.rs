@@ -183,47 +183,61 @@ impl SeqStore {
 
     /// One outbound SA before its keys go live: with a record for its key
     /// it takes the recorded IV mask and continues past the recorded number
-    /// (true); without, it gets a record of its own values. O(log n): what
-    /// `espctl state add` of an outbound SA costs here.
-    pub fn admit(&mut self, c: &mut SaConfig) -> bool {
-        let mut recs = std::mem::take(&mut self.recs);
-        let r = self.admit_into(c, &mut recs);
-        self.recs = recs;
-        self.dirty = true;
-        self.restored += usize::from(r);
-        r
-    }
-
-    fn admit_into(&mut self, c: &mut SaConfig, into: &mut BTreeMap<(IpAddr, u32), Record>) -> bool {
+    /// (true). Changes nothing here: [`SeqStore::record`] keeps the SA once
+    /// its batch went through. O(log n).
+    pub fn continue_from(&self, c: &mut SaConfig) -> bool {
         let margin = if self.clean { 0 } else { MARGIN };
-        let key = (c.dst, c.spi);
-        let fp = fingerprint(c);
-        let (rec, restored) = match self.recs.remove(&key).or_else(|| into.remove(&key)) {
-            Some(r) if r.fp == fp => {
+        match self.recs.get(&(c.dst, c.spi)) {
+            Some(r) if r.fp == fingerprint(c) => {
                 c.iv_mask = r.mask;
                 c.replay_oseq = c
                     .replay_oseq
                     .max(r.oseq.saturating_add(margin).min(seq_max(c)));
-                (
-                    Record {
-                        oseq: c.replay_oseq,
-                        ..r
-                    },
-                    true,
-                )
+                true
             }
-            // A new SA, or its key was replaced: it starts afresh.
-            _ => (
-                Record {
-                    fp,
-                    mask: c.iv_mask,
-                    oseq: c.replay_oseq,
-                },
-                false,
-            ),
-        };
-        into.insert(key, rec);
-        restored
+            _ => false,
+        }
+    }
+
+    /// Records an outbound SA that went live (its mask and first number).
+    pub fn record(&mut self, c: &SaConfig, continued: bool) {
+        self.recs.insert(
+            (c.dst, c.spi),
+            Record {
+                fp: fingerprint(c),
+                mask: c.iv_mask,
+                oseq: c.replay_oseq,
+            },
+        );
+        self.restored += usize::from(continued);
+        self.dirty = true;
+    }
+
+    #[cfg(test)]
+    fn admit_into(&mut self, c: &mut SaConfig, into: &mut BTreeMap<(IpAddr, u32), Record>) -> bool {
+        let r = self.continue_from(c);
+        self.recs.remove(&(c.dst, c.spi));
+        into.insert(
+            (c.dst, c.spi),
+            Record {
+                fp: fingerprint(c),
+                mask: c.iv_mask,
+                oseq: c.replay_oseq,
+            },
+        );
+        r
+    }
+
+    /// What a batch that went through did to the outbound SAs.
+    pub fn apply(&mut self, ops: &[super::mirror::SeqOp]) {
+        use super::mirror::SeqOp;
+        for op in ops {
+            match op {
+                SeqOp::Record(c, continued) => self.record(c, *continued),
+                SeqOp::Updated(c) => self.updated(c),
+                SeqOp::Forget(d, s) => self.forget(*d, *s),
+            }
+        }
     }
 
     /// A `state update` of a running outbound SA (the workers carry its
@@ -237,11 +251,6 @@ impl SeqStore {
         });
         rec.fp = fp;
         self.dirty = true;
-    }
-
-    /// Records kept.
-    pub fn len(&self) -> usize {
-        self.recs.len()
     }
 
     /// How many SAs continued a record so far in this run.

@@ -36,7 +36,7 @@ pub struct Slot {
 
 /// Largest frame that can be handed over (a 1500-octet MTU frame fits).
 const SLOT_BYTES: usize = 2048;
-/// Packets waiting for one worker at most; more are dropped as `ForeignQueue`.
+/// Packets waiting for one worker at most; more are dropped as `HandoffFull`.
 pub const HANDOFF_QUEUE: usize = 1024;
 
 /// Frames made inside the worker (inner fragments) waiting to be processed
@@ -102,7 +102,7 @@ pub struct Snapshot {
     pub ports: PortStats,
     /// Per SA this worker used, by SA id: a persistent map, so publishing
     /// costs O(SAs used since the last time), not O(SAs).
-    pub sa: espd_core::state::PMap<usize, SaStat>,
+    pub sa: espd_core::state::CMap<usize, SaStat>,
     /// IPv4 packets without DF fragmented before encapsulation, and the fragments.
     pub prefragmented: u64,
     pub prefragments: u64,
@@ -119,6 +119,23 @@ pub struct Snapshot {
     pub max_turn_recent_ns: u64,
     /// Tables taken (each a configuration change reaching this worker).
     pub tables_taken: u64,
+    /// Turns by how long they took (not counting sleep in poll(2)): fewer
+    /// than 10, 20, 50, 100, 200, 500 µs, 1, 2, 5 ms, and longer.
+    pub turn_hist: [u64; TURN_BUCKETS.len() + 1],
+}
+
+/// The bounds of [`Snapshot::turn_hist`], in nanoseconds.
+pub const TURN_BUCKETS: [u64; 9] = [
+    10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000, 2_000_000, 5_000_000,
+];
+
+/// What a worker lets go of after taking new tables: freed on the control
+/// side (RCU's deferred reclamation), not on the worker's time. Its
+/// fields are held only to be dropped there.
+#[allow(dead_code)]
+pub struct Retired {
+    pub tables: Arc<espd_core::state::Tables>,
+    pub sas: Vec<espd_core::state::Sa>,
 }
 
 /// One SA's counters on one worker.
@@ -148,6 +165,8 @@ pub struct Worker {
     /// The tables the control side publishes, and what this worker tells it.
     pub tables: Arc<arc_swap::ArcSwap<espd_core::state::Tables>>,
     pub sync: Arc<super::control::WorkerSync>,
+    /// Where the old tables and the runtime states of removed SAs go.
+    pub retired: SyncSender<Retired>,
     /// Where this worker's SA events go (the control thread).
     pub events: SyncSender<(u32, espd_core::engine::SaEvent)>,
     pub id: u32,
@@ -265,7 +284,7 @@ impl Worker {
                     ctx.frame(buf, len)
                 });
                 if !ok {
-                    snap.io_drops[DropReason::ForeignQueue as usize] += 1;
+                    snap.io_drops[DropReason::HandoffFull as usize] += 1;
                 }
             }
             self.engine.end_burst();
@@ -297,6 +316,7 @@ impl Worker {
             }
             let took = t0.elapsed().as_nanos() as u64;
             max_recent = max_recent.max(took);
+            snap.turn_hist[TURN_BUCKETS.partition_point(|b| *b <= took)] += 1;
             snap.turns += 1;
             if got > 0 {
                 snap.busy_turns += 1;
@@ -329,7 +349,10 @@ impl Worker {
     fn take_tables(&mut self, snap: &mut Snapshot) {
         let cur = self.tables.load();
         if !Arc::ptr_eq(&cur, self.engine.tables()) {
-            self.engine.set_tables(arc_swap::Guard::into_inner(cur));
+            let old = self.engine.set_tables(arc_swap::Guard::into_inner(cur));
+            let sas = self.engine.take_retired();
+            // Full: the control side is behind; freed here then.
+            let _ = self.retired.try_send(Retired { tables: old, sas });
             snap.tables_taken += 1;
         }
         self.sync
@@ -443,7 +466,10 @@ impl Ctx<'_> {
                 // ETH octets and the IP packet at HEADROOM.
                 let ip = pkt.data();
                 let n = ETH + ip.len();
-                let Some(to) = self.peers.get(w as usize).filter(|_| n <= SLOT_BYTES) else {
+                if n > SLOT_BYTES {
+                    return self.drop_io(DropReason::HandoffTooBig);
+                }
+                let Some(to) = self.peers.get(w as usize) else {
                     return self.drop_io(DropReason::ForeignQueue);
                 };
                 let mut slot = Slot {
@@ -462,7 +488,7 @@ impl Ctx<'_> {
                 slot.data[12..ETH].copy_from_slice(&ty.to_be_bytes());
                 return match to.try_send(slot) {
                     Ok(()) => Out::Drop,
-                    Err(_) => self.drop_io(DropReason::ForeignQueue),
+                    Err(_) => self.drop_io(DropReason::HandoffFull),
                 };
             }
         }
