@@ -32,6 +32,14 @@ elif [ "${CI:-}" = true ]; then
 else
     echo "skipped: needs root (network namespaces, XDP)"
 fi
+echo "== control-plane benchmark (smoke: 0 and 1000 tunnels; full table: scripts/oracle/ctlbench.py)"
+if [ "$(id -u)" = 0 ]; then
+    .venv/bin/python scripts/oracle/ctlbench.py --smoke
+elif [ "${CI:-}" = true ]; then
+    echo "CI must run as root: the control-plane benchmark needs network namespaces" >&2; exit 1
+else
+    echo "skipped: needs root (network namespaces, XDP)"
+fi
 echo "== oracle suite (scapy 2.8, tshark, cryptography)"
 # In CI a skipped test is a failure: the tshark fixture fails there instead of skipping.
 .venv/bin/python -m pytest -p no:cacheprovider -q scripts/oracle "$@"

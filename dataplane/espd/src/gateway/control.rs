@@ -496,6 +496,12 @@ pub fn serve(l: UnixListener, path: PathBuf, c: Arc<Control>, stop: Arc<AtomicBo
         }
     }
     let _ = std::fs::remove_file(&path);
+    // The connections see `stop` within a read timeout (or give up a write
+    // after theirs): wait for them, so nothing holds the control state on.
+    let t = Instant::now();
+    while c.clients.load(Ordering::Acquire) > 0 && t.elapsed() < REQUEST_TIMEOUT * 2 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn reply(w: &mut impl Write, v: &Value) -> std::io::Result<()> {
