@@ -34,9 +34,35 @@ pub struct Args {
     /// gateway's workers use 64.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub burst: u16,
+    /// Other tunnels (an SA and a policy each) in the sending engine's
+    /// tables, as on a carrier-edge gateway.
+    #[arg(long, default_value_t = 0)]
+    pub tunnels: u32,
+    /// Changes a second to those other tunnels (an SA deleted and added
+    /// again with a new key), each published to the worker as the control
+    /// side publishes them: what the hot path costs while the control plane
+    /// works (docs/performance.md). Needs --tunnels.
+    #[arg(long, default_value_t = 0)]
+    pub changes_per_second: u32,
     /// Print one JSON object instead of the report.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The other tunnels' SA and policy lines (198.19.0.0/16 inside, peers in 198.18.200.0/21).
+fn other_tunnel(i: u32, gen: u32) -> String {
+    let peer = format!("198.18.{}.{}", 200 + (i >> 8) % 50, (i & 255).max(1));
+    let key = format!("0x{:08x}{}", gen, "77".repeat(16));
+    format!(
+        "state add src 198.18.0.1 dst {peer} proto esp spi {:#x} reqid {} mode tunnel aead 'rfc4106(gcm(aes))' {key} 128\n\
+         policy add src 198.19.{}.0/30 dst 198.19.{}.{}/30 dir out tmpl src 198.18.0.1 dst {peer} proto esp reqid {} mode tunnel\n",
+        0x2000_0000 + i,
+        i + 100,
+        128 + ((i >> 14) & 127),
+        (i >> 6) & 255,
+        (i & 63) << 2,
+        i + 100
+    )
 }
 
 fn alg_clause(name: &str) -> Result<String> {
@@ -126,6 +152,12 @@ struct Result1 {
     raw_bytes: u64,
     raw_elapsed: f64,
     hist: Histogram<u64>,
+    /// Time of each burst with the table switch before it (ns): a stall shows here.
+    bursts: Histogram<u64>,
+    /// Time of each table switch alone (ns).
+    switch: Histogram<u64>,
+    switches: u64,
+    changes: u64,
 }
 
 fn worker(
@@ -134,6 +166,8 @@ fn worker(
     secs: f64,
     burst: usize,
     live: &AtomicU64,
+    tunnels: u32,
+    cps: u32,
 ) -> Result<Result1> {
     let clause = alg_clause(alg)?;
     let sa = format!("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1000 reqid 1 mode tunnel replay-window 4096 flag esn {clause}\n");
@@ -147,8 +181,73 @@ fn worker(
         .cfg
         .transform()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut gw1 = Engine::new(g1.sad, g1.spd, &[]);
+    // The sending side's tables with the other tunnels, shared with a
+    // changer thread as the gateway's control side shares them.
+    let mut t1 = espd_core::state::Tables::new(g1.sad, g1.spd, &[]);
+    let others: String = (0..tunnels).map(|i| other_tunnel(i, 0)).collect();
+    if tunnels > 0 {
+        let c = Config::parse("bench-others", &others).map_err(|e| anyhow::anyhow!("{e}"))?;
+        for sa in c.sad.iter() {
+            let core = espd_core::state::SaCore::new(sa.cfg.clone())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            t1.insert_sa(core)
+                .map_err(|_| anyhow::anyhow!("duplicate SA"))?;
+        }
+        for p in c.spd.policies(espd_core::state::Direction::Out) {
+            t1.insert_policy(p.clone())
+                .map_err(|_| anyhow::anyhow!("duplicate policy"))?;
+        }
+    }
+    let shared = Arc::new(arc_swap::ArcSwap::from_pointee(t1.clone()));
+    let mut gw1 = Engine::with_tables(shared.load_full());
     let mut gw2 = Engine::new(g2.sad, g2.spd, &[]);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (retire_tx, retire_rx) = std::sync::mpsc::sync_channel::<(
+        Arc<espd_core::state::Tables>,
+        Vec<espd_core::state::Sa>,
+    )>(1024);
+    let changer = (cps > 0 && tunnels > 0).then(|| {
+        let (shared, stop) = (Arc::clone(&shared), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut t = t1;
+            let mut n = 0u64;
+            let start = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                // One change at a time, paced: an SA of another tunnel goes
+                // and comes back with a new key (a rekey's two halves).
+                let i = (n / 2) as u32 % tunnels;
+                let text = other_tunnel(i, (n / 2) as u32 + 1);
+                let line = text.lines().next().unwrap_or_default();
+                if n % 2 == 0 {
+                    let spi = 0x2000_0000 + i;
+                    let dst = line
+                        .split(" dst ")
+                        .nth(1)
+                        .and_then(|r| r.split(' ').next())
+                        .unwrap_or_default();
+                    if let Ok(d) = dst.parse() {
+                        let _ = t.remove_sa(d, spi);
+                    }
+                } else if let Ok(Some(espd_config::Item::State(cfg))) =
+                    espd_config::parse_line(line)
+                {
+                    if let Ok(core) = espd_core::state::SaCore::new(*cfg) {
+                        let _ = t.insert_sa(core);
+                    }
+                }
+                shared.store(Arc::new(t.clone()));
+                n += 1;
+                while let Ok(r) = retire_rx.try_recv() {
+                    drop(r);
+                }
+                let due = start + Duration::from_secs_f64(n as f64 / f64::from(cps));
+                if let Some(d) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(d);
+                }
+            }
+            n
+        })
+    });
     let pkts: Vec<Vec<u8>> = sizes
         .iter()
         .enumerate()
@@ -156,6 +255,9 @@ fn worker(
         .collect();
     let mut buf = vec![0u8; 256 + 9000 + 256];
     let mut hist = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3)?;
+    let mut bursts = Histogram::<u64>::new_with_bounds(1, 100_000_000, 3)?;
+    let mut switches = 0u64;
+    let mut switch = Histogram::<u64>::new_with_bounds(1, 100_000_000, 3)?;
     let (mut packets, mut bytes, mut failed) = (0u64, 0u64, 0u64);
 
     // The same transform alone: seal then open each size.
@@ -181,6 +283,16 @@ fn worker(
     while elapsed < total {
         let start = Instant::now();
         loop {
+            // New tables between bursts, as a gateway worker takes them
+            // (the old ones freed on the changer's thread).
+            let tb = Instant::now();
+            let cur = shared.load();
+            if !Arc::ptr_eq(&cur, gw1.tables()) {
+                let old = gw1.set_tables(arc_swap::Guard::into_inner(cur));
+                let _ = retire_tx.try_send((old, gw1.take_retired()));
+                switches += 1;
+                let _ = switch.record(tb.elapsed().as_nanos() as u64);
+            }
             // Bursts as the gateway's workers take them from their rings.
             let (mut b1, mut b2) = (gw1.burst(burst), gw2.burst(burst));
             for p in next.by_ref().take(burst) {
@@ -200,6 +312,7 @@ fn worker(
                 bytes += p.len() as u64;
             }
             drop((b1, b2));
+            let _ = bursts.record(tb.elapsed().as_nanos() as u64);
             if packets % 1024 < burst as u64 && start.elapsed() >= SLICE {
                 break;
             }
@@ -230,7 +343,13 @@ fn worker(
         }
         raw_elapsed += start.elapsed();
     }
+    stop.store(true, Ordering::Relaxed);
+    let changes = changer.map_or(0, |h| h.join().unwrap_or(0));
     Ok(Result1 {
+        bursts,
+        switch,
+        switches,
+        changes,
         packets,
         bytes,
         failed,
@@ -250,6 +369,7 @@ pub fn run(a: &Args) -> Result<()> {
     let lives: Vec<Arc<AtomicU64>> = (0..n).map(|_| Arc::new(AtomicU64::new(0))).collect();
     let mut handles = Vec::new();
     for (i, live) in lives.iter().enumerate() {
+        let (tunnels, cps) = (a.tunnels, a.changes_per_second);
         let (alg, sizes, secs, burst, live, core) = (
             a.aead.clone(),
             sizes.clone(),
@@ -263,7 +383,7 @@ pub fn run(a: &Args) -> Result<()> {
             if let Some(c) = core {
                 core_affinity::set_for_current(c);
             }
-            worker(&alg, &sizes, secs, usize::from(burst), &live)
+            worker(&alg, &sizes, secs, usize::from(burst), &live, tunnels, cps)
         }));
     }
     let start = Instant::now();
@@ -290,9 +410,15 @@ pub fn run(a: &Args) -> Result<()> {
         );
     }
     let mut hist = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3)?;
+    let mut bursts = Histogram::<u64>::new_with_bounds(1, 100_000_000, 3)?;
+    let mut switch = Histogram::<u64>::new_with_bounds(1, 100_000_000, 3)?;
     for r in &results {
         hist.add(&r.hist)?;
+        bursts.add(&r.bursts)?;
+        switch.add(&r.switch)?;
     }
+    let switches: u64 = results.iter().map(|r| r.switches).sum();
+    let changes: u64 = results.iter().map(|r| r.changes).sum();
     let pps: f64 = results.iter().map(|r| r.packets as f64 / r.elapsed).sum();
     let bps: f64 = results
         .iter()
@@ -326,6 +452,17 @@ pub fn run(a: &Args) -> Result<()> {
             "p99": hist.value_at_quantile(0.99), "p999": hist.value_at_quantile(0.999), "max": hist.max(),
         },
         "raw_aead": {"pps": raw_pps, "gbps": raw_bps / 1e9},
+        "tunnels": a.tunnels,
+        "changes": changes,
+        "table_switches": switches,
+        "switch_ns": {
+            "p50": switch.value_at_quantile(0.5), "p99": switch.value_at_quantile(0.99),
+            "max": switch.max(),
+        },
+        "burst_ns": {
+            "p50": bursts.value_at_quantile(0.5), "p99": bursts.value_at_quantile(0.99),
+            "p999": bursts.value_at_quantile(0.999), "max": bursts.max(),
+        },
         "ratio": pps / raw_pps,
         "per_worker": per_worker,
     });
@@ -334,10 +471,12 @@ pub fn run(a: &Args) -> Result<()> {
     } else {
         println!(
             "espd bench: {} worker(s), {} B, {}, bursts of {}: {:.3} Mpps, {:.2} Gbit/s (encap+decap, inner bytes); \
-             latency p50 {} ns p99 {} ns p99.9 {} ns; raw seal+open {:.3} Mpps, {:.2} Gbit/s; ratio {:.2}{}",
+             latency p50 {} ns p99 {} ns p99.9 {} ns; raw seal+open {:.3} Mpps, {:.2} Gbit/s; ratio {:.2}; \
+             {} other tunnels, {} changes, bursts p99 {} ns max {} ns{}",
             n, a.size, a.aead, a.burst, pps / 1e6, bps / 1e9,
             hist.value_at_quantile(0.5), hist.value_at_quantile(0.99), hist.value_at_quantile(0.999),
-            raw_pps / 1e6, raw_bps / 1e9, pps / raw_pps,
+            raw_pps / 1e6, raw_bps / 1e9, pps / raw_pps, a.tunnels, changes,
+            bursts.value_at_quantile(0.99), bursts.max(),
             if failed > 0 { format!("; {failed} FAILED") } else { String::new() }
         );
     }
