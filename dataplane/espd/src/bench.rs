@@ -218,7 +218,7 @@ fn worker(
                 let i = (n / 2) as u32 % tunnels;
                 let text = other_tunnel(i, (n / 2) as u32 + 1);
                 let line = text.lines().next().unwrap_or_default();
-                if n % 2 == 0 {
+                if n.is_multiple_of(2) {
                     let spi = 0x2000_0000 + i;
                     let dst = line
                         .split(" dst ")
