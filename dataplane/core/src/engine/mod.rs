@@ -33,7 +33,7 @@ use crate::esp::outbound::{self as esp_out, OutParams};
 use crate::esp::L3;
 use crate::state::spd::{Action, Direction, Level};
 use crate::state::{Flow, Mode, Sa, SaConfig, SaId, SaShare, Sad, Selector, Spd, Tables, Template};
-use crate::wire::{self, ipv4, ipv6, l4, proto};
+use crate::wire::{self, l4, proto};
 use core::net::IpAddr;
 use core::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;

@@ -31,46 +31,6 @@ pub(super) fn decrement_ttl(ip: &mut [u8], l3: &L3) -> Result<(), DropReason> {
     Ok(())
 }
 
-/// A NAT keepalive datagram (RFC 3948 §2.3) from `src:sport` to `dst:dport`
-/// written into `buf`; returns its length. UDP checksum 0 over IPv4.
-pub(super) fn keepalive(buf: &mut [u8], src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> usize {
-    let hl = if src.is_ipv4() {
-        ipv4::HEADER_LEN
-    } else {
-        ipv6::HEADER_LEN
-    };
-    let n = hl + wire::udp::HEADER_LEN + 1;
-    let b = &mut buf[..n];
-    b.fill(0);
-    wire::udp::emit(&mut b[hl..], sport, dport, 9);
-    b[n - 1] = 0xff;
-    match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let mut p = ipv4::Packet::new_unchecked(&mut b[..]);
-            p.set_version_header_len(hl);
-            p.set_total_len(n as u16);
-            p.set_ttl(esp_out::OUTER_TTL);
-            p.set_protocol(proto::UDP);
-            p.set_src_addr(s);
-            p.set_dst_addr(d);
-            p.fill_checksum();
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let mut p = ipv6::Packet::new_unchecked(&mut b[..]);
-            p.set_ver_tc_flow(0, 0);
-            p.set_payload_len(9);
-            p.set_next_header(proto::UDP);
-            p.set_hop_limit(esp_out::OUTER_TTL);
-            p.set_src_addr(s);
-            p.set_dst_addr(d);
-            let c = wire::udp::checksum_v6(&s.octets(), &d.octets(), &b[hl..]);
-            b[hl + 6..hl + 8].copy_from_slice(&c.to_be_bytes());
-        }
-        _ => unreachable!("Sa::new refuses mixed-family endpoints"),
-    }
-    n
-}
-
 impl Engine {
     /// RFC 3948 §4: for every outbound UDP-encapsulated SA that has sent
     /// nothing for `idle` seconds, builds a NAT keepalive (one 0xFF octet from
@@ -103,8 +63,11 @@ impl Engine {
                 continue;
             }
             sa.last_tx = now;
-            let n = keepalive(buf, src, dst, e.sport, e.dport);
-            emit(&buf[..n]);
+            if let Some(n) =
+                wire::udp::nat_keepalive(buf, src, dst, e.sport, e.dport, esp_out::OUTER_TTL)
+            {
+                emit(&buf[..n]);
+            }
         }
     }
 

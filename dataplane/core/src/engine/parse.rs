@@ -7,6 +7,7 @@ pub(super) fn map_wire(e: wire::Error) -> DropReason {
     match e {
         wire::Error::Truncated => DropReason::Runt,
         wire::Error::Malformed => DropReason::BadHeader,
+        wire::Error::Checksum => DropReason::BadChecksum,
     }
 }
 
@@ -89,72 +90,29 @@ pub fn complete_partial_checksum(ip: &mut [u8]) -> bool {
     true
 }
 
-// Inlined: its result is large, and built in place it is not copied.
+/// The engine's view of [`wire::ip::Repr`]: the layer-3 facts ESP
+/// processing needs, the selector fields, and the length.
 #[inline(always)]
 pub(super) fn parse_inner(d: &[u8]) -> Result<(L3, Flow, usize), DropReason> {
-    match d.first().map(|b| b >> 4) {
-        None => Err(DropReason::Runt),
-        Some(4) => {
-            let p = ipv4::Packet::new_checked(d).map_err(map_wire)?;
-            if !p.verify_checksum() {
-                return Err(DropReason::BadChecksum);
-            }
-            let hl = p.header_len();
-            let l3 = L3 {
-                version: 4,
-                proto: p.protocol(),
-                upper_at: hl,
-                upper_nh_at: 9,
-                esp_at: hl,
-                esp_nh_at: 9,
-                fragment: p.is_fragment(),
-                later_fragment: p.is_later_fragment(),
-                tos: p.tos(),
-                df: p.dont_frag(),
-                udp_encap: false,
-            };
-            let ports = if l3.later_fragment {
-                None
-            } else {
-                l4::ports(l3.proto, p.payload())
-            };
-            let flow = Flow {
-                src: p.src_addr().into(),
-                dst: p.dst_addr().into(),
-                proto: l3.proto,
-                ports,
-            };
-            Ok((l3, flow, usize::from(p.total_len())))
-        }
-        Some(6) => {
-            let p = ipv6::Packet::new_checked(d).map_err(map_wire)?;
-            let c = p.walk().map_err(map_wire)?;
-            let l3 = L3 {
-                version: 6,
-                proto: c.upper,
-                upper_at: c.upper_at,
-                upper_nh_at: c.upper_nh_at,
-                esp_at: c.esp_at,
-                esp_nh_at: c.esp_nh_at,
-                fragment: c.fragment.is_some(),
-                later_fragment: c.fragment.is_some_and(|(off, _)| off != 0),
-                tos: p.traffic_class(),
-                df: false,
-                udp_encap: false,
-            };
-            let ports = if l3.later_fragment {
-                None
-            } else {
-                l4::ports(l3.proto, &p.packet()[c.upper_at..])
-            };
-            let flow = Flow {
-                src: p.src_addr().into(),
-                dst: p.dst_addr().into(),
-                proto: l3.proto,
-                ports,
-            };
-            Ok((l3, flow, p.total_len()))
-        }
-        Some(_) => Err(DropReason::BadHeader),
-    }
+    let r = wire::ip::Repr::parse(d).map_err(map_wire)?;
+    let l3 = L3 {
+        version: r.version,
+        proto: r.proto,
+        upper_at: r.upper_at,
+        upper_nh_at: r.upper_nh_at,
+        esp_at: r.esp_at,
+        esp_nh_at: r.esp_nh_at,
+        fragment: r.fragment,
+        later_fragment: r.later_fragment,
+        tos: r.tos,
+        df: r.df,
+        udp_encap: false,
+    };
+    let flow = Flow {
+        src: r.src,
+        dst: r.dst,
+        proto: r.proto,
+        ports: r.ports,
+    };
+    Ok((l3, flow, r.len))
 }

@@ -8,6 +8,8 @@
 pub mod esp;
 pub mod ethernet;
 pub mod frag;
+pub mod icmp;
+pub mod ip;
 pub mod ipv4;
 pub mod ipv6;
 pub mod l4;
@@ -20,6 +22,8 @@ pub enum Error {
     Truncated,
     /// A field holds a value the format forbids (version, header length, ...).
     Malformed,
+    /// The IPv4 header checksum does not verify.
+    Checksum,
 }
 
 pub type Result<T> = core::result::Result<T, Error>;

@@ -69,6 +69,57 @@ pub fn checksum_v6(src: &[u8], dst: &[u8], datagram: &[u8]) -> u16 {
     }
 }
 
+/// A NAT keepalive (RFC 3948 §2.3: one 0xFF octet) from `src:sport` to
+/// `dst:dport` with its IP header, written into `buf`; its length, or
+/// `None` for addresses of two families or a `buf` too short. UDP checksum 0
+/// over IPv4, computed over IPv6 (RFC 8200 §8.1).
+pub fn nat_keepalive(
+    buf: &mut [u8],
+    src: core::net::IpAddr,
+    dst: core::net::IpAddr,
+    sport: u16,
+    dport: u16,
+    ttl: u8,
+) -> Option<usize> {
+    use super::{ipv4, ipv6, proto};
+    use core::net::IpAddr;
+    let hl = if src.is_ipv4() {
+        ipv4::HEADER_LEN
+    } else {
+        ipv6::HEADER_LEN
+    };
+    let n = hl + HEADER_LEN + 1;
+    let b = buf.get_mut(..n)?;
+    b.fill(0);
+    emit(&mut b[hl..], sport, dport, 9);
+    b[n - 1] = 0xff;
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut p = ipv4::Packet::new_unchecked(&mut b[..]);
+            p.set_version_header_len(hl);
+            p.set_total_len(n as u16);
+            p.set_ttl(ttl);
+            p.set_protocol(proto::UDP);
+            p.set_src_addr(s);
+            p.set_dst_addr(d);
+            p.fill_checksum();
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut p = ipv6::Packet::new_unchecked(&mut b[..]);
+            p.set_ver_tc_flow(0, 0);
+            p.set_payload_len(9);
+            p.set_next_header(proto::UDP);
+            p.set_hop_limit(ttl);
+            p.set_src_addr(s);
+            p.set_dst_addr(d);
+            let c = checksum_v6(&s.octets(), &d.octets(), &b[hl..]);
+            b[hl + 6..hl + 8].copy_from_slice(&c.to_be_bytes());
+        }
+        _ => return None,
+    }
+    Some(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
