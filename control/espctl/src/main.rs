@@ -46,7 +46,8 @@ enum Cmd {
         json: bool,
     },
     /// Print events as they happen, one JSON object per line: SA added and
-    /// removed, soft and hard expiry, unknown SPIs (at most one a second).
+    /// removed, soft and hard expiry, unknown SPIs (at most one a second),
+    /// acquires (a PROTECT policy matched with no SA; once a second a policy).
     Monitor {
         /// Exit after this many events.
         #[arg(long)]

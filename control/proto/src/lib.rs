@@ -1,8 +1,12 @@
 //! The control protocol between `espctl` and `espd run` (docs/control.md).
 //!
 //! A Unix stream socket (default [`DEFAULT_SOCKET`], mode 0600, root only:
-//! espd checks the peer's credentials). One request per connection: one
-//! JSON object on one line, answered by one JSON object on one line.
+//! espd checks the peer's credentials). Version 1: one request per
+//! connection, one JSON object on one line, answered by one JSON object on
+//! one line. Version 2 ([`VERSION_2`]): the connection stays open, requests
+//! carry an `"id"` their answer echoes and may be pipelined (answered in
+//! order), and `"subscribe"` adds events to the connection. Limits: a
+//! request must arrive whole within 5 s and be at most 16 MiB.
 //!
 //! Request:  `{"v": 1, "op": OP, ...}` with OP one of
 //! - `"apply"`, `"text"`: lines of `ip xfrm` words (`state add|update|delete|flush`,
@@ -14,7 +18,9 @@
 //! - `"stats"` — the counters (the same object as `espd run --stats-json`).
 //! - `"monitor"` — the connection stays open: after `{"ok": true}`, one JSON
 //!   object per line per event: `{"event": "sa-added"|"sa-removed"|"soft-expire"|
-//!   "hard-expire"|"unknown-spi", "dst", "spi", "why", …}`.
+//!   "hard-expire"|"unknown-spi"|"acquire", "dst", "spi", "why", …}`
+//!   (docs/control.md lists each event's fields). `"subscribe"` is the same
+//!   on a version 2 connection that goes on taking requests.
 //!
 //! Response: `{"v": 1, "ok": true, ...}` with `"changes"` (apply), `"text"`
 //! (states, policies) or `"stats"`; or `{"v": 1, "ok": false, "error": "..."}`
