@@ -18,13 +18,12 @@ import json
 import shlex
 import socket
 import subprocess
-import threading
 import time
 
 import pytest
 
 from ctlbench import Conn, tunnel
-from test_control import ESPCTL, PY, RECEIVER, SENDER, ctl, rekey
+from test_control import ESPCTL, PY, ctl, rekeys_under_stream
 from test_gateway import Net, drops, need
 
 
@@ -229,24 +228,7 @@ def test_ten_thousand_tunnels_and_three_rekeys_lose_nothing(net, tmp_path):
     for gw in ("gw1", "gw2"):
         install(net, gw, 10_000, 0)
     assert ctl(net, "gw1", "stats", "--json").stdout.count('"spi"') >= 10_004
-    net.ns("a", "ping", "-c", "2", "-W", "2", "198.18.2.20")
-    (tmp_path / "rx.py").write_text(RECEIVER)
-    (tmp_path / "tx.py").write_text(SENDER)
-    out = tmp_path / "seen.json"
-    rx = net.popen("b", PY, str(tmp_path / "rx.py"), str(out))
-    time.sleep(0.5)
-    n, rate = 6000, 1500.0
-    tx = net.popen("a", PY, str(tmp_path / "tx.py"), str(n), str(rate))
-    spis = []
-    for i in range(3):
-        time.sleep(0.6)
-        spis.append(rekey(net, tmp_path, i))
-    assert tx.wait(timeout=60) == 0
-    assert rx.wait(timeout=60) == 0
-    seen = json.loads(out.read_text())
-    missing = sorted(set(range(n)) - set(seen))
-    dups = len(seen) - len(set(seen))
-    assert not missing and not dups, f"{len(missing)} lost (first {missing[:10]}), {dups} duplicated"
+    rekeys_under_stream(net, tmp_path, 6000, 1500.0, 0.6)
     s1, _ = net.stop("gw1")
     s2, _ = net.stop("gw2")
     assert not drops(s1) and not drops(s2), (drops(s1), drops(s2))

@@ -79,67 +79,39 @@ impl EngineParams {
         ops: Vec<Op>,
         seqs: &super::seqstore::SeqStore,
     ) -> Result<Delta, String> {
-        use super::mirror::Change;
         let mut d = Delta::default();
         t.set_clock(self.now());
+        // Outbound: from one of ours to an address whose ESP is not ours.
+        let outbound = |t: &Tables, c: &espd_core::state::SaConfig| {
+            t.is_local(c.src) && t.esp_local().binary_search(&c.dst).is_err()
+        };
         for op in ops {
             match op {
                 Op::AddSa(mut core) => {
-                    // Outbound: from one of ours to an address whose ESP is not ours.
-                    let c = &core.cfg;
-                    let outbound =
-                        t.is_local(c.src) && t.esp_local().binary_search(&c.dst).is_err();
-                    if outbound {
+                    if outbound(t, &core.cfg) {
                         let continued = seqs.continue_from(&mut core.cfg);
                         core.share = espd_core::state::SaShare::new(core.cfg.replay_oseq);
                         d.seqs.push(SeqOp::Record(core.cfg.clone(), continued));
                     }
                     self.prepare(&mut core);
-                    let (dst, spi) = (core.cfg.dst, core.cfg.spi);
-                    let id = t
-                        .insert_sa(*core)
-                        .map_err(|_| format!("state dst {dst} spi 0x{spi:08x} exists already"))?;
-                    d.changes
-                        .push(Change::SaAdded(t.sad().core(id).expect("added").clone()));
+                    super::mirror::apply_op(t, Op::AddSa(core), &mut d)?;
                 }
                 Op::UpdateSa(mut core) => {
                     self.prepare(&mut core);
-                    let (dst, spi) = (core.cfg.dst, core.cfg.spi);
-                    let (id, old) = t
-                        .update_sa(*core)
-                        .map_err(|_| format!("no state dst {dst} spi 0x{spi:08x}"))?;
-                    d.changes.push(Change::SaRemoved(old));
-                    d.changes
-                        .push(Change::SaAdded(t.sad().core(id).expect("updated").clone()));
-                    let c = &t.sad().get(id).cfg;
-                    if t.is_local(c.src) && t.esp_local().binary_search(&c.dst).is_err() {
-                        d.seqs.push(SeqOp::Updated(c.clone()));
+                    if let Some(id) = super::mirror::apply_op(t, Op::UpdateSa(core), &mut d)? {
+                        let c = &t.sad().get(id).cfg;
+                        if outbound(t, c) {
+                            d.seqs.push(SeqOp::Updated(c.clone()));
+                        }
                     }
                 }
                 Op::DelSa(dst, spi) => {
-                    let (_, old) = t
-                        .remove_sa(dst, spi)
-                        .ok_or_else(|| format!("no state dst {dst} spi 0x{spi:08x}"))?;
+                    super::mirror::apply_op(t, op, &mut d)?;
                     d.seqs.push(SeqOp::Forget(dst, spi));
-                    d.changes.push(Change::SaRemoved(old));
                 }
-                Op::AddPolicy(p) => {
-                    let p = Arc::new(p);
-                    t.insert_policy((*p).clone())
-                        .map_err(|_| "a policy exists already".to_string())?;
-                    d.changes.push(Change::PolicyAdded(p));
+                op => {
+                    super::mirror::apply_op(t, op, &mut d)?;
                 }
-                Op::UpdatePolicy(p) => {
-                    let p = Arc::new(p);
-                    let old = t.update_policy((*p).clone()).ok_or("no such policy")?;
-                    d.changes.push(Change::PolicyRemoved(old));
-                    d.changes.push(Change::PolicyAdded(p));
-                }
-                Op::DelPolicy(dir, sel) => {
-                    let old = t.remove_policy(dir, &sel).ok_or("no such policy")?;
-                    d.changes.push(Change::PolicyRemoved(old));
-                }
-                Op::Default(dir, a) => t.set_default(dir, a),
             }
         }
         Ok(d)

@@ -478,6 +478,67 @@ impl Maps {
     }
 }
 
+/// Applies one checked change to the tables `t`, and records it in `d`
+/// for the maps and the guard; the SA's id for an SA added or updated.
+pub fn apply_op(
+    t: &mut Tables,
+    op: espd_config::db::Op,
+    d: &mut Delta,
+) -> Result<Option<espd_core::state::SaId>, String> {
+    use espd_config::db::Op;
+    match op {
+        Op::AddSa(core) => {
+            let (dst, spi) = (core.cfg.dst, core.cfg.spi);
+            let id = t
+                .insert_sa(*core)
+                .map_err(|_| format!("state dst {dst} spi 0x{spi:08x} exists already"))?;
+            d.changes
+                .push(Change::SaAdded(t.sad().core(id).expect("added").clone()));
+            Ok(Some(id))
+        }
+        Op::UpdateSa(core) => {
+            let (dst, spi) = (core.cfg.dst, core.cfg.spi);
+            let (id, old) = t
+                .update_sa(*core)
+                .map_err(|_| format!("no state dst {dst} spi 0x{spi:08x}"))?;
+            d.changes.push(Change::SaRemoved(old));
+            d.changes
+                .push(Change::SaAdded(t.sad().core(id).expect("updated").clone()));
+            Ok(Some(id))
+        }
+        Op::DelSa(dst, spi) => {
+            let (_, old) = t
+                .remove_sa(dst, spi)
+                .ok_or_else(|| format!("no state dst {dst} spi 0x{spi:08x}"))?;
+            d.changes.push(Change::SaRemoved(old));
+            Ok(None)
+        }
+        Op::AddPolicy(p) => {
+            let p = Arc::new(p);
+            t.insert_policy((*p).clone())
+                .map_err(|_| "a policy exists already".to_string())?;
+            d.changes.push(Change::PolicyAdded(p));
+            Ok(None)
+        }
+        Op::UpdatePolicy(p) => {
+            let p = Arc::new(p);
+            let old = t.update_policy((*p).clone()).ok_or("no such policy")?;
+            d.changes.push(Change::PolicyRemoved(old));
+            d.changes.push(Change::PolicyAdded(p));
+            Ok(None)
+        }
+        Op::DelPolicy(dir, sel) => {
+            let old = t.remove_policy(dir, &sel).ok_or("no such policy")?;
+            d.changes.push(Change::PolicyRemoved(old));
+            Ok(None)
+        }
+        Op::Default(dir, a) => {
+            t.set_default(dir, a);
+            Ok(None)
+        }
+    }
+}
+
 /// The delta of a whole configuration (everything added), for the start.
 pub fn everything(t: &Tables) -> Delta {
     let mut d = Delta {
@@ -641,26 +702,7 @@ mod tests {
             applied += 1;
             let mut d = Delta::default();
             for op in ops {
-                use espd_config::db::Op;
-                match op {
-                    Op::AddSa(c) => {
-                        let id = t.insert_sa(*c).unwrap();
-                        d.changes
-                            .push(Change::SaAdded(t.sad().core(id).unwrap().clone()));
-                    }
-                    Op::DelSa(a, s) => d
-                        .changes
-                        .push(Change::SaRemoved(t.remove_sa(a, s).unwrap().1)),
-                    Op::AddPolicy(p) => {
-                        d.changes.push(Change::PolicyAdded(Arc::new(p.clone())));
-                        t.insert_policy(p).unwrap();
-                    }
-                    Op::DelPolicy(dir, sel) => d
-                        .changes
-                        .push(Change::PolicyRemoved(t.remove_policy(dir, &sel).unwrap())),
-                    Op::Default(dir, a) => t.set_default(dir, a),
-                    _ => unreachable!(),
-                }
+                apply_op(&mut t, op, &mut d).unwrap();
             }
             maps.apply(&d, &t);
             let cfg = Config {
@@ -720,19 +762,7 @@ mod memory {
         t.set_extra(&["198.18.0.1".parse().unwrap()]);
         let mut d = Delta::default();
         for op in ops {
-            use espd_config::db::Op;
-            match op {
-                Op::AddSa(c) => {
-                    let id = t.insert_sa(*c).unwrap();
-                    d.changes
-                        .push(Change::SaAdded(t.sad().core(id).unwrap().clone()));
-                }
-                Op::AddPolicy(p) => {
-                    d.changes.push(Change::PolicyAdded(Arc::new(p.clone())));
-                    t.insert_policy(p).unwrap();
-                }
-                _ => {}
-            }
+            apply_op(&mut t, op, &mut d).unwrap();
         }
         let r2 = rss();
         let mut maps = Maps::default();
