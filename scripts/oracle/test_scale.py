@@ -20,21 +20,9 @@ import socket
 import subprocess
 import time
 
-import pytest
-
 from ctlbench import Conn, tunnel
-from test_control import ESPCTL, PY, ctl, rekeys_under_stream
-from test_gateway import Net, drops, need
-
-
-@pytest.fixture
-def net(tmp_path):
-    need("ping")
-    n = Net(tmp_path)
-    try:
-        yield n
-    finally:
-        n.close()
+from test_control import ESPCTL, PY, ctl, net, rekeys_under_stream  # noqa: F401 (net: the fixture)
+from test_gateway import drops
 
 
 def raw(path):
