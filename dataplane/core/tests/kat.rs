@@ -139,7 +139,7 @@ fn outbound_matches_published_esp_octets() {
             assert_eq!(got[6], 50);
             assert_eq!(got[4..6], want[4..6]);
         }
-        assert_eq!(sa.oseq, 1);
+        assert_eq!(sa.oseq(), 1);
     }
 }
 
@@ -158,7 +158,7 @@ fn inbound_recovers_published_inner_packet() {
             v.name
         );
         assert_eq!(pkt.data(), &want[..], "{}", v.name);
-        assert_eq!(sa.replay.top(), 1);
+        assert_eq!(sa.replay().top(), 1);
         // The same packet again is a replay, and a flipped bit anywhere in the
         // ciphertext or ICV fails the ICV — with the window untouched.
         let mut again = esp.clone();
@@ -179,6 +179,6 @@ fn inbound_recovers_published_inner_packet() {
                 v.name
             );
         }
-        assert_eq!(fresh.replay.top(), 0);
+        assert_eq!(fresh.replay().top(), 0);
     }
 }

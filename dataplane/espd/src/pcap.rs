@@ -135,8 +135,7 @@ impl Run {
         let (l2_len, ip_only) = match linktype {
             DataLink::ETHERNET => match Frame::new_checked(data) {
                 Err(_) => {
-                    self.engine.counters.dropped += 1;
-                    self.engine.counters.drops[DropReason::Runt as usize] += 1;
+                    self.engine.count_drop(DropReason::Runt);
                     return;
                 }
                 Ok(f) => match f.ethertype() {
@@ -157,8 +156,7 @@ impl Run {
         };
         let ip = &data[l2_len..];
         if ip.len() > MAX_PACKET {
-            self.engine.counters.dropped += 1;
-            self.engine.counters.drops[DropReason::TooBig as usize] += 1;
+            self.engine.count_drop(DropReason::TooBig);
             return;
         }
         self.buf[HEADROOM..HEADROOM + ip.len()].copy_from_slice(ip);
@@ -215,8 +213,7 @@ impl Run {
             })
         };
         if r.is_err() {
-            self.engine.counters.dropped += 1;
-            self.engine.counters.drops[DropReason::TooBig as usize] += 1;
+            self.engine.count_drop(DropReason::TooBig);
             return;
         }
         self.link.fragmented += 1;
@@ -244,7 +241,7 @@ impl Run {
     }
 
     fn line(&self) -> String {
-        let c: &Counters = &self.engine.counters;
+        let c: &Counters = self.engine.counters();
         let t = self.start.elapsed().as_secs_f64();
         let mut s = format!(
             "{} packets in {:.2} s: {} encapsulated, {} decapsulated, {} bypass, {} dummy, {} dropped",
@@ -280,7 +277,7 @@ impl Run {
     }
 
     fn stats(&self) -> serde_json::Value {
-        let c = &self.engine.counters;
+        let c = self.engine.counters();
         let drops: serde_json::Map<String, serde_json::Value> = DropReason::ALL
             .iter()
             .map(|r| (r.name().to_string(), json!(c.drops[*r as usize])))
@@ -296,8 +293,13 @@ impl Run {
                 let sa = e.sa_state(id).unwrap_or(&fresh);
                 let d: serde_json::Map<String, serde_json::Value> = DropReason::ALL
                     .iter()
-                    .filter(|r| sa.counters.drops[**r as usize] > 0)
-                    .map(|r| (r.name().to_string(), json!(sa.counters.drops[*r as usize])))
+                    .filter(|r| sa.counters().drops[**r as usize] > 0)
+                    .map(|r| {
+                        (
+                            r.name().to_string(),
+                            json!(sa.counters().drops[*r as usize]),
+                        )
+                    })
                     .collect();
                 let cfg = sa.cfg();
                 json!({
@@ -306,11 +308,11 @@ impl Run {
                     "dst": cfg.dst.to_string(),
                     "reqid": cfg.reqid,
                     "mode": cfg.mode.as_str(),
-                    "packets": sa.counters.packets,
-                    "bytes": sa.counters.bytes,
-                    "oseq": sa.oseq,
-                    "replay_top": sa.replay.top(),
-                    "exhausted": sa.exhausted,
+                    "packets": sa.counters().packets,
+                    "bytes": sa.counters().bytes,
+                    "oseq": sa.oseq(),
+                    "replay_top": sa.replay().top(),
+                    "exhausted": sa.exhausted(),
                     "drops": d,
                 })
             })

@@ -164,7 +164,7 @@ fn compare(
     for (i, (w, g)) in want.iter().zip(&got).enumerate() {
         assert_eq!(w, g, "packet {i}");
     }
-    let (a, b) = (&single.counters, &burst.counters);
+    let (a, b) = (&single.counters(), &burst.counters());
     assert_eq!(
         (a.encapsulated, a.decapsulated, a.bypass, a.dropped, a.drops),
         (b.encapsulated, b.decapsulated, b.bypass, b.dropped, b.drops)
@@ -173,9 +173,9 @@ fn compare(
         let (x, y) = (single.sa_state(id), burst.sa_state(id));
         assert_eq!(x.is_some(), y.is_some());
         if let (Some(x), Some(y)) = (x, y) {
-            assert_eq!(x.oseq, y.oseq);
-            assert_eq!(x.counters.packets, y.counters.packets);
-            assert_eq!(x.counters.drops, y.counters.drops);
+            assert_eq!(x.oseq(), y.oseq());
+            assert_eq!(x.counters().packets, y.counters().packets);
+            assert_eq!(x.counters().drops, y.counters().drops);
         }
     }
 }
@@ -273,14 +273,14 @@ fn counters_are_added_when_the_burst_ends() {
         let mut pb = PacketBuf::new(&mut buf, 256, p.len());
         assert!(matches!(e.process(&mut pb), Verdict::Encapsulated(0)));
     }
-    assert_eq!(e.counters.encapsulated, 0, "not yet: once per burst");
+    assert_eq!(e.counters().encapsulated, 0, "not yet: once per burst");
     assert_eq!(
-        e.sa_state(0).unwrap().counters.packets,
+        e.sa_state(0).unwrap().counters().packets,
         3,
         "the SA's own count is live"
     );
     e.end_burst();
-    assert_eq!(e.counters.encapsulated, 3);
+    assert_eq!(e.counters().encapsulated, 3);
 }
 
 /// Two workers' engines over gw1's SAs, linked as the gateway links them.
@@ -319,11 +319,11 @@ fn a_shared_sa_reserves_a_bursts_numbers_at_once_and_gives_back_the_rest() {
         w0.end_burst();
         // What was not used is given back: the counter stands at the last number sent.
         assert_eq!(shared.oseq.load(Relaxed), seen.len() as u64);
-        assert_eq!(w0.sa_state(0).unwrap().seq_block, None);
+        assert_eq!(w0.sa_state(0).unwrap().seq_block(), None);
     }
     // In order, none skipped, none twice.
     assert_eq!(seen, (1..=seen.len() as u32).collect::<Vec<_>>());
-    assert_eq!(w0.sa_state(0).unwrap().oseq, seen.len() as u64);
+    assert_eq!(w0.sa_state(0).unwrap().oseq(), seen.len() as u64);
 }
 
 #[test]
@@ -331,7 +331,7 @@ fn a_reservation_never_passes_the_end_of_the_sequence_space() {
     let (mut w0, _w1) = shared_pair();
     // Without ESN the last number is 2^32 - 1; leave room for 5.
     let start = u64::from(u32::MAX) - 5;
-    w0.sa_mut(0).oseq = start;
+    w0.sa_mut(0).set_oseq(start);
     let shared = w0.tables().sad().get(0).share.clone();
     shared.oseq.store(start, Relaxed);
     let pkt = udp4("198.18.1.10", "198.18.2.20", 9);

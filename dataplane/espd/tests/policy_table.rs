@@ -99,7 +99,7 @@ fn outbound_and_plaintext_verdicts() {
             Err(r) => assert_eq!(v, Verdict::Drop(*r), "{what}"),
         }
     }
-    let c = &gw1.counters;
+    let c = &gw1.counters();
     assert_eq!((c.encapsulated, c.bypass, c.dropped), (3, 4, 4));
     assert_eq!(c.drops[Discard as usize], 2);
 }
@@ -203,7 +203,7 @@ fn unprotected_icmp_errors_about_protected_flows_are_dropped() {
         ("truncated error", ipv4("198.18.0.99", "198.18.1.10", proto::ICMP, 0, &[3, 1, 0, 0, 0, 0, 0, 0, 0x45]), Ok(None)),
     ];
     check_rows(&mut gw1, table);
-    assert_eq!(gw1.counters.drops[UnprotectedInbound as usize], 3);
+    assert_eq!(gw1.counters().drops[UnprotectedInbound as usize], 3);
 }
 
 #[test]
@@ -217,12 +217,12 @@ fn our_own_esp_coming_back_is_dropped_before_any_crypto() {
     let (v, out) = run(&mut gw1, &esp);
     assert_eq!(v, Verdict::Drop(OwnEsp));
     assert_eq!(out, esp, "nothing decrypted or changed");
-    assert_eq!(gw1.counters.drops[OwnEsp as usize], 1);
+    assert_eq!(gw1.counters().drops[OwnEsp as usize], 1);
     // Not counted against the SA: it is not the SA's traffic.
     // Not even a runtime state: the SA was never touched.
     assert!(gw1
         .sa_state(0)
-        .is_none_or(|s| s.counters.drops.iter().sum::<u64>() == 0));
+        .is_none_or(|s| s.counters().drops.iter().sum::<u64>() == 0));
     // ESP to the peer with an SPI we do not have is transit traffic: not ours.
     let mut transit = esp.clone();
     transit[20..24].copy_from_slice(&0x7777u32.to_be_bytes());

@@ -45,7 +45,7 @@ fn engine(t: &str) -> Engine {
 }
 
 fn total(e: &Engine) -> u64 {
-    let c = &e.counters;
+    let c = &e.counters();
     let drops: u64 = c.drops.iter().sum();
     assert_eq!(drops, c.dropped, "every drop has exactly one reason");
     c.encapsulated + c.decapsulated + c.bypass + c.dummy + c.dropped
@@ -180,5 +180,5 @@ fn mutated_esp_never_panics_and_never_passes() {
         assert!(matches!(v, Verdict::Decapsulated(_)), "{v:?}");
         assert_eq!(p.data(), &inner[..]);
     }
-    assert!(gw1.counters.drops[DropReason::IcvMismatch as usize] > 0);
+    assert!(gw1.counters().drops[DropReason::IcvMismatch as usize] > 0);
 }

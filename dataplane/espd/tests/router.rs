@@ -73,7 +73,7 @@ fn expiring_plaintext_gets_time_exceeded_and_expiring_inner_is_dropped() {
     assert!(ipv4_ok(&icmp));
     assert_eq!(checksum::sum(&icmp[20..]), 0xffff, "ICMP checksum");
     assert_eq!(&icmp[28..48], &pkt[..20], "quotes the offending header");
-    assert_eq!(a.counters.drops[DropReason::TtlExceeded as usize], 1);
+    assert_eq!(a.counters().drops[DropReason::TtlExceeded as usize], 1);
 
     // TTL 2 leaves gw1 with 1 and expires at gw2 after decapsulation.
     let mut b = engine(&gw2(), &["198.18.2.254"]);
@@ -87,7 +87,7 @@ fn expiring_plaintext_gets_time_exceeded_and_expiring_inner_is_dropped() {
     let (v, _) = run(&mut b, &esp);
     assert_eq!(v, Verdict::Drop(DropReason::TtlExceeded));
     assert_eq!(
-        b.sa_state(0).unwrap().counters.drops[DropReason::TtlExceeded as usize],
+        b.sa_state(0).unwrap().counters().drops[DropReason::TtlExceeded as usize],
         1
     );
 }
@@ -141,8 +141,8 @@ fn one_worker_owns_an_outbound_sa_and_the_others_hand_over() {
     }
     // One sender: the numbers leave in order, none twice.
     assert_eq!(seen, (1..=1000).collect::<Vec<_>>());
-    assert_eq!(w0.counters.handed_off, 666);
-    assert_eq!(w0.counters.encapsulated, 0);
+    assert_eq!(w0.counters().handed_off, 666);
+    assert_eq!(w0.counters().encapsulated, 0);
 }
 
 #[test]
@@ -185,7 +185,7 @@ fn one_worker_owns_an_inbound_window_once_it_authenticates() {
     assert_eq!(same, esp[1]);
     assert!(matches!(run(&mut w0, &esp[1]).0, Verdict::Decapsulated(_)));
     assert_eq!(run(&mut w0, &esp[1]).0, Verdict::Drop(DropReason::Replay));
-    assert_eq!(w1.counters.handed_off, 1);
+    assert_eq!(w1.counters().handed_off, 1);
 }
 
 /// A UDP/IPv4 or TCP/IPv6 packet with a correct checksum, and its pseudo-header sum.
@@ -310,7 +310,7 @@ fn a_change_of_tables_keeps_windows_sequence_numbers_and_iv_masks() {
     let iv = |p: &[u8]| p[28..36].to_vec();
     assert!(esp.iter().all(|e| iv(e) != iv(&next)));
     assert!(matches!(run(&mut b, &next).0, Verdict::Decapsulated(_)));
-    assert_eq!(b.counters.decapsulated, 6);
+    assert_eq!(b.counters().decapsulated, 6);
     // A delete and a re-add under the same id is a new SA: a fresh window.
     let cfg = b.tables().sad().get(0).cfg.clone();
     let (d, spi) = (cfg.dst, cfg.spi);

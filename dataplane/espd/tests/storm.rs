@@ -147,10 +147,10 @@ fn workers_and_a_change_storm_give_exact_counters() {
                     .tables()
                     .sad()
                     .lookup_in(format!("198.18.100.{}", w + 1).parse().unwrap(), 0x3000 + w);
-                let oseq = id.and_then(|id| e.sa_state(id)).map(|s| s.oseq);
+                let oseq = id.and_then(|id| e.sa_state(id)).map(|s| s.oseq());
                 (
-                    e.counters.clone(),
-                    rx.counters.clone(),
+                    e.counters().clone(),
+                    rx.counters().clone(),
                     seqs,
                     switches,
                     oseq,

@@ -73,9 +73,9 @@ fuzz_target!(|data: &[u8]| {
     b1.end_burst();
     b2.end_burst();
     assert_eq!(want, got);
-    assert_eq!(pairs.single.0.counters.drops, pairs.burst.0.counters.drops);
+    assert_eq!(pairs.single.0.counters().drops, pairs.burst.0.counters().drops);
     assert_eq!(
-        pairs.single.0.counters.decapsulated,
-        pairs.burst.0.counters.decapsulated
+        pairs.single.0.counters().decapsulated,
+        pairs.burst.0.counters().decapsulated
     );
 });

@@ -111,7 +111,7 @@ pub struct Engine {
     runs: Runs,
     /// Several engines use the tables' SAs (see [`Engine::set_shared`]).
     shared: bool,
-    pub counters: Counters,
+    counters: Counters,
     /// The caller's clock in seconds (see [`Engine::set_time`]).
     now: u64,
     /// Path MTU for encapsulated packets (see [`Engine::set_mtu`]).
@@ -333,6 +333,19 @@ impl Engine {
             keepalive_at: 0,
             acquired: Default::default(),
         }
+    }
+
+    /// This engine's verdict counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Counts a drop its caller made before the engine saw the packet (a
+    /// frame too short to hold an IP header, a buffer too small), with the
+    /// engine's own, so one set of counters tells all.
+    pub fn count_drop(&mut self, r: DropReason) {
+        self.counters.dropped += 1;
+        self.counters.drops[r as usize] += 1;
     }
 
     /// The tables this engine runs on.

@@ -316,30 +316,30 @@ impl core::fmt::Debug for SaCore {
 #[repr(C, align(64))]
 pub struct Sa {
     /// Last outbound sequence number used (the next one is `oseq + 1`).
-    pub oseq: u64,
+    pub(crate) oseq: u64,
     /// Sequence numbers taken from the shared counter for the current burst
     /// and not used yet: `(next, last)`; `None` outside a burst (see
     /// `OutParams::reserve` and `Engine::end_burst`).
-    pub seq_block: Option<(u64, u64)>,
+    pub(crate) seq_block: Option<(u64, u64)>,
     /// When the SA last sent (the caller's clock, seconds): NAT keepalives
     /// go out after an idle time (RFC 3948 §4).
-    pub last_tx: u64,
+    pub(crate) last_tx: u64,
     /// IPv4 identification for outer headers (tunnel mode).
-    pub ip_id: u16,
+    pub(crate) ip_id: u16,
     /// Set when the outbound sequence space is exhausted: the SA sends nothing more.
-    pub exhausted: bool,
+    pub(crate) exhausted: bool,
     /// The soft lifetime was reached (reported once).
-    pub soft_reached: bool,
+    pub(crate) soft_reached: bool,
     /// The hard lifetime was reached, or the sequence space: no more packets.
-    pub expired: bool,
+    pub(crate) expired: bool,
     /// Counted since the engine last published its counters.
-    pub dirty: bool,
-    pub replay: ReplayWindow,
+    pub(crate) dirty: bool,
+    pub(crate) replay: ReplayWindow,
     /// Packet and octet counts first; the per-reason drops after them.
-    pub counters: SaCounters,
+    pub(crate) counters: SaCounters,
     /// Set when several workers' engines use this SA (the core's share).
-    pub share: Option<SaShare>,
-    pub core: Arc<SaCore>,
+    pub(crate) share: Option<SaShare>,
+    pub(crate) core: Arc<SaCore>,
 }
 
 impl Sa {
@@ -372,6 +372,46 @@ impl Sa {
 
     pub fn cfg(&self) -> &SaConfig {
         &self.core.cfg
+    }
+
+    /// The shared part: configuration, keys, shared counter and owner.
+    pub fn core(&self) -> &Arc<SaCore> {
+        &self.core
+    }
+
+    /// Packets, octets and drops through this SA on this engine.
+    pub fn counters(&self) -> &SaCounters {
+        &self.counters
+    }
+
+    /// The last outbound sequence number used.
+    pub fn oseq(&self) -> u64 {
+        self.oseq
+    }
+
+    /// Continues the outbound sequence after `n` (tools and tests that set
+    /// a state up; the gateway continues from its sequence store instead).
+    pub fn set_oseq(&mut self, n: u64) {
+        self.oseq = n;
+    }
+
+    /// Sequence numbers reserved for the current burst, `(next, last)`.
+    pub fn seq_block(&self) -> Option<(u64, u64)> {
+        self.seq_block
+    }
+
+    pub fn replay(&self) -> &ReplayWindow {
+        &self.replay
+    }
+
+    /// The outbound sequence space is used up.
+    pub fn exhausted(&self) -> bool {
+        self.exhausted
+    }
+
+    /// The hard lifetime (or the sequence space) was reached.
+    pub fn expired(&self) -> bool {
+        self.expired
     }
 
     /// The highest outbound sequence number this SA may use:

@@ -375,7 +375,7 @@ impl Worker {
         let s = &mut *snap;
         s.reassembled = self.reasm.table.reassembled;
         s.reassembly_peak = self.reasm.table.peak;
-        s.engine = self.engine.counters.clone();
+        s.engine = self.engine.counters().clone();
         s.ports = self.ports.stats;
         let map = &mut s.sa;
         self.engine.take_sa_updates(|id, sa| match sa {
@@ -383,10 +383,10 @@ impl Worker {
                 map.insert(
                     id,
                     SaStat {
-                        packets: sa.counters.packets,
-                        bytes: sa.counters.bytes,
-                        drops: sa.counters.drops,
-                        oseq: sa.oseq,
+                        packets: sa.counters().packets,
+                        bytes: sa.counters().bytes,
+                        drops: sa.counters().drops,
+                        oseq: sa.oseq(),
                     },
                 );
             }
