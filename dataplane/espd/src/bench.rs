@@ -160,15 +160,28 @@ struct Result1 {
     changes: u64,
 }
 
+/// The other tunnels and the changes made to them while a worker runs.
+#[derive(Clone, Copy)]
+struct Load {
+    tunnels: u32,
+    per_second: u32,
+    /// Where the changer runs (a core no worker has, when there is one).
+    core: Option<core_affinity::CoreId>,
+}
+
 fn worker(
     alg: &str,
     sizes: &[usize],
     secs: f64,
     burst: usize,
     live: &AtomicU64,
-    tunnels: u32,
-    cps: u32,
+    load: Load,
 ) -> Result<Result1> {
+    let Load {
+        tunnels,
+        per_second: cps,
+        core: ctl_core,
+    } = load;
     let clause = alg_clause(alg)?;
     let sa = format!("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1000 reqid 1 mode tunnel replay-window 4096 flag esn {clause}\n");
     let g1 = Config::parse("bench-gw1", &format!("{sa}policy add src 198.18.1.0/24 dst 198.18.2.0/24 dir out tmpl src 198.18.0.1 dst 198.18.0.2 proto esp reqid 1 mode tunnel\n"))
@@ -209,6 +222,12 @@ fn worker(
     let changer = (cps > 0 && tunnels > 0).then(|| {
         let (shared, stop) = (Arc::clone(&shared), Arc::clone(&stop));
         std::thread::spawn(move || {
+            // The control side on a core of its own when there is one (as an
+            // operator keeps `--cores` for the workers): what is measured is
+            // the worker's cost of taking changes, not a shared core.
+            if let Some(c) = ctl_core {
+                core_affinity::set_for_current(c);
+            }
             let mut t = t1;
             let mut n = 0u64;
             let start = Instant::now();
@@ -370,6 +389,8 @@ pub fn run(a: &Args) -> Result<()> {
     let mut handles = Vec::new();
     for (i, live) in lives.iter().enumerate() {
         let (tunnels, cps) = (a.tunnels, a.changes_per_second);
+        // A core no worker runs on, for the changer threads.
+        let ctl_core = (n < cores.len()).then(|| cores[cores.len() - 1]);
         let (alg, sizes, secs, burst, live, core) = (
             a.aead.clone(),
             sizes.clone(),
@@ -383,7 +404,12 @@ pub fn run(a: &Args) -> Result<()> {
             if let Some(c) = core {
                 core_affinity::set_for_current(c);
             }
-            worker(&alg, &sizes, secs, usize::from(burst), &live, tunnels, cps)
+            let load = Load {
+                tunnels,
+                per_second: cps,
+                core: ctl_core,
+            };
+            worker(&alg, &sizes, secs, usize::from(burst), &live, load)
         }));
     }
     let start = Instant::now();
