@@ -41,3 +41,17 @@ def test_bench_bursts_of_any_size_round_trip(burst):
     for bad in ("0", "1025", "x"):
         r = subprocess.run([str(ESPD), "bench", "--seconds", "0.1", "--burst", bad], capture_output=True, text=True, timeout=30)
         assert r.returncode != 0 and "--burst" in r.stderr
+
+
+def test_bench_round_trips_while_changes_stream_in():
+    """--tunnels/--changes-per-second: the worker takes every published change
+    between bursts and no packet fails the round trip (docs/performance.md)."""
+    r = subprocess.run([str(ESPD), "bench", "--seconds", "0.3", "--workers", "1", "--size", "512",
+                        "--tunnels", "2000", "--changes-per-second", "500", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["failed"] == 0 and d["packets"] > 100
+    assert d["changes"] > 50 and 0 < d["table_switches"] <= d["changes"], d
+    s = d["switch_ns"]
+    assert 0 < s["p50"] <= s["p99"] <= s["max"], s
