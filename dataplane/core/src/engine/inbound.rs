@@ -172,9 +172,11 @@ impl Engine {
         let end = l3.upper_at + usize::from(u.len());
         pkt.truncate(end);
         let esp_l3 = L3 {
-            upper_at: l3.upper_at + wire::udp::HEADER_LEN,
+            ip: wire::ip::Repr {
+                upper_at: l3.upper_at + wire::udp::HEADER_LEN,
+                ..l3.ip
+            },
             udp_encap: true,
-            ..*l3
         };
         self.inbound(pkt, &esp_l3, dst)
     }

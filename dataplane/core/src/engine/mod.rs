@@ -371,8 +371,12 @@ impl Engine {
             self.end_burst();
         }
         let shared = self.shared;
+        // Newer tables of the same line void the flow caches by their
+        // version tag alone; others (older, or unrelated tables that may
+        // reuse a version) are cleared.
+        let newer = t.version() > self.tables.version();
         match t.changed_since(self.tables.version()) {
-            Some(ids) if t.version() >= self.tables.version() => {
+            Some(ids) if newer => {
                 for id in ids {
                     self.runs.renew(&t, id, shared);
                 }
@@ -385,8 +389,10 @@ impl Engine {
                 }
             }
         }
-        self.burst.out.clear();
-        self.burst.checked.clear();
+        if !newer {
+            self.burst.out.clear();
+            self.burst.checked.clear();
+        }
         core::mem::replace(&mut self.tables, t)
     }
 

@@ -90,29 +90,23 @@ pub fn complete_partial_checksum(ip: &mut [u8]) -> bool {
     true
 }
 
-/// The engine's view of [`wire::ip::Repr`]: the layer-3 facts ESP
-/// processing needs, the selector fields, and the length.
+/// The engine's view of [`wire::ip::Repr`]: the checked headers, the
+/// selector fields, and the length.
 #[inline(always)]
 pub(super) fn parse_inner(d: &[u8]) -> Result<(L3, Flow, usize), DropReason> {
     let r = wire::ip::Repr::parse(d).map_err(map_wire)?;
-    let l3 = L3 {
-        version: r.version,
-        proto: r.proto,
-        upper_at: r.upper_at,
-        upper_nh_at: r.upper_nh_at,
-        esp_at: r.esp_at,
-        esp_nh_at: r.esp_nh_at,
-        fragment: r.fragment,
-        later_fragment: r.later_fragment,
-        tos: r.tos,
-        df: r.df,
-        udp_encap: false,
-    };
     let flow = Flow {
         src: r.src,
         dst: r.dst,
         proto: r.proto,
         ports: r.ports,
     };
-    Ok((l3, flow, r.len))
+    Ok((
+        L3 {
+            ip: r,
+            udp_encap: false,
+        },
+        flow,
+        r.len,
+    ))
 }

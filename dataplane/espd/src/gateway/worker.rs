@@ -221,6 +221,10 @@ impl Worker {
         let mut snap = Snapshot::default();
         let mut turn = 0u64;
         let mut max_recent = 0u64;
+        // What the control side waits on: stored again whenever it changes.
+        self.sync
+            .seen
+            .store(self.engine.tables().version(), Ordering::SeqCst);
         // Tests only (super::fault): a worker that dies on its first packet.
         let panic_on_traffic = super::fault("worker-panic").is_err();
         // Tests only: a worker slower than its traffic (2 ms a turn), to
@@ -354,10 +358,10 @@ impl Worker {
             // Full: the control side is behind; freed here then.
             let _ = self.retired.try_send(Retired { tables: old, sas });
             snap.tables_taken += 1;
+            self.sync
+                .seen
+                .store(self.engine.tables().version(), Ordering::SeqCst);
         }
-        self.sync
-            .seen
-            .store(self.engine.tables().version(), Ordering::SeqCst);
     }
 
     fn send_events(&mut self) {
