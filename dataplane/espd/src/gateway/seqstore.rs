@@ -10,8 +10,10 @@
 //! atomically: written beside, fsynced, renamed, directory fsynced — a kill
 //! mid-write leaves the old file or the new one, never a torn one):
 //! destination, SPI, a fingerprint of the key, the IV mask, and the last
-//! sequence number the workers reported. It is written before any worker
-//! sends through a new SA and then every [`PERIOD`] while the number moves.
+//! sequence number the workers reported. It is written at start before any
+//! worker sends, and every [`PERIOD`] while the numbers move; an SA added at
+//! run time is in the next write (off the change path; docs/architecture.md
+//! says what that leaves open).
 //! On start a record whose fingerprint matches the configured key gives the
 //! SA its old IV mask and a sequence number [`MARGIN`] past the recorded one
 //! (after an unclean stop; exactly the recorded one after a clean one). The
