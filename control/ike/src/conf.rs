@@ -1,0 +1,1121 @@
+//! swanctl.conf (strongSwan's settings grammar) for espd-ike: sections
+//! `name { … }`, `key = value` lines, `#` comments, quoted strings and
+//! `include`. The tree is then read against the words espd-ike supports
+//! (docs/ike.md); every other word is an error naming FILE:LINE and what
+//! was expected, or a warning where strongSwan's meaning is what espd-ike
+//! does anyway.
+
+use crate::proposal::{self, AlgSet};
+use crate::ts::{self, TsConf};
+use crate::wire::{idt, Id};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use zeroize::Zeroizing;
+
+/// A `key = value` with where it was written.
+#[derive(Debug, Clone)]
+pub struct Kv {
+    pub key: String,
+    pub value: String,
+    pub at: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Section {
+    pub name: String,
+    pub at: String,
+    pub kvs: Vec<Kv>,
+    pub subs: Vec<Section>,
+}
+
+/// Reads FILE (and what it includes) into a tree.
+pub fn read_tree(path: &Path) -> Result<Section, Vec<String>> {
+    let mut root = Section {
+        name: String::new(),
+        at: path.display().to_string(),
+        ..Section::default()
+    };
+    let mut errs = Vec::new();
+    let mut stack: Vec<Section> = Vec::new();
+    read_into(path, &mut root, &mut stack, &mut errs, 0);
+    if let Some(s) = stack.last() {
+        errs.push(format!(
+            "{}: section `{}` is never closed (expected `}}`)",
+            s.at, s.name
+        ));
+    }
+    if errs.is_empty() {
+        Ok(root)
+    } else {
+        Err(errs)
+    }
+}
+
+fn read_into(
+    path: &Path,
+    root: &mut Section,
+    stack: &mut Vec<Section>,
+    errs: &mut Vec<String>,
+    depth: usize,
+) {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            errs.push(format!("{}: cannot read: {e}", path.display()));
+            return;
+        }
+    };
+    let name = path.display().to_string();
+    let toks = match lex(&text, &name) {
+        Ok(t) => t,
+        Err(e) => {
+            errs.push(e);
+            return;
+        }
+    };
+    let mut i = 0;
+    while i < toks.len() {
+        let (t, at) = (&toks[i].0, &toks[i].1);
+        match t {
+            Tok::Close => match stack.pop() {
+                Some(s) => parent(root, stack).subs.push(s),
+                None => errs.push(format!("{at}: `}}` without an open section")),
+            },
+            Tok::Word(w) if w == "include" => {
+                match toks.get(i + 1) {
+                    Some((Tok::Word(f), _)) | Some((Tok::Value(f), _)) => {
+                        let p = Path::new(f);
+                        // strongSwan: relative to the including file's directory.
+                        let p: PathBuf = if p.is_absolute() {
+                            p.into()
+                        } else {
+                            path.parent().unwrap_or(Path::new(".")).join(p)
+                        };
+                        if depth > 8 {
+                            errs.push(format!("{at}: includes nested deeper than 8"));
+                        } else {
+                            let mut files: Vec<PathBuf> = glob_simple(&p);
+                            files.sort();
+                            if files.is_empty() && !f.contains('*') {
+                                errs.push(format!("{at}: include {f}: no such file"));
+                            }
+                            for f in files {
+                                // An included file continues the current section.
+                                let mut sub = std::mem::take(parent(root, stack));
+                                read_into(&f, &mut sub, &mut Vec::new(), errs, depth + 1);
+                                *parent(root, stack) = sub;
+                            }
+                        }
+                        i += 1;
+                    }
+                    _ => errs.push(format!("{at}: `include` needs a file name")),
+                }
+            }
+            Tok::Word(w) => match toks.get(i + 1).map(|t| &t.0) {
+                Some(Tok::Open) => {
+                    if w.contains(':') || w.contains('.') {
+                        errs.push(format!("{at}: section `{w}`: section references (`name : base`) are not supported"));
+                    }
+                    stack.push(Section {
+                        name: w.clone(),
+                        at: at.clone(),
+                        ..Section::default()
+                    });
+                    i += 1;
+                }
+                Some(Tok::Eq) => {
+                    let value = match toks.get(i + 2) {
+                        Some((Tok::Value(v), _)) => {
+                            i += 1;
+                            v.clone()
+                        }
+                        _ => String::new(),
+                    };
+                    parent(root, stack).kvs.push(Kv {
+                        key: w.clone(),
+                        value,
+                        at: at.clone(),
+                    });
+                    i += 1;
+                }
+                _ => errs.push(format!("{at}: `{w}` must be followed by `=` or `{{`")),
+            },
+            Tok::Open => errs.push(format!("{at}: `{{` without a section name")),
+            Tok::Eq => errs.push(format!("{at}: `=` without a key")),
+            Tok::Value(v) => errs.push(format!("{at}: unexpected `{v}`")),
+        }
+        i += 1;
+    }
+    // A file that leaves sections open closes them (an error, reported by read_tree).
+    if depth > 0 {
+        while let Some(s) = stack.pop() {
+            errs.push(format!(
+                "{}: section `{}` is never closed in its file",
+                s.at, s.name
+            ));
+        }
+    }
+}
+
+fn glob_simple(p: &Path) -> Vec<PathBuf> {
+    let s = p.display().to_string();
+    if !s.contains('*') {
+        return if p.exists() { vec![p.into()] } else { vec![] };
+    }
+    let (dir, pat) = (
+        p.parent().unwrap_or(Path::new(".")),
+        p.file_name()
+            .map(|f| f.to_string_lossy().to_string())
+            .unwrap_or_default(),
+    );
+    let (pre, post) = pat.split_once('*').unwrap_or((&pat, ""));
+    std::fs::read_dir(dir)
+        .map(|r| {
+            r.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|e| {
+                    let n = e
+                        .file_name()
+                        .map(|f| f.to_string_lossy().to_string())
+                        .unwrap_or_default();
+                    n.starts_with(pre) && n.ends_with(post) && n.len() >= pre.len() + post.len()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn parent<'a>(root: &'a mut Section, stack: &'a mut [Section]) -> &'a mut Section {
+    match stack.last_mut() {
+        Some(s) => s,
+        None => root,
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Tok {
+    Word(String),
+    Open,
+    Close,
+    Eq,
+    Value(String),
+}
+
+/// Tokens with "FILE:LINE". After `=`, the value runs to the end of the
+/// line, a `#` or a `}` (quoted strings may hold anything, `\"` escapes).
+fn lex(text: &str, name: &str) -> Result<Vec<(Tok, String)>, String> {
+    let mut out = Vec::new();
+    let mut line = 1usize;
+    let b: Vec<char> = text.chars().collect();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        let at = format!("{name}:{line}");
+        match c {
+            '\n' => {
+                line += 1;
+                i += 1;
+            }
+            ' ' | '\t' | '\r' => i += 1,
+            '#' => {
+                while i < b.len() && b[i] != '\n' {
+                    i += 1;
+                }
+            }
+            '{' => {
+                out.push((Tok::Open, at));
+                i += 1;
+            }
+            '}' => {
+                out.push((Tok::Close, at));
+                i += 1;
+            }
+            '=' => {
+                out.push((Tok::Eq, at.clone()));
+                i += 1;
+                // The value.
+                while i < b.len() && (b[i] == ' ' || b[i] == '\t') {
+                    i += 1;
+                }
+                let mut v = String::new();
+                if i < b.len() && b[i] == '"' {
+                    i += 1;
+                    let start_line = line;
+                    loop {
+                        match b.get(i) {
+                            None => return Err(format!("{name}:{start_line}: a quoted value is never closed (expected `\"`)")),
+                            Some('"') => {
+                                i += 1;
+                                break;
+                            }
+                            Some('\\') if i + 1 < b.len() => {
+                                match b[i + 1] {
+                                    'n' => v.push('\n'),
+                                    't' => v.push('\t'),
+                                    o => v.push(o),
+                                }
+                                i += 2;
+                            }
+                            Some(&ch) => {
+                                if ch == '\n' {
+                                    line += 1;
+                                }
+                                v.push(ch);
+                                i += 1;
+                            }
+                        }
+                    }
+                } else {
+                    while i < b.len() && !matches!(b[i], '\n' | '#' | '}' | '{') {
+                        v.push(b[i]);
+                        i += 1;
+                    }
+                    v = v.trim().to_string();
+                }
+                out.push((Tok::Value(v), at));
+            }
+            _ => {
+                let mut w = String::new();
+                while i < b.len()
+                    && !matches!(b[i], ' ' | '\t' | '\r' | '\n' | '{' | '}' | '=' | '#')
+                {
+                    w.push(b[i]);
+                    i += 1;
+                }
+                out.push((Tok::Word(w), at));
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Tunnel,
+    Transport,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAction {
+    None,
+    Start,
+    Trap,
+}
+
+/// An identity as written (strongSwan's forms), or `%any`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdConf {
+    Any,
+    Id(Id),
+}
+
+impl IdConf {
+    pub fn matches(&self, id: &Id) -> bool {
+        match self {
+            IdConf::Any => true,
+            IdConf::Id(x) => x == id,
+        }
+    }
+}
+
+/// strongSwan's identity syntax (`identification_create_from_string`):
+/// an IP address, `@fqdn`, `@#hex` (KEY_ID), `user@host` (RFC822), `fqdn:`/
+/// `email:`/`keyid:` prefixes, `%any`, else an FQDN.
+pub fn parse_id(s: &str) -> Result<IdConf, String> {
+    if s == "%any" || s.is_empty() {
+        return Ok(IdConf::Any);
+    }
+    let id = |ty, d: &[u8]| {
+        Ok(IdConf::Id(Id {
+            ty,
+            data: d.to_vec(),
+        }))
+    };
+    if let Ok(a) = s.parse::<IpAddr>() {
+        return match a {
+            IpAddr::V4(a) => id(idt::IPV4_ADDR, &a.octets()),
+            IpAddr::V6(a) => id(idt::IPV6_ADDR, &a.octets()),
+        };
+    }
+    if let Some(h) = s.strip_prefix("@#").or_else(|| s.strip_prefix("keyid:#")) {
+        let bytes = hex(h).ok_or_else(|| format!("`{s}`: expected hex digits after @#"))?;
+        return id(idt::KEY_ID, &bytes);
+    }
+    if let Some(r) = s.strip_prefix("@@") {
+        return id(idt::RFC822_ADDR, r.as_bytes());
+    }
+    if let Some(r) = s.strip_prefix('@').or_else(|| s.strip_prefix("fqdn:")) {
+        return id(idt::FQDN, r.as_bytes());
+    }
+    if let Some(r) = s.strip_prefix("email:") {
+        return id(idt::RFC822_ADDR, r.as_bytes());
+    }
+    if s.contains('=') {
+        return Err(format!("`{s}`: distinguished-name identities are not supported yet (they come with certificate authentication)"));
+    }
+    if s.contains('*') {
+        return Err(format!(
+            "`{s}`: wildcard identities are not supported (use %any)"
+        ));
+    }
+    if s.contains('@') {
+        return id(idt::RFC822_ADDR, s.as_bytes());
+    }
+    id(idt::FQDN, s.as_bytes())
+}
+
+pub fn hex(s: &str) -> Option<Vec<u8>> {
+    let s = s.trim_start_matches("0x");
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn base64(s: &str) -> Option<Vec<u8>> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => (c - b'A') as u32,
+            b'a'..=b'z' => (c - b'a' + 26) as u32,
+            b'0'..=b'9' => (c - b'0' + 52) as u32,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        })
+    };
+    let s: Vec<u8> = s.bytes().filter(|c| !c.is_ascii_whitespace()).collect();
+    let s = s
+        .strip_suffix(b"==")
+        .or_else(|| s.strip_suffix(b"="))
+        .unwrap_or(&s);
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for &c in s {
+        acc = (acc << 6) | val(c)?;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+/// strongSwan's durations: `3600`, `60s`, `60m`, `1h`, `1d`.
+pub fn duration(s: &str) -> Result<Duration, String> {
+    let (n, mul) = match s.chars().last() {
+        Some('s') => (&s[..s.len() - 1], 1),
+        Some('m') => (&s[..s.len() - 1], 60),
+        Some('h') => (&s[..s.len() - 1], 3600),
+        Some('d') => (&s[..s.len() - 1], 86400),
+        _ => (s, 1),
+    };
+    n.trim()
+        .parse::<u64>()
+        .map(|n| Duration::from_secs(n * mul))
+        .map_err(|_| format!("`{s}`: expected a duration (3600, 60s, 60m, 1h, 1d)"))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AddrSpec {
+    Any,
+    Addr(IpAddr),
+    /// remote_addrs only: a peer from this prefix (a responder's range).
+    Prefix(IpAddr, u32),
+}
+
+impl AddrSpec {
+    pub fn matches(&self, a: IpAddr) -> bool {
+        match *self {
+            AddrSpec::Any => true,
+            AddrSpec::Addr(x) => x == a,
+            AddrSpec::Prefix(p, l) => {
+                let t = crate::wire::Ts {
+                    proto: 0,
+                    start_port: 0,
+                    end_port: 0,
+                    start: p,
+                    end: p,
+                };
+                let _ = t;
+                match (p, a) {
+                    (IpAddr::V4(p), IpAddr::V4(a)) => {
+                        l == 0 || (u32::from(p) ^ u32::from(a)) >> (32 - l) == 0
+                    }
+                    (IpAddr::V6(p), IpAddr::V6(a)) => {
+                        l == 0 || (u128::from(p) ^ u128::from(a)) >> (128 - l) == 0
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Child {
+    pub name: String,
+    pub mode: Mode,
+    pub local_ts: Vec<TsConf>,
+    pub remote_ts: Vec<TsConf>,
+    pub esp: Vec<AlgSet>,
+    pub start_action: StartAction,
+    pub rekey_time: Duration,
+    pub life_time: Duration,
+    pub replay_window: u32,
+    pub reqid: u32,
+    pub at: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Conn {
+    pub name: String,
+    pub local_addrs: Vec<AddrSpec>,
+    pub remote_addrs: Vec<AddrSpec>,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub proposals: Vec<AlgSet>,
+    pub encap: bool,
+    pub dpd_delay: Option<Duration>,
+    pub local_id: IdConf,
+    pub remote_id: IdConf,
+    pub children: Vec<Child>,
+    pub at: String,
+}
+
+pub struct Psk {
+    pub ids: Vec<IdConf>,
+    pub secret: Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Psk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Psk {{ ids: {:?}, secret: <redacted> }}", self.ids)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Config {
+    pub connections: Vec<Conn>,
+    pub secrets: Vec<Psk>,
+    pub warnings: Vec<String>,
+}
+
+impl Config {
+    /// The PSK for these two identities (as strongSwan: a secret naming
+    /// both beats one naming one, which beats one naming none).
+    pub fn psk(&self, local: &Id, remote: Option<&Id>) -> Option<&[u8]> {
+        let mut best: Option<(u8, &Psk)> = None;
+        for s in &self.secrets {
+            let named = |id: &Id| s.ids.iter().any(|i| matches!(i, IdConf::Id(x) if x == id));
+            let score = if s.ids.is_empty() || s.ids.contains(&IdConf::Any) {
+                1
+            } else {
+                match (named(local), remote.is_some_and(named)) {
+                    (true, true) => 3,
+                    (false, true) | (true, false) => 2,
+                    _ => 0,
+                }
+            };
+            if score > 0 && best.is_none_or(|(b, _)| score > b) {
+                best = Some((score, s));
+            }
+        }
+        best.map(|(_, s)| &s.secret[..])
+    }
+
+    pub fn conn(&self, name: &str) -> Option<&Conn> {
+        self.connections.iter().find(|c| c.name == name)
+    }
+
+    /// The connection and child named `child` (the first with that name).
+    pub fn child(&self, child: &str) -> Option<(&Conn, &Child)> {
+        self.connections.iter().find_map(|c| {
+            c.children
+                .iter()
+                .find(|ch| ch.name == child)
+                .map(|ch| (c, ch))
+        })
+    }
+}
+
+fn yes_no(kv: &Kv) -> Result<bool, String> {
+    match kv.value.as_str() {
+        "yes" | "true" | "enabled" | "1" => Ok(true),
+        "no" | "false" | "disabled" | "0" => Ok(false),
+        v => Err(format!("{}: {} = {v}: expected yes or no", kv.at, kv.key)),
+    }
+}
+
+fn list(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Reads and checks a swanctl.conf. All errors are returned, each with FILE:LINE.
+pub fn load(path: &Path) -> Result<Config, Vec<String>> {
+    let root = read_tree(path)?;
+    let mut errs = Vec::new();
+    let mut cfg = Config::default();
+    for kv in &root.kvs {
+        errs.push(format!(
+            "{}: `{}` outside a section (expected connections {{ … }} or secrets {{ … }})",
+            kv.at, kv.key
+        ));
+    }
+    let mut reqid = 1;
+    for s in &root.subs {
+        match s.name.as_str() {
+            "connections" => {
+                for kv in &s.kvs {
+                    errs.push(format!(
+                        "{}: `{}` directly in connections (expected a connection section)",
+                        kv.at, kv.key
+                    ));
+                }
+                for c in &s.subs {
+                    match connection(c, &mut reqid, &mut cfg.warnings) {
+                        Ok(c) => {
+                            if cfg.connections.iter().any(|x| x.name == c.name) {
+                                errs.push(format!(
+                                    "{}: connection `{}` defined twice",
+                                    c.at, c.name
+                                ));
+                            }
+                            cfg.connections.push(c)
+                        }
+                        Err(mut e) => errs.append(&mut e),
+                    }
+                }
+            }
+            "secrets" => {
+                for kv in &s.kvs {
+                    errs.push(format!(
+                        "{}: `{}` directly in secrets (expected ike-NAME {{ id = … secret = … }})",
+                        kv.at, kv.key
+                    ));
+                }
+                for sec in &s.subs {
+                    match secret(sec) {
+                        Ok(Some(p)) => cfg.secrets.push(p),
+                        Ok(None) => {}
+                        Err(e) => errs.push(e),
+                    }
+                }
+            }
+            "authorities" | "pools" => errs.push(format!(
+                "{}: `{}` is not supported yet (docs/ike.md, \"Not yet here\")",
+                s.at, s.name
+            )),
+            other => errs.push(format!(
+                "{}: unknown section `{other}` (expected connections or secrets)",
+                s.at
+            )),
+        }
+    }
+    let mut names = std::collections::HashSet::new();
+    for c in &cfg.connections {
+        for ch in &c.children {
+            if !names.insert(ch.name.clone()) {
+                errs.push(format!(
+                    "{}: child `{}` is defined twice (`espctl ike initiate` names children)",
+                    ch.at, ch.name
+                ));
+            }
+        }
+    }
+    if errs.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(errs)
+    }
+}
+
+fn addrs(kv: &Kv, remote: bool) -> Result<Vec<AddrSpec>, String> {
+    let mut out = Vec::new();
+    for w in list(&kv.value) {
+        if w == "%any" || w == "%any4" || w == "%any6" {
+            out.push(AddrSpec::Any);
+        } else if let Ok(a) = w.parse::<IpAddr>() {
+            out.push(AddrSpec::Addr(a));
+        } else if let (true, Some((a, l))) = (remote, w.split_once('/')) {
+            let a: IpAddr = a
+                .parse()
+                .map_err(|_| format!("{}: {} = {w}: not an address prefix", kv.at, kv.key))?;
+            let max = if a.is_ipv4() { 32 } else { 128 };
+            let l: u32 = l.parse().ok().filter(|&l| l <= max).ok_or(format!(
+                "{}: {} = {w}: prefix length must be 0-{max}",
+                kv.at, kv.key
+            ))?;
+            out.push(AddrSpec::Prefix(a, l));
+        } else {
+            return Err(format!(
+                "{}: {} = {w}: expected IP addresses{} or %any (host names are not resolved)",
+                kv.at,
+                kv.key,
+                if remote { ", prefixes" } else { "" }
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn connection(
+    s: &Section,
+    reqid: &mut u32,
+    warnings: &mut Vec<String>,
+) -> Result<Conn, Vec<String>> {
+    let mut errs = Vec::new();
+    let mut c = Conn {
+        name: s.name.clone(),
+        local_addrs: vec![AddrSpec::Any],
+        remote_addrs: vec![AddrSpec::Any],
+        local_port: 500,
+        remote_port: 500,
+        proposals: proposal::defaults(true),
+        encap: false,
+        dpd_delay: None,
+        local_id: IdConf::Any,
+        remote_id: IdConf::Any,
+        children: Vec::new(),
+        at: s.at.clone(),
+    };
+    let mut remote_addrs_set = false;
+    for kv in &s.kvs {
+        let r: Result<(), String> = (|| {
+            match kv.key.as_str() {
+                "version" => {
+                    if !matches!(kv.value.as_str(), "2" | "0") {
+                        return Err(format!("{}: version = {}: espd-ike speaks IKEv2 only (expected 2)", kv.at, kv.value));
+                    }
+                }
+                "local_addrs" => c.local_addrs = addrs(kv, false)?,
+                "remote_addrs" => {
+                    c.remote_addrs = addrs(kv, true)?;
+                    remote_addrs_set = true;
+                }
+                "local_port" | "remote_port" => {
+                    let p: u16 = kv.value.parse().map_err(|_| format!("{}: {} = {}: expected a port", kv.at, kv.key, kv.value))?;
+                    if kv.key == "local_port" {
+                        c.local_port = p;
+                    } else {
+                        c.remote_port = p;
+                    }
+                }
+                "proposals" => c.proposals = proposal::parse_list(&kv.value, true).map_err(|e| format!("{}: proposals: {e}", kv.at))?,
+                "encap" => c.encap = yes_no(kv)?,
+                "mobike" => {
+                    if yes_no(kv)? {
+                        warnings.push(format!("{}: mobike = yes: espd-ike does not do MOBIKE (RFC 4555); the tunnel runs without it", kv.at));
+                    }
+                }
+                "dpd_delay" => {
+                    let d = duration(&kv.value).map_err(|e| format!("{}: dpd_delay: {e}", kv.at))?;
+                    c.dpd_delay = (d > Duration::ZERO).then_some(d);
+                }
+                "fragmentation" => {
+                    if kv.value != "no" {
+                        warnings.push(format!("{}: fragmentation = {}: espd-ike does not fragment IKE messages yet (RFC 7383); it sends them whole", kv.at, kv.value));
+                    }
+                }
+                "unique" => {
+                    if !matches!(kv.value.as_str(), "no" | "never") {
+                        warnings.push(format!("{}: unique = {}: espd-ike keeps every IKE_SA a peer makes (strongSwan's `no`)", kv.at, kv.value));
+                    }
+                }
+                "send_certreq" | "send_cert" => {
+                    warnings.push(format!("{}: `{}` has no effect with PSK authentication", kv.at, kv.key));
+                }
+                other => {
+                    return Err(format!(
+                        "{}: `{other}` is not supported in a connection (expected version, local_addrs, remote_addrs, local_port, remote_port, proposals, encap, mobike, dpd_delay, fragmentation, unique, local, remote, children)",
+                        kv.at
+                    ))
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            errs.push(e);
+        }
+    }
+    let _ = remote_addrs_set;
+    for sub in &s.subs {
+        match sub.name.as_str() {
+            n if n == "local" || n.starts_with("local-") || n == "remote" || n.starts_with("remote-") => {
+                let local = n.starts_with("local");
+                match auth_section(sub) {
+                    Ok(id) => {
+                        if local {
+                            c.local_id = id
+                        } else {
+                            c.remote_id = id
+                        }
+                    }
+                    Err(mut e) => errs.append(&mut e),
+                }
+            }
+            "children" => {
+                for kv in &sub.kvs {
+                    errs.push(format!("{}: `{}` directly in children (expected a child section)", kv.at, kv.key));
+                }
+                for ch in &sub.subs {
+                    match child(ch, reqid, warnings) {
+                        Ok(ch) => c.children.push(ch),
+                        Err(mut e) => errs.append(&mut e),
+                    }
+                }
+            }
+            other => errs.push(format!("{}: unknown section `{other}` in a connection (expected local, remote or children)", sub.at)),
+        }
+    }
+    if errs.is_empty() {
+        Ok(c)
+    } else {
+        Err(errs)
+    }
+}
+
+fn auth_section(s: &Section) -> Result<IdConf, Vec<String>> {
+    let mut errs = Vec::new();
+    let mut id = IdConf::Any;
+    let mut auth_seen = false;
+    for kv in &s.kvs {
+        match kv.key.as_str() {
+            "auth" => {
+                auth_seen = true;
+                match kv.value.as_str() {
+                    "psk" => {}
+                    "pubkey" | "rsa" | "ecdsa" | "eap" | "xauth" => errs.push(format!(
+                        "{}: auth = {}: only psk is supported so far (certificates come next, docs/ike.md \"Not yet here\")",
+                        kv.at, kv.value
+                    )),
+                    v => errs.push(format!("{}: auth = {v}: expected psk", kv.at)),
+                }
+            }
+            "id" => match parse_id(&kv.value) {
+                Ok(i) => id = i,
+                Err(e) => errs.push(format!("{}: id: {e}", kv.at)),
+            },
+            other => errs.push(format!(
+                "{}: `{other}` is not supported in {} (expected auth, id)",
+                kv.at, s.name
+            )),
+        }
+    }
+    if !auth_seen {
+        // strongSwan's default is pubkey: say so rather than guess.
+        errs.push(format!(
+            "{}: `{}` needs `auth = psk` (strongSwan's default, pubkey, is not supported yet)",
+            s.at, s.name
+        ));
+    }
+    for sub in &s.subs {
+        errs.push(format!(
+            "{}: unknown section `{}` in {}",
+            sub.at, sub.name, s.name
+        ));
+    }
+    if errs.is_empty() {
+        Ok(id)
+    } else {
+        Err(errs)
+    }
+}
+
+fn child(s: &Section, reqid: &mut u32, warnings: &mut Vec<String>) -> Result<Child, Vec<String>> {
+    let mut errs = Vec::new();
+    let mut c = Child {
+        name: s.name.clone(),
+        mode: Mode::Tunnel,
+        local_ts: vec![TsConf::Dynamic {
+            proto: 0,
+            ports: (0, 65535),
+        }],
+        remote_ts: vec![TsConf::Dynamic {
+            proto: 0,
+            ports: (0, 65535),
+        }],
+        esp: proposal::defaults(false),
+        start_action: StartAction::None,
+        rekey_time: Duration::from_secs(3600),
+        life_time: Duration::ZERO,
+        // RFC 4303 §3.4.3: 64 SHOULD be the default (strongSwan uses 32).
+        replay_window: 64,
+        reqid: 0,
+        at: s.at.clone(),
+    };
+    let mut life_set = false;
+    for kv in &s.kvs {
+        let r: Result<(), String> = (|| {
+            match kv.key.as_str() {
+                "mode" => {
+                    c.mode = match kv.value.as_str() {
+                        "tunnel" => Mode::Tunnel,
+                        "transport" => Mode::Transport,
+                        v => return Err(format!("{}: mode = {v}: expected tunnel or transport", kv.at)),
+                    }
+                }
+                "local_ts" | "remote_ts" => {
+                    let mut v = Vec::new();
+                    for t in list(&kv.value) {
+                        v.push(ts::parse(&t).map_err(|e| format!("{}: {}: {e}", kv.at, kv.key))?);
+                    }
+                    if v.is_empty() {
+                        return Err(format!("{}: {} is empty", kv.at, kv.key));
+                    }
+                    if kv.key == "local_ts" {
+                        c.local_ts = v
+                    } else {
+                        c.remote_ts = v
+                    }
+                }
+                "esp_proposals" => c.esp = proposal::parse_list(&kv.value, false).map_err(|e| format!("{}: esp_proposals: {e}", kv.at))?,
+                "start_action" => {
+                    c.start_action = match kv.value.as_str() {
+                        "none" => StartAction::None,
+                        "start" => StartAction::Start,
+                        "trap" => StartAction::Trap,
+                        "trap|start" | "start|trap" => return Err(format!("{}: start_action = {}: expected none, start or trap", kv.at, kv.value)),
+                        v => return Err(format!("{}: start_action = {v}: expected none, start or trap", kv.at)),
+                    }
+                }
+                "rekey_time" => c.rekey_time = duration(&kv.value).map_err(|e| format!("{}: rekey_time: {e}", kv.at))?,
+                "life_time" => {
+                    c.life_time = duration(&kv.value).map_err(|e| format!("{}: life_time: {e}", kv.at))?;
+                    life_set = true;
+                }
+                "replay_window" => {
+                    c.replay_window = kv.value.parse().ok().filter(|&w| w <= 65536).ok_or(format!("{}: replay_window = {}: expected 0-65536", kv.at, kv.value))?
+                }
+                "reqid" => {
+                    c.reqid = kv.value.parse().ok().filter(|&r| r > 0).ok_or(format!("{}: reqid = {}: expected a number above 0", kv.at, kv.value))?
+                }
+                "dpd_action" | "close_action" => {
+                    if kv.value != "none" && kv.value != "clear" {
+                        return Err(format!("{}: {} = {}: only clear is supported so far", kv.at, kv.key, kv.value));
+                    }
+                }
+                "rand_time" => {
+                    duration(&kv.value).map_err(|e| format!("{}: rand_time: {e}", kv.at))?;
+                    warnings.push(format!("{}: rand_time: espd-ike does not rekey CHILD_SAs yet; the peer's rekey is answered", kv.at));
+                }
+                other => {
+                    return Err(format!(
+                        "{}: `{other}` is not supported in a child (expected mode, local_ts, remote_ts, esp_proposals, start_action, rekey_time, life_time, rand_time, replay_window, reqid, dpd_action, close_action)",
+                        kv.at
+                    ))
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            errs.push(e);
+        }
+    }
+    if !life_set {
+        // strongSwan: life_time defaults to 110 % of rekey_time.
+        c.life_time = c.rekey_time + c.rekey_time / 10;
+    }
+    if c.reqid == 0 {
+        c.reqid = *reqid;
+        *reqid += 1;
+    }
+    for sub in &s.subs {
+        errs.push(format!(
+            "{}: unknown section `{}` in a child",
+            sub.at, sub.name
+        ));
+    }
+    if errs.is_empty() {
+        Ok(c)
+    } else {
+        Err(errs)
+    }
+}
+
+fn secret(s: &Section) -> Result<Option<Psk>, String> {
+    if !s.name.starts_with("ike") {
+        return Err(format!(
+            "{}: secret `{}`: only ike-* (pre-shared keys) are supported so far (eap-, xauth-, private-, rsa-, ecdsa- come with certificates and EAP)",
+            s.at, s.name
+        ));
+    }
+    let mut ids = Vec::new();
+    let mut secret = None;
+    for kv in &s.kvs {
+        if kv.key == "id" || kv.key.starts_with("id-") {
+            ids.push(parse_id(&kv.value).map_err(|e| format!("{}: {e}", kv.at))?);
+        } else if kv.key == "secret" {
+            let v = &kv.value;
+            let bytes = if let Some(h) = v.strip_prefix("0x") {
+                hex(h).ok_or(format!("{}: secret: bad hex after 0x", kv.at))?
+            } else if let Some(b) = v.strip_prefix("0s") {
+                base64(b).ok_or(format!("{}: secret: bad base64 after 0s", kv.at))?
+            } else {
+                v.as_bytes().to_vec()
+            };
+            if bytes.is_empty() {
+                return Err(format!("{}: secret is empty", kv.at));
+            }
+            secret = Some(Zeroizing::new(bytes));
+        } else {
+            return Err(format!(
+                "{}: `{}` is not supported in a secret (expected id, id-*, secret)",
+                kv.at, kv.key
+            ));
+        }
+    }
+    let secret = secret.ok_or(format!("{}: secret `{}` has no `secret =`", s.at, s.name))?;
+    Ok(Some(Psk { ids, secret }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("espd-ike-conf-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("swanctl.conf");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    const NET2NET: &str = r#"
+# the strongswan-peer.sh file
+connections {
+  site {
+    version = 2
+    local_addrs = 198.18.0.1
+    remote_addrs = 198.18.0.2
+    proposals = aes128-sha256-x25519
+    encap = yes
+    mobike = no
+    local { auth = psk
+            id = gw1 }
+    remote { auth = psk
+             id = gw2 }
+    children {
+      net {
+        local_ts = 198.18.1.0/24, 2001:db8:1::/64
+        remote_ts = 198.18.2.0/24
+        esp_proposals = aes128gcm16
+        start_action = trap
+        rekey_time = 1h
+      }
+    }
+  }
+}
+secrets {
+  ike-1 {
+    id-1 = gw1
+    id-2 = gw2
+    secret = "a secret # not a comment"
+  }
+}
+"#;
+
+    #[test]
+    fn net2net_file() {
+        let c = load(&write("ok", NET2NET)).unwrap();
+        let s = &c.connections[0];
+        assert_eq!(s.name, "site");
+        assert!(s.encap);
+        assert_eq!(
+            s.remote_addrs,
+            vec![AddrSpec::Addr("198.18.0.2".parse().unwrap())]
+        );
+        assert_eq!(s.children[0].local_ts.len(), 2);
+        assert_eq!(s.children[0].start_action, StartAction::Trap);
+        assert_eq!(s.children[0].life_time, Duration::from_secs(3960));
+        let (IdConf::Id(l), IdConf::Id(r)) = (&s.local_id, &s.remote_id) else {
+            panic!()
+        };
+        assert_eq!(c.psk(l, Some(r)), Some(&b"a secret # not a comment"[..]));
+        assert!(c.warnings.is_empty());
+    }
+
+    #[test]
+    fn every_error_names_file_and_line() {
+        let bad = NET2NET
+            .replace("encap = yes", "encap = maybe\n    aggressive = yes")
+            .replace("aes128gcm16", "aes128gcm16-bogus");
+        let e = load(&write("bad", &bad)).unwrap_err();
+        assert_eq!(e.len(), 3, "{e:#?}");
+        assert!(
+            e[0].contains("swanctl.conf:9: encap = maybe: expected yes or no"),
+            "{}",
+            e[0]
+        );
+        assert!(
+            e[1].contains(":10: `aggressive` is not supported"),
+            "{}",
+            e[1]
+        );
+        assert!(
+            e[2].contains(":20: esp_proposals: unknown algorithm `bogus`"),
+            "{}",
+            e[2]
+        );
+        let e = load(&write("open", "connections {\n a {\n")).unwrap_err();
+        assert!(
+            e.iter()
+                .any(|x| x.contains(":2: section `a` is never closed")),
+            "{e:?}"
+        );
+        let e = load(&write(
+            "pubkey",
+            &NET2NET.replace("auth = psk\n            id = gw1", "auth = pubkey"),
+        ))
+        .unwrap_err();
+        assert!(e[0].contains(":11: auth = pubkey"), "{e:?}");
+    }
+
+    #[test]
+    fn ids_and_secrets() {
+        assert_eq!(
+            parse_id("@gw1.example").unwrap(),
+            IdConf::Id(Id {
+                ty: idt::FQDN,
+                data: b"gw1.example".to_vec()
+            })
+        );
+        assert_eq!(
+            parse_id("198.18.0.1").unwrap(),
+            IdConf::Id(Id {
+                ty: idt::IPV4_ADDR,
+                data: vec![198, 18, 0, 1]
+            })
+        );
+        assert_eq!(
+            parse_id("me@site").unwrap(),
+            IdConf::Id(Id {
+                ty: idt::RFC822_ADDR,
+                data: b"me@site".to_vec()
+            })
+        );
+        assert_eq!(parse_id("%any").unwrap(), IdConf::Any);
+        assert!(parse_id("C=CH, CN=gw").is_err());
+        assert_eq!(base64("c2VjcmV0").unwrap(), b"secret");
+        assert_eq!(duration("2m").unwrap(), Duration::from_secs(120));
+    }
+
+    #[test]
+    fn include_is_relative_to_the_file() {
+        let p = write("inc", "connections {\n include conns.conf\n}\n");
+        std::fs::write(
+            p.with_file_name("conns.conf"),
+            "c { local { auth = psk } remote { auth = psk } }\n",
+        )
+        .unwrap();
+        let c = load(&p).unwrap();
+        assert_eq!(c.connections[0].name, "c");
+    }
+}

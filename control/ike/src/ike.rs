@@ -1,0 +1,2369 @@
+//! The IKEv2 protocol engine, sans-IO (RFC 7296): datagrams and time go
+//! in ([`Endpoint::handle`], [`Endpoint::handle_timeout`], [`Endpoint::initiate`]);
+//! datagrams to send, CHILD_SAs to install or remove and log lines come
+//! out, in the order they must happen ([`Endpoint::poll_output`]). The
+//! daemon (main.rs) owns the sockets and espd's control connection; tests
+//! put two endpoints in one process with a simulated network.
+
+use crate::conf::{Child, Config, Conn, IdConf, Mode, StartAction};
+use crate::crypto::{self, IkeKeys, KeyShare, Secret};
+use crate::proposal::{self, Chosen};
+use crate::ts;
+use crate::wire::{self, exchange, flags, notify, Header, Id, Payload, Proposal, Ts, HDR_LEN};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use zeroize::Zeroizing;
+
+/// RFC 7296 §2.23: IKE moves to this port when a NAT is detected.
+pub const NATT_PORT: u16 = 4500;
+/// Retransmission: the first after this long, doubling (RFC 7296 §2.1).
+pub const RETRANSMIT_BASE: Duration = Duration::from_millis(1000);
+/// Retransmissions before giving up on the peer.
+pub const RETRANSMIT_TRIES: u32 = 6;
+/// A responder's half-open IKE SA waits this long for IKE_AUTH.
+pub const HALF_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Above this many half-open SAs, IKE_SA_INIT needs a COOKIE (RFC 7296 §2.6).
+pub const COOKIE_THRESHOLD: usize = 1000;
+/// Half-open SAs one peer address may hold.
+pub const HALF_OPEN_PER_PEER: usize = 100;
+/// COOKIE / INVALID_KE_PAYLOAD retries an initiator makes.
+const INIT_RETRIES: u32 = 3;
+/// Our nonce length (RFC 7296 §2.10: at least half the PRF's key size; 32 covers SHA-512's 256 bits).
+const NONCE_LEN: usize = 32;
+
+/// The responder's pick: child config, algorithms, the peer's SPI, the
+/// proposal number, narrowed TSi and TSr, transport mode.
+type ChildChoice = (Child, Chosen, u32, u8, Vec<Ts>, Vec<Ts>, bool);
+
+/// A CHILD_SA for espd: both directions' SPIs, keys and selectors.
+#[derive(Clone)]
+pub struct ChildSa {
+    /// The IKE SA (our SPI) that owns it.
+    pub ike: u64,
+    pub conn: String,
+    pub name: String,
+    pub reqid: u32,
+    pub mode: Mode,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// UDP encapsulation (RFC 3948): NAT detected or `encap = yes`.
+    pub encap: bool,
+    pub spi_in: u32,
+    pub spi_out: u32,
+    pub alg: Chosen,
+    pub key_in: Secret,
+    pub key_out: Secret,
+    pub ts_local: Vec<Ts>,
+    pub ts_remote: Vec<Ts>,
+    pub replay_window: u32,
+    pub life_time: Duration,
+    pub rekey_time: Duration,
+    /// Policies installed at load for `start_action = trap`.
+    pub trap: bool,
+    pub installed_at: Instant,
+}
+
+impl std::fmt::Debug for ChildSa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ChildSa {{ {} in {:08x} out {:08x} {} keys <redacted> }}",
+            self.name,
+            self.spi_in,
+            self.spi_out,
+            self.alg.describe()
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    In,
+    Out,
+}
+
+/// What the endpoint asks of the world, in order.
+#[derive(Debug)]
+pub enum Output {
+    Send {
+        local: SocketAddr,
+        remote: SocketAddr,
+        data: Vec<u8>,
+    },
+    /// Install one direction of a CHILD_SA (its SA and the policies of
+    /// that direction). The inbound half always comes first.
+    Install {
+        child: Box<ChildSa>,
+        dir: Dir,
+    },
+    /// Remove a CHILD_SA (both directions).
+    Remove {
+        child: Box<ChildSa>,
+        why: String,
+    },
+    Log(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Initiator: IKE_SA_INIT sent.
+    InitSent,
+    /// Responder: IKE_SA_INIT answered, waiting for IKE_AUTH (half-open).
+    InitDone,
+    /// Initiator: IKE_AUTH sent.
+    AuthSent,
+    Established,
+    /// We sent a DELETE for the IKE SA.
+    Deleting,
+}
+
+/// A request we sent and wait an answer for (window size 1, RFC 7296 §2.3).
+enum ReqKind {
+    Init,
+    Auth { child: Option<PendingChild> },
+    CreateChild(PendingChild),
+    DeleteIke,
+    DeleteChild(u32),
+    Liveness,
+}
+
+struct PendingChild {
+    name: String,
+    spi_in: u32,
+    ts_i: Vec<Ts>,
+    ts_r: Vec<Ts>,
+    nonce: Vec<u8>,
+    ke: Option<KeyShare>,
+}
+
+struct Pending {
+    msg_id: u32,
+    data: Vec<u8>,
+    kind: ReqKind,
+    tries: u32,
+    next: Instant,
+}
+
+/// Requests waiting for the window.
+enum Queued {
+    Child {
+        name: String,
+        packet: Option<(Ts, Ts)>,
+    },
+    DeleteIke,
+    DeleteChild(u32),
+}
+
+struct IkeSa {
+    conn: String,
+    initiator: bool,
+    spi_i: u64,
+    spi_r: u64,
+    local: SocketAddr,
+    remote: SocketAddr,
+    state: State,
+    nonce_i: Vec<u8>,
+    nonce_r: Vec<u8>,
+    keyshare: Option<KeyShare>,
+    chosen: Option<Chosen>,
+    keys: Option<IkeKeys>,
+    /// RFC 7296 §2.15 RealMessage1/2: the IKE_SA_INIT request and response.
+    init_req: Vec<u8>,
+    init_resp: Vec<u8>,
+    /// UDP-encapsulate (NAT seen, or forced by `encap = yes`).
+    nat: bool,
+    next_req_id: u32,
+    expect_req_id: u32,
+    pending: Option<Pending>,
+    queue: VecDeque<Queued>,
+    last_resp: Option<(u32, Vec<u8>)>,
+    children: Vec<ChildSa>,
+    /// Initiator: the child to set up in IKE_AUTH (name, trap packet).
+    first_child: Option<(String, Option<(Ts, Ts)>)>,
+    init_retries: u32,
+    cookie: Option<Vec<u8>>,
+    created: Instant,
+    established: Option<Instant>,
+    last_heard: Instant,
+    local_id: Option<Id>,
+    remote_id: Option<Id>,
+    dead: bool,
+}
+
+impl IkeSa {
+    fn our_spi(&self) -> u64 {
+        if self.initiator {
+            self.spi_i
+        } else {
+            self.spi_r
+        }
+    }
+
+    fn label(&self) -> String {
+        format!(
+            "{}[{:016x}] {}",
+            self.conn,
+            self.our_spi(),
+            self.remote.ip()
+        )
+    }
+
+    fn hdr(&self, exch: u8, response: bool, msg_id: u32) -> Header {
+        let mut f = if self.initiator { flags::INITIATOR } else { 0 };
+        if response {
+            f |= flags::RESPONSE;
+        }
+        Header {
+            spi_i: self.spi_i,
+            spi_r: self.spi_r,
+            next: 0,
+            exchange: exch,
+            flags: f,
+            msg_id,
+            length: 0,
+        }
+    }
+}
+
+/// A summary for `espctl ike sas`.
+#[derive(Debug, Clone)]
+pub struct SaInfo {
+    pub conn: String,
+    pub spi_i: u64,
+    pub spi_r: u64,
+    pub initiator: bool,
+    pub state: String,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub local_id: String,
+    pub remote_id: String,
+    pub alg: String,
+    pub nat: bool,
+    pub established_secs: Option<u64>,
+    pub children: Vec<ChildInfo>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChildInfo {
+    pub name: String,
+    pub reqid: u32,
+    pub mode: &'static str,
+    pub spi_in: u32,
+    pub spi_out: u32,
+    pub alg: String,
+    pub encap: bool,
+    pub local_ts: Vec<String>,
+    pub remote_ts: Vec<String>,
+    pub installed_secs: u64,
+}
+
+pub struct Endpoint {
+    cfg: Arc<Config>,
+    sas: HashMap<u64, IkeSa>,
+    /// Responder: (peer, SPIi) → our SPI, to answer a retransmitted IKE_SA_INIT.
+    by_init: HashMap<(SocketAddr, u64), u64>,
+    half_open: usize,
+    half_open_by_peer: HashMap<IpAddr, usize>,
+    cookie_secret: [u8; 32],
+    pub cookie_threshold: usize,
+    out: VecDeque<Output>,
+    stats: BTreeMap<&'static str, u64>,
+}
+
+/// RFC 7296 §2.15: the octets the AUTH payload signs.
+fn signed_octets(
+    keys: &IkeKeys,
+    initiator_side: bool,
+    message: &[u8],
+    peer_nonce: &[u8],
+    id: &Id,
+) -> Vec<u8> {
+    let k = if initiator_side {
+        &keys.sk_pi
+    } else {
+        &keys.sk_pr
+    };
+    let maced = crypto::prf(keys.prf, k, &[&id.body()]);
+    [message, peer_nonce, &maced].concat()
+}
+
+/// RFC 7296 §3.8 authentication method 2: Shared Key Message Integrity Code.
+const AUTH_PSK: u8 = 2;
+
+fn find_notify(ps: &[Payload], ty: u16) -> Option<&wire::Notify> {
+    ps.iter().find_map(|p| match p {
+        Payload::Notify(n) if n.ty == ty => Some(n),
+        _ => None,
+    })
+}
+
+fn first_error(ps: &[Payload]) -> Option<u16> {
+    ps.iter().find_map(|p| match p {
+        Payload::Notify(n) if n.ty < notify::FIRST_STATUS => Some(n.ty),
+        _ => None,
+    })
+}
+
+fn own_id(conf: &IdConf, addr: IpAddr) -> Id {
+    match conf {
+        IdConf::Id(i) => i.clone(),
+        // strongSwan: with no id, the IKE SA's own address.
+        IdConf::Any => match addr {
+            IpAddr::V4(a) => Id {
+                ty: wire::idt::IPV4_ADDR,
+                data: a.octets().to_vec(),
+            },
+            IpAddr::V6(a) => Id {
+                ty: wire::idt::IPV6_ADDR,
+                data: a.octets().to_vec(),
+            },
+        },
+    }
+}
+
+impl Endpoint {
+    pub fn new(cfg: Arc<Config>) -> Endpoint {
+        let mut cookie_secret = [0u8; 32];
+        crypto::random(&mut cookie_secret);
+        Endpoint {
+            cfg,
+            sas: HashMap::new(),
+            by_init: HashMap::new(),
+            half_open: 0,
+            half_open_by_peer: HashMap::new(),
+            cookie_secret,
+            cookie_threshold: COOKIE_THRESHOLD,
+            out: VecDeque::new(),
+            stats: BTreeMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> &Arc<Config> {
+        &self.cfg
+    }
+
+    pub fn set_config(&mut self, cfg: Arc<Config>) {
+        self.cfg = cfg;
+    }
+
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    pub fn stats(&self) -> &BTreeMap<&'static str, u64> {
+        &self.stats
+    }
+
+    fn count(&mut self, what: &'static str) {
+        *self.stats.entry(what).or_default() += 1;
+    }
+
+    fn drop_msg(&mut self, why: &'static str) {
+        *self.stats.entry("dropped").or_default() += 1;
+        let k: &'static str = match why {
+            "malformed" => "dropped.malformed",
+            "unknown-ike-spi" => "dropped.unknown-ike-spi",
+            "bad-icv" => "dropped.bad-icv",
+            "bad-message-id" => "dropped.bad-message-id",
+            "unexpected-response" => "dropped.unexpected-response",
+            "bad-length" => "dropped.bad-length",
+            "bad-version" => "dropped.bad-version",
+            "half-open-limit" => "dropped.half-open-limit",
+            "unexpected-exchange" => "dropped.unexpected-exchange",
+            "bad-ke" => "dropped.bad-ke",
+            _ => "dropped.other",
+        };
+        self.count(k);
+    }
+
+    fn log(&mut self, s: String) {
+        self.out.push_back(Output::Log(s));
+    }
+
+    fn send(&mut self, local: SocketAddr, remote: SocketAddr, data: Vec<u8>) {
+        self.count("tx");
+        self.out.push_back(Output::Send {
+            local,
+            remote,
+            data,
+        });
+    }
+
+    /// The next time [`handle_timeout`](Self::handle_timeout) wants to run.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t: Option<Instant> = None;
+        let mut at = |x: Instant| t = Some(t.map_or(x, |y| y.min(x)));
+        for sa in self.sas.values() {
+            if let Some(p) = &sa.pending {
+                at(p.next);
+            }
+            if sa.state == State::InitDone {
+                at(sa.created + HALF_OPEN_TIMEOUT);
+            }
+            if let (State::Established, Some(d), None) = (sa.state, self.dpd(sa), &sa.pending) {
+                at(sa.last_heard + d);
+            }
+        }
+        t
+    }
+
+    fn dpd(&self, sa: &IkeSa) -> Option<Duration> {
+        self.cfg.conn(&sa.conn).and_then(|c| c.dpd_delay)
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let spis: Vec<u64> = self.sas.keys().copied().collect();
+        for spi in spis {
+            let Some(mut sa) = self.sas.remove(&spi) else {
+                continue;
+            };
+            if sa.state == State::InitDone && now >= sa.created + HALF_OPEN_TIMEOUT {
+                self.log(format!(
+                    "{}: half-open IKE_SA expired (no IKE_AUTH within {} s)",
+                    sa.label(),
+                    HALF_OPEN_TIMEOUT.as_secs()
+                ));
+                self.count("half-open-expired");
+                self.kill(sa, "half-open timeout");
+                continue;
+            }
+            let label = sa.label();
+            if let Some(p) = &mut sa.pending {
+                if now >= p.next {
+                    if p.tries >= RETRANSMIT_TRIES {
+                        self.log(format!("{label}: peer does not answer after {} retransmissions: giving up, IKE_SA deleted", p.tries));
+                        self.count("retransmit-give-up");
+                        self.kill(sa, "peer unreachable");
+                        continue;
+                    }
+                    p.tries += 1;
+                    p.next = now + RETRANSMIT_BASE * (1 << p.tries.min(10));
+                    let data = p.data.clone();
+                    self.count("retransmits");
+                    self.send(sa.local, sa.remote, data);
+                }
+            } else if sa.state == State::Established {
+                if let Some(d) = self.dpd(&sa) {
+                    if now >= sa.last_heard + d {
+                        // RFC 7296 §1.4: an empty INFORMATIONAL is the liveness check.
+                        self.request(
+                            &mut sa,
+                            exchange::INFORMATIONAL,
+                            vec![],
+                            ReqKind::Liveness,
+                            now,
+                        );
+                    }
+                }
+            }
+            self.sas.insert(spi, sa);
+        }
+    }
+
+    /// Ends an IKE SA here: its children are removed, nothing is sent.
+    fn kill(&mut self, mut sa: IkeSa, why: &str) {
+        for c in sa.children.drain(..) {
+            self.out.push_back(Output::Remove {
+                child: Box::new(c),
+                why: why.to_string(),
+            });
+        }
+        if sa.state == State::InitDone {
+            self.release_half_open(&sa);
+        }
+        if !sa.initiator {
+            self.by_init.remove(&(sa.remote, sa.spi_i));
+        }
+        sa.dead = true;
+    }
+
+    fn release_half_open(&mut self, sa: &IkeSa) {
+        self.half_open = self.half_open.saturating_sub(1);
+        if let Some(n) = self.half_open_by_peer.get_mut(&sa.remote.ip()) {
+            *n -= 1;
+            if *n == 0 {
+                self.half_open_by_peer.remove(&sa.remote.ip());
+            }
+        }
+    }
+
+    /// Sends a request on `sa` (window 1: queued callers check `pending`).
+    fn request(
+        &mut self,
+        sa: &mut IkeSa,
+        exch: u8,
+        payloads: Vec<Payload>,
+        kind: ReqKind,
+        now: Instant,
+    ) {
+        let id = sa.next_req_id;
+        sa.next_req_id += 1;
+        let hdr = sa.hdr(exch, false, id);
+        let data = seal(sa, hdr, &payloads);
+        sa.pending = Some(Pending {
+            msg_id: id,
+            data: data.clone(),
+            kind,
+            tries: 0,
+            next: now + RETRANSMIT_BASE,
+        });
+        self.send(sa.local, sa.remote, data);
+    }
+
+    fn respond(&mut self, sa: &mut IkeSa, exch: u8, msg_id: u32, payloads: Vec<Payload>) {
+        let hdr = sa.hdr(exch, true, msg_id);
+        let data = seal(sa, hdr, &payloads);
+        sa.last_resp = Some((msg_id, data.clone()));
+        sa.expect_req_id = msg_id + 1;
+        self.send(sa.local, sa.remote, data);
+    }
+
+    /// Every IKE SA and its children.
+    pub fn list(&self, now: Instant) -> Vec<SaInfo> {
+        let mut v: Vec<SaInfo> = self
+            .sas
+            .values()
+            .map(|sa| SaInfo {
+                conn: sa.conn.clone(),
+                spi_i: sa.spi_i,
+                spi_r: sa.spi_r,
+                initiator: sa.initiator,
+                state: format!("{:?}", sa.state).to_uppercase(),
+                local: sa.local,
+                remote: sa.remote,
+                local_id: sa.local_id.as_ref().map_or("".into(), |i| i.to_string()),
+                remote_id: sa.remote_id.as_ref().map_or("".into(), |i| i.to_string()),
+                alg: sa.chosen.map_or("".into(), |c| c.describe()),
+                nat: sa.nat,
+                established_secs: sa
+                    .established
+                    .map(|e| now.saturating_duration_since(e).as_secs()),
+                children: sa
+                    .children
+                    .iter()
+                    .map(|c| ChildInfo {
+                        name: c.name.clone(),
+                        reqid: c.reqid,
+                        mode: if c.mode == Mode::Tunnel {
+                            "TUNNEL"
+                        } else {
+                            "TRANSPORT"
+                        },
+                        spi_in: c.spi_in,
+                        spi_out: c.spi_out,
+                        alg: c.alg.describe(),
+                        encap: c.encap,
+                        local_ts: c.ts_local.iter().map(ts::describe).collect(),
+                        remote_ts: c.ts_remote.iter().map(ts::describe).collect(),
+                        installed_secs: now.saturating_duration_since(c.installed_at).as_secs(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.conn, a.spi_i).cmp(&(&b.conn, b.spi_i)));
+        v
+    }
+
+    /// Brings up child `name` (`espctl ike initiate`, `start_action = start`,
+    /// or espd's acquire for `trap` with the packet's selectors): on its
+    /// connection's established IKE SA with CREATE_CHILD_SA, else with a new
+    /// IKE SA.
+    pub fn initiate(
+        &mut self,
+        child: &str,
+        packet: Option<(Ts, Ts)>,
+        now: Instant,
+    ) -> Result<(), String> {
+        let cfg = self.cfg.clone();
+        let (conn, ch) = cfg
+            .child(child)
+            .ok_or_else(|| format!("no child `{child}` in the configuration"))?;
+        // Already up, or being set up?
+        for sa in self.sas.values() {
+            if sa.conn == conn.name {
+                if sa.children.iter().any(|c| c.name == ch.name) {
+                    return Err(format!("child `{child}` is already up"));
+                }
+                if sa.first_child.as_ref().is_some_and(|f| f.0 == ch.name)
+                    && sa.state != State::Established
+                {
+                    return Err(format!("child `{child}` is being set up"));
+                }
+                if let Some(Pending {
+                    kind: ReqKind::CreateChild(p),
+                    ..
+                }) = &sa.pending
+                {
+                    if p.name == ch.name {
+                        return Err(format!("child `{child}` is being set up"));
+                    }
+                }
+            }
+        }
+        if let Some(spi) = self
+            .sas
+            .iter()
+            .find(|(_, s)| s.conn == conn.name && s.state == State::Established)
+            .map(|(k, _)| *k)
+        {
+            let mut sa = self.sas.remove(&spi).expect("present");
+            sa.queue.push_back(Queued::Child {
+                name: ch.name.clone(),
+                packet,
+            });
+            self.pump(&mut sa, now);
+            self.sas.insert(spi, sa);
+            return Ok(());
+        }
+        let local = match conn.local_addrs.first() {
+            Some(crate::conf::AddrSpec::Addr(a)) => *a,
+            _ => {
+                return Err(format!(
+                    "connection `{}` needs a concrete local_addrs to initiate",
+                    conn.name
+                ))
+            }
+        };
+        let remote = match conn.remote_addrs.first() {
+            Some(crate::conf::AddrSpec::Addr(a)) => *a,
+            _ => {
+                return Err(format!(
+                    "connection `{}` needs a concrete remote_addrs to initiate",
+                    conn.name
+                ))
+            }
+        };
+        let dh = conn.proposals[0].dh[0];
+        let mut nonce = vec![0u8; NONCE_LEN];
+        crypto::random(&mut nonce);
+        let mut spi_i = 0;
+        while spi_i == 0 || self.sas.contains_key(&spi_i) {
+            spi_i = crypto::random_u64();
+        }
+        let mut sa = IkeSa {
+            conn: conn.name.clone(),
+            initiator: true,
+            spi_i,
+            spi_r: 0,
+            local: SocketAddr::new(local, conn.local_port),
+            remote: SocketAddr::new(remote, conn.remote_port),
+            state: State::InitSent,
+            nonce_i: nonce,
+            nonce_r: Vec::new(),
+            keyshare: Some(KeyShare::new(dh)),
+            chosen: None,
+            keys: None,
+            init_req: Vec::new(),
+            init_resp: Vec::new(),
+            nat: false,
+            next_req_id: 0,
+            expect_req_id: 0,
+            pending: None,
+            queue: VecDeque::new(),
+            last_resp: None,
+            children: Vec::new(),
+            first_child: Some((ch.name.clone(), packet)),
+            init_retries: 0,
+            cookie: None,
+            created: now,
+            established: None,
+            last_heard: now,
+            local_id: None,
+            remote_id: None,
+            dead: false,
+        };
+        self.log(format!(
+            "{}: initiating IKE_SA for child {}",
+            sa.label(),
+            ch.name
+        ));
+        self.send_init(&mut sa, conn, now);
+        self.sas.insert(spi_i, sa);
+        Ok(())
+    }
+
+    fn send_init(&mut self, sa: &mut IkeSa, conn: &Conn, now: Instant) {
+        let ks = sa.keyshare.as_ref().expect("initiator has a key share");
+        let props: Vec<Proposal> = conn
+            .proposals
+            .iter()
+            .enumerate()
+            .map(|(i, a)| a.proposal(i as u8 + 1, wire::proto::IKE, vec![], true))
+            .collect();
+        // RFC 7296 §2.6: the COOKIE notify comes first.
+        let mut ps = Vec::new();
+        if let Some(c) = &sa.cookie {
+            ps.push(Payload::notify(notify::COOKIE, c.clone()));
+        }
+        ps.push(Payload::Sa(props));
+        ps.push(Payload::Ke {
+            group: ks.group.id(),
+            data: ks.public().to_vec(),
+        });
+        ps.push(Payload::Nonce(sa.nonce_i.clone()));
+        ps.extend(nat_notifies(sa.spi_i, 0, sa.local, sa.remote, conn.encap));
+        let hdr = sa.hdr(exchange::IKE_SA_INIT, false, 0);
+        let data = wire::emit_plain(hdr, &ps);
+        sa.init_req = data.clone();
+        sa.next_req_id = 1;
+        sa.pending = Some(Pending {
+            msg_id: 0,
+            data: data.clone(),
+            kind: ReqKind::Init,
+            tries: 0,
+            next: now + RETRANSMIT_BASE,
+        });
+        self.send(sa.local, sa.remote, data);
+    }
+
+    /// Deletes the IKE SAs of connection `name` (and their children).
+    pub fn terminate(&mut self, name: &str, now: Instant) -> usize {
+        let spis: Vec<u64> = self
+            .sas
+            .iter()
+            .filter(|(_, s)| s.conn == name)
+            .map(|(k, _)| *k)
+            .collect();
+        for spi in &spis {
+            let mut sa = self.sas.remove(spi).expect("present");
+            self.delete_ike(&mut sa, now);
+            if !sa.dead {
+                self.sas.insert(*spi, sa);
+            }
+        }
+        spis.len()
+    }
+
+    /// Deletes the CHILD_SAs named `child` with an INFORMATIONAL DELETE
+    /// (RFC 7296 §1.4.1); the SA is removed from espd when the peer answers
+    /// (or the IKE SA ends).
+    pub fn terminate_child(&mut self, child: &str, now: Instant) -> usize {
+        let spis: Vec<u64> = self
+            .sas
+            .iter()
+            .filter(|(_, s)| s.children.iter().any(|c| c.name == child))
+            .map(|(k, _)| *k)
+            .collect();
+        let mut n = 0;
+        for spi in spis {
+            let mut sa = self.sas.remove(&spi).expect("present");
+            for c in sa.children.iter().filter(|c| c.name == child) {
+                sa.queue.push_back(Queued::DeleteChild(c.spi_in));
+                n += 1;
+            }
+            self.pump(&mut sa, now);
+            self.sas.insert(spi, sa);
+        }
+        n
+    }
+
+    /// Every IKE SA (at exit).
+    pub fn terminate_all(&mut self, now: Instant) {
+        let names: Vec<String> = self.sas.values().map(|s| s.conn.clone()).collect();
+        for n in names {
+            self.terminate(&n, now);
+        }
+    }
+
+    pub fn sa_count(&self) -> usize {
+        self.sas.len()
+    }
+
+    fn delete_ike(&mut self, sa: &mut IkeSa, now: Instant) {
+        for c in sa.children.drain(..) {
+            self.out.push_back(Output::Remove {
+                child: Box::new(c),
+                why: "IKE_SA deleted here".into(),
+            });
+        }
+        if sa.keys.is_some() && matches!(sa.state, State::Established | State::AuthSent) {
+            sa.state = State::Deleting;
+            sa.queue.clear();
+            if sa.pending.is_none() {
+                self.request(
+                    sa,
+                    exchange::INFORMATIONAL,
+                    vec![Payload::Delete {
+                        proto: wire::proto::IKE,
+                        spi_size: 0,
+                        spis: vec![],
+                    }],
+                    ReqKind::DeleteIke,
+                    now,
+                );
+            } else {
+                sa.queue.push_back(Queued::DeleteIke);
+            }
+            self.log(format!("{}: deleting IKE_SA", sa.label()));
+        } else {
+            let label = sa.label();
+            self.log(format!("{label}: IKE_SA dropped before it was established"));
+            if sa.state == State::InitDone {
+                self.release_half_open(sa);
+            }
+            sa.dead = true;
+        }
+    }
+
+    /// Starts what waits for the window.
+    fn pump(&mut self, sa: &mut IkeSa, now: Instant) {
+        if sa.pending.is_some() || sa.state != State::Established && sa.state != State::Deleting {
+            return;
+        }
+        let Some(q) = sa.queue.pop_front() else {
+            return;
+        };
+        match q {
+            Queued::Child { name, packet } => {
+                let cfg = self.cfg.clone();
+                let Some((_, ch)) = cfg.child(&name) else {
+                    return;
+                };
+                let spi_in = self.new_spi();
+                let mut nonce = vec![0u8; NONCE_LEN];
+                crypto::random(&mut nonce);
+                // PFS: the first group of the child's proposals, if any.
+                let ke = ch
+                    .esp
+                    .iter()
+                    .find_map(|a| a.dh.first())
+                    .map(|g| KeyShare::new(*g));
+                let (ts_i, ts_r) = child_ts(ch, sa.local.ip(), sa.remote.ip(), packet);
+                let props = child_proposals(ch, spi_in, ke.is_some());
+                let mut ps = vec![Payload::Sa(props), Payload::Nonce(nonce.clone())];
+                if let Some(k) = &ke {
+                    ps.push(Payload::Ke {
+                        group: k.group.id(),
+                        data: k.public().to_vec(),
+                    });
+                }
+                ps.push(Payload::TsI(ts_i.clone()));
+                ps.push(Payload::TsR(ts_r.clone()));
+                if ch.mode == Mode::Transport {
+                    ps.push(Payload::notify(notify::USE_TRANSPORT_MODE, vec![]));
+                }
+                let pc = PendingChild {
+                    name,
+                    spi_in,
+                    ts_i,
+                    ts_r,
+                    nonce,
+                    ke,
+                };
+                self.request(
+                    sa,
+                    exchange::CREATE_CHILD_SA,
+                    ps,
+                    ReqKind::CreateChild(pc),
+                    now,
+                );
+            }
+            Queued::DeleteIke => {
+                self.request(
+                    sa,
+                    exchange::INFORMATIONAL,
+                    vec![Payload::Delete {
+                        proto: wire::proto::IKE,
+                        spi_size: 0,
+                        spis: vec![],
+                    }],
+                    ReqKind::DeleteIke,
+                    now,
+                );
+            }
+            Queued::DeleteChild(spi_in) => {
+                self.request(
+                    sa,
+                    exchange::INFORMATIONAL,
+                    vec![Payload::Delete {
+                        proto: wire::proto::ESP,
+                        spi_size: 4,
+                        spis: vec![spi_in.to_be_bytes().to_vec()],
+                    }],
+                    ReqKind::DeleteChild(spi_in),
+                    now,
+                );
+            }
+        }
+    }
+
+    fn new_spi(&self) -> u32 {
+        loop {
+            let s = crypto::random_u32();
+            // RFC 4303 §2.1: 1-255 reserved; and unique among ours.
+            if s >= 256
+                && !self
+                    .sas
+                    .values()
+                    .any(|sa| sa.children.iter().any(|c| c.spi_in == s))
+            {
+                return s;
+            }
+        }
+    }
+
+    /// One IKE datagram (the non-ESP marker already removed) that arrived at
+    /// `local` from `remote`.
+    pub fn handle(&mut self, now: Instant, local: SocketAddr, remote: SocketAddr, data: &[u8]) {
+        self.count("rx");
+        let hdr = match Header::parse(data) {
+            Ok(h) => h,
+            Err(e) => return self.drop_msg(e.reason()),
+        };
+        if hdr.length as usize != data.len() {
+            return self.drop_msg("bad-length");
+        }
+        if hdr.exchange == exchange::IKE_SA_INIT && !hdr.is_response() && hdr.spi_r == 0 {
+            if hdr.from_initiator() && hdr.msg_id == 0 {
+                return self.responder_init(now, local, remote, &hdr, data);
+            }
+            return self.drop_msg("malformed");
+        }
+        let ours = if hdr.from_initiator() {
+            hdr.spi_r
+        } else {
+            hdr.spi_i
+        };
+        let Some(mut sa) = self.sas.remove(&ours) else {
+            return self.drop_msg("unknown-ike-spi");
+        };
+        // The SA's other SPI must match too (RFC 7296 §2.21.4: else unknown).
+        let matches = if sa.initiator {
+            !hdr.from_initiator() && (sa.spi_r == 0 || sa.spi_r == hdr.spi_r)
+        } else {
+            hdr.from_initiator() && sa.spi_i == hdr.spi_i
+        };
+        if !matches {
+            self.sas.insert(ours, sa);
+            return self.drop_msg("unknown-ike-spi");
+        }
+        self.on_message(&mut sa, now, local, remote, &hdr, data);
+        if !sa.dead {
+            self.sas.insert(ours, sa);
+        }
+    }
+
+    fn on_message(
+        &mut self,
+        sa: &mut IkeSa,
+        now: Instant,
+        local: SocketAddr,
+        remote: SocketAddr,
+        hdr: &Header,
+        data: &[u8],
+    ) {
+        if hdr.exchange == exchange::IKE_SA_INIT {
+            if hdr.is_response() && sa.state == State::InitSent && hdr.msg_id == 0 {
+                return self.initiator_init_response(sa, now, hdr, data);
+            }
+            return self.drop_msg("unexpected-exchange");
+        }
+        let Some(keys) = &sa.keys else {
+            return self.drop_msg("unexpected-exchange");
+        };
+        let chain = match wire::parse_chain(hdr.next, &data[HDR_LEN..], HDR_LEN) {
+            Ok(c) => c,
+            Err(e) => return self.drop_msg(e.reason()),
+        };
+        let Some((sk_at, first)) = chain.sk else {
+            // RFC 7296 §3.14: after IKE_SA_INIT everything is encrypted.
+            return self.drop_msg("malformed");
+        };
+        // Message IDs before decryption work (RFC 7296 §2.3), the retransmit
+        // answer only after the ICV checked out.
+        if hdr.is_response() {
+            if sa.pending.as_ref().is_none_or(|p| p.msg_id != hdr.msg_id) {
+                return self.drop_msg("unexpected-response");
+            }
+        } else if hdr.msg_id != sa.expect_req_id
+            && !(hdr.msg_id + 1 == sa.expect_req_id && sa.last_resp.is_some())
+        {
+            return self.drop_msg("bad-message-id");
+        }
+        let plain = match keys.sk.open(data, sk_at) {
+            Ok(p) => p,
+            Err(_) => return self.drop_msg("bad-icv"),
+        };
+        let inner = match wire::parse_chain(first, &plain, 0) {
+            Ok(c) if c.sk.is_none() => c.payloads,
+            Ok(_) => return self.drop_msg("malformed"),
+            Err(e) => {
+                // RFC 7296 §2.5/§3.10.1: a request we cannot read is answered
+                // with the error (the reply is protected: it is authentic).
+                if !hdr.is_response() {
+                    if let wire::Error::UnsupportedCritical(t) = e {
+                        self.respond(
+                            sa,
+                            hdr.exchange,
+                            hdr.msg_id,
+                            vec![Payload::notify(
+                                notify::UNSUPPORTED_CRITICAL_PAYLOAD,
+                                vec![t],
+                            )],
+                        );
+                    } else {
+                        self.respond(
+                            sa,
+                            hdr.exchange,
+                            hdr.msg_id,
+                            vec![Payload::notify(notify::INVALID_SYNTAX, vec![])],
+                        );
+                    }
+                }
+                return self.drop_msg(e.reason());
+            }
+        };
+        sa.last_heard = now;
+        // RFC 7296 §2.23: an authenticated message from a new address/port
+        // (the float to 4500, or a NAT rebinding) moves the IKE SA.
+        if (sa.local, sa.remote) != (local, remote) && (sa.nat || remote.port() == NATT_PORT) {
+            sa.local = local;
+            sa.remote = remote;
+        }
+        if hdr.is_response() {
+            let p = sa.pending.take().expect("checked above");
+            self.on_response(sa, now, hdr, p, inner);
+            self.pump(sa, now);
+            return;
+        }
+        if hdr.msg_id + 1 == sa.expect_req_id {
+            if let Some((_, d)) = &sa.last_resp {
+                let d = d.clone();
+                self.count("retransmitted-requests");
+                self.send(sa.local, sa.remote, d);
+            }
+            return;
+        }
+        match hdr.exchange {
+            exchange::IKE_AUTH if sa.state == State::InitDone => {
+                self.responder_auth(sa, now, hdr, inner)
+            }
+            exchange::CREATE_CHILD_SA if sa.state == State::Established => {
+                self.responder_create_child(sa, now, hdr, inner)
+            }
+            exchange::INFORMATIONAL
+                if sa.state == State::Established || sa.state == State::Deleting =>
+            {
+                self.responder_informational(sa, now, hdr, inner)
+            }
+            _ => {
+                self.drop_msg("unexpected-exchange");
+            }
+        }
+        self.pump(sa, now);
+    }
+
+    fn responder_init(
+        &mut self,
+        now: Instant,
+        local: SocketAddr,
+        remote: SocketAddr,
+        hdr: &Header,
+        data: &[u8],
+    ) {
+        // A retransmitted request: the same answer (RFC 7296 §2.1).
+        if let Some(spi) = self.by_init.get(&(remote, hdr.spi_i)) {
+            if let Some(sa) = self.sas.get(spi) {
+                if sa.state == State::InitDone && !sa.init_resp.is_empty() {
+                    if sa.init_req == data {
+                        let (l, r, d) = (sa.local, sa.remote, sa.init_resp.clone());
+                        self.count("retransmitted-requests");
+                        return self.send(l, r, d);
+                    }
+                    return self.drop_msg("malformed");
+                }
+            }
+        }
+        let chain = match wire::parse_chain(hdr.next, &data[HDR_LEN..], HDR_LEN) {
+            Ok(c) if c.sk.is_none() => c.payloads,
+            Ok(_) => return self.drop_msg("malformed"),
+            Err(wire::Error::UnsupportedCritical(t)) => {
+                let h = Header {
+                    spi_r: 0,
+                    flags: flags::RESPONSE,
+                    ..*hdr
+                };
+                self.send(
+                    local,
+                    remote,
+                    wire::emit_plain(
+                        h,
+                        &[Payload::notify(
+                            notify::UNSUPPORTED_CRITICAL_PAYLOAD,
+                            vec![t],
+                        )],
+                    ),
+                );
+                return self.drop_msg("unsupported-critical-payload");
+            }
+            Err(e) => return self.drop_msg(e.reason()),
+        };
+        let (mut sa_p, mut ke, mut nonce) = (None, None, None);
+        for p in &chain {
+            match p {
+                Payload::Sa(x) => sa_p = Some(x),
+                Payload::Ke { group, data } => ke = Some((*group, data)),
+                Payload::Nonce(n) => nonce = Some(n),
+                _ => {}
+            }
+        }
+        let (Some(props), Some((group, ke_data)), Some(ni)) = (sa_p, ke, nonce) else {
+            return self.drop_msg("malformed");
+        };
+        let reply = |me: &mut Endpoint, n: u16, d: Vec<u8>| {
+            // RFC 7296 §1.2/§2.6: an unprotected answer with SPIr zero.
+            let h = Header {
+                spi_i: hdr.spi_i,
+                spi_r: 0,
+                next: 0,
+                exchange: exchange::IKE_SA_INIT,
+                flags: flags::RESPONSE,
+                msg_id: 0,
+                length: 0,
+            };
+            me.send(local, remote, wire::emit_plain(h, &[Payload::notify(n, d)]));
+        };
+        // RFC 7296 §2.6: past the threshold, only an initiator that returns
+        // our COOKIE gets state. The cookie binds Ni, the address and SPIi.
+        if self.half_open >= self.cookie_threshold {
+            let ip = match remote.ip() {
+                IpAddr::V4(a) => a.octets().to_vec(),
+                IpAddr::V6(a) => a.octets().to_vec(),
+            };
+            let mut want = vec![0u8]; // version of our cookie format
+            want.extend_from_slice(
+                &crypto::sha256(&[&self.cookie_secret, ni, &ip, &hdr.spi_i.to_be_bytes()])[..16],
+            );
+            let got = match chain.first() {
+                Some(Payload::Notify(n)) if n.ty == notify::COOKIE => Some(&n.data),
+                _ => None,
+            };
+            if got.is_none_or(|g| !crypto::ct_eq(g, &want)) {
+                self.count("cookies-sent");
+                return reply(self, notify::COOKIE, want);
+            }
+        }
+        if self
+            .half_open_by_peer
+            .get(&remote.ip())
+            .copied()
+            .unwrap_or(0)
+            >= HALF_OPEN_PER_PEER
+        {
+            return self.drop_msg("half-open-limit");
+        }
+        // The connection: addresses first, then the proposals.
+        let cfg = self.cfg.clone();
+        let candidates: Vec<&Conn> = cfg
+            .connections
+            .iter()
+            .filter(|c| {
+                c.local_addrs.iter().any(|a| a.matches(local.ip()))
+                    && c.remote_addrs.iter().any(|a| a.matches(remote.ip()))
+            })
+            .collect();
+        let Some((conn, (num, chosen, _))) = candidates.iter().find_map(|c| {
+            proposal::select(&c.proposals, props, wire::proto::IKE, true).map(|x| (*c, x))
+        }) else {
+            self.log(format!(
+                "{remote}: IKE_SA_INIT refused: {}",
+                if candidates.is_empty() {
+                    "no connection for these addresses"
+                } else {
+                    "no proposal in common (NO_PROPOSAL_CHOSEN)"
+                }
+            ));
+            self.count("no-proposal-chosen");
+            return reply(self, notify::NO_PROPOSAL_CHOSEN, vec![]);
+        };
+        let dh = chosen.dh.expect("IKE proposals have a group");
+        if group != dh.id() {
+            // RFC 7296 §1.3: ask for the group we chose (from their proposal).
+            self.count("invalid-ke-sent");
+            return reply(
+                self,
+                notify::INVALID_KE_PAYLOAD,
+                dh.id().to_be_bytes().to_vec(),
+            );
+        }
+        let ks = KeyShare::new(dh);
+        let public = ks.public().to_vec();
+        let Ok(shared) = ks.agree(ke_data) else {
+            self.log(format!(
+                "{remote}: IKE_SA_INIT with an invalid key exchange value for {}",
+                dh.name()
+            ));
+            return self.drop_msg("bad-ke");
+        };
+        let mut spi_r = 0;
+        while spi_r == 0 || self.sas.contains_key(&spi_r) {
+            spi_r = crypto::random_u64();
+        }
+        let mut nr = vec![0u8; NONCE_LEN];
+        crypto::random(&mut nr);
+        let keys = crypto::derive_ike(
+            chosen.prf.expect("IKE has a PRF"),
+            chosen.encr,
+            chosen.integ,
+            ni,
+            &nr,
+            &shared,
+            hdr.spi_i,
+            spi_r,
+        );
+        let nat_d = nat_detect(&chain, hdr.spi_i, 0, local, remote);
+        let mut resp = vec![
+            Payload::Sa(vec![chosen.proposal(num, wire::proto::IKE, vec![])]),
+            Payload::Ke {
+                group: dh.id(),
+                data: public,
+            },
+            Payload::Nonce(nr.clone()),
+        ];
+        if nat_d.is_some() {
+            resp.extend(nat_notifies(hdr.spi_i, spi_r, local, remote, conn.encap));
+        }
+        let h = Header {
+            spi_i: hdr.spi_i,
+            spi_r,
+            next: 0,
+            exchange: exchange::IKE_SA_INIT,
+            flags: flags::RESPONSE,
+            msg_id: 0,
+            length: 0,
+        };
+        let out = wire::emit_plain(h, &resp);
+        let nat = conn.encap || nat_d.is_some_and(|(a, b)| a || b);
+        let sa = IkeSa {
+            conn: conn.name.clone(),
+            initiator: false,
+            spi_i: hdr.spi_i,
+            spi_r,
+            local,
+            remote,
+            state: State::InitDone,
+            nonce_i: ni.clone(),
+            nonce_r: nr,
+            keyshare: None,
+            chosen: Some(chosen),
+            keys: Some(keys),
+            init_req: data.to_vec(),
+            init_resp: out.clone(),
+            nat,
+            next_req_id: 0,
+            expect_req_id: 1,
+            pending: None,
+            queue: VecDeque::new(),
+            last_resp: None,
+            children: Vec::new(),
+            first_child: None,
+            init_retries: 0,
+            cookie: None,
+            created: now,
+            established: None,
+            last_heard: now,
+            local_id: None,
+            remote_id: None,
+            dead: false,
+        };
+        self.half_open += 1;
+        *self.half_open_by_peer.entry(remote.ip()).or_default() += 1;
+        self.by_init.insert((remote, hdr.spi_i), spi_r);
+        self.sas.insert(spi_r, sa);
+        self.send(local, remote, out);
+    }
+
+    fn initiator_init_response(&mut self, sa: &mut IkeSa, now: Instant, hdr: &Header, data: &[u8]) {
+        let chain = match wire::parse_chain(hdr.next, &data[HDR_LEN..], HDR_LEN) {
+            Ok(c) if c.sk.is_none() => c.payloads,
+            _ => return self.drop_msg("malformed"),
+        };
+        let cfg = self.cfg.clone();
+        let Some(conn) = cfg.conn(&sa.conn) else {
+            return self.kill_now(sa, "connection removed");
+        };
+        if let Some(n) = find_notify(&chain, notify::COOKIE) {
+            if sa.init_retries < INIT_RETRIES && (1..=64).contains(&n.data.len()) {
+                sa.init_retries += 1;
+                sa.cookie = Some(n.data.clone());
+                self.count("cookies-returned");
+                return self.send_init(sa, conn, now);
+            }
+        }
+        if let Some(n) = find_notify(&chain, notify::INVALID_KE_PAYLOAD) {
+            let g = (n.data.len() == 2)
+                .then(|| u16::from_be_bytes([n.data[0], n.data[1]]))
+                .and_then(proposal::Group::from_id);
+            match g {
+                Some(g)
+                    if sa.init_retries < INIT_RETRIES
+                        && conn.proposals.iter().any(|p| p.dh.contains(&g)) =>
+                {
+                    sa.init_retries += 1;
+                    self.log(format!(
+                        "{}: peer asks for key exchange group {} (INVALID_KE_PAYLOAD): retrying",
+                        sa.label(),
+                        g.name()
+                    ));
+                    sa.keyshare = Some(KeyShare::new(g));
+                    self.count("invalid-ke-honoured");
+                    return self.send_init(sa, conn, now);
+                }
+                _ => {
+                    return self.kill_now(sa, "the peer asks for a key exchange group we did not offer (INVALID_KE_PAYLOAD)");
+                }
+            }
+        }
+        if let Some(e) = first_error(&chain) {
+            return self.kill_now(
+                sa,
+                &format!("IKE_SA_INIT refused by the peer: {}", notify::name(e)),
+            );
+        }
+        let (mut sa_p, mut ke, mut nonce) = (None, None, None);
+        for p in &chain {
+            match p {
+                Payload::Sa(x) => sa_p = Some(x),
+                Payload::Ke { group, data } => ke = Some((*group, data)),
+                Payload::Nonce(n) => nonce = Some(n),
+                _ => {}
+            }
+        }
+        let (Some(props), Some((group, ke_data)), Some(nr)) = (sa_p, ke, nonce) else {
+            return self.drop_msg("malformed");
+        };
+        if hdr.spi_r == 0 {
+            return self.drop_msg("malformed");
+        }
+        let Some((chosen, _)) =
+            proposal::accept_answer(&conn.proposals, props, wire::proto::IKE, true)
+        else {
+            return self.kill_now(sa, "the peer chose a proposal we did not offer");
+        };
+        let ks = sa.keyshare.take().expect("initiator has a key share");
+        if chosen.dh != Some(ks.group) || group != ks.group.id() {
+            return self.kill_now(
+                sa,
+                "the peer's key exchange group does not match its proposal",
+            );
+        }
+        let Ok(shared) = ks.agree(ke_data) else {
+            return self.kill_now(sa, "the peer's key exchange value is invalid");
+        };
+        sa.spi_r = hdr.spi_r;
+        sa.nonce_r = nr.clone();
+        sa.chosen = Some(chosen);
+        sa.keys = Some(crypto::derive_ike(
+            chosen.prf.expect("IKE"),
+            chosen.encr,
+            chosen.integ,
+            &sa.nonce_i,
+            nr,
+            &shared,
+            sa.spi_i,
+            sa.spi_r,
+        ));
+        sa.init_resp = data.to_vec();
+        sa.pending = None;
+        let nat_d = nat_detect(&chain, sa.spi_i, sa.spi_r, sa.local, sa.remote);
+        sa.nat = conn.encap || nat_d.is_some_and(|(a, b)| a || b);
+        // RFC 7296 §2.23: with a NAT, the initiator moves to port 4500.
+        if sa.nat && nat_d.is_some() && sa.local.port() == 500 {
+            sa.local.set_port(NATT_PORT);
+            if sa.remote.port() == 500 {
+                sa.remote.set_port(NATT_PORT);
+            }
+        }
+        self.send_auth(sa, conn, now);
+    }
+
+    fn kill_now(&mut self, sa: &mut IkeSa, why: &str) {
+        let label = sa.label();
+        self.log(format!("{label}: {why}; IKE_SA deleted"));
+        let taken = std::mem::replace(sa, dead_placeholder(sa));
+        self.kill(taken, why);
+        sa.dead = true;
+    }
+
+    fn send_auth(&mut self, sa: &mut IkeSa, conn: &Conn, now: Instant) {
+        let idi = own_id(&conn.local_id, sa.local.ip());
+        let idr = match &conn.remote_id {
+            IdConf::Id(i) => Some(i.clone()),
+            IdConf::Any => None,
+        };
+        let Some(psk) = self
+            .cfg
+            .psk(&idi, idr.as_ref())
+            .map(|p| Zeroizing::new(p.to_vec()))
+        else {
+            return self.kill_now(sa, &format!("no pre-shared key for {idi} in secrets"));
+        };
+        let keys = sa.keys.as_ref().expect("derived");
+        let octets = signed_octets(keys, true, &sa.init_req, &sa.nonce_r, &idi);
+        let auth = crypto::psk_auth(keys.prf, &psk, &[&octets]);
+        let mut ps = vec![Payload::IdI(idi.clone())];
+        if let Some(r) = &idr {
+            ps.push(Payload::IdR(r.clone()));
+        }
+        ps.push(Payload::Auth {
+            method: AUTH_PSK,
+            data: auth.to_vec(),
+        });
+        // RFC 7296 §2.4: INITIAL_CONTACT when this is our only IKE SA with the peer.
+        if !self
+            .sas
+            .values()
+            .any(|o| o.conn == sa.conn && o.state == State::Established)
+        {
+            ps.push(Payload::notify(notify::INITIAL_CONTACT, vec![]));
+        }
+        let mut pending = None;
+        let cfg = self.cfg.clone();
+        if let Some((name, packet)) = sa.first_child.clone() {
+            if let Some((_, ch)) = cfg.child(&name) {
+                let spi_in = self.new_spi();
+                let (ts_i, ts_r) = child_ts(ch, sa.local.ip(), sa.remote.ip(), packet);
+                // RFC 7296 §1.2: no KE in IKE_AUTH: the first child's proposals carry no group.
+                ps.push(Payload::Sa(child_proposals(ch, spi_in, false)));
+                ps.push(Payload::TsI(ts_i.clone()));
+                ps.push(Payload::TsR(ts_r.clone()));
+                if ch.mode == Mode::Transport {
+                    ps.push(Payload::notify(notify::USE_TRANSPORT_MODE, vec![]));
+                }
+                pending = Some(PendingChild {
+                    name,
+                    spi_in,
+                    ts_i,
+                    ts_r,
+                    nonce: Vec::new(),
+                    ke: None,
+                });
+            }
+        }
+        sa.local_id = Some(idi);
+        sa.state = State::AuthSent;
+        self.request(
+            sa,
+            exchange::IKE_AUTH,
+            ps,
+            ReqKind::Auth { child: pending },
+            now,
+        );
+    }
+
+    fn on_response(
+        &mut self,
+        sa: &mut IkeSa,
+        now: Instant,
+        _hdr: &Header,
+        p: Pending,
+        inner: Vec<Payload>,
+    ) {
+        match p.kind {
+            ReqKind::Init => self.drop_msg("unexpected-response"),
+            ReqKind::Auth { child } => self.initiator_auth_response(sa, now, child, inner),
+            ReqKind::CreateChild(pc) => {
+                let cfg = self.cfg.clone();
+                match self.child_from_answer(sa, &cfg, pc, &inner, now, false) {
+                    Ok(c) => self.install_both(sa, c),
+                    Err(e) => self.log(format!("{}: CREATE_CHILD_SA failed: {e}", sa.label())),
+                }
+            }
+            ReqKind::DeleteIke => {
+                let label = sa.label();
+                self.log(format!("{label}: IKE_SA deleted"));
+                sa.dead = true;
+            }
+            ReqKind::DeleteChild(spi) => {
+                if let Some(i) = sa.children.iter().position(|c| c.spi_in == spi) {
+                    let c = sa.children.remove(i);
+                    self.out.push_back(Output::Remove {
+                        child: Box::new(c),
+                        why: "deleted".into(),
+                    });
+                }
+            }
+            ReqKind::Liveness => self.count("liveness-ok"),
+        }
+    }
+
+    fn initiator_auth_response(
+        &mut self,
+        sa: &mut IkeSa,
+        now: Instant,
+        child: Option<PendingChild>,
+        inner: Vec<Payload>,
+    ) {
+        let cfg = self.cfg.clone();
+        let Some(conn) = cfg.conn(&sa.conn) else {
+            return self.kill_now(sa, "connection removed");
+        };
+        let (mut idr, mut auth) = (None, None);
+        for p in &inner {
+            match p {
+                Payload::IdR(i) => idr = Some(i.clone()),
+                Payload::Auth { method, data } => auth = Some((*method, data.clone())),
+                _ => {}
+            }
+        }
+        let (Some(idr), Some((method, auth))) = (idr, auth) else {
+            let why = first_error(&inner)
+                .map_or("no IDr or AUTH in the answer".to_string(), notify::name);
+            self.count("auth-failed");
+            return self.kill_now(sa, &format!("IKE_AUTH refused by the peer: {why}"));
+        };
+        if !conn.remote_id.matches(&idr) {
+            self.count("auth-failed");
+            return self.kill_now(
+                sa,
+                &format!(
+                    "the peer identifies as {idr}, which is not remote id {:?}",
+                    conn.remote_id
+                ),
+            );
+        }
+        let idi = sa.local_id.clone().expect("set in send_auth");
+        let Some(psk) = self
+            .cfg
+            .psk(&idi, Some(&idr))
+            .map(|p| Zeroizing::new(p.to_vec()))
+        else {
+            return self.kill_now(sa, &format!("no pre-shared key for {idi} and {idr}"));
+        };
+        let keys = sa.keys.as_ref().expect("derived");
+        let octets = signed_octets(keys, false, &sa.init_resp, &sa.nonce_i, &idr);
+        let want = crypto::psk_auth(keys.prf, &psk, &[&octets]);
+        if method != AUTH_PSK || !crypto::ct_eq(&want, &auth) {
+            self.count("auth-failed");
+            return self.kill_now(sa, &format!("the peer's AUTH ({idr}) does not verify with our pre-shared key: AUTHENTICATION_FAILED"));
+        }
+        sa.remote_id = Some(idr.clone());
+        sa.state = State::Established;
+        sa.established = Some(now);
+        self.count("ike-established");
+        self.log(format!(
+            "{}: IKE_SA established with {idr} ({}, PSK{})",
+            sa.label(),
+            sa.chosen.map_or(String::new(), |c| c.describe()),
+            if sa.nat { ", UDP-encapsulated" } else { "" }
+        ));
+        if let Some(pc) = child {
+            let name = pc.name.clone();
+            match self.child_from_answer(sa, &cfg, pc, &inner, now, true) {
+                Ok(c) => self.install_both(sa, c),
+                Err(e) => self.log(format!("{}: child {name} not set up: {e}", sa.label())),
+            }
+        }
+        sa.first_child = None;
+    }
+
+    /// The initiator's view of a CHILD_SA answer (IKE_AUTH or CREATE_CHILD_SA).
+    fn child_from_answer(
+        &mut self,
+        sa: &mut IkeSa,
+        cfg: &Config,
+        pc: PendingChild,
+        inner: &[Payload],
+        now: Instant,
+        in_auth: bool,
+    ) -> Result<ChildSa, String> {
+        let Some((_, ch)) = cfg.child(&pc.name) else {
+            return Err("child removed from the configuration".into());
+        };
+        if let Some(e) = first_error(inner) {
+            return Err(format!("refused by the peer: {}", notify::name(e)));
+        }
+        let (mut props, mut tsi, mut tsr, mut nr, mut ke) = (None, None, None, None, None);
+        for p in inner {
+            match p {
+                Payload::Sa(x) => props = Some(x),
+                Payload::TsI(t) => tsi = Some(t),
+                Payload::TsR(t) => tsr = Some(t),
+                Payload::Nonce(n) => nr = Some(n),
+                Payload::Ke { group, data } => ke = Some((*group, data)),
+                _ => {}
+            }
+        }
+        let (Some(props), Some(tsi), Some(tsr)) = (props, tsi, tsr) else {
+            return Err("no SA, TSi or TSr in the answer".into());
+        };
+        let Some((alg, spi)) = proposal::accept_answer(
+            &child_algsets(ch, pc.ke.is_some()),
+            props,
+            wire::proto::ESP,
+            pc.ke.is_some(),
+        ) else {
+            return Err("the peer chose an ESP proposal we did not offer".into());
+        };
+        if spi.len() != 4 {
+            return Err("the peer's ESP SPI is not 4 octets".into());
+        }
+        let spi_out = u32::from_be_bytes([spi[0], spi[1], spi[2], spi[3]]);
+        if !ts::covered(tsi, &pc.ts_i) || !ts::covered(tsr, &pc.ts_r) {
+            return Err(
+                "the peer's traffic selectors are wider than we proposed (RFC 7296 §2.9)".into(),
+            );
+        }
+        let transport = find_notify(inner, notify::USE_TRANSPORT_MODE).is_some();
+        if ch.mode == Mode::Transport && !transport {
+            return Err("the peer refuses transport mode".into());
+        }
+        let keys = sa.keys.as_ref().expect("established");
+        let (ni, nr): (&[u8], Vec<u8>) = if in_auth {
+            (&sa.nonce_i, sa.nonce_r.clone())
+        } else {
+            (&pc.nonce, nr.ok_or("no Nonce in the answer")?.clone())
+        };
+        let shared = match (pc.ke, ke) {
+            (Some(k), Some((g, d))) if g == k.group.id() => {
+                Some(k.agree(d).map_err(|_| "the peer's KE value is invalid")?)
+            }
+            (Some(_), _) => return Err("the peer's answer lacks our PFS group's KE".into()),
+            (None, _) => None,
+        };
+        let len = alg.encr.key_len() + alg.integ.map_or(0, |i| i.key_len());
+        let km = crypto::child_keymat(
+            keys.prf,
+            &keys.sk_d,
+            shared.as_deref().map(|s| &s[..]),
+            ni,
+            &nr,
+            2 * len,
+        );
+        // RFC 7296 §2.17: initiator → responder keys first.
+        let (out_k, in_k) = km.split_at(len);
+        Ok(self.make_child(
+            sa,
+            ch,
+            pc.spi_in,
+            spi_out,
+            alg,
+            in_k,
+            out_k,
+            tsi.clone(),
+            tsr.clone(),
+            now,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn make_child(
+        &self,
+        sa: &IkeSa,
+        ch: &Child,
+        spi_in: u32,
+        spi_out: u32,
+        alg: Chosen,
+        key_in: &[u8],
+        key_out: &[u8],
+        ts_i: Vec<Ts>,
+        ts_r: Vec<Ts>,
+        now: Instant,
+    ) -> ChildSa {
+        let (ts_local, ts_remote) = if sa.initiator {
+            (ts_i, ts_r)
+        } else {
+            (ts_r, ts_i)
+        };
+        ChildSa {
+            ike: sa.our_spi(),
+            conn: sa.conn.clone(),
+            name: ch.name.clone(),
+            reqid: ch.reqid,
+            mode: ch.mode,
+            local: sa.local,
+            remote: sa.remote,
+            encap: sa.nat,
+            spi_in,
+            spi_out,
+            alg,
+            key_in: Zeroizing::new(key_in.to_vec()),
+            key_out: Zeroizing::new(key_out.to_vec()),
+            ts_local,
+            ts_remote,
+            replay_window: ch.replay_window,
+            life_time: ch.life_time,
+            rekey_time: ch.rekey_time,
+            trap: ch.start_action == StartAction::Trap,
+            installed_at: now,
+        }
+    }
+
+    fn install_both(&mut self, sa: &mut IkeSa, c: ChildSa) {
+        self.log(child_line(sa, &c, "up"));
+        self.count("child-established");
+        self.out.push_back(Output::Install {
+            child: Box::new(c.clone()),
+            dir: Dir::In,
+        });
+        self.out.push_back(Output::Install {
+            child: Box::new(c.clone()),
+            dir: Dir::Out,
+        });
+        sa.children.push(c);
+    }
+
+    /// The responder's choice of child config and proposal for a request's
+    /// SA/TSi/TSr (RFC 7296 §2.9 narrowing); the notify to refuse with.
+    fn responder_child(
+        &self,
+        sa: &IkeSa,
+        conn: &Conn,
+        inner: &[Payload],
+        with_ke: Option<u16>,
+    ) -> Result<ChildChoice, (u16, String)> {
+        let (mut props, mut tsi, mut tsr) = (None, None, None);
+        for p in inner {
+            match p {
+                Payload::Sa(x) => props = Some(x),
+                Payload::TsI(t) => tsi = Some(t),
+                Payload::TsR(t) => tsr = Some(t),
+                _ => {}
+            }
+        }
+        let (Some(props), Some(tsi), Some(tsr)) = (props, tsi, tsr) else {
+            return Err((
+                notify::INVALID_SYNTAX,
+                "no SA, TSi or TSr for the child".into(),
+            ));
+        };
+        let transport = find_notify(inner, notify::USE_TRANSPORT_MODE).is_some();
+        let mut ts_ok = false;
+        for ch in &conn.children {
+            let (mine_i, mine_r) = (
+                ch.remote_ts
+                    .iter()
+                    .map(|t| t.resolve(sa.remote.ip()))
+                    .collect::<Vec<_>>(),
+                ch.local_ts
+                    .iter()
+                    .map(|t| t.resolve(sa.local.ip()))
+                    .collect::<Vec<_>>(),
+            );
+            let (ni, nr) = (ts::narrow(tsi, &mine_i), ts::narrow(tsr, &mine_r));
+            if ni.is_empty() || nr.is_empty() {
+                continue;
+            }
+            ts_ok = true;
+            if ch.mode == Mode::Transport && !transport {
+                continue;
+            }
+            let want_dh = with_ke.is_some();
+            let Some((num, alg, spi)) = proposal::select(
+                &child_algsets(ch, want_dh),
+                props,
+                wire::proto::ESP,
+                want_dh,
+            ) else {
+                continue;
+            };
+            if let (Some(g), Some(d)) = (with_ke, alg.dh) {
+                if g != d.id() {
+                    return Err((
+                        notify::INVALID_KE_PAYLOAD,
+                        format!("KE group {g}, we chose {}", d.name()),
+                    ));
+                }
+            }
+            if spi.len() != 4 {
+                return Err((notify::INVALID_SYNTAX, "ESP SPI not 4 octets".into()));
+            }
+            let spi_out = u32::from_be_bytes([spi[0], spi[1], spi[2], spi[3]]);
+            return Ok((
+                ch.clone(),
+                alg,
+                spi_out,
+                num,
+                ni,
+                nr,
+                transport && ch.mode == Mode::Transport,
+            ));
+        }
+        if ts_ok {
+            Err((
+                notify::NO_PROPOSAL_CHOSEN,
+                "no ESP proposal (or mode) in common".into(),
+            ))
+        } else {
+            Err((
+                notify::TS_UNACCEPTABLE,
+                format!(
+                    "traffic selectors {} === {} match no child",
+                    tsi.iter().map(ts::describe).collect::<Vec<_>>().join(","),
+                    tsr.iter().map(ts::describe).collect::<Vec<_>>().join(",")
+                ),
+            ))
+        }
+    }
+
+    fn responder_auth(&mut self, sa: &mut IkeSa, now: Instant, hdr: &Header, inner: Vec<Payload>) {
+        let cfg = self.cfg.clone();
+        let Some(conn) = cfg.conn(&sa.conn) else {
+            return self.kill_now(sa, "connection removed");
+        };
+        let (mut idi, mut idr_asked, mut auth) = (None, None, None);
+        for p in &inner {
+            match p {
+                Payload::IdI(i) => idi = Some(i.clone()),
+                Payload::IdR(i) => idr_asked = Some(i.clone()),
+                Payload::Auth { method, data } => auth = Some((*method, data.clone())),
+                _ => {}
+            }
+        }
+        let (Some(idi), Some((method, auth))) = (idi, auth) else {
+            self.respond(
+                sa,
+                exchange::IKE_AUTH,
+                hdr.msg_id,
+                vec![Payload::notify(notify::INVALID_SYNTAX, vec![])],
+            );
+            return self.kill_now(sa, "IKE_AUTH without IDi or AUTH");
+        };
+        let idr = own_id(&conn.local_id, sa.local.ip());
+        let fail = |me: &mut Endpoint, sa: &mut IkeSa, why: String| {
+            me.count("auth-failed");
+            // RFC 7296 §2.21.2: AUTHENTICATION_FAILED in the (protected) answer.
+            me.respond(
+                sa,
+                exchange::IKE_AUTH,
+                hdr.msg_id,
+                vec![Payload::notify(notify::AUTHENTICATION_FAILED, vec![])],
+            );
+            me.kill_now(
+                sa,
+                &format!("peer {idi}: {why}: AUTHENTICATION_FAILED sent"),
+            );
+        };
+        if !conn.remote_id.matches(&idi) {
+            return fail(
+                self,
+                sa,
+                format!("identity is not remote id {:?}", conn.remote_id),
+            );
+        }
+        if idr_asked.as_ref().is_some_and(|a| *a != idr) {
+            return fail(
+                self,
+                sa,
+                format!(
+                    "asks for us as {} but we are {idr}",
+                    idr_asked.as_ref().expect("some")
+                ),
+            );
+        }
+        let Some(psk) = self
+            .cfg
+            .psk(&idr, Some(&idi))
+            .map(|p| Zeroizing::new(p.to_vec()))
+        else {
+            return fail(self, sa, "no pre-shared key for this peer".into());
+        };
+        let keys = sa.keys.as_ref().expect("derived");
+        let want = crypto::psk_auth(
+            keys.prf,
+            &psk,
+            &[&signed_octets(keys, true, &sa.init_req, &sa.nonce_r, &idi)],
+        );
+        if method != AUTH_PSK || !crypto::ct_eq(&want, &auth) {
+            return fail(
+                self,
+                sa,
+                "AUTH does not verify with our pre-shared key (wrong secret?)".into(),
+            );
+        }
+        let ours = crypto::psk_auth(
+            keys.prf,
+            &psk,
+            &[&signed_octets(
+                keys,
+                false,
+                &sa.init_resp,
+                &sa.nonce_i,
+                &idr,
+            )],
+        );
+        sa.local_id = Some(idr.clone());
+        sa.remote_id = Some(idi.clone());
+        if find_notify(&inner, notify::INITIAL_CONTACT).is_some() {
+            // RFC 7296 §2.4: the peer has no other IKE SA with us: drop stale ones.
+            let stale: Vec<u64> = self
+                .sas
+                .iter()
+                .filter(|(_, o)| {
+                    o.remote_id.as_ref() == Some(&idi)
+                        && o.conn == sa.conn
+                        && o.state == State::Established
+                })
+                .map(|(k, _)| *k)
+                .collect();
+            for s in stale {
+                if let Some(o) = self.sas.remove(&s) {
+                    self.log(format!(
+                        "{}: INITIAL_CONTACT from {idi}: stale IKE_SA removed",
+                        o.label()
+                    ));
+                    self.count("initial-contact-cleared");
+                    self.kill(o, "INITIAL_CONTACT");
+                }
+            }
+        }
+        self.release_half_open(sa);
+        self.by_init.remove(&(sa.remote, sa.spi_i));
+        sa.state = State::Established;
+        sa.established = Some(now);
+        self.count("ike-established");
+        self.log(format!(
+            "{}: IKE_SA established with {idi} ({}, PSK{})",
+            sa.label(),
+            sa.chosen.map_or(String::new(), |c| c.describe()),
+            if sa.nat { ", UDP-encapsulated" } else { "" }
+        ));
+        let mut resp = vec![
+            Payload::IdR(idr),
+            Payload::Auth {
+                method: AUTH_PSK,
+                data: ours.to_vec(),
+            },
+        ];
+        let has_child = inner.iter().any(|p| matches!(p, Payload::Sa(_)));
+        if !has_child {
+            return self.respond(sa, exchange::IKE_AUTH, hdr.msg_id, resp);
+        }
+        match self.responder_child(sa, conn, &inner, None) {
+            Ok((ch, alg, spi_out, num, ni, nr, transport)) => {
+                let spi_in = self.new_spi();
+                let keys = sa.keys.as_ref().expect("derived");
+                let len = alg.encr.key_len() + alg.integ.map_or(0, |i| i.key_len());
+                let km = crypto::child_keymat(
+                    keys.prf,
+                    &keys.sk_d,
+                    None,
+                    &sa.nonce_i,
+                    &sa.nonce_r,
+                    2 * len,
+                );
+                let (in_k, out_k) = km.split_at(len);
+                let c = self.make_child(
+                    sa,
+                    &ch,
+                    spi_in,
+                    spi_out,
+                    alg,
+                    in_k,
+                    out_k,
+                    ni.clone(),
+                    nr.clone(),
+                    now,
+                );
+                resp.push(Payload::Sa(vec![alg.proposal(
+                    num,
+                    wire::proto::ESP,
+                    spi_in.to_be_bytes().to_vec(),
+                )]));
+                resp.push(Payload::TsI(ni));
+                resp.push(Payload::TsR(nr));
+                if transport {
+                    resp.push(Payload::notify(notify::USE_TRANSPORT_MODE, vec![]));
+                }
+                self.responder_install(sa, c, exchange::IKE_AUTH, hdr.msg_id, resp);
+            }
+            Err((n, why)) => {
+                self.log(format!(
+                    "{}: child refused: {why} ({})",
+                    sa.label(),
+                    notify::name(n)
+                ));
+                resp.push(Payload::notify(n, vec![]));
+                self.respond(sa, exchange::IKE_AUTH, hdr.msg_id, resp);
+            }
+        }
+    }
+
+    /// Inbound first, then the answer, then outbound: the initiator may
+    /// send as soon as it has our answer, and our first outbound packet
+    /// must not arrive before it knows the SA.
+    fn responder_install(
+        &mut self,
+        sa: &mut IkeSa,
+        c: ChildSa,
+        exch: u8,
+        msg_id: u32,
+        resp: Vec<Payload>,
+    ) {
+        self.log(child_line(sa, &c, "up"));
+        self.count("child-established");
+        self.out.push_back(Output::Install {
+            child: Box::new(c.clone()),
+            dir: Dir::In,
+        });
+        self.respond(sa, exch, msg_id, resp);
+        self.out.push_back(Output::Install {
+            child: Box::new(c.clone()),
+            dir: Dir::Out,
+        });
+        sa.children.push(c);
+    }
+
+    fn responder_create_child(
+        &mut self,
+        sa: &mut IkeSa,
+        now: Instant,
+        hdr: &Header,
+        inner: Vec<Payload>,
+    ) {
+        let cfg = self.cfg.clone();
+        let Some(conn) = cfg.conn(&sa.conn) else {
+            return self.kill_now(sa, "connection removed");
+        };
+        let rekey = find_notify(&inner, notify::REKEY_SA).cloned();
+        let is_ike_rekey = inner.iter().any(
+            |p| matches!(p, Payload::Sa(ps) if ps.iter().any(|x| x.proto == wire::proto::IKE)),
+        );
+        if is_ike_rekey {
+            // IKE SA rekeying (RFC 7296 §2.18) is not here yet: refuse, the
+            // peer keeps using this IKE SA or reauthenticates.
+            self.log(format!(
+                "{}: IKE_SA rekey refused (not supported yet: NO_ADDITIONAL_SAS)",
+                sa.label()
+            ));
+            return self.respond(
+                sa,
+                exchange::CREATE_CHILD_SA,
+                hdr.msg_id,
+                vec![Payload::notify(notify::NO_ADDITIONAL_SAS, vec![])],
+            );
+        }
+        let (mut ni, mut ke) = (None, None);
+        for p in &inner {
+            match p {
+                Payload::Nonce(n) => ni = Some(n.clone()),
+                Payload::Ke { group, data } => ke = Some((*group, data.clone())),
+                _ => {}
+            }
+        }
+        let Some(ni) = ni else {
+            return self.respond(
+                sa,
+                exchange::CREATE_CHILD_SA,
+                hdr.msg_id,
+                vec![Payload::notify(notify::INVALID_SYNTAX, vec![])],
+            );
+        };
+        match self.responder_child(sa, conn, &inner, ke.as_ref().map(|k| k.0)) {
+            Ok((ch, alg, spi_out, num, tsi, tsr, transport)) => {
+                let mut nr = vec![0u8; NONCE_LEN];
+                crypto::random(&mut nr);
+                let mut resp = vec![Payload::Sa(vec![]), Payload::Nonce(nr.clone())];
+                let shared = match (&ke, alg.dh) {
+                    (Some((_, d)), Some(g)) => {
+                        let ks = KeyShare::new(g);
+                        resp.push(Payload::Ke {
+                            group: g.id(),
+                            data: ks.public().to_vec(),
+                        });
+                        match ks.agree(d) {
+                            Ok(s) => Some(s),
+                            Err(_) => {
+                                self.drop_msg("bad-ke");
+                                return self.respond(
+                                    sa,
+                                    exchange::CREATE_CHILD_SA,
+                                    hdr.msg_id,
+                                    vec![Payload::notify(notify::INVALID_SYNTAX, vec![])],
+                                );
+                            }
+                        }
+                    }
+                    _ => None,
+                };
+                let spi_in = self.new_spi();
+                resp[0] = Payload::Sa(vec![alg.proposal(
+                    num,
+                    wire::proto::ESP,
+                    spi_in.to_be_bytes().to_vec(),
+                )]);
+                resp.push(Payload::TsI(tsi.clone()));
+                resp.push(Payload::TsR(tsr.clone()));
+                if transport {
+                    resp.push(Payload::notify(notify::USE_TRANSPORT_MODE, vec![]));
+                }
+                let keys = sa.keys.as_ref().expect("established");
+                let len = alg.encr.key_len() + alg.integ.map_or(0, |i| i.key_len());
+                let km = crypto::child_keymat(
+                    keys.prf,
+                    &keys.sk_d,
+                    shared.as_deref().map(|s| &s[..]),
+                    &ni,
+                    &nr,
+                    2 * len,
+                );
+                let (in_k, out_k) = km.split_at(len);
+                let c = self.make_child(sa, &ch, spi_in, spi_out, alg, in_k, out_k, tsi, tsr, now);
+                if let Some(r) = &rekey {
+                    // RFC 7296 §2.8: the new SA replaces the one REKEY_SA names;
+                    // the old one stays until the initiator deletes it.
+                    self.log(format!(
+                        "{}: CHILD_SA {} rekeyed by the peer (old SPI {})",
+                        sa.label(),
+                        ch.name,
+                        hex(&r.spi)
+                    ));
+                }
+                self.responder_install(sa, c, exchange::CREATE_CHILD_SA, hdr.msg_id, resp);
+            }
+            Err((n, why)) => {
+                self.log(format!(
+                    "{}: CREATE_CHILD_SA refused: {why} ({})",
+                    sa.label(),
+                    notify::name(n)
+                ));
+                let data = if n == notify::INVALID_KE_PAYLOAD {
+                    conn.children
+                        .iter()
+                        .find_map(|c| c.esp.iter().find_map(|a| a.dh.first()))
+                        .map_or(vec![], |g| g.id().to_be_bytes().to_vec())
+                } else {
+                    vec![]
+                };
+                self.respond(
+                    sa,
+                    exchange::CREATE_CHILD_SA,
+                    hdr.msg_id,
+                    vec![Payload::notify(n, data)],
+                );
+            }
+        }
+    }
+
+    fn responder_informational(
+        &mut self,
+        sa: &mut IkeSa,
+        _now: Instant,
+        hdr: &Header,
+        inner: Vec<Payload>,
+    ) {
+        let mut resp = Vec::new();
+        let mut delete_ike = false;
+        let mut ours_deleted = Vec::new();
+        for p in &inner {
+            if let Payload::Delete { proto, spis, .. } = p {
+                match *proto {
+                    wire::proto::IKE => delete_ike = true,
+                    wire::proto::ESP => {
+                        for s in spis {
+                            if s.len() != 4 {
+                                continue;
+                            }
+                            let spi = u32::from_be_bytes([s[0], s[1], s[2], s[3]]);
+                            // RFC 7296 §1.4.1: they name their inbound SPI (our outbound).
+                            if let Some(i) = sa.children.iter().position(|c| c.spi_out == spi) {
+                                let c = sa.children.remove(i);
+                                ours_deleted.push(c.spi_in.to_be_bytes().to_vec());
+                                self.log(child_line(sa, &c, "deleted by the peer"));
+                                self.out.push_back(Output::Remove {
+                                    child: Box::new(c),
+                                    why: "deleted by the peer".into(),
+                                });
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if delete_ike {
+            self.respond(sa, exchange::INFORMATIONAL, hdr.msg_id, vec![]);
+            let label = sa.label();
+            self.log(format!("{label}: IKE_SA deleted by the peer"));
+            self.count("ike-deleted-by-peer");
+            let taken = std::mem::replace(sa, dead_placeholder(sa));
+            self.kill(taken, "IKE_SA deleted by the peer");
+            sa.dead = true;
+            return;
+        }
+        if !ours_deleted.is_empty() {
+            resp.push(Payload::Delete {
+                proto: wire::proto::ESP,
+                spi_size: 4,
+                spis: ours_deleted,
+            });
+        }
+        self.respond(sa, exchange::INFORMATIONAL, hdr.msg_id, resp);
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn child_line(sa: &IkeSa, c: &ChildSa, what: &str) -> String {
+    format!(
+        "{}: CHILD_SA {} {what}: {} SPIs in {:08x} out {:08x} {} reqid {} {} === {}{}",
+        sa.label(),
+        c.name,
+        if c.mode == Mode::Tunnel {
+            "tunnel"
+        } else {
+            "transport"
+        },
+        c.spi_in,
+        c.spi_out,
+        c.alg.describe(),
+        c.reqid,
+        c.ts_local
+            .iter()
+            .map(ts::describe)
+            .collect::<Vec<_>>()
+            .join(","),
+        c.ts_remote
+            .iter()
+            .map(ts::describe)
+            .collect::<Vec<_>>()
+            .join(","),
+        if c.encap { " (UDP-encapsulated)" } else { "" }
+    )
+}
+
+/// An emptied IKE SA left in place of one handed to `kill`.
+fn dead_placeholder(sa: &IkeSa) -> IkeSa {
+    IkeSa {
+        conn: sa.conn.clone(),
+        initiator: sa.initiator,
+        spi_i: sa.spi_i,
+        spi_r: sa.spi_r,
+        local: sa.local,
+        remote: sa.remote,
+        state: sa.state,
+        nonce_i: Vec::new(),
+        nonce_r: Vec::new(),
+        keyshare: None,
+        chosen: None,
+        keys: None,
+        init_req: Vec::new(),
+        init_resp: Vec::new(),
+        nat: sa.nat,
+        next_req_id: 0,
+        expect_req_id: 0,
+        pending: None,
+        queue: VecDeque::new(),
+        last_resp: None,
+        children: Vec::new(),
+        first_child: None,
+        init_retries: 0,
+        cookie: None,
+        created: sa.created,
+        established: None,
+        last_heard: sa.last_heard,
+        local_id: None,
+        remote_id: None,
+        dead: true,
+    }
+}
+
+fn seal(sa: &mut IkeSa, hdr: Header, payloads: &[Payload]) -> Vec<u8> {
+    let mut inner = Zeroizing::new(Vec::new());
+    let first = wire::emit_chain(payloads, &mut inner);
+    sa.keys.as_mut().expect("keys").sk.seal(hdr, first, &inner)
+}
+
+/// RFC 7296 §2.23: our NAT_DETECTION_SOURCE_IP and _DESTINATION_IP. With
+/// `encap = yes` the source hash is random, so the peer sees a NAT and both
+/// sides encapsulate (strongSwan does the same).
+fn nat_notifies(
+    spi_i: u64,
+    spi_r: u64,
+    local: SocketAddr,
+    remote: SocketAddr,
+    force: bool,
+) -> Vec<Payload> {
+    let src = if force {
+        let mut r = vec![0u8; 20];
+        crypto::random(&mut r);
+        r
+    } else {
+        crypto::nat_hash(spi_i, spi_r, local)
+    };
+    vec![
+        Payload::notify(notify::NAT_DETECTION_SOURCE_IP, src),
+        Payload::notify(
+            notify::NAT_DETECTION_DESTINATION_IP,
+            crypto::nat_hash(spi_i, spi_r, remote),
+        ),
+    ]
+}
+
+/// (we are behind a NAT, the peer is behind a NAT); None if the peer sent no NAT_DETECTION notifies.
+fn nat_detect(
+    ps: &[Payload],
+    spi_i: u64,
+    spi_r: u64,
+    local: SocketAddr,
+    remote: SocketAddr,
+) -> Option<(bool, bool)> {
+    let mut src = Vec::new();
+    let mut dst = None;
+    for p in ps {
+        if let Payload::Notify(n) = p {
+            match n.ty {
+                notify::NAT_DETECTION_SOURCE_IP => src.push(&n.data),
+                notify::NAT_DETECTION_DESTINATION_IP => dst = Some(&n.data),
+                _ => {}
+            }
+        }
+    }
+    let dst = dst?;
+    if src.is_empty() {
+        return None;
+    }
+    let me = *dst != crypto::nat_hash(spi_i, spi_r, local);
+    let want = crypto::nat_hash(spi_i, spi_r, remote);
+    let peer = !src.iter().any(|s| **s == want);
+    Some((me, peer))
+}
+
+/// The child's proposals as offered: DH only with PFS (not in IKE_AUTH).
+fn child_algsets(ch: &Child, with_dh: bool) -> Vec<proposal::AlgSet> {
+    ch.esp
+        .iter()
+        .map(|a| {
+            let mut a = a.clone();
+            if !with_dh {
+                a.dh.clear();
+            }
+            a
+        })
+        .collect()
+}
+
+fn child_proposals(ch: &Child, spi_in: u32, with_dh: bool) -> Vec<Proposal> {
+    child_algsets(ch, with_dh)
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            a.proposal(
+                i as u8 + 1,
+                wire::proto::ESP,
+                spi_in.to_be_bytes().to_vec(),
+                with_dh,
+            )
+        })
+        .collect()
+}
+
+/// TSi/TSr for a child; a trap's packet selectors first (RFC 7296 §2.9).
+fn child_ts(
+    ch: &Child,
+    local: IpAddr,
+    remote: IpAddr,
+    packet: Option<(Ts, Ts)>,
+) -> (Vec<Ts>, Vec<Ts>) {
+    let mut i: Vec<Ts> = ch.local_ts.iter().map(|t| t.resolve(local)).collect();
+    let mut r: Vec<Ts> = ch.remote_ts.iter().map(|t| t.resolve(remote)).collect();
+    if let Some((pi, pr)) = packet {
+        i.insert(0, pi);
+        r.insert(0, pr);
+    }
+    (i, r)
+}

@@ -1,0 +1,481 @@
+//! Two espd-ike endpoints in one process over a simulated network (the
+//! sans-IO core): establishment, refusals, loss, duplication, reordering.
+
+use espd_ike::conf;
+use espd_ike::ike::{ChildSa, Dir, Endpoint, Output};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const A: &str = "198.18.0.1";
+const B: &str = "198.18.0.2";
+
+fn config(name: &str, text: &str) -> Arc<conf::Config> {
+    let d = std::env::temp_dir().join(format!("espd-ike-pair-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let p = d.join("swanctl.conf");
+    std::fs::write(&p, text).unwrap();
+    Arc::new(conf::load(&p).unwrap_or_else(|e| panic!("{e:#?}")))
+}
+
+/// The same file on both sides, as strongSwan users write it, with the
+/// addresses and ids swapped.
+fn site(
+    me: &str,
+    peer: &str,
+    lts: &str,
+    rts: &str,
+    extra: &str,
+    child_extra: &str,
+    psk: &str,
+) -> String {
+    let (mid, pid) = if me == A {
+        ("gw1", "gw2")
+    } else {
+        ("gw2", "gw1")
+    };
+    format!(
+        r#"connections {{
+  site {{
+    local_addrs = {me}
+    remote_addrs = {peer}
+    {extra}
+    local {{ auth = psk
+            id = {mid} }}
+    remote {{ auth = psk
+             id = {pid} }}
+    children {{
+      net {{
+        local_ts = {lts}
+        remote_ts = {rts}
+        {child_extra}
+      }}
+      net6 {{
+        local_ts = 2001:db8:{}::/64
+        remote_ts = 2001:db8:{}::/64
+        esp_proposals = aes256gcm16-ecp384
+      }}
+    }}
+  }}
+}}
+secrets {{
+  ike-1 {{
+    id-1 = gw1
+    id-2 = gw2
+    secret = "{psk}"
+  }}
+}}
+"#,
+        if me == A { 1 } else { 2 },
+        if me == A { 2 } else { 1 }
+    )
+}
+
+struct Net {
+    a: Endpoint,
+    b: Endpoint,
+    now: Instant,
+    installs: [Vec<(Dir, ChildSa)>; 2],
+    removes: [Vec<ChildSa>; 2],
+    logs: [Vec<String>; 2],
+    sent: usize,
+    /// Decides what happens to datagram n: 0 deliver, 1 drop, 2 duplicate, 3 hold (reorder).
+    fate: Box<dyn FnMut(usize) -> u8>,
+    held: Vec<(bool, SocketAddr, SocketAddr, Vec<u8>)>,
+}
+
+impl Net {
+    fn new(ca: Arc<conf::Config>, cb: Arc<conf::Config>) -> Net {
+        Net {
+            a: Endpoint::new(ca),
+            b: Endpoint::new(cb),
+            now: Instant::now(),
+            installs: [vec![], vec![]],
+            removes: [vec![], vec![]],
+            logs: [vec![], vec![]],
+            sent: 0,
+            fate: Box::new(|_| 0),
+            held: vec![],
+        }
+    }
+
+    /// Runs until nothing moves and no timer is due within `for_`.
+    fn run(&mut self, for_: Duration) {
+        let end = self.now + for_;
+        loop {
+            let mut moved = false;
+            for side in 0..2 {
+                loop {
+                    let o = if side == 0 {
+                        self.a.poll_output()
+                    } else {
+                        self.b.poll_output()
+                    };
+                    let Some(o) = o else { break };
+                    moved = true;
+                    match o {
+                        Output::Send {
+                            local,
+                            remote,
+                            data,
+                        } => {
+                            let n = self.sent;
+                            self.sent += 1;
+                            match (self.fate)(n) {
+                                1 => {}
+                                2 => {
+                                    self.deliver(side == 0, local, remote, &data);
+                                    self.deliver(side == 0, local, remote, &data);
+                                }
+                                3 => self.held.push((side == 0, local, remote, data)),
+                                _ => self.deliver(side == 0, local, remote, &data),
+                            }
+                        }
+                        Output::Install { child, dir } => self.installs[side].push((dir, *child)),
+                        Output::Remove { child, .. } => self.removes[side].push(*child),
+                        Output::Log(l) => self.logs[side].push(l),
+                    }
+                }
+            }
+            if !moved {
+                if let Some((from_a, l, r, d)) = self.held.pop() {
+                    self.deliver(from_a, l, r, &d);
+                    continue;
+                }
+                let t = [self.a.poll_timeout(), self.b.poll_timeout()]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                match t {
+                    Some(t) if t <= end => {
+                        self.now = self.now.max(t);
+                        self.a.handle_timeout(self.now);
+                        self.b.handle_timeout(self.now);
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, from_a: bool, local: SocketAddr, remote: SocketAddr, d: &[u8]) {
+        let now = self.now;
+        if from_a {
+            self.b.handle(now, remote, local, d)
+        } else {
+            self.a.handle(now, remote, local, d)
+        }
+    }
+
+    fn up(&self, side: usize) -> Vec<&ChildSa> {
+        self.installs[side]
+            .iter()
+            .filter(|(d, _)| *d == Dir::Out)
+            .map(|(_, c)| c)
+            .collect()
+    }
+}
+
+fn pair(extra_a: &str, extra_b: &str, child_a: &str, child_b: &str, psk_b: &str) -> Net {
+    let ca = config(
+        &format!("a{}", rand_tag()),
+        &site(
+            A,
+            B,
+            "198.18.1.0/24",
+            "198.18.2.0/24",
+            extra_a,
+            child_a,
+            "s3cret",
+        ),
+    );
+    let cb = config(
+        &format!("b{}", rand_tag()),
+        &site(
+            B,
+            A,
+            "198.18.2.0/24",
+            "198.18.1.0/24",
+            extra_b,
+            child_b,
+            psk_b,
+        ),
+    );
+    Net::new(ca, cb)
+}
+
+fn rand_tag() -> u64 {
+    espd_ike::crypto::random_u64()
+}
+
+fn assert_matching(n: &Net) {
+    let (a, b) = (n.up(0), n.up(1));
+    assert_eq!(a.len(), 1, "A: {:#?}", n.logs[0]);
+    assert_eq!(b.len(), 1, "B: {:#?}", n.logs[1]);
+    let (a, b) = (a[0], b[0]);
+    assert_eq!(a.spi_out, b.spi_in);
+    assert_eq!(a.spi_in, b.spi_out);
+    assert_eq!(&a.key_out[..], &b.key_in[..]);
+    assert_eq!(&a.key_in[..], &b.key_out[..]);
+    assert_ne!(&a.key_in[..], &a.key_out[..]);
+    assert_eq!(a.alg, b.alg);
+    assert_eq!(a.ts_local, b.ts_remote);
+    assert_eq!(a.ts_remote, b.ts_local);
+    // Inbound is always installed before outbound.
+    for side in 0..2 {
+        let first = &n.installs[side][0];
+        assert_eq!(first.0, Dir::In);
+    }
+}
+
+#[test]
+fn psk_tunnel_comes_up_with_matching_keys() {
+    let mut n = pair(
+        "proposals = aes128-sha256-x25519",
+        "proposals = aes128-sha256-x25519",
+        "esp_proposals = aes128gcm16",
+        "esp_proposals = aes128gcm16",
+        "s3cret",
+    );
+    n.a.initiate("net", None, n.now).unwrap();
+    n.run(Duration::from_secs(1));
+    assert_matching(&n);
+    let c = n.up(0)[0];
+    assert_eq!(c.alg.describe(), "aes128gcm16");
+    assert!(!c.encap);
+    assert_eq!(c.key_in.len(), 20);
+    assert_eq!(n.sent, 4, "IKE_SA_INIT and IKE_AUTH, no retransmission");
+    // A second child rides on the IKE SA (CREATE_CHILD_SA, PFS with ecp384).
+    n.a.initiate("net6", None, n.now).unwrap();
+    n.run(Duration::from_secs(1));
+    assert_eq!(n.up(0).len(), 2, "{:#?}", n.logs[0]);
+    assert_eq!(n.up(1)[1].ts_local[0].start.to_string(), "2001:db8:2::");
+    assert_eq!(&n.up(0)[1].key_out[..], &n.up(1)[1].key_in[..]);
+    assert_eq!(n.a.list(n.now)[0].children.len(), 2);
+    // Deleting the IKE SA from A removes everything on both sides.
+    n.a.terminate("site", n.now);
+    n.run(Duration::from_secs(1));
+    assert_eq!(n.removes[0].len(), 2);
+    assert_eq!(n.removes[1].len(), 2);
+    assert_eq!(n.a.sa_count() + n.b.sa_count(), 0);
+}
+
+#[test]
+fn wrong_psk_installs_nothing() {
+    let mut n = pair("", "", "", "", "other");
+    n.a.initiate("net", None, n.now).unwrap();
+    n.run(Duration::from_secs(5));
+    assert!(n.installs[0].is_empty() && n.installs[1].is_empty());
+    assert!(
+        n.logs[1]
+            .iter()
+            .any(|l| l.contains("AUTHENTICATION_FAILED")),
+        "{:#?}",
+        n.logs[1]
+    );
+    assert!(
+        n.logs[0]
+            .iter()
+            .any(|l| l.contains("AUTHENTICATION_FAILED")),
+        "{:#?}",
+        n.logs[0]
+    );
+    assert_eq!(n.a.stats().get("auth-failed"), Some(&1));
+    assert_eq!(n.a.sa_count() + n.b.sa_count(), 0);
+}
+
+#[test]
+fn invalid_ke_is_honoured() {
+    let mut n = pair(
+        "proposals = aes256gcm16-prfsha384-x25519-ecp384",
+        "proposals = aes256gcm16-prfsha384-ecp384",
+        "",
+        "",
+        "s3cret",
+    );
+    n.a.initiate("net", None, n.now).unwrap();
+    n.run(Duration::from_secs(1));
+    assert_matching(&n);
+    assert_eq!(n.b.stats().get("invalid-ke-sent"), Some(&1));
+    assert!(n.a.list(n.now)[0].alg.contains("ecp384"));
+}
+
+#[test]
+fn no_common_proposal_and_unacceptable_selectors() {
+    let mut n = pair(
+        "proposals = aes128-sha256-ecp256",
+        "proposals = aes256gcm16-prfsha256-x25519",
+        "",
+        "",
+        "s3cret",
+    );
+    n.a.initiate("net", None, n.now).unwrap();
+    n.run(Duration::from_secs(1));
+    assert!(
+        n.logs[0].iter().any(|l| l.contains("NO_PROPOSAL_CHOSEN")),
+        "{:#?}",
+        n.logs[0]
+    );
+    assert_eq!(n.b.sa_count(), 0, "a refused IKE_SA_INIT keeps no state");
+    // Selectors B does not allow: the IKE SA comes up, the child does not.
+    let ca = config(
+        "tsa",
+        &site(A, B, "198.18.1.0/24", "198.18.9.0/24", "", "", "s3cret"),
+    );
+    let cb = config(
+        "tsb",
+        &site(B, A, "198.18.2.0/24", "198.18.1.0/24", "", "", "s3cret"),
+    );
+    let mut n = Net::new(ca, cb);
+    n.a.initiate("net", None, n.now).unwrap();
+    n.run(Duration::from_secs(1));
+    assert!(n.installs[0].is_empty() && n.installs[1].is_empty());
+    assert!(
+        n.logs[0].iter().any(|l| l.contains("TS_UNACCEPTABLE")),
+        "{:#?}",
+        n.logs[0]
+    );
+}
+
+#[test]
+fn narrowing_to_the_responders_selectors() {
+    let ca = config(
+        "na",
+        &site(A, B, "198.18.0.0/15", "198.18.0.0/15", "", "", "s3cret"),
+    );
+    let cb = config(
+        "nb",
+        &site(B, A, "198.18.2.0/24", "198.18.1.0/24", "", "", "s3cret"),
+    );
+    let mut n = Net::new(ca, cb);
+    n.a.initiate("net", None, n.now).unwrap();
+    n.run(Duration::from_secs(1));
+    assert_matching(&n);
+    assert_eq!(
+        espd_ike::ts::describe(&n.up(0)[0].ts_local[0]),
+        "198.18.1.0/24"
+    );
+    assert_eq!(
+        espd_ike::ts::describe(&n.up(0)[0].ts_remote[0]),
+        "198.18.2.0/24"
+    );
+}
+
+#[test]
+fn encap_yes_floats_to_4500() {
+    let mut n = pair("encap = yes", "encap = yes", "", "", "s3cret");
+    n.a.initiate("net", None, n.now).unwrap();
+    n.run(Duration::from_secs(1));
+    assert_matching(&n);
+    let c = n.up(0)[0];
+    assert!(c.encap);
+    assert_eq!((c.local.port(), c.remote.port()), (4500, 4500));
+    assert_eq!(n.up(1)[0].remote.port(), 4500);
+}
+
+#[test]
+fn cookies_above_the_half_open_threshold() {
+    let mut n = pair("", "", "", "", "s3cret");
+    n.b.cookie_threshold = 0;
+    n.a.initiate("net", None, n.now).unwrap();
+    n.run(Duration::from_secs(1));
+    assert_matching(&n);
+    assert_eq!(n.b.stats().get("cookies-sent"), Some(&1));
+    assert_eq!(n.a.stats().get("cookies-returned"), Some(&1));
+}
+
+#[test]
+fn retransmission_and_give_up() {
+    // The first two datagrams lost: retransmitted, then up.
+    let mut n = pair("", "", "", "", "s3cret");
+    n.fate = Box::new(|i| u8::from(i < 2));
+    n.a.initiate("net", None, n.now).unwrap();
+    n.run(Duration::from_secs(10));
+    assert_matching(&n);
+    assert!(n.a.stats().get("retransmits").copied().unwrap_or(0) >= 1);
+    // A peer that never answers: give up, nothing left.
+    let mut n = pair("", "", "", "", "s3cret");
+    n.fate = Box::new(|_| 1);
+    n.a.initiate("net", None, n.now).unwrap();
+    n.run(Duration::from_secs(600));
+    assert_eq!(n.a.sa_count(), 0);
+    assert_eq!(n.a.stats().get("retransmit-give-up"), Some(&1));
+}
+
+#[test]
+fn dead_peer_detection_ends_the_ike_sa() {
+    let mut n = pair("dpd_delay = 10s", "", "", "", "s3cret");
+    n.a.initiate("net", None, n.now).unwrap();
+    n.run(Duration::from_secs(1));
+    assert_matching(&n);
+    // Liveness checks go out and are answered while B lives.
+    n.run(Duration::from_secs(35));
+    assert!(n.a.stats().get("liveness-ok").copied().unwrap_or(0) >= 3);
+    // B goes silent: A gives up and removes the child.
+    n.fate = Box::new(|_| 1);
+    n.run(Duration::from_secs(300));
+    assert_eq!(n.a.sa_count(), 0);
+    assert_eq!(n.removes[0].len(), 1);
+}
+
+/// A small deterministic generator for the seeded runs.
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+}
+
+#[test]
+fn loss_duplication_and_reordering_converge() {
+    let runs: u64 = std::env::var("ESPD_IKE_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    let mut converged = 0;
+    for seed in 0..runs {
+        let mut n = pair("encap = yes", "encap = yes", "", "", "s3cret");
+        let mut r = Lcg(seed);
+        n.fate = Box::new(move |_| match r.next() % 10 {
+            0 | 1 => 1,
+            2 => 2,
+            3 => 3,
+            _ => 0,
+        });
+        n.a.initiate("net", None, n.now).unwrap();
+        n.run(Duration::from_secs(120));
+        let (a, b) = (n.up(0), n.up(1));
+        // Either both sides have the same child or (the peer gave up) neither
+        // side is left with an IKE SA claiming one; never a half-agreed SA.
+        if a.len() == 1 && b.len() == 1 {
+            converged += 1;
+            assert_eq!(&a[0].key_out[..], &b[0].key_in[..], "seed {seed}");
+            assert_eq!(a[0].spi_out, b[0].spi_in, "seed {seed}");
+        } else {
+            let live_a =
+                n.a.list(n.now)
+                    .iter()
+                    .map(|s| s.children.len())
+                    .sum::<usize>();
+            let live_b =
+                n.b.list(n.now)
+                    .iter()
+                    .map(|s| s.children.len())
+                    .sum::<usize>();
+            assert!(
+                a.len() <= 1 && b.len() <= 1,
+                "seed {seed}: duplicate installs"
+            );
+            assert!(
+                live_a == 0 || live_b == 1,
+                "seed {seed}: A has a child B never made ({:#?} {:#?})",
+                n.logs[0],
+                n.logs[1]
+            );
+        }
+    }
+}
