@@ -193,6 +193,52 @@ struct IkeSa {
 }
 
 impl IkeSa {
+    /// An IKE SA with nothing negotiated yet.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        conn: String,
+        initiator: bool,
+        spi_i: u64,
+        spi_r: u64,
+        local: SocketAddr,
+        remote: SocketAddr,
+        state: State,
+        now: Instant,
+    ) -> IkeSa {
+        IkeSa {
+            conn,
+            initiator,
+            spi_i,
+            spi_r,
+            local,
+            remote,
+            state,
+            nonce_i: Vec::new(),
+            nonce_r: Vec::new(),
+            keyshare: None,
+            chosen: None,
+            keys: None,
+            init_req: Vec::new(),
+            init_resp: Vec::new(),
+            nat: false,
+            next_req_id: 0,
+            expect_req_id: 0,
+            pending: None,
+            queue: VecDeque::new(),
+            last_resp: None,
+            children: Vec::new(),
+            first_child: None,
+            init_retries: 0,
+            cookie: None,
+            created: now,
+            established: None,
+            last_heard: now,
+            local_id: None,
+            remote_id: None,
+            dead: false,
+        }
+    }
+
     fn our_spi(&self) -> u64 {
         if self.initiator {
             self.spi_i
@@ -642,38 +688,19 @@ impl Endpoint {
         while spi_i == 0 || self.sas.contains_key(&spi_i) {
             spi_i = crypto::random_u64();
         }
-        let mut sa = IkeSa {
-            conn: conn.name.clone(),
-            initiator: true,
+        let mut sa = IkeSa::new(
+            conn.name.clone(),
+            true,
             spi_i,
-            spi_r: 0,
-            local: SocketAddr::new(local, conn.local_port),
-            remote: SocketAddr::new(remote, conn.remote_port),
-            state: State::InitSent,
-            nonce_i: nonce,
-            nonce_r: Vec::new(),
-            keyshare: Some(KeyShare::new(dh)),
-            chosen: None,
-            keys: None,
-            init_req: Vec::new(),
-            init_resp: Vec::new(),
-            nat: false,
-            next_req_id: 0,
-            expect_req_id: 0,
-            pending: None,
-            queue: VecDeque::new(),
-            last_resp: None,
-            children: Vec::new(),
-            first_child: Some((ch.name.clone(), packet)),
-            init_retries: 0,
-            cookie: None,
-            created: now,
-            established: None,
-            last_heard: now,
-            local_id: None,
-            remote_id: None,
-            dead: false,
-        };
+            0,
+            SocketAddr::new(local, conn.local_port),
+            SocketAddr::new(remote, conn.remote_port),
+            State::InitSent,
+            now,
+        );
+        sa.nonce_i = nonce;
+        sa.keyshare = Some(KeyShare::new(dh));
+        sa.first_child = Some((ch.name.clone(), packet));
         self.log(format!(
             "{}: initiating IKE_SA for child {}",
             sa.label(),
@@ -781,21 +808,9 @@ impl Endpoint {
         if sa.keys.is_some() && matches!(sa.state, State::Established | State::AuthSent) {
             sa.state = State::Deleting;
             sa.queue.clear();
-            if sa.pending.is_none() {
-                self.request(
-                    sa,
-                    exchange::INFORMATIONAL,
-                    vec![Payload::Delete {
-                        proto: wire::proto::IKE,
-                        spi_size: 0,
-                        spis: vec![],
-                    }],
-                    ReqKind::DeleteIke,
-                    now,
-                );
-            } else {
-                sa.queue.push_back(Queued::DeleteIke);
-            }
+            // Window 1: the DELETE goes when the outstanding request is answered.
+            sa.queue.push_back(Queued::DeleteIke);
+            self.pump(sa, now);
             self.log(format!("{}: deleting IKE_SA", sa.label()));
         } else {
             let label = sa.label();
@@ -1100,16 +1115,7 @@ impl Endpoint {
             }
             Err(e) => return self.drop_msg(e.reason()),
         };
-        let (mut sa_p, mut ke, mut nonce) = (None, None, None);
-        for p in &chain {
-            match p {
-                Payload::Sa(x) => sa_p = Some(x),
-                Payload::Ke { group, data } => ke = Some((*group, data)),
-                Payload::Nonce(n) => nonce = Some(n),
-                _ => {}
-            }
-        }
-        let (Some(props), Some((group, ke_data)), Some(ni)) = (sa_p, ke, nonce) else {
+        let Some((props, group, ke_data, ni)) = init_payloads(&chain) else {
             return self.drop_msg("malformed");
         };
         let reply = |me: &mut Endpoint, n: u16, d: Vec<u8>| {
@@ -1236,38 +1242,24 @@ impl Endpoint {
         };
         let out = wire::emit_plain(h, &resp);
         let nat = conn.encap || nat_d.is_some_and(|(a, b)| a || b);
-        let sa = IkeSa {
-            conn: conn.name.clone(),
-            initiator: false,
-            spi_i: hdr.spi_i,
+        let mut sa = IkeSa::new(
+            conn.name.clone(),
+            false,
+            hdr.spi_i,
             spi_r,
             local,
             remote,
-            state: State::InitDone,
-            nonce_i: ni.clone(),
-            nonce_r: nr,
-            keyshare: None,
-            chosen: Some(chosen),
-            keys: Some(keys),
-            init_req: data.to_vec(),
-            init_resp: out.clone(),
-            nat,
-            next_req_id: 0,
-            expect_req_id: 1,
-            pending: None,
-            queue: VecDeque::new(),
-            last_resp: None,
-            children: Vec::new(),
-            first_child: None,
-            init_retries: 0,
-            cookie: None,
-            created: now,
-            established: None,
-            last_heard: now,
-            local_id: None,
-            remote_id: None,
-            dead: false,
-        };
+            State::InitDone,
+            now,
+        );
+        sa.nonce_i = ni.clone();
+        sa.nonce_r = nr;
+        sa.chosen = Some(chosen);
+        sa.keys = Some(keys);
+        sa.init_req = data.to_vec();
+        sa.init_resp = out.clone();
+        sa.nat = nat;
+        sa.expect_req_id = 1;
         self.half_open += 1;
         *self.half_open_by_peer.entry(remote.ip()).or_default() += 1;
         self.by_init.insert((remote, hdr.spi_i), spi_r);
@@ -1322,16 +1314,7 @@ impl Endpoint {
                 &format!("IKE_SA_INIT refused by the peer: {}", notify::name(e)),
             );
         }
-        let (mut sa_p, mut ke, mut nonce) = (None, None, None);
-        for p in &chain {
-            match p {
-                Payload::Sa(x) => sa_p = Some(x),
-                Payload::Ke { group, data } => ke = Some((*group, data)),
-                Payload::Nonce(n) => nonce = Some(n),
-                _ => {}
-            }
-        }
-        let (Some(props), Some((group, ke_data)), Some(nr)) = (sa_p, ke, nonce) else {
+        let Some((props, group, ke_data, nr)) = init_payloads(&chain) else {
             return self.drop_msg("malformed");
         };
         if hdr.spi_r == 0 {
@@ -2194,6 +2177,23 @@ impl Endpoint {
     }
 }
 
+/// The SA, KE (group, data) and Nonce of an IKE_SA_INIT message.
+type InitPayloads<'a> = (&'a Vec<Proposal>, u16, &'a Vec<u8>, &'a Vec<u8>);
+
+fn init_payloads(ps: &[Payload]) -> Option<InitPayloads<'_>> {
+    let (mut sa, mut ke, mut nonce) = (None, None, None);
+    for p in ps {
+        match p {
+            Payload::Sa(x) => sa = Some(x),
+            Payload::Ke { group, data } => ke = Some((*group, data)),
+            Payload::Nonce(n) => nonce = Some(n),
+            _ => {}
+        }
+    }
+    let (g, d) = ke?;
+    Some((sa?, g, d, nonce?))
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -2228,38 +2228,20 @@ fn child_line(sa: &IkeSa, c: &ChildSa, what: &str) -> String {
 
 /// An emptied IKE SA left in place of one handed to `kill`.
 fn dead_placeholder(sa: &IkeSa) -> IkeSa {
-    IkeSa {
-        conn: sa.conn.clone(),
-        initiator: sa.initiator,
-        spi_i: sa.spi_i,
-        spi_r: sa.spi_r,
-        local: sa.local,
-        remote: sa.remote,
-        state: sa.state,
-        nonce_i: Vec::new(),
-        nonce_r: Vec::new(),
-        keyshare: None,
-        chosen: None,
-        keys: None,
-        init_req: Vec::new(),
-        init_resp: Vec::new(),
-        nat: sa.nat,
-        next_req_id: 0,
-        expect_req_id: 0,
-        pending: None,
-        queue: VecDeque::new(),
-        last_resp: None,
-        children: Vec::new(),
-        first_child: None,
-        init_retries: 0,
-        cookie: None,
-        created: sa.created,
-        established: None,
-        last_heard: sa.last_heard,
-        local_id: None,
-        remote_id: None,
-        dead: true,
-    }
+    let mut d = IkeSa::new(
+        sa.conn.clone(),
+        sa.initiator,
+        sa.spi_i,
+        sa.spi_r,
+        sa.local,
+        sa.remote,
+        sa.state,
+        sa.created,
+    );
+    d.nat = sa.nat;
+    d.last_heard = sa.last_heard;
+    d.dead = true;
+    d
 }
 
 fn seal(sa: &mut IkeSa, hdr: Header, payloads: &[Payload]) -> Vec<u8> {
