@@ -433,25 +433,15 @@ impl AddrSpec {
         match *self {
             AddrSpec::Any => true,
             AddrSpec::Addr(x) => x == a,
-            AddrSpec::Prefix(p, l) => {
-                let t = crate::wire::Ts {
-                    proto: 0,
-                    start_port: 0,
-                    end_port: 0,
-                    start: p,
-                    end: p,
-                };
-                let _ = t;
-                match (p, a) {
-                    (IpAddr::V4(p), IpAddr::V4(a)) => {
-                        l == 0 || (u32::from(p) ^ u32::from(a)) >> (32 - l) == 0
-                    }
-                    (IpAddr::V6(p), IpAddr::V6(a)) => {
-                        l == 0 || (u128::from(p) ^ u128::from(a)) >> (128 - l) == 0
-                    }
-                    _ => false,
+            AddrSpec::Prefix(p, l) => match (p, a) {
+                (IpAddr::V4(p), IpAddr::V4(a)) => {
+                    l == 0 || (u32::from(p) ^ u32::from(a)) >> (32 - l) == 0
                 }
-            }
+                (IpAddr::V6(p), IpAddr::V6(a)) => {
+                    l == 0 || (u128::from(p) ^ u128::from(a)) >> (128 - l) == 0
+                }
+                _ => false,
+            },
         }
     }
 }
@@ -686,7 +676,6 @@ fn connection(
         children: Vec::new(),
         at: s.at.clone(),
     };
-    let mut remote_addrs_set = false;
     for kv in &s.kvs {
         let r: Result<(), String> = (|| {
             match kv.key.as_str() {
@@ -696,10 +685,7 @@ fn connection(
                     }
                 }
                 "local_addrs" => c.local_addrs = addrs(kv, false)?,
-                "remote_addrs" => {
-                    c.remote_addrs = addrs(kv, true)?;
-                    remote_addrs_set = true;
-                }
+                "remote_addrs" => c.remote_addrs = addrs(kv, true)?,
                 "local_port" | "remote_port" => {
                     let p: u16 = kv.value.parse().map_err(|_| format!("{}: {} = {}: expected a port", kv.at, kv.key, kv.value))?;
                     if kv.key == "local_port" {
@@ -745,7 +731,6 @@ fn connection(
             errs.push(e);
         }
     }
-    let _ = remote_addrs_set;
     for sub in &s.subs {
         match sub.name.as_str() {
             n if n == "local" || n.starts_with("local-") || n == "remote" || n.starts_with("remote-") => {

@@ -1362,6 +1362,18 @@ impl Endpoint {
         self.send_auth(sa, conn, now);
     }
 
+    fn established(&mut self, sa: &mut IkeSa, peer: &Id, now: Instant) {
+        sa.state = State::Established;
+        sa.established = Some(now);
+        self.count("ike-established");
+        let alg = sa.chosen.map_or(String::new(), |c| c.describe());
+        let encap = if sa.nat { ", UDP-encapsulated" } else { "" };
+        self.log(format!(
+            "{}: IKE_SA established with {peer} ({alg}, PSK{encap})",
+            sa.label()
+        ));
+    }
+
     fn kill_now(&mut self, sa: &mut IkeSa, why: &str) {
         let label = sa.label();
         self.log(format!("{label}: {why}; IKE_SA deleted"));
@@ -1523,15 +1535,7 @@ impl Endpoint {
             return self.kill_now(sa, &format!("the peer's AUTH ({idr}) does not verify with our pre-shared key: AUTHENTICATION_FAILED"));
         }
         sa.remote_id = Some(idr.clone());
-        sa.state = State::Established;
-        sa.established = Some(now);
-        self.count("ike-established");
-        self.log(format!(
-            "{}: IKE_SA established with {idr} ({}, PSK{})",
-            sa.label(),
-            sa.chosen.map_or(String::new(), |c| c.describe()),
-            if sa.nat { ", UDP-encapsulated" } else { "" }
-        ));
+        self.established(sa, &idr, now);
         if let Some(pc) = child {
             let name = pc.name.clone();
             match self.child_from_answer(sa, &cfg, pc, &inner, now, true) {
@@ -1894,15 +1898,7 @@ impl Endpoint {
         }
         self.release_half_open(sa);
         self.by_init.remove(&(sa.remote, sa.spi_i));
-        sa.state = State::Established;
-        sa.established = Some(now);
-        self.count("ike-established");
-        self.log(format!(
-            "{}: IKE_SA established with {idi} ({}, PSK{})",
-            sa.label(),
-            sa.chosen.map_or(String::new(), |c| c.describe()),
-            if sa.nat { ", UDP-encapsulated" } else { "" }
-        ));
+        self.established(sa, &idi, now);
         let mut resp = vec![
             Payload::IdR(idr),
             Payload::Auth {

@@ -265,42 +265,14 @@ impl Chosen {
 
     /// The one-proposal SA payload that answers `num` (RFC 7296 §3.3.1).
     pub fn proposal(&self, num: u8, protocol: u8, spi: Vec<u8>) -> Proposal {
-        let mut t = vec![self.encr.transform()];
-        if let Some(p) = self.prf {
-            t.push(Transform {
-                ty: tt::PRF,
-                id: p.id(),
-                key_len: None,
-            });
-        }
-        if let Some(i) = self.integ {
-            t.push(Transform {
-                ty: tt::INTEG,
-                id: i.id(),
-                key_len: None,
-            });
-        }
-        if let Some(d) = self.dh {
-            t.push(Transform {
-                ty: tt::DH,
-                id: d.id(),
-                key_len: None,
-            });
-        }
-        if protocol == proto::ESP {
-            t.push(Transform {
-                ty: tt::ESN,
-                id: self.esn as u16,
-                key_len: None,
-            });
-        }
-        Proposal {
-            num,
-            proto: protocol,
-            spi,
-            transforms: t,
-            unknown_attr: false,
-        }
+        let one = AlgSet {
+            encr: vec![self.encr],
+            integ: self.integ.into_iter().collect(),
+            prf: self.prf.into_iter().collect(),
+            dh: self.dh.into_iter().collect(),
+            esn: vec![self.esn],
+        };
+        one.proposal(num, protocol, spi, self.dh.is_some())
     }
 }
 
