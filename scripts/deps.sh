@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what espd's build and tests need, idempotently: Debian packages
-# (tshark, python3-venv, iproute2, tcpdump, ping, iperf3, ethtool, LLVM 22), the nightly
+# (tshark, python3-venv, iproute2, tcpdump, ping, iperf3, ethtool, LLVM 22, strongSwan), the nightly
 # toolchain's rust-src, bpf-linker and cargo-fuzz, and a Python venv with scapy 2.8
 # (Debian's scapy 2.5 gets CBC+ESN wrong), cryptography and pytest.
 # Rust comes from rustup (present on the build machines).
@@ -20,6 +20,11 @@ command -v ethtool >/dev/null || need+=(ethtool)
 command -v shellcheck >/dev/null || need+=(shellcheck)
 # DPDK 22.11's ipsec-secgw as a far gateway in the tests (scripts/dpdk-secgw.sh builds it).
 for p in libdpdk-dev dpdk-doc; do
+    dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done
+# strongSwan 5.9 (charon with kernel-libipsec): espd-ike's IKEv2 peer in the
+# tests (scripts/oracle/test_ike.py) and the comparison tunnel of bench-e2e.sh.
+for p in strongswan-charon strongswan-swanctl libcharon-extra-plugins; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 # The XDP program: LLVM 22 for bpf-linker (Debian 12's security suite has it).

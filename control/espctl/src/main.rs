@@ -55,6 +55,18 @@ enum Cmd {
     },
     /// Check a configuration file (ip xfrm syntax): every error as FILE:LINE: why.
     Check { file: PathBuf },
+    /// espd-ike, the IKEv2 daemon (docs/ike.md): `sas [--json]`, `initiate
+    /// CHILD`, `terminate NAME` (an IKE_SA's connection or a CHILD_SA),
+    /// `reload` (the changed configuration file), `stats`.
+    Ike {
+        /// espd-ike's control socket.
+        #[arg(long = "ike-socket", default_value = espd_proto::IKE_SOCKET)]
+        ike_socket: PathBuf,
+        verb: String,
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn quote(w: &str) -> String {
@@ -114,6 +126,44 @@ fn run(cli: Cli) -> Result<(), String> {
         return Err("nothing to do: give a command or -b FILE (see --help)".into());
     };
     match cmd {
+        Cmd::Ike {
+            ike_socket,
+            verb,
+            name,
+            json,
+        } => {
+            let req = match (verb.as_str(), &name) {
+                ("sas" | "reload" | "stats", None) => serde_json::json!({"op": verb}),
+                ("initiate" | "terminate", Some(n)) => serde_json::json!({"op": verb, "name": n}),
+                ("initiate" | "terminate", None) => {
+                    return Err(format!("espctl ike {verb} needs a name"))
+                }
+                _ => {
+                    return Err(format!(
+                        "espctl ike {verb}: expected sas [--json], initiate CHILD, terminate NAME, reload or stats"
+                    ))
+                }
+            };
+            let r = espd_proto::call_to(&ike_socket, &req, "espd-ike --socket")?;
+            if r.get("ok").and_then(Value::as_bool) != Some(true) {
+                return Err(r
+                    .get("error")
+                    .and_then(Value::as_str)
+                    .unwrap_or("espd-ike answered with an error")
+                    .to_string());
+            }
+            if verb == "stats" || json {
+                let v = if verb == "sas" {
+                    &r["sas"]
+                } else {
+                    &r["stats"]
+                };
+                println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+            } else {
+                print!("{}", r["text"].as_str().unwrap_or(""));
+            }
+            Ok(())
+        }
         Cmd::Check { file } => match espd_config::Config::load(&file) {
             Ok(c) => {
                 println!("{}: ok: {}", file.display(), espd_config::summary(&c));

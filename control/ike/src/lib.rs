@@ -1,13 +1,14 @@
 //! espd-ike: an IKEv2 daemon (RFC 7296) for espd (docs/ike.md).
 //!
 //! The protocol is sans-IO ([`ike::Endpoint`]: datagrams and time in;
-//! datagrams, CHILD_SA installs and timers out). The daemon that puts it
-//! between UDP sockets on 500/4500 and espd's control socket is not
-//! written yet (docs/ike.md, "Status").
+//! datagrams, CHILD_SA installs and timers out); [`espd`] turns CHILD_SAs
+//! into espd's batches. The daemon (src/bin/espd-ike) puts them between
+//! UDP sockets on 500/4500 and espd's control socket.
 #![forbid(unsafe_code)]
 
 pub mod conf;
 pub mod crypto;
+pub mod espd;
 pub mod ike;
 pub mod proposal;
 pub mod ts;

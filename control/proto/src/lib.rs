@@ -38,6 +38,8 @@ pub const VERSION: u64 = 1;
 /// `"id"` echoed in its answer) and `"subscribe"` for events on it.
 pub const VERSION_2: u64 = 2;
 pub const DEFAULT_SOCKET: &str = "/run/espd/espd.sock";
+/// espd-ike's control socket (`espctl ike …`, docs/ike.md).
+pub const IKE_SOCKET: &str = "/run/espd/ike.sock";
 
 pub fn apply(name: &str, text: &str) -> Value {
     json!({"v": VERSION, "op": "apply", "name": name, "text": text})
@@ -122,9 +124,15 @@ pub fn subscribe(socket: &Path, mut f: impl FnMut(&Value) -> bool) -> Result<(),
 
 /// Sends one request and reads the answer (client side).
 pub fn call(socket: &Path, req: &Value) -> Result<Value, String> {
+    call_to(socket, req, "espd run --control")
+}
+
+/// [`call`] for another daemon's socket; `who` is the command line that
+/// serves it, for the error when nothing does.
+pub fn call_to(socket: &Path, req: &Value, who: &str) -> Result<Value, String> {
     let mut s = UnixStream::connect(socket).map_err(|e| {
         format!(
-            "cannot connect to {}: {e} (is `espd run --control {}` running, and are you root?)",
+            "cannot connect to {}: {e} (is `{who} {}` running, and are you root?)",
             socket.display(),
             socket.display()
         )

@@ -1,0 +1,611 @@
+//! `espd-ike`: the IKEv2 daemon beside `espd run` (docs/ike.md).
+//!
+//! Threads: one reader per UDP socket, one for espd's event connection,
+//! one per control client; all of them feed one channel. The main loop
+//! owns the protocol core ([`espd_ike::ike::Endpoint`]), the installer
+//! ([`espd_ike::espd::Installer`]) and espd's kept connection, so every
+//! change to espd happens in the order the core asks for it.
+
+mod ctl;
+mod link;
+mod udp;
+
+use anyhow::Context;
+use clap::Parser;
+use espd_ike::conf::{self, Config, StartAction};
+use espd_ike::espd::Installer;
+use espd_ike::ike::{Dir, Endpoint, Output, SaInfo};
+use espd_ike::wire::Ts;
+use link::{FromEspd, Link, Refusal};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(
+    name = "espd-ike",
+    version,
+    about = "IKEv2 (RFC 7296) for espd: negotiates CHILD_SAs and installs them in espd"
+)]
+struct Args {
+    /// The swanctl.conf-style configuration (docs/ike.md).
+    #[arg(long, default_value = "/etc/swanctl/swanctl.conf")]
+    config: PathBuf,
+    /// espd's control socket.
+    #[arg(long, default_value = espd_proto::DEFAULT_SOCKET)]
+    espd: PathBuf,
+    /// espd-ike's own control socket (`espctl ike …`).
+    #[arg(long, default_value = espd_proto::IKE_SOCKET)]
+    socket: PathBuf,
+    /// Check the configuration, print every error as FILE:LINE, and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+/// What the threads pass to the main loop.
+pub enum Ev {
+    Udp(udp::Rx),
+    Espd(FromEspd),
+    Ctl(Value, Sender<Value>),
+}
+
+fn log(msg: &str) {
+    eprintln!("espd-ike: {msg}");
+}
+
+fn load(path: &std::path::Path) -> Result<Config, String> {
+    match conf::load(path) {
+        Ok(c) => {
+            for w in &c.warnings {
+                log(&format!("warning: {w}"));
+            }
+            Ok(c)
+        }
+        Err(errs) => Err(errs.join("\n")),
+    }
+}
+
+struct Daemon {
+    ep: Endpoint,
+    inst: Installer,
+    link: Link,
+    socks: Vec<Arc<udp::Sock>>,
+    cfg_path: PathBuf,
+    counters: BTreeMap<&'static str, u64>,
+    next_connect: Instant,
+}
+
+impl Daemon {
+    fn count(&mut self, k: &'static str) {
+        *self.counters.entry(k).or_default() += 1;
+    }
+
+    /// Applies a batch; a lost espd is retried on reconnection (the
+    /// installer remembers what we put).
+    fn apply(&mut self, text: &str) -> Result<(), Refusal> {
+        if text.is_empty() {
+            return Ok(());
+        }
+        if !self.link.is_up() {
+            self.try_connect();
+        }
+        self.link.apply("espd-ike", text)
+    }
+
+    /// Delete lines, one batch each: an SA espd already expired is no error.
+    fn delete(&mut self, lines: Vec<String>) {
+        for l in lines {
+            match self.apply(&l) {
+                Ok(()) => {}
+                Err(Refusal::Refused(e)) if e.contains("no state") || e.contains("no policy") => {}
+                Err(Refusal::Refused(e) | Refusal::Unreachable(e)) => {
+                    log(&format!("removing from espd: {l}: {e}"))
+                }
+            }
+        }
+    }
+
+    fn try_connect(&mut self) {
+        match self.link.connect() {
+            Ok(true) => {
+                log(&format!(
+                    "connected to espd at {}",
+                    self.link.path.display()
+                ));
+                let batches = self.inst.reinstall();
+                if !batches.is_empty() {
+                    log(&format!(
+                        "installing {} batch(es) of CHILD_SAs and policies again",
+                        batches.len()
+                    ));
+                }
+                for b in batches {
+                    if let Err(Refusal::Refused(e) | Refusal::Unreachable(e)) =
+                        self.link.apply("espd-ike", &b)
+                    {
+                        log(&format!("re-installing in espd: {e}"));
+                    }
+                }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                if self.next_connect <= Instant::now() {
+                    log(&e);
+                }
+            }
+        }
+        self.next_connect = Instant::now() + Duration::from_secs(1);
+    }
+
+    fn sock(&self, local: SocketAddr) -> Option<Arc<udp::Sock>> {
+        self.socks
+            .iter()
+            .find(|s| s.port == local.port() && s.v6 == local.is_ipv6())
+            .cloned()
+    }
+
+    /// Carries out what the protocol core asks, in its order.
+    fn drain(&mut self, now: Instant) {
+        while let Some(o) = self.ep.poll_output() {
+            match o {
+                Output::Send {
+                    local,
+                    remote,
+                    data,
+                } => match self.sock(local) {
+                    Some(s) => {
+                        if let Err(e) = s.send(local.ip(), remote, &data) {
+                            self.count("tx-errors");
+                            log(&format!("sending to {remote}: {e}"));
+                        } else {
+                            self.count("tx");
+                        }
+                    }
+                    None => log(&format!("no socket for {local}")),
+                },
+                Output::Install { child, dir } => {
+                    let text = self.inst.install(&child, dir);
+                    match self.apply(&text) {
+                        Ok(()) => self.count(if dir == Dir::In {
+                            "installed-in"
+                        } else {
+                            "installed-out"
+                        }),
+                        Err(Refusal::Unreachable(e)) => {
+                            self.count("install-deferred");
+                            log(&format!(
+                                "CHILD_SA {} ({:08x}/{:08x}): {e}; installed when espd is back",
+                                child.name, child.spi_in, child.spi_out
+                            ));
+                        }
+                        Err(Refusal::Refused(e)) => {
+                            self.count("install-refused");
+                            log(&format!(
+                                "espd refused CHILD_SA {} ({:08x}/{:08x}): {e}; deleting it",
+                                child.name, child.spi_in, child.spi_out
+                            ));
+                            let b = self.inst.refused(&child);
+                            self.delete(b.delete);
+                            self.ep.terminate_child(&child.name, now);
+                        }
+                    }
+                }
+                Output::Remove { child, why } => {
+                    log(&format!(
+                        "removing CHILD_SA {} ({:08x}/{:08x}) from espd: {why}",
+                        child.name, child.spi_in, child.spi_out
+                    ));
+                    let b = self.inst.remove(child.spi_in);
+                    self.delete(b.delete);
+                }
+                Output::Log(s) => log(&s),
+            }
+        }
+    }
+
+    /// Trap policies and `start_action = start` of the configuration.
+    fn start(&mut self, now: Instant) {
+        let cfg = self.ep.config().clone();
+        for conn in &cfg.connections {
+            for ch in &conn.children {
+                match ch.start_action {
+                    StartAction::Trap => match self.inst.trap(conn, ch) {
+                        Ok(text) => {
+                            if let Err(Refusal::Refused(e) | Refusal::Unreachable(e)) =
+                                self.apply(&text)
+                            {
+                                log(&format!("trap policies of {}: {e}", ch.name));
+                            } else {
+                                log(&format!("child {}: trap policies installed", ch.name));
+                            }
+                        }
+                        Err(e) => log(&e),
+                    },
+                    StartAction::Start => {
+                        if let Err(e) = self.ep.initiate(&ch.name, None, now) {
+                            log(&format!("start_action = start of {}: {e}", ch.name));
+                        }
+                    }
+                    StartAction::None => {}
+                }
+            }
+        }
+    }
+
+    fn espd_event(&mut self, v: Value, now: Instant) {
+        match v.get("event").and_then(Value::as_str) {
+            Some("acquire") => {
+                self.count("acquires");
+                let reqid = v["tmpl"]["reqid"].as_u64().unwrap_or(0) as u32;
+                let cfg = self.ep.config().clone();
+                let Some(ch) = cfg
+                    .connections
+                    .iter()
+                    .flat_map(|c| c.children.iter())
+                    .find(|c| c.reqid == reqid && c.start_action == StartAction::Trap)
+                else {
+                    return;
+                };
+                let packet = packet_ts(&v["packet"]);
+                match self.ep.initiate(&ch.name, packet, now) {
+                    Ok(()) => log(&format!("acquire for {}: negotiating", ch.name)),
+                    Err(e) => {
+                        if !e.contains("already") && !e.contains("being set up") {
+                            log(&format!("acquire for {}: {e}", ch.name))
+                        }
+                    }
+                }
+            }
+            Some("hard-expire") => log(&format!("espd: hard expiry of {}", v)),
+            _ => {}
+        }
+    }
+
+    fn control(&mut self, req: &Value, now: Instant) -> Value {
+        let name = || req.get("name").and_then(Value::as_str).unwrap_or("");
+        match req.get("op").and_then(Value::as_str) {
+            Some("sas") => {
+                let sas = self.ep.list(now);
+                json!({"ok": true, "sas": sas.iter().map(sa_json).collect::<Vec<_>>(),
+                       "text": sas.iter().map(sa_text).collect::<String>()})
+            }
+            Some("initiate") => match self.ep.initiate(name(), None, now) {
+                Ok(()) => json!({"ok": true, "text": format!("initiating {}\n", name())}),
+                Err(e) => json!({"ok": false, "error": e}),
+            },
+            Some("terminate") => {
+                let n = self.ep.terminate(name(), now);
+                let n = if n == 0 {
+                    self.ep.terminate_child(name(), now)
+                } else {
+                    n
+                };
+                if n == 0 {
+                    json!({"ok": false, "error": format!("no IKE_SA or CHILD_SA named `{}` is up", name())})
+                } else {
+                    json!({"ok": true, "text": format!("terminating {n} SA(s) of {}\n", name())})
+                }
+            }
+            Some("reload") => match load(&self.cfg_path) {
+                Ok(c) => {
+                    let text = self.reload(c, now);
+                    json!({"ok": true, "text": text})
+                }
+                Err(e) => json!({"ok": false, "error": format!("nothing changed:\n{e}")}),
+            },
+            Some("stats") => {
+                let mut s: BTreeMap<String, u64> = self
+                    .ep
+                    .stats()
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), *v))
+                    .collect();
+                for (k, v) in &self.counters {
+                    s.insert(format!("daemon.{k}"), *v);
+                }
+                s.insert("ike-sas".into(), self.ep.sa_count() as u64);
+                s.insert("child-sas-installed".into(), self.inst.child_count() as u64);
+                s.insert("policies-installed".into(), self.inst.policy_count() as u64);
+                s.insert("espd-connected".into(), self.link.is_up() as u64);
+                json!({"ok": true, "stats": s})
+            }
+            other => json!({"ok": false, "error": format!(
+                "unknown op {other:?}: expected sas, initiate, terminate, reload or stats")}),
+        }
+    }
+
+    /// A changed configuration: IKE_SAs of connections that changed or went
+    /// are deleted, the others stay; traps follow the new file.
+    fn reload(&mut self, new: Config, now: Instant) -> String {
+        let old = self.ep.config().clone();
+        let mut out = String::new();
+        for c in &old.connections {
+            let same = new
+                .connections
+                .iter()
+                .find(|n| n.name == c.name)
+                .is_some_and(|n| format!("{:?}", strip_at(n)) == format!("{:?}", strip_at(c)));
+            if !same {
+                let n = self.ep.terminate(&c.name, now);
+                out += &format!(
+                    "connection {}: changed or removed, {n} IKE_SA(s) deleted\n",
+                    c.name
+                );
+                for ch in &c.children {
+                    let lines = self.inst.untrap(&c.name, &ch.name);
+                    self.delete(lines);
+                }
+            }
+        }
+        self.ep.set_config(Arc::new(new));
+        self.start_new_traps();
+        out + "reloaded\n"
+    }
+
+    fn start_new_traps(&mut self) {
+        let cfg = self.ep.config().clone();
+        let have = self.inst.trapped();
+        for conn in &cfg.connections {
+            for ch in conn
+                .children
+                .iter()
+                .filter(|c| c.start_action == StartAction::Trap)
+            {
+                if have.contains(&format!("{}/{}", conn.name, ch.name)) {
+                    continue;
+                }
+                match self.inst.trap(conn, ch) {
+                    Ok(t) => {
+                        if let Err(Refusal::Refused(e) | Refusal::Unreachable(e)) = self.apply(&t) {
+                            log(&format!("trap policies of {}: {e}", ch.name));
+                        }
+                    }
+                    Err(e) => log(&e),
+                }
+            }
+        }
+    }
+}
+
+/// A connection's settings without where they were written (a reload
+/// that only moved lines changes nothing).
+fn strip_at(c: &conf::Conn) -> conf::Conn {
+    let mut c = c.clone();
+    c.at.clear();
+    for ch in &mut c.children {
+        ch.at.clear();
+    }
+    c
+}
+
+/// The acquire's packet as a pair of host selectors (RFC 7296 §2.9: the
+/// first TS of each list is the packet that triggered the negotiation).
+fn packet_ts(p: &Value) -> Option<(Ts, Ts)> {
+    let src: IpAddr = p["src"].as_str()?.parse().ok()?;
+    let dst: IpAddr = p["dst"].as_str()?.parse().ok()?;
+    let proto = p["proto"].as_u64().unwrap_or(0) as u8;
+    let (sp, dp) = match p["ports"].as_array() {
+        Some(a) if a.len() == 2 => (a[0].as_u64()? as u16, a[1].as_u64()? as u16),
+        _ => (0, 0),
+    };
+    let ports = |x: u16| {
+        if p["ports"].is_array() {
+            (x, x)
+        } else {
+            (0, 65535)
+        }
+    };
+    let t = |a: IpAddr, (s, e): (u16, u16)| Ts {
+        proto,
+        start_port: s,
+        end_port: e,
+        start: a,
+        end: a,
+    };
+    Some((t(src, ports(sp)), t(dst, ports(dp))))
+}
+
+fn sa_json(s: &SaInfo) -> Value {
+    json!({
+        "name": s.conn, "spi_i": format!("{:016x}", s.spi_i), "spi_r": format!("{:016x}", s.spi_r),
+        "initiator": s.initiator, "state": s.state, "local": s.local.to_string(),
+        "remote": s.remote.to_string(), "local_id": s.local_id, "remote_id": s.remote_id,
+        "alg": s.alg, "nat": s.nat, "established_secs": s.established_secs,
+        "children": s.children.iter().map(|c| json!({
+            "name": c.name, "reqid": c.reqid, "mode": c.mode,
+            "spi_in": format!("{:08x}", c.spi_in), "spi_out": format!("{:08x}", c.spi_out),
+            "alg": c.alg, "encap": c.encap, "local_ts": c.local_ts, "remote_ts": c.remote_ts,
+            "installed_secs": c.installed_secs,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `swanctl --list-sas`'s layout.
+fn sa_text(s: &SaInfo) -> String {
+    let mut t = format!(
+        "{}: {}, IKEv2, {:016x}_i{} {:016x}_r{}\n  local  '{}' @ {}\n  remote '{}' @ {}\n  {}\n",
+        s.conn,
+        s.state,
+        s.spi_i,
+        if s.initiator { "*" } else { "" },
+        s.spi_r,
+        if s.initiator { "" } else { "*" },
+        s.local_id,
+        s.local,
+        s.remote_id,
+        s.remote,
+        s.alg
+    );
+    if let Some(e) = s.established_secs {
+        t += &format!("  established {e}s ago\n");
+    }
+    for c in &s.children {
+        t += &format!(
+            "  {}: reqid {}, INSTALLED, {}{}, ESP:{}\n    installed {}s ago\n    in  {:08x}\n    out {:08x}\n    local  {}\n    remote {}\n",
+            c.name,
+            c.reqid,
+            c.mode.to_uppercase(),
+            if c.encap { "-in-UDP" } else { "" },
+            c.alg,
+            c.installed_secs,
+            c.spi_in,
+            c.spi_out,
+            c.local_ts.join(" "),
+            c.remote_ts.join(" ")
+        );
+    }
+    t
+}
+
+fn main() {
+    if let Err(e) = run() {
+        log(&format!("{e:#}"));
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let cfg = match load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    if args.check {
+        println!(
+            "{}: ok ({} connection(s))",
+            args.config.display(),
+            cfg.connections.len()
+        );
+        return Ok(());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("installing signal handlers")?;
+    }
+    let (tx, rx) = mpsc::channel::<Ev>();
+    let mut ports: Vec<u16> = vec![500, espd_ike::ike::NATT_PORT];
+    for c in &cfg.connections {
+        if !ports.contains(&c.local_port) {
+            ports.push(c.local_port);
+        }
+    }
+    let mut socks = Vec::new();
+    for &p in &ports {
+        for v6 in [false, true] {
+            match udp::open(p, v6) {
+                Ok(s) => socks.push(Arc::new(s)),
+                Err(e) if v6 => log(&format!("no IPv6 IKE on port {p}: {e:#}")),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    for s in &socks {
+        let s = Arc::clone(s);
+        let tx = tx.clone();
+        std::thread::Builder::new()
+            .name(format!("udp-{}", s.port))
+            .spawn(move || s.run(tx))?;
+    }
+    let listener = ctl::bind(&args.socket)
+        .with_context(|| format!("binding the control socket {}", args.socket.display()))?;
+    {
+        let tx = tx.clone();
+        std::thread::Builder::new()
+            .name("ike-ctl-accept".into())
+            .spawn(move || ctl::serve(listener, tx))?;
+    }
+    let mut d = Daemon {
+        ep: Endpoint::new(Arc::new(cfg)),
+        inst: Installer::new(),
+        link: Link::new(args.espd.clone(), tx.clone()),
+        socks,
+        cfg_path: args.config.clone(),
+        counters: BTreeMap::new(),
+        next_connect: Instant::now(),
+    };
+    log(&format!(
+        "started: UDP ports {ports:?}, control {}, espd {}",
+        args.socket.display(),
+        args.espd.display()
+    ));
+    d.try_connect();
+    let now = Instant::now();
+    d.start(now);
+    d.drain(now);
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        let wait =
+            d.ep.poll_timeout()
+                .map_or(Duration::from_millis(200), |t| {
+                    t.saturating_duration_since(now)
+                })
+                .min(Duration::from_millis(200));
+        match rx.recv_timeout(wait) {
+            Ok(ev) => {
+                let now = Instant::now();
+                match ev {
+                    Ev::Udp(udp::Rx::Ike {
+                        local,
+                        remote,
+                        data,
+                    }) => d.ep.handle(now, local, remote, &data),
+                    Ev::Udp(udp::Rx::Dropped(why)) => d.count(why),
+                    Ev::Espd(FromEspd::Event(v)) => d.espd_event(v, now),
+                    Ev::Espd(FromEspd::Down(g)) => {
+                        if g == d.link.generation && d.link.is_up() {
+                            log("lost the connection to espd; reconnecting");
+                            d.link.lost();
+                        }
+                    }
+                    Ev::Ctl(req, reply) => {
+                        let a = d.control(&req, now);
+                        let _ = reply.send(a);
+                    }
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        let now = Instant::now();
+        if d.ep.poll_timeout().is_some_and(|t| t <= now) {
+            d.ep.handle_timeout(now);
+        }
+        if !d.link.is_up() && d.next_connect <= now {
+            d.try_connect();
+        }
+        d.drain(now);
+    }
+    // Exit: DELETE every IKE_SA (RFC 7296 §1.4.1), give the answers half a
+    // second, then take everything we installed out of espd; trap
+    // policies stay so that protected traffic stays blocked (fail closed).
+    log("stopping: deleting IKE_SAs and removing CHILD_SAs from espd");
+    let now = Instant::now();
+    d.ep.terminate_all(now);
+    d.drain(now);
+    let until = Instant::now() + Duration::from_millis(500);
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        if let Ok(Ev::Udp(udp::Rx::Ike {
+            local,
+            remote,
+            data,
+        })) = rx.recv_timeout(left)
+        {
+            d.ep.handle(Instant::now(), local, remote, &data);
+            d.drain(Instant::now());
+        }
+    }
+    let lines = d.inst.remove_all(true);
+    d.delete(lines);
+    let _ = std::fs::remove_file(&args.socket);
+    log("stopped");
+    Ok(())
+}

@@ -1,0 +1,407 @@
+//! What espd-ike asks of espd, sans-IO: a CHILD_SA as `state add` lines
+//! and its policies as `policy add` lines (docs/config.md), batches the
+//! daemon sends over espd's control socket (docs/control.md).
+//!
+//! Policies are reference-counted by (selector, direction): a rekeyed
+//! CHILD_SA (same reqid, same selectors) and a `start_action = trap`
+//! child share them, and a policy goes only when its last user does.
+//! RFC 4301 §4.4.1: the SPD entry names the reqid, not the SPI, so a
+//! rekey changes no policy; of several SAs of a reqid espd uses the newest.
+
+use crate::conf::{Child, Conn, Mode};
+use crate::ike::{ChildSa, Dir};
+use crate::proposal::{Chosen, Encr, Integ};
+use crate::ts::{self, TsConf};
+use crate::wire::Ts;
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::net::IpAddr;
+use zeroize::Zeroizing;
+
+/// Trap policies are looked at after negotiated ones (lower first).
+const TRAP_PRIORITY: u32 = 1000;
+
+/// One policy: the words that delete it, the line that adds it, its users.
+struct Policy {
+    add: String,
+    users: usize,
+}
+
+/// A CHILD_SA espd holds for us.
+struct Installed {
+    /// `state delete …` for each direction put.
+    states: Vec<String>,
+    /// Keys of the policies it holds a reference on.
+    policies: Vec<String>,
+    /// The batches that put it (re-applied when espd restarted).
+    batches: Vec<Zeroizing<String>>,
+}
+
+/// The batches a change needs: each is applied all or nothing.
+#[derive(Default)]
+pub struct Batches {
+    pub apply: Vec<Zeroizing<String>>,
+    /// Lines removed one by one (an SA espd already expired is no error).
+    pub delete: Vec<String>,
+}
+
+#[derive(Default)]
+pub struct Installer {
+    policies: HashMap<String, Policy>,
+    children: HashMap<u32, Installed>,
+    /// Trap policies by `conn/child`.
+    traps: HashMap<String, Vec<String>>,
+}
+
+fn hex(b: &[u8]) -> String {
+    let mut s = String::with_capacity(2 * b.len());
+    for x in b {
+        let _ = write!(s, "{x:02x}");
+    }
+    s
+}
+
+fn integ_name(i: Integ) -> &'static str {
+    match i {
+        Integ::Sha256 => "hmac(sha256)",
+        Integ::Sha384 => "hmac(sha384)",
+        Integ::Sha512 => "hmac(sha512)",
+    }
+}
+
+/// The ALGORITHMS words of `state add` for KEYMAT `key` (the encryption
+/// key, an AEAD's salt included, then the integrity key: RFC 7296 §2.17).
+pub fn alg_words(alg: &Chosen, key: &[u8]) -> Zeroizing<String> {
+    let ek = alg.encr.key_len();
+    let (e, a) = key.split_at(ek.min(key.len()));
+    let mut s = Zeroizing::new(String::new());
+    match alg.encr {
+        Encr::AesGcm(_, icv) => {
+            let _ = write!(
+                s,
+                "aead 'rfc4106(gcm(aes))' 0x{} {}",
+                hex(e),
+                icv as u32 * 8
+            );
+        }
+        Encr::ChaCha => {
+            let _ = write!(s, "aead 'rfc7539esp(chacha20,poly1305)' 0x{} 128", hex(e));
+        }
+        Encr::Gmac(_) => {
+            let _ = write!(s, "aead 'rfc4543(gcm(aes))' 0x{} 128", hex(e));
+        }
+        Encr::AesCbc(_) | Encr::Null => {
+            if matches!(alg.encr, Encr::Null) {
+                s.push_str("enc 'ecb(cipher_null)' \"\"");
+            } else {
+                let _ = write!(s, "enc 'cbc(aes)' 0x{}", hex(e));
+            }
+            if let Some(i) = alg.integ {
+                let _ = write!(
+                    s,
+                    " auth-trunc '{}' 0x{} {}",
+                    integ_name(i),
+                    hex(a),
+                    i.icv_len() * 8
+                );
+            }
+        }
+    }
+    s
+}
+
+fn mode_word(m: Mode) -> &'static str {
+    match m {
+        Mode::Tunnel => "tunnel",
+        Mode::Transport => "transport",
+    }
+}
+
+/// The template: a tunnel's endpoints, or a transport SA's reqid alone.
+fn tmpl(src: IpAddr, dst: IpAddr, reqid: u32, mode: Mode) -> String {
+    match mode {
+        Mode::Tunnel => format!("tmpl src {src} dst {dst} proto esp reqid {reqid} mode tunnel"),
+        Mode::Transport => format!("tmpl proto esp reqid {reqid} mode transport"),
+    }
+}
+
+/// Policy lines (key, add line) for traffic `src` → `dst` in `dir`.
+fn policy_lines(
+    src: &[Ts],
+    dst: &[Ts],
+    dir: &str,
+    priority: Option<u32>,
+    tmpl: &str,
+) -> Vec<(String, String)> {
+    let mut v = Vec::new();
+    for s in src {
+        for d in dst
+            .iter()
+            .filter(|d| d.start.is_ipv4() == s.start.is_ipv4())
+        {
+            for sp in ts::prefixes(s) {
+                for dp in ts::prefixes(d) {
+                    let sel = ts::selector_words(s, sp, d, dp);
+                    let key = format!("{sel} dir {dir}");
+                    let prio = priority.map_or(String::new(), |p| format!(" priority {p}"));
+                    v.push((key.clone(), format!("policy add {key}{prio} {tmpl}")));
+                }
+            }
+        }
+    }
+    v
+}
+
+/// The policies of one direction of a child: out, or in and (tunnel) fwd.
+#[allow(clippy::too_many_arguments)]
+fn child_policies(
+    mode: Mode,
+    local: IpAddr,
+    remote: IpAddr,
+    reqid: u32,
+    ts_local: &[Ts],
+    ts_remote: &[Ts],
+    dir: Dir,
+    priority: Option<u32>,
+) -> Vec<(String, String)> {
+    match dir {
+        Dir::Out => policy_lines(
+            ts_local,
+            ts_remote,
+            "out",
+            priority,
+            &tmpl(local, remote, reqid, mode),
+        ),
+        Dir::In => {
+            let t = tmpl(remote, local, reqid, mode);
+            let mut v = policy_lines(ts_remote, ts_local, "in", priority, &t);
+            if mode == Mode::Tunnel {
+                // RFC 4301 §5.2: what a gateway forwards out of the tunnel
+                // is checked against the SPD too (XFRM's fwd direction).
+                v.extend(policy_lines(ts_remote, ts_local, "fwd", priority, &t));
+            }
+            v
+        }
+    }
+}
+
+impl Installer {
+    pub fn new() -> Installer {
+        Installer::default()
+    }
+
+    /// Takes a reference on each policy; the lines of those that are new.
+    fn take(&mut self, lines: Vec<(String, String)>, held: &mut Vec<String>, out: &mut String) {
+        for (key, add) in lines {
+            if held.contains(&key) {
+                continue;
+            }
+            let p = self
+                .policies
+                .entry(key.clone())
+                .or_insert(Policy { add, users: 0 });
+            p.users += 1;
+            if p.users == 1 {
+                out.push_str(&p.add);
+                out.push('\n');
+            }
+            held.push(key);
+        }
+    }
+
+    /// Drops references; the delete lines of policies nobody holds now.
+    fn release(&mut self, keys: Vec<String>, out: &mut Vec<String>) {
+        for key in keys {
+            if let Some(p) = self.policies.get_mut(&key) {
+                p.users -= 1;
+                if p.users == 0 {
+                    self.policies.remove(&key);
+                    out.push(format!("policy delete {key}"));
+                }
+            }
+        }
+    }
+
+    /// One direction of a CHILD_SA: its SA, then its policies (RFC 4301
+    /// §4.4: the SA exists before a policy can select it).
+    pub fn install(&mut self, c: &ChildSa, dir: Dir) -> Zeroizing<String> {
+        let (src, dst, spi, key) = match dir {
+            Dir::In => (c.remote, c.local, c.spi_in, &c.key_in),
+            Dir::Out => (c.local, c.remote, c.spi_out, &c.key_out),
+        };
+        let mut text = Zeroizing::new(String::new());
+        let _ = write!(
+            text,
+            "state add src {} dst {} proto esp spi 0x{spi:08x} reqid {} mode {}",
+            src.ip(),
+            dst.ip(),
+            c.reqid,
+            mode_word(c.mode)
+        );
+        if dir == Dir::In {
+            let _ = write!(text, " replay-window {}", c.replay_window);
+        }
+        if c.alg.esn {
+            text.push_str(" flag esn");
+        }
+        text.push(' ');
+        text.push_str(&alg_words(&c.alg, key));
+        if c.encap {
+            // RFC 3948: ESP in UDP between the IKE SA's ports.
+            let oa = if src.is_ipv4() { "0.0.0.0" } else { "::" };
+            let _ = write!(text, " encap espinudp {} {} {oa}", src.port(), dst.port());
+        }
+        let hard = c.life_time.as_secs().max(1);
+        let soft = c.rekey_time.as_secs().clamp(1, hard);
+        let _ = writeln!(text, " limit time-soft {soft} time-hard {hard}");
+        let entry = self.children.entry(c.spi_in).or_insert(Installed {
+            states: Vec::new(),
+            policies: Vec::new(),
+            batches: Vec::new(),
+        });
+        entry.states.push(format!(
+            "state delete src {} dst {} proto esp spi 0x{spi:08x}",
+            src.ip(),
+            dst.ip()
+        ));
+        let mut held = std::mem::take(&mut entry.policies);
+        let lines = child_policies(
+            c.mode,
+            c.local.ip(),
+            c.remote.ip(),
+            c.reqid,
+            &c.ts_local,
+            &c.ts_remote,
+            dir,
+            None,
+        );
+        self.take(lines, &mut held, &mut text);
+        let entry = self.children.get_mut(&c.spi_in).expect("just added");
+        entry.policies = held;
+        entry.batches.push(text.clone());
+        text
+    }
+
+    /// Forgets a half-installed direction whose batch espd refused.
+    pub fn refused(&mut self, c: &ChildSa) -> Batches {
+        self.remove(c.spi_in)
+    }
+
+    /// Removing a CHILD_SA: its SAs, then the policies no one else holds.
+    pub fn remove(&mut self, spi_in: u32) -> Batches {
+        let mut b = Batches::default();
+        if let Some(i) = self.children.remove(&spi_in) {
+            b.delete.extend(i.states);
+            self.release(i.policies, &mut b.delete);
+        }
+        b
+    }
+
+    /// `start_action = trap`: the child's policies without an SA, so that
+    /// espd drops matching traffic and raises `acquire` (RFC 4301 §5.1).
+    pub fn trap(&mut self, conn: &Conn, ch: &Child) -> Result<Zeroizing<String>, String> {
+        let name = format!("{}/{}", conn.name, ch.name);
+        if self.traps.contains_key(&name) {
+            return Ok(Zeroizing::new(String::new()));
+        }
+        let (local, remote) = match (conn.local_addrs.first(), conn.remote_addrs.first()) {
+            (Some(crate::conf::AddrSpec::Addr(l)), Some(crate::conf::AddrSpec::Addr(r))) => {
+                (*l, *r)
+            }
+            _ => {
+                return Err(format!(
+                    "child `{}`: start_action = trap needs concrete local_addrs and remote_addrs",
+                    ch.name
+                ))
+            }
+        };
+        let resolve =
+            |v: &[TsConf], own: IpAddr| -> Vec<Ts> { v.iter().map(|t| t.resolve(own)).collect() };
+        let tl = resolve(&ch.local_ts, local);
+        let tr = resolve(&ch.remote_ts, remote);
+        let mut held = Vec::new();
+        let mut text = Zeroizing::new(String::new());
+        for dir in [Dir::In, Dir::Out] {
+            let lines = child_policies(
+                ch.mode,
+                local,
+                remote,
+                ch.reqid,
+                &tl,
+                &tr,
+                dir,
+                Some(TRAP_PRIORITY),
+            );
+            self.take(lines, &mut held, &mut text);
+        }
+        self.traps.insert(name, held);
+        Ok(text)
+    }
+
+    /// Removes a trap (the child left the configuration, or at exit).
+    pub fn untrap(&mut self, conn: &str, child: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(held) = self.traps.remove(&format!("{conn}/{child}")) {
+            self.release(held, &mut out);
+        }
+        out
+    }
+
+    pub fn trapped(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.traps.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Everything, for an espd that restarted: every policy, then every SA
+    /// batch's state lines (policies first is fine: they only name reqids).
+    pub fn reinstall(&self) -> Vec<Zeroizing<String>> {
+        let mut v = Vec::new();
+        let mut pol = String::new();
+        for p in self.policies.values() {
+            pol.push_str(&p.add);
+            pol.push('\n');
+        }
+        if !pol.is_empty() {
+            v.push(Zeroizing::new(pol));
+        }
+        for i in self.children.values() {
+            for b in &i.batches {
+                let states: String = b
+                    .lines()
+                    .filter(|l| l.starts_with("state add"))
+                    .map(|l| format!("{l}\n"))
+                    .collect();
+                v.push(Zeroizing::new(states));
+            }
+        }
+        v
+    }
+
+    /// Everything we put, as delete lines (at exit): SAs, then policies,
+    /// except trap policies when `keep_traps` (fail closed while we are away).
+    pub fn remove_all(&mut self, keep_traps: bool) -> Vec<String> {
+        let spis: Vec<u32> = self.children.keys().copied().collect();
+        let mut out = Vec::new();
+        for s in spis {
+            out.extend(self.remove(s).delete);
+        }
+        if !keep_traps {
+            let names: Vec<String> = self.traps.keys().cloned().collect();
+            for n in names {
+                if let Some(held) = self.traps.remove(&n) {
+                    self.release(held, &mut out);
+                }
+            }
+        }
+        out
+    }
+
+    pub fn child_count(&self) -> usize {
+        self.children.len()
+    }
+
+    pub fn policy_count(&self) -> usize {
+        self.policies.len()
+    }
+}

@@ -1,0 +1,387 @@
+"""espd-ike against strongSwan 5.9.8 (charon with kernel-libipsec) on the
+gateway topology (scripts/topo.sh):
+
+    host A ─ gw1 (espd + espd-ike) ═ wire (bridge, captured) ═ gw2 (charon) ─ host B
+
+Both gateways read a swanctl.conf written the same way (each side's own
+addresses and ids). kernel-libipsec always encapsulates ESP in UDP, so the
+connection has `encap = yes`. Each case negotiates with IKEv2 (PSK), passes
+ping and iperf3 between the sites both ways, checks that the wire carries
+only IKE and ESP, that tshark decrypts every ESP packet with the keys
+espd-ike installed in espd (all ICVs good), and that `espctl ike sas`
+names the SPIs `swanctl --list-sas` does. The negative cases end in the
+right notify with nothing installed in espd.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from espd_oracle import ESPD, ROOT
+from test_gateway import IN_CI, Net, iperf, need, sh
+
+CHARON = "/usr/lib/ipsec/charon"
+ESPD_IKE = ESPD.parent / "espd-ike"
+ESPCTL = ESPD.parent / "espctl"
+PSK = "9f3c1e7a5b2d4f608e1a3c5b7d9f0e2a"
+
+
+def need_charon():
+    need("iperf3", "ping", "tshark")
+    if not (shutil.which("swanctl") and os.path.exists(CHARON)):
+        if IN_CI:
+            pytest.fail("strongSwan missing in CI (scripts/deps.sh installs it)")
+        pytest.skip("needs strongSwan 5.9 (strongswan-charon strongswan-swanctl libcharon-extra-plugins)")
+    assert ESPD_IKE.exists(), f"{ESPD_IKE} not built (cargo build --release)"
+
+
+def swanctl_conf(me, peer, proposals="aes128gcm16-prfsha256-x25519", esp="aes128gcm16",
+                 start="none", psk=PSK, peer_id=None, local_ts=None, remote_ts=None, v6=False):
+    """The connection as a strongSwan user writes it, for gateway `me`."""
+    n = {"gw1": 1, "gw2": 2}
+    outer = (lambda g: f"2001:db8::{n[g]}") if v6 else (lambda g: f"198.18.0.{n[g]}")
+    inner = lambda g: f"198.18.{n[g]}.0/24"
+    return f"""# {me}: IKEv2 PSK tunnel to {peer}
+connections {{
+  site {{
+    version = 2
+    local_addrs = {outer(me)}
+    remote_addrs = {outer(peer)}
+    proposals = {proposals}
+    encap = yes
+    local {{
+      auth = psk
+      id = {me}
+    }}
+    remote {{
+      auth = psk
+      id = {peer_id or peer}
+    }}
+    children {{
+      net {{
+        local_ts = {local_ts or inner(me)}
+        remote_ts = {remote_ts or inner(peer)}
+        esp_proposals = {esp}
+        start_action = {start}
+      }}
+    }}
+  }}
+}}
+secrets {{
+  ike-site {{
+    id-1 = gw1
+    id-2 = gw2
+    secret = "{psk}"
+  }}
+}}
+"""
+
+
+class Charon:
+    """charon in gw2's namespace, in a private mount namespace with its own /run."""
+
+    def __init__(self, net, conf_text):
+        self.net = net
+        self.dir = net.tmp / "charon"
+        self.dir.mkdir(exist_ok=True)
+        self.conf = self.dir / "strongswan.conf"
+        self.log = self.dir / "charon.log"
+        self.conf.write_text(f"""charon {{
+  load = random nonce openssl aes sha1 sha2 hmac gcm kdf pem pkcs1 pkcs8 x509 pubkey socket-default vici kernel-libipsec kernel-netlink
+  install_routes = yes
+  retransmit_tries = 3
+  filelog {{
+    log {{
+      path = {self.log}
+      default = 1
+      ike = 2
+    }}
+  }}
+  plugins {{
+    vici {{ socket = unix://{self.dir}/vici }}
+    kernel-libipsec {{ allow_peer_ts = yes }}
+  }}
+}}
+swanctl {{ socket = unix://{self.dir}/vici }}
+""")
+        self.swanctl_conf = self.dir / "swanctl.conf"
+        self.swanctl_conf.write_text(conf_text)
+        self.p = net.popen("gw2", "unshare", "-m", "--propagation", "private", "sh", "-c",
+                           f"mount -t tmpfs none /run && STRONGSWAN_CONF={self.conf} exec {CHARON}",
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            if (self.dir / "vici").exists():
+                break
+            time.sleep(0.1)
+        self.swanctl("--load-all", "--file", str(self.swanctl_conf))
+
+    def swanctl(self, *args, check=True, timeout=30):
+        r = subprocess.run(["ip", "netns", "exec", f"{self.net.p}-gw2", "env",
+                            f"STRONGSWAN_CONF={self.conf}", "swanctl", *args],
+                           capture_output=True, text=True, timeout=timeout)
+        if check:
+            assert r.returncode == 0, f"swanctl {' '.join(args)}: {r.stdout}{r.stderr}"
+        return r
+
+    def sas(self):
+        return self.swanctl("--list-sas").stdout
+
+    def stop(self):
+        if self.p.poll() is None:
+            subprocess.run(["pkill", "-P", str(self.p.pid)], check=False)
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+
+
+class Ike:
+    """espd-ike in gw1's namespace beside espd."""
+
+    def __init__(self, net, conf_text):
+        self.net = net
+        self.conf = net.tmp / "gw1-swanctl.conf"
+        self.conf.write_text(conf_text)
+        self.sock = str(net.tmp / "ike.sock")
+        self.logf = open(net.tmp / "espd-ike.log", "w")
+        self.p = net.popen("gw1", str(ESPD_IKE), "--config", str(self.conf), "--espd",
+                           net.sock("gw1"), "--socket", self.sock,
+                           stdout=self.logf, stderr=subprocess.STDOUT)
+        for _ in range(100):
+            if "connected to espd" in self.log():
+                break
+            assert self.p.poll() is None, self.log()
+            time.sleep(0.05)
+        else:
+            raise AssertionError("espd-ike did not connect to espd:\n" + self.log())
+
+    def log(self):
+        return (self.net.tmp / "espd-ike.log").read_text()
+
+    def ctl(self, *args, check=True):
+        r = self.net.ns("gw1", str(ESPCTL), "ike", "--ike-socket", self.sock, *args, check=False)
+        if check:
+            assert r.returncode == 0, f"espctl ike {' '.join(args)}: {r.stdout}{r.stderr}\n{self.log()}"
+        return r
+
+    def sas(self):
+        return json.loads(self.ctl("sas", "--json").stdout)
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            self.p.wait(timeout=20)
+        self.logf.close()
+        return self.p.returncode
+
+
+@pytest.fixture
+def site(tmp_path):
+    need_charon()
+    n = Net(tmp_path)
+    parts = {}
+    try:
+        n.start("gw1", config=False)
+        yield n, parts
+    finally:
+        for k in ("ike", "charon"):
+            if k in parts:
+                parts[k].stop()
+        n.close()
+
+
+def espd_states(net, keys=False):
+    args = ["state", "list"] + (["--keys"] if keys else [])
+    return net.ns("gw1", str(ESPCTL), "-s", net.sock("gw1"), *args).stdout
+
+
+def espd_policies(net):
+    return net.ns("gw1", str(ESPCTL), "-s", net.sock("gw1"), "policy", "list").stdout
+
+
+def wait_child(ike, charon, secs=15):
+    deadline = time.time() + secs
+    while time.time() < deadline:
+        sas = ike.sas()
+        if sas and sas[0]["children"] and "INSTALLED" in charon.sas():
+            return sas
+        time.sleep(0.2)
+    raise AssertionError(f"no CHILD_SA within {secs} s:\nespd-ike:\n{ike.log()}\n"
+                         f"charon:\n{charon.sas()}\n{charon.log.read_text()[-4000:]}")
+
+
+def check_traffic_and_wire(net, ike, charon, pcap_name="wire.pcap", tshark_alg="AES-GCM with 16 octet ICV [RFC4106]"):
+    """Ping and iperf3 both ways; only IKE/ESP on the wire; tshark verifies every ICV."""
+    pcap = net.tmp / pcap_name
+    dump = net.popen("wire", "tcpdump", "-ni", "br0", "-w", str(pcap), "-U", "ip or ip6",
+                     stderr=subprocess.DEVNULL)
+    time.sleep(1)
+    net.ns("a", "ping", "-c", "5", "-i", "0.1", "-W", "2", "198.18.2.20")
+    net.ns("b", "ping", "-c", "5", "-i", "0.1", "-W", "2", "198.18.1.10")
+    up = iperf(net, "a", "b", "198.18.2.20", secs=2)
+    down = iperf(net, "b", "a", "198.18.1.10", secs=2)
+    assert up["end"]["sum_received"]["bytes"] > 100_000, up["end"]
+    assert down["end"]["sum_received"]["bytes"] > 100_000, down["end"]
+    time.sleep(0.3)
+    dump.send_signal(signal.SIGINT)
+    dump.wait(timeout=10)
+    # Between the gateways only IKE (UDP 500/4500) and ESP in UDP 4500.
+    r = sh("tcpdump", "-nr", str(pcap),
+           "not (udp port 4500 or udp port 500) and not icmp6 and not igmp and not (ip6 and ip6[6] = 0)")
+    assert r.stdout.strip() == "", "not IKE or ESP on the wire:\n" + r.stdout[:2000]
+    # Decrypt with the keys espd-ike gave espd.
+    uat = []
+    spis = set()
+    for m in re.finditer(r"state add src (\S+) dst (\S+) proto esp spi (0x[0-9a-f]+) .*?aead \S+ (0x[0-9a-f]+) 128",
+                         espd_states(net, keys=True)):
+        spis.add(m[3])
+        uat += ["-o", f'uat:esp_sa:"IPv4","{m[1]}","{m[2]}","{m[3]}","{tshark_alg}","{m[4]}","NULL",""']
+    assert len(spis) == 2, espd_states(net)
+    r = sh("tshark", "-r", str(pcap), "-o", "esp.enable_encryption_decode:TRUE",
+           "-o", "esp.enable_authentication_check:TRUE", *uat, "-Y", "esp",
+           "-T", "fields", "-e", "esp.spi", "-e", "esp.icv_good", "-e", "icmp.type", "-e", "tcp.srcport",
+           timeout=300)
+    rows = [l.split("\t") for l in r.stdout.splitlines() if l.strip()]
+    assert len(rows) > 200, len(rows)
+    bad = [x for x in rows if x[1] != "1"]
+    assert not bad, f"{len(bad)} of {len(rows)} ESP packets not verified: {bad[:5]}"
+    assert {x[0] for x in rows} == spis
+    # The decrypted inner packets are the test's own traffic.
+    assert any(x[2] == "8" for x in rows) and any(x[3] for x in rows)
+
+
+def same_spis(ike, charon):
+    """espctl ike sas and swanctl --list-sas name the same CHILD_SA SPIs."""
+    c = ike.sas()[0]["children"][0]
+    text = charon.sas()
+    m = re.search(r"in\s+([0-9a-f]{8})[^\n]*\n\s+out\s+([0-9a-f]{8})", text)
+    assert m, text
+    # charon's inbound SPI is our outbound and the other way round.
+    assert (m[1], m[2]) == (c["spi_out"], c["spi_in"]), (text, c)
+    assert "AES_GCM_16_128" in text and c["alg"].startswith("aes128gcm16"), (text, c)
+
+
+def test_espd_ike_initiates_to_charon_and_traffic_flows_both_ways(site):
+    net, parts = site
+    parts["charon"] = charon = Charon(net, swanctl_conf("gw2", "gw1"))
+    parts["ike"] = ike = Ike(net, swanctl_conf("gw1", "gw2"))
+    r = ike.ctl("initiate", "net")
+    assert "initiating net" in r.stdout
+    sas = wait_child(ike, charon)
+    assert sas[0]["state"] == "ESTABLISHED" and sas[0]["initiator"] is True, sas
+    c = sas[0]["children"][0]
+    assert c["encap"] is True and c["local_ts"] == ["198.18.1.0/24"] and c["remote_ts"] == ["198.18.2.0/24"]
+    same_spis(ike, charon)
+    # espd holds the two SAs (encapsulated, with the negotiated lifetimes)
+    # and the out/in/fwd policies for the reqid.
+    st = espd_states(net)
+    assert st.count("state add") == 2 and "encap espinudp 4500 4500" in st, st
+    pol = espd_policies(net)
+    for d in ("out", "in", "fwd"):
+        assert f"dir {d}" in pol, pol
+    check_traffic_and_wire(net, ike, charon)
+    text = ike.ctl("sas").stdout
+    assert "site: ESTABLISHED" in text and c["spi_in"] in text, text
+    # Terminate: DELETE reaches charon, espd forgets the SAs and policies.
+    ike.ctl("terminate", "site")
+    for _ in range(50):
+        if not ike.sas() and "site:" not in charon.sas():
+            break
+        time.sleep(0.1)
+    assert not ike.sas(), ike.log()
+    assert "site:" not in charon.sas(), charon.sas()
+    assert espd_states(net).strip() == "" and espd_policies(net).strip() == ""
+
+
+def test_charon_initiates_and_espd_ike_responds(site):
+    net, parts = site
+    parts["ike"] = ike = Ike(net, swanctl_conf("gw1", "gw2", proposals="aes256-sha256-ecp256",
+                                               esp="aes256gcm16"))
+    parts["charon"] = charon = Charon(net, swanctl_conf("gw2", "gw1", proposals="aes256-sha256-ecp256",
+                                                        esp="aes256gcm16"))
+    charon.swanctl("--initiate", "--child", "net", timeout=30)
+    sas = wait_child(ike, charon)
+    assert sas[0]["initiator"] is False
+    assert "AES_CBC-256/HMAC_SHA2_256_128/PRF_HMAC_SHA2_256/ECP_256" in charon.sas()
+    check_traffic_and_wire(net, ike, charon)
+    # espd-ike stopping deletes the IKE_SA at charon and its SAs in espd.
+    assert ike.stop() == 0
+    assert "site:" not in charon.sas()
+    assert espd_states(net).strip() == ""
+
+
+def test_trap_negotiates_on_the_first_packet(site):
+    net, parts = site
+    parts["charon"] = charon = Charon(net, swanctl_conf("gw2", "gw1"))
+    parts["ike"] = ike = Ike(net, swanctl_conf("gw1", "gw2", start="trap"))
+    # The trap policies are in espd before any SA: traffic is held, not leaked.
+    pol = espd_policies(net)
+    assert "dir out" in pol and "reqid 1" in pol, pol
+    assert espd_states(net).strip() == ""
+    pcap = net.tmp / "trap.pcap"
+    dump = net.popen("wire", "tcpdump", "-ni", "br0", "-w", str(pcap), "-U", "ip",
+                     stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    # The first pings trigger the acquire; the tunnel is up within seconds.
+    net.ns("a", "ping", "-c", "12", "-i", "0.5", "-W", "1", "198.18.2.20", check=False, timeout=30)
+    dump.send_signal(signal.SIGINT)
+    dump.wait(timeout=10)
+    assert "acquire for net: negotiating" in ike.log(), ike.log()
+    sas = wait_child(ike, charon)
+    # The child was narrowed to what charon allows and the first packet's pair is in it.
+    assert sas[0]["children"][0]["local_ts"] == ["198.18.1.0/24"], sas
+    r = net.ns("a", "ping", "-c", "3", "-i", "0.1", "-W", "2", "198.18.2.20")
+    assert " 0% packet loss" in r.stdout
+    leaked = sh("tcpdump", "-nr", str(pcap), "icmp")
+    assert leaked.stdout.strip() == "", "plaintext ICMP on the wire before the SA:\n" + leaked.stdout
+
+
+def test_wrong_psk_is_refused_and_nothing_is_installed(site):
+    net, parts = site
+    parts["charon"] = charon = Charon(net, swanctl_conf("gw2", "gw1", psk="not-the-same-secret-at-all-0123"))
+    parts["ike"] = ike = Ike(net, swanctl_conf("gw1", "gw2"))
+    ike.ctl("initiate", "net")
+    for _ in range(100):
+        if "AUTHENTICATION_FAILED" in ike.log() or "authentication" in ike.log().lower():
+            break
+        time.sleep(0.1)
+    log = ike.log()
+    assert "AUTHENTICATION_FAILED" in log, log
+    assert espd_states(net).strip() == "" and espd_policies(net).strip() == ""
+    assert "INSTALLED" not in charon.sas()
+
+
+def test_no_common_proposal_is_refused_with_no_proposal_chosen(site):
+    net, parts = site
+    parts["charon"] = charon = Charon(net, swanctl_conf("gw2", "gw1", esp="aes256gcm16"))
+    parts["ike"] = ike = Ike(net, swanctl_conf("gw1", "gw2", esp="chacha20poly1305"))
+    ike.ctl("initiate", "net")
+    for _ in range(100):
+        if "NO_PROPOSAL_CHOSEN" in ike.log():
+            break
+        time.sleep(0.1)
+    assert "NO_PROPOSAL_CHOSEN" in ike.log(), ike.log()
+    assert espd_states(net).strip() == ""
+    assert "INSTALLED" not in charon.sas()
+
+
+def test_unacceptable_selectors_are_refused_with_ts_unacceptable(site):
+    net, parts = site
+    parts["charon"] = charon = Charon(net, swanctl_conf("gw2", "gw1"))
+    parts["ike"] = ike = Ike(net, swanctl_conf("gw1", "gw2", local_ts="198.18.5.0/24",
+                                               remote_ts="198.18.6.0/24"))
+    ike.ctl("initiate", "net")
+    for _ in range(100):
+        if "TS_UNACCEPTABLE" in ike.log():
+            break
+        time.sleep(0.1)
+    assert "TS_UNACCEPTABLE" in ike.log(), ike.log()
+    assert espd_states(net).strip() == "" and espd_policies(net).strip() == ""
