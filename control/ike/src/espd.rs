@@ -405,3 +405,135 @@ impl Installer {
         self.policies.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn ts(a: &str, b: &str) -> Ts {
+        Ts {
+            proto: 0,
+            start_port: 0,
+            end_port: 65535,
+            start: a.parse().unwrap(),
+            end: b.parse().unwrap(),
+        }
+    }
+
+    fn child(spi_in: u32, encr: Encr, encap: bool) -> ChildSa {
+        let integ = if encr.is_aead() {
+            None
+        } else {
+            Some(Integ::Sha256)
+        };
+        let n = encr.key_len() + integ.map_or(0, |i| i.key_len());
+        ChildSa {
+            ike: 1,
+            conn: "site".into(),
+            name: "net".into(),
+            reqid: 7,
+            mode: Mode::Tunnel,
+            local: "198.18.0.1:4500".parse().unwrap(),
+            remote: "198.18.0.2:4500".parse().unwrap(),
+            encap,
+            spi_in,
+            spi_out: spi_in + 1,
+            alg: Chosen {
+                encr,
+                integ,
+                prf: None,
+                dh: None,
+                esn: false,
+            },
+            key_in: Zeroizing::new((0..n as u8).collect()),
+            key_out: Zeroizing::new((0..n as u8).map(|x| x ^ 0xff).collect()),
+            // 198.18.1.0-198.18.1.255 and a range that needs two prefixes.
+            ts_local: vec![ts("198.18.1.0", "198.18.1.255")],
+            ts_remote: vec![ts("198.18.2.0", "198.18.4.255")],
+            replay_window: 128,
+            life_time: Duration::from_secs(3960),
+            rekey_time: Duration::from_secs(3600),
+            trap: false,
+            installed_at: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_child_becomes_espd_lines_that_espd_accepts() {
+        let mut i = Installer::new();
+        let c = child(0x1234, Encr::AesGcm(128, 16), true);
+        let inb = i.install(&c, Dir::In);
+        let out = i.install(&c, Dir::Out);
+        let first = inb.lines().next().unwrap();
+        assert!(first.starts_with(
+            "state add src 198.18.0.2 dst 198.18.0.1 proto esp spi 0x00001234 reqid 7 mode tunnel replay-window 128 aead 'rfc4106(gcm(aes))' 0x000102"
+        ), "{first}");
+        assert!(
+            first.ends_with(
+                " 128 encap espinudp 4500 4500 0.0.0.0 limit time-soft 3600 time-hard 3960"
+            ),
+            "{first}"
+        );
+        // in and fwd for each of the two remote prefixes; out for each.
+        assert_eq!(
+            inb.lines().filter(|l| l.contains("dir in ")).count(),
+            2,
+            "{}",
+            *inb
+        );
+        assert_eq!(inb.lines().filter(|l| l.contains("dir fwd ")).count(), 2);
+        assert_eq!(out.lines().filter(|l| l.contains("dir out ")).count(), 2);
+        assert!(out.contains("policy add src 198.18.1.0/24 dst 198.18.2.0/23 dir out tmpl src 198.18.0.1 dst 198.18.0.2 proto esp reqid 7 mode tunnel"), "{}", *out);
+        // Every line is one espd's own parser takes.
+        let text = format!("{}{}", *inb, *out);
+        espd_config::Config::parse("ike", &text).unwrap_or_else(|e| panic!("{e:?}\n{text}"));
+        for e in [Encr::AesCbc(256), Encr::ChaCha, Encr::Gmac(128), Encr::Null] {
+            let mut j = Installer::new();
+            let c = child(0x999, e, false);
+            let t = format!("{}{}", *j.install(&c, Dir::In), *j.install(&c, Dir::Out));
+            espd_config::Config::parse("ike", &t).unwrap_or_else(|e| panic!("{e:?}\n{t}"));
+        }
+    }
+
+    #[test]
+    fn policies_are_shared_by_a_rekeyed_child_and_go_with_the_last() {
+        let mut i = Installer::new();
+        let old = child(0x1000, Encr::AesGcm(128, 16), false);
+        let new = child(0x2000, Encr::AesGcm(128, 16), false);
+        for d in [Dir::In, Dir::Out] {
+            i.install(&old, d);
+        }
+        assert_eq!(i.policy_count(), 6);
+        let t = i.install(&new, Dir::In);
+        assert!(!t.contains("policy add"), "shared, not added twice: {}", *t);
+        i.install(&new, Dir::Out);
+        let gone = i.remove(0x1000);
+        assert_eq!(gone.delete.len(), 2, "only the old SAs: {:?}", gone.delete);
+        assert!(gone.delete.iter().all(|l| l.starts_with("state delete")));
+        let gone = i.remove(0x2000);
+        assert_eq!(
+            gone.delete
+                .iter()
+                .filter(|l| l.starts_with("policy delete"))
+                .count(),
+            6
+        );
+        assert_eq!(i.policy_count(), 0);
+        assert!(i.remove(0x2000).delete.is_empty());
+    }
+
+    #[test]
+    fn no_key_reaches_a_delete_line_or_the_reinstall_of_policies() {
+        let mut i = Installer::new();
+        let c = child(0x1000, Encr::AesCbc(128), false);
+        i.install(&c, Dir::In);
+        i.install(&c, Dir::Out);
+        let b = i.reinstall();
+        assert_eq!(b.len(), 3);
+        assert!(!b[0].contains("0x00010203"), "policies carry no key");
+        for l in i.remove_all(false) {
+            assert!(!l.contains("0x0001"), "{l}");
+        }
+    }
+}
