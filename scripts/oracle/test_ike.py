@@ -496,3 +496,53 @@ def test_transport_mode_is_negotiated_and_installed_as_transport_sas(site):
         pol = espd_policies(net, gw=gw)
         assert "mode transport" in pol and "dir fwd" not in pol, pol
     parts.pop("ike2").stop()
+
+
+def test_espd_restarted_under_espd_ike_gets_its_sas_again(site):
+    net, parts = site
+    parts["charon"] = charon = Charon(net, swanctl_conf("gw2", "gw1"))
+    parts["ike"] = ike = Ike(net, swanctl_conf("gw1", "gw2"))
+    ike.ctl("initiate", "net")
+    wait_child(ike, charon)
+    net.ns("a", "ping", "-c", "3", "-i", "0.1", "-W", "2", "198.18.2.20")
+    before = espd_states(net)
+    net.stop("gw1")
+    net.start("gw1", config=False)
+    # Within 2 s espd has the same SAs again (the sequence store continues
+    # the outbound counter, so no IV repeats) and traffic flows.
+    for _ in range(40):
+        if espd_states(net) == before:
+            break
+        time.sleep(0.05)
+    assert espd_states(net) == before, (before, espd_states(net), ike.log())
+    assert "installing" in ike.log() and "again" in ike.log()
+    r = net.ns("a", "ping", "-c", "3", "-i", "0.1", "-W", "2", "198.18.2.20")
+    assert " 0% packet loss" in r.stdout
+
+
+def test_stopping_espd_ike_keeps_trap_policies_so_traffic_stays_blocked(site):
+    net, parts = site
+    parts["charon"] = charon = Charon(net, swanctl_conf("gw2", "gw1"))
+    parts["ike"] = ike = Ike(net, swanctl_conf("gw1", "gw2", start="trap"))
+    net.ns("a", "ping", "-c", "6", "-i", "0.5", "-W", "1", "198.18.2.20", check=False, timeout=30)
+    wait_child(ike, charon)
+    trap = [l for l in espd_policies(net).splitlines() if "priority 1000" in l]
+    assert len(trap) == 3, espd_policies(net)
+    assert parts.pop("ike").stop() == 0
+    assert espd_states(net).strip() == ""
+    assert sorted(espd_policies(net).strip().splitlines()) == sorted(trap)
+    pcap = net.tmp / "stopped.pcap"
+    dump = net.popen("wire", "tcpdump", "-ni", "br0", "-w", str(pcap), "-U", "ip",
+                     stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    r = net.ns("a", "ping", "-c", "3", "-i", "0.2", "-W", "1", "198.18.2.20", check=False)
+    dump.send_signal(signal.SIGINT)
+    dump.wait(timeout=10)
+    assert "100% packet loss" in r.stdout
+    assert sh("tcpdump", "-nr", str(pcap), "icmp").stdout.strip() == ""
+    # Restarted, espd-ike takes its trap policies back and negotiates again.
+    parts["ike"] = ike = Ike(net, swanctl_conf("gw1", "gw2", start="trap"))
+    net.ns("a", "ping", "-c", "6", "-i", "0.5", "-W", "1", "198.18.2.20", check=False, timeout=30)
+    wait_child(ike, charon)
+    r = net.ns("a", "ping", "-c", "3", "-i", "0.1", "-W", "2", "198.18.2.20")
+    assert " 0% packet loss" in r.stdout

@@ -386,8 +386,11 @@ pub fn run(a: &Args) -> Result<()> {
     let d = params
         .apply_ops(&mut tables, sa_ops, &seqs)
         .map_err(|e| anyhow::anyhow!(e))?;
-    // Records of SAs that are not configured go; the outbound SAs' are written.
-    seqs.retain(|dst, spi| tables.sad().lookup_in(dst, spi).is_some());
+    // Records of SAs that are not configured stay: a daemon (espd-ike) that
+    // installed them at run time adds them again, with the same keys, when
+    // it sees espd back, and they must continue their numbers (RFC 4303
+    // §3.3.3; else the IV, seq ⊕ mask, repeats under the key). A record
+    // goes when its SA is deleted. The configured outbound SAs' are written.
     seqs.apply(&d.seqs);
     let restored = seqs.restored();
     seqs.save(false)

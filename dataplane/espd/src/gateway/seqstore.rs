@@ -260,12 +260,6 @@ impl SeqStore {
         self.restored
     }
 
-    /// Drops the records of SAs that are not running.
-    pub fn retain(&mut self, keep: impl Fn(IpAddr, u32) -> bool) {
-        self.recs.retain(|(d, s), _| keep(*d, *s));
-        self.dirty = true;
-    }
-
     /// The SA is gone: so is its record.
     pub fn forget(&mut self, dst: IpAddr, spi: u32) {
         if self.recs.remove(&(dst, spi)).is_some() {
