@@ -88,9 +88,10 @@ secrets {{
 class Charon:
     """charon in gw2's namespace, in a private mount namespace with its own /run."""
 
-    def __init__(self, net, conf_text):
+    def __init__(self, net, conf_text, gw="gw2"):
         self.net = net
-        self.dir = net.tmp / "charon"
+        self.gw = gw
+        self.dir = net.tmp / f"charon-{gw}"
         self.dir.mkdir(exist_ok=True)
         self.conf = self.dir / "strongswan.conf"
         self.log = self.dir / "charon.log"
@@ -114,7 +115,7 @@ swanctl {{ socket = unix://{self.dir}/vici }}
 """)
         self.swanctl_conf = self.dir / "swanctl.conf"
         self.swanctl_conf.write_text(conf_text)
-        self.p = net.popen("gw2", "unshare", "-m", "--propagation", "private", "sh", "-c",
+        self.p = net.popen(gw, "unshare", "-m", "--propagation", "private", "sh", "-c",
                            f"mount -t tmpfs none /run && STRONGSWAN_CONF={self.conf} exec {CHARON}",
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(100):
@@ -124,7 +125,7 @@ swanctl {{ socket = unix://{self.dir}/vici }}
         self.swanctl("--load-all", "--file", str(self.swanctl_conf))
 
     def swanctl(self, *args, check=True, timeout=30):
-        r = subprocess.run(["ip", "netns", "exec", f"{self.net.p}-gw2", "env",
+        r = subprocess.run(["ip", "netns", "exec", f"{self.net.p}-{self.gw}", "env",
                             f"STRONGSWAN_CONF={self.conf}", "swanctl", *args],
                            capture_output=True, text=True, timeout=timeout)
         if check:
