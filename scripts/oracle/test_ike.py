@@ -419,6 +419,7 @@ def test_unacceptable_selectors_are_refused_with_ts_unacceptable(site):
     ("aes256gcm16-prfsha384-ecp384", "aes256gcm16", True, ("AES_GCM_16-256", "ECP_384")),
     ("aes128-sha512-ecp521", "aes128-sha256", False, ("AES_CBC-128/HMAC_SHA2_256_128", "ECP_521")),
     ("chacha20poly1305-prfsha256-x25519", "chacha20poly1305", False, ("CHACHA20_POLY1305", "CURVE_25519")),
+    ("aes256-sha384-modp3072", "aes256-sha256", False, ("AES_CBC-256/HMAC_SHA2_384_192", "MODP_3072")),
 ])
 def test_algorithms_and_ipv6_outer_addresses(site, ike_prop, esp, v6, charon_names):
     net, parts = site

@@ -99,28 +99,49 @@ pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 /// Our half of a key exchange.
 pub struct KeyShare {
     pub group: Group,
-    key: agreement::EphemeralPrivateKey,
+    key: Private,
     public: Vec<u8>,
+}
+
+enum Private {
+    Ec(agreement::EphemeralPrivateKey),
+    Modp(crate::modp::Modp),
+}
+
+fn ec_alg(group: Group) -> &'static agreement::Algorithm {
+    match group {
+        Group::Ecp256 => &agreement::ECDH_P256,
+        Group::Ecp384 => &agreement::ECDH_P384,
+        Group::Ecp521 => &agreement::ECDH_P521,
+        _ => &agreement::X25519,
+    }
 }
 
 impl KeyShare {
     pub fn new(group: Group) -> KeyShare {
-        let alg = match group {
-            Group::Ecp256 => &agreement::ECDH_P256,
-            Group::Ecp384 => &agreement::ECDH_P384,
-            Group::Ecp521 => &agreement::ECDH_P521,
-            Group::Curve25519 => &agreement::X25519,
-        };
+        if let Group::Modp2048 | Group::Modp3072 = group {
+            let m = crate::modp::Modp::new(group.public_len() * 8, random);
+            let public = m.public.clone();
+            return KeyShare {
+                group,
+                key: Private::Modp(m),
+                public,
+            };
+        }
         let rng = rand::SystemRandom::new();
-        let key =
-            agreement::EphemeralPrivateKey::generate(alg, &rng).expect("key generation failed");
+        let key = agreement::EphemeralPrivateKey::generate(ec_alg(group), &rng)
+            .expect("key generation failed");
         let pk = key.compute_public_key().expect("public key");
         // RFC 5903 §7: the ECP key data is x | y without SEC1's 0x04 prefix.
         let public = match group {
             Group::Curve25519 => pk.as_ref().to_vec(),
             _ => pk.as_ref()[1..].to_vec(),
         };
-        KeyShare { group, key, public }
+        KeyShare {
+            group,
+            key: Private::Ec(key),
+            public,
+        }
     }
 
     pub fn public(&self) -> &[u8] {
@@ -128,28 +149,28 @@ impl KeyShare {
     }
 
     /// g^ir: for ECP the x coordinate (RFC 5903 §7), for Curve25519 the
-    /// X25519 output (RFC 8031 §2.2; aws-lc refuses an all-zero result). An
-    /// invalid peer value (length, off the curve) is an error.
+    /// X25519 output (RFC 8031 §2.2; aws-lc refuses an all-zero result), for
+    /// MODP g^xy mod p (crate::modp). An invalid peer value (length, off the
+    /// curve, outside 1 < y < p − 1) is an error.
     pub fn agree(self, peer: &[u8]) -> Result<Secret, Bad> {
         if peer.len() != self.group.public_len() {
             return Err(Bad);
         }
-        let (alg, bytes) = match self.group {
-            Group::Curve25519 => (&agreement::X25519, peer.to_vec()),
-            g => {
+        let key = match self.key {
+            Private::Modp(m) => return m.agree(peer).ok_or(Bad),
+            Private::Ec(k) => k,
+        };
+        let bytes = match self.group {
+            Group::Curve25519 => peer.to_vec(),
+            _ => {
                 let mut b = Vec::with_capacity(peer.len() + 1);
                 b.push(4);
                 b.extend_from_slice(peer);
-                let alg = match g {
-                    Group::Ecp256 => &agreement::ECDH_P256,
-                    Group::Ecp384 => &agreement::ECDH_P384,
-                    _ => &agreement::ECDH_P521,
-                };
-                (alg, b)
+                b
             }
         };
-        let pk = agreement::UnparsedPublicKey::new(alg, bytes);
-        agreement::agree_ephemeral(self.key, &pk, Bad, |s| Ok(Zeroizing::new(s.to_vec())))
+        let pk = agreement::UnparsedPublicKey::new(ec_alg(self.group), bytes);
+        agreement::agree_ephemeral(key, &pk, Bad, |s| Ok(Zeroizing::new(s.to_vec())))
     }
 }
 
@@ -464,6 +485,8 @@ mod tests {
             Group::Ecp384,
             Group::Ecp521,
             Group::Curve25519,
+            Group::Modp2048,
+            Group::Modp3072,
         ] {
             let a = KeyShare::new(g);
             let b = KeyShare::new(g);

@@ -10,6 +10,7 @@ pub mod conf;
 pub mod crypto;
 pub mod espd;
 pub mod ike;
+pub mod modp;
 pub mod proposal;
 pub mod ts;
 pub mod wire;

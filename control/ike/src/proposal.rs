@@ -183,6 +183,9 @@ pub enum Group {
     Ecp384,
     Ecp521,
     Curve25519,
+    /// RFC 3526 MODP groups 14 and 15 (for peers without elliptic curves).
+    Modp2048,
+    Modp3072,
 }
 
 impl Group {
@@ -192,6 +195,8 @@ impl Group {
             Group::Ecp384 => 20,
             Group::Ecp521 => 21,
             Group::Curve25519 => 31,
+            Group::Modp2048 => 14,
+            Group::Modp3072 => 15,
         }
     }
     pub fn from_id(id: u16) -> Option<Group> {
@@ -200,6 +205,8 @@ impl Group {
             20 => Group::Ecp384,
             21 => Group::Ecp521,
             31 => Group::Curve25519,
+            14 => Group::Modp2048,
+            15 => Group::Modp3072,
             _ => return None,
         })
     }
@@ -210,6 +217,9 @@ impl Group {
             Group::Ecp384 => 96,
             Group::Ecp521 => 132,
             Group::Curve25519 => 32,
+            // RFC 7296 §3.4: padded to the prime's length.
+            Group::Modp2048 => 256,
+            Group::Modp3072 => 384,
         }
     }
     pub fn name(self) -> &'static str {
@@ -218,6 +228,8 @@ impl Group {
             Group::Ecp384 => "ecp384",
             Group::Ecp521 => "ecp521",
             Group::Curve25519 => "curve25519",
+            Group::Modp2048 => "modp2048",
+            Group::Modp3072 => "modp3072",
         }
     }
 }
@@ -505,9 +517,8 @@ pub fn parse(s: &str, ike: bool) -> Result<Vec<AlgSet>, String> {
             "x25519" | "curve25519" => a.dh.push(Group::Curve25519),
             "esn" if !ike => a.esn.push(true),
             "noesn" if !ike => a.esn.push(false),
-            "modp2048" | "modp3072" => {
-                return Err(format!("`{w}` (MODP) is not supported yet: use ecp256, ecp384, ecp521 or x25519"))
-            }
+            "modp2048" => a.dh.push(Group::Modp2048),
+            "modp3072" => a.dh.push(Group::Modp3072),
             w if w.starts_with("aes192") => {
                 return Err(format!("`{w}`: AES-192 is not supported: use aes128… or aes256…"))
             }
@@ -516,7 +527,7 @@ pub fn parse(s: &str, ike: bool) -> Result<Vec<AlgSet>, String> {
             }
             _ => {
                 return Err(format!(
-                    "unknown algorithm `{w}` (expected aes128, aes256, aes128gcm16, aes256gcm16, aes128gcm12, aes128gcm8, chacha20poly1305, {}sha256, sha384, sha512, prfsha256, prfsha384, prfsha512, ecp256, ecp384, ecp521, x25519{})",
+                    "unknown algorithm `{w}` (expected aes128, aes256, aes128gcm16, aes256gcm16, aes128gcm12, aes128gcm8, chacha20poly1305, {}sha256, sha384, sha512, prfsha256, prfsha384, prfsha512, ecp256, ecp384, ecp521, x25519, modp2048, modp3072{})",
                     if ike { "" } else { "aes128gmac, aes256gmac, null, " },
                     if ike { "" } else { ", esn, noesn" }
                 ))
@@ -600,6 +611,8 @@ pub fn defaults(ike: bool) -> Vec<AlgSet> {
             Group::Ecp256,
             Group::Ecp384,
             Group::Ecp521,
+            Group::Modp3072,
+            Group::Modp2048,
         ];
         vec![
             AlgSet {
@@ -652,7 +665,11 @@ mod tests {
         assert!(parse("aes128gcm16-x25519", true).is_err());
         assert!(parse("aes128gcm16-sha256-prfsha256-x25519", true).is_err());
         assert!(parse("aes128-sha256", true).is_err());
-        assert!(parse("modp2048", true).unwrap_err().contains("MODP"));
+        assert_eq!(
+            parse("aes128-sha256-modp3072", true).unwrap()[0].dh,
+            vec![Group::Modp3072]
+        );
+        assert!(parse("aes128-sha256-modp1024", true).is_err());
         assert!(parse("aes128gcm16-esn", false).unwrap()[0].esn == vec![true]);
         assert!(parse("bogus", false)
             .unwrap_err()
