@@ -43,7 +43,7 @@ def need_charon():
 
 def swanctl_conf(me, peer, proposals="aes128gcm16-prfsha256-x25519", esp="aes128gcm16",
                  start="none", psk=PSK, peer_id=None, local_ts=None, remote_ts=None, v6=False, encap="yes",
-                 mode="tunnel"):
+                 mode="tunnel", child_extra=""):
     """The connection as a strongSwan user writes it, for gateway `me`."""
     n = {"gw1": 1, "gw2": 2}
     outer = (lambda g: f"2001:db8::{n[g]}") if v6 else (lambda g: f"198.18.0.{n[g]}")
@@ -70,7 +70,7 @@ connections {{
         remote_ts = {remote_ts or inner(peer)}
         esp_proposals = {esp}
         start_action = {start}
-        mode = {mode}
+        mode = {mode}{child_extra}
       }}
     }}
   }}
@@ -548,3 +548,25 @@ def test_stopping_espd_ike_keeps_trap_policies_so_traffic_stays_blocked(site):
     wait_child(ike, charon)
     r = net.ns("a", "ping", "-c", "3", "-i", "0.1", "-W", "2", "198.18.2.20")
     assert " 0% packet loss" in r.stdout
+
+
+def test_espd_ike_rekeys_children_under_traffic_without_loss(site):
+    """espd-ike starts CHILD_SA rekeys every ~6 s (charon's own are an hour
+    away): ping at 20 pps through two rekeys loses nothing, and the old
+    SAs leave espd and charon."""
+    net, parts = site
+    parts["charon"] = charon = Charon(net, swanctl_conf("gw2", "gw1"))
+    parts["ike"] = ike = Ike(net, swanctl_conf("gw1", "gw2", child_extra="\n        rekey_time = 6s\n        life_time = 30s"))
+    ike.ctl("initiate", "net")
+    first = wait_child(ike, charon)[0]["children"][0]["spi_in"]
+    r = net.ns("a", "ping", "-c", "280", "-i", "0.05", "-W", "2", "198.18.2.20", timeout=60)
+    assert " 0% packet loss" in r.stdout, r.stdout[-300:]
+    assert ike.log().count("rekeying CHILD_SA net") >= 2, ike.log()
+    stats = json.loads(ike.ctl("stats").stdout)
+    assert stats["child-rekeyed"] >= 2, stats
+    time.sleep(0.5)
+    kids = ike.sas()[0]["children"]
+    assert len(kids) == 1 and kids[0]["spi_in"] != first, kids
+    assert espd_states(net).count("state add") == 2, espd_states(net)
+    text = charon.sas()
+    assert text.count("INSTALLED") == 1 and kids[0]["spi_in"] in text, text

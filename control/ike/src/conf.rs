@@ -889,7 +889,7 @@ fn child(s: &Section, reqid: &mut u32, warnings: &mut Vec<String>) -> Result<Chi
                 }
                 "rand_time" => {
                     duration(&kv.value).map_err(|e| format!("{}: rand_time: {e}", kv.at))?;
-                    warnings.push(format!("{}: rand_time: espd-ike does not rekey CHILD_SAs yet; the peer's rekey is answered", kv.at));
+                    warnings.push(format!("{}: rand_time: ignored; espd-ike rekeys a CHILD_SA up to 10 % of rekey_time early (at most the margin to life_time), different per SA", kv.at));
                 }
                 other => {
                     return Err(format!(

@@ -131,6 +131,8 @@ enum ReqKind {
 
 struct PendingChild {
     name: String,
+    /// The inbound SPI of the child this one replaces (REKEY_SA).
+    rekey: Option<u32>,
     spi_in: u32,
     ts_i: Vec<Ts>,
     ts_r: Vec<Ts>,
@@ -154,6 +156,21 @@ enum Queued {
     },
     DeleteIke,
     DeleteChild(u32),
+    /// Rekey the CHILD_SA with this inbound SPI (RFC 7296 §2.8).
+    Rekey(u32),
+}
+
+/// How long a failed rekey waits before it is tried again.
+const REKEY_RETRY: Duration = Duration::from_secs(30);
+
+/// When we rekey a child: `rekey_time` less a jitter of up to 10 % of it
+/// (at most the margin to `life_time`), different per SA, so that the two
+/// ends and many tunnels do not all rekey at once (strongSwan's
+/// `rand_time`; RFC 7296 §2.8.1 makes collisions rare, not impossible).
+fn rekey_due(c: &ChildSa) -> Instant {
+    let span = (c.rekey_time / 10).min(c.life_time.saturating_sub(c.rekey_time));
+    let jitter = span.mul_f64((c.spi_in % 1024) as f64 / 1024.0);
+    c.installed_at + c.rekey_time.saturating_sub(jitter)
 }
 
 struct IkeSa {
@@ -180,6 +197,9 @@ struct IkeSa {
     queue: VecDeque<Queued>,
     last_resp: Option<(u32, Vec<u8>)>,
     children: Vec<ChildSa>,
+    /// Children (inbound SPI) not to rekey before the instant: being
+    /// rekeyed, rekeyed by the peer, or waiting to retry.
+    rekey_hold: HashMap<u32, Instant>,
     /// Initiator: the child to set up in IKE_AUTH (name, trap packet).
     first_child: Option<(String, Option<(Ts, Ts)>)>,
     init_retries: u32,
@@ -227,6 +247,7 @@ impl IkeSa {
             queue: VecDeque::new(),
             last_resp: None,
             children: Vec::new(),
+            rekey_hold: HashMap::new(),
             first_child: None,
             init_retries: 0,
             cookie: None,
@@ -451,6 +472,12 @@ impl Endpoint {
             if let (State::Established, Some(d), None) = (sa.state, self.dpd(sa), &sa.pending) {
                 at(sa.last_heard + d);
             }
+            if sa.state == State::Established && sa.pending.is_none() {
+                for c in &sa.children {
+                    let hold = sa.rekey_hold.get(&c.spi_in).copied();
+                    at(hold.map_or(rekey_due(c), |h| h.max(rekey_due(c))));
+                }
+            }
         }
         t
     }
@@ -491,7 +518,25 @@ impl Endpoint {
                     self.send(sa.local, sa.remote, data);
                 }
             } else if sa.state == State::Established {
-                if let Some(d) = self.dpd(&sa) {
+                // RFC 7296 §2.8: rekey each child at its rekey time.
+                let live: Vec<u32> = sa.children.iter().map(|c| c.spi_in).collect();
+                sa.rekey_hold.retain(|k, _| live.contains(k));
+                let due: Vec<u32> = sa
+                    .children
+                    .iter()
+                    .filter(|c| {
+                        now >= rekey_due(c)
+                            && sa.rekey_hold.get(&c.spi_in).is_none_or(|h| now >= *h)
+                    })
+                    .map(|c| c.spi_in)
+                    .collect();
+                for spi in due {
+                    sa.rekey_hold
+                        .insert(spi, now + Duration::from_secs(86400 * 365));
+                    sa.queue.push_back(Queued::Rekey(spi));
+                }
+                self.pump(&mut sa, now);
+                if let (Some(d), None) = (self.dpd(&sa), &sa.pending) {
                     if now >= sa.last_heard + d {
                         // RFC 7296 §1.4: an empty INFORMATIONAL is the liveness check.
                         self.request(
@@ -822,6 +867,78 @@ impl Endpoint {
         }
     }
 
+    /// CREATE_CHILD_SA for a new child, or to rekey `rekey` (RFC 7296 §1.3.1, §1.3.3).
+    fn send_create_child(
+        &mut self,
+        sa: &mut IkeSa,
+        ch: &Child,
+        packet: Option<(Ts, Ts)>,
+        rekey: Option<u32>,
+        now: Instant,
+    ) {
+        let spi_in = self.new_spi();
+        let mut nonce = vec![0u8; NONCE_LEN];
+        crypto::random(&mut nonce);
+        // PFS: the first group of the child's proposals, if any.
+        let ke = ch
+            .esp
+            .iter()
+            .find_map(|a| a.dh.first())
+            .map(|g| KeyShare::new(*g));
+        // A rekey keeps the old child's (narrowed) selectors, RFC 7296 §2.8.
+        let (ts_i, ts_r) = match rekey.and_then(|r| sa.children.iter().find(|c| c.spi_in == r)) {
+            Some(old) => (old.ts_local.clone(), old.ts_remote.clone()),
+            None => child_ts(ch, sa.local.ip(), sa.remote.ip(), packet),
+        };
+        let props = child_proposals(ch, spi_in, ke.is_some());
+        let mut ps = Vec::new();
+        if let Some(old) = rekey {
+            // RFC 7296 §1.3.3: REKEY_SA names the SA being replaced by the
+            // SPI we expect in inbound ESP.
+            ps.push(Payload::Notify(wire::Notify {
+                proto: wire::proto::ESP,
+                spi: old.to_be_bytes().to_vec(),
+                ty: notify::REKEY_SA,
+                data: vec![],
+            }));
+            self.log(format!(
+                "{}: rekeying CHILD_SA {} (SPI {old:08x})",
+                sa.label(),
+                ch.name
+            ));
+            self.count("child-rekeys-started");
+        }
+        ps.push(Payload::Sa(props));
+        ps.push(Payload::Nonce(nonce.clone()));
+        if let Some(k) = &ke {
+            ps.push(Payload::Ke {
+                group: k.group.id(),
+                data: k.public().to_vec(),
+            });
+        }
+        ps.push(Payload::TsI(ts_i.clone()));
+        ps.push(Payload::TsR(ts_r.clone()));
+        if ch.mode == Mode::Transport {
+            ps.push(Payload::notify(notify::USE_TRANSPORT_MODE, vec![]));
+        }
+        let pc = PendingChild {
+            name: ch.name.clone(),
+            rekey,
+            spi_in,
+            ts_i,
+            ts_r,
+            nonce,
+            ke,
+        };
+        self.request(
+            sa,
+            exchange::CREATE_CHILD_SA,
+            ps,
+            ReqKind::CreateChild(pc),
+            now,
+        );
+    }
+
     /// Starts what waits for the window.
     fn pump(&mut self, sa: &mut IkeSa, now: Instant) {
         if sa.pending.is_some() || sa.state != State::Established && sa.state != State::Deleting {
@@ -833,47 +950,22 @@ impl Endpoint {
         match q {
             Queued::Child { name, packet } => {
                 let cfg = self.cfg.clone();
-                let Some((_, ch)) = cfg.child(&name) else {
-                    return;
-                };
-                let spi_in = self.new_spi();
-                let mut nonce = vec![0u8; NONCE_LEN];
-                crypto::random(&mut nonce);
-                // PFS: the first group of the child's proposals, if any.
-                let ke = ch
-                    .esp
+                if let Some((_, ch)) = cfg.child(&name) {
+                    self.send_create_child(sa, ch, packet, None, now);
+                }
+            }
+            Queued::Rekey(old) => {
+                let cfg = self.cfg.clone();
+                let name = sa
+                    .children
                     .iter()
-                    .find_map(|a| a.dh.first())
-                    .map(|g| KeyShare::new(*g));
-                let (ts_i, ts_r) = child_ts(ch, sa.local.ip(), sa.remote.ip(), packet);
-                let props = child_proposals(ch, spi_in, ke.is_some());
-                let mut ps = vec![Payload::Sa(props), Payload::Nonce(nonce.clone())];
-                if let Some(k) = &ke {
-                    ps.push(Payload::Ke {
-                        group: k.group.id(),
-                        data: k.public().to_vec(),
-                    });
+                    .find(|c| c.spi_in == old)
+                    .map(|c| c.name.clone());
+                match name.as_deref().and_then(|n| cfg.child(n)) {
+                    Some((_, ch)) => self.send_create_child(sa, ch, None, Some(old), now),
+                    // Gone meanwhile, or no longer configured: nothing to rekey.
+                    None => self.pump(sa, now),
                 }
-                ps.push(Payload::TsI(ts_i.clone()));
-                ps.push(Payload::TsR(ts_r.clone()));
-                if ch.mode == Mode::Transport {
-                    ps.push(Payload::notify(notify::USE_TRANSPORT_MODE, vec![]));
-                }
-                let pc = PendingChild {
-                    name,
-                    spi_in,
-                    ts_i,
-                    ts_r,
-                    nonce,
-                    ke,
-                };
-                self.request(
-                    sa,
-                    exchange::CREATE_CHILD_SA,
-                    ps,
-                    ReqKind::CreateChild(pc),
-                    now,
-                );
             }
             Queued::DeleteIke => {
                 self.request(
@@ -1428,6 +1520,7 @@ impl Endpoint {
                     ps.push(Payload::notify(notify::USE_TRANSPORT_MODE, vec![]));
                 }
                 pending = Some(PendingChild {
+                    rekey: None,
                     name,
                     spi_in,
                     ts_i,
@@ -1461,9 +1554,24 @@ impl Endpoint {
             ReqKind::Auth { child } => self.initiator_auth_response(sa, now, child, inner),
             ReqKind::CreateChild(pc) => {
                 let cfg = self.cfg.clone();
+                let rekey = pc.rekey;
                 match self.child_from_answer(sa, &cfg, pc, &inner, now, false) {
-                    Ok(c) => self.install_both(sa, c),
-                    Err(e) => self.log(format!("{}: CREATE_CHILD_SA failed: {e}", sa.label())),
+                    Ok(c) => {
+                        self.install_both(sa, c);
+                        if let Some(old) = rekey {
+                            // Make-before-break: the new pair is installed
+                            // (the newest SA of a reqid carries the traffic);
+                            // now the old one goes (RFC 7296 §2.8).
+                            self.count("child-rekeyed");
+                            sa.queue.push_front(Queued::DeleteChild(old));
+                        }
+                    }
+                    Err(e) => {
+                        self.log(format!("{}: CREATE_CHILD_SA failed: {e}", sa.label()));
+                        if let Some(old) = rekey {
+                            sa.rekey_hold.insert(old, now + REKEY_RETRY);
+                        }
+                    }
                 }
             }
             ReqKind::DeleteIke => {
@@ -2082,7 +2190,16 @@ impl Endpoint {
                 let c = self.make_child(sa, &ch, spi_in, spi_out, alg, in_k, out_k, tsi, tsr, now);
                 if let Some(r) = &rekey {
                     // RFC 7296 §2.8: the new SA replaces the one REKEY_SA names;
-                    // the old one stays until the initiator deletes it.
+                    // the old one stays until the initiator deletes it, and we
+                    // do not rekey it ourselves (its SPI is our outbound one).
+                    if let Some(o) = sa
+                        .children
+                        .iter()
+                        .find(|c| r.spi.len() == 4 && c.spi_out.to_be_bytes()[..] == r.spi[..])
+                    {
+                        sa.rekey_hold
+                            .insert(o.spi_in, now + Duration::from_secs(86400 * 365));
+                    }
                     self.log(format!(
                         "{}: CHILD_SA {} rekeyed by the peer (old SPI {})",
                         sa.label(),

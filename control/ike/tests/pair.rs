@@ -484,3 +484,44 @@ fn loss_duplication_and_reordering_converge() {
         "only {converged} of {runs} runs converged"
     );
 }
+
+#[test]
+fn children_are_rekeyed_make_before_break_and_the_old_pair_goes() {
+    // A rekeys at 20 s (life 40 s); B's own rekey time is later.
+    let mut n = pair(
+        "",
+        "",
+        "rekey_time = 20s\n life_time = 40s",
+        "rekey_time = 100s\n life_time = 120s",
+        "s3cret",
+    );
+    n.a.initiate("net", None, n.now).unwrap();
+    n.run(Duration::from_secs(5));
+    assert_matching(&n);
+    let (old_a, old_b) = (n.up(0)[0].clone(), n.up(1)[0].clone());
+    n.run(Duration::from_secs(30));
+    // One rekey: a new pair each side, installed in before out, then the old one removed.
+    assert_eq!(n.up(0).len(), 2, "{:#?}", n.logs[0]);
+    assert_eq!(n.up(1).len(), 2, "{:#?}", n.logs[1]);
+    let (new_a, new_b) = (n.up(0)[1].clone(), n.up(1)[1].clone());
+    assert_eq!(new_a.spi_out, new_b.spi_in);
+    assert_eq!(new_a.spi_in, new_b.spi_out);
+    assert_eq!(&new_a.key_out[..], &new_b.key_in[..]);
+    assert_ne!(&new_a.key_out[..], &old_a.key_out[..]);
+    assert_eq!(new_a.reqid, old_a.reqid);
+    assert_eq!(new_a.ts_local, old_a.ts_local);
+    for side in 0..2 {
+        let k = &n.installs[side];
+        assert_eq!((k[2].0, k[3].0), (Dir::In, Dir::Out));
+    }
+    assert_eq!(n.removes[0].len(), 1);
+    assert_eq!(n.removes[0][0].spi_in, old_a.spi_in);
+    assert_eq!(n.removes[1].len(), 1);
+    assert_eq!(n.removes[1][0].spi_in, old_b.spi_in);
+    assert_eq!(n.a.stats().get("child-rekeyed"), Some(&1));
+    // And again about 20 s later: rekeys go on, one at a time.
+    n.run(Duration::from_secs(22));
+    assert_eq!(n.up(0).len(), 3, "{:#?}", n.logs[0]);
+    assert_eq!(n.removes[0].len(), 2);
+    assert_eq!(n.removes[1].len(), 2);
+}
