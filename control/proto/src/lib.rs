@@ -90,6 +90,32 @@ pub fn version_of(req: &Value) -> u64 {
     }
 }
 
+/// Binds a root-only control socket: its directory created 0700 if
+/// missing, the socket 0600; a stale socket file is replaced, one a live
+/// daemon answers on is refused (`who` names the daemon and its option for
+/// another path, for the error).
+pub fn bind_socket(path: &Path, who: &str) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is in use by a running {who}", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = std::os::unix::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
 /// Subscribes to events: calls `f` with each one until the connection ends
 /// or `f` returns false.
 pub fn subscribe(socket: &Path, mut f: impl FnMut(&Value) -> bool) -> Result<(), String> {
