@@ -15,6 +15,7 @@ right notify with nothing installed in espd.
 
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -149,12 +150,12 @@ swanctl {{ socket = unix://{self.dir}/vici }}
 class Ike:
     """espd-ike in gw1's namespace beside espd."""
 
-    def __init__(self, net, conf_text, gw="gw1"):
+    def __init__(self, net, conf_text, gw="gw1", sock=None):
         self.net = net
         self.gw = gw
         self.conf = net.tmp / f"{gw}-swanctl.conf"
         self.conf.write_text(conf_text)
-        self.sock = str(net.tmp / f"{gw}-ike.sock")
+        self.sock = str(sock or net.tmp / f"{gw}-ike.sock")
         self.logpath = net.tmp / f"{gw}-espd-ike.log"
         self.logf = open(self.logpath, "w")
         self.p = net.popen(gw, str(ESPD_IKE), "--config", str(self.conf), "--espd",
@@ -570,3 +571,43 @@ def test_espd_ike_rekeys_children_under_traffic_without_loss(site):
     assert espd_states(net).count("state add") == 2, espd_states(net)
     text = charon.sas()
     assert text.count("INSTALLED") == 1 and kids[0]["spi_in"] in text, text
+
+
+def test_a_bad_configuration_is_refused_with_file_and_line(tmp_path):
+    assert ESPD_IKE.exists(), f"{ESPD_IKE} not built (cargo build --release)"
+    bad = tmp_path / "swanctl.conf"
+    text = swanctl_conf("gw1", "gw2").replace("proposals = aes128gcm16-prfsha256-x25519",
+                                              "proposals = aes128-sha1-modp1024")
+    text = text.replace("esp_proposals = aes128gcm16", "esp_proposals = aes128gcm16\n        bogus = 1")
+    bad.write_text(text)
+    r = subprocess.run([str(ESPD_IKE), "--check", "--config", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2, r
+    lines = r.stderr.strip().splitlines()
+    assert any(f"{bad}:7: proposals: `sha1` is not supported" in l for l in lines), r.stderr
+    assert any(f"{bad}:22: `bogus` is not supported in a child" in l for l in lines), r.stderr
+    assert len(lines) == 2, r.stderr
+    good = tmp_path / "good.conf"
+    good.write_text(swanctl_conf("gw1", "gw2"))
+    r = subprocess.run([str(ESPD_IKE), "--check", "--config", str(good)], capture_output=True, text=True)
+    assert r.returncode == 0 and "ok (1 connection(s))" in r.stdout, r
+
+
+def test_the_control_socket_is_root_only(site):
+    net, parts = site
+    # A directory anyone may enter, so that only espd-ike's own checks stand.
+    d = pathlib.Path(f"/tmp/{net.p}-ikesock")
+    d.mkdir(mode=0o755)
+    try:
+        _root_only(net, parts, d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _root_only(net, parts, d):
+    parts["ike"] = ike = Ike(net, swanctl_conf("gw1", "gw2"), sock=d / "ike.sock")
+    mode = os.stat(ike.sock).st_mode & 0o777
+    assert mode == 0o600, oct(mode)
+    os.chmod(ike.sock, 0o666)  # even when the file mode would let it in: SO_PEERCRED
+    r = net.ns("gw1", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+               str(ESPCTL), "ike", "--ike-socket", ike.sock, "sas", check=False)
+    assert r.returncode != 0 and "root only" in r.stderr, (r.stdout, r.stderr)
