@@ -97,7 +97,7 @@ class Charon:
         self.conf = self.dir / "strongswan.conf"
         self.log = self.dir / "charon.log"
         self.conf.write_text(f"""charon {{
-  load = random nonce openssl aes sha1 sha2 hmac gcm kdf pem pkcs1 pkcs8 x509 pubkey socket-default vici kernel-libipsec kernel-netlink
+  load = random nonce openssl aes sha1 sha2 hmac gcm kdf pem pkcs1 pkcs8 x509 pubkey constraints revocation socket-default vici kernel-libipsec kernel-netlink
   install_routes = yes
   retransmit_tries = 3
   filelog {{
@@ -127,7 +127,7 @@ swanctl {{ socket = unix://{self.dir}/vici }}
 
     def swanctl(self, *args, check=True, timeout=30):
         r = subprocess.run(["ip", "netns", "exec", f"{self.net.p}-{self.gw}", "env",
-                            f"STRONGSWAN_CONF={self.conf}", "swanctl", *args],
+                            f"STRONGSWAN_CONF={self.conf}", f"SWANCTL_DIR={self.dir}", "swanctl", *args],
                            capture_output=True, text=True, timeout=timeout)
         if check:
             assert r.returncode == 0, f"swanctl {' '.join(args)}: {r.stdout}{r.stderr}"
@@ -611,3 +611,134 @@ def _root_only(net, parts, d):
     r = net.ns("gw1", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                str(ESPCTL), "ike", "--ike-socket", ike.sock, "sas", check=False)
     assert r.returncode != 0 and "root only" in r.stderr, (r.stdout, r.stderr)
+
+
+def make_pki(d, kind="ec", revoke=None, other_ca=False):
+    """A CA and a certificate per gateway (subjectAltName DNS:gwN.example.net),
+    with openssl; `revoke` puts that gateway's certificate on the CA's CRL."""
+    d.mkdir(exist_ok=True)
+    newkey = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"] if kind == "ec" else ["-newkey", "rsa:2048"]
+
+    def ossl(*a):
+        sh("openssl", *a)
+
+    def ca(name):
+        ossl("req", "-x509", *newkey, "-nodes", "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.pem"),
+             "-days", "30", "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    ca("ca")
+    if other_ca:
+        ca("other-ca")
+    (d / "index.txt").write_text("")
+    (d / "crlnumber").write_text("01\n")
+    (d / "ca.cnf").write_text(f"""[ca]
+default_ca = c
+[c]
+database = {d}/index.txt
+crlnumber = {d}/crlnumber
+default_md = sha256
+default_crl_days = 30
+""")
+    for g in ("gw1", "gw2"):
+        signer = "other-ca" if (other_ca and g == "gw2") else "ca"
+        ossl("req", *newkey, "-nodes", "-keyout", str(d / f"{g}.key"), "-out", str(d / f"{g}.csr"),
+             "-subj", f"/CN={g}.example.net")
+        (d / f"{g}.ext").write_text(f"subjectAltName=DNS:{g}.example.net\nbasicConstraints=CA:FALSE\n")
+        ossl("x509", "-req", "-in", str(d / f"{g}.csr"), "-CA", str(d / f"{signer}.pem"), "-CAkey",
+             str(d / f"{signer}.key"), "-CAcreateserial", "-out", str(d / f"{g}.pem"), "-days", "30",
+             "-extfile", str(d / f"{g}.ext"))
+    if revoke:
+        ossl("ca", "-config", str(d / "ca.cnf"), "-cert", str(d / "ca.pem"), "-keyfile", str(d / "ca.key"),
+             "-revoke", str(d / f"{revoke}.pem"))
+    return d
+
+
+def install_creds(pki, me, confdir, crl=False):
+    """swanctl's layout beside a swanctl.conf: x509/, x509ca/, private/, x509crl/."""
+    for sub in ("x509", "x509ca", "private", "x509crl"):
+        (confdir / sub).mkdir(parents=True, exist_ok=True)
+    shutil.copy(pki / f"{me}.pem", confdir / "x509" / f"{me}.pem")
+    shutil.copy(pki / "ca.pem", confdir / "x509ca" / "ca.pem")
+    shutil.copy(pki / f"{me}.key", confdir / "private" / f"{me}.key")
+    os.chmod(confdir / "private" / f"{me}.key", 0o600)
+    if crl:
+        shutil.copy(pki / "ca.crl", confdir / "x509crl" / "ca.crl")
+
+
+def cert_conf(me, peer, pki, **kw):
+    """swanctl_conf with certificates, swanctl-relative names (the same text
+    strongSwan takes)."""
+    text = swanctl_conf(me, peer, **kw)
+    text = text.replace(f"""      auth = psk
+      id = {me}
+""", f"""      auth = pubkey
+      certs = {me}.pem
+      id = {me}.example.net
+""")
+    text = text.replace(f"""      auth = psk
+      id = {peer}
+""", f"""      auth = pubkey
+      id = {peer}.example.net
+      cacerts = ca.pem
+""")
+    return text[:text.index("secrets {")]
+
+
+@pytest.mark.parametrize("kind", ["ec", "rsa"])
+def test_certificates_both_ways_with_charon(site, kind):
+    net, parts = site
+    pki = make_pki(net.tmp / "pki", kind)
+    install_creds(pki, "gw1", net.tmp)
+    install_creds(pki, "gw2", net.tmp / "charon-gw2")
+    parts["charon"] = charon = Charon(net, cert_conf("gw2", "gw1", pki))
+    parts["ike"] = ike = Ike(net, cert_conf("gw1", "gw2", pki))
+    ike.ctl("initiate", "net")
+    sas = wait_child(ike, charon)
+    assert sas[0]["remote_id"] == "gw2.example.net", sas
+    text = charon.sas()
+    assert "'gw1.example.net'" in text, text
+    r = net.ns("a", "ping", "-c", "3", "-i", "0.1", "-W", "2", "198.18.2.20")
+    assert " 0% packet loss" in r.stdout
+    # And charon as the initiator, espd-ike verifying its certificate.
+    ike.ctl("terminate", "site")
+    time.sleep(0.5)
+    charon.swanctl("--initiate", "--child", "net", timeout=30)
+    sas = wait_child(ike, charon)
+    assert sas[0]["initiator"] is False
+    r = net.ns("b", "ping", "-c", "3", "-i", "0.1", "-W", "2", "198.18.1.10")
+    assert " 0% packet loss" in r.stdout
+
+
+@pytest.mark.parametrize("case", ["untrusted", "revoked", "id-mismatch"])
+def test_bad_certificates_are_refused(site, case):
+    net, parts = site
+    pki = make_pki(net.tmp / "pki", "ec", revoke="gw2" if case == "revoked" else None,
+                   other_ca=case == "untrusted")
+    ours = cert_conf("gw1", "gw2", pki)
+    if case == "id-mismatch":
+        ours = ours.replace("id = gw2.example.net", "id = gw9.example.net")
+    if case == "revoked":
+        sh("openssl", "ca", "-config", str(pki / "ca.cnf"), "-cert", str(pki / "ca.pem"), "-keyfile",
+           str(pki / "ca.key"), "-gencrl", "-out", str(pki / "ca.crl"))
+    # The CRL sits in x509crl/ beside our configuration, as swanctl's layout.
+    install_creds(pki, "gw1", net.tmp, crl=case == "revoked")
+    install_creds(pki, "gw2", net.tmp / "charon-gw2")
+    if case == "untrusted":
+        # gw2's certificate is issued by another CA; charon itself trusts both.
+        shutil.copy(pki / "other-ca.pem", net.tmp / "charon-gw2" / "x509ca" / "other-ca.pem")
+    parts["charon"] = charon = Charon(net, cert_conf("gw2", "gw1", pki))
+    parts["ike"] = ike = Ike(net, ours)
+    if case == "id-mismatch":
+        # charon initiates as gw2.example.net; we expect gw9.example.net.
+        charon.swanctl("--initiate", "--child", "net", check=False, timeout=30)
+    else:
+        ike.ctl("initiate", "net")
+    want = {"untrusted": "not issued by a trusted CA", "revoked": "revoked",
+            "id-mismatch": "peer gw2.example.net: identity is not remote id"}[case]
+    for _ in range(100):
+        if want in ike.log():
+            break
+        time.sleep(0.1)
+    assert want in ike.log() and "AUTHENTICATION_FAILED" in ike.log(), ike.log()
+    assert espd_states(net).strip() == "" and espd_policies(net).strip() == ""
+    assert "INSTALLED" not in charon.sas()

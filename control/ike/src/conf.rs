@@ -10,6 +10,7 @@ use crate::ts::{self, TsConf};
 use crate::wire::{idt, Id};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use zeroize::Zeroizing;
 
@@ -376,7 +377,7 @@ pub fn hex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-fn base64(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn base64(s: &str) -> Option<Vec<u8>> {
     let val = |c: u8| -> Option<u32> {
         Some(match c {
             b'A'..=b'Z' => (c - b'A') as u32,
@@ -473,6 +474,12 @@ pub struct Conn {
     pub dpd_delay: Option<Duration>,
     pub local_id: IdConf,
     pub remote_id: IdConf,
+    /// `local { auth = pubkey certs = … }`: our certificate (DER) and the
+    /// key whose public half it carries (from `secrets`).
+    pub local_cert: Option<(Vec<u8>, Arc<crate::cert::Signer>)>,
+    /// `remote { auth = pubkey }`: the CAs (`cacerts`, else every file in
+    /// x509ca/) and CRLs (x509crl/) the peer's certificate is checked against.
+    pub remote_trust: Option<crate::cert::Trust>,
     pub children: Vec<Child>,
     pub at: String,
 }
@@ -560,6 +567,9 @@ pub fn load(path: &Path) -> Result<Config, Vec<String>> {
         ));
     }
     let mut reqid = 1;
+    let mut pend: Vec<(String, Vec<(bool, AuthConf)>)> = Vec::new();
+    let mut keys: Vec<Arc<crate::cert::Signer>> = Vec::new();
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     for s in &root.subs {
         match s.name.as_str() {
             "connections" => {
@@ -570,8 +580,10 @@ pub fn load(path: &Path) -> Result<Config, Vec<String>> {
                     ));
                 }
                 for c in &s.subs {
-                    match connection(c, &mut reqid, &mut cfg.warnings) {
+                    let mut pending = Vec::new();
+                    match connection(c, &mut reqid, &mut cfg.warnings, &mut pending) {
                         Ok(c) => {
+                            pend.push((c.name.clone(), pending));
                             if cfg.connections.iter().any(|x| x.name == c.name) {
                                 errs.push(format!(
                                     "{}: connection `{}` defined twice",
@@ -592,6 +604,15 @@ pub fn load(path: &Path) -> Result<Config, Vec<String>> {
                     ));
                 }
                 for sec in &s.subs {
+                    if ["ecdsa", "rsa", "private", "pkcs8", "ed25519"]
+                        .iter()
+                        .any(|p| sec.name.starts_with(p))
+                    {
+                        if let Err(e) = key_secret(sec, &base) {
+                            errs.push(e);
+                        }
+                        continue;
+                    }
                     match secret(sec) {
                         Ok(Some(p)) => cfg.secrets.push(p),
                         Ok(None) => {}
@@ -607,6 +628,30 @@ pub fn load(path: &Path) -> Result<Config, Vec<String>> {
                 "{}: unknown section `{other}` (expected connections or secrets)",
                 s.at
             )),
+        }
+    }
+    // swanctl loads every private key in these folders beside the file
+    // (the `secrets` entries only give passphrases).
+    for dir in ["private", "ecdsa", "rsa", "pkcs8"] {
+        if let Ok(rd) = std::fs::read_dir(base.join(dir)) {
+            let mut files: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+            files.sort();
+            for f in files {
+                match crate::cert::Signer::load(&f) {
+                    Ok(k) => keys.push(Arc::new(k)),
+                    Err(e) => errs.push(e),
+                }
+            }
+        }
+    }
+    for (name, pending) in pend {
+        let Some(c) = cfg.connections.iter_mut().find(|c| c.name == name) else {
+            continue;
+        };
+        for (local, a) in pending {
+            if let Err(e) = resolve_auth(c, local, a, &base, &keys) {
+                errs.push(e);
+            }
         }
     }
     let mut names = std::collections::HashSet::new();
@@ -656,10 +701,21 @@ fn addrs(kv: &Kv, remote: bool) -> Result<Vec<AddrSpec>, String> {
     Ok(out)
 }
 
+/// Certificate settings of one `local`/`remote` section, resolved once the
+/// whole file (and its `secrets`) is read.
+#[derive(Default)]
+struct AuthConf {
+    pubkey: bool,
+    at: String,
+    /// (where, file) of `certs` (local) or `cacerts` (remote).
+    files: Vec<(String, String)>,
+}
+
 fn connection(
     s: &Section,
     reqid: &mut u32,
     warnings: &mut Vec<String>,
+    pending: &mut Vec<(bool, AuthConf)>,
 ) -> Result<Conn, Vec<String>> {
     let mut errs = Vec::new();
     let mut c = Conn {
@@ -673,6 +729,8 @@ fn connection(
         dpd_delay: None,
         local_id: IdConf::Any,
         remote_id: IdConf::Any,
+        local_cert: None,
+        remote_trust: None,
         children: Vec::new(),
         at: s.at.clone(),
     };
@@ -736,11 +794,17 @@ fn connection(
             n if n == "local" || n.starts_with("local-") || n == "remote" || n.starts_with("remote-") => {
                 let local = n.starts_with("local");
                 match auth_section(sub) {
-                    Ok(id) => {
+                    Ok((id, a)) => {
                         if local {
-                            c.local_id = id
+                            c.local_id = id;
+                            if a.pubkey {
+                                pending.push((true, a));
+                            }
                         } else {
-                            c.remote_id = id
+                            c.remote_id = id;
+                            if a.pubkey {
+                                pending.push((false, a));
+                            }
                         }
                     }
                     Err(mut e) => errs.append(&mut e),
@@ -767,37 +831,54 @@ fn connection(
     }
 }
 
-fn auth_section(s: &Section) -> Result<IdConf, Vec<String>> {
+fn auth_section(s: &Section) -> Result<(IdConf, AuthConf), Vec<String>> {
     let mut errs = Vec::new();
     let mut id = IdConf::Any;
     let mut auth_seen = false;
+    let local = s.name.starts_with("local");
+    let mut a = AuthConf {
+        at: s.at.clone(),
+        ..AuthConf::default()
+    };
     for kv in &s.kvs {
         match kv.key.as_str() {
             "auth" => {
                 auth_seen = true;
                 match kv.value.as_str() {
                     "psk" => {}
-                    "pubkey" | "rsa" | "ecdsa" | "eap" | "xauth" => errs.push(format!(
-                        "{}: auth = {}: only psk is supported so far (certificates come next, docs/ike.md \"Not yet here\")",
+                    "pubkey" | "rsa" | "ecdsa" | "ed25519" => a.pubkey = true,
+                    "eap" | "xauth" => errs.push(format!(
+                        "{}: auth = {}: EAP and XAuth are not supported (expected psk or pubkey)",
                         kv.at, kv.value
                     )),
-                    v => errs.push(format!("{}: auth = {v}: expected psk", kv.at)),
+                    v => errs.push(format!("{}: auth = {v}: expected psk or pubkey", kv.at)),
                 }
             }
             "id" => match parse_id(&kv.value) {
                 Ok(i) => id = i,
                 Err(e) => errs.push(format!("{}: id: {e}", kv.at)),
             },
+            "certs" if local => a
+                .files
+                .extend(list(&kv.value).into_iter().map(|f| (kv.at.clone(), f))),
+            "cacerts" if !local => a
+                .files
+                .extend(list(&kv.value).into_iter().map(|f| (kv.at.clone(), f))),
             other => errs.push(format!(
-                "{}: `{other}` is not supported in {} (expected auth, id)",
-                kv.at, s.name
+                "{}: `{other}` is not supported in {} (expected auth, id, {})",
+                kv.at,
+                s.name,
+                if local { "certs" } else { "cacerts" }
             )),
         }
     }
     if !auth_seen {
-        // strongSwan's default is pubkey: say so rather than guess.
+        // strongSwan's default is pubkey.
+        a.pubkey = true;
+    }
+    if a.pubkey && local && a.files.is_empty() {
         errs.push(format!(
-            "{}: `{}` needs `auth = psk` (strongSwan's default, pubkey, is not supported yet)",
+            "{}: `{}` authenticates with a certificate: give `certs = FILE` (or `auth = psk`)",
             s.at, s.name
         ));
     }
@@ -808,7 +889,7 @@ fn auth_section(s: &Section) -> Result<IdConf, Vec<String>> {
         ));
     }
     if errs.is_empty() {
-        Ok(id)
+        Ok((id, a))
     } else {
         Err(errs)
     }
@@ -923,6 +1004,116 @@ fn child(s: &Section, reqid: &mut u32, warnings: &mut Vec<String>) -> Result<Chi
     } else {
         Err(errs)
     }
+}
+
+/// swanctl's layout: a relative file name is looked up in DIR beside the
+/// configuration file (x509/, x509ca/, x509crl/, ecdsa/, rsa/, private/).
+fn swanctl_path(base: &Path, dir: &str, f: &str) -> PathBuf {
+    let p = Path::new(f);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(dir).join(p)
+    }
+}
+
+/// `ecdsa-*|rsa-*|private-* { file = F secret = … }`: in swanctl the
+/// passphrase of an encrypted key in that folder. espd-ike reads only
+/// unencrypted keys (0600 files): the entry may name the file, which must be
+/// there; a passphrase is refused.
+fn key_secret(s: &Section, base: &Path) -> Result<(), String> {
+    let dir = if s.name.starts_with("ecdsa") {
+        "ecdsa"
+    } else if s.name.starts_with("rsa") {
+        "rsa"
+    } else {
+        "private"
+    };
+    for kv in &s.kvs {
+        match kv.key.as_str() {
+            "file" => {
+                let p = swanctl_path(base, dir, &kv.value);
+                if !p.exists() {
+                    return Err(format!("{}: file: {} does not exist", kv.at, p.display()));
+                }
+            }
+            "secret" => {
+                return Err(format!(
+                    "{}: encrypted private keys are not supported (keep the key unencrypted, mode 0600, in {dir}/)",
+                    kv.at
+                ))
+            }
+            other => {
+                return Err(format!(
+                    "{}: `{other}` is not supported in a private key secret (expected file)",
+                    kv.at
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Loads a connection's certificate and key, or its trusted CAs and CRLs.
+fn resolve_auth(
+    c: &mut Conn,
+    local: bool,
+    a: AuthConf,
+    base: &Path,
+    keys: &[Arc<crate::cert::Signer>],
+) -> Result<(), String> {
+    if local {
+        let (at, f) = &a.files[0];
+        let cert = crate::cert::read_pem(&swanctl_path(base, "x509", f), "CERTIFICATE")
+            .map_err(|e| format!("{at}: certs: {e}"))?
+            .remove(0);
+        // The key is the one whose public half the certificate carries.
+        let key = keys
+            .iter()
+            .find(|k| {
+                let p = k.public();
+                !p.is_empty() && cert.windows(p.len()).any(|w| w == &p[..])
+            })
+            .ok_or(format!(
+                "{at}: certs: no private key in secrets (ecdsa-*, rsa-*, private-* {{ file = … }}) matches {f}"
+            ))?;
+        c.local_cert = Some((cert, key.clone()));
+    } else {
+        let mut t = crate::cert::Trust::default();
+        if a.files.is_empty() {
+            // strongSwan trusts every CA loaded from x509ca/.
+            if let Ok(rd) = std::fs::read_dir(base.join("x509ca")) {
+                for e in rd.flatten() {
+                    t.cas.extend(
+                        crate::cert::read_pem(&e.path(), "CERTIFICATE")
+                            .map_err(|e| format!("{}: {e}", a.at))?,
+                    );
+                }
+            }
+        }
+        for (at, f) in &a.files {
+            t.cas.extend(
+                crate::cert::read_pem(&swanctl_path(base, "x509ca", f), "CERTIFICATE")
+                    .map_err(|e| format!("{at}: cacerts: {e}"))?,
+            );
+        }
+        if t.cas.is_empty() {
+            return Err(format!(
+                "{}: `remote` authenticates by certificate but no CA is configured (cacerts = FILE, or files in x509ca/)",
+                a.at
+            ));
+        }
+        if let Ok(rd) = std::fs::read_dir(base.join("x509crl")) {
+            for e in rd.flatten() {
+                t.crls.extend(
+                    crate::cert::read_pem(&e.path(), "X509 CRL")
+                        .map_err(|e| format!("{}: {e}", a.at))?,
+                );
+            }
+        }
+        c.remote_trust = Some(t);
+    }
+    Ok(())
 }
 
 fn secret(s: &Section) -> Result<Option<Psk>, String> {
@@ -1060,7 +1251,10 @@ secrets {
             &NET2NET.replace("auth = psk\n            id = gw1", "auth = pubkey"),
         ))
         .unwrap_err();
-        assert!(e[0].contains(":11: auth = pubkey"), "{e:?}");
+        assert!(
+            e[0].contains(":11: `local` authenticates with a certificate: give `certs = FILE`"),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! daemon (main.rs) owns the sockets and espd's control connection; tests
 //! put two endpoints in one process with a simulated network.
 
+use crate::cert;
 use crate::conf::{Child, Config, Conn, IdConf, Mode, StartAction};
 use crate::crypto::{self, IkeKeys, KeyShare, Secret};
 use crate::proposal::{self, Chosen};
@@ -354,6 +355,14 @@ fn signed_octets(
     };
     let maced = crypto::prf(keys.prf, k, &[&id.body()]);
     [message, peer_nonce, &maced].concat()
+}
+
+/// RFC 7427 §4: SIGNATURE_HASH_ALGORITHMS, the hashes we take in signatures.
+fn signature_hashes() -> Payload {
+    Payload::notify(
+        notify::SIGNATURE_HASH_ALGORITHMS,
+        cert::HASHES.iter().flat_map(|h| h.to_be_bytes()).collect(),
+    )
 }
 
 /// RFC 7296 §3.8 authentication method 2: Shared Key Message Integrity Code.
@@ -776,6 +785,7 @@ impl Endpoint {
         });
         ps.push(Payload::Nonce(sa.nonce_i.clone()));
         ps.extend(nat_notifies(sa.spi_i, 0, sa.local, sa.remote, conn.encap));
+        ps.push(signature_hashes());
         let hdr = sa.hdr(exchange::IKE_SA_INIT, false, 0);
         let data = wire::emit_plain(hdr, &ps);
         sa.init_req = data.clone();
@@ -1323,6 +1333,15 @@ impl Endpoint {
         if nat_d.is_some() {
             resp.extend(nat_notifies(hdr.spi_i, spi_r, local, remote, conn.encap));
         }
+        // RFC 7296 §3.7: ask the initiator for its certificate (charon sends
+        // one only when asked), and RFC 7427 §4: the hashes we verify.
+        if let Some(t) = &conn.remote_trust {
+            resp.push(Payload::CertReq {
+                encoding: cert::CERT_X509,
+                data: t.certreq(),
+            });
+        }
+        resp.push(signature_hashes());
         let h = Header {
             spi_i: hdr.spi_i,
             spi_r,
@@ -1474,30 +1493,110 @@ impl Endpoint {
         sa.dead = true;
     }
 
+    /// Our AUTH over `octets` (RFC 7296 §2.15): an RFC 7427 signature with
+    /// our certificate before it when `local` authenticates by certificate,
+    /// else the pre-shared key's MIC.
+    fn make_auth(
+        &self,
+        conn: &Conn,
+        prf: proposal::Prf,
+        octets: &[u8],
+        me: &Id,
+        peer: Option<&Id>,
+    ) -> Result<Vec<Payload>, String> {
+        if let Some((cert, key)) = &conn.local_cert {
+            let sig = key.sign(octets)?;
+            return Ok(vec![
+                Payload::Cert {
+                    encoding: cert::CERT_X509,
+                    data: cert.clone(),
+                },
+                Payload::Auth {
+                    method: cert::AUTH_DIGITAL_SIGNATURE,
+                    data: sig,
+                },
+            ]);
+        }
+        let psk = self
+            .cfg
+            .psk(me, peer)
+            .ok_or_else(|| format!("no pre-shared key for {me} in secrets"))?;
+        Ok(vec![Payload::Auth {
+            method: AUTH_PSK,
+            data: crypto::psk_auth(prf, psk, &[octets]).to_vec(),
+        }])
+    }
+
+    /// Checks the peer's AUTH over `octets`: its certificate chain to our
+    /// CAs, its identity in the certificate and the signature when `remote`
+    /// authenticates by certificate, else the pre-shared key's MIC.
+    #[allow(clippy::too_many_arguments)]
+    fn check_auth(
+        &self,
+        conn: &Conn,
+        prf: proposal::Prf,
+        octets: &[u8],
+        me: &Id,
+        peer: &Id,
+        method: u8,
+        auth: &[u8],
+        inner: &[Payload],
+    ) -> Result<(), String> {
+        if let Some(trust) = &conn.remote_trust {
+            let chain: Vec<Vec<u8>> = inner
+                .iter()
+                .filter_map(|p| match p {
+                    Payload::Cert { encoding, data } if *encoding == cert::CERT_X509 => {
+                        Some(data.clone())
+                    }
+                    _ => None,
+                })
+                .collect();
+            return trust.verify(
+                &chain,
+                peer,
+                method,
+                auth,
+                octets,
+                std::time::SystemTime::now(),
+            );
+        }
+        let psk = self
+            .cfg
+            .psk(me, Some(peer))
+            .ok_or_else(|| format!("no pre-shared key for {me} and {peer}"))?;
+        let want = crypto::psk_auth(prf, psk, &[octets]);
+        if method != AUTH_PSK || !crypto::ct_eq(&want, auth) {
+            return Err("AUTH does not verify with our pre-shared key (wrong secret?)".into());
+        }
+        Ok(())
+    }
+
     fn send_auth(&mut self, sa: &mut IkeSa, conn: &Conn, now: Instant) {
         let idi = own_id(&conn.local_id, sa.local.ip());
         let idr = match &conn.remote_id {
             IdConf::Id(i) => Some(i.clone()),
             IdConf::Any => None,
         };
-        let Some(psk) = self
-            .cfg
-            .psk(&idi, idr.as_ref())
-            .map(|p| Zeroizing::new(p.to_vec()))
-        else {
-            return self.kill_now(sa, &format!("no pre-shared key for {idi} in secrets"));
-        };
         let keys = sa.keys.as_ref().expect("derived");
         let octets = signed_octets(keys, true, &sa.init_req, &sa.nonce_r, &idi);
-        let auth = crypto::psk_auth(keys.prf, &psk, &[&octets]);
+        let prf = keys.prf;
+        let auth = match self.make_auth(conn, prf, &octets, &idi, idr.as_ref()) {
+            Ok(a) => a,
+            Err(e) => return self.kill_now(sa, &e),
+        };
         let mut ps = vec![Payload::IdI(idi.clone())];
+        // RFC 7296 §3.7: ask for the peer's certificate, naming our CAs.
+        if let Some(t) = &conn.remote_trust {
+            ps.push(Payload::CertReq {
+                encoding: cert::CERT_X509,
+                data: t.certreq(),
+            });
+        }
         if let Some(r) = &idr {
             ps.push(Payload::IdR(r.clone()));
         }
-        ps.push(Payload::Auth {
-            method: AUTH_PSK,
-            data: auth.to_vec(),
-        });
+        ps.extend(auth);
         // RFC 7296 §2.4: INITIAL_CONTACT when this is our only IKE SA with the peer.
         if !self
             .sas
@@ -1592,6 +1691,34 @@ impl Endpoint {
         }
     }
 
+    /// The responder did not authenticate (RFC 7296 §2.21.2): it has
+    /// completed IKE_AUTH, so tell it in an INFORMATIONAL with
+    /// AUTHENTICATION_FAILED and delete the IKE SA; nothing is installed here.
+    fn peer_auth_failed(&mut self, sa: &mut IkeSa, now: Instant, why: &str) {
+        self.count("auth-failed");
+        self.log(format!(
+            "{}: {why}: AUTHENTICATION_FAILED sent, IKE_SA deleted",
+            sa.label()
+        ));
+        sa.state = State::Deleting;
+        sa.queue.clear();
+        sa.first_child = None;
+        self.request(
+            sa,
+            exchange::INFORMATIONAL,
+            vec![
+                Payload::notify(notify::AUTHENTICATION_FAILED, vec![]),
+                Payload::Delete {
+                    proto: wire::proto::IKE,
+                    spi_size: 0,
+                    spis: vec![],
+                },
+            ],
+            ReqKind::DeleteIke,
+            now,
+        );
+    }
+
     fn initiator_auth_response(
         &mut self,
         sa: &mut IkeSa,
@@ -1618,9 +1745,9 @@ impl Endpoint {
             return self.kill_now(sa, &format!("IKE_AUTH refused by the peer: {why}"));
         };
         if !conn.remote_id.matches(&idr) {
-            self.count("auth-failed");
-            return self.kill_now(
+            return self.peer_auth_failed(
                 sa,
+                now,
                 &format!(
                     "the peer identifies as {idr}, which is not remote id {:?}",
                     conn.remote_id
@@ -1628,19 +1755,11 @@ impl Endpoint {
             );
         }
         let idi = sa.local_id.clone().expect("set in send_auth");
-        let Some(psk) = self
-            .cfg
-            .psk(&idi, Some(&idr))
-            .map(|p| Zeroizing::new(p.to_vec()))
-        else {
-            return self.kill_now(sa, &format!("no pre-shared key for {idi} and {idr}"));
-        };
         let keys = sa.keys.as_ref().expect("derived");
         let octets = signed_octets(keys, false, &sa.init_resp, &sa.nonce_i, &idr);
-        let want = crypto::psk_auth(keys.prf, &psk, &[&octets]);
-        if method != AUTH_PSK || !crypto::ct_eq(&want, &auth) {
-            self.count("auth-failed");
-            return self.kill_now(sa, &format!("the peer's AUTH ({idr}) does not verify with our pre-shared key: AUTHENTICATION_FAILED"));
+        let prf = keys.prf;
+        if let Err(e) = self.check_auth(conn, prf, &octets, &idi, &idr, method, &auth, &inner) {
+            return self.peer_auth_failed(sa, now, &format!("the peer's AUTH ({idr}): {e}"));
         }
         sa.remote_id = Some(idr.clone());
         self.established(sa, &idr, now);
@@ -1948,37 +2067,17 @@ impl Endpoint {
                 ),
             );
         }
-        let Some(psk) = self
-            .cfg
-            .psk(&idr, Some(&idi))
-            .map(|p| Zeroizing::new(p.to_vec()))
-        else {
-            return fail(self, sa, "no pre-shared key for this peer".into());
-        };
         let keys = sa.keys.as_ref().expect("derived");
-        let want = crypto::psk_auth(
-            keys.prf,
-            &psk,
-            &[&signed_octets(keys, true, &sa.init_req, &sa.nonce_r, &idi)],
-        );
-        if method != AUTH_PSK || !crypto::ct_eq(&want, &auth) {
-            return fail(
-                self,
-                sa,
-                "AUTH does not verify with our pre-shared key (wrong secret?)".into(),
-            );
+        let prf = keys.prf;
+        let theirs = signed_octets(keys, true, &sa.init_req, &sa.nonce_r, &idi);
+        let mine = signed_octets(keys, false, &sa.init_resp, &sa.nonce_i, &idr);
+        if let Err(e) = self.check_auth(conn, prf, &theirs, &idr, &idi, method, &auth, &inner) {
+            return fail(self, sa, e);
         }
-        let ours = crypto::psk_auth(
-            keys.prf,
-            &psk,
-            &[&signed_octets(
-                keys,
-                false,
-                &sa.init_resp,
-                &sa.nonce_i,
-                &idr,
-            )],
-        );
+        let ours = match self.make_auth(conn, prf, &mine, &idr, Some(&idi)) {
+            Ok(a) => a,
+            Err(e) => return fail(self, sa, e),
+        };
         sa.local_id = Some(idr.clone());
         sa.remote_id = Some(idi.clone());
         if find_notify(&inner, notify::INITIAL_CONTACT).is_some() {
@@ -2007,13 +2106,8 @@ impl Endpoint {
         self.release_half_open(sa);
         self.by_init.remove(&(sa.remote, sa.spi_i));
         self.established(sa, &idi, now);
-        let mut resp = vec![
-            Payload::IdR(idr),
-            Payload::Auth {
-                method: AUTH_PSK,
-                data: ours.to_vec(),
-            },
-        ];
+        let mut resp = vec![Payload::IdR(idr)];
+        resp.extend(ours);
         let has_child = inner.iter().any(|p| matches!(p, Payload::Sa(_)));
         if !has_child {
             return self.respond(sa, exchange::IKE_AUTH, hdr.msg_id, resp);

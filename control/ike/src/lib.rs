@@ -6,6 +6,7 @@
 //! UDP sockets on 500/4500 and espd's control socket.
 #![forbid(unsafe_code)]
 
+pub mod cert;
 pub mod conf;
 pub mod crypto;
 pub mod espd;
