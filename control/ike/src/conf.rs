@@ -353,7 +353,7 @@ pub fn parse_id(s: &str) -> Result<IdConf, String> {
         return id(idt::RFC822_ADDR, r.as_bytes());
     }
     if s.contains('=') {
-        return Err(format!("`{s}`: distinguished-name identities are not supported yet (they come with certificate authentication)"));
+        return Err(format!("`{s}`: distinguished-name identities are not supported yet: use the FQDN or address in the certificate's subjectAltName"));
     }
     if s.contains('*') {
         return Err(format!(
