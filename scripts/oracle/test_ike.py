@@ -742,3 +742,36 @@ def test_bad_certificates_are_refused(site, case):
     assert want in ike.log() and "AUTHENTICATION_FAILED" in ike.log(), ike.log()
     assert espd_states(net).strip() == "" and espd_policies(net).strip() == ""
     assert "INSTALLED" not in charon.sas()
+
+
+def test_reload_keeps_unchanged_connections_and_refuses_a_bad_file(site):
+    net, parts = site
+    parts["charon"] = charon = Charon(net, swanctl_conf("gw2", "gw1"))
+    parts["ike"] = ike = Ike(net, swanctl_conf("gw1", "gw2"))
+    ike.ctl("initiate", "net")
+    spi = wait_child(ike, charon)[0]["children"][0]["spi_in"]
+    # The same file again (a comment added): nothing changes.
+    ike.conf.write_text("# edited\n" + swanctl_conf("gw1", "gw2"))
+    r = ike.ctl("reload")
+    assert "reloaded" in r.stdout and "deleted" not in r.stdout, r.stdout
+    assert ike.sas()[0]["children"][0]["spi_in"] == spi
+    # A bad file: refused with FILE:LINE, the tunnel stays.
+    ike.conf.write_text(swanctl_conf("gw1", "gw2").replace("encap = yes", "encap = maybe"))
+    r = ike.ctl("reload", check=False)
+    assert r.returncode != 0 and f"{ike.conf}:8: encap = maybe: expected yes or no" in r.stderr, r.stderr
+    assert "nothing changed" in r.stderr
+    assert ike.sas()[0]["children"][0]["spi_in"] == spi
+    net.ns("a", "ping", "-c", "2", "-i", "0.1", "-W", "2", "198.18.2.20")
+    # A changed connection: its IKE_SA goes (and its SAs leave espd).
+    ike.conf.write_text(swanctl_conf("gw1", "gw2", esp="aes256gcm16,aes128gcm16"))
+    r = ike.ctl("reload")
+    assert "connection site: changed or removed, 1 IKE_SA(s) deleted" in r.stdout, r.stdout
+    for _ in range(50):
+        if not ike.sas() and espd_states(net).strip() == "":
+            break
+        time.sleep(0.1)
+    assert not ike.sas() and espd_states(net).strip() == ""
+    # And it comes up again with the new proposals (charon takes the second).
+    ike.ctl("initiate", "net")
+    c = wait_child(ike, charon)[0]["children"][0]
+    assert c["alg"].startswith("aes128gcm16") and c["spi_in"] != spi, c
