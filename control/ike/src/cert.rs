@@ -294,22 +294,23 @@ impl Trust {
                 }
                 e => format!("the peer's certificate chain does not verify: {e:?}"),
             })?;
-        let name =
-            match id.ty {
-                idt::FQDN => ServerName::try_from(String::from_utf8_lossy(&id.data).into_owned())
-                    .map_err(|_| format!("ID {id} is not a DNS name"))?,
-                idt::IPV4_ADDR if id.data.len() == 4 => {
-                    let a: [u8; 4] = id.data[..].try_into().unwrap_or_default();
-                    ServerName::IpAddress(IpAddr::V4(Ipv4Addr::from(a)).into())
-                }
-                idt::IPV6_ADDR if id.data.len() == 16 => {
-                    let a: [u8; 16] = id.data[..].try_into().unwrap_or_default();
-                    ServerName::IpAddress(IpAddr::V6(Ipv6Addr::from(a)).into())
-                }
-                _ => return Err(format!(
+        let name = match id.ty {
+            idt::FQDN => ServerName::try_from(String::from_utf8_lossy(&id.data).into_owned())
+                .map_err(|_| format!("ID {id} is not a DNS name"))?,
+            idt::IPV4_ADDR if id.data.len() == 4 => {
+                let a: [u8; 4] = id.data[..].try_into().unwrap_or_default();
+                ServerName::IpAddress(IpAddr::V4(Ipv4Addr::from(a)).into())
+            }
+            idt::IPV6_ADDR if id.data.len() == 16 => {
+                let a: [u8; 16] = id.data[..].try_into().unwrap_or_default();
+                ServerName::IpAddress(IpAddr::V6(Ipv6Addr::from(a)).into())
+            }
+            _ => {
+                return Err(format!(
                     "ID {id}: only FQDN and IP identities are matched against certificates so far"
-                )),
-            };
+                ))
+            }
+        };
         cert.verify_is_valid_for_subject_name(&name)
             .map_err(|_| format!("the peer's certificate does not name {id}"))?;
         let (cands, sig): (Vec<&dyn SignatureVerificationAlgorithm>, &[u8]) = match method {

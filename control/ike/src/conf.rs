@@ -471,6 +471,8 @@ pub struct Conn {
     pub remote_port: u16,
     pub proposals: Vec<AlgSet>,
     pub encap: bool,
+    /// RFC 7383: announce and accept IKE fragments (strongSwan's default).
+    pub fragmentation: bool,
     pub dpd_delay: Option<Duration>,
     pub local_id: IdConf,
     pub remote_id: IdConf,
@@ -726,6 +728,7 @@ fn connection(
         remote_port: 500,
         proposals: proposal::defaults(true),
         encap: false,
+        fragmentation: true,
         dpd_delay: None,
         local_id: IdConf::Any,
         remote_id: IdConf::Any,
@@ -763,11 +766,16 @@ fn connection(
                     let d = duration(&kv.value).map_err(|e| format!("{}: dpd_delay: {e}", kv.at))?;
                     c.dpd_delay = (d > Duration::ZERO).then_some(d);
                 }
-                "fragmentation" => {
-                    if kv.value != "no" {
-                        warnings.push(format!("{}: fragmentation = {}: espd-ike does not fragment IKE messages yet (RFC 7383); it sends them whole", kv.at, kv.value));
+                "fragmentation" => match kv.value.as_str() {
+                    "yes" | "accept" | "force" => {
+                        c.fragmentation = true;
+                        if kv.value != "accept" {
+                            warnings.push(format!("{}: fragmentation = {}: espd-ike reassembles fragmented IKE messages (RFC 7383) but sends its own whole, as `accept`", kv.at, kv.value));
+                        }
                     }
-                }
+                    "no" => c.fragmentation = false,
+                    v => return Err(format!("{}: fragmentation = {v}: expected yes, accept, force or no", kv.at)),
+                },
                 "unique" => {
                     if !matches!(kv.value.as_str(), "no" | "never") {
                         warnings.push(format!("{}: unique = {}: espd-ike keeps every IKE_SA a peer makes (strongSwan's `no`)", kv.at, kv.value));

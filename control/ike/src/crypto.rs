@@ -376,20 +376,28 @@ impl SkKeys {
     /// message, `msg.len()` = the header's length); answers the inner
     /// chain's octets. Err if the ICV is bad or the lengths do not fit.
     pub fn open(&self, msg: &[u8], sk_at: usize) -> Result<Secret, Bad> {
+        self.open_at(msg, sk_at, 0)
+    }
+
+    /// [`open`](Self::open) for an Encrypted Fragment payload (RFC 7383
+    /// §2.5): `extra` = 4 octets of Fragment Number and Total Fragments
+    /// after the generic header, covered by the AEAD's associated data.
+    pub fn open_at(&self, msg: &[u8], sk_at: usize, extra: usize) -> Result<Secret, Bad> {
         let hdr = Header::parse(msg).map_err(|_| Bad)?;
         let (ek, ak) = self.keys(hdr.from_initiator());
         let aead_mode = self.encr.is_aead();
         let iv_len = if aead_mode { AEAD_IV } else { CBC_IV };
         let icv = self.icv_len();
-        if sk_at + GEN_LEN > msg.len() {
+        if sk_at + GEN_LEN + extra > msg.len() {
             return Err(Bad);
         }
         let sk_len = u16::from_be_bytes([msg[sk_at + 2], msg[sk_at + 3]]) as usize;
-        if sk_at + sk_len != msg.len() || sk_len < GEN_LEN + iv_len + icv + 1 {
+        if sk_at + sk_len != msg.len() || sk_len < GEN_LEN + extra + iv_len + icv + 1 {
             return Err(Bad);
         }
-        let iv = &msg[sk_at + GEN_LEN..sk_at + GEN_LEN + iv_len];
-        let ct = &msg[sk_at + GEN_LEN + iv_len..msg.len() - icv];
+        let head = sk_at + GEN_LEN + extra;
+        let iv = &msg[head..head + iv_len];
+        let ct = &msg[head + iv_len..msg.len() - icv];
         let tag = &msg[msg.len() - icv..];
         let mut plain: Secret = Zeroizing::new(ct.to_vec());
         if aead_mode {
@@ -408,7 +416,7 @@ impl SkKeys {
             let n = k
                 .open_in_place(
                     aead::Nonce::assume_unique_for_key(nonce),
-                    aead::Aad::from(&msg[..sk_at + GEN_LEN]),
+                    aead::Aad::from(&msg[..head]),
                     &mut buf,
                 )
                 .map_err(|_| Bad)?

@@ -161,6 +161,19 @@ enum Queued {
     Rekey(u32),
 }
 
+/// RFC 7383 reassembly bounds: fragments of one message, and its octets.
+const MAX_FRAGMENTS: usize = 32;
+const MAX_REASSEMBLY: usize = 64 * 1024;
+
+/// An IKE message arriving in fragments (RFC 7383 §2.6).
+struct Reasm {
+    msg_id: u32,
+    response: bool,
+    first: u8,
+    bytes: usize,
+    parts: Vec<Option<Secret>>,
+}
+
 /// How long a failed rekey waits before it is tried again.
 const REKEY_RETRY: Duration = Duration::from_secs(30);
 
@@ -201,6 +214,7 @@ struct IkeSa {
     /// Children (inbound SPI) not to rekey before the instant: being
     /// rekeyed, rekeyed by the peer, or waiting to retry.
     rekey_hold: HashMap<u32, Instant>,
+    reasm: Option<Reasm>,
     /// Initiator: the child to set up in IKE_AUTH (name, trap packet).
     first_child: Option<(String, Option<(Ts, Ts)>)>,
     init_retries: u32,
@@ -249,6 +263,7 @@ impl IkeSa {
             last_resp: None,
             children: Vec::new(),
             rekey_hold: HashMap::new(),
+            reasm: None,
             first_child: None,
             init_retries: 0,
             cookie: None,
@@ -786,6 +801,12 @@ impl Endpoint {
         ps.push(Payload::Nonce(sa.nonce_i.clone()));
         ps.extend(nat_notifies(sa.spi_i, 0, sa.local, sa.remote, conn.encap));
         ps.push(signature_hashes());
+        if conn.fragmentation {
+            ps.push(Payload::notify(
+                notify::IKEV2_FRAGMENTATION_SUPPORTED,
+                vec![],
+            ));
+        }
         let hdr = sa.hdr(exchange::IKE_SA_INIT, false, 0);
         let data = wire::emit_plain(hdr, &ps);
         sa.init_req = data.clone();
@@ -1062,6 +1083,69 @@ impl Endpoint {
         }
     }
 
+    /// One Encrypted Fragment (RFC 7383 §2.5): checked and decrypted on its
+    /// own, gathered by message ID; the whole inner chain once every
+    /// fragment is in. Bounded: at most [`MAX_FRAGMENTS`] fragments and
+    /// [`MAX_REASSEMBLY`] octets; a new message ID or count starts afresh.
+    fn fragment(&mut self, sa: &mut IkeSa, hdr: &Header, data: &[u8]) -> Option<(u8, Secret)> {
+        if data.len() < HDR_LEN + 8 {
+            self.drop_msg("truncated");
+            return None;
+        }
+        let g = &data[HDR_LEN..];
+        let len = u16::from_be_bytes([g[2], g[3]]) as usize;
+        let num = u16::from_be_bytes([g[4], g[5]]) as usize;
+        let total = u16::from_be_bytes([g[6], g[7]]) as usize;
+        if len != g.len() || num == 0 || num > total || total > MAX_FRAGMENTS {
+            self.drop_msg("bad-fragment");
+            return None;
+        }
+        let chunk = match sa.keys.as_ref()?.sk.open_at(data, HDR_LEN, 4) {
+            Ok(p) => p,
+            Err(_) => {
+                self.drop_msg("bad-icv");
+                return None;
+            }
+        };
+        self.count("ike-fragments");
+        let fresh = sa.reasm.as_ref().is_none_or(|r| {
+            r.msg_id != hdr.msg_id || r.response != hdr.is_response() || r.parts.len() != total
+        });
+        if fresh {
+            sa.reasm = Some(Reasm {
+                msg_id: hdr.msg_id,
+                response: hdr.is_response(),
+                first: 0,
+                bytes: 0,
+                parts: vec![None; total],
+            });
+        }
+        let r = sa.reasm.as_mut().expect("set");
+        if num == 1 {
+            // RFC 7383 §2.5: the first fragment names the first inner payload.
+            r.first = g[0];
+        }
+        if r.parts[num - 1].is_none() {
+            r.bytes += chunk.len();
+            if r.bytes > MAX_REASSEMBLY {
+                sa.reasm = None;
+                self.drop_msg("reassembly-too-large");
+                return None;
+            }
+            r.parts[num - 1] = Some(chunk);
+        }
+        if r.parts.iter().any(Option::is_none) {
+            return None;
+        }
+        let r = sa.reasm.take().expect("set");
+        let mut plain = Zeroizing::new(Vec::with_capacity(r.bytes));
+        for p in r.parts.into_iter().flatten() {
+            plain.extend_from_slice(&p);
+        }
+        self.count("ike-fragments-reassembled");
+        Some((r.first, plain))
+    }
+
     fn on_message(
         &mut self,
         sa: &mut IkeSa,
@@ -1077,17 +1161,9 @@ impl Endpoint {
             }
             return self.drop_msg("unexpected-exchange");
         }
-        let Some(keys) = &sa.keys else {
+        if sa.keys.is_none() {
             return self.drop_msg("unexpected-exchange");
-        };
-        let chain = match wire::parse_chain(hdr.next, &data[HDR_LEN..], HDR_LEN) {
-            Ok(c) => c,
-            Err(e) => return self.drop_msg(e.reason()),
-        };
-        let Some((sk_at, first)) = chain.sk else {
-            // RFC 7296 §3.14: after IKE_SA_INIT everything is encrypted.
-            return self.drop_msg("malformed");
-        };
+        }
         // Message IDs before decryption work (RFC 7296 §2.3), the retransmit
         // answer only after the ICV checked out.
         if hdr.is_response() {
@@ -1099,9 +1175,28 @@ impl Endpoint {
         {
             return self.drop_msg("bad-message-id");
         }
-        let plain = match keys.sk.open(data, sk_at) {
-            Ok(p) => p,
-            Err(_) => return self.drop_msg("bad-icv"),
+        let (first, plain) = if hdr.next == wire::pt::SKF {
+            if !self.cfg.conn(&sa.conn).is_some_and(|c| c.fragmentation) {
+                return self.drop_msg("fragment-not-negotiated");
+            }
+            match self.fragment(sa, hdr, data) {
+                Some(x) => x,
+                None => return,
+            }
+        } else {
+            let keys = sa.keys.as_ref().expect("checked");
+            let chain = match wire::parse_chain(hdr.next, &data[HDR_LEN..], HDR_LEN) {
+                Ok(c) => c,
+                Err(e) => return self.drop_msg(e.reason()),
+            };
+            let Some((sk_at, first)) = chain.sk else {
+                // RFC 7296 §3.14: after IKE_SA_INIT everything is encrypted.
+                return self.drop_msg("malformed");
+            };
+            match keys.sk.open(data, sk_at) {
+                Ok(p) => (first, p),
+                Err(_) => return self.drop_msg("bad-icv"),
+            }
         };
         let inner = match wire::parse_chain(first, &plain, 0) {
             Ok(c) if c.sk.is_none() => c.payloads,
@@ -1342,6 +1437,15 @@ impl Endpoint {
             });
         }
         resp.push(signature_hashes());
+        // RFC 7383 §2.3: announced in the answer only if the request had it.
+        if conn.fragmentation
+            && find_notify(&chain, notify::IKEV2_FRAGMENTATION_SUPPORTED).is_some()
+        {
+            resp.push(Payload::notify(
+                notify::IKEV2_FRAGMENTATION_SUPPORTED,
+                vec![],
+            ));
+        }
         let h = Header {
             spi_i: hdr.spi_i,
             spi_r,
