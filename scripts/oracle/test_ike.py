@@ -152,7 +152,7 @@ swanctl {{ socket = unix://{self.dir}/vici }}
 class Ike:
     """espd-ike in gw1's namespace beside espd."""
 
-    def __init__(self, net, conf_text, gw="gw1", sock=None):
+    def __init__(self, net, conf_text, gw="gw1", sock=None, args=()):
         self.net = net
         self.gw = gw
         self.conf = net.tmp / f"{gw}-swanctl.conf"
@@ -161,7 +161,7 @@ class Ike:
         self.logpath = net.tmp / f"{gw}-espd-ike.log"
         self.logf = open(self.logpath, "w")
         self.p = net.popen(gw, str(ESPD_IKE), "--config", str(self.conf), "--espd",
-                           net.sock(gw), "--socket", self.sock,
+                           net.sock(gw), "--socket", self.sock, *args,
                            stdout=self.logf, stderr=subprocess.STDOUT)
         for _ in range(100):
             if "connected to espd" in self.log():
@@ -693,10 +693,12 @@ def test_certificates_both_ways_with_charon(site, kind):
     install_creds(pki, "gw1", net.tmp)
     install_creds(pki, "gw2", net.tmp / "charon-gw2")
     parts["charon"] = charon = Charon(net, cert_conf("gw2", "gw1", pki))
-    parts["ike"] = ike = Ike(net, cert_conf("gw1", "gw2", pki))
+    # Both sides fragment (RFC 7383) what is above 600 octets: IKE_AUTH with a certificate.
+    parts["ike"] = ike = Ike(net, cert_conf("gw1", "gw2", pki), args=("--fragment-size", "600"))
     ike.ctl("initiate", "net")
     sas = wait_child(ike, charon)
     assert sas[0]["remote_id"] == "gw2.example.net", sas
+    assert json.loads(ike.ctl("stats").stdout).get("ike-fragments-sent", 0) >= 1
     text = charon.sas()
     assert "'gw1.example.net'" in text, text
     r = net.ns("a", "ping", "-c", "3", "-i", "0.1", "-W", "2", "198.18.2.20")
@@ -710,7 +712,7 @@ def test_certificates_both_ways_with_charon(site, kind):
     r = net.ns("b", "ping", "-c", "3", "-i", "0.1", "-W", "2", "198.18.1.10")
     assert " 0% packet loss" in r.stdout
     # charon (fragment_size = 600) sent its certificate-bearing IKE_AUTH
-    # messages in RFC 7383 fragments; espd-ike reassembled them.
+    # messages in RFC 7383 fragments; espd-ike reassembled them, and sent its own.
     st = json.loads(ike.ctl("stats").stdout)
     assert st.get("ike-fragments-reassembled", 0) >= 2 and st["ike-fragments"] >= 4, st
 

@@ -293,9 +293,28 @@ impl SkKeys {
 
     /// A whole protected message (RFC 7296 §3.14): `hdr` (its length is
     /// filled in), an SK payload whose inner chain starts with `first`.
-    pub fn seal(&mut self, mut hdr: Header, first: u8, inner: &[u8]) -> Vec<u8> {
+    pub fn seal(&mut self, hdr: Header, first: u8, inner: &[u8]) -> Vec<u8> {
+        self.seal_frag(hdr, first, inner, None)
+    }
+
+    /// [`seal`](Self::seal), or with `frag = (number, total)` one Encrypted
+    /// Fragment (RFC 7383 §2.5): the SKF payload, whose Fragment Number and
+    /// Total Fragments are in the associated data; only fragment 1 names the
+    /// first inner payload.
+    pub fn seal_frag(
+        &mut self,
+        mut hdr: Header,
+        first: u8,
+        inner: &[u8],
+        frag: Option<(u16, u16)>,
+    ) -> Vec<u8> {
         let from_i = hdr.from_initiator();
-        hdr.next = crate::wire::pt::SK;
+        hdr.next = if frag.is_some() {
+            crate::wire::pt::SKF
+        } else {
+            crate::wire::pt::SK
+        };
+        let extra = if frag.is_some() { 4 } else { 0 };
         let aead_mode = self.encr.is_aead();
         let iv_len = if aead_mode { AEAD_IV } else { CBC_IV };
         // RFC 7296 §3.14: padding then the Pad Length octet; CBC needs whole
@@ -307,13 +326,20 @@ impl SkKeys {
         };
         let ct_len = inner.len() + pad + 1;
         let icv = self.icv_len();
-        let sk_len = GEN_LEN + iv_len + ct_len + icv;
+        let sk_len = GEN_LEN + extra + iv_len + ct_len + icv;
         hdr.length = (HDR_LEN + sk_len) as u32;
         let mut m = Vec::with_capacity(hdr.length as usize);
         hdr.emit(&mut m);
-        m.push(first);
+        m.push(match frag {
+            Some((n, _)) if n != 1 => 0,
+            _ => first,
+        });
         m.push(0);
         m.extend_from_slice(&(sk_len as u16).to_be_bytes());
+        if let Some((n, t)) = frag {
+            m.extend_from_slice(&n.to_be_bytes());
+            m.extend_from_slice(&t.to_be_bytes());
+        }
         let aad_end = m.len();
         let mut iv = vec![0u8; iv_len];
         if aead_mode {

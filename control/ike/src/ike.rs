@@ -143,7 +143,8 @@ struct PendingChild {
 
 struct Pending {
     msg_id: u32,
-    data: Vec<u8>,
+    /// The datagrams of the request (several when fragmented).
+    data: Vec<Vec<u8>>,
     kind: ReqKind,
     tries: u32,
     next: Instant,
@@ -209,7 +210,9 @@ struct IkeSa {
     expect_req_id: u32,
     pending: Option<Pending>,
     queue: VecDeque<Queued>,
-    last_resp: Option<(u32, Vec<u8>)>,
+    last_resp: Option<(u32, Vec<Vec<u8>>)>,
+    /// RFC 7383: the peer announced IKE fragmentation (and we did).
+    peer_frag: bool,
     children: Vec<ChildSa>,
     /// Children (inbound SPI) not to rekey before the instant: being
     /// rekeyed, rekeyed by the peer, or waiting to retry.
@@ -261,6 +264,7 @@ impl IkeSa {
             pending: None,
             queue: VecDeque::new(),
             last_resp: None,
+            peer_frag: false,
             children: Vec::new(),
             rekey_hold: HashMap::new(),
             reasm: None,
@@ -351,6 +355,10 @@ pub struct Endpoint {
     half_open_by_peer: HashMap<IpAddr, usize>,
     cookie_secret: [u8; 32],
     pub cookie_threshold: usize,
+    /// RFC 7383: the largest IP datagram of an IKE message we send; larger
+    /// protected messages go in fragments if the peer takes them
+    /// (strongSwan's `fragment_size`, 1280 by default).
+    pub fragment_size: usize,
     out: VecDeque<Output>,
     stats: BTreeMap<&'static str, u64>,
 }
@@ -426,6 +434,7 @@ impl Endpoint {
             half_open_by_peer: HashMap::new(),
             cookie_secret,
             cookie_threshold: COOKIE_THRESHOLD,
+            fragment_size: 1280,
             out: VecDeque::new(),
             stats: BTreeMap::new(),
         }
@@ -539,7 +548,9 @@ impl Endpoint {
                     p.next = now + RETRANSMIT_BASE * (1 << p.tries.min(10));
                     let data = p.data.clone();
                     self.count("retransmits");
-                    self.send(sa.local, sa.remote, data);
+                    for d in data {
+                        self.send(sa.local, sa.remote, d);
+                    }
                 }
             } else if sa.state == State::Established {
                 // RFC 7296 §2.8: rekey each child at its rekey time.
@@ -616,7 +627,10 @@ impl Endpoint {
         let id = sa.next_req_id;
         sa.next_req_id += 1;
         let hdr = sa.hdr(exch, false, id);
-        let data = seal(sa, hdr, &payloads);
+        let data = seal(sa, hdr, &payloads, self.fragment_size);
+        if data.len() > 1 {
+            self.count("ike-fragments-sent");
+        }
         sa.pending = Some(Pending {
             msg_id: id,
             data: data.clone(),
@@ -624,15 +638,22 @@ impl Endpoint {
             tries: 0,
             next: now + RETRANSMIT_BASE,
         });
-        self.send(sa.local, sa.remote, data);
+        for d in data {
+            self.send(sa.local, sa.remote, d);
+        }
     }
 
     fn respond(&mut self, sa: &mut IkeSa, exch: u8, msg_id: u32, payloads: Vec<Payload>) {
         let hdr = sa.hdr(exch, true, msg_id);
-        let data = seal(sa, hdr, &payloads);
+        let data = seal(sa, hdr, &payloads, self.fragment_size);
+        if data.len() > 1 {
+            self.count("ike-fragments-sent");
+        }
         sa.last_resp = Some((msg_id, data.clone()));
         sa.expect_req_id = msg_id + 1;
-        self.send(sa.local, sa.remote, data);
+        for d in data {
+            self.send(sa.local, sa.remote, d);
+        }
     }
 
     /// Every IKE SA and its children.
@@ -813,7 +834,7 @@ impl Endpoint {
         sa.next_req_id = 1;
         sa.pending = Some(Pending {
             msg_id: 0,
-            data: data.clone(),
+            data: vec![data.clone()],
             kind: ReqKind::Init,
             tries: 0,
             next: now + RETRANSMIT_BASE,
@@ -1244,7 +1265,11 @@ impl Endpoint {
             if let Some((_, d)) = &sa.last_resp {
                 let d = d.clone();
                 self.count("retransmitted-requests");
-                self.send(sa.local, sa.remote, d);
+                // A retransmitted request (whole, or all its fragments again)
+                // gets the cached answer (all its fragments).
+                for x in d {
+                    self.send(sa.local, sa.remote, x);
+                }
             }
             return;
         }
@@ -1474,6 +1499,8 @@ impl Endpoint {
         sa.init_req = data.to_vec();
         sa.init_resp = out.clone();
         sa.nat = nat;
+        sa.peer_frag = conn.fragmentation
+            && find_notify(&chain, notify::IKEV2_FRAGMENTATION_SUPPORTED).is_some();
         sa.expect_req_id = 1;
         self.half_open += 1;
         *self.half_open_by_peer.entry(remote.ip()).or_default() += 1;
@@ -1491,6 +1518,8 @@ impl Endpoint {
         let Some(conn) = cfg.conn(&sa.conn) else {
             return self.kill_now(sa, "connection removed");
         };
+        sa.peer_frag = self.cfg.conn(&sa.conn).is_some_and(|c| c.fragmentation)
+            && find_notify(&chain, notify::IKEV2_FRAGMENTATION_SUPPORTED).is_some();
         if let Some(n) = find_notify(&chain, notify::COOKIE) {
             if sa.init_retries < INIT_RETRIES && (1..=64).contains(&n.data.len()) {
                 sa.init_retries += 1;
@@ -2555,10 +2584,28 @@ fn dead_placeholder(sa: &IkeSa) -> IkeSa {
     d
 }
 
-fn seal(sa: &mut IkeSa, hdr: Header, payloads: &[Payload]) -> Vec<u8> {
+/// One protected message, or its RFC 7383 fragments when the peer takes
+/// them and the whole would make an IP datagram above `fragment_size`.
+fn seal(sa: &mut IkeSa, hdr: Header, payloads: &[Payload], fragment_size: usize) -> Vec<Vec<u8>> {
     let mut inner = Zeroizing::new(Vec::new());
     let first = wire::emit_chain(payloads, &mut inner);
-    sa.keys.as_mut().expect("keys").sk.seal(hdr, first, &inner)
+    let sk = &mut sa.keys.as_mut().expect("keys").sk;
+    let whole = sk.seal(hdr, first, &inner);
+    // IPv6 + UDP + the non-ESP marker.
+    let overhead = 40 + 8 + 4;
+    if !sa.peer_frag || whole.len() + overhead <= fragment_size {
+        return vec![whole];
+    }
+    // Header, SKF header, IV, padding and pad length, ICV: at most 28 + 8 +
+    // 16 + 16 + 32 (RFC 7383 §2.5.1).
+    let chunk = fragment_size.saturating_sub(overhead + 100).max(128);
+    let parts: Vec<&[u8]> = inner.chunks(chunk).collect();
+    let total = parts.len().min(u16::MAX as usize) as u16;
+    parts
+        .iter()
+        .enumerate()
+        .map(|(i, c)| sk.seal_frag(hdr, first, c, Some((i as u16 + 1, total))))
+        .collect()
 }
 
 /// RFC 7296 §2.23: our NAT_DETECTION_SOURCE_IP and _DESTINATION_IP. With

@@ -525,3 +525,55 @@ fn children_are_rekeyed_make_before_break_and_the_old_pair_goes() {
     assert_eq!(n.removes[0].len(), 2);
     assert_eq!(n.removes[1].len(), 2);
 }
+
+#[test]
+fn ike_fragments_both_ways_when_messages_are_large() {
+    let mut n = pair("", "", "", "", "s3cret");
+    // RFC 7383: every protected message above 300 octets goes in fragments.
+    n.a.fragment_size = 300;
+    n.b.fragment_size = 300;
+    n.a.initiate("net", None, n.now).unwrap();
+    n.run(Duration::from_secs(5));
+    assert_matching(&n);
+    let st = |e: &Endpoint, k: &str| e.stats().get(k).copied().unwrap_or(0);
+    assert!(st(&n.a, "ike-fragments-sent") >= 1, "{:?}", n.a.stats());
+    assert!(
+        st(&n.b, "ike-fragments-reassembled") >= 1,
+        "{:?}",
+        n.b.stats()
+    );
+    // A second child with PFS: CREATE_CHILD_SA with KE both ways, above 300
+    // octets in each direction.
+    n.a.initiate("net6", None, n.now).unwrap();
+    n.run(Duration::from_secs(5));
+    assert_eq!(n.up(0).len(), 2, "{:#?}", n.logs[0]);
+    assert_eq!(n.up(1).len(), 2, "{:#?}", n.logs[1]);
+    for e in [&n.a, &n.b] {
+        assert!(st(e, "ike-fragments-sent") >= 1, "{:?}", e.stats());
+        assert!(st(e, "ike-fragments-reassembled") >= 1, "{:?}", e.stats());
+    }
+}
+
+#[test]
+fn fragments_under_loss_still_converge() {
+    let mut rng = Lcg(7);
+    let mut ok = 0;
+    for _ in 0..50 {
+        let mut n = pair("", "", "", "", "s3cret");
+        n.a.fragment_size = 300;
+        n.b.fragment_size = 300;
+        let seed = rng.next();
+        let mut r = Lcg(seed);
+        n.fate = Box::new(move |_| if r.next() % 5 == 0 { 1 } else { 0 });
+        n.a.initiate("net", None, n.now).unwrap();
+        n.run(Duration::from_secs(120));
+        let (a, b) = (n.up(0), n.up(1));
+        if a.len() == 1 && b.len() == 1 {
+            assert_eq!(&a[0].key_out[..], &b[0].key_in[..]);
+            ok += 1;
+        } else {
+            assert!(a.is_empty() || b.len() <= 1, "half-agreed");
+        }
+    }
+    assert!(ok >= 45, "{ok} of 50 converged with 20 % loss of fragments");
+}

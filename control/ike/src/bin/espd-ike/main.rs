@@ -45,6 +45,11 @@ struct Args {
     /// Check the configuration, print every error as FILE:LINE, and exit.
     #[arg(long)]
     check: bool,
+    /// The largest IP datagram of an IKE message: larger protected ones go
+    /// in RFC 7383 fragments to a peer that takes them (strongSwan's
+    /// fragment_size).
+    #[arg(long, default_value_t = 1280, value_parser = clap::value_parser!(u16).range(576..))]
+    fragment_size: u16,
 }
 
 /// What the threads pass to the main loop.
@@ -523,8 +528,10 @@ fn run() -> anyhow::Result<()> {
             .name("ike-ctl-accept".into())
             .spawn(move || ctl::serve(listener, tx))?;
     }
+    let mut ep = Endpoint::new(Arc::new(cfg));
+    ep.fragment_size = args.fragment_size as usize;
     let mut d = Daemon {
-        ep: Endpoint::new(Arc::new(cfg)),
+        ep,
         inst: Installer::new(),
         link: Link::new(args.espd.clone(), tx.clone()),
         socks,
