@@ -564,7 +564,7 @@ fn fragments_under_loss_still_converge() {
         n.b.fragment_size = 300;
         let seed = rng.next();
         let mut r = Lcg(seed);
-        n.fate = Box::new(move |_| if r.next() % 5 == 0 { 1 } else { 0 });
+        n.fate = Box::new(move |_| u8::from(r.next().is_multiple_of(5)));
         n.a.initiate("net", None, n.now).unwrap();
         n.run(Duration::from_secs(120));
         let (a, b) = (n.up(0), n.up(1));
