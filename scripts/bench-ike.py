@@ -8,7 +8,10 @@ the IKE_AUTH response of each IKE_SA, so neither side's command-line tools count
 CPU is the initiator process's user+system time over the run, per set-up.
 Prints medians over N set-ups (default 20) and the ratio.
 
-    sudo .venv/bin/python scripts/bench-ike.py [N]
+    sudo .venv/bin/python scripts/bench-ike.py [N] [psk|ecdsa]
+
+With `ecdsa` both sides authenticate with ECDSA P-256 certificates from one CA
+(RFC 7427 signatures), as test_ike.py's certificate cases.
 """
 import os
 import pathlib
@@ -25,6 +28,7 @@ import test_ike as T  # noqa: E402
 from test_gateway import Net  # noqa: E402
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+AUTH = sys.argv[2] if len(sys.argv) > 2 else "psk"
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -63,12 +67,21 @@ def main():
     res = {}
     try:
         net.start("gw1", config=False)
-        responder = T.Charon(net, T.swanctl_conf("gw2", "gw1"))
+        if AUTH == "ecdsa":
+            pki = T.make_pki(tmp / "pki", "ec")
+            T.install_creds(pki, "gw1", tmp)
+            T.install_creds(pki, "gw2", tmp / "charon-gw2")
+            T.install_creds(pki, "gw1", tmp / "charon-gw1")
+            conf = lambda me, peer: T.cert_conf(me, peer, pki)  # noqa: E731
+        else:
+            conf = T.swanctl_conf
+        # The same fragment size as espd-ike's default on both charons.
+        responder = T.Charon(net, conf("gw2", "gw1"), fragment_size=1280)
         pcap = tmp / "espd-ike.pcap"
         dump = net.popen("wire", "tcpdump", "-ni", "br0", "-w", str(pcap), "-U", "udp",
                          stderr=subprocess.DEVNULL)
         time.sleep(0.5)
-        ike = T.Ike(net, T.swanctl_conf("gw1", "gw2"))
+        ike = T.Ike(net, conf("gw1", "gw2"))
         c0 = cpu(ike.p.pid)
         for _ in range(N):
             assert ike_call(ike.sock, {"op": "initiate", "name": "net"})["ok"]
@@ -89,7 +102,7 @@ def main():
         dump = net.popen("wire", "tcpdump", "-ni", "br0", "-w", str(pcap), "-U", "udp",
                          stderr=subprocess.DEVNULL)
         time.sleep(0.5)
-        ini = T.Charon(net, T.swanctl_conf("gw1", "gw2"), gw="gw1")
+        ini = T.Charon(net, conf("gw1", "gw2"), gw="gw1", fragment_size=1280)
         c0 = cpu(ini.p.pid)
         for _ in range(N):
             ini.swanctl("--initiate", "--child", "net")
@@ -106,7 +119,7 @@ def main():
         net.close()
     cpu_model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
                       if l.startswith("model name")), "?")
-    print(f"IKE_SA + first CHILD_SA set-up, PSK, x25519, against charon 5.9.8 as responder; "
+    print(f"IKE_SA + first CHILD_SA set-up, {AUTH.upper()}, x25519, against charon 5.9.8 as responder; "
           f"{N} set-ups each; {os.cpu_count()} CPUs, {cpu_model}")
     out = {}
     for k, (t, c) in res.items():

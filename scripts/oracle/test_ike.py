@@ -89,7 +89,7 @@ secrets {{
 class Charon:
     """charon in gw2's namespace, in a private mount namespace with its own /run."""
 
-    def __init__(self, net, conf_text, gw="gw2"):
+    def __init__(self, net, conf_text, gw="gw2", fragment_size=600):
         self.net = net
         self.gw = gw
         self.dir = net.tmp / f"charon-{gw}"
@@ -101,7 +101,7 @@ class Charon:
   install_routes = yes
   retransmit_tries = 3
   # Small enough that IKE_AUTH with a certificate arrives in RFC 7383 fragments.
-  fragment_size = 600
+  fragment_size = {fragment_size}
   filelog {{
     log {{
       path = {self.log}
