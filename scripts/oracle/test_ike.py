@@ -783,3 +783,22 @@ def test_reload_keeps_unchanged_connections_and_refuses_a_bad_file(site):
     ike.ctl("initiate", "net")
     c = wait_child(ike, charon)[0]["children"][0]
     assert c["alg"].startswith("aes128gcm16") and c["spi_in"] != spi, c
+
+
+def test_a_child_negotiated_while_espd_is_down_is_installed_when_it_is_back(site):
+    net, parts = site
+    parts["charon"] = charon = Charon(net, swanctl_conf("gw2", "gw1"))
+    parts["ike"] = ike = Ike(net, swanctl_conf("gw1", "gw2"))
+    net.stop("gw1")
+    ike.ctl("initiate", "net")
+    wait_child(ike, charon)
+    assert "installed when espd is back" in ike.log(), ike.log()
+    net.start("gw1", config=False)
+    for _ in range(60):
+        if espd_states(net).count("state add") == 2:
+            break
+        time.sleep(0.05)
+    assert espd_states(net).count("state add") == 2, ike.log()
+    assert espd_policies(net).count("policy add") == 3
+    r = net.ns("a", "ping", "-c", "3", "-i", "0.1", "-W", "2", "198.18.2.20")
+    assert " 0% packet loss" in r.stdout

@@ -97,7 +97,15 @@ impl Daemon {
             return Ok(());
         }
         if !self.link.is_up() {
+            // A fresh connection re-applies everything the installer holds,
+            // and every batch is recorded there before it is applied: this
+            // one included (applying it again would be refused as existing).
             self.try_connect();
+            return if self.link.is_up() {
+                Ok(())
+            } else {
+                Err(Refusal::Unreachable("espd is not reachable".into()))
+            };
         }
         self.link.apply("espd-ike", text)
     }
