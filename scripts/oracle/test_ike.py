@@ -89,7 +89,7 @@ secrets {{
 class Charon:
     """charon in gw2's namespace, in a private mount namespace with its own /run."""
 
-    def __init__(self, net, conf_text, gw="gw2", fragment_size=600):
+    def __init__(self, net, conf_text, gw="gw2", fragment_size=600, extra=""):
         self.net = net
         self.gw = gw
         self.dir = net.tmp / f"charon-{gw}"
@@ -102,9 +102,11 @@ class Charon:
   retransmit_tries = 3
   # Small enough that IKE_AUTH with a certificate arrives in RFC 7383 fragments.
   fragment_size = {fragment_size}
+  {extra}
   filelog {{
     log {{
       path = {self.log}
+      flush_line = yes
       default = 1
       ike = 2
     }}
@@ -802,3 +804,30 @@ def test_a_child_negotiated_while_espd_is_down_is_installed_when_it_is_back(site
     assert espd_policies(net).count("policy add") == 3
     r = net.ns("a", "ping", "-c", "3", "-i", "0.1", "-W", "2", "198.18.2.20")
     assert " 0% packet loss" in r.stdout
+
+
+
+def test_classic_ecdsa_signatures_with_a_peer_without_rfc_7427(site):
+    """charon with signature_authentication = no announces no hashes and signs
+    with method 9 (RFC 4754); espd-ike answers in kind and checks its."""
+    net, parts = site
+    pki = make_pki(net.tmp / "pki", "ec")
+    install_creds(pki, "gw1", net.tmp)
+    install_creds(pki, "gw2", net.tmp / "charon-gw2")
+    parts["charon"] = charon = Charon(net, cert_conf("gw2", "gw1", pki), extra="signature_authentication = no")
+    parts["ike"] = ike = Ike(net, cert_conf("gw1", "gw2", pki))
+    ike.ctl("initiate", "net")
+    wait_child(ike, charon)
+    want = "authentication of 'gw1.example.net' with ECDSA-256 signature successful"
+    for _ in range(50):
+        if want in charon.log.read_text():
+            break
+        time.sleep(0.1)
+    assert want in charon.log.read_text(), charon.log.read_text()[-3000:]
+    r = net.ns("a", "ping", "-c", "3", "-i", "0.1", "-W", "2", "198.18.2.20")
+    assert " 0% packet loss" in r.stdout
+    ike.ctl("terminate", "site")
+    time.sleep(0.5)
+    charon.swanctl("--initiate", "--child", "net", timeout=30)
+    sas = wait_child(ike, charon)
+    assert sas[0]["initiator"] is False

@@ -142,6 +142,23 @@ impl Signer {
     /// RFC 7427 §3: AUTH data = AlgorithmIdentifier length ‖ AlgorithmIdentifier
     /// ‖ signature over the octets. RSA signs PKCS#1 v1.5 with SHA-256 (never
     /// RustCrypto's `rsa`: aws-lc-rs).
+    /// The classic method (RFC 7296 §3.8: 9–11 for ECDSA, RFC 4754) and
+    /// signature over `octets`, for a peer that did not announce RFC 7427
+    /// hashes; None for keys that only sign with RFC 7427 here.
+    pub fn sign_classic(&self, octets: &[u8]) -> Option<(u8, Vec<u8>)> {
+        let Signer::Ecdsa(k, bits) = self else {
+            return None;
+        };
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let der = k.sign(&rng, octets).ok()?;
+        let (m, n) = match bits {
+            256 => (AUTH_ECDSA_256, 32),
+            384 => (AUTH_ECDSA_384, 48),
+            _ => (AUTH_ECDSA_521, 66),
+        };
+        Some((m, ecdsa_der_to_fixed(der.as_ref(), n)?))
+    }
+
     pub fn sign(&self, octets: &[u8]) -> Result<Vec<u8>, String> {
         let rng = aws_lc_rs::rand::SystemRandom::new();
         let (alg, sig) = match self {
@@ -313,6 +330,7 @@ impl Trust {
         };
         cert.verify_is_valid_for_subject_name(&name)
             .map_err(|_| format!("the peer's certificate does not name {id}"))?;
+        let classic;
         let (cands, sig): (Vec<&dyn SignatureVerificationAlgorithm>, &[u8]) = match method {
             AUTH_DIGITAL_SIGNATURE => {
                 let n = *auth.first().ok_or("empty AUTH")? as usize;
@@ -345,10 +363,21 @@ impl Trust {
                 };
                 (c, sig)
             }
-            AUTH_RSA | AUTH_ECDSA_256 | AUTH_ECDSA_384 | AUTH_ECDSA_521 => {
-                return Err(format!(
-                    "AUTH method {method} (a classic signature method) is not taken yet: espd-ike asks for RFC 7427 signatures (SIGNATURE_HASH_ALGORITHMS)"
-                ))
+            // RFC 4754 §7: r ‖ s; the curve and hash are the method's.
+            AUTH_ECDSA_256 | AUTH_ECDSA_384 | AUTH_ECDSA_521 => {
+                classic = ecdsa_fixed_to_der(auth).ok_or("malformed ECDSA AUTH")?;
+                let a: &dyn SignatureVerificationAlgorithm = match method {
+                    AUTH_ECDSA_256 => algs::ECDSA_P256_SHA256,
+                    AUTH_ECDSA_384 => algs::ECDSA_P384_SHA384,
+                    _ => algs::ECDSA_P521_SHA512,
+                };
+                (vec![a], &classic[..])
+            }
+            AUTH_RSA => {
+                return Err(
+                    "AUTH method 1 (RSA with SHA-1) is not taken: espd-ike asks for RFC 7427 signatures (SIGNATURE_HASH_ALGORITHMS)"
+                        .into(),
+                )
             }
             m => return Err(format!("AUTH method {m} is not a signature")),
         };
@@ -369,5 +398,85 @@ struct AnyEku;
 impl webpki::ExtendedKeyUsageValidator for AnyEku {
     fn validate(&self, _: webpki::KeyPurposeIdIter<'_, '_>) -> Result<(), webpki::Error> {
         Ok(())
+    }
+}
+
+/// An ECDSA signature as DER `SEQUENCE { INTEGER r, INTEGER s }` from the
+/// fixed r ‖ s form of the classic methods (RFC 4754 §7), or None.
+fn ecdsa_fixed_to_der(sig: &[u8]) -> Option<Vec<u8>> {
+    if sig.is_empty() || sig.len() % 2 != 0 || sig.len() > 132 {
+        return None;
+    }
+    let int = |x: &[u8]| {
+        let mut x = x;
+        while x.len() > 1 && x[0] == 0 {
+            x = &x[1..];
+        }
+        let mut v = vec![0x02];
+        let pad = x[0] & 0x80 != 0;
+        v.push((x.len() + pad as usize) as u8);
+        if pad {
+            v.push(0);
+        }
+        v.extend_from_slice(x);
+        v
+    };
+    let (r, s) = sig.split_at(sig.len() / 2);
+    let body = [int(r), int(s)].concat();
+    let mut out = vec![0x30];
+    if body.len() >= 128 {
+        out.push(0x81);
+    }
+    out.push(body.len() as u8);
+    out.extend_from_slice(&body);
+    Some(out)
+}
+
+/// The fixed r ‖ s form (each `n` octets) of a DER ECDSA signature.
+fn ecdsa_der_to_fixed(der: &[u8], n: usize) -> Option<Vec<u8>> {
+    let mut at = 2;
+    if der.first() != Some(&0x30) || der.len() < 8 {
+        return None;
+    }
+    if der[1] == 0x81 {
+        at = 3;
+    }
+    let mut out = Vec::with_capacity(2 * n);
+    for _ in 0..2 {
+        if der.get(at) != Some(&0x02) {
+            return None;
+        }
+        let l = *der.get(at + 1)? as usize;
+        let mut x = der.get(at + 2..at + 2 + l)?;
+        while x.len() > n && x[0] == 0 {
+            x = &x[1..];
+        }
+        if x.len() > n {
+            return None;
+        }
+        out.extend(std::iter::repeat_n(0u8, n - x.len()));
+        out.extend_from_slice(x);
+        at += 2 + l;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ecdsa_signature_forms_round_trip() {
+        for n in [32usize, 48, 66] {
+            for hi in [0x00u8, 0x7f, 0x80, 0xff] {
+                let mut fixed = vec![hi; 2 * n];
+                fixed[1] = 0x11;
+                fixed[n + 1] = 0x22;
+                let der = ecdsa_fixed_to_der(&fixed).unwrap();
+                assert_eq!(ecdsa_der_to_fixed(&der, n).unwrap(), fixed);
+            }
+        }
+        assert!(ecdsa_fixed_to_der(&[1, 2, 3]).is_none());
+        assert!(ecdsa_der_to_fixed(&[0x30, 2, 2, 0], 32).is_none());
     }
 }

@@ -213,6 +213,8 @@ struct IkeSa {
     last_resp: Option<(u32, Vec<Vec<u8>>)>,
     /// RFC 7383: the peer announced IKE fragmentation (and we did).
     peer_frag: bool,
+    /// RFC 7427 §4: the peer announced SIGNATURE_HASH_ALGORITHMS.
+    peer_hashes: bool,
     children: Vec<ChildSa>,
     /// Children (inbound SPI) not to rekey before the instant: being
     /// rekeyed, rekeyed by the peer, or waiting to retry.
@@ -265,6 +267,7 @@ impl IkeSa {
             queue: VecDeque::new(),
             last_resp: None,
             peer_frag: false,
+            peer_hashes: false,
             children: Vec::new(),
             rekey_hold: HashMap::new(),
             reasm: None,
@@ -1501,6 +1504,7 @@ impl Endpoint {
         sa.nat = nat;
         sa.peer_frag = conn.fragmentation
             && find_notify(&chain, notify::IKEV2_FRAGMENTATION_SUPPORTED).is_some();
+        sa.peer_hashes = find_notify(&chain, notify::SIGNATURE_HASH_ALGORITHMS).is_some();
         sa.expect_req_id = 1;
         self.half_open += 1;
         *self.half_open_by_peer.entry(remote.ip()).or_default() += 1;
@@ -1520,6 +1524,7 @@ impl Endpoint {
         };
         sa.peer_frag = self.cfg.conn(&sa.conn).is_some_and(|c| c.fragmentation)
             && find_notify(&chain, notify::IKEV2_FRAGMENTATION_SUPPORTED).is_some();
+        sa.peer_hashes = find_notify(&chain, notify::SIGNATURE_HASH_ALGORITHMS).is_some();
         if let Some(n) = find_notify(&chain, notify::COOKIE) {
             if sa.init_retries < INIT_RETRIES && (1..=64).contains(&n.data.len()) {
                 sa.init_retries += 1;
@@ -1636,18 +1641,21 @@ impl Endpoint {
         octets: &[u8],
         me: &Id,
         peer: Option<&Id>,
+        peer_hashes: bool,
     ) -> Result<Vec<Payload>, String> {
         if let Some((cert, key)) = &conn.local_cert {
-            let sig = key.sign(octets)?;
+            // RFC 7427 §4: Digital Signature if the peer announced hashes,
+            // else a classic method (ECDSA 9–11).
+            let (method, data) = match (peer_hashes, key.sign_classic(octets)) {
+                (false, Some(c)) => c,
+                _ => (cert::AUTH_DIGITAL_SIGNATURE, key.sign(octets)?),
+            };
             return Ok(vec![
                 Payload::Cert {
                     encoding: cert::CERT_X509,
                     data: cert.clone(),
                 },
-                Payload::Auth {
-                    method: cert::AUTH_DIGITAL_SIGNATURE,
-                    data: sig,
-                },
+                Payload::Auth { method, data },
             ]);
         }
         let psk = self
@@ -1714,7 +1722,7 @@ impl Endpoint {
         let keys = sa.keys.as_ref().expect("derived");
         let octets = signed_octets(keys, true, &sa.init_req, &sa.nonce_r, &idi);
         let prf = keys.prf;
-        let auth = match self.make_auth(conn, prf, &octets, &idi, idr.as_ref()) {
+        let auth = match self.make_auth(conn, prf, &octets, &idi, idr.as_ref(), sa.peer_hashes) {
             Ok(a) => a,
             Err(e) => return self.kill_now(sa, &e),
         };
@@ -2207,7 +2215,7 @@ impl Endpoint {
         if let Err(e) = self.check_auth(conn, prf, &theirs, &idr, &idi, method, &auth, &inner) {
             return fail(self, sa, e);
         }
-        let ours = match self.make_auth(conn, prf, &mine, &idr, Some(&idi)) {
+        let ours = match self.make_auth(conn, prf, &mine, &idr, Some(&idi), sa.peer_hashes) {
             Ok(a) => a,
             Err(e) => return fail(self, sa, e),
         };
