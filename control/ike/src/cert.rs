@@ -404,7 +404,7 @@ impl webpki::ExtendedKeyUsageValidator for AnyEku {
 /// An ECDSA signature as DER `SEQUENCE { INTEGER r, INTEGER s }` from the
 /// fixed r ‖ s form of the classic methods (RFC 4754 §7), or None.
 fn ecdsa_fixed_to_der(sig: &[u8]) -> Option<Vec<u8>> {
-    if sig.is_empty() || sig.len() % 2 != 0 || sig.len() > 132 {
+    if sig.is_empty() || !sig.len().is_multiple_of(2) || sig.len() > 132 {
         return None;
     }
     let int = |x: &[u8]| {
