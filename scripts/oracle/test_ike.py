@@ -688,6 +688,19 @@ def cert_conf(me, peer, pki, **kw):
     return text[:text.index("secrets {")]
 
 
+def ping_then_charon_initiates(net, ike, charon):
+    """Traffic through the tunnel espd-ike set up, then the roles swapped:
+    espd-ike terminates it and charon initiates, espd-ike responding."""
+    r = net.ns("a", "ping", "-c", "3", "-i", "0.1", "-W", "2", "198.18.2.20")
+    assert " 0% packet loss" in r.stdout
+    ike.ctl("terminate", "site")
+    time.sleep(0.5)
+    charon.swanctl("--initiate", "--child", "net", timeout=30)
+    sas = wait_child(ike, charon)
+    assert sas[0]["initiator"] is False
+    return sas
+
+
 @pytest.mark.parametrize("kind", ["ec", "rsa"])
 def test_certificates_both_ways_with_charon(site, kind):
     net, parts = site
@@ -703,14 +716,8 @@ def test_certificates_both_ways_with_charon(site, kind):
     assert json.loads(ike.ctl("stats").stdout).get("ike-fragments-sent", 0) >= 1
     text = charon.sas()
     assert "'gw1.example.net'" in text, text
-    r = net.ns("a", "ping", "-c", "3", "-i", "0.1", "-W", "2", "198.18.2.20")
-    assert " 0% packet loss" in r.stdout
     # And charon as the initiator, espd-ike verifying its certificate.
-    ike.ctl("terminate", "site")
-    time.sleep(0.5)
-    charon.swanctl("--initiate", "--child", "net", timeout=30)
-    sas = wait_child(ike, charon)
-    assert sas[0]["initiator"] is False
+    ping_then_charon_initiates(net, ike, charon)
     r = net.ns("b", "ping", "-c", "3", "-i", "0.1", "-W", "2", "198.18.1.10")
     assert " 0% packet loss" in r.stdout
     # charon (fragment_size = 600) sent its certificate-bearing IKE_AUTH
@@ -824,10 +831,4 @@ def test_classic_ecdsa_signatures_with_a_peer_without_rfc_7427(site):
             break
         time.sleep(0.1)
     assert want in charon.log.read_text(), charon.log.read_text()[-3000:]
-    r = net.ns("a", "ping", "-c", "3", "-i", "0.1", "-W", "2", "198.18.2.20")
-    assert " 0% packet loss" in r.stdout
-    ike.ctl("terminate", "site")
-    time.sleep(0.5)
-    charon.swanctl("--initiate", "--child", "net", timeout=30)
-    sas = wait_child(ike, charon)
-    assert sas[0]["initiator"] is False
+    ping_then_charon_initiates(net, ike, charon)

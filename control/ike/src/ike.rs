@@ -2598,15 +2598,14 @@ fn seal(sa: &mut IkeSa, hdr: Header, payloads: &[Payload], fragment_size: usize)
     let mut inner = Zeroizing::new(Vec::new());
     let first = wire::emit_chain(payloads, &mut inner);
     let sk = &mut sa.keys.as_mut().expect("keys").sk;
-    let whole = sk.seal(hdr, first, &inner);
-    // IPv6 + UDP + the non-ESP marker.
-    let overhead = 40 + 8 + 4;
-    if !sa.peer_frag || whole.len() + overhead <= fragment_size {
-        return vec![whole];
+    // IPv6 + UDP + the non-ESP marker; then the IKE header, SK(F) header, IV,
+    // padding and pad length, ICV: at most 28 + 8 + 16 + 17 + 32 (RFC 7383
+    // §2.5.1). Decided from the plaintext's size, so nothing is sealed twice.
+    let overhead = 40 + 8 + 4 + 101;
+    if !sa.peer_frag || inner.len() + overhead <= fragment_size {
+        return vec![sk.seal(hdr, first, &inner)];
     }
-    // Header, SKF header, IV, padding and pad length, ICV: at most 28 + 8 +
-    // 16 + 16 + 32 (RFC 7383 §2.5.1).
-    let chunk = fragment_size.saturating_sub(overhead + 100).max(128);
+    let chunk = fragment_size.saturating_sub(overhead).max(128);
     let parts: Vec<&[u8]> = inner.chunks(chunk).collect();
     let total = parts.len().min(u16::MAX as usize) as u16;
     parts
