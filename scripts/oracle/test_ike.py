@@ -617,11 +617,17 @@ def _root_only(net, parts, d):
     assert r.returncode != 0 and "root only" in r.stderr, (r.stdout, r.stderr)
 
 
+DN = "C=CH, O=espd test, CN={}.example.net"
+
+
 def make_pki(d, kind="ec", revoke=None, other_ca=False):
-    """A CA and a certificate per gateway (subjectAltName DNS:gwN.example.net),
-    with openssl; `revoke` puts that gateway's certificate on the CA's CRL."""
+    """A CA and a certificate per gateway (subject DN C=CH, O=espd test,
+    CN=gwN.example.net; subjectAltName DNS:gwN.example.net), with openssl;
+    `kind` ec (P-256), rsa (2048) or ed25519; `revoke` puts that gateway's
+    certificate on the CA's CRL."""
     d.mkdir(exist_ok=True)
-    newkey = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"] if kind == "ec" else ["-newkey", "rsa:2048"]
+    newkey = {"ec": ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"], "rsa": ["-newkey", "rsa:2048"],
+              "ed25519": ["-newkey", "ed25519"]}[kind]
 
     def ossl(*a):
         sh("openssl", *a)
@@ -646,7 +652,7 @@ default_crl_days = 30
     for g in ("gw1", "gw2"):
         signer = "other-ca" if (other_ca and g == "gw2") else "ca"
         ossl("req", *newkey, "-nodes", "-keyout", str(d / f"{g}.key"), "-out", str(d / f"{g}.csr"),
-             "-subj", f"/CN={g}.example.net")
+             "-subj", f"/C=CH/O=espd test/CN={g}.example.net")
         (d / f"{g}.ext").write_text(f"subjectAltName=DNS:{g}.example.net\nbasicConstraints=CA:FALSE\n")
         ossl("x509", "-req", "-in", str(d / f"{g}.csr"), "-CA", str(d / f"{signer}.pem"), "-CAkey",
              str(d / f"{signer}.key"), "-CAcreateserial", "-out", str(d / f"{g}.pem"), "-days", "30",
@@ -655,6 +661,25 @@ default_crl_days = 30
         ossl("ca", "-config", str(d / "ca.cnf"), "-cert", str(d / "ca.pem"), "-keyfile", str(d / "ca.key"),
              "-revoke", str(d / f"{revoke}.pem"))
     return d
+
+
+def reissue_expired(pki, g):
+    """Re-signs gateway g's certificate (same key, subject and extensions)
+    valid from 60 to 30 days ago, with python's cryptography."""
+    import datetime
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    ca = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
+    old = x509.load_pem_x509_certificate((pki / f"{g}.pem").read_bytes())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    b = (x509.CertificateBuilder().subject_name(old.subject).issuer_name(ca.subject)
+         .public_key(old.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(now - datetime.timedelta(days=60))
+         .not_valid_after(now - datetime.timedelta(days=30)))
+    for e in old.extensions:
+        b = b.add_extension(e.value, e.critical)
+    (pki / f"{g}.pem").write_bytes(b.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
 
 
 def install_creds(pki, me, confdir, crl=False):
@@ -669,20 +694,23 @@ def install_creds(pki, me, confdir, crl=False):
         shutil.copy(pki / "ca.crl", confdir / "x509crl" / "ca.crl")
 
 
-def cert_conf(me, peer, pki, **kw):
+def cert_conf(me, peer, pki, auth="pubkey", ids="san", **kw):
     """swanctl_conf with certificates, swanctl-relative names (the same text
-    strongSwan takes)."""
+    strongSwan takes). ids: "san" names both sides by their subjectAltName
+    FQDN; "dn" gives no local id (strongSwan's default: the certificate's
+    subject DN) and the peer's subject DN as its remote id."""
     text = swanctl_conf(me, peer, **kw)
+    local_id = f"      id = {me}.example.net\n" if ids == "san" else ""
+    remote_id = f"{peer}.example.net" if ids == "san" else f'"{DN.format(peer)}"'
     text = text.replace(f"""      auth = psk
       id = {me}
-""", f"""      auth = pubkey
+""", f"""      auth = {auth}
       certs = {me}.pem
-      id = {me}.example.net
-""")
+{local_id}""")
     text = text.replace(f"""      auth = psk
       id = {peer}
-""", f"""      auth = pubkey
-      id = {peer}.example.net
+""", f"""      auth = {auth}
+      id = {remote_id}
       cacerts = ca.pem
 """)
     return text[:text.index("secrets {")]
@@ -701,21 +729,48 @@ def ping_then_charon_initiates(net, ike, charon):
     return sas
 
 
-@pytest.mark.parametrize("kind", ["ec", "rsa"])
-def test_certificates_both_ways_with_charon(site, kind):
+# (key, auth words, outer family, identities, start_action, how each side logs the other's signature)
+CERT_CASES = {
+    "ecdsa": ("ec", "pubkey", False, "san", "none", "ECDSA SHA-256", "ECDSA_WITH_SHA256_DER"),
+    "rsa": ("rsa", "pubkey", False, "san", "none", "RSA PKCS#1 v1.5 SHA-256", "RSA_EMSA_PKCS1_SHA2_256"),
+    "rsa-pss-v6-dn": ("rsa", "ike:rsa/pss-sha256", True, "dn", "none", "RSA-PSS SHA-256", "RSA_EMSA_PSS_SHA2_256_SALT_32"),
+    "ed25519-dn": ("ed25519", "pubkey", False, "dn", "none", "Ed25519", "ED25519"),
+    "ecdsa-v6-dn-trap": ("ec", "pubkey", True, "dn", "trap", "ECDSA SHA-256", "ECDSA_WITH_SHA256_DER"),
+}
+
+
+@pytest.mark.parametrize("case", list(CERT_CASES))
+def test_certificates_both_ways_with_charon(site, case):
+    """The same swanctl.conf text on both sides: espd-ike initiates (or traps),
+    then charon initiates; each way the peer's signature is checked, traffic
+    passes both ways (ping, iperf3) and the wire carries only IKE and ESP
+    that tshark decrypts with every ICV good."""
+    kind, auth, v6, ids, start, ours_sees, charon_sees = CERT_CASES[case]
     net, parts = site
     pki = make_pki(net.tmp / "pki", kind)
     install_creds(pki, "gw1", net.tmp)
     install_creds(pki, "gw2", net.tmp / "charon-gw2")
-    parts["charon"] = charon = Charon(net, cert_conf("gw2", "gw1", pki))
+    kw = dict(auth=auth, ids=ids, v6=v6)
+    parts["charon"] = charon = Charon(net, cert_conf("gw2", "gw1", pki, **kw))
     # Both sides fragment (RFC 7383) what is above 600 octets: IKE_AUTH with a certificate.
-    parts["ike"] = ike = Ike(net, cert_conf("gw1", "gw2", pki), args=("--fragment-size", "600"))
-    ike.ctl("initiate", "net")
+    parts["ike"] = ike = Ike(net, cert_conf("gw1", "gw2", pki, start=start, **kw), args=("--fragment-size", "600"))
+    if start == "trap":
+        assert "dir out" in espd_policies(net) and espd_states(net).strip() == ""
+        net.ns("a", "ping", "-c", "8", "-i", "0.5", "-W", "1", "198.18.2.20", check=False, timeout=30)
+        assert "acquire for net: negotiating" in ike.log(), ike.log()
+    else:
+        ike.ctl("initiate", "net")
     sas = wait_child(ike, charon)
-    assert sas[0]["remote_id"] == "gw2.example.net", sas
+    peer = "gw2.example.net" if ids == "san" else DN.format("gw2")
+    assert sas[0]["remote_id"] == peer, sas
+    assert f"IKE_SA established with {peer} (" in ike.log() and f"{ours_sees} signature" in ike.log(), ike.log()
+    me = "gw1.example.net" if ids == "san" else DN.format("gw1")
+    want = f"authentication of '{me}' with {charon_sees} successful"
+    assert want in charon.log.read_text(), charon.log.read_text()[-3000:]
     assert json.loads(ike.ctl("stats").stdout).get("ike-fragments-sent", 0) >= 1
-    text = charon.sas()
-    assert "'gw1.example.net'" in text, text
+    if v6:
+        assert sas[0]["local"] == "[2001:db8::1]:4500", sas
+    check_traffic_and_wire(net, ike, charon)
     # And charon as the initiator, espd-ike verifying its certificate.
     ping_then_charon_initiates(net, ike, charon)
     r = net.ns("b", "ping", "-c", "3", "-i", "0.1", "-W", "2", "198.18.1.10")
@@ -726,14 +781,19 @@ def test_certificates_both_ways_with_charon(site, kind):
     assert st.get("ike-fragments-reassembled", 0) >= 2 and st["ike-fragments"] >= 4, st
 
 
-@pytest.mark.parametrize("case", ["untrusted", "revoked", "id-mismatch"])
+@pytest.mark.parametrize("case", ["untrusted", "revoked", "expired", "id-mismatch", "dn-mismatch"])
 def test_bad_certificates_are_refused(site, case):
     net, parts = site
     pki = make_pki(net.tmp / "pki", "ec", revoke="gw2" if case == "revoked" else None,
                    other_ca=case == "untrusted")
-    ours = cert_conf("gw1", "gw2", pki)
+    ours = cert_conf("gw1", "gw2", pki, ids="dn" if case == "dn-mismatch" else "san")
     if case == "id-mismatch":
         ours = ours.replace("id = gw2.example.net", "id = gw9.example.net")
+    if case == "dn-mismatch":
+        # charon sends its subject DN; we expect another O=.
+        ours = ours.replace("O=espd test, CN=gw2", "O=elsewhere, CN=gw2")
+    if case == "expired":
+        reissue_expired(pki, "gw2")
     if case == "revoked":
         sh("openssl", "ca", "-config", str(pki / "ca.cnf"), "-cert", str(pki / "ca.pem"), "-keyfile",
            str(pki / "ca.key"), "-gencrl", "-out", str(pki / "ca.crl"))
@@ -743,15 +803,17 @@ def test_bad_certificates_are_refused(site, case):
     if case == "untrusted":
         # gw2's certificate is issued by another CA; charon itself trusts both.
         shutil.copy(pki / "other-ca.pem", net.tmp / "charon-gw2" / "x509ca" / "other-ca.pem")
-    parts["charon"] = charon = Charon(net, cert_conf("gw2", "gw1", pki))
+    parts["charon"] = charon = Charon(net, cert_conf("gw2", "gw1", pki, ids="dn" if case == "dn-mismatch" else "san"))
     parts["ike"] = ike = Ike(net, ours)
-    if case == "id-mismatch":
-        # charon initiates as gw2.example.net; we expect gw9.example.net.
+    if case in ("id-mismatch", "dn-mismatch"):
+        # charon initiates as gw2.example.net (or its DN); we expect another.
         charon.swanctl("--initiate", "--child", "net", check=False, timeout=30)
     else:
         ike.ctl("initiate", "net")
     want = {"untrusted": "not issued by a trusted CA", "revoked": "revoked",
-            "id-mismatch": "peer gw2.example.net: identity is not remote id"}[case]
+            "expired": "the peer's certificate has expired",
+            "id-mismatch": "peer gw2.example.net: identity is not remote id",
+            "dn-mismatch": f"peer {DN.format('gw2')}: identity is not remote id"}[case]
     for _ in range(100):
         if want in ike.log():
             break
@@ -814,21 +876,28 @@ def test_a_child_negotiated_while_espd_is_down_is_installed_when_it_is_back(site
 
 
 
-def test_classic_ecdsa_signatures_with_a_peer_without_rfc_7427(site):
+@pytest.mark.parametrize("kind", ["ec", "rsa"])
+def test_classic_signatures_with_a_peer_without_rfc_7427(site, kind):
     """charon with signature_authentication = no announces no hashes and signs
-    with method 9 (RFC 4754); espd-ike answers in kind and checks its."""
+    with a classic method: 9 (ECDSA P-256, RFC 4754), or 1 (RSA PKCS#1 v1.5
+    with SHA-1). espd-ike checks it; it answers ECDSA in kind, and RSA with
+    RFC 7427 PKCS#1 v1.5 SHA-256 (aws-lc-rs signs no SHA-1), which charon
+    takes."""
     net, parts = site
-    pki = make_pki(net.tmp / "pki", "ec")
+    pki = make_pki(net.tmp / "pki", kind)
     install_creds(pki, "gw1", net.tmp)
     install_creds(pki, "gw2", net.tmp / "charon-gw2")
     parts["charon"] = charon = Charon(net, cert_conf("gw2", "gw1", pki), extra="signature_authentication = no")
     parts["ike"] = ike = Ike(net, cert_conf("gw1", "gw2", pki))
     ike.ctl("initiate", "net")
     wait_child(ike, charon)
-    want = "authentication of 'gw1.example.net' with ECDSA-256 signature successful"
+    want = {"ec": "authentication of 'gw1.example.net' with ECDSA-256 signature successful",
+            "rsa": "authentication of 'gw1.example.net' with RSA_EMSA_PKCS1_SHA2_256 successful"}[kind]
     for _ in range(50):
         if want in charon.log.read_text():
             break
         time.sleep(0.1)
     assert want in charon.log.read_text(), charon.log.read_text()[-3000:]
+    ours = {"ec": "ECDSA-256 signature (RFC 4754)", "rsa": "RSA signature, method 1 (SHA-1)"}[kind]
+    assert f"IKE_SA established with gw2.example.net (" in ike.log() and ours in ike.log(), ike.log()
     ping_then_charon_initiates(net, ike, charon)

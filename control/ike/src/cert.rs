@@ -7,6 +7,7 @@
 //! Nothing is parsed here but PEM armour and the RFC 7427 AlgorithmIdentifier
 //! that starts a Digital Signature AUTH payload.
 
+use crate::der;
 use crate::wire::{idt, Id};
 use aws_lc_rs::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair, RsaKeyPair};
 use rustls_pki_types::{CertificateDer, ServerName, SignatureVerificationAlgorithm, UnixTime};
@@ -139,12 +140,11 @@ impl Signer {
         }
     }
 
-    /// RFC 7427 §3: AUTH data = AlgorithmIdentifier length ‖ AlgorithmIdentifier
-    /// ‖ signature over the octets. RSA signs PKCS#1 v1.5 with SHA-256 (never
-    /// RustCrypto's `rsa`: aws-lc-rs).
     /// The classic method (RFC 7296 §3.8: 9–11 for ECDSA, RFC 4754) and
     /// signature over `octets`, for a peer that did not announce RFC 7427
-    /// hashes; None for keys that only sign with RFC 7427 here.
+    /// hashes; None for keys that only sign with RFC 7427 here: RSA's method
+    /// 1 hashes with SHA-1, which aws-lc-rs does not sign with (RFC 8247
+    /// §3.2 deprecates it), so an RSA key sends RFC 7427 PKCS#1 v1.5 SHA-256.
     pub fn sign_classic(&self, octets: &[u8]) -> Option<(u8, Vec<u8>)> {
         let Signer::Ecdsa(k, bits) = self else {
             return None;
@@ -159,9 +159,15 @@ impl Signer {
         Some((m, ecdsa_der_to_fixed(der.as_ref(), n)?))
     }
 
-    pub fn sign(&self, octets: &[u8]) -> Result<Vec<u8>, String> {
+    /// RFC 7427 §3: AUTH data = AlgorithmIdentifier length ‖ AlgorithmIdentifier
+    /// ‖ signature over the octets (aws-lc-rs; never RustCrypto's `rsa`).
+    /// `pss`: an RSA key signs RSASSA-PSS with SHA-`bits` (strongSwan's
+    /// `auth = rsa/pss-shaN`; MGF1 with the same hash, salt as long as the
+    /// hash) instead of PKCS#1 v1.5 with SHA-256.
+    pub fn sign(&self, octets: &[u8], pss: Option<u16>) -> Result<Vec<u8>, String> {
         let rng = aws_lc_rs::rand::SystemRandom::new();
-        let (alg, sig) = match self {
+        let pss_alg;
+        let (alg, sig): (&[u8], Vec<u8>) = match self {
             Signer::Ecdsa(k, bits) => (
                 match bits {
                     256 => ALG_ECDSA_SHA256,
@@ -175,9 +181,21 @@ impl Signer {
             ),
             Signer::Rsa(k) => {
                 let mut sig = vec![0u8; k.public_modulus_len()];
-                k.sign(&signature::RSA_PKCS1_SHA256, &rng, octets, &mut sig)
+                let (enc, alg) = match pss {
+                    None => (&signature::RSA_PKCS1_SHA256, ALG_RSA_SHA256),
+                    Some(bits) => {
+                        pss_alg = crate::der::pss_alg(bits);
+                        let enc = match bits {
+                            384 => &signature::RSA_PSS_SHA384,
+                            512 => &signature::RSA_PSS_SHA512,
+                            _ => &signature::RSA_PSS_SHA256,
+                        };
+                        (enc, &pss_alg[..])
+                    }
+                };
+                k.sign(enc, &rng, octets, &mut sig)
                     .map_err(|_| "RSA signing failed")?;
-                (ALG_RSA_SHA256, sig)
+                (alg, sig)
             }
             Signer::Ed25519(k) => (ALG_ED25519, k.sign(octets).as_ref().to_vec()),
         };
@@ -186,6 +204,22 @@ impl Signer {
         out.extend_from_slice(&sig);
         Ok(out)
     }
+}
+
+/// A certificate's subject Name, DER with its SEQUENCE (an ID_DER_ASN1_DN's
+/// data), or None if the certificate does not parse.
+pub fn subject_der(cert: &[u8]) -> Option<Vec<u8>> {
+    let der = CertificateDer::from(cert);
+    let c = webpki::EndEntityCert::try_from(&der).ok()?;
+    let body = c.subject();
+    let mut out = vec![0x30];
+    match body.len() {
+        n if n < 0x80 => out.push(n as u8),
+        n if n < 0x100 => out.extend_from_slice(&[0x81, n as u8]),
+        n => out.extend_from_slice(&[0x82, (n >> 8) as u8, n as u8]),
+    }
+    out.extend_from_slice(body);
+    Some(out)
 }
 
 /// Our side: the certificate we send and the key that signs for it.
@@ -243,17 +277,18 @@ impl Trust {
 
     /// Checks the peer's certificate (and intermediates) up to one of our
     /// CAs at `now`, against the CRLs, and that it names `id` (RFC 7296
-    /// §3.5: FQDN and IP against subjectAltName). Then checks `auth`
-    /// (method, data) over `octets` with its key.
+    /// §3.5: a DN its subject, FQDN, RFC822 and IP its subjectAltName).
+    /// Then checks `auth` (method, data) over `octets` with its key — an
+    /// RSA-PSS signature if `require_pss`. Ok: how the peer signed.
     pub fn verify(
         &self,
         chain: &[Vec<u8>],
         id: &Id,
-        method: u8,
-        auth: &[u8],
+        (method, auth): (u8, &[u8]),
         octets: &[u8],
         now: std::time::SystemTime,
-    ) -> Result<(), String> {
+        require_pss: bool,
+    ) -> Result<String, String> {
         let Some(ee) = chain.first() else {
             return Err("the peer sent no certificate".into());
         };
@@ -311,25 +346,53 @@ impl Trust {
                 }
                 e => format!("the peer's certificate chain does not verify: {e:?}"),
             })?;
+        // RFC 7296 §3.5 / RFC 4945 §3.1: the ID names the certificate — a
+        // DN its subject, FQDN/IP/RFC822 an entry of its subjectAltName.
         let name = match id.ty {
-            idt::FQDN => ServerName::try_from(String::from_utf8_lossy(&id.data).into_owned())
-                .map_err(|_| format!("ID {id} is not a DNS name"))?,
+            idt::FQDN => Some(
+                ServerName::try_from(String::from_utf8_lossy(&id.data).into_owned())
+                    .map_err(|_| format!("ID {id} is not a DNS name"))?,
+            ),
             idt::IPV4_ADDR if id.data.len() == 4 => {
                 let a: [u8; 4] = id.data[..].try_into().unwrap_or_default();
-                ServerName::IpAddress(IpAddr::V4(Ipv4Addr::from(a)).into())
+                Some(ServerName::IpAddress(IpAddr::V4(Ipv4Addr::from(a)).into()))
             }
             idt::IPV6_ADDR if id.data.len() == 16 => {
                 let a: [u8; 16] = id.data[..].try_into().unwrap_or_default();
-                ServerName::IpAddress(IpAddr::V6(Ipv6Addr::from(a)).into())
+                Some(ServerName::IpAddress(IpAddr::V6(Ipv6Addr::from(a)).into()))
+            }
+            idt::DER_ASN1_DN => {
+                let want = der::dn_rdns(&id.data).ok_or("the peer's DN identity does not parse")?;
+                let have = der::name_rdns(cert.subject())
+                    .ok_or("the peer's certificate subject does not parse")?;
+                if !der::dn_matches(&want, &have) {
+                    return Err(format!(
+                        "the peer's certificate subject is \"{}\", not its ID \"{id}\"",
+                        der::dn_text(&have)
+                    ));
+                }
+                None
+            }
+            idt::RFC822_ADDR => {
+                let want = String::from_utf8_lossy(&id.data);
+                if !der::san_emails(ee)
+                    .iter()
+                    .any(|e| e.eq_ignore_ascii_case(&want))
+                {
+                    return Err(format!("the peer's certificate does not name {id}"));
+                }
+                None
             }
             _ => {
                 return Err(format!(
-                    "ID {id}: only FQDN and IP identities are matched against certificates so far"
-                ))
+                "ID {id}: only DN, FQDN, RFC822 and IP identities are matched against certificates"
+            ))
             }
         };
-        cert.verify_is_valid_for_subject_name(&name)
-            .map_err(|_| format!("the peer's certificate does not name {id}"))?;
+        if let Some(name) = name {
+            cert.verify_is_valid_for_subject_name(&name)
+                .map_err(|_| format!("the peer's certificate does not name {id}"))?;
+        }
         let classic;
         let (cands, sig): (Vec<&dyn SignatureVerificationAlgorithm>, &[u8]) = match method {
             AUTH_DIGITAL_SIGNATURE => {
@@ -354,17 +417,40 @@ impl Trust {
                     a if a == ALG_RSA_SHA384 => vec![algs::RSA_PKCS1_2048_8192_SHA384],
                     a if a == ALG_RSA_SHA512 => vec![algs::RSA_PKCS1_2048_8192_SHA512],
                     a if a == ALG_ED25519 => vec![algs::ED25519],
-                    _ => {
-                        return Err(
-                            "the peer signs with an algorithm espd-ike does not take (RSA-PSS parameters are not read yet)"
-                                .into(),
-                        )
-                    }
+                    // RFC 7427 §3 / RFC 4055 §3.1: RSASSA-PSS names its hash,
+                    // MGF1 hash and salt length in the parameters; aws-lc-rs
+                    // checks the salt as long as the hash, as strongSwan signs.
+                    a => match der::pss_params(a) {
+                        Some((32, 32, 32)) => vec![algs::RSA_PSS_2048_8192_SHA256_LEGACY_KEY],
+                        Some((48, 48, 48)) => vec![algs::RSA_PSS_2048_8192_SHA384_LEGACY_KEY],
+                        Some((64, 64, 64)) => vec![algs::RSA_PSS_2048_8192_SHA512_LEGACY_KEY],
+                        Some((h, m, salt)) => {
+                            return Err(format!(
+                                "the peer signs RSA-PSS with a {}-bit hash, MGF1 {}-bit and a {salt}-octet salt: espd-ike takes SHA-256/384/512 with MGF1 of the same hash and a salt as long as it",
+                                h * 8,
+                                m * 8
+                            ))
+                        }
+                        None => {
+                            return Err(
+                                "the peer signs with an algorithm espd-ike does not take (expected ECDSA, RSA PKCS#1 v1.5 or PSS with SHA-2, or Ed25519)"
+                                    .into(),
+                            )
+                        }
+                    },
                 };
+                if require_pss && der::pss_params(alg).is_none() {
+                    return Err("the peer did not sign with RSA-PSS (remote auth = rsa/pss)".into());
+                }
                 (c, sig)
             }
             // RFC 4754 §7: r ‖ s; the curve and hash are the method's.
             AUTH_ECDSA_256 | AUTH_ECDSA_384 | AUTH_ECDSA_521 => {
+                if require_pss {
+                    return Err(
+                        "the peer signed with ECDSA, not RSA-PSS (remote auth = rsa/pss)".into(),
+                    );
+                }
                 classic = ecdsa_fixed_to_der(auth).ok_or("malformed ECDSA AUTH")?;
                 let a: &dyn SignatureVerificationAlgorithm = match method {
                     AUTH_ECDSA_256 => algs::ECDSA_P256_SHA256,
@@ -373,10 +459,19 @@ impl Trust {
                 };
                 (vec![a], &classic[..])
             }
+            // RFC 7296 §3.8 method 1: RSASSA-PKCS1-v1_5, with SHA-1 as every
+            // implementation hashes it (RFC 7427 §1), from a peer that does
+            // not do RFC 7427; keys of at least 2048 bits (RFC 8247 §3.2).
             AUTH_RSA => {
-                return Err(
-                    "AUTH method 1 (RSA with SHA-1) is not taken: espd-ike asks for RFC 7427 signatures (SIGNATURE_HASH_ALGORITHMS)"
-                        .into(),
+                if require_pss {
+                    return Err(
+                        "the peer signed with AUTH method 1, not RSA-PSS (remote auth = rsa/pss)"
+                            .into(),
+                    );
+                }
+                (
+                    vec![&RsaPkcs1Sha1 as &dyn SignatureVerificationAlgorithm],
+                    auth,
                 )
             }
             m => return Err(format!("AUTH method {m} is not a signature")),
@@ -385,10 +480,68 @@ impl Trust {
             .iter()
             .any(|a| cert.verify_signature(*a, octets, sig).is_ok())
         {
-            Ok(())
+            Ok(match method {
+                AUTH_RSA => "RSA signature, method 1 (SHA-1)".to_string(),
+                AUTH_DIGITAL_SIGNATURE => format!("{} signature (RFC 7427)", alg_name(auth)),
+                m => format!(
+                    "ECDSA-{} signature (RFC 4754)",
+                    [256, 384, 521][(m - AUTH_ECDSA_256) as usize]
+                ),
+            })
         } else {
             Err("the peer's AUTH signature does not verify".into())
         }
+    }
+}
+
+/// A name for the AlgorithmIdentifier that starts RFC 7427 AUTH data.
+fn alg_name(auth: &[u8]) -> String {
+    let n = auth.first().copied().unwrap_or(0) as usize;
+    let alg = auth.get(1..1 + n).unwrap_or_default();
+    match alg {
+        a if a == ALG_ECDSA_SHA256 => "ECDSA SHA-256".into(),
+        a if a == ALG_ECDSA_SHA384 => "ECDSA SHA-384".into(),
+        a if a == ALG_ECDSA_SHA512 => "ECDSA SHA-512".into(),
+        a if a == ALG_RSA_SHA256 => "RSA PKCS#1 v1.5 SHA-256".into(),
+        a if a == ALG_RSA_SHA384 => "RSA PKCS#1 v1.5 SHA-384".into(),
+        a if a == ALG_RSA_SHA512 => "RSA PKCS#1 v1.5 SHA-512".into(),
+        a if a == ALG_ED25519 => "Ed25519".into(),
+        a => match der::pss_params(a) {
+            Some((h, ..)) => format!("RSA-PSS SHA-{}", h * 8),
+            None => "unknown".into(),
+        },
+    }
+}
+
+/// RSASSA-PKCS1-v1_5 with SHA-1 over an rsaEncryption key (AUTH method 1
+/// only; never for chains), checked by aws-lc-rs.
+#[derive(Debug)]
+struct RsaPkcs1Sha1;
+
+impl SignatureVerificationAlgorithm for RsaPkcs1Sha1 {
+    fn verify_signature(
+        &self,
+        public_key: &[u8],
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<(), rustls_pki_types::InvalidSignature> {
+        signature::UnparsedPublicKey::new(
+            &signature::RSA_PKCS1_2048_8192_SHA1_FOR_LEGACY_USE_ONLY,
+            public_key,
+        )
+        .verify(message, signature)
+        .map_err(|_| rustls_pki_types::InvalidSignature)
+    }
+
+    fn public_key_alg_id(&self) -> rustls_pki_types::AlgorithmIdentifier {
+        rustls_pki_types::alg_id::RSA_ENCRYPTION
+    }
+
+    fn signature_alg_id(&self) -> rustls_pki_types::AlgorithmIdentifier {
+        // sha1WithRSAEncryption (contents of the AlgorithmIdentifier).
+        rustls_pki_types::AlgorithmIdentifier::from_slice(&[
+            0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x05, 0x05, 0x00,
+        ])
     }
 }
 

@@ -311,10 +311,25 @@ pub enum IdConf {
     Id(Id),
 }
 
+impl std::fmt::Display for IdConf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IdConf::Any => f.write_str("%any"),
+            IdConf::Id(i) => write!(f, "{i}"),
+        }
+    }
+}
+
 impl IdConf {
     pub fn matches(&self, id: &Id) -> bool {
         match self {
             IdConf::Any => true,
+            IdConf::Id(x) if x.ty == idt::DER_ASN1_DN && id.ty == idt::DER_ASN1_DN => {
+                match (crate::der::dn_rdns(&x.data), crate::der::dn_rdns(&id.data)) {
+                    (Some(w), Some(h)) => crate::der::dn_matches(&w, &h),
+                    _ => false,
+                }
+            }
             IdConf::Id(x) => x == id,
         }
     }
@@ -352,8 +367,11 @@ pub fn parse_id(s: &str) -> Result<IdConf, String> {
     if let Some(r) = s.strip_prefix("email:") {
         return id(idt::RFC822_ADDR, r.as_bytes());
     }
+    // RFC 7296 §3.5 ID_DER_ASN1_DN, written as strongSwan does.
     if s.contains('=') {
-        return Err(format!("`{s}`: distinguished-name identities are not supported yet: use the FQDN or address in the certificate's subjectAltName"));
+        let rdns = crate::der::parse_dn(s.strip_prefix("asn1dn:").unwrap_or(s))
+            .map_err(|e| format!("`{s}`: {e}"))?;
+        return id(idt::DER_ASN1_DN, &crate::der::encode_dn(&rdns));
     }
     if s.contains('*') {
         return Err(format!(
@@ -482,6 +500,10 @@ pub struct Conn {
     /// `remote { auth = pubkey }`: the CAs (`cacerts`, else every file in
     /// x509ca/) and CRLs (x509crl/) the peer's certificate is checked against.
     pub remote_trust: Option<crate::cert::Trust>,
+    /// `local { auth = rsa/pss-shaN }`: sign RSASSA-PSS with SHA-N.
+    pub local_rsa_pss: Option<u16>,
+    /// `remote { auth = rsa/pss… }`: the peer must sign RSASSA-PSS.
+    pub remote_rsa_pss: bool,
     pub children: Vec<Child>,
     pub at: String,
 }
@@ -708,6 +730,9 @@ fn addrs(kv: &Kv, remote: bool) -> Result<Vec<AddrSpec>, String> {
 #[derive(Default)]
 struct AuthConf {
     pubkey: bool,
+    /// `rsa/pss[-shaN]`: RSASSA-PSS with SHA-N (local: how we sign; remote:
+    /// what the peer must sign with).
+    pss: Option<u16>,
     at: String,
     /// (where, file) of `certs` (local) or `cacerts` (remote).
     files: Vec<(String, String)>,
@@ -734,6 +759,8 @@ fn connection(
         remote_id: IdConf::Any,
         local_cert: None,
         remote_trust: None,
+        local_rsa_pss: None,
+        remote_rsa_pss: false,
         children: Vec::new(),
         at: s.at.clone(),
     };
@@ -839,6 +866,39 @@ fn connection(
     }
 }
 
+/// strongSwan's `auth` words: `psk` (None), or a public-key method with
+/// optional signature constraints — `pubkey`, `rsa`, `ecdsa`, `ed25519`,
+/// `rsa/pss`, each with `-sha256|-sha384|-sha512` and an `ike:` prefix —
+/// as Some(RSA-PSS hash bits when `rsa/pss`).
+fn pubkey_auth(v: &str) -> Result<Option<Option<u16>>, String> {
+    if v == "psk" {
+        return Ok(None);
+    }
+    let expected = "expected psk, pubkey, rsa, ecdsa, ed25519 or rsa/pss, optionally with -sha256, -sha384 or -sha512";
+    let v = v.strip_prefix("ike:").unwrap_or(v);
+    let mut words = v.split('-');
+    let pss = match words.next().unwrap_or("") {
+        "pubkey" | "rsa" | "ecdsa" | "ed25519" => false,
+        "rsa/pss" => true,
+        "eap" | "xauth" => {
+            return Err("EAP and XAuth are not supported (expected psk or pubkey)".into())
+        }
+        w => return Err(format!("`{w}`: {expected}")),
+    };
+    let mut bits = None;
+    for w in words {
+        let b = match w {
+            "sha256" | "sha2_256" => 256,
+            "sha384" | "sha2_384" => 384,
+            "sha512" | "sha2_512" => 512,
+            "identity" if !pss => continue,
+            w => return Err(format!("`{w}`: {expected}")),
+        };
+        bits.get_or_insert(b);
+    }
+    Ok(Some(pss.then(|| bits.unwrap_or(256))))
+}
+
 fn auth_section(s: &Section) -> Result<(IdConf, AuthConf), Vec<String>> {
     let mut errs = Vec::new();
     let mut id = IdConf::Any;
@@ -852,14 +912,13 @@ fn auth_section(s: &Section) -> Result<(IdConf, AuthConf), Vec<String>> {
         match kv.key.as_str() {
             "auth" => {
                 auth_seen = true;
-                match kv.value.as_str() {
-                    "psk" => {}
-                    "pubkey" | "rsa" | "ecdsa" | "ed25519" => a.pubkey = true,
-                    "eap" | "xauth" => errs.push(format!(
-                        "{}: auth = {}: EAP and XAuth are not supported (expected psk or pubkey)",
-                        kv.at, kv.value
-                    )),
-                    v => errs.push(format!("{}: auth = {v}: expected psk or pubkey", kv.at)),
+                match pubkey_auth(&kv.value) {
+                    Ok(None) => {}
+                    Ok(Some(pss)) => {
+                        a.pubkey = true;
+                        a.pss = pss;
+                    }
+                    Err(e) => errs.push(format!("{}: auth = {}: {e}", kv.at, kv.value)),
                 }
             }
             "id" => match parse_id(&kv.value) {
@@ -1085,7 +1144,36 @@ fn resolve_auth(
             .ok_or(format!(
                 "{at}: certs: no private key in secrets (ecdsa-*, rsa-*, private-* {{ file = … }}) matches {f}"
             ))?;
+        // The ID is the certificate's: with none configured strongSwan sends
+        // the subject DN; a configured DN must be the subject, and is sent
+        // as the certificate spells it (RFC 4945 §3.1.5).
+        let subject = crate::cert::subject_der(&cert)
+            .ok_or_else(|| format!("{at}: certs: {f} does not parse as an X.509 certificate"))?;
+        match &c.local_id {
+            IdConf::Any => {
+                c.local_id = IdConf::Id(Id {
+                    ty: idt::DER_ASN1_DN,
+                    data: subject,
+                })
+            }
+            IdConf::Id(id) if id.ty == idt::DER_ASN1_DN => {
+                let want = crate::der::dn_rdns(&id.data).unwrap_or_default();
+                let have = crate::der::dn_rdns(&subject).unwrap_or_default();
+                if !crate::der::dn_matches(&want, &have) || want.iter().any(|(_, v)| v == "*") {
+                    return Err(format!(
+                        "{at}: id \"{id}\" is not the subject of {f} (\"{}\")",
+                        crate::der::dn_text(&have)
+                    ));
+                }
+                c.local_id = IdConf::Id(Id {
+                    ty: idt::DER_ASN1_DN,
+                    data: subject,
+                });
+            }
+            IdConf::Id(_) => {}
+        }
         c.local_cert = Some((cert, key.clone()));
+        c.local_rsa_pss = a.pss;
     } else {
         let mut t = crate::cert::Trust::default();
         if a.files.is_empty() {
@@ -1120,6 +1208,7 @@ fn resolve_auth(
             }
         }
         c.remote_trust = Some(t);
+        c.remote_rsa_pss = a.pss.is_some();
     }
     Ok(())
 }
@@ -1289,7 +1378,22 @@ secrets {
             })
         );
         assert_eq!(parse_id("%any").unwrap(), IdConf::Any);
-        assert!(parse_id("C=CH, CN=gw").is_err());
+        let IdConf::Id(dn) = parse_id("C=CH, O=Site, CN=gw").unwrap() else {
+            panic!("a DN is an identity")
+        };
+        assert_eq!(dn.ty, idt::DER_ASN1_DN);
+        assert_eq!(dn.to_string(), "C=CH, O=Site, CN=gw");
+        // Matched attribute by attribute, case-insensitively, `*` for any value.
+        assert!(parse_id("/C=CH/O=site/CN=*").unwrap().matches(&dn));
+        assert!(!parse_id("C=CH, O=Site, CN=other").unwrap().matches(&dn));
+        assert!(parse_id("C=CH, ZZ=gw").is_err());
+        assert_eq!(pubkey_auth("psk").unwrap(), None);
+        assert_eq!(pubkey_auth("pubkey").unwrap(), Some(None));
+        assert_eq!(pubkey_auth("ike:rsa/pss-sha384").unwrap(), Some(Some(384)));
+        assert_eq!(pubkey_auth("rsa/pss").unwrap(), Some(Some(256)));
+        assert_eq!(pubkey_auth("ecdsa-sha256-sha384").unwrap(), Some(None));
+        assert!(pubkey_auth("rsa-md5").is_err());
+        assert!(pubkey_auth("eap-tls").is_err());
         assert_eq!(base64("c2VjcmV0").unwrap(), b"secret");
         assert_eq!(duration("2m").unwrap(), Duration::from_secs(120));
     }

@@ -455,6 +455,7 @@ mod tests {
             life_time: Duration::from_secs(3960),
             rekey_time: Duration::from_secs(3600),
             trap: false,
+            peer_takes_tfc: true,
             installed_at: Instant::now(),
         }
     }

@@ -63,6 +63,10 @@ pub struct ChildSa {
     pub rekey_time: Duration,
     /// Policies installed at load for `start_action = trap`.
     pub trap: bool,
+    /// The peer did not send ESP_TFC_PADDING_NOT_SUPPORTED (RFC 7296
+    /// §3.10.1). espd never pads outbound ESP, so either way nothing it
+    /// sends carries TFC padding; kept for `espctl ike sas`.
+    pub peer_takes_tfc: bool,
     pub installed_at: Instant,
 }
 
@@ -347,6 +351,8 @@ pub struct ChildInfo {
     pub local_ts: Vec<String>,
     pub remote_ts: Vec<String>,
     pub installed_secs: u64,
+    /// The peer takes TFC padding (no ESP_TFC_PADDING_NOT_SUPPORTED).
+    pub peer_takes_tfc: bool,
 }
 
 pub struct Endpoint {
@@ -406,6 +412,12 @@ fn first_error(ps: &[Payload]) -> Option<u16> {
         Payload::Notify(n) if n.ty < notify::FIRST_STATUS => Some(n.ty),
         _ => None,
     })
+}
+
+/// A DN identity with a wildcard value (`CN=*`).
+fn is_pattern(id: &Id) -> bool {
+    id.ty == wire::idt::DER_ASN1_DN
+        && crate::der::dn_rdns(&id.data).is_some_and(|r| r.iter().any(|(_, v)| v == "*"))
 }
 
 fn own_id(conf: &IdConf, addr: IpAddr) -> Id {
@@ -697,6 +709,7 @@ impl Endpoint {
                         local_ts: c.ts_local.iter().map(ts::describe).collect(),
                         remote_ts: c.ts_remote.iter().map(ts::describe).collect(),
                         installed_secs: now.saturating_duration_since(c.installed_at).as_secs(),
+                        peer_takes_tfc: c.peer_takes_tfc,
                     })
                     .collect(),
             })
@@ -975,6 +988,12 @@ impl Endpoint {
         ps.push(Payload::TsR(ts_r.clone()));
         if ch.mode == Mode::Transport {
             ps.push(Payload::notify(notify::USE_TRANSPORT_MODE, vec![]));
+            // RFC 7296 §3.10.1: espd strips TFC padding only after a tunnel's
+            // inner IP header, so a transport-mode SA takes none.
+            ps.push(Payload::notify(
+                notify::ESP_TFC_PADDING_NOT_SUPPORTED,
+                vec![],
+            ));
         }
         let pc = PendingChild {
             name: ch.name.clone(),
@@ -1611,14 +1630,15 @@ impl Endpoint {
         self.send_auth(sa, conn, now);
     }
 
-    fn established(&mut self, sa: &mut IkeSa, peer: &Id, now: Instant) {
+    /// `how`: how the peer authenticated (`PSK`, or its signature).
+    fn established(&mut self, sa: &mut IkeSa, peer: &Id, how: &str, now: Instant) {
         sa.state = State::Established;
         sa.established = Some(now);
         self.count("ike-established");
         let alg = sa.chosen.map_or(String::new(), |c| c.describe());
         let encap = if sa.nat { ", UDP-encapsulated" } else { "" };
         self.log(format!(
-            "{}: IKE_SA established with {peer} ({alg}, PSK{encap})",
+            "{}: IKE_SA established with {peer} ({alg}, {how}{encap})",
             sa.label()
         ));
     }
@@ -1648,7 +1668,10 @@ impl Endpoint {
             // else a classic method (ECDSA 9–11).
             let (method, data) = match (peer_hashes, key.sign_classic(octets)) {
                 (false, Some(c)) => c,
-                _ => (cert::AUTH_DIGITAL_SIGNATURE, key.sign(octets)?),
+                _ => (
+                    cert::AUTH_DIGITAL_SIGNATURE,
+                    key.sign(octets, conn.local_rsa_pss)?,
+                ),
             };
             return Ok(vec![
                 Payload::Cert {
@@ -1682,7 +1705,7 @@ impl Endpoint {
         method: u8,
         auth: &[u8],
         inner: &[Payload],
-    ) -> Result<(), String> {
+    ) -> Result<String, String> {
         if let Some(trust) = &conn.remote_trust {
             let chain: Vec<Vec<u8>> = inner
                 .iter()
@@ -1696,10 +1719,10 @@ impl Endpoint {
             return trust.verify(
                 &chain,
                 peer,
-                method,
-                auth,
+                (method, auth),
                 octets,
                 std::time::SystemTime::now(),
+                conn.remote_rsa_pss,
             );
         }
         let psk = self
@@ -1710,7 +1733,7 @@ impl Endpoint {
         if method != AUTH_PSK || !crypto::ct_eq(&want, auth) {
             return Err("AUTH does not verify with our pre-shared key (wrong secret?)".into());
         }
-        Ok(())
+        Ok("PSK".into())
     }
 
     fn send_auth(&mut self, sa: &mut IkeSa, conn: &Conn, now: Instant) {
@@ -1734,7 +1757,9 @@ impl Endpoint {
                 data: t.certreq(),
             });
         }
-        if let Some(r) = &idr {
+        // RFC 7296 §3.5: IDr names the responder we want; a DN with a `*`
+        // value is a pattern, not an identity, and is not sent.
+        if let Some(r) = idr.as_ref().filter(|r| !is_pattern(r)) {
             ps.push(Payload::IdR(r.clone()));
         }
         ps.extend(auth);
@@ -1758,6 +1783,12 @@ impl Endpoint {
                 ps.push(Payload::TsR(ts_r.clone()));
                 if ch.mode == Mode::Transport {
                     ps.push(Payload::notify(notify::USE_TRANSPORT_MODE, vec![]));
+                    // RFC 7296 §3.10.1: espd strips TFC padding only after a tunnel's
+                    // inner IP header, so a transport-mode SA takes none.
+                    ps.push(Payload::notify(
+                        notify::ESP_TFC_PADDING_NOT_SUPPORTED,
+                        vec![],
+                    ));
                 }
                 pending = Some(PendingChild {
                     rekey: None,
@@ -1890,7 +1921,7 @@ impl Endpoint {
                 sa,
                 now,
                 &format!(
-                    "the peer identifies as {idr}, which is not remote id {:?}",
+                    "the peer identifies as {idr}, which is not remote id \"{}\"",
                     conn.remote_id
                 ),
             );
@@ -1899,11 +1930,14 @@ impl Endpoint {
         let keys = sa.keys.as_ref().expect("derived");
         let octets = signed_octets(keys, false, &sa.init_resp, &sa.nonce_i, &idr);
         let prf = keys.prf;
-        if let Err(e) = self.check_auth(conn, prf, &octets, &idi, &idr, method, &auth, &inner) {
-            return self.peer_auth_failed(sa, now, &format!("the peer's AUTH ({idr}): {e}"));
-        }
+        let how = match self.check_auth(conn, prf, &octets, &idi, &idr, method, &auth, &inner) {
+            Ok(h) => h,
+            Err(e) => {
+                return self.peer_auth_failed(sa, now, &format!("the peer's AUTH ({idr}): {e}"))
+            }
+        };
         sa.remote_id = Some(idr.clone());
-        self.established(sa, &idr, now);
+        self.established(sa, &idr, &how, now);
         if let Some(pc) = child {
             let name = pc.name.clone();
             match self.child_from_answer(sa, &cfg, pc, &inner, now, true) {
@@ -1989,7 +2023,7 @@ impl Endpoint {
         );
         // RFC 7296 §2.17: initiator → responder keys first.
         let (out_k, in_k) = km.split_at(len);
-        Ok(self.make_child(
+        let mut c = self.make_child(
             sa,
             ch,
             pc.spi_in,
@@ -2000,7 +2034,9 @@ impl Endpoint {
             tsi.clone(),
             tsr.clone(),
             now,
-        ))
+        );
+        c.peer_takes_tfc = find_notify(inner, notify::ESP_TFC_PADDING_NOT_SUPPORTED).is_none();
+        Ok(c)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -2042,6 +2078,7 @@ impl Endpoint {
             life_time: ch.life_time,
             rekey_time: ch.rekey_time,
             trap: ch.start_action == StartAction::Trap,
+            peer_takes_tfc: true,
             installed_at: now,
         }
     }
@@ -2195,10 +2232,15 @@ impl Endpoint {
             return fail(
                 self,
                 sa,
-                format!("identity is not remote id {:?}", conn.remote_id),
+                format!("identity is not remote id \"{}\"", conn.remote_id),
             );
         }
-        if idr_asked.as_ref().is_some_and(|a| *a != idr) {
+        // RFC 7296 §3.5: the IDr the initiator asked for must be us; a DN
+        // compares attribute by attribute (its string types may differ).
+        if idr_asked
+            .as_ref()
+            .is_some_and(|a| !IdConf::Id(a.clone()).matches(&idr))
+        {
             return fail(
                 self,
                 sa,
@@ -2212,9 +2254,10 @@ impl Endpoint {
         let prf = keys.prf;
         let theirs = signed_octets(keys, true, &sa.init_req, &sa.nonce_r, &idi);
         let mine = signed_octets(keys, false, &sa.init_resp, &sa.nonce_i, &idr);
-        if let Err(e) = self.check_auth(conn, prf, &theirs, &idr, &idi, method, &auth, &inner) {
-            return fail(self, sa, e);
-        }
+        let how = match self.check_auth(conn, prf, &theirs, &idr, &idi, method, &auth, &inner) {
+            Ok(h) => h,
+            Err(e) => return fail(self, sa, e),
+        };
         let ours = match self.make_auth(conn, prf, &mine, &idr, Some(&idi), sa.peer_hashes) {
             Ok(a) => a,
             Err(e) => return fail(self, sa, e),
@@ -2246,7 +2289,7 @@ impl Endpoint {
         }
         self.release_half_open(sa);
         self.by_init.remove(&(sa.remote, sa.spi_i));
-        self.established(sa, &idi, now);
+        self.established(sa, &idi, &how, now);
         let mut resp = vec![Payload::IdR(idr)];
         resp.extend(ours);
         let has_child = inner.iter().any(|p| matches!(p, Payload::Sa(_)));
@@ -2267,7 +2310,7 @@ impl Endpoint {
                     2 * len,
                 );
                 let (in_k, out_k) = km.split_at(len);
-                let c = self.make_child(
+                let mut c = self.make_child(
                     sa,
                     &ch,
                     spi_in,
@@ -2279,6 +2322,8 @@ impl Endpoint {
                     nr.clone(),
                     now,
                 );
+                c.peer_takes_tfc =
+                    find_notify(&inner, notify::ESP_TFC_PADDING_NOT_SUPPORTED).is_none();
                 resp.push(Payload::Sa(vec![alg.proposal(
                     num,
                     wire::proto::ESP,
@@ -2288,6 +2333,12 @@ impl Endpoint {
                 resp.push(Payload::TsR(nr));
                 if transport {
                     resp.push(Payload::notify(notify::USE_TRANSPORT_MODE, vec![]));
+                    // RFC 7296 §3.10.1: espd strips TFC padding only after a tunnel's
+                    // inner IP header, so a transport-mode SA takes none.
+                    resp.push(Payload::notify(
+                        notify::ESP_TFC_PADDING_NOT_SUPPORTED,
+                        vec![],
+                    ));
                 }
                 self.responder_install(sa, c, exchange::IKE_AUTH, hdr.msg_id, resp);
             }
@@ -2410,6 +2461,12 @@ impl Endpoint {
                 resp.push(Payload::TsR(tsr.clone()));
                 if transport {
                     resp.push(Payload::notify(notify::USE_TRANSPORT_MODE, vec![]));
+                    // RFC 7296 §3.10.1: espd strips TFC padding only after a tunnel's
+                    // inner IP header, so a transport-mode SA takes none.
+                    resp.push(Payload::notify(
+                        notify::ESP_TFC_PADDING_NOT_SUPPORTED,
+                        vec![],
+                    ));
                 }
                 let keys = sa.keys.as_ref().expect("established");
                 let len = alg.encr.key_len() + alg.integ.map_or(0, |i| i.key_len());
@@ -2422,7 +2479,10 @@ impl Endpoint {
                     2 * len,
                 );
                 let (in_k, out_k) = km.split_at(len);
-                let c = self.make_child(sa, &ch, spi_in, spi_out, alg, in_k, out_k, tsi, tsr, now);
+                let mut c =
+                    self.make_child(sa, &ch, spi_in, spi_out, alg, in_k, out_k, tsi, tsr, now);
+                c.peer_takes_tfc =
+                    find_notify(&inner, notify::ESP_TFC_PADDING_NOT_SUPPORTED).is_none();
                 if let Some(r) = &rekey {
                     // RFC 7296 §2.8: the new SA replaces the one REKEY_SA names;
                     // the old one stays until the initiator deletes it, and we

@@ -9,6 +9,7 @@
 pub mod cert;
 pub mod conf;
 pub mod crypto;
+pub mod der;
 pub mod espd;
 pub mod ike;
 pub mod modp;

@@ -298,6 +298,9 @@ impl std::fmt::Display for Id {
                 write!(f, "{}", Ipv6Addr::from(a))
             }
             idt::FQDN | idt::RFC822_ADDR => f.write_str(&String::from_utf8_lossy(&self.data)),
+            idt::DER_ASN1_DN if crate::der::dn_rdns(&self.data).is_some() => f.write_str(
+                &crate::der::dn_text(&crate::der::dn_rdns(&self.data).unwrap_or_default()),
+            ),
             _ => {
                 write!(f, "#")?;
                 for b in &self.data {

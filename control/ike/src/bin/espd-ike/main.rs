@@ -434,6 +434,7 @@ fn sa_json(s: &SaInfo) -> Value {
             "spi_in": format!("{:08x}", c.spi_in), "spi_out": format!("{:08x}", c.spi_out),
             "alg": c.alg, "encap": c.encap, "local_ts": c.local_ts, "remote_ts": c.remote_ts,
             "installed_secs": c.installed_secs,
+            "peer_takes_tfc_padding": c.peer_takes_tfc,
         })).collect::<Vec<_>>(),
     })
 }
