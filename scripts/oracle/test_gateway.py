@@ -149,6 +149,18 @@ def iperf(net, client, server_ns, dst, *extra, secs=2):
     return json.loads(r.stdout)
 
 
+def path_drops(net):
+    """Packets the kernel dropped on the links between the two gateways'
+    sockets, both directions: what o1/o2 could not hand to their veth peers
+    (tx) and what the bridge ports w1/w2 dropped either way. o1/o2's own rx
+    drops are the AF_XDP sockets' (espd's kernel_rx_dropped_*), counted there."""
+    n = 0
+    for ns, dev, rx in (("gw1", "o1", False), ("wire", "w1", True), ("wire", "w2", True), ("gw2", "o2", False)):
+        st = json.loads(net.ns(ns, "ip", "-s", "-j", "link", "show", "dev", dev).stdout)[0]["stats64"]
+        n += st["tx"]["dropped"] + (st["rx"]["dropped"] if rx else 0)
+    return n
+
+
 def test_ping_iperf3_tcp_and_udp_both_ways_v4_and_v6(net):
     net.start("gw1")
     net.start("gw2")
@@ -156,6 +168,7 @@ def test_ping_iperf3_tcp_and_udp_both_ways_v4_and_v6(net):
                      ("a", "2001:db8:2::20"), ("b", "2001:db8:1::10")):
         r = net.ns(src, "ping", "-c", "3", "-i", "0.2", "-W", "2", dst, check=False)
         assert r.returncode == 0 and " 0% packet loss" in r.stdout, r.stdout
+    path0 = path_drops(net)
     rates = {}
     for label, client, server, dst in (("v4 A>B", "a", "b", "198.18.2.20"),
                                        ("v4 B>A", "b", "a", "198.18.1.10"),
@@ -170,6 +183,7 @@ def test_ping_iperf3_tcp_and_udp_both_ways_v4_and_v6(net):
         assert s["lost_percent"] < 5, (label, s)
     for k, v in rates.items():
         assert v > 20e6, (k, v, rates)
+    path = path_drops(net) - path0
     s1, _ = net.stop("gw1")
     s2, _ = net.stop("gw2")
     # TCP's first full-size segments get ICMP "packet too big" (PMTUD through
@@ -191,10 +205,14 @@ def test_ping_iperf3_tcp_and_udp_both_ways_v4_and_v6(net):
     got2 = sum(x["packets"] for x in s2["sas"] if not x["oseq"])
     sent1 = sum(x["packets"] for x in s1["sas"] if x["oseq"])
     sent2 = sum(x["packets"] for x in s2["sas"] if x["oseq"])
-    assert sent1 == got2 + kdrop["gw2"], (sent1, got2, kdrop)
-    assert sent2 == got1 + kdrop["gw1"], (sent2, got1, kdrop)
+    # Between the gateways' sockets the veths and the bridge may drop too
+    # (copy-mode AF_XDP transmit into a veth whose peer's backlog or XDP
+    # ring is full; the kernel counts it on those links, not per socket):
+    # what they count bounds the difference, which is 0 when they count 0.
+    for sent_, got, k in ((sent1, got2, kdrop["gw2"]), (sent2, got1, kdrop["gw1"])):
+        assert got + k <= sent_ <= got + k + path, (sent1, got2, sent2, got1, kdrop, path)
     assert sent
-    print(rates)
+    print(rates, "path drops", path)
 
 
 def test_the_wire_carries_only_esp_and_tshark_decrypts_all_of_it(net, tmp_path):

@@ -211,15 +211,7 @@ impl Signer {
 pub fn subject_der(cert: &[u8]) -> Option<Vec<u8>> {
     let der = CertificateDer::from(cert);
     let c = webpki::EndEntityCert::try_from(&der).ok()?;
-    let body = c.subject();
-    let mut out = vec![0x30];
-    match body.len() {
-        n if n < 0x80 => out.push(n as u8),
-        n if n < 0x100 => out.extend_from_slice(&[0x81, n as u8]),
-        n => out.extend_from_slice(&[0x82, (n >> 8) as u8, n as u8]),
-    }
-    out.extend_from_slice(body);
-    Some(out)
+    Some(der::wrap(der::SEQ, c.subject()))
 }
 
 /// Our side: the certificate we send and the key that signs for it.

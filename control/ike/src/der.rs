@@ -34,17 +34,27 @@ fn expect(b: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
     (t == tag).then_some((v, rest))
 }
 
+/// Appends a TLV (lengths up to 16 MiB; nothing here is near that: IKE
+/// messages are at most 64 KiB).
 fn push_tlv(out: &mut Vec<u8>, tag: u8, v: &[u8]) {
     out.push(tag);
     match v.len() {
         n if n < 0x80 => out.push(n as u8),
         n if n < 0x100 => out.extend_from_slice(&[0x81, n as u8]),
-        n => out.extend_from_slice(&[0x82, (n >> 8) as u8, n as u8]),
+        n if n < 0x1_0000 => out.extend_from_slice(&[0x82, (n >> 8) as u8, n as u8]),
+        n => out.extend_from_slice(&[0x83, (n >> 16) as u8, (n >> 8) as u8, n as u8]),
     }
     out.extend_from_slice(v);
 }
 
-const SEQ: u8 = 0x30;
+/// `v` as one TLV with `tag`.
+pub fn wrap(tag: u8, v: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len() + 5);
+    push_tlv(&mut out, tag, v);
+    out
+}
+
+pub const SEQ: u8 = 0x30;
 const SET: u8 = 0x31;
 const OID: u8 = 0x06;
 
