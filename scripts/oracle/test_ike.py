@@ -577,6 +577,40 @@ def test_espd_ike_rekeys_children_under_traffic_without_loss(site):
     assert text.count("INSTALLED") == 1 and kids[0]["spi_in"] in text, text
 
 
+@pytest.mark.parametrize("who", ["espd-ike", "charon"])
+def test_ike_sa_rekeys_either_way_under_traffic_without_loss(site, who):
+    """The IKE_SA is rekeyed every ~6 s by one side (RFC 7296 §2.18; the
+    other's is hours away) during 14 s of 20 pps ping: nothing lost, the
+    CHILD_SA stays, and both sides end with one IKE_SA with the same SPIs."""
+    net, parts = site
+    fast = lambda t: t.replace("    encap = yes\n", "    encap = yes\n    rekey_time = 6s\n    rand_time = 1s\n    over_time = 10s\n", 1)
+    ours, theirs = swanctl_conf("gw1", "gw2"), swanctl_conf("gw2", "gw1")
+    if who == "espd-ike":
+        ours = fast(ours)
+    else:
+        theirs = fast(theirs)
+    parts["charon"] = charon = Charon(net, theirs)
+    parts["ike"] = ike = Ike(net, ours)
+    ike.ctl("initiate", "net")
+    first = wait_child(ike, charon)[0]
+    child = first["children"][0]["spi_in"]
+    r = net.ns("a", "ping", "-c", "280", "-i", "0.05", "-W", "2", "198.18.2.20", timeout=60)
+    assert " 0% packet loss" in r.stdout, r.stdout[-300:]
+    how = "by us" if who == "espd-ike" else "by the peer"
+    assert ike.log().count(f"IKE_SA rekeyed ({how})") >= 2, ike.log()
+    time.sleep(1)
+    sas = ike.sas()
+    assert len(sas) == 1 and sas[0]["state"] == "ESTABLISHED", sas
+    assert (sas[0]["spi_i"], sas[0]["spi_r"]) != (first["spi_i"], first["spi_r"])
+    assert sas[0]["children"][0]["spi_in"] == child, sas
+    text = charon.sas()
+    assert text.count("ESTABLISHED") == 1, text
+    assert sas[0]["spi_i"] in text and sas[0]["spi_r"] in text, (sas, text)
+    assert espd_states(net).count("state add") == 2, espd_states(net)
+    r = net.ns("b", "ping", "-c", "3", "-i", "0.1", "-W", "2", "198.18.1.10")
+    assert " 0% packet loss" in r.stdout
+
+
 def test_a_bad_configuration_is_refused_with_file_and_line(tmp_path):
     assert ESPD_IKE.exists(), f"{ESPD_IKE} not built (cargo build --release)"
     bad = tmp_path / "swanctl.conf"

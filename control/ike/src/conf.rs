@@ -492,6 +492,16 @@ pub struct Conn {
     /// RFC 7383: announce and accept IKE fragments (strongSwan's default).
     pub fragmentation: bool,
     pub dpd_delay: Option<Duration>,
+    /// IKE_SA rekey interval (RFC 7296 §2.18; strongSwan's connection-level
+    /// `rekey_time`, 4 h by default; `0` never).
+    pub ike_rekey_time: Option<Duration>,
+    /// How long past `rekey_time` an IKE SA whose rekey has not succeeded
+    /// lives before it is deleted (strongSwan's `over_time`, by default
+    /// 10 % of `rekey_time`).
+    pub ike_over_time: Option<Duration>,
+    /// The IKE SA rekey's jitter span (strongSwan's `rand_time`; by
+    /// default 10 % of `rekey_time`).
+    pub ike_rand_time: Option<Duration>,
     pub local_id: IdConf,
     pub remote_id: IdConf,
     /// `local { auth = pubkey certs = … }`: our certificate (DER) and the
@@ -755,6 +765,9 @@ fn connection(
         encap: false,
         fragmentation: true,
         dpd_delay: None,
+        ike_rekey_time: Some(Duration::from_secs(4 * 3600)),
+        ike_over_time: None,
+        ike_rand_time: None,
         local_id: IdConf::Any,
         remote_id: IdConf::Any,
         local_cert: None,
@@ -793,6 +806,21 @@ fn connection(
                     let d = duration(&kv.value).map_err(|e| format!("{}: dpd_delay: {e}", kv.at))?;
                     c.dpd_delay = (d > Duration::ZERO).then_some(d);
                 }
+                "rekey_time" => {
+                    let d = duration(&kv.value).map_err(|e| format!("{}: rekey_time: {e}", kv.at))?;
+                    c.ike_rekey_time = (d > Duration::ZERO).then_some(d);
+                }
+                "rand_time" => {
+                    c.ike_rand_time = Some(duration(&kv.value).map_err(|e| format!("{}: rand_time: {e}", kv.at))?);
+                }
+                "over_time" => {
+                    c.ike_over_time = Some(duration(&kv.value).map_err(|e| format!("{}: over_time: {e}", kv.at))?);
+                }
+                "reauth_time" => {
+                    if duration(&kv.value).map_err(|e| format!("{}: reauth_time: {e}", kv.at))? > Duration::ZERO {
+                        return Err(format!("{}: reauth_time = {}: espd-ike does not reauthenticate; it rekeys the IKE_SA (rekey_time, RFC 7296 §2.18) (expected 0)", kv.at, kv.value));
+                    }
+                }
                 "fragmentation" => match kv.value.as_str() {
                     "yes" | "accept" | "force" => {
                         c.fragmentation = true;
@@ -813,7 +841,7 @@ fn connection(
                 }
                 other => {
                     return Err(format!(
-                        "{}: `{other}` is not supported in a connection (expected version, local_addrs, remote_addrs, local_port, remote_port, proposals, encap, mobike, dpd_delay, fragmentation, unique, local, remote, children)",
+                        "{}: `{other}` is not supported in a connection (expected version, local_addrs, remote_addrs, local_port, remote_port, proposals, encap, mobike, dpd_delay, rekey_time, over_time, rand_time, reauth_time, fragmentation, unique, local, remote, children)",
                         kv.at
                     ))
                 }

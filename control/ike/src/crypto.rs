@@ -210,9 +210,45 @@ pub fn derive_ike(
     spi_r: u64,
 ) -> IkeKeys {
     let skeyseed = prf(p, &[ni, nr].concat(), &[shared]);
+    keys_from_skeyseed(p, encr, integ, &skeyseed, ni, nr, spi_i, spi_r)
+}
+
+/// RFC 7296 §2.18: a rekeyed IKE SA's SKEYSEED = prf(SK_d (old), g^ir (new)
+/// | Ni | Nr) with the *old* SA's PRF; its seven keys as in §2.14 with the
+/// new SA's PRF, SPIs and nonces.
+#[allow(clippy::too_many_arguments)]
+pub fn derive_ike_rekey(
+    old_prf: Prf,
+    old_sk_d: &[u8],
+    p: Prf,
+    encr: Encr,
+    integ: Option<Integ>,
+    ni: &[u8],
+    nr: &[u8],
+    shared: &[u8],
+    spi_i: u64,
+    spi_r: u64,
+) -> IkeKeys {
+    let skeyseed = prf(old_prf, old_sk_d, &[shared, ni, nr]);
+    keys_from_skeyseed(p, encr, integ, &skeyseed, ni, nr, spi_i, spi_r)
+}
+
+/// {SK_d | SK_ai | SK_ar | SK_ei | SK_er | SK_pi | SK_pr} = prf+(SKEYSEED,
+/// Ni | Nr | SPIi | SPIr) (RFC 7296 §2.14).
+#[allow(clippy::too_many_arguments)]
+fn keys_from_skeyseed(
+    p: Prf,
+    encr: Encr,
+    integ: Option<Integ>,
+    skeyseed: &[u8],
+    ni: &[u8],
+    nr: &[u8],
+    spi_i: u64,
+    spi_r: u64,
+) -> IkeKeys {
     let seed = [ni, nr, &spi_i.to_be_bytes(), &spi_r.to_be_bytes()].concat();
     let (pl, al, el) = (p.out_len(), integ.map_or(0, Integ::key_len), encr.key_len());
-    let km = prf_plus(p, &skeyseed, &seed, 3 * pl + 2 * al + 2 * el);
+    let km = prf_plus(p, skeyseed, &seed, 3 * pl + 2 * al + 2 * el);
     let mut at = 0;
     let mut take = |n: usize| {
         let s = Zeroizing::new(km[at..at + n].to_vec());

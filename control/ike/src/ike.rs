@@ -127,11 +127,19 @@ enum State {
 /// A request we sent and wait an answer for (window size 1, RFC 7296 §2.3).
 enum ReqKind {
     Init,
-    Auth { child: Option<PendingChild> },
+    Auth {
+        child: Option<PendingChild>,
+    },
     CreateChild(PendingChild),
     DeleteIke,
     DeleteChild(u32),
     Liveness,
+    /// RFC 7296 §2.18: our new SPI, nonce and key share for the new IKE SA.
+    RekeyIke {
+        spi: u64,
+        nonce: Vec<u8>,
+        ks: KeyShare,
+    },
 }
 
 struct PendingChild {
@@ -164,6 +172,9 @@ enum Queued {
     DeleteChild(u32),
     /// Rekey the CHILD_SA with this inbound SPI (RFC 7296 §2.8).
     Rekey(u32),
+    /// Rekey the IKE SA (RFC 7296 §2.18), with this group if the peer
+    /// asked for another (INVALID_KE_PAYLOAD).
+    RekeyIke(Option<u16>),
 }
 
 /// RFC 7383 reassembly bounds: fragments of one message, and its octets.
@@ -186,6 +197,10 @@ const REKEY_RETRY: Duration = Duration::from_secs(30);
 /// (at most the margin to `life_time`), different per SA, so that the two
 /// ends and many tunnels do not all rekey at once (strongSwan's
 /// `rand_time`; RFC 7296 §2.8.1 makes collisions rare, not impossible).
+/// How long a rekeyed IKE SA waits for the peer's DELETE before we send
+/// our own (RFC 7296 §2.18: the rekey's initiator deletes the old SA).
+const SUPERSEDED_WAIT: Duration = Duration::from_secs(30);
+
 fn rekey_due(c: &ChildSa) -> Instant {
     let span = (c.rekey_time / 10).min(c.life_time.saturating_sub(c.rekey_time));
     let jitter = span.mul_f64((c.spi_in % 1024) as f64 / 1024.0);
@@ -233,6 +248,15 @@ struct IkeSa {
     last_heard: Instant,
     local_id: Option<Id>,
     remote_id: Option<Id>,
+    /// When to rekey this IKE SA (RFC 7296 §2.18): `rekey_time` less a
+    /// jitter of up to 10 %; None while a rekey runs or when never.
+    rekey_at: Option<Instant>,
+    /// `rekey_time` + `over_time` after it was established: if it has not
+    /// been rekeyed by then, it is deleted with its children.
+    expire_at: Option<Instant>,
+    /// Rekeyed: its children live in the new IKE SA; this one only waits
+    /// for its DELETE (ours, or the peer's for at most [`SUPERSEDED_WAIT`]).
+    superseded: Option<Instant>,
     dead: bool,
 }
 
@@ -283,6 +307,9 @@ impl IkeSa {
             last_heard: now,
             local_id: None,
             remote_id: None,
+            rekey_at: None,
+            expire_at: None,
+            superseded: None,
             dead: false,
         }
     }
@@ -517,10 +544,20 @@ impl Endpoint {
             if sa.state == State::InitDone {
                 at(sa.created + HALF_OPEN_TIMEOUT);
             }
+            if let Some(t) = sa.superseded {
+                at(t + SUPERSEDED_WAIT);
+                continue;
+            }
             if let (State::Established, Some(d), None) = (sa.state, self.dpd(sa), &sa.pending) {
                 at(sa.last_heard + d);
             }
             if sa.state == State::Established && sa.pending.is_none() {
+                if let Some(r) = sa.rekey_at {
+                    at(r);
+                }
+                if let Some(r) = sa.expire_at {
+                    at(r);
+                }
                 for c in &sa.children {
                     let hold = sa.rekey_hold.get(&c.spi_in).copied();
                     at(hold.map_or(rekey_due(c), |h| h.max(rekey_due(c))));
@@ -567,7 +604,27 @@ impl Endpoint {
                         self.send(sa.local, sa.remote, d);
                     }
                 }
+            } else if let Some(t) = sa.superseded {
+                // Rekeyed: nothing but its DELETE is left to do here.
+                if now >= t + SUPERSEDED_WAIT
+                    && !sa.queue.iter().any(|q| matches!(q, Queued::DeleteIke))
+                {
+                    sa.queue.push_back(Queued::DeleteIke);
+                    self.pump(&mut sa, now);
+                }
+            } else if sa.state == State::Established && sa.expire_at.is_some_and(|t| now >= t) {
+                self.log(format!(
+                    "{}: IKE_SA not rekeyed within its lifetime (rekey_time + over_time): deleted with its CHILD_SAs",
+                    sa.label()
+                ));
+                self.count("ike-expired");
+                self.delete_ike(&mut sa, now);
             } else if sa.state == State::Established {
+                // RFC 7296 §2.18: rekey the IKE SA at its rekey time.
+                if sa.rekey_at.is_some_and(|t| now >= t) {
+                    sa.rekey_at = None;
+                    sa.queue.push_back(Queued::RekeyIke(None));
+                }
                 // RFC 7296 §2.8: rekey each child at its rekey time.
                 let live: Vec<u32> = sa.children.iter().map(|c| c.spi_in).collect();
                 sa.rekey_hold.retain(|k, _| live.contains(k));
@@ -681,7 +738,11 @@ impl Endpoint {
                 spi_i: sa.spi_i,
                 spi_r: sa.spi_r,
                 initiator: sa.initiator,
-                state: format!("{:?}", sa.state).to_uppercase(),
+                state: if sa.superseded.is_some() {
+                    "REKEYED".into()
+                } else {
+                    format!("{:?}", sa.state).to_uppercase()
+                },
                 local: sa.local,
                 remote: sa.remote,
                 local_id: sa.local_id.as_ref().map_or("".into(), |i| i.to_string()),
@@ -1041,6 +1102,7 @@ impl Endpoint {
                     None => self.pump(sa, now),
                 }
             }
+            Queued::RekeyIke(group) => self.send_rekey_ike(sa, group, now),
             Queued::DeleteIke => {
                 self.request(
                     sa,
@@ -1634,6 +1696,7 @@ impl Endpoint {
     fn established(&mut self, sa: &mut IkeSa, peer: &Id, how: &str, now: Instant) {
         sa.state = State::Established;
         sa.established = Some(now);
+        (sa.rekey_at, sa.expire_at) = self.ike_rekey_at(sa, now);
         self.count("ike-established");
         let alg = sa.chosen.map_or(String::new(), |c| c.describe());
         let encap = if sa.nat { ", UDP-encapsulated" } else { "" };
@@ -1860,7 +1923,229 @@ impl Endpoint {
                 }
             }
             ReqKind::Liveness => self.count("liveness-ok"),
+            ReqKind::RekeyIke { spi, nonce, ks } => {
+                self.rekey_ike_answer(sa, now, spi, nonce, ks, inner)
+            }
         }
+    }
+
+    /// When an IKE SA established (or rekeyed) at `now` rekeys: its
+    /// connection's `rekey_time` less up to 10 % (RFC 7296 §2.8: jitter
+    /// so that both ends seldom rekey at once).
+    /// And when it expires if not rekeyed by then (`over_time` later).
+    fn ike_rekey_at(&self, sa: &IkeSa, now: Instant) -> (Option<Instant>, Option<Instant>) {
+        let Some(c) = self.cfg.conn(&sa.conn) else {
+            return (None, None);
+        };
+        let Some(t) = c.ike_rekey_time else {
+            return (None, None);
+        };
+        let span = c.ike_rand_time.unwrap_or(t / 10).min(t);
+        let jitter = span.mul_f64((crypto::random_u64() % 1024) as f64 / 1024.0);
+        let over = c.ike_over_time.unwrap_or(t / 10);
+        (Some(now + t - jitter), Some(now + t + over))
+    }
+
+    /// RFC 7296 §2.18 / §1.3.2: CREATE_CHILD_SA with an SA payload for the
+    /// IKE protocol (our new SPI in the proposals), Ni and KEi; no TS.
+    fn send_rekey_ike(&mut self, sa: &mut IkeSa, group: Option<u16>, now: Instant) {
+        let cfg = self.cfg.clone();
+        let (Some(conn), Some(chosen)) = (cfg.conn(&sa.conn), sa.chosen) else {
+            return self.pump(sa, now);
+        };
+        // The group the IKE SA has, unless the peer asked for another; a new
+        // Diffie-Hellman exchange is mandatory (§2.18).
+        let Some(g) = group.and_then(proposal::Group::from_id).or(chosen.dh) else {
+            return self.pump(sa, now);
+        };
+        let mut spi = 0;
+        while spi == 0 || self.sas.contains_key(&spi) {
+            spi = crypto::random_u64();
+        }
+        let mut nonce = vec![0u8; NONCE_LEN];
+        crypto::random(&mut nonce);
+        let ks = KeyShare::new(g);
+        let props: Vec<Proposal> = conn
+            .proposals
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                a.proposal(
+                    i as u8 + 1,
+                    wire::proto::IKE,
+                    spi.to_be_bytes().to_vec(),
+                    true,
+                )
+            })
+            .collect();
+        let ps = vec![
+            Payload::Sa(props),
+            Payload::Nonce(nonce.clone()),
+            Payload::Ke {
+                group: g.id(),
+                data: ks.public().to_vec(),
+            },
+        ];
+        self.log(format!("{}: rekeying the IKE_SA", sa.label()));
+        self.count("ike-rekeys-started");
+        self.request(
+            sa,
+            exchange::CREATE_CHILD_SA,
+            ps,
+            ReqKind::RekeyIke { spi, nonce, ks },
+            now,
+        );
+    }
+
+    /// The answer to our IKE SA rekey: the new IKE SA takes over the
+    /// children and we delete the old one (§2.18); an error retries later.
+    fn rekey_ike_answer(
+        &mut self,
+        sa: &mut IkeSa,
+        now: Instant,
+        spi: u64,
+        nonce: Vec<u8>,
+        ks: KeyShare,
+        inner: Vec<Payload>,
+    ) {
+        let retry = |me: &mut Self, sa: &mut IkeSa, why: String| {
+            me.log(format!(
+                "{}: IKE_SA rekey failed: {why}; retrying in {} s",
+                sa.label(),
+                REKEY_RETRY.as_secs()
+            ));
+            me.count("ike-rekey-failed");
+            sa.rekey_at = Some(now + REKEY_RETRY);
+        };
+        if let Some(n) = inner.iter().find_map(|p| match p {
+            Payload::Notify(n) if n.ty < 16384 => Some(n.clone()),
+            _ => None,
+        }) {
+            if n.ty == notify::INVALID_KE_PAYLOAD && n.data.len() == 2 {
+                let g = u16::from_be_bytes([n.data[0], n.data[1]]);
+                self.count("invalid-ke-received");
+                sa.queue.push_front(Queued::RekeyIke(Some(g)));
+                return;
+            }
+            return retry(
+                self,
+                sa,
+                format!("the peer answered {}", notify::name(n.ty)),
+            );
+        }
+        let cfg = self.cfg.clone();
+        let Some(conn) = cfg.conn(&sa.conn) else {
+            return;
+        };
+        let (mut props, mut nr, mut ke) = (None, None, None);
+        for p in &inner {
+            match p {
+                Payload::Sa(x) => props = Some(x),
+                Payload::Nonce(n) => nr = Some(n.clone()),
+                Payload::Ke { group, data } => ke = Some((*group, data.clone())),
+                _ => {}
+            }
+        }
+        let (Some(props), Some(nr), Some((g, d))) = (props, nr, ke) else {
+            return retry(self, sa, "the answer lacks SA, Nonce or KE".into());
+        };
+        let Some((chosen, peer_spi)) =
+            proposal::accept_answer(&conn.proposals, props, wire::proto::IKE, true)
+        else {
+            return retry(self, sa, "the answer is not one of our proposals".into());
+        };
+        let peer_spi = match <[u8; 8]>::try_from(&peer_spi[..]) {
+            Ok(b) if u64::from_be_bytes(b) != 0 => u64::from_be_bytes(b),
+            _ => return retry(self, sa, "the answer's SPI is not 8 non-zero octets".into()),
+        };
+        if g != ks.group.id() || chosen.dh.map(|x| x.id()) != Some(g) {
+            return retry(self, sa, "the answer's KE is not the group we sent".into());
+        }
+        let Ok(shared) = ks.agree(&d) else {
+            return retry(self, sa, "the peer's KE value is invalid".into());
+        };
+        let old = sa.keys.as_ref().expect("established");
+        let keys = crypto::derive_ike_rekey(
+            old.prf,
+            &old.sk_d,
+            chosen.prf.expect("IKE has a PRF"),
+            chosen.encr,
+            chosen.integ,
+            &nonce,
+            &nr,
+            &shared,
+            spi,
+            peer_spi,
+        );
+        let new = self.successor(sa, true, spi, peer_spi, chosen, keys, nonce, nr, now);
+        self.sas.insert(spi, new);
+        // RFC 7296 §2.18: the initiator of the rekey deletes the old IKE SA.
+        sa.queue.retain(|q| matches!(q, Queued::DeleteIke));
+        sa.queue.push_front(Queued::DeleteIke);
+    }
+
+    /// The IKE SA that replaces `old` after a rekey (RFC 7296 §2.18): new
+    /// SPIs, keys and message IDs from 0; the children, identities and
+    /// what the peer announced move over. `initiator`: we started the rekey
+    /// (and are the new SA's original initiator). `old` is left superseded.
+    #[allow(clippy::too_many_arguments)]
+    fn successor(
+        &mut self,
+        old: &mut IkeSa,
+        initiator: bool,
+        spi_i: u64,
+        spi_r: u64,
+        chosen: Chosen,
+        keys: IkeKeys,
+        ni: Vec<u8>,
+        nr: Vec<u8>,
+        now: Instant,
+    ) -> IkeSa {
+        let mut n = IkeSa::new(
+            old.conn.clone(),
+            initiator,
+            spi_i,
+            spi_r,
+            old.local,
+            old.remote,
+            State::Established,
+            now,
+        );
+        n.nonce_i = ni;
+        n.nonce_r = nr;
+        n.chosen = Some(chosen);
+        n.keys = Some(keys);
+        n.nat = old.nat;
+        n.peer_frag = old.peer_frag;
+        n.peer_hashes = old.peer_hashes;
+        n.local_id = old.local_id.clone();
+        n.remote_id = old.remote_id.clone();
+        n.established = Some(now);
+        (n.rekey_at, n.expire_at) = self.ike_rekey_at(&n, now);
+        let ours = n.our_spi();
+        n.children = std::mem::take(&mut old.children);
+        for c in &mut n.children {
+            c.ike = ours;
+        }
+        n.rekey_hold = std::mem::take(&mut old.rekey_hold);
+        // Work queued on the old SA (new children, rekeys, deletes of
+        // children) goes to the new one; the old one keeps only its DELETE.
+        n.queue = old
+            .queue
+            .drain(..)
+            .filter(|q| !matches!(q, Queued::DeleteIke | Queued::RekeyIke(_)))
+            .collect();
+        old.superseded = Some(now);
+        old.rekey_at = None;
+        self.count("ike-rekeyed");
+        self.log(format!(
+            "{}: IKE_SA rekeyed ({}): now {}, {} CHILD_SA(s) moved",
+            old.label(),
+            if initiator { "by us" } else { "by the peer" },
+            n.label(),
+            n.children.len()
+        ));
+        n
     }
 
     /// The responder did not authenticate (RFC 7296 §2.21.2): it has
@@ -2379,6 +2664,141 @@ impl Endpoint {
         sa.children.push(c);
     }
 
+    /// A peer's IKE SA rekey (RFC 7296 §2.18): choose a proposal, answer
+    /// with our new SPI, Nr and KEr, and move everything to the new IKE SA.
+    /// While we rekey this IKE SA ourselves, or it is already rekeyed, the
+    /// answer is TEMPORARY_FAILURE (§2.25) and the peer retries later.
+    fn responder_rekey_ike(
+        &mut self,
+        sa: &mut IkeSa,
+        conn: &Conn,
+        now: Instant,
+        hdr: &Header,
+        inner: &[Payload],
+    ) {
+        let refuse = |me: &mut Self, sa: &mut IkeSa, n: u16, data: Vec<u8>, why: &str| {
+            me.log(format!(
+                "{}: the peer's IKE_SA rekey refused: {why} ({})",
+                sa.label(),
+                notify::name(n)
+            ));
+            me.respond(
+                sa,
+                exchange::CREATE_CHILD_SA,
+                hdr.msg_id,
+                vec![Payload::notify(n, data)],
+            );
+        };
+        let ours_running = matches!(
+            sa.pending.as_ref().map(|p| &p.kind),
+            Some(ReqKind::RekeyIke { .. })
+        );
+        if sa.superseded.is_some() || ours_running {
+            self.count("ike-rekey-collisions");
+            return refuse(
+                self,
+                sa,
+                notify::TEMPORARY_FAILURE,
+                vec![],
+                "we are rekeying it too",
+            );
+        }
+        let (mut props, mut ni, mut ke) = (None, None, None);
+        for p in inner {
+            match p {
+                Payload::Sa(x) => props = Some(x),
+                Payload::Nonce(n) => ni = Some(n.clone()),
+                Payload::Ke { group, data } => ke = Some((*group, data.clone())),
+                _ => {}
+            }
+        }
+        let (Some(props), Some(ni)) = (props, ni) else {
+            return refuse(self, sa, notify::INVALID_SYNTAX, vec![], "no SA or Nonce");
+        };
+        // §2.18: a new Diffie-Hellman exchange is mandatory.
+        let Some((num, chosen, peer_spi)) =
+            proposal::select(&conn.proposals, props, wire::proto::IKE, true)
+        else {
+            return refuse(
+                self,
+                sa,
+                notify::NO_PROPOSAL_CHOSEN,
+                vec![],
+                "no proposal in common",
+            );
+        };
+        let dh = chosen.dh.expect("IKE proposals have a group");
+        let Some((g, d)) = ke.filter(|(g, _)| *g == dh.id()) else {
+            return refuse(
+                self,
+                sa,
+                notify::INVALID_KE_PAYLOAD,
+                dh.id().to_be_bytes().to_vec(),
+                "another group",
+            );
+        };
+        let peer_spi = match <[u8; 8]>::try_from(&peer_spi[..]) {
+            Ok(b) if u64::from_be_bytes(b) != 0 => u64::from_be_bytes(b),
+            _ => {
+                return refuse(
+                    self,
+                    sa,
+                    notify::INVALID_SYNTAX,
+                    vec![],
+                    "the SPI is not 8 non-zero octets",
+                )
+            }
+        };
+        let ks = KeyShare::new(dh);
+        let public = ks.public().to_vec();
+        let Ok(shared) = ks.agree(&d) else {
+            return refuse(
+                self,
+                sa,
+                notify::INVALID_SYNTAX,
+                vec![],
+                "an invalid KE value",
+            );
+        };
+        debug_assert_eq!(g, dh.id());
+        let mut spi = 0;
+        while spi == 0 || self.sas.contains_key(&spi) {
+            spi = crypto::random_u64();
+        }
+        let mut nr = vec![0u8; NONCE_LEN];
+        crypto::random(&mut nr);
+        let old = sa.keys.as_ref().expect("established");
+        let keys = crypto::derive_ike_rekey(
+            old.prf,
+            &old.sk_d,
+            chosen.prf.expect("IKE has a PRF"),
+            chosen.encr,
+            chosen.integ,
+            &ni,
+            &nr,
+            &shared,
+            peer_spi,
+            spi,
+        );
+        let resp = vec![
+            Payload::Sa(vec![chosen.proposal(
+                num,
+                wire::proto::IKE,
+                spi.to_be_bytes().to_vec(),
+            )]),
+            Payload::Nonce(nr.clone()),
+            Payload::Ke {
+                group: dh.id(),
+                data: public,
+            },
+        ];
+        // The answer goes on the old SA, then the new one exists: the
+        // peer's next request may already come on it.
+        self.respond(sa, exchange::CREATE_CHILD_SA, hdr.msg_id, resp);
+        let new = self.successor(sa, false, peer_spi, spi, chosen, keys, ni, nr, now);
+        self.sas.insert(spi, new);
+    }
+
     fn responder_create_child(
         &mut self,
         sa: &mut IkeSa,
@@ -2395,18 +2815,7 @@ impl Endpoint {
             |p| matches!(p, Payload::Sa(ps) if ps.iter().any(|x| x.proto == wire::proto::IKE)),
         );
         if is_ike_rekey {
-            // IKE SA rekeying (RFC 7296 §2.18) is not here yet: refuse, the
-            // peer keeps using this IKE SA or reauthenticates.
-            self.log(format!(
-                "{}: IKE_SA rekey refused (not supported yet: NO_ADDITIONAL_SAS)",
-                sa.label()
-            ));
-            return self.respond(
-                sa,
-                exchange::CREATE_CHILD_SA,
-                hdr.msg_id,
-                vec![Payload::notify(notify::NO_ADDITIONAL_SAS, vec![])],
-            );
+            return self.responder_rekey_ike(sa, conn, now, hdr, &inner);
         }
         let (mut ni, mut ke) = (None, None);
         for p in &inner {
@@ -2567,8 +2976,15 @@ impl Endpoint {
         if delete_ike {
             self.respond(sa, exchange::INFORMATIONAL, hdr.msg_id, vec![]);
             let label = sa.label();
-            self.log(format!("{label}: IKE_SA deleted by the peer"));
-            self.count("ike-deleted-by-peer");
+            if sa.superseded.is_some() {
+                // RFC 7296 §2.18: the rekey's initiator deletes the old SA.
+                self.log(format!(
+                    "{label}: old IKE_SA deleted by the peer after the rekey"
+                ));
+            } else {
+                self.log(format!("{label}: IKE_SA deleted by the peer"));
+                self.count("ike-deleted-by-peer");
+            }
             let taken = std::mem::replace(sa, dead_placeholder(sa));
             self.kill(taken, "IKE_SA deleted by the peer");
             sa.dead = true;

@@ -577,3 +577,75 @@ fn fragments_under_loss_still_converge() {
     }
     assert!(ok >= 45, "{ok} of 50 converged with 20 % loss of fragments");
 }
+
+/// The IKE SA is rekeyed by `a_rekeys ? A (its initiator) : B` every 20 s
+/// (RFC 7296 §2.18), the other side at 4 h.
+fn ike_rekeys_by(a_rekeys: bool) {
+    let (ea, eb) = if a_rekeys {
+        ("rekey_time = 20s", "")
+    } else {
+        ("", "rekey_time = 20s")
+    };
+    let mut n = pair(ea, eb, "", "", "s3cret");
+    n.a.initiate("net", None, n.now).unwrap();
+    n.run(Duration::from_secs(5));
+    assert_matching(&n);
+    let first = n.a.list(n.now)[0].clone();
+    n.run(Duration::from_secs(70));
+    let (la, lb) = (n.a.list(n.now), n.b.list(n.now));
+    // One IKE SA each side (the old ones deleted), the same new SPIs, the
+    // child moved with it.
+    assert_eq!(la.len(), 1, "{:#?}", n.logs[0]);
+    assert_eq!(lb.len(), 1, "{:#?}", n.logs[1]);
+    assert_eq!((la[0].spi_i, la[0].spi_r), (lb[0].spi_i, lb[0].spi_r));
+    assert_ne!((la[0].spi_i, la[0].spi_r), (first.spi_i, first.spi_r));
+    assert_eq!(la[0].state, "ESTABLISHED");
+    // The rekey's initiator is the new SA's original initiator.
+    assert_eq!(la[0].initiator, a_rekeys);
+    assert_eq!(la[0].children.len(), 1);
+    assert_eq!(lb[0].children.len(), 1);
+    let (us, peer) = if a_rekeys { (0, 1) } else { (1, 0) };
+    let st = if a_rekeys {
+        n.a.stats().clone()
+    } else {
+        n.b.stats().clone()
+    };
+    assert!(
+        st.get("ike-rekeys-started").copied().unwrap_or(0) >= 3,
+        "{st:?}"
+    );
+    assert!(
+        n.logs[us]
+            .iter()
+            .any(|l| l.contains("IKE_SA rekeyed (by us)")),
+        "{:#?}",
+        n.logs[us]
+    );
+    assert!(
+        n.logs[peer]
+            .iter()
+            .any(|l| l.contains("IKE_SA rekeyed (by the peer)")),
+        "{:#?}",
+        n.logs[peer]
+    );
+    // Nothing was removed from or added to espd by the IKE rekeys.
+    assert!(n.removes[0].is_empty() && n.removes[1].is_empty());
+    assert_eq!(n.up(0).len(), 1);
+    // The new IKE SA's keys agree: a further child comes up on it.
+    n.a.initiate("net6", None, n.now).unwrap();
+    n.run(Duration::from_secs(5));
+    let (a, b) = (n.up(0), n.up(1));
+    assert_eq!(a.len(), 2, "{:#?}", n.logs[0]);
+    assert_eq!(&a[1].key_out[..], &b[1].key_in[..]);
+    assert_eq!(&a[1].key_in[..], &b[1].key_out[..]);
+}
+
+#[test]
+fn ike_sa_rekeys_started_by_the_initiator_keep_the_children() {
+    ike_rekeys_by(true);
+}
+
+#[test]
+fn ike_sa_rekeys_started_by_the_responder_keep_the_children() {
+    ike_rekeys_by(false);
+}
