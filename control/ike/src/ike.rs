@@ -851,10 +851,7 @@ impl Endpoint {
         let dh = conn.proposals[0].dh[0];
         let mut nonce = vec![0u8; NONCE_LEN];
         crypto::random(&mut nonce);
-        let mut spi_i = 0;
-        while spi_i == 0 || self.sas.contains_key(&spi_i) {
-            spi_i = crypto::random_u64();
-        }
+        let spi_i = self.new_ike_spi();
         let mut sa = IkeSa::new(
             conn.name.clone(),
             true,
@@ -880,12 +877,7 @@ impl Endpoint {
 
     fn send_init(&mut self, sa: &mut IkeSa, conn: &Conn, now: Instant) {
         let ks = sa.keyshare.as_ref().expect("initiator has a key share");
-        let props: Vec<Proposal> = conn
-            .proposals
-            .iter()
-            .enumerate()
-            .map(|(i, a)| a.proposal(i as u8 + 1, wire::proto::IKE, vec![], true))
-            .collect();
+        let props = ike_proposals(conn, vec![]);
         // RFC 7296 §2.6: the COOKIE notify comes first.
         let mut ps = Vec::new();
         if let Some(c) = &sa.cookie {
@@ -1128,6 +1120,16 @@ impl Endpoint {
                     ReqKind::DeleteChild(spi_in),
                     now,
                 );
+            }
+        }
+    }
+
+    /// A fresh IKE SPI of ours: non-zero and unused (RFC 7296 §2.6).
+    fn new_ike_spi(&self) -> u64 {
+        loop {
+            let s = crypto::random_u64();
+            if s != 0 && !self.sas.contains_key(&s) {
+                return s;
             }
         }
     }
@@ -1509,10 +1511,7 @@ impl Endpoint {
             ));
             return self.drop_msg("bad-ke");
         };
-        let mut spi_r = 0;
-        while spi_r == 0 || self.sas.contains_key(&spi_r) {
-            spi_r = crypto::random_u64();
-        }
+        let spi_r = self.new_ike_spi();
         let mut nr = vec![0u8; NONCE_LEN];
         crypto::random(&mut nr);
         let keys = crypto::derive_ike(
@@ -1958,26 +1957,11 @@ impl Endpoint {
         let Some(g) = group.and_then(proposal::Group::from_id).or(chosen.dh) else {
             return self.pump(sa, now);
         };
-        let mut spi = 0;
-        while spi == 0 || self.sas.contains_key(&spi) {
-            spi = crypto::random_u64();
-        }
+        let spi = self.new_ike_spi();
         let mut nonce = vec![0u8; NONCE_LEN];
         crypto::random(&mut nonce);
         let ks = KeyShare::new(g);
-        let props: Vec<Proposal> = conn
-            .proposals
-            .iter()
-            .enumerate()
-            .map(|(i, a)| {
-                a.proposal(
-                    i as u8 + 1,
-                    wire::proto::IKE,
-                    spi.to_be_bytes().to_vec(),
-                    true,
-                )
-            })
-            .collect();
+        let props = ike_proposals(conn, spi.to_be_bytes().to_vec());
         let ps = vec![
             Payload::Sa(props),
             Payload::Nonce(nonce.clone()),
@@ -2077,11 +2061,19 @@ impl Endpoint {
             spi,
             peer_spi,
         );
-        let new = self.successor(sa, true, spi, peer_spi, chosen, keys, nonce, nr, now);
-        self.sas.insert(spi, new);
-        // RFC 7296 §2.18: the initiator of the rekey deletes the old IKE SA.
-        sa.queue.retain(|q| matches!(q, Queued::DeleteIke));
-        sa.queue.push_front(Queued::DeleteIke);
+        let deleting = sa.state == State::Deleting;
+        let mut new = self.successor(sa, true, spi, peer_spi, chosen, keys, nonce, nr, now);
+        if deleting {
+            // Terminated while the rekey ran: the peer has the new SA too,
+            // so it is deleted as well.
+            self.delete_ike(&mut new, now);
+        }
+        if !new.dead {
+            self.sas.insert(spi, new);
+        }
+        // RFC 7296 §2.18: the initiator of the rekey deletes the old IKE SA
+        // (`successor` left its queue empty).
+        sa.queue.push_back(Queued::DeleteIke);
     }
 
     /// The IKE SA that replaces `old` after a rekey (RFC 7296 §2.18): new
@@ -2693,7 +2685,8 @@ impl Endpoint {
             sa.pending.as_ref().map(|p| &p.kind),
             Some(ReqKind::RekeyIke { .. })
         );
-        if sa.superseded.is_some() || ours_running {
+        // RFC 7296 §2.25.2: one we are closing is not rekeyed either.
+        if sa.superseded.is_some() || ours_running || sa.state != State::Established {
             self.count("ike-rekey-collisions");
             return refuse(
                 self,
@@ -2761,10 +2754,7 @@ impl Endpoint {
             );
         };
         debug_assert_eq!(g, dh.id());
-        let mut spi = 0;
-        while spi == 0 || self.sas.contains_key(&spi) {
-            spi = crypto::random_u64();
-        }
+        let spi = self.new_ike_spi();
         let mut nr = vec![0u8; NONCE_LEN];
         crypto::random(&mut nr);
         let old = sa.keys.as_ref().expect("established");
@@ -3157,6 +3147,16 @@ fn child_algsets(ch: &Child, with_dh: bool) -> Vec<proposal::AlgSet> {
             }
             a
         })
+        .collect()
+}
+
+/// The connection's IKE proposals, numbered from 1, with `spi` (empty in
+/// IKE_SA_INIT, our new SPI in an IKE SA rekey, RFC 7296 §2.18).
+fn ike_proposals(conn: &Conn, spi: Vec<u8>) -> Vec<Proposal> {
+    conn.proposals
+        .iter()
+        .enumerate()
+        .map(|(i, a)| a.proposal(i as u8 + 1, wire::proto::IKE, spi.clone(), true))
         .collect()
 }
 
