@@ -577,6 +577,64 @@ def test_espd_ike_rekeys_children_under_traffic_without_loss(site):
     assert text.count("INSTALLED") == 1 and kids[0]["spi_in"] in text, text
 
 
+def test_crossing_child_rekeys_converge_to_one_sa_per_direction(site):
+    """Both sides rekey the CHILD_SA, each before the other's request has
+    reached it (RFC 7296 §2.25.1), and the lowest of the four nonces
+    settles which new SA stays (§2.8.1). Equal timers collide only within a
+    network round trip, so the crossing is made certain: no rand_time,
+    espd-ike's rekey_time 10 s and charon's 11 s, and the wire bridge drops
+    what gw1 sends to gw2 from 8 s to 12.5 s after the initiate. espd-ike's
+    request (10 s) and its first retransmission are lost; charon's (11 s)
+    reaches espd-ike while espd-ike's is out; espd-ike's next retransmission
+    (13 s) reaches charon while charon's is out. Both end with one CHILD_SA,
+    the same SPIs, one SA per direction in espd, and traffic flows."""
+    net, parts = site
+    timers = "\n        rekey_time = {}s\n        life_time = 60s\n        rand_time = 0s"
+    parts["charon"] = charon = Charon(net, swanctl_conf("gw2", "gw1", child_extra=timers.format(11)))
+    parts["ike"] = ike = Ike(net, swanctl_conf("gw1", "gw2", child_extra=timers.format(10)))
+    # One direction only: the bridge stops learning and flooding towards w2
+    # and forgets gw2's address, so unicast to gw2 has nowhere to go, while
+    # gw2's frames still reach gw1.
+    gw2_mac = net.ns("gw2", "cat", "/sys/class/net/o2/address").stdout.strip()
+    t0 = time.time()
+    ike.ctl("initiate", "net")
+    first = wait_child(ike, charon)[0]["children"][0]["spi_in"]
+    assert time.time() < t0 + 7, "the tunnel took too long to come up for the timing below"
+    time.sleep(max(0, t0 + 8.0 - time.time()))
+    net.ns("wire", "bridge", "link", "set", "dev", "w2", "learning", "off", "flood", "off")
+    net.ns("wire", "bridge", "fdb", "del", gw2_mac, "dev", "w2", "master", check=False)
+    time.sleep(max(0, t0 + 12.5 - time.time()))
+    net.ns("wire", "bridge", "link", "set", "dev", "w2", "learning", "on", "flood", "on")
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        kids = [c for s in ike.sas() for c in s["children"]]
+        text = charon.sas()
+        # charon done too: no task left, one CHILD_SA listed.
+        if (len(kids) == 1 and kids[0]["spi_in"] != first and text.count(", reqid ") == 1
+                and "INSTALLED" in text and "active:" not in text
+                and espd_states(net).count("state add") == 2):
+            break
+        time.sleep(0.5)
+    log = ike.log()
+    clog = charon.log.read_text()
+    assert "rekeying CHILD_SA net" in log, log
+    assert "rekeying CHILD_SA" in clog or "establishing CHILD_SA" in clog, clog[-3000:]
+    kids = [c for s in ike.sas() for c in s["children"]]
+    text = charon.sas()
+    assert len(kids) == 1 and kids[0]["spi_in"] != first, (kids, log)
+    assert text.count("INSTALLED") == 1, (text, log, clog[-4000:])
+    assert text.count(", reqid ") == 1 and "active:" not in text, (text, log, clog[-4000:])
+    same_spis(ike, charon)
+    assert espd_states(net).count("state add") == 2, espd_states(net)
+    stats = json.loads(ike.ctl("stats").stdout)
+    # Both met the other's request while their own was out.
+    assert stats.get("child-rekey-collisions") == 1, (stats, log)
+    assert "detected CHILD_REKEY collision with CHILD_REKEY" in clog, clog[-4000:]
+    for frm, to in (("a", "198.18.2.20"), ("b", "198.18.1.10")):
+        r = net.ns(frm, "ping", "-c", "10", "-i", "0.1", "-W", "2", to)
+        assert " 0% packet loss" in r.stdout, r.stdout[-300:]
+
+
 @pytest.mark.parametrize("who", ["espd-ike", "charon"])
 def test_ike_sa_rekeys_either_way_under_traffic_without_loss(site, who):
     """The IKE_SA is rekeyed every ~6 s by one side (RFC 7296 §2.18; the

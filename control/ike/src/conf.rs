@@ -475,6 +475,10 @@ pub struct Child {
     pub start_action: StartAction,
     pub rekey_time: Duration,
     pub life_time: Duration,
+    /// How much earlier than `rekey_time` a rekey may start, spread per SA
+    /// (strongSwan's `rand_time`; default 10 % of `rekey_time`; at most
+    /// the margin to `life_time`; `0` rekeys exactly at `rekey_time`).
+    pub rand_time: Option<Duration>,
     pub replay_window: u32,
     pub reqid: u32,
     pub at: String,
@@ -878,7 +882,7 @@ fn connection(
                     errs.push(format!("{}: `{}` directly in children (expected a child section)", kv.at, kv.key));
                 }
                 for ch in &sub.subs {
-                    match child(ch, reqid, warnings) {
+                    match child(ch, reqid) {
                         Ok(ch) => c.children.push(ch),
                         Err(mut e) => errs.append(&mut e),
                     }
@@ -990,7 +994,7 @@ fn auth_section(s: &Section) -> Result<(IdConf, AuthConf), Vec<String>> {
     }
 }
 
-fn child(s: &Section, reqid: &mut u32, warnings: &mut Vec<String>) -> Result<Child, Vec<String>> {
+fn child(s: &Section, reqid: &mut u32) -> Result<Child, Vec<String>> {
     let mut errs = Vec::new();
     let mut c = Child {
         name: s.name.clone(),
@@ -1007,6 +1011,7 @@ fn child(s: &Section, reqid: &mut u32, warnings: &mut Vec<String>) -> Result<Chi
         start_action: StartAction::None,
         rekey_time: Duration::from_secs(3600),
         life_time: Duration::ZERO,
+        rand_time: None,
         // RFC 4303 §3.4.3: 64 SHOULD be the default (strongSwan uses 32).
         replay_window: 64,
         reqid: 0,
@@ -1064,8 +1069,7 @@ fn child(s: &Section, reqid: &mut u32, warnings: &mut Vec<String>) -> Result<Chi
                     }
                 }
                 "rand_time" => {
-                    duration(&kv.value).map_err(|e| format!("{}: rand_time: {e}", kv.at))?;
-                    warnings.push(format!("{}: rand_time: ignored; espd-ike rekeys a CHILD_SA up to 10 % of rekey_time early (at most the margin to life_time), different per SA", kv.at));
+                    c.rand_time = Some(duration(&kv.value).map_err(|e| format!("{}: rand_time: {e}", kv.at))?);
                 }
                 other => {
                     return Err(format!(

@@ -454,6 +454,7 @@ mod tests {
             replay_window: 128,
             life_time: Duration::from_secs(3960),
             rekey_time: Duration::from_secs(3600),
+            rand_time: None,
             trap: false,
             peer_takes_tfc: true,
             installed_at: Instant::now(),

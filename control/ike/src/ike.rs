@@ -61,6 +61,8 @@ pub struct ChildSa {
     pub replay_window: u32,
     pub life_time: Duration,
     pub rekey_time: Duration,
+    /// The child's `rand_time` (None: 10 % of `rekey_time`).
+    pub rand_time: Option<Duration>,
     /// Policies installed at load for `start_action = trap`.
     pub trap: bool,
     /// The peer did not send ESP_TFC_PADDING_NOT_SUPPORTED (RFC 7296
@@ -151,6 +153,10 @@ struct PendingChild {
     ts_r: Vec<Ts>,
     nonce: Vec<u8>,
     ke: Option<KeyShare>,
+    /// RFC 7296 §2.8.1: the peer rekeyed the same child while this rekey
+    /// was out — the inbound SPI of the child its exchange made, and that
+    /// exchange's two nonces (its Ni, our Nr).
+    collision: Option<(u32, Vec<u8>, Vec<u8>)>,
 }
 
 struct Pending {
@@ -193,16 +199,29 @@ struct Reasm {
 /// How long a failed rekey waits before it is tried again.
 const REKEY_RETRY: Duration = Duration::from_secs(30);
 
-/// When we rekey a child: `rekey_time` less a jitter of up to 10 % of it
-/// (at most the margin to `life_time`), different per SA, so that the two
-/// ends and many tunnels do not all rekey at once (strongSwan's
-/// `rand_time`; RFC 7296 §2.8.1 makes collisions rare, not impossible).
 /// How long a rekeyed IKE SA waits for the peer's DELETE before we send
 /// our own (RFC 7296 §2.18: the rekey's initiator deletes the old SA).
 const SUPERSEDED_WAIT: Duration = Duration::from_secs(30);
 
+/// When we rekey a child: `rekey_time` less a jitter of up to `rand_time`
+/// (10 % of `rekey_time` by default; at most the margin to `life_time`),
+/// different per SA, so that the two ends and many tunnels do not all
+/// rekey at once (strongSwan's `rand_time`). RFC 7296 §2.8.1 makes
+/// collisions rare, not impossible: [`Endpoint`] resolves them.
+/// RFC 7296 §2.8.1: whether our rekey exchange (nonces `our_ni`,
+/// `their_nr`) holds the lowest of the four nonces of two crossing rekeys
+/// of one child — its SA is then the redundant one, closed by us. "Lowest"
+/// is octet by octet, a nonce that ends first being the lower: the order
+/// of byte slices.
+fn rekey_lost(our_ni: &[u8], their_nr: &[u8], their_ni: &[u8], our_nr: &[u8]) -> bool {
+    our_ni.min(their_nr) < their_ni.min(our_nr)
+}
+
 fn rekey_due(c: &ChildSa) -> Instant {
-    let span = (c.rekey_time / 10).min(c.life_time.saturating_sub(c.rekey_time));
+    let span = c
+        .rand_time
+        .unwrap_or(c.rekey_time / 10)
+        .min(c.life_time.saturating_sub(c.rekey_time));
     let jitter = span.mul_f64((c.spi_in % 1024) as f64 / 1024.0);
     c.installed_at + c.rekey_time.saturating_sub(jitter)
 }
@@ -1056,6 +1075,7 @@ impl Endpoint {
             ts_r,
             nonce,
             ke,
+            collision: None,
         };
         self.request(
             sa,
@@ -1107,6 +1127,10 @@ impl Endpoint {
                     ReqKind::DeleteIke,
                     now,
                 );
+            }
+            Queued::DeleteChild(spi_in) if !sa.children.iter().any(|c| c.spi_in == spi_in) => {
+                // Gone meanwhile (the peer deleted it, RFC 7296 §2.25.1): nothing to say.
+                self.pump(sa, now);
             }
             Queued::DeleteChild(spi_in) => {
                 self.request(
@@ -1860,6 +1884,7 @@ impl Endpoint {
                     ts_r,
                     nonce: Vec::new(),
                     ke: None,
+                    collision: None,
                 });
             }
         }
@@ -1888,15 +1913,51 @@ impl Endpoint {
             ReqKind::CreateChild(pc) => {
                 let cfg = self.cfg.clone();
                 let rekey = pc.rekey;
+                let lost = pc.collision.as_ref().map(|(theirs, ni, nr)| {
+                    let our_nr = inner.iter().find_map(|p| match p {
+                        Payload::Nonce(n) => Some(&n[..]),
+                        _ => None,
+                    });
+                    (
+                        *theirs,
+                        rekey_lost(&pc.nonce, our_nr.unwrap_or(&[]), ni, nr),
+                    )
+                });
                 match self.child_from_answer(sa, &cfg, pc, &inner, now, false) {
                     Ok(c) => {
+                        let new_in = c.spi_in;
                         self.install_both(sa, c);
-                        if let Some(old) = rekey {
-                            // Make-before-break: the new pair is installed
-                            // (the newest SA of a reqid carries the traffic);
-                            // now the old one goes (RFC 7296 §2.8).
-                            self.count("child-rekeyed");
-                            sa.queue.push_front(Queued::DeleteChild(old));
+                        match (rekey, lost) {
+                            (Some(old), Some((theirs, true))) => {
+                                // RFC 7296 §2.8.1: both ends rekeyed `old`;
+                                // the SA made with the lowest of the four
+                                // nonces is closed by its maker — ours. The
+                                // peer's child replaces `old`, and the peer
+                                // (its rekey's initiator) deletes `old`.
+                                self.count("child-rekey-collisions");
+                                self.log(format!(
+                                    "{}: CHILD_SA rekey collision (RFC 7296 §2.8.1): our new SA {new_in:08x} has the lowest nonce and goes; the peer's {theirs:08x} replaces {old:08x}",
+                                    sa.label()
+                                ));
+                                sa.rekey_hold
+                                    .insert(old, now + Duration::from_secs(86400 * 365));
+                                sa.queue.push_front(Queued::DeleteChild(new_in));
+                            }
+                            (Some(old), won) => {
+                                if let Some((theirs, _)) = won {
+                                    self.count("child-rekey-collisions");
+                                    self.log(format!(
+                                        "{}: CHILD_SA rekey collision (RFC 7296 §2.8.1): the peer's new SA {theirs:08x} has the lowest nonce; it closes it, ours {new_in:08x} replaces {old:08x}",
+                                        sa.label()
+                                    ));
+                                }
+                                // Make-before-break: the new pair is installed
+                                // (the newest SA of a reqid carries the traffic);
+                                // now the old one goes (RFC 7296 §2.8).
+                                self.count("child-rekeyed");
+                                sa.queue.push_front(Queued::DeleteChild(old));
+                            }
+                            (None, _) => {}
                         }
                     }
                     Err(e) => {
@@ -2310,6 +2371,7 @@ impl Endpoint {
             out_k,
             tsi.clone(),
             tsr.clone(),
+            true,
             now,
         );
         c.peer_takes_tfc = find_notify(inner, notify::ESP_TFC_PADDING_NOT_SUPPORTED).is_none();
@@ -2328,9 +2390,13 @@ impl Endpoint {
         key_out: &[u8],
         ts_i: Vec<Ts>,
         ts_r: Vec<Ts>,
+        we_initiated: bool,
         now: Instant,
     ) -> ChildSa {
-        let (ts_local, ts_remote) = if sa.initiator {
+        // TSi is the initiator's side of the exchange that made the child
+        // (RFC 7296 §2.9) — in CREATE_CHILD_SA that need not be the IKE
+        // SA's initiator.
+        let (ts_local, ts_remote) = if we_initiated {
             (ts_i, ts_r)
         } else {
             (ts_r, ts_i)
@@ -2354,6 +2420,7 @@ impl Endpoint {
             replay_window: ch.replay_window,
             life_time: ch.life_time,
             rekey_time: ch.rekey_time,
+            rand_time: ch.rand_time,
             trap: ch.start_action == StartAction::Trap,
             peer_takes_tfc: true,
             installed_at: now,
@@ -2597,6 +2664,7 @@ impl Endpoint {
                     out_k,
                     ni.clone(),
                     nr.clone(),
+                    false,
                     now,
                 );
                 c.peer_takes_tfc =
@@ -2823,6 +2891,55 @@ impl Endpoint {
                 vec![Payload::notify(notify::INVALID_SYNTAX, vec![])],
             );
         };
+        // The child a rekey replaces (REKEY_SA names our outbound SPI, RFC
+        // 7296 §1.3.3), and what becomes of the request (§2.25.1).
+        let mut collides = false;
+        if let Some(r) = &rekey {
+            let old = <[u8; 4]>::try_from(&r.spi[..])
+                .ok()
+                .map(u32::from_be_bytes)
+                .and_then(|spi| sa.children.iter().find(|c| c.spi_out == spi))
+                .map(|c| c.spi_in);
+            let refuse = |me: &mut Self, sa: &mut IkeSa, n: u16, why: &str| {
+                me.log(format!(
+                    "{}: the peer's CHILD_SA rekey of {} refused: {why} ({})",
+                    sa.label(),
+                    hex(&r.spi),
+                    notify::name(n)
+                ));
+                me.respond(
+                    sa,
+                    exchange::CREATE_CHILD_SA,
+                    hdr.msg_id,
+                    vec![Payload::notify(n, vec![])],
+                );
+            };
+            let Some(old) = old else {
+                // §2.25.1: a rekey of a child that does not exist.
+                self.count("child-rekey-not-found");
+                return refuse(self, sa, notify::CHILD_SA_NOT_FOUND, "no such CHILD_SA");
+            };
+            let closing = |k: &ReqKind| matches!(k, ReqKind::DeleteChild(x) if *x == old);
+            if sa.pending.as_ref().is_some_and(|p| closing(&p.kind))
+                || sa
+                    .queue
+                    .iter()
+                    .any(|q| matches!(q, Queued::DeleteChild(x) if *x == old))
+            {
+                // §2.25.1: one we are closing (or have replaced) is not rekeyed.
+                self.count("child-rekey-collisions");
+                return refuse(self, sa, notify::TEMPORARY_FAILURE, "we are closing it");
+            }
+            // §2.25.1: one we are rekeying ourselves is rekeyed as usual;
+            // when our answer comes, the lowest nonce decides which new SA
+            // stays (§2.8.1). One we were about to rekey is not, now.
+            collides = matches!(
+                sa.pending.as_ref().map(|p| &p.kind),
+                Some(ReqKind::CreateChild(pc)) if pc.rekey == Some(old)
+            );
+            sa.queue
+                .retain(|q| !matches!(q, Queued::Rekey(x) if *x == old));
+        }
         match self.responder_child(sa, conn, &inner, ke.as_ref().map(|k| k.0)) {
             Ok((ch, alg, spi_out, num, tsi, tsr, transport)) => {
                 let mut nr = vec![0u8; NONCE_LEN];
@@ -2878,8 +2995,9 @@ impl Endpoint {
                     2 * len,
                 );
                 let (in_k, out_k) = km.split_at(len);
-                let mut c =
-                    self.make_child(sa, &ch, spi_in, spi_out, alg, in_k, out_k, tsi, tsr, now);
+                let mut c = self.make_child(
+                    sa, &ch, spi_in, spi_out, alg, in_k, out_k, tsi, tsr, false, now,
+                );
                 c.peer_takes_tfc =
                     find_notify(&inner, notify::ESP_TFC_PADDING_NOT_SUPPORTED).is_none();
                 if let Some(r) = &rekey {
@@ -2900,6 +3018,15 @@ impl Endpoint {
                         ch.name,
                         hex(&r.spi)
                     ));
+                }
+                if collides {
+                    if let Some(Pending {
+                        kind: ReqKind::CreateChild(pc),
+                        ..
+                    }) = sa.pending.as_mut()
+                    {
+                        pc.collision = Some((c.spi_in, ni.clone(), nr.clone()));
+                    }
                 }
                 self.responder_install(sa, c, exchange::CREATE_CHILD_SA, hdr.msg_id, resp);
             }
