@@ -555,16 +555,25 @@ def test_stopping_espd_ike_keeps_trap_policies_so_traffic_stays_blocked(site):
     assert " 0% packet loss" in r.stdout
 
 
-def test_espd_ike_rekeys_children_under_traffic_without_loss(site):
+@pytest.mark.parametrize("initiator", ["espd-ike", "charon"])
+def test_espd_ike_rekeys_children_under_traffic_without_loss(site, initiator):
     """espd-ike starts CHILD_SA rekeys every ~6 s (charon's own are an hour
-    away): ping at 20 pps through two rekeys loses nothing, and the old
+    away), as the IKE_SA's initiator and as its responder (then its
+    CREATE_CHILD_SA's TSi is its own side, RFC 7296 §2.9): ping at 20 pps
+    through two rekeys loses nothing, both ways afterwards, and the old
     SAs leave espd and charon."""
     net, parts = site
     parts["charon"] = charon = Charon(net, swanctl_conf("gw2", "gw1"))
     parts["ike"] = ike = Ike(net, swanctl_conf("gw1", "gw2", child_extra="\n        rekey_time = 6s\n        life_time = 30s"))
-    ike.ctl("initiate", "net")
+    if initiator == "espd-ike":
+        ike.ctl("initiate", "net")
+    else:
+        charon.swanctl("--initiate", "--child", "net", timeout=30)
     first = wait_child(ike, charon)[0]["children"][0]["spi_in"]
+    assert ike.sas()[0]["initiator"] is (initiator == "espd-ike")
     r = net.ns("a", "ping", "-c", "280", "-i", "0.05", "-W", "2", "198.18.2.20", timeout=60)
+    assert " 0% packet loss" in r.stdout, r.stdout[-300:]
+    r = net.ns("b", "ping", "-c", "10", "-i", "0.1", "-W", "2", "198.18.1.10")
     assert " 0% packet loss" in r.stdout, r.stdout[-300:]
     assert ike.log().count("rekeying CHILD_SA net") >= 2, ike.log()
     stats = json.loads(ike.ctl("stats").stdout)
