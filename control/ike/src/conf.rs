@@ -304,6 +304,19 @@ pub enum StartAction {
     Trap,
 }
 
+/// What becomes of a child when its IKE_SA's peer stops answering (DPD or
+/// any retransmission given up; strongSwan's `dpd_action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DpdAction {
+    /// Removed (`none` and `clear`).
+    Clear,
+    /// Removed; its trap policies stay, so the next packet renegotiates
+    /// (only with `start_action = trap`).
+    Trap,
+    /// Negotiated again at once, and again while the peer does not answer.
+    Restart,
+}
+
 /// An identity as written (strongSwan's forms), or `%any`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdConf {
@@ -479,6 +492,7 @@ pub struct Child {
     /// (strongSwan's `rand_time`; default 10 % of `rekey_time`; at most
     /// the margin to `life_time`; `0` rekeys exactly at `rekey_time`).
     pub rand_time: Option<Duration>,
+    pub dpd_action: DpdAction,
     pub replay_window: u32,
     pub reqid: u32,
     pub at: String,
@@ -1012,12 +1026,14 @@ fn child(s: &Section, reqid: &mut u32) -> Result<Child, Vec<String>> {
         rekey_time: Duration::from_secs(3600),
         life_time: Duration::ZERO,
         rand_time: None,
+        dpd_action: DpdAction::Clear,
         // RFC 4303 §3.4.3: 64 SHOULD be the default (strongSwan uses 32).
         replay_window: 64,
         reqid: 0,
         at: s.at.clone(),
     };
     let mut life_set = false;
+    let mut dpd_at = String::new();
     for kv in &s.kvs {
         let r: Result<(), String> = (|| {
             match kv.key.as_str() {
@@ -1063,7 +1079,16 @@ fn child(s: &Section, reqid: &mut u32) -> Result<Child, Vec<String>> {
                 "reqid" => {
                     c.reqid = kv.value.parse().ok().filter(|&r| r > 0).ok_or(format!("{}: reqid = {}: expected a number above 0", kv.at, kv.value))?
                 }
-                "dpd_action" | "close_action" => {
+                "dpd_action" => {
+                    c.dpd_action = match kv.value.as_str() {
+                        "none" | "clear" => DpdAction::Clear,
+                        "trap" => DpdAction::Trap,
+                        "restart" => DpdAction::Restart,
+                        other => return Err(format!("{}: dpd_action = {other}: expected none, clear, trap or restart", kv.at)),
+                    };
+                    dpd_at = kv.at.clone();
+                }
+                "close_action" => {
                     if kv.value != "none" && kv.value != "clear" {
                         return Err(format!("{}: {} = {}: only clear is supported so far", kv.at, kv.key, kv.value));
                     }
@@ -1083,6 +1108,11 @@ fn child(s: &Section, reqid: &mut u32) -> Result<Child, Vec<String>> {
         if let Err(e) = r {
             errs.push(e);
         }
+    }
+    if c.dpd_action == DpdAction::Trap && c.start_action != StartAction::Trap {
+        errs.push(format!(
+            "{dpd_at}: dpd_action = trap: espd-ike keeps trap policies only for a child with start_action = trap (expected clear or restart, or start_action = trap)"
+        ));
     }
     if !life_set {
         // strongSwan: life_time defaults to 110 % of rekey_time.
@@ -1382,6 +1412,31 @@ secrets {
         .unwrap_err();
         assert!(
             e[0].contains(":11: `local` authenticates with a certificate: give `certs = FILE`"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn dpd_action_words() {
+        let with = |w: &str| {
+            NET2NET.replace(
+                "esp_proposals = aes128gcm16",
+                &format!("esp_proposals = aes128gcm16\n        dpd_action = {w}"),
+            )
+        };
+        let c = load(&write("restart", &with("restart"))).unwrap();
+        assert_eq!(c.connections[0].children[0].dpd_action, DpdAction::Restart);
+        let c = load(&write("trap", &with("trap"))).unwrap();
+        assert_eq!(c.connections[0].children[0].dpd_action, DpdAction::Trap);
+        let start = with("trap").replace("start_action = trap", "start_action = start");
+        let e = load(&write("trap-start", &start)).unwrap_err();
+        assert!(
+            e[0].contains(":20: dpd_action = trap: espd-ike keeps trap policies only for a child with start_action = trap"),
+            "{e:?}"
+        );
+        let e = load(&write("hold", &with("hold"))).unwrap_err();
+        assert!(
+            e[0].contains(":20: dpd_action = hold: expected none, clear, trap or restart"),
             "{e:?}"
         );
     }

@@ -6,7 +6,7 @@
 //! put two endpoints in one process with a simulated network.
 
 use crate::cert;
-use crate::conf::{Child, Config, Conn, IdConf, Mode, StartAction};
+use crate::conf::{Child, Config, Conn, DpdAction, IdConf, Mode, StartAction};
 use crate::crypto::{self, IkeKeys, KeyShare, Secret};
 use crate::proposal::{self, Chosen};
 use crate::ts;
@@ -257,6 +257,9 @@ struct IkeSa {
     /// Children (inbound SPI) not to rekey before the instant: being
     /// rekeyed, rekeyed by the peer, or waiting to retry.
     rekey_hold: HashMap<u32, Instant>,
+    /// Set up again by `dpd_action = restart`: if the peer still does not
+    /// answer, it is tried again.
+    restart: bool,
     reasm: Option<Reasm>,
     /// Initiator: the child to set up in IKE_AUTH (name, trap packet).
     first_child: Option<(String, Option<(Ts, Ts)>)>,
@@ -317,6 +320,7 @@ impl IkeSa {
             peer_hashes: false,
             children: Vec::new(),
             rekey_hold: HashMap::new(),
+            restart: false,
             reasm: None,
             first_child: None,
             init_retries: 0,
@@ -415,6 +419,9 @@ pub struct Endpoint {
     /// (strongSwan's `fragment_size`, 1280 by default).
     pub fragment_size: usize,
     out: VecDeque<Output>,
+    /// Children to negotiate again (`dpd_action = restart`), one list per
+    /// IKE_SA whose peer stopped answering; taken after the timers ran.
+    restarts: Vec<Vec<String>>,
     stats: BTreeMap<&'static str, u64>,
 }
 
@@ -497,6 +504,7 @@ impl Endpoint {
             cookie_threshold: COOKIE_THRESHOLD,
             fragment_size: 1280,
             out: VecDeque::new(),
+            restarts: Vec::new(),
             stats: BTreeMap::new(),
         }
     }
@@ -612,7 +620,11 @@ impl Endpoint {
                     if p.tries >= RETRANSMIT_TRIES {
                         self.log(format!("{label}: peer does not answer after {} retransmissions: giving up, IKE_SA deleted", p.tries));
                         self.count("retransmit-give-up");
+                        let again = self.to_restart(&sa);
                         self.kill(sa, "peer unreachable");
+                        if !again.is_empty() {
+                            self.restarts.push(again);
+                        }
                         continue;
                     }
                     p.tries += 1;
@@ -676,6 +688,65 @@ impl Endpoint {
                 }
             }
             self.sas.insert(spi, sa);
+        }
+        for names in std::mem::take(&mut self.restarts) {
+            self.restart(&names, now);
+        }
+    }
+
+    /// The children to negotiate again when `sa` is given up: those whose
+    /// `dpd_action` is `restart`; for an IKE_SA that a restart set up and
+    /// that never came up, its first child again (as strongSwan's
+    /// `keyingtries = 0`: until the peer answers).
+    fn to_restart(&self, sa: &IkeSa) -> Vec<String> {
+        let mut v: Vec<String> = Vec::new();
+        if sa.state != State::Established {
+            if let (true, Some((name, _))) = (sa.restart, &sa.first_child) {
+                v.push(name.clone());
+            }
+            return v;
+        }
+        for c in &sa.children {
+            let again = self
+                .cfg
+                .child(&c.name)
+                .is_some_and(|(_, ch)| ch.dpd_action == DpdAction::Restart);
+            if again && !v.contains(&c.name) {
+                v.push(c.name.clone());
+            }
+        }
+        v
+    }
+
+    /// `dpd_action = restart`: a new IKE_SA for the first child, the others
+    /// queued on it (CREATE_CHILD_SA once it is up).
+    fn restart(&mut self, names: &[String], now: Instant) {
+        let Some((first, rest)) = names.split_first() else {
+            return;
+        };
+        self.count("dpd-restarts");
+        match self.initiate(first, None, now) {
+            Ok(()) => {
+                for sa in self.sas.values_mut() {
+                    let ours = sa.state != State::Established
+                        && sa.first_child.as_ref().is_some_and(|f| &f.0 == first);
+                    if ours && !sa.restart {
+                        sa.restart = true;
+                        for r in rest {
+                            sa.queue.push_back(Queued::Child {
+                                name: r.clone(),
+                                packet: None,
+                            });
+                        }
+                        let label = sa.label();
+                        self.out.push_back(Output::Log(format!(
+                            "{label}: dpd_action = restart: negotiating {} again",
+                            names.join(", ")
+                        )));
+                    }
+                }
+            }
+            Err(e) => self.log(format!("dpd_action = restart of {first}: {e}")),
         }
     }
 

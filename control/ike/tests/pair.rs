@@ -832,3 +832,42 @@ fn rekey_collisions_under_loss_duplication_and_reordering_converge() {
         "only {collided} of {checked} collided"
     );
 }
+
+#[test]
+fn dpd_action_restart_negotiates_again_until_the_peer_answers() {
+    // A checks liveness every 5 s and restarts its child when B stops
+    // answering; B (no DPD) keeps its stale SA until A's INITIAL_CONTACT.
+    let mut n = pair("dpd_delay = 5s", "", "dpd_action = restart", "", "s3cret");
+    n.a.initiate("net", None, n.now).unwrap();
+    n.run(Duration::from_secs(1));
+    assert_matching(&n);
+    let old_b = n.up(1)[0].spi_in;
+    // B goes silent for 300 s: the liveness check gives up (six
+    // retransmissions from 1 s doubling: about 132 s), the restart's
+    // IKE_SA_INIT gives up too (127 s later) and is tried again.
+    n.fate = Box::new(|_| 1);
+    n.run(Duration::from_secs(300));
+    assert_eq!(n.removes[0].len(), 1, "{:#?}", n.logs[0]);
+    assert!(live(&n.a, n.now).is_empty());
+    let restarts = n.a.stats().get("dpd-restarts").copied().unwrap_or(0);
+    assert!(restarts >= 2, "{restarts} restarts\n{:#?}", n.logs[0]);
+    assert!(n.logs[0]
+        .iter()
+        .any(|l| l.contains("dpd_action = restart: negotiating net again")));
+    // B is back: the next try comes up, B drops the stale SA (INITIAL_CONTACT).
+    n.fate = Box::new(|_| 0);
+    n.run(Duration::from_secs(90));
+    let (a, b) = (live(&n.a, n.now), live(&n.b, n.now));
+    assert_eq!(a.len(), 1, "{:#?}", n.logs[0]);
+    assert_eq!(b.len(), 1, "{:#?}", n.logs[1]);
+    assert_eq!((a[0].0, a[0].1), (b[0].1, b[0].0));
+    assert!(
+        n.removes[1].iter().any(|c| c.spi_in == old_b),
+        "{:#?}",
+        n.logs[1]
+    );
+    assert_eq!(installed(&n, 0), a);
+    assert_eq!(installed(&n, 1), b);
+    assert_eq!(n.a.sa_count(), 1);
+    assert_eq!(n.b.sa_count(), 1);
+}
