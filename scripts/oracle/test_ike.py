@@ -678,6 +678,50 @@ def test_ike_sa_rekeys_either_way_under_traffic_without_loss(site, who):
     assert " 0% packet loss" in r.stdout
 
 
+def test_dpd_restart_brings_the_tunnel_back_after_charon_is_killed_and_restarted(site):
+    """charon is killed (SIGKILL: no DELETE). espd-ike's liveness check
+    (dpd_delay = 2s; retransmissions 0.5 s doubling, three) gives up within
+    about 10 s and removes the SAs from espd; `dpd_action = restart` then
+    negotiates again, retrying until charon is back; charon is started
+    again, the tunnel comes up with new SPIs and traffic flows both ways."""
+    net, parts = site
+    ours = swanctl_conf("gw1", "gw2", child_extra="\n        dpd_action = restart").replace(
+        "    encap = yes\n", "    encap = yes\n    dpd_delay = 2s\n", 1)
+    parts["charon"] = charon = Charon(net, swanctl_conf("gw2", "gw1"))
+    parts["ike"] = ike = Ike(net, ours, args=("--retransmit-timeout", "0.5", "--retransmit-tries", "3"))
+    ike.ctl("initiate", "net")
+    first = wait_child(ike, charon)[0]
+    r = net.ns("a", "ping", "-c", "3", "-i", "0.1", "-W", "2", "198.18.2.20")
+    assert " 0% packet loss" in r.stdout, r.stdout[-300:]
+    charon.p.kill()
+    charon.p.wait()
+    killed = time.time()
+    deadline = killed + 20
+    while time.time() < deadline and "giving up" not in ike.log():
+        time.sleep(0.2)
+    noticed = time.time() - killed
+    assert "giving up" in ike.log(), ike.log()
+    assert noticed < 12, f"{noticed:.1f} s"
+    time.sleep(0.5)
+    assert "state add" not in espd_states(net), espd_states(net)
+    # Down for a few seconds more: restarts keep trying meanwhile.
+    time.sleep(4)
+    (charon.dir / "vici").unlink(missing_ok=True)
+    parts["charon"] = charon = Charon(net, swanctl_conf("gw2", "gw1"))
+    sas = wait_child(ike, charon, secs=30)
+    again = time.time() - killed
+    assert (sas[0]["spi_i"], sas[0]["spi_r"]) != (first["spi_i"], first["spi_r"])
+    assert "dpd_action = restart: negotiating net again" in ike.log(), ike.log()
+    stats = json.loads(ike.ctl("stats").stdout)
+    assert stats.get("dpd-restarts", 0) >= 1, stats
+    same_spis(ike, charon)
+    assert espd_states(net).count("state add") == 2, espd_states(net)
+    for frm, to in (("a", "198.18.2.20"), ("b", "198.18.1.10")):
+        r = net.ns(frm, "ping", "-c", "5", "-i", "0.1", "-W", "2", to)
+        assert " 0% packet loss" in r.stdout, r.stdout[-300:]
+    print(f"dead peer noticed after {noticed:.1f} s; tunnel back {again:.1f} s after the kill")
+
+
 def test_a_bad_configuration_is_refused_with_file_and_line(tmp_path):
     assert ESPD_IKE.exists(), f"{ESPD_IKE} not built (cargo build --release)"
     bad = tmp_path / "swanctl.conf"

@@ -418,6 +418,11 @@ pub struct Endpoint {
     /// protected messages go in fragments if the peer takes them
     /// (strongSwan's `fragment_size`, 1280 by default).
     pub fragment_size: usize,
+    /// The first retransmission after this long, doubling (RFC 7296 §2.1;
+    /// strongSwan's `retransmit_timeout`), [`RETRANSMIT_BASE`] by default.
+    pub retransmit_base: Duration,
+    /// Retransmissions before the peer is given up ([`RETRANSMIT_TRIES`]).
+    pub retransmit_tries: u32,
     out: VecDeque<Output>,
     /// Children to negotiate again (`dpd_action = restart`), one list per
     /// IKE_SA whose peer stopped answering; taken after the timers ran.
@@ -503,6 +508,8 @@ impl Endpoint {
             cookie_secret,
             cookie_threshold: COOKIE_THRESHOLD,
             fragment_size: 1280,
+            retransmit_base: RETRANSMIT_BASE,
+            retransmit_tries: RETRANSMIT_TRIES,
             out: VecDeque::new(),
             restarts: Vec::new(),
             stats: BTreeMap::new(),
@@ -617,7 +624,7 @@ impl Endpoint {
             let label = sa.label();
             if let Some(p) = &mut sa.pending {
                 if now >= p.next {
-                    if p.tries >= RETRANSMIT_TRIES {
+                    if p.tries >= self.retransmit_tries {
                         self.log(format!("{label}: peer does not answer after {} retransmissions: giving up, IKE_SA deleted", p.tries));
                         self.count("retransmit-give-up");
                         let again = self.to_restart(&sa);
@@ -628,7 +635,7 @@ impl Endpoint {
                         continue;
                     }
                     p.tries += 1;
-                    p.next = now + RETRANSMIT_BASE * (1 << p.tries.min(10));
+                    p.next = now + self.retransmit_base * (1 << p.tries.min(10));
                     let data = p.data.clone();
                     self.count("retransmits");
                     for d in data {
@@ -798,7 +805,7 @@ impl Endpoint {
             data: data.clone(),
             kind,
             tries: 0,
-            next: now + RETRANSMIT_BASE,
+            next: now + self.retransmit_base,
         });
         for d in data {
             self.send(sa.local, sa.remote, d);
@@ -996,7 +1003,7 @@ impl Endpoint {
             data: vec![data.clone()],
             kind: ReqKind::Init,
             tries: 0,
-            next: now + RETRANSMIT_BASE,
+            next: now + self.retransmit_base,
         });
         self.send(sa.local, sa.remote, data);
     }

@@ -50,6 +50,21 @@ struct Args {
     /// fragment_size).
     #[arg(long, default_value_t = 1280, value_parser = clap::value_parser!(u16).range(576..))]
     fragment_size: u16,
+    /// Seconds before the first retransmission of a request, doubling for
+    /// each next one (strongSwan's retransmit_timeout, with base 2).
+    #[arg(long, default_value_t = 1.0, value_parser = retransmit_secs)]
+    retransmit_timeout: f64,
+    /// Retransmissions before the peer is given up (its IKE_SA removed and
+    /// each child's dpd_action applied).
+    #[arg(long, default_value_t = espd_ike::ike::RETRANSMIT_TRIES, value_parser = clap::value_parser!(u32).range(1..=10))]
+    retransmit_tries: u32,
+}
+
+fn retransmit_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=60.0).contains(&v) => Ok(v),
+        _ => Err(format!("`{s}`: expected seconds from 0.1 to 60")),
+    }
 }
 
 /// What the threads pass to the main loop.
@@ -539,6 +554,8 @@ fn run() -> anyhow::Result<()> {
     }
     let mut ep = Endpoint::new(Arc::new(cfg));
     ep.fragment_size = args.fragment_size as usize;
+    ep.retransmit_base = std::time::Duration::from_secs_f64(args.retransmit_timeout);
+    ep.retransmit_tries = args.retransmit_tries;
     let mut d = Daemon {
         ep,
         inst: Installer::new(),
