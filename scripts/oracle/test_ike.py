@@ -644,6 +644,34 @@ def test_crossing_child_rekeys_converge_to_one_sa_per_direction(site):
         assert " 0% packet loss" in r.stdout, r.stdout[-300:]
 
 
+def test_espds_packet_soft_expiry_makes_espd_ike_rekey_without_loss(site):
+    """`rekey_packets = 100`, `life_packets = 200` (rekey_time an hour
+    away): espd counts the packets of each SA and raises soft-expire at 100,
+    espd-ike rekeys the child then (make-before-break), so 280 pings at 20
+    pps cross several rekeys and lose nothing. (The default life, 110 % of
+    the rekey value, leaves 0.5 s at this rate: a loaded CI machine could
+    reach it while the rekey runs.)"""
+    net, parts = site
+    parts["charon"] = charon = Charon(net, swanctl_conf("gw2", "gw1"))
+    parts["ike"] = ike = Ike(net, swanctl_conf("gw1", "gw2", child_extra="\n        rekey_packets = 100\n        life_packets = 200"))
+    ike.ctl("initiate", "net")
+    first = wait_child(ike, charon)[0]["children"][0]["spi_in"]
+    r = net.ns("a", "ping", "-c", "280", "-i", "0.05", "-W", "2", "198.18.2.20", timeout=60)
+    drops = net.ns("gw1", str(ESPCTL), "-s", net.sock("gw1"), "stats").stdout
+    assert " 0% packet loss" in r.stdout, (r.stdout[-300:], ike.log(), drops)
+    time.sleep(0.5)
+    stats = json.loads(ike.ctl("stats").stdout)
+    # 280 requests and 280 replies, 100 packets an SA: at least two rekeys.
+    assert stats.get("child-soft-expired", 0) >= 2 and stats.get("child-rekeyed", 0) >= 2, (stats, ike.log())
+    assert "espd's soft lifetime of SPI" in ike.log(), ike.log()
+    assert "hard expiry" not in ike.log(), ike.log()
+    kids = ike.sas()[0]["children"]
+    assert len(kids) == 1 and kids[0]["spi_in"] != first, kids
+    assert espd_states(net).count("state add") == 2, espd_states(net)
+    text = charon.sas()
+    assert text.count("INSTALLED") == 1 and kids[0]["spi_in"] in text, text
+
+
 @pytest.mark.parametrize("who", ["espd-ike", "charon"])
 def test_ike_sa_rekeys_either_way_under_traffic_without_loss(site, who):
     """The IKE_SA is rekeyed every ~6 s by one side (RFC 7296 §2.18; the

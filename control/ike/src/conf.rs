@@ -438,6 +438,20 @@ pub(crate) fn base64(s: &str) -> Option<Vec<u8>> {
 }
 
 /// strongSwan's durations: `3600`, `60s`, `60m`, `1h`, `1d`.
+/// A byte or packet count: digits, optionally with K, M or G (powers of 1024).
+fn volume(s: &str) -> Result<u64, String> {
+    let (num, mul) = match s.as_bytes().last() {
+        Some(b'k' | b'K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some(b'm' | b'M') => (&s[..s.len() - 1], 1 << 20),
+        Some(b'g' | b'G') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(|| "expected a number, optionally with K, M or G".to_string())
+}
+
 pub fn duration(s: &str) -> Result<Duration, String> {
     let (n, mul) = match s.chars().last() {
         Some('s') => (&s[..s.len() - 1], 1),
@@ -493,6 +507,13 @@ pub struct Child {
     /// the margin to `life_time`; `0` rekeys exactly at `rekey_time`).
     pub rand_time: Option<Duration>,
     pub dpd_action: DpdAction,
+    /// Volume lifetimes (strongSwan's `rekey_bytes`, `life_bytes`,
+    /// `rekey_packets`, `life_packets`; 0 none): espd's soft expiry starts
+    /// a rekey, its hard expiry ends the SA.
+    pub rekey_bytes: u64,
+    pub life_bytes: u64,
+    pub rekey_packets: u64,
+    pub life_packets: u64,
     pub replay_window: u32,
     pub reqid: u32,
     pub at: String,
@@ -1027,6 +1048,10 @@ fn child(s: &Section, reqid: &mut u32) -> Result<Child, Vec<String>> {
         life_time: Duration::ZERO,
         rand_time: None,
         dpd_action: DpdAction::Clear,
+        rekey_bytes: 0,
+        life_bytes: 0,
+        rekey_packets: 0,
+        life_packets: 0,
         // RFC 4303 §3.4.3: 64 SHOULD be the default (strongSwan uses 32).
         replay_window: 64,
         reqid: 0,
@@ -1073,6 +1098,10 @@ fn child(s: &Section, reqid: &mut u32) -> Result<Child, Vec<String>> {
                     c.life_time = duration(&kv.value).map_err(|e| format!("{}: life_time: {e}", kv.at))?;
                     life_set = true;
                 }
+                "rekey_bytes" => c.rekey_bytes = volume(&kv.value).map_err(|e| format!("{}: rekey_bytes = {}: {e}", kv.at, kv.value))?,
+                "life_bytes" => c.life_bytes = volume(&kv.value).map_err(|e| format!("{}: life_bytes = {}: {e}", kv.at, kv.value))?,
+                "rekey_packets" => c.rekey_packets = volume(&kv.value).map_err(|e| format!("{}: rekey_packets = {}: {e}", kv.at, kv.value))?,
+                "life_packets" => c.life_packets = volume(&kv.value).map_err(|e| format!("{}: life_packets = {}: {e}", kv.at, kv.value))?,
                 "replay_window" => {
                     c.replay_window = kv.value.parse().ok().filter(|&w| w <= 65536).ok_or(format!("{}: replay_window = {}: expected 0-65536", kv.at, kv.value))?
                 }
@@ -1113,6 +1142,24 @@ fn child(s: &Section, reqid: &mut u32) -> Result<Child, Vec<String>> {
         errs.push(format!(
             "{dpd_at}: dpd_action = trap: espd-ike keeps trap policies only for a child with start_action = trap (expected clear or restart, or start_action = trap)"
         ));
+    }
+    // strongSwan: a volume lifetime defaults to 110 % of its rekey volume.
+    if c.life_bytes == 0 {
+        c.life_bytes = c.rekey_bytes.saturating_add(c.rekey_bytes / 10);
+    }
+    if c.life_packets == 0 {
+        c.life_packets = c.rekey_packets.saturating_add(c.rekey_packets / 10);
+    }
+    for (what, r, l) in [
+        ("bytes", c.rekey_bytes, c.life_bytes),
+        ("packets", c.rekey_packets, c.life_packets),
+    ] {
+        if r > 0 && l <= r {
+            errs.push(format!(
+                "{}: life_{what} ({l}) must be above rekey_{what} ({r})",
+                s.at
+            ));
+        }
     }
     if !life_set {
         // strongSwan: life_time defaults to 110 % of rekey_time.

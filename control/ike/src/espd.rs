@@ -253,7 +253,18 @@ impl Installer {
         }
         let hard = c.life_time.as_secs().max(1);
         let soft = c.rekey_time.as_secs().clamp(1, hard);
-        let _ = writeln!(text, " limit time-soft {soft} time-hard {hard}");
+        let _ = write!(text, " limit time-soft {soft} time-hard {hard}");
+        // Volume lifetimes: espd's soft expiry makes us rekey, its hard one
+        // ends the SA (RFC 4301 §4.4.2.1).
+        for (word, n) in ["byte-soft", "byte-hard", "packet-soft", "packet-hard"]
+            .iter()
+            .zip(c.volume)
+        {
+            if n > 0 {
+                let _ = write!(text, " {word} {n}");
+            }
+        }
+        let _ = writeln!(text);
         let entry = self.children.entry(c.spi_in).or_insert(Installed {
             states: Vec::new(),
             policies: Vec::new(),
@@ -455,6 +466,7 @@ mod tests {
             life_time: Duration::from_secs(3960),
             rekey_time: Duration::from_secs(3600),
             rand_time: None,
+            volume: [0; 4],
             trap: false,
             peer_takes_tfc: true,
             installed_at: Instant::now(),
@@ -496,6 +508,28 @@ mod tests {
             let t = format!("{}{}", *j.install(&c, Dir::In), *j.install(&c, Dir::Out));
             espd_config::Config::parse("ike", &t).unwrap_or_else(|e| panic!("{e:?}\n{t}"));
         }
+        // Volume lifetimes become espd's byte and packet limits.
+        let mut j = Installer::new();
+        let mut c = child(0x7700, Encr::AesGcm(128, 16), false);
+        c.volume = [1 << 20, 1_153_433, 0, 0];
+        let t = j.install(&c, Dir::In);
+        assert!(
+            t.lines().next().unwrap().ends_with(
+                "limit time-soft 3600 time-hard 3960 byte-soft 1048576 byte-hard 1153433"
+            ),
+            "{}",
+            *t
+        );
+        c.volume = [0, 0, 100, 110];
+        let t = (*Installer::new().install(&c, Dir::In)).clone();
+        assert!(
+            t.lines()
+                .next()
+                .unwrap()
+                .ends_with("time-hard 3960 packet-soft 100 packet-hard 110"),
+            "{t}"
+        );
+        espd_config::Config::parse("ike", &t).unwrap_or_else(|e| panic!("{e:?}\n{t}"));
     }
 
     #[test]

@@ -63,6 +63,9 @@ pub struct ChildSa {
     pub rekey_time: Duration,
     /// The child's `rand_time` (None: 10 % of `rekey_time`).
     pub rand_time: Option<Duration>,
+    /// Volume lifetimes for espd (0 none): rekey and life bytes, rekey and
+    /// life packets.
+    pub volume: [u64; 4],
     /// Policies installed at load for `start_action = trap`.
     pub trap: bool,
     /// The peer did not send ESP_TFC_PADDING_NOT_SUPPORTED (RFC 7296
@@ -1024,6 +1027,44 @@ impl Endpoint {
             }
         }
         spis.len()
+    }
+
+    /// espd's soft expiry of one SA (a volume or time lifetime, the SA
+    /// named by its destination and SPI, either direction): the child it
+    /// belongs to is rekeyed now (RFC 7296 §2.8), unless it is being
+    /// rekeyed or was replaced already. False when no child of ours has it.
+    pub fn soft_expired(&mut self, dst: IpAddr, spi: u32, now: Instant) -> bool {
+        let found = self.sas.iter().find_map(|(k, sa)| {
+            sa.children
+                .iter()
+                .find(|c| {
+                    (c.spi_in == spi && c.local.ip() == dst)
+                        || (c.spi_out == spi && c.remote.ip() == dst)
+                })
+                .map(|c| (*k, c.spi_in))
+        });
+        let Some((key, spi_in)) = found else {
+            return false;
+        };
+        let mut sa = self.sas.remove(&key).expect("present");
+        let held = sa.rekey_hold.get(&spi_in).is_some_and(|h| now < *h);
+        let queued = sa
+            .queue
+            .iter()
+            .any(|q| matches!(q, Queued::Rekey(x) | Queued::DeleteChild(x) if *x == spi_in));
+        if !held && !queued && sa.state == State::Established {
+            self.count("child-soft-expired");
+            self.log(format!(
+                "{}: espd's soft lifetime of SPI {spi:08x} reached: rekeying its CHILD_SA",
+                sa.label()
+            ));
+            sa.rekey_hold
+                .insert(spi_in, now + Duration::from_secs(86400 * 365));
+            sa.queue.push_back(Queued::Rekey(spi_in));
+            self.pump(&mut sa, now);
+        }
+        self.sas.insert(key, sa);
+        true
     }
 
     /// Deletes the CHILD_SAs named `child` with an INFORMATIONAL DELETE
@@ -2499,6 +2540,12 @@ impl Endpoint {
             life_time: ch.life_time,
             rekey_time: ch.rekey_time,
             rand_time: ch.rand_time,
+            volume: [
+                ch.rekey_bytes,
+                ch.life_bytes,
+                ch.rekey_packets,
+                ch.life_packets,
+            ],
             trap: ch.start_action == StartAction::Trap,
             peer_takes_tfc: true,
             installed_at: now,

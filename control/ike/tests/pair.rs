@@ -871,3 +871,34 @@ fn dpd_action_restart_negotiates_again_until_the_peer_answers() {
     assert_eq!(n.a.sa_count(), 1);
     assert_eq!(n.b.sa_count(), 1);
 }
+
+#[test]
+fn espds_soft_expiry_rekeys_the_child_once() {
+    // Lifetimes an hour away: only the soft-expire events make A rekey.
+    let mut n = pair("", "", "rekey_packets = 100", "", "s3cret");
+    n.a.initiate("net", None, n.now).unwrap();
+    n.run(Duration::from_secs(1));
+    assert_matching(&n);
+    let old = n.up(0)[0].clone();
+    assert_eq!(old.volume, [0, 0, 100, 110]);
+    let a_ip: std::net::IpAddr = A.parse().unwrap();
+    let b_ip: std::net::IpAddr = B.parse().unwrap();
+    // Both of the child's SAs reach their soft limit: one rekey.
+    assert!(n.a.soft_expired(a_ip, old.spi_in, n.now));
+    assert!(n.a.soft_expired(b_ip, old.spi_out, n.now));
+    // An SPI that is not ours, or ours with the wrong address, is not.
+    assert!(!n.a.soft_expired(b_ip, old.spi_in, n.now));
+    n.run(Duration::from_secs(5));
+    assert_eq!(n.a.stats().get("child-soft-expired"), Some(&1));
+    assert_eq!(
+        n.a.stats().get("child-rekeyed"),
+        Some(&1),
+        "{:#?}",
+        n.logs[0]
+    );
+    one_pair_each(&n, old.spi_in, "after the soft expiry");
+    assert!(
+        !n.a.soft_expired(a_ip, old.spi_in, n.now),
+        "the old child is gone"
+    );
+}

@@ -289,6 +289,16 @@ impl Daemon {
                     }
                 }
             }
+            Some("soft-expire") => {
+                // Our SA's soft lifetime (bytes, packets or time): rekey it.
+                let dst = v["dst"].as_str().and_then(|d| d.parse::<IpAddr>().ok());
+                let spi = v["spi"]
+                    .as_str()
+                    .and_then(|s| u32::from_str_radix(s.trim_start_matches("0x"), 16).ok());
+                if let (Some(dst), Some(spi)) = (dst, spi) {
+                    self.ep.soft_expired(dst, spi, now);
+                }
+            }
             Some("hard-expire") => log(&format!("espd: hard expiry of {}", v)),
             _ => {}
         }
