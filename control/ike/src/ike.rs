@@ -710,6 +710,10 @@ impl Endpoint {
     /// `keyingtries = 0`: until the peer answers).
     fn to_restart(&self, sa: &IkeSa) -> Vec<String> {
         let mut v: Vec<String> = Vec::new();
+        // One we were deleting (terminate, lifetime) is not brought back.
+        if sa.state == State::Deleting {
+            return v;
+        }
         if sa.state != State::Established {
             if let (true, Some((name, _))) = (sa.restart, &sa.first_child) {
                 v.push(name.clone());
