@@ -206,11 +206,10 @@ const REKEY_RETRY: Duration = Duration::from_secs(30);
 /// our own (RFC 7296 §2.18: the rekey's initiator deletes the old SA).
 const SUPERSEDED_WAIT: Duration = Duration::from_secs(30);
 
-/// When we rekey a child: `rekey_time` less a jitter of up to `rand_time`
-/// (10 % of `rekey_time` by default; at most the margin to `life_time`),
-/// different per SA, so that the two ends and many tunnels do not all
-/// rekey at once (strongSwan's `rand_time`). RFC 7296 §2.8.1 makes
-/// collisions rare, not impossible: [`Endpoint`] resolves them.
+/// A child's rekey hold while it is being rekeyed or has been replaced:
+/// lifted only when the child goes.
+const UNTIL_REPLACED: Duration = Duration::from_secs(86400 * 365);
+
 /// RFC 7296 §2.8.1: whether our rekey exchange (nonces `our_ni`,
 /// `their_nr`) holds the lowest of the four nonces of two crossing rekeys
 /// of one child — its SA is then the redundant one, closed by us. "Lowest"
@@ -220,6 +219,11 @@ fn rekey_lost(our_ni: &[u8], their_nr: &[u8], their_ni: &[u8], our_nr: &[u8]) ->
     our_ni.min(their_nr) < their_ni.min(our_nr)
 }
 
+/// When we rekey a child: `rekey_time` less a jitter of up to `rand_time`
+/// (10 % of `rekey_time` by default; at most the margin to `life_time`),
+/// different per SA, so that the two ends and many tunnels do not all
+/// rekey at once (strongSwan's `rand_time`). RFC 7296 §2.8.1 makes
+/// collisions rare, not impossible: [`Endpoint`] resolves them.
 fn rekey_due(c: &ChildSa) -> Instant {
     let span = c
         .rand_time
@@ -286,6 +290,13 @@ struct IkeSa {
 }
 
 impl IkeSa {
+    /// Queues a rekey of the child with inbound SPI `spi` (RFC 7296 §2.8),
+    /// held from rekeying again until it is replaced.
+    fn queue_rekey(&mut self, spi: u32, now: Instant) {
+        self.rekey_hold.insert(spi, now + UNTIL_REPLACED);
+        self.queue.push_back(Queued::Rekey(spi));
+    }
+
     /// An IKE SA with nothing negotiated yet.
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -679,9 +690,7 @@ impl Endpoint {
                     .map(|c| c.spi_in)
                     .collect();
                 for spi in due {
-                    sa.rekey_hold
-                        .insert(spi, now + Duration::from_secs(86400 * 365));
-                    sa.queue.push_back(Queued::Rekey(spi));
+                    sa.queue_rekey(spi, now);
                 }
                 self.pump(&mut sa, now);
                 if let (Some(d), None) = (self.dpd(&sa), &sa.pending) {
@@ -739,28 +748,43 @@ impl Endpoint {
             return;
         };
         self.count("dpd-restarts");
-        match self.initiate(first, None, now) {
-            Ok(()) => {
-                for sa in self.sas.values_mut() {
-                    let ours = sa.state != State::Established
-                        && sa.first_child.as_ref().is_some_and(|f| &f.0 == first);
-                    if ours && !sa.restart {
-                        sa.restart = true;
-                        for r in rest {
-                            sa.queue.push_back(Queued::Child {
-                                name: r.clone(),
-                                packet: None,
-                            });
-                        }
-                        let label = sa.label();
-                        self.out.push_back(Output::Log(format!(
-                            "{label}: dpd_action = restart: negotiating {} again",
-                            names.join(", ")
-                        )));
+        if let Err(e) = self.initiate(first, None, now) {
+            return self.log(format!("dpd_action = restart of {first}: {e}"));
+        }
+        let fresh = self.sas.values_mut().find(|sa| {
+            sa.state != State::Established
+                && !sa.restart
+                && sa.first_child.as_ref().is_some_and(|f| &f.0 == first)
+        });
+        match fresh {
+            // A new IKE_SA: the other children follow it by CREATE_CHILD_SA.
+            Some(sa) => {
+                sa.restart = true;
+                for r in rest {
+                    sa.queue.push_back(Queued::Child {
+                        name: r.clone(),
+                        packet: None,
+                    });
+                }
+                let label = sa.label();
+                self.log(format!(
+                    "{label}: dpd_action = restart: negotiating {} again",
+                    names.join(", ")
+                ));
+            }
+            // Queued on an IKE_SA of the connection that is still up: so
+            // are the others.
+            None => {
+                for r in rest {
+                    if let Err(e) = self.initiate(r, None, now) {
+                        self.log(format!("dpd_action = restart of {r}: {e}"));
                     }
                 }
+                self.log(format!(
+                    "dpd_action = restart: negotiating {} again",
+                    names.join(", ")
+                ));
             }
-            Err(e) => self.log(format!("dpd_action = restart of {first}: {e}")),
         }
     }
 
@@ -1062,9 +1086,7 @@ impl Endpoint {
                 "{}: espd's soft lifetime of SPI {spi:08x} reached: rekeying its CHILD_SA",
                 sa.label()
             ));
-            sa.rekey_hold
-                .insert(spi_in, now + Duration::from_secs(86400 * 365));
-            sa.queue.push_back(Queued::Rekey(spi_in));
+            sa.queue_rekey(spi_in, now);
             self.pump(&mut sa, now);
         }
         self.sas.insert(key, sa);
@@ -2062,8 +2084,7 @@ impl Endpoint {
                                     "{}: CHILD_SA rekey collision (RFC 7296 §2.8.1): our new SA {new_in:08x} has the lowest nonce and goes; the peer's {theirs:08x} replaces {old:08x}",
                                     sa.label()
                                 ));
-                                sa.rekey_hold
-                                    .insert(old, now + Duration::from_secs(86400 * 365));
+                                sa.rekey_hold.insert(old, now + UNTIL_REPLACED);
                                 sa.queue.push_front(Queued::DeleteChild(new_in));
                             }
                             (Some(old), won) => {
@@ -3138,8 +3159,7 @@ impl Endpoint {
                         .iter()
                         .find(|c| r.spi.len() == 4 && c.spi_out.to_be_bytes()[..] == r.spi[..])
                     {
-                        sa.rekey_hold
-                            .insert(o.spi_in, now + Duration::from_secs(86400 * 365));
+                        sa.rekey_hold.insert(o.spi_in, now + UNTIL_REPLACED);
                     }
                     self.log(format!(
                         "{}: CHILD_SA {} rekeyed by the peer (old SPI {})",
