@@ -34,7 +34,9 @@ fn mask(bits: u128, len: u8, width: u8) -> u128 {
         } else {
             (1u128 << width) - 1
         };
-        bits & (all ^ (all >> keep))
+        // A shift by the whole width (an IPv6 /128) keeps every bit; `>>`
+        // by 128 would overflow (and wrap to no shift at all in release).
+        bits & (all ^ all.checked_shr(keep).unwrap_or(0))
     }
 }
 
@@ -625,6 +627,19 @@ mod tests {
             self.0 ^= self.0 << 17;
             self.0 % n
         }
+    }
+
+    #[test]
+    fn prefix_keys_keep_exactly_their_bits() {
+        let k = |a: &str, l| addr(pkey(a.parse().unwrap(), l)).to_string();
+        // A host route of either family is the host (an IPv6 /128 once
+        // became ::/128 here: a road-warrior's IPv6 address went unsteered).
+        assert_eq!(k("2001:db8:100::1", 128), "2001:db8:100::1");
+        assert_eq!(k("198.18.100.1", 32), "198.18.100.1");
+        assert_eq!(k("2001:db8:100::1", 64), "2001:db8:100::");
+        assert_eq!(k("2001:db8:100::1", 127), "2001:db8:100::");
+        assert_eq!(k("198.18.100.77", 24), "198.18.100.0");
+        assert_eq!(k("2001:db8::1", 0), "::");
     }
 
     /// Random batches applied incrementally give, after every batch, the
