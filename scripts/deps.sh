@@ -27,6 +27,8 @@ done
 for p in strongswan-charon strongswan-swanctl libcharon-extra-plugins; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
+# The remote-access test's NAT router (nft masquerade in a namespace).
+command -v nft >/dev/null || need+=(nftables)
 # The XDP program: LLVM 22 for bpf-linker (Debian 12's security suite has it).
 [ -d /usr/lib/llvm-22 ] || need+=(llvm-22-dev)
 # xsk-rs builds a vendored libxdp/libbpf.

@@ -586,6 +586,18 @@ def test_espd_ike_rekeys_children_under_traffic_without_loss(site, initiator):
     assert text.count("INSTALLED") == 1 and kids[0]["spi_in"] in text, text
 
 
+def drop_gw1_to_gw2(net, start, end):
+    """From time `start` to `end`, the wire loses what gw1 sends to gw2 but
+    not the other way: the bridge stops learning and flooding towards w2
+    and forgets gw2's address, so unicast to gw2 has nowhere to go."""
+    gw2_mac = net.ns("gw2", "cat", "/sys/class/net/o2/address").stdout.strip()
+    time.sleep(max(0, start - time.time()))
+    net.ns("wire", "bridge", "link", "set", "dev", "w2", "learning", "off", "flood", "off")
+    net.ns("wire", "bridge", "fdb", "del", gw2_mac, "dev", "w2", "master", check=False)
+    time.sleep(max(0, end - time.time()))
+    net.ns("wire", "bridge", "link", "set", "dev", "w2", "learning", "on", "flood", "on")
+
+
 def test_crossing_child_rekeys_converge_to_one_sa_per_direction(site):
     """Both sides rekey the CHILD_SA, each before the other's request has
     reached it (RFC 7296 §2.25.1), and the lowest of the four nonces
@@ -601,19 +613,11 @@ def test_crossing_child_rekeys_converge_to_one_sa_per_direction(site):
     timers = "\n        rekey_time = {}s\n        life_time = 60s\n        rand_time = 0s"
     parts["charon"] = charon = Charon(net, swanctl_conf("gw2", "gw1", child_extra=timers.format(11)))
     parts["ike"] = ike = Ike(net, swanctl_conf("gw1", "gw2", child_extra=timers.format(10)))
-    # One direction only: the bridge stops learning and flooding towards w2
-    # and forgets gw2's address, so unicast to gw2 has nowhere to go, while
-    # gw2's frames still reach gw1.
-    gw2_mac = net.ns("gw2", "cat", "/sys/class/net/o2/address").stdout.strip()
     t0 = time.time()
     ike.ctl("initiate", "net")
     first = wait_child(ike, charon)[0]["children"][0]["spi_in"]
     assert time.time() < t0 + 7, "the tunnel took too long to come up for the timing below"
-    time.sleep(max(0, t0 + 8.0 - time.time()))
-    net.ns("wire", "bridge", "link", "set", "dev", "w2", "learning", "off", "flood", "off")
-    net.ns("wire", "bridge", "fdb", "del", gw2_mac, "dev", "w2", "master", check=False)
-    time.sleep(max(0, t0 + 12.5 - time.time()))
-    net.ns("wire", "bridge", "link", "set", "dev", "w2", "learning", "on", "flood", "on")
+    drop_gw1_to_gw2(net, t0 + 8.0, t0 + 12.5)
     deadline = time.time() + 30
     while time.time() < deadline:
         kids = [c for s in ike.sas() for c in s["children"]]
@@ -642,6 +646,57 @@ def test_crossing_child_rekeys_converge_to_one_sa_per_direction(site):
     for frm, to in (("a", "198.18.2.20"), ("b", "198.18.1.10")):
         r = net.ns(frm, "ping", "-c", "10", "-i", "0.1", "-W", "2", to)
         assert " 0% packet loss" in r.stdout, r.stdout[-300:]
+
+
+def test_crossing_ike_sa_rekeys_converge_to_one_ike_sa(site):
+    """Both sides rekey the IKE_SA, each before the other's request has
+    reached it: each answers the other's as usual (RFC 7296 §2.25.2) and the
+    lowest of the four nonces marks the redundant new IKE_SA, which its
+    initiator deletes, while the other takes the CHILD_SA and its initiator
+    deletes the old one (§2.8.2). Made certain as for the CHILD_SA case: no
+    rand_time, rekey_time 10 s (espd-ike) and 11 s (charon), and the bridge
+    drops what gw1 sends to gw2 from 8 s to 12.5 s after the initiate."""
+    net, parts = site
+    timers = lambda t: f"    encap = yes\n    rekey_time = {t}s\n    rand_time = 0s\n    over_time = 60s\n"
+    parts["charon"] = charon = Charon(net, swanctl_conf("gw2", "gw1").replace("    encap = yes\n", timers(11), 1))
+    parts["ike"] = ike = Ike(net, swanctl_conf("gw1", "gw2").replace("    encap = yes\n", timers(10), 1))
+    t0 = time.time()
+    ike.ctl("initiate", "net")
+    first = wait_child(ike, charon)[0]
+    child = first["children"][0]["spi_in"]
+    assert time.time() < t0 + 7, "the tunnel took too long to come up for the timing below"
+    drop_gw1_to_gw2(net, t0 + 8.0, t0 + 12.5)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        sas = ike.sas()
+        text = charon.sas()
+        if (len(sas) == 1 and sas[0]["spi_i"] != first["spi_i"] and text.count("ESTABLISHED") == 1
+                and "active:" not in text and sas[0]["spi_i"] in text):
+            break
+        time.sleep(0.5)
+    log, clog = ike.log(), charon.log.read_text()
+    sas, text = ike.sas(), charon.sas()
+    assert len(sas) == 1 and sas[0]["state"] == "ESTABLISHED", (sas, log)
+    assert (sas[0]["spi_i"], sas[0]["spi_r"]) != (first["spi_i"], first["spi_r"]), sas
+    assert text.count("ESTABLISHED") == 1 and "active:" not in text, (text, log, clog[-4000:])
+    assert sas[0]["spi_i"] in text and sas[0]["spi_r"] in text, (sas, text)
+    # The CHILD_SA only changed IKE_SA: same SPIs, nothing re-installed.
+    assert [c["spi_in"] for c in sas[0]["children"]] == [child], (sas, log)
+    assert espd_states(net).count("state add") == 2, espd_states(net)
+    stats = json.loads(ike.ctl("stats").stdout)
+    assert stats.get("ike-rekey-collisions") == 1 and stats.get("ike-rekey-collisions-resolved") == 1, (stats, log)
+    assert "crossing IKE_SA rekeys" in log, log
+    assert "detected IKE_REKEY collision with IKE_REKEY" in clog, clog[-4000:]
+    for frm, to in (("a", "198.18.2.20"), ("b", "198.18.1.10")):
+        r = net.ns(frm, "ping", "-c", "10", "-i", "0.1", "-W", "2", to)
+        assert " 0% packet loss" in r.stdout, r.stdout[-300:]
+    # The surviving IKE_SA works: a DELETE over it reaches charon.
+    ike.ctl("terminate", "site")
+    for _ in range(50):
+        if not ike.sas() and "site:" not in charon.sas():
+            break
+        time.sleep(0.2)
+    assert not ike.sas() and "site:" not in charon.sas(), (ike.sas(), charon.sas())
 
 
 def test_espds_packet_soft_expiry_makes_espd_ike_rekey_without_loss(site):

@@ -14,6 +14,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use zeroize::Zeroizing;
 
+/// Reqids from here up are handed out by espd-ike to CHILD_SAs of one
+/// child config that need their own (several peers of a responder's
+/// connection, e.g. road-warrior clients behind one NAT).
+pub const DYNAMIC_REQIDS: u32 = 0x4000_0000;
+
 /// A `key = value` with where it was written.
 #[derive(Debug, Clone)]
 pub struct Kv {
@@ -437,7 +442,6 @@ pub(crate) fn base64(s: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// strongSwan's durations: `3600`, `60s`, `60m`, `1h`, `1d`.
 /// A byte or packet count: digits, optionally with K, M or G (powers of 1024).
 fn volume(s: &str) -> Result<u64, String> {
     let (num, mul) = match s.as_bytes().last() {
@@ -452,6 +456,7 @@ fn volume(s: &str) -> Result<u64, String> {
         .ok_or_else(|| "expected a number, optionally with K, M or G".to_string())
 }
 
+/// strongSwan's durations: `3600`, `60s`, `60m`, `1h`, `1d`.
 pub fn duration(s: &str) -> Result<Duration, String> {
     let (n, mul) = match s.chars().last() {
         Some('s') => (&s[..s.len() - 1], 1),
@@ -554,7 +559,135 @@ pub struct Conn {
     /// `remote { auth = rsa/pss… }`: the peer must sign RSASSA-PSS.
     pub remote_rsa_pss: bool,
     pub children: Vec<Child>,
+    /// `pools = NAME, …`: as a responder, the pools a peer's CFG_REQUEST
+    /// is answered from (RFC 7296 §2.19, §3.15).
+    pub pools: Vec<String>,
+    /// `vips = 0.0.0.0, ::`: as an initiator, the virtual addresses to ask
+    /// for in a CFG_REQUEST (an unspecified one asks for any of its family).
+    pub vips: Vec<IpAddr>,
+    /// Where each of `pools` was named (checked once the file is read).
+    pub pools_at: Vec<(String, String)>,
     pub at: String,
+}
+
+/// `pools { NAME { addrs = … dns = … } }`: virtual addresses a responder
+/// hands out (strongSwan's swanctl pools; RFC 7296 §3.15).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pool {
+    pub name: String,
+    /// The first and last address handed out, inclusive.
+    pub first: IpAddr,
+    pub last: IpAddr,
+    /// INTERNAL_IP4_DNS / INTERNAL_IP6_DNS sent with an address.
+    pub dns: Vec<IpAddr>,
+    pub at: String,
+}
+
+impl Pool {
+    pub fn contains(&self, a: IpAddr) -> bool {
+        a.is_ipv4() == self.first.is_ipv4()
+            && ts::u128_of(self.first) <= ts::u128_of(a)
+            && ts::u128_of(a) <= ts::u128_of(self.last)
+    }
+}
+
+/// A pool's `addrs`: `PREFIX/LEN` (without its network address and, for
+/// IPv4 up to /30, its broadcast address), `FIRST-LAST`, or one address.
+fn pool_addrs(v: &str) -> Result<(IpAddr, IpAddr), String> {
+    let bad = || format!("`{v}`: expected PREFIX/LEN, FIRST-LAST or an address");
+    if let Some((a, l)) = v.split_once('/') {
+        let a: IpAddr = a.trim().parse().map_err(|_| bad())?;
+        let bits = if a.is_ipv4() { 32 } else { 128 };
+        let l: u32 = l
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&l| l <= bits)
+            .ok_or_else(bad)?;
+        let host = if l == bits {
+            0
+        } else {
+            u128::MAX >> (128 - (bits - l))
+        };
+        let net = ts::u128_of(a) & !host;
+        if ts::u128_of(a) != net {
+            return Err(format!(
+                "`{v}`: host bits set (the prefix is {}/{l})",
+                ts::addr_of(a.is_ipv4(), net)
+            ));
+        }
+        let (first, last) = match (a.is_ipv4(), bits - l) {
+            (_, 0) => (net, net),
+            (true, 1) => (net, net + 1),
+            (true, _) => (net + 1, net + host - 1),
+            (false, _) => (net + 1, net + host),
+        };
+        return Ok((
+            ts::addr_of(a.is_ipv4(), first),
+            ts::addr_of(a.is_ipv4(), last),
+        ));
+    }
+    if let Some((f, l)) = v.split_once('-') {
+        let (f, l): (IpAddr, IpAddr) = (
+            f.trim().parse().map_err(|_| bad())?,
+            l.trim().parse().map_err(|_| bad())?,
+        );
+        if f.is_ipv4() != l.is_ipv4() || ts::u128_of(f) > ts::u128_of(l) {
+            return Err(format!(
+                "`{v}`: the range must run upwards within one family"
+            ));
+        }
+        return Ok((f, l));
+    }
+    let a: IpAddr = v.trim().parse().map_err(|_| bad())?;
+    Ok((a, a))
+}
+
+fn pool(s: &Section) -> Result<Pool, Vec<String>> {
+    let mut errs = Vec::new();
+    let mut range = None;
+    let mut dns = Vec::new();
+    for kv in &s.kvs {
+        match kv.key.as_str() {
+            "addrs" => match pool_addrs(&kv.value) {
+                Ok(r) => range = Some(r),
+                Err(e) => errs.push(format!("{}: addrs: {e}", kv.at)),
+            },
+            "dns" => {
+                for w in list(&kv.value) {
+                    match w.parse::<IpAddr>() {
+                        Ok(a) => dns.push(a),
+                        Err(_) => errs.push(format!("{}: dns = {w}: expected IP addresses", kv.at)),
+                    }
+                }
+            }
+            other => errs.push(format!(
+                "{}: `{other}` is not supported in a pool (expected addrs, dns)",
+                kv.at
+            )),
+        }
+    }
+    for sub in &s.subs {
+        errs.push(format!(
+            "{}: unknown section `{}` in a pool",
+            sub.at, sub.name
+        ));
+    }
+    let Some((first, last)) = range else {
+        errs.push(format!("{}: pool `{}` has no `addrs`", s.at, s.name));
+        return Err(errs);
+    };
+    if errs.is_empty() {
+        Ok(Pool {
+            name: s.name.clone(),
+            first,
+            last,
+            dns,
+            at: s.at.clone(),
+        })
+    } else {
+        Err(errs)
+    }
 }
 
 pub struct Psk {
@@ -571,6 +704,7 @@ impl std::fmt::Debug for Psk {
 #[derive(Debug, Default)]
 pub struct Config {
     pub connections: Vec<Conn>,
+    pub pools: Vec<Pool>,
     pub secrets: Vec<Psk>,
     pub warnings: Vec<String>,
 }
@@ -596,6 +730,10 @@ impl Config {
             }
         }
         best.map(|(_, s)| &s.secret[..])
+    }
+
+    pub fn pool(&self, name: &str) -> Option<&Pool> {
+        self.pools.iter().find(|p| p.name == name)
     }
 
     pub fn conn(&self, name: &str) -> Option<&Conn> {
@@ -693,7 +831,37 @@ pub fn load(path: &Path) -> Result<Config, Vec<String>> {
                     }
                 }
             }
-            "authorities" | "pools" => errs.push(format!(
+            "pools" => {
+                for kv in &s.kvs {
+                    errs.push(format!(
+                        "{}: `{}` directly in pools (expected NAME {{ addrs = … }})",
+                        kv.at, kv.key
+                    ));
+                }
+                for p in &s.subs {
+                    match pool(p) {
+                        Ok(p) => {
+                            if let Some(o) = cfg.pools.iter().find(|o| o.name == p.name) {
+                                errs.push(format!(
+                                    "{}: pool `{}` defined twice (first at {})",
+                                    p.at, p.name, o.at
+                                ));
+                            } else if let Some(o) = cfg.pools.iter().find(|o| {
+                                o.contains(p.first) || o.contains(p.last) || p.contains(o.first)
+                            }) {
+                                errs.push(format!(
+                                    "{}: pool `{}` overlaps pool `{}` ({}): an address would be handed out twice",
+                                    p.at, p.name, o.name, o.at
+                                ));
+                            } else {
+                                cfg.pools.push(p);
+                            }
+                        }
+                        Err(mut e) => errs.append(&mut e),
+                    }
+                }
+            }
+            "authorities" => errs.push(format!(
                 "{}: `{}` is not supported yet (docs/ike.md, \"Not yet here\")",
                 s.at, s.name
             )),
@@ -724,6 +892,13 @@ pub fn load(path: &Path) -> Result<Config, Vec<String>> {
         for (local, a) in pending {
             if let Err(e) = resolve_auth(c, local, a, &base, &keys) {
                 errs.push(e);
+            }
+        }
+    }
+    for c in &cfg.connections {
+        for (at, p) in &c.pools_at {
+            if cfg.pool(p).is_none() {
+                errs.push(format!("{at}: pools = {p}: no pool `{p}` in pools {{ … }}"));
             }
         }
     }
@@ -814,6 +989,9 @@ fn connection(
         local_rsa_pss: None,
         remote_rsa_pss: false,
         children: Vec::new(),
+        pools: Vec::new(),
+        pools_at: Vec::new(),
+        vips: Vec::new(),
         at: s.at.clone(),
     };
     for kv in &s.kvs {
@@ -836,6 +1014,18 @@ fn connection(
                 }
                 "proposals" => c.proposals = proposal::parse_list(&kv.value, true).map_err(|e| format!("{}: proposals: {e}", kv.at))?,
                 "encap" => c.encap = yes_no(kv)?,
+                "pools" => {
+                    for p in list(&kv.value) {
+                        c.pools.push(p.clone());
+                        c.pools_at.push((kv.at.clone(), p));
+                    }
+                }
+                "vips" => {
+                    for w in list(&kv.value) {
+                        let a: IpAddr = w.parse().map_err(|_| format!("{}: vips = {w}: expected IP addresses (0.0.0.0 or :: asks for any)", kv.at))?;
+                        c.vips.push(a);
+                    }
+                }
                 "mobike" => {
                     if yes_no(kv)? {
                         warnings.push(format!("{}: mobike = yes: espd-ike does not do MOBIKE (RFC 4555); the tunnel runs without it", kv.at));
@@ -880,7 +1070,7 @@ fn connection(
                 }
                 other => {
                     return Err(format!(
-                        "{}: `{other}` is not supported in a connection (expected version, local_addrs, remote_addrs, local_port, remote_port, proposals, encap, mobike, dpd_delay, rekey_time, over_time, rand_time, reauth_time, fragmentation, unique, local, remote, children)",
+                        "{}: `{other}` is not supported in a connection (expected version, local_addrs, remote_addrs, local_port, remote_port, proposals, encap, pools, vips, mobike, dpd_delay, rekey_time, over_time, rand_time, reauth_time, fragmentation, unique, local, remote, children)",
                         kv.at
                     ))
                 }
@@ -1106,7 +1296,7 @@ fn child(s: &Section, reqid: &mut u32) -> Result<Child, Vec<String>> {
                     c.replay_window = kv.value.parse().ok().filter(|&w| w <= 65536).ok_or(format!("{}: replay_window = {}: expected 0-65536", kv.at, kv.value))?
                 }
                 "reqid" => {
-                    c.reqid = kv.value.parse().ok().filter(|&r| r > 0).ok_or(format!("{}: reqid = {}: expected a number above 0", kv.at, kv.value))?
+                    c.reqid = kv.value.parse().ok().filter(|&r| r > 0 && r < DYNAMIC_REQIDS).ok_or(format!("{}: reqid = {}: expected 1-{} (higher reqids are espd-ike's own)", kv.at, kv.value, DYNAMIC_REQIDS - 1))?
                 }
                 "dpd_action" => {
                     c.dpd_action = match kv.value.as_str() {
@@ -1484,6 +1674,100 @@ secrets {
         let e = load(&write("hold", &with("hold"))).unwrap_err();
         assert!(
             e[0].contains(":20: dpd_action = hold: expected none, clear, trap or restart"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn pools_and_their_errors() {
+        let text = |pools: &str, named: &str| {
+            format!(
+                "pools {{\n{pools}\n}}\n{}",
+                NET2NET.replace(
+                    "    version = 2",
+                    &format!("    version = 2\n    pools = {named}")
+                )
+            )
+        };
+        let ok = "  v4 { addrs = 198.18.100.0/24\n    dns = 198.18.1.53, 2001:db8::53 }\n  v6 { addrs = 2001:db8:100::/64 }\n  one { addrs = 198.18.101.7 }\n  r { addrs = 198.18.102.10-198.18.102.20 }";
+        let c = load(&write("pools", &text(ok, "v4, v6"))).unwrap();
+        let p = c.pool("v4").unwrap();
+        // Without the network and broadcast addresses.
+        assert_eq!(
+            (p.first.to_string(), p.last.to_string()),
+            ("198.18.100.1".into(), "198.18.100.254".into())
+        );
+        assert_eq!(p.dns.len(), 2);
+        let p = c.pool("v6").unwrap();
+        assert_eq!(
+            (p.first.to_string(), p.last.to_string()),
+            (
+                "2001:db8:100::1".into(),
+                "2001:db8:100:0:ffff:ffff:ffff:ffff".into()
+            )
+        );
+        assert_eq!(c.pool("one").unwrap().first, c.pool("one").unwrap().last);
+        assert_eq!(c.pool("r").unwrap().last.to_string(), "198.18.102.20");
+        assert_eq!(c.connections[0].pools, ["v4", "v6"]);
+        for (pools, named, want) in [
+            (
+                ok,
+                "v4, nope",
+                ":13: pools = nope: no pool `nope` in pools { … }",
+            ),
+            (
+                "  a { addrs = 198.18.100.1/24 }",
+                "a",
+                ":2: addrs: `198.18.100.1/24`: host bits set (the prefix is 198.18.100.0/24)",
+            ),
+            (
+                "  a { addrs = 198.18.100.9-198.18.100.1 }",
+                "a",
+                ":2: addrs: `198.18.100.9-198.18.100.1`: the range must run upwards",
+            ),
+            (
+                "  a { addrs = 198.18.100.0/24 }\n  b { addrs = 198.18.100.128/25 }",
+                "a",
+                ":3: pool `b` overlaps pool `a`",
+            ),
+            (
+                "  a { dns = 198.18.1.53 }",
+                "a",
+                ":2: pool `a` has no `addrs`",
+            ),
+            (
+                "  a { addrs = 198.18.100.0/24\n    split_include = 198.18.0.0/16 }",
+                "a",
+                ":3: `split_include` is not supported in a pool (expected addrs, dns)",
+            ),
+            (
+                "  a { addrs = 198.18.100.0/24\n    dns = ns1 }",
+                "a",
+                ":3: dns = ns1: expected IP addresses",
+            ),
+        ] {
+            let e = load(&write("bad-pool", &text(pools, named))).unwrap_err();
+            assert!(e.iter().any(|e| e.contains(want)), "{want}: {e:?}");
+        }
+        let e = load(&write(
+            "vips",
+            &NET2NET.replace("    version = 2", "    version = 2\n    vips = any"),
+        ))
+        .unwrap_err();
+        assert!(
+            e[0].contains(":6: vips = any: expected IP addresses (0.0.0.0 or :: asks for any)"),
+            "{e:?}"
+        );
+        let e = load(&write(
+            "reqid",
+            &NET2NET.replace(
+                "esp_proposals = aes128gcm16",
+                "esp_proposals = aes128gcm16\n        reqid = 1073741824",
+            ),
+        ))
+        .unwrap_err();
+        assert!(
+            e[0].contains("reqid = 1073741824: expected 1-1073741823"),
             "{e:?}"
         );
     }

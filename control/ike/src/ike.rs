@@ -6,8 +6,9 @@
 //! put two endpoints in one process with a simulated network.
 
 use crate::cert;
-use crate::conf::{Child, Config, Conn, DpdAction, IdConf, Mode, StartAction};
+use crate::conf::{self, Child, Config, Conn, DpdAction, IdConf, Mode, StartAction};
 use crate::crypto::{self, IkeKeys, KeyShare, Secret};
+use crate::pool::Leases;
 use crate::proposal::{self, Chosen};
 use crate::ts;
 use crate::wire::{self, exchange, flags, notify, Header, Id, Payload, Proposal, Ts, HDR_LEN};
@@ -210,9 +211,10 @@ const SUPERSEDED_WAIT: Duration = Duration::from_secs(30);
 /// lifted only when the child goes.
 const UNTIL_REPLACED: Duration = Duration::from_secs(86400 * 365);
 
-/// RFC 7296 §2.8.1: whether our rekey exchange (nonces `our_ni`,
-/// `their_nr`) holds the lowest of the four nonces of two crossing rekeys
-/// of one child — its SA is then the redundant one, closed by us. "Lowest"
+/// RFC 7296 §2.8.1 (and §2.8.2 for IKE SAs): whether our rekey exchange
+/// (nonces `our_ni`, `their_nr`) holds the lowest of the four nonces of two
+/// crossing rekeys of one SA — its new SA is then the redundant one, closed
+/// by us. "Lowest"
 /// is octet by octet, a nonce that ends first being the lower: the order
 /// of byte slices.
 fn rekey_lost(our_ni: &[u8], their_nr: &[u8], their_ni: &[u8], our_nr: &[u8]) -> bool {
@@ -286,7 +288,23 @@ struct IkeSa {
     /// Rekeyed: its children live in the new IKE SA; this one only waits
     /// for its DELETE (ours, or the peer's for at most [`SUPERSEDED_WAIT`]).
     superseded: Option<Instant>,
+    /// Responder: the virtual addresses this peer got from our pools
+    /// (RFC 7296 §3.15); its `dynamic` selectors are these.
+    vips_remote: Vec<IpAddr>,
+    /// Initiator: the virtual addresses the peer gave us (`vips`).
+    vips_local: Vec<IpAddr>,
+    /// RFC 7296 §2.8.2: the peer rekeyed this IKE SA while our rekey of it
+    /// was out; which new SA survives is decided when our answer comes.
+    crossing: Option<Crossing>,
     dead: bool,
+}
+
+/// The peer's new IKE SA of a crossing rekey: our SPI of it and the
+/// nonces of its exchange.
+struct Crossing {
+    spi: u64,
+    ni: Vec<u8>,
+    nr: Vec<u8>,
 }
 
 impl IkeSa {
@@ -347,6 +365,9 @@ impl IkeSa {
             rekey_at: None,
             expire_at: None,
             superseded: None,
+            vips_remote: Vec::new(),
+            vips_local: Vec::new(),
+            crossing: None,
             dead: false,
         }
     }
@@ -400,6 +421,9 @@ pub struct SaInfo {
     pub alg: String,
     pub nat: bool,
     pub established_secs: Option<u64>,
+    /// Virtual addresses: ours (given by the peer), the peer's (from our pools).
+    pub local_vips: Vec<IpAddr>,
+    pub remote_vips: Vec<IpAddr>,
     pub children: Vec<ChildInfo>,
 }
 
@@ -441,7 +465,84 @@ pub struct Endpoint {
     /// Children to negotiate again (`dpd_action = restart`), one list per
     /// IKE_SA whose peer stopped answering; taken after the timers ran.
     restarts: Vec<Vec<String>>,
+    /// Virtual addresses handed out (`pools`), and which IKE_SA (our SPI)
+    /// holds which: released once that IKE_SA is gone (swept with the timers).
+    leases: Leases,
+    lease_of: HashMap<u64, Vec<(String, IpAddr)>>,
+    reqids: Reqids,
     stats: BTreeMap<&'static str, u64>,
+}
+
+/// Reqids of negotiated CHILD_SAs. espd picks the outbound SA of a policy
+/// by its template's reqid and tunnel endpoints (docs/config.md), so two
+/// CHILD_SAs of one child config with other selectors — two road-warrior
+/// clients, or two peers of a responder's `%any` connection, perhaps
+/// behind one NAT address — need reqids of their own. The first user of a
+/// child config takes its configured reqid (its trap policies name it);
+/// others get one from [`conf::DYNAMIC_REQIDS`] up. A rekey has the same
+/// key as the SA it replaces, so it keeps the reqid (RFC 4301 §4.4.1: the
+/// SPD entry names the reqid, not the SPI).
+#[derive(Default)]
+struct Reqids {
+    by_key: HashMap<ReqidKey, (u32, usize)>,
+    /// Users per reqid.
+    users: HashMap<u32, usize>,
+    next: u32,
+}
+
+/// (conn, child, peer address, local selectors, remote selectors).
+type ReqidKey = (String, String, IpAddr, Vec<Ts>, Vec<Ts>);
+
+fn reqid_key(c: &ChildSa) -> ReqidKey {
+    (
+        c.conn.clone(),
+        c.name.clone(),
+        c.remote.ip(),
+        c.ts_local.clone(),
+        c.ts_remote.clone(),
+    )
+}
+
+impl Reqids {
+    fn acquire(&mut self, key: ReqidKey, configured: u32) -> u32 {
+        if let Some((r, n)) = self.by_key.get_mut(&key) {
+            *n += 1;
+            let r = *r;
+            *self.users.entry(r).or_default() += 1;
+            return r;
+        }
+        let r = if !self.users.contains_key(&configured) {
+            configured
+        } else {
+            loop {
+                let r = conf::DYNAMIC_REQIDS + self.next;
+                self.next = self.next.wrapping_add(1) % conf::DYNAMIC_REQIDS;
+                if !self.users.contains_key(&r) {
+                    break r;
+                }
+            }
+        };
+        self.by_key.insert(key, (r, 1));
+        *self.users.entry(r).or_default() += 1;
+        r
+    }
+
+    fn release(&mut self, key: &ReqidKey) {
+        let Some((r, n)) = self.by_key.get_mut(key) else {
+            return;
+        };
+        *n -= 1;
+        let r = *r;
+        if *n == 0 {
+            self.by_key.remove(key);
+        }
+        if let Some(u) = self.users.get_mut(&r) {
+            *u -= 1;
+            if *u == 0 {
+                self.users.remove(&r);
+            }
+        }
+    }
 }
 
 /// RFC 7296 §2.15: the octets the AUTH payload signs.
@@ -513,6 +614,8 @@ impl Endpoint {
     pub fn new(cfg: Arc<Config>) -> Endpoint {
         let mut cookie_secret = [0u8; 32];
         crypto::random(&mut cookie_secret);
+        let mut leases = Leases::default();
+        leases.configure(&cfg.pools);
         Endpoint {
             cfg,
             sas: HashMap::new(),
@@ -526,6 +629,9 @@ impl Endpoint {
             retransmit_tries: RETRANSMIT_TRIES,
             out: VecDeque::new(),
             restarts: Vec::new(),
+            leases,
+            lease_of: HashMap::new(),
+            reqids: Reqids::default(),
             stats: BTreeMap::new(),
         }
     }
@@ -535,6 +641,7 @@ impl Endpoint {
     }
 
     pub fn set_config(&mut self, cfg: Arc<Config>) {
+        self.leases.configure(&cfg.pools);
         self.cfg = cfg;
     }
 
@@ -790,11 +897,9 @@ impl Endpoint {
 
     /// Ends an IKE SA here: its children are removed, nothing is sent.
     fn kill(&mut self, mut sa: IkeSa, why: &str) {
+        self.release_vips(&sa);
         for c in sa.children.drain(..) {
-            self.out.push_back(Output::Remove {
-                child: Box::new(c),
-                why: why.to_string(),
-            });
+            self.remove_child(c, why);
         }
         if sa.state == State::InitDone {
             self.release_half_open(&sa);
@@ -880,6 +985,8 @@ impl Endpoint {
                 established_secs: sa
                     .established
                     .map(|e| now.saturating_duration_since(e).as_secs()),
+                local_vips: sa.vips_local.clone(),
+                remote_vips: sa.vips_remote.clone(),
                 children: sa
                     .children
                     .iter()
@@ -1057,12 +1164,10 @@ impl Endpoint {
         spis.len()
     }
 
-    /// espd's soft expiry of one SA (a volume or time lifetime, the SA
-    /// named by its destination and SPI, either direction): the child it
-    /// belongs to is rekeyed now (RFC 7296 §2.8), unless it is being
-    /// rekeyed or was replaced already. False when no child of ours has it.
-    pub fn soft_expired(&mut self, dst: IpAddr, spi: u32, now: Instant) -> bool {
-        let found = self.sas.iter().find_map(|(k, sa)| {
+    /// The IKE SA (our SPI) and inbound SPI of the child one of whose SAs
+    /// espd names by destination and SPI (either direction).
+    fn child_with_sa(&self, dst: IpAddr, spi: u32) -> Option<(u64, u32)> {
+        self.sas.iter().find_map(|(k, sa)| {
             sa.children
                 .iter()
                 .find(|c| {
@@ -1070,8 +1175,15 @@ impl Endpoint {
                         || (c.spi_out == spi && c.remote.ip() == dst)
                 })
                 .map(|c| (*k, c.spi_in))
-        });
-        let Some((key, spi_in)) = found else {
+        })
+    }
+
+    /// espd's soft expiry of one SA (a volume or time lifetime, the SA
+    /// named by its destination and SPI, either direction): the child it
+    /// belongs to is rekeyed now (RFC 7296 §2.8), unless it is being
+    /// rekeyed or was replaced already. False when no child of ours has it.
+    pub fn soft_expired(&mut self, dst: IpAddr, spi: u32, now: Instant) -> bool {
+        let Some((key, spi_in)) = self.child_with_sa(dst, spi) else {
             return false;
         };
         let mut sa = self.sas.remove(&key).expect("present");
@@ -1087,6 +1199,41 @@ impl Endpoint {
                 sa.label()
             ));
             sa.queue_rekey(spi_in, now);
+            self.pump(&mut sa, now);
+        }
+        self.sas.insert(key, sa);
+        true
+    }
+
+    /// espd's hard expiry of one SA (RFC 4301 §4.4.2.1: the SA is gone
+    /// there, its rekey having failed or come too late): the CHILD_SA it
+    /// belongs to is deleted with the peer (RFC 7296 §1.4.1), so neither end
+    /// keeps half a child. Nothing happens for a child already being
+    /// deleted, or an SA no child of ours has (false).
+    pub fn hard_expired(&mut self, dst: IpAddr, spi: u32, now: Instant) -> bool {
+        let Some((key, spi_in)) = self.child_with_sa(dst, spi) else {
+            return false;
+        };
+        let mut sa = self.sas.remove(&key).expect("present");
+        let deleting = sa
+            .queue
+            .iter()
+            .any(|q| matches!(q, Queued::DeleteChild(x) if *x == spi_in))
+            || sa
+                .pending
+                .as_ref()
+                .is_some_and(|p| matches!(p.kind, ReqKind::DeleteChild(x) if x == spi_in));
+        if !deleting && sa.state == State::Established {
+            self.count("child-hard-expired");
+            self.log(format!(
+                "{}: espd's hard lifetime of SPI {spi:08x} reached: deleting its CHILD_SA with the peer",
+                sa.label()
+            ));
+            // Not rekeyed any more: it is going.
+            sa.rekey_hold.insert(spi_in, now + UNTIL_REPLACED);
+            sa.queue
+                .retain(|q| !matches!(q, Queued::Rekey(x) if *x == spi_in));
+            sa.queue.push_back(Queued::DeleteChild(spi_in));
             self.pump(&mut sa, now);
         }
         self.sas.insert(key, sa);
@@ -1124,16 +1271,18 @@ impl Endpoint {
         }
     }
 
+    /// Each pool's size and leases (online, offline).
+    pub fn pool_usage(&self) -> Vec<crate::pool::PoolUse> {
+        self.leases.usage()
+    }
+
     pub fn sa_count(&self) -> usize {
         self.sas.len()
     }
 
     fn delete_ike(&mut self, sa: &mut IkeSa, now: Instant) {
         for c in sa.children.drain(..) {
-            self.out.push_back(Output::Remove {
-                child: Box::new(c),
-                why: "IKE_SA deleted here".into(),
-            });
+            self.remove_child(c, "IKE_SA deleted here");
         }
         if sa.keys.is_some() && matches!(sa.state, State::Established | State::AuthSent) {
             sa.state = State::Deleting;
@@ -1173,7 +1322,7 @@ impl Endpoint {
         // A rekey keeps the old child's (narrowed) selectors, RFC 7296 §2.8.
         let (ts_i, ts_r) = match rekey.and_then(|r| sa.children.iter().find(|c| c.spi_in == r)) {
             Some(old) => (old.ts_local.clone(), old.ts_remote.clone()),
-            None => child_ts(ch, sa.local.ip(), sa.remote.ip(), packet),
+            None => child_ts(ch, sa, &[], packet),
         };
         let props = child_proposals(ch, spi_in, ke.is_some());
         let mut ps = Vec::new();
@@ -2002,12 +2151,42 @@ impl Endpoint {
         {
             ps.push(Payload::notify(notify::INITIAL_CONTACT, vec![]));
         }
+        if !conn.vips.is_empty() {
+            // RFC 7296 §2.19: CFG_REQUEST with the addresses we want; an
+            // empty attribute (an unspecified address) asks for any.
+            let attrs = conn
+                .vips
+                .iter()
+                .map(|a| match a {
+                    IpAddr::V4(x) => wire::CfgAttr {
+                        ty: wire::cfg::INTERNAL_IP4_ADDRESS,
+                        value: if x.is_unspecified() {
+                            vec![]
+                        } else {
+                            x.octets().to_vec()
+                        },
+                    },
+                    IpAddr::V6(x) => wire::CfgAttr {
+                        ty: wire::cfg::INTERNAL_IP6_ADDRESS,
+                        value: if x.is_unspecified() {
+                            vec![]
+                        } else {
+                            [&x.octets()[..], &[128]].concat()
+                        },
+                    },
+                })
+                .collect();
+            ps.push(Payload::Cp {
+                ty: wire::cfg::REQUEST,
+                attrs,
+            });
+        }
         let mut pending = None;
         let cfg = self.cfg.clone();
         if let Some((name, packet)) = sa.first_child.clone() {
             if let Some((_, ch)) = cfg.child(&name) {
                 let spi_in = self.new_spi();
-                let (ts_i, ts_r) = child_ts(ch, sa.local.ip(), sa.remote.ip(), packet);
+                let (ts_i, ts_r) = child_ts(ch, sa, &conn.vips, packet);
                 // RFC 7296 §1.2: no KE in IKE_AUTH: the first child's proposals carry no group.
                 ps.push(Payload::Sa(child_proposals(ch, spi_in, false)));
                 ps.push(Payload::TsI(ts_i.clone()));
@@ -2115,15 +2294,13 @@ impl Endpoint {
             ReqKind::DeleteIke => {
                 let label = sa.label();
                 self.log(format!("{label}: IKE_SA deleted"));
+                self.release_vips(sa);
                 sa.dead = true;
             }
             ReqKind::DeleteChild(spi) => {
                 if let Some(i) = sa.children.iter().position(|c| c.spi_in == spi) {
                     let c = sa.children.remove(i);
-                    self.out.push_back(Output::Remove {
-                        child: Box::new(c),
-                        why: "deleted".into(),
-                    });
+                    self.remove_child(c, "deleted");
                 }
             }
             ReqKind::Liveness => self.count("liveness-ok"),
@@ -2197,20 +2374,34 @@ impl Endpoint {
         ks: KeyShare,
         inner: Vec<Payload>,
     ) {
+        let crossing = sa.crossing.take();
         let retry = |me: &mut Self, sa: &mut IkeSa, why: String| {
+            me.count("ike-rekey-failed");
+            if let Some(x) = &crossing {
+                // Ours failed, the peer's crossing rekey stands (§2.8.2):
+                // its new SA takes over and the peer deletes this one.
+                me.log(format!(
+                    "{}: IKE_SA rekey failed: {why}; the peer's crossing rekey takes over",
+                    sa.label()
+                ));
+                if let Some(mut theirs) = me.sas.remove(&x.spi) {
+                    me.adopt(&mut theirs, sa, now);
+                    me.sas.insert(x.spi, theirs);
+                }
+                return;
+            }
             me.log(format!(
                 "{}: IKE_SA rekey failed: {why}; retrying in {} s",
                 sa.label(),
                 REKEY_RETRY.as_secs()
             ));
-            me.count("ike-rekey-failed");
             sa.rekey_at = Some(now + REKEY_RETRY);
         };
         if let Some(n) = inner.iter().find_map(|p| match p {
             Payload::Notify(n) if n.ty < 16384 => Some(n.clone()),
             _ => None,
         }) {
-            if n.ty == notify::INVALID_KE_PAYLOAD && n.data.len() == 2 {
+            if n.ty == notify::INVALID_KE_PAYLOAD && n.data.len() == 2 && crossing.is_none() {
                 let g = u16::from_be_bytes([n.data[0], n.data[1]]);
                 self.count("invalid-ke-received");
                 sa.queue.push_front(Queued::RekeyIke(Some(g)));
@@ -2267,6 +2458,29 @@ impl Endpoint {
             peer_spi,
         );
         let deleting = sa.state == State::Deleting;
+        if let Some(x) = crossing {
+            if !deleting {
+                let mine = self.rekeyed_sa(
+                    sa,
+                    true,
+                    spi,
+                    peer_spi,
+                    chosen,
+                    keys,
+                    nonce.clone(),
+                    nr.clone(),
+                    now,
+                );
+                return self.resolve_ike_crossing(sa, x, mine, &nonce, &nr, now);
+            }
+            // Terminated meanwhile: the peer's new SA goes as well.
+            if let Some(mut theirs) = self.sas.remove(&x.spi) {
+                self.delete_ike(&mut theirs, now);
+                if !theirs.dead {
+                    self.sas.insert(x.spi, theirs);
+                }
+            }
+        }
         let mut new = self.successor(sa, true, spi, peer_spi, chosen, keys, nonce, nr, now);
         if deleting {
             // Terminated while the rekey ran: the peer has the new SA too,
@@ -2298,6 +2512,25 @@ impl Endpoint {
         nr: Vec<u8>,
         now: Instant,
     ) -> IkeSa {
+        let mut n = self.rekeyed_sa(old, initiator, spi_i, spi_r, chosen, keys, ni, nr, now);
+        self.adopt(&mut n, old, now);
+        n
+    }
+
+    /// A new IKE SA from a rekey of `old`, holding nothing yet.
+    #[allow(clippy::too_many_arguments)]
+    fn rekeyed_sa(
+        &mut self,
+        old: &IkeSa,
+        initiator: bool,
+        spi_i: u64,
+        spi_r: u64,
+        chosen: Chosen,
+        keys: IkeKeys,
+        ni: Vec<u8>,
+        nr: Vec<u8>,
+        now: Instant,
+    ) -> IkeSa {
         let mut n = IkeSa::new(
             old.conn.clone(),
             initiator,
@@ -2319,6 +2552,18 @@ impl Endpoint {
         n.remote_id = old.remote_id.clone();
         n.established = Some(now);
         (n.rekey_at, n.expire_at) = self.ike_rekey_at(&n, now);
+        n
+    }
+
+    /// `n` takes over what `old` held (RFC 7296 §2.18): its children, their
+    /// rekey holds, its queued work and the client's virtual addresses
+    /// with their leases; `old` is left superseded, waiting for its DELETE.
+    fn adopt(&mut self, n: &mut IkeSa, old: &mut IkeSa, now: Instant) {
+        n.vips_remote = std::mem::take(&mut old.vips_remote);
+        n.vips_local = std::mem::take(&mut old.vips_local);
+        if let Some(l) = self.lease_of.remove(&old.our_spi()) {
+            self.lease_of.insert(n.our_spi(), l);
+        }
         let ours = n.our_spi();
         n.children = std::mem::take(&mut old.children);
         for c in &mut n.children {
@@ -2327,22 +2572,77 @@ impl Endpoint {
         n.rekey_hold = std::mem::take(&mut old.rekey_hold);
         // Work queued on the old SA (new children, rekeys, deletes of
         // children) goes to the new one; the old one keeps only its DELETE.
-        n.queue = old
-            .queue
-            .drain(..)
-            .filter(|q| !matches!(q, Queued::DeleteIke | Queued::RekeyIke(_)))
-            .collect();
+        n.queue.extend(
+            old.queue
+                .drain(..)
+                .filter(|q| !matches!(q, Queued::DeleteIke | Queued::RekeyIke(_))),
+        );
         old.superseded = Some(now);
         old.rekey_at = None;
         self.count("ike-rekeyed");
         self.log(format!(
             "{}: IKE_SA rekeyed ({}): now {}, {} CHILD_SA(s) moved",
             old.label(),
-            if initiator { "by us" } else { "by the peer" },
+            // A rekeyed SA's original initiator is who started the rekey.
+            if n.initiator { "by us" } else { "by the peer" },
             n.label(),
             n.children.len()
         ));
-        n
+    }
+
+    /// RFC 7296 §2.8.2: our rekey's answer came while the peer's crossing
+    /// rekey made a second new IKE SA (`x`). The exchange with the lowest
+    /// of the four nonces made the redundant SA, which its initiator
+    /// deletes; the other new SA takes the children, and its initiator
+    /// deletes the old one. Nothing is removed from espd: the children
+    /// only change IKE SA.
+    #[allow(clippy::too_many_arguments)]
+    fn resolve_ike_crossing(
+        &mut self,
+        sa: &mut IkeSa,
+        x: Crossing,
+        mut mine: IkeSa,
+        our_ni: &[u8],
+        their_nr: &[u8],
+        now: Instant,
+    ) {
+        self.count("ike-rekey-collisions-resolved");
+        let Some(mut theirs) = self.sas.remove(&x.spi) else {
+            // The peer's new SA is already gone: ours is the only one.
+            self.adopt(&mut mine, sa, now);
+            sa.queue.push_back(Queued::DeleteIke);
+            self.sas.insert(mine.our_spi(), mine);
+            return;
+        };
+        if rekey_lost(our_ni, their_nr, &x.ni, &x.nr) {
+            self.log(format!(
+                "{}: crossing IKE_SA rekeys: ours has the lowest nonce, so {} is redundant (RFC 7296 §2.8.2): deleting it, {} takes over",
+                sa.label(),
+                mine.label(),
+                theirs.label()
+            ));
+            self.adopt(&mut theirs, sa, now);
+            mine.rekey_at = None;
+            mine.queue.push_back(Queued::DeleteIke);
+            self.pump(&mut mine, now);
+        } else {
+            self.log(format!(
+                "{}: crossing IKE_SA rekeys: the peer's has the lowest nonce, so it deletes {}; {} takes over",
+                sa.label(),
+                theirs.label(),
+                mine.label()
+            ));
+            self.adopt(&mut mine, sa, now);
+            // The peer deletes its redundant SA; should it not, we do once
+            // the wait for a superseded SA is over.
+            theirs.superseded = Some(now);
+            theirs.rekey_at = None;
+            sa.queue.push_back(Queued::DeleteIke);
+        }
+        if !mine.dead {
+            self.sas.insert(mine.our_spi(), mine);
+        }
+        self.sas.insert(theirs.our_spi(), theirs);
     }
 
     /// The responder did not authenticate (RFC 7296 §2.21.2): it has
@@ -2420,6 +2720,45 @@ impl Endpoint {
         };
         sa.remote_id = Some(idr.clone());
         self.established(sa, &idr, &how, now);
+        if !conn.vips.is_empty() {
+            // RFC 7296 §2.19: the addresses the responder assigned us.
+            for p in &inner {
+                let Payload::Cp { ty, attrs } = p else {
+                    continue;
+                };
+                if *ty != wire::cfg::REPLY {
+                    continue;
+                }
+                for a in attrs {
+                    let v: Option<IpAddr> = match (a.ty, a.value.len()) {
+                        (wire::cfg::INTERNAL_IP4_ADDRESS, 4) => {
+                            <[u8; 4]>::try_from(&a.value[..]).ok().map(IpAddr::from)
+                        }
+                        (wire::cfg::INTERNAL_IP6_ADDRESS, 17) => {
+                            <[u8; 16]>::try_from(&a.value[..16]).ok().map(IpAddr::from)
+                        }
+                        _ => None,
+                    };
+                    if let Some(v) = v.filter(|v| !sa.vips_local.contains(v)) {
+                        self.log(format!(
+                            "{}: virtual IP {v} assigned by the peer",
+                            sa.label()
+                        ));
+                        sa.vips_local.push(v);
+                    }
+                }
+            }
+            if sa.vips_local.is_empty() {
+                self.count("vips-failed");
+                let why = first_error(&inner).map_or("none in its answer".into(), notify::name);
+                self.log(format!(
+                    "{}: we asked for a virtual IP and got none ({why}): deleting the IKE_SA",
+                    sa.label()
+                ));
+                sa.first_child = None;
+                return self.delete_ike(sa, now);
+            }
+        }
         if let Some(pc) = child {
             let name = pc.name.clone();
             match self.child_from_answer(sa, &cfg, pc, &inner, now, true) {
@@ -2524,7 +2863,7 @@ impl Endpoint {
 
     #[allow(clippy::too_many_arguments)]
     fn make_child(
-        &self,
+        &mut self,
         sa: &IkeSa,
         ch: &Child,
         spi_in: u32,
@@ -2545,7 +2884,7 @@ impl Endpoint {
         } else {
             (ts_r, ts_i)
         };
-        ChildSa {
+        let mut c = ChildSa {
             ike: sa.our_spi(),
             conn: sa.conn.clone(),
             name: ch.name.clone(),
@@ -2574,7 +2913,139 @@ impl Endpoint {
             trap: ch.start_action == StartAction::Trap,
             peer_takes_tfc: true,
             installed_at: now,
+        };
+        c.reqid = self.reqids.acquire(reqid_key(&c), ch.reqid);
+        c
+    }
+
+    /// The IKE SA `sa` is gone: its virtual addresses go offline (kept for
+    /// the same client, RFC 7296 §2.19 does not say; strongSwan does too).
+    fn release_vips(&mut self, sa: &IkeSa) {
+        for (pool, a) in self.lease_of.remove(&sa.our_spi()).unwrap_or_default() {
+            if self.leases.release(&pool, a) {
+                self.log(format!(
+                    "{}: virtual IP {a} released to pool {pool}",
+                    sa.label()
+                ));
+            }
         }
+    }
+
+    /// RFC 7296 §2.19, §3.15.1: a CFG_REQUEST answered from the
+    /// connection's pools, one address per family asked for (the one
+    /// asked for if it is free to this client). Ok(None) when nothing was
+    /// asked or the connection has no pools (the request is ignored);
+    /// Err when addresses were asked for and none could be given
+    /// (INTERNAL_ADDRESS_FAILURE: no CHILD_SA, §3.10.1).
+    fn assign_vips(
+        &mut self,
+        sa: &mut IkeSa,
+        conn: &Conn,
+        inner: &[Payload],
+        id: &Id,
+    ) -> Result<Option<Payload>, String> {
+        let Some(attrs) = inner.iter().find_map(|p| match p {
+            Payload::Cp { ty, attrs } if *ty == wire::cfg::REQUEST => Some(attrs),
+            _ => None,
+        }) else {
+            return Ok(None);
+        };
+        if conn.pools.is_empty() {
+            self.log(format!(
+                "{}: CFG_REQUEST ignored: connection {} has no pools",
+                sa.label(),
+                conn.name
+            ));
+            return Ok(None);
+        }
+        let cfg = self.cfg.clone();
+        let mut asked: Vec<(bool, Option<IpAddr>)> = Vec::new();
+        for a in attrs {
+            let (v4, want) = match (a.ty, a.value.len()) {
+                (wire::cfg::INTERNAL_IP4_ADDRESS, 4) => {
+                    let b: [u8; 4] = a.value[..].try_into().expect("4");
+                    (true, Some(IpAddr::from(b)))
+                }
+                (wire::cfg::INTERNAL_IP4_ADDRESS, _) => (true, None),
+                (wire::cfg::INTERNAL_IP6_ADDRESS, 17) => {
+                    let b: [u8; 16] = a.value[..16].try_into().expect("16");
+                    (false, Some(IpAddr::from(b)))
+                }
+                (wire::cfg::INTERNAL_IP6_ADDRESS, _) => (false, None),
+                _ => continue,
+            };
+            if !asked.iter().any(|(f, _)| *f == v4) {
+                asked.push((v4, want.filter(|w| !w.is_unspecified())));
+            }
+        }
+        if asked.is_empty() {
+            return Ok(None);
+        }
+        let mut reply = Vec::new();
+        let who = id.body();
+        for (v4, want) in asked {
+            let got = conn.pools.iter().find_map(|name| {
+                let p = cfg.pool(name).filter(|p| p.first.is_ipv4() == v4)?;
+                self.leases.acquire(name, &who, want).map(|a| (p, a))
+            });
+            let Some((p, a)) = got else {
+                continue;
+            };
+            self.log(format!(
+                "{}: virtual IP {a} assigned to {id} from pool {}",
+                sa.label(),
+                p.name
+            ));
+            self.count("vips-assigned");
+            sa.vips_remote.push(a);
+            self.lease_of
+                .entry(sa.our_spi())
+                .or_default()
+                .push((p.name.clone(), a));
+            reply.push(match a {
+                IpAddr::V4(x) => wire::CfgAttr {
+                    ty: wire::cfg::INTERNAL_IP4_ADDRESS,
+                    value: x.octets().to_vec(),
+                },
+                // §3.15.1: the address and its prefix length.
+                IpAddr::V6(x) => wire::CfgAttr {
+                    ty: wire::cfg::INTERNAL_IP6_ADDRESS,
+                    value: [&x.octets()[..], &[128]].concat(),
+                },
+            });
+            for d in p.dns.iter().filter(|d| d.is_ipv4() == v4) {
+                reply.push(match d {
+                    IpAddr::V4(x) => wire::CfgAttr {
+                        ty: wire::cfg::INTERNAL_IP4_DNS,
+                        value: x.octets().to_vec(),
+                    },
+                    IpAddr::V6(x) => wire::CfgAttr {
+                        ty: wire::cfg::INTERNAL_IP6_DNS,
+                        value: x.octets().to_vec(),
+                    },
+                });
+            }
+        }
+        if sa.vips_remote.is_empty() {
+            self.count("vips-failed");
+            return Err(format!(
+                "no free address for {id} in pools {}",
+                conn.pools.join(", ")
+            ));
+        }
+        Ok(Some(Payload::Cp {
+            ty: wire::cfg::REPLY,
+            attrs: reply,
+        }))
+    }
+
+    /// A CHILD_SA is gone: espd removes it, its reqid loses a user.
+    fn remove_child(&mut self, c: ChildSa, why: impl Into<String>) {
+        self.reqids.release(&reqid_key(&c));
+        self.out.push_back(Output::Remove {
+            child: Box::new(c),
+            why: why.into(),
+        });
     }
 
     fn install_both(&mut self, sa: &mut IkeSa, c: ChildSa) {
@@ -2619,14 +3090,8 @@ impl Endpoint {
         let mut ts_ok = false;
         for ch in &conn.children {
             let (mine_i, mine_r) = (
-                ch.remote_ts
-                    .iter()
-                    .map(|t| t.resolve(sa.remote.ip()))
-                    .collect::<Vec<_>>(),
-                ch.local_ts
-                    .iter()
-                    .map(|t| t.resolve(sa.local.ip()))
-                    .collect::<Vec<_>>(),
+                resolve_ts(&ch.remote_ts, sa.remote.ip(), &sa.vips_remote),
+                resolve_ts(&ch.local_ts, sa.local.ip(), &sa.vips_local),
             );
             let (ni, nr) = (ts::narrow(tsi, &mine_i), ts::narrow(tsr, &mine_r));
             if ni.is_empty() || nr.is_empty() {
@@ -2787,6 +3252,19 @@ impl Endpoint {
         let mut resp = vec![Payload::IdR(idr)];
         resp.extend(ours);
         let has_child = inner.iter().any(|p| matches!(p, Payload::Sa(_)));
+        match self.assign_vips(sa, conn, &inner, &idi) {
+            Ok(Some(cp)) => resp.push(cp),
+            Ok(None) => {}
+            Err(why) => {
+                // RFC 7296 §3.10.1: the IKE SA stands, no CHILD_SA is made.
+                self.log(format!(
+                    "{}: {why}: INTERNAL_ADDRESS_FAILURE sent",
+                    sa.label()
+                ));
+                resp.push(Payload::notify(notify::INTERNAL_ADDRESS_FAILURE, vec![]));
+                return self.respond(sa, exchange::IKE_AUTH, hdr.msg_id, resp);
+            }
+        }
         if !has_child {
             return self.respond(sa, exchange::IKE_AUTH, hdr.msg_id, resp);
         }
@@ -2903,15 +3381,18 @@ impl Endpoint {
             sa.pending.as_ref().map(|p| &p.kind),
             Some(ReqKind::RekeyIke { .. })
         );
-        // RFC 7296 §2.25.2: one we are closing is not rekeyed either.
-        if sa.superseded.is_some() || ours_running || sa.state != State::Established {
-            self.count("ike-rekey-collisions");
+        // RFC 7296 §2.25.2: a rekey of an IKE SA we are rekeying too is
+        // answered as usual and resolved by nonces (§2.8.2) when our answer
+        // comes; one we have already replaced or are closing gets
+        // TEMPORARY_FAILURE.
+        if sa.superseded.is_some() || sa.state != State::Established || sa.crossing.is_some() {
+            self.count("ike-rekey-refused");
             return refuse(
                 self,
                 sa,
                 notify::TEMPORARY_FAILURE,
                 vec![],
-                "we are rekeying it too",
+                "it is being replaced or closed",
             );
         }
         let (mut props, mut ni, mut ke) = (None, None, None);
@@ -3003,6 +3484,29 @@ impl Endpoint {
         // The answer goes on the old SA, then the new one exists: the
         // peer's next request may already come on it.
         self.respond(sa, exchange::CREATE_CHILD_SA, hdr.msg_id, resp);
+        if ours_running {
+            // §2.8.2: two new IKE SAs; the children stay until our answer
+            // says which one survives.
+            self.count("ike-rekey-collisions");
+            self.log(format!(
+                "{}: the peer rekeys the IKE_SA while we do: answered, resolved when our answer comes (RFC 7296 §2.8.2)",
+                sa.label()
+            ));
+            let new = self.rekeyed_sa(
+                sa,
+                false,
+                peer_spi,
+                spi,
+                chosen,
+                keys,
+                ni.clone(),
+                nr.clone(),
+                now,
+            );
+            sa.crossing = Some(Crossing { spi, ni, nr });
+            self.sas.insert(spi, new);
+            return;
+        }
         let new = self.successor(sa, false, peer_spi, spi, chosen, keys, ni, nr, now);
         self.sas.insert(spi, new);
     }
@@ -3206,7 +3710,7 @@ impl Endpoint {
     fn responder_informational(
         &mut self,
         sa: &mut IkeSa,
-        _now: Instant,
+        now: Instant,
         hdr: &Header,
         inner: Vec<Payload>,
     ) {
@@ -3228,10 +3732,7 @@ impl Endpoint {
                                 let c = sa.children.remove(i);
                                 ours_deleted.push(c.spi_in.to_be_bytes().to_vec());
                                 self.log(child_line(sa, &c, "deleted by the peer"));
-                                self.out.push_back(Output::Remove {
-                                    child: Box::new(c),
-                                    why: "deleted by the peer".into(),
-                                });
+                                self.remove_child(c, "deleted by the peer");
                             }
                         }
                     }
@@ -3241,6 +3742,15 @@ impl Endpoint {
         }
         if delete_ike {
             self.respond(sa, exchange::INFORMATIONAL, hdr.msg_id, vec![]);
+            if let Some(x) = sa.crossing.take() {
+                // §2.8.2: the peer deletes the old SA once its crossing
+                // rekey survived (our answer may still be on its way, or
+                // lost): its new SA takes the children.
+                if let Some(mut theirs) = self.sas.remove(&x.spi) {
+                    self.adopt(&mut theirs, sa, now);
+                    self.sas.insert(x.spi, theirs);
+                }
+            }
             let label = sa.label();
             if sa.superseded.is_some() {
                 // RFC 7296 §2.18: the rekey's initiator deletes the old SA.
@@ -3451,15 +3961,68 @@ fn child_proposals(ch: &Child, spi_in: u32, with_dh: bool) -> Vec<Proposal> {
         .collect()
 }
 
+/// `dynamic` selectors made concrete: the virtual addresses of that side
+/// if it has any, else its IKE address.
+fn resolve_ts(v: &[ts::TsConf], addr: IpAddr, vips: &[IpAddr]) -> Vec<Ts> {
+    let mut out = Vec::new();
+    for t in v {
+        match t {
+            ts::TsConf::Dynamic { .. } if !vips.is_empty() => {
+                out.extend(vips.iter().map(|a| t.resolve(*a)))
+            }
+            _ => out.push(t.resolve(addr)),
+        }
+    }
+    out
+}
+
+/// What an initiator that asks for virtual addresses proposes for its own
+/// `dynamic` side before it has them: each family's whole range, which the
+/// responder narrows to the addresses it assigns (RFC 7296 §2.9, §2.19).
+fn any_of(vips: &[IpAddr], t: &ts::TsConf) -> Vec<Ts> {
+    let ts::TsConf::Dynamic { proto, ports } = *t else {
+        return Vec::new();
+    };
+    let mut out: Vec<Ts> = Vec::new();
+    for v4 in [true, false] {
+        if vips.iter().any(|a| a.is_ipv4() == v4) {
+            let (start, end): (IpAddr, IpAddr) = if v4 {
+                ([0u8; 4].into(), [255u8; 4].into())
+            } else {
+                ([0u8; 16].into(), [255u8; 16].into())
+            };
+            out.push(Ts {
+                proto,
+                start_port: ports.0,
+                end_port: ports.1,
+                start,
+                end,
+            });
+        }
+    }
+    out
+}
+
 /// TSi/TSr for a child; a trap's packet selectors first (RFC 7296 §2.9).
+/// `ask_vips`: our virtual addresses are being asked for in this exchange.
 fn child_ts(
     ch: &Child,
-    local: IpAddr,
-    remote: IpAddr,
+    sa: &IkeSa,
+    ask_vips: &[IpAddr],
     packet: Option<(Ts, Ts)>,
 ) -> (Vec<Ts>, Vec<Ts>) {
-    let mut i: Vec<Ts> = ch.local_ts.iter().map(|t| t.resolve(local)).collect();
-    let mut r: Vec<Ts> = ch.remote_ts.iter().map(|t| t.resolve(remote)).collect();
+    let mut i: Vec<Ts> = if ask_vips.is_empty() {
+        resolve_ts(&ch.local_ts, sa.local.ip(), &sa.vips_local)
+    } else {
+        ch.local_ts
+            .iter()
+            .flat_map(|t| match t {
+                ts::TsConf::Dynamic { .. } => any_of(ask_vips, t),
+                _ => vec![t.resolve(sa.local.ip())],
+            })
+            .collect()
+    };
+    let mut r: Vec<Ts> = resolve_ts(&ch.remote_ts, sa.remote.ip(), &sa.vips_remote);
     if let Some((pi, pr)) = packet {
         i.insert(0, pi);
         r.insert(0, pr);

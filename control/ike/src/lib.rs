@@ -13,6 +13,7 @@ pub mod der;
 pub mod espd;
 pub mod ike;
 pub mod modp;
+pub mod pool;
 pub mod proposal;
 pub mod ts;
 pub mod wire;

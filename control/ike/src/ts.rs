@@ -11,14 +11,14 @@ pub enum TsConf {
     Range(Ts),
 }
 
-fn u128_of(a: IpAddr) -> u128 {
+pub(crate) fn u128_of(a: IpAddr) -> u128 {
     match a {
         IpAddr::V4(a) => u32::from(a) as u128,
         IpAddr::V6(a) => u128::from(a),
     }
 }
 
-fn addr_of(v4: bool, x: u128) -> IpAddr {
+pub(crate) fn addr_of(v4: bool, x: u128) -> IpAddr {
     if v4 {
         IpAddr::V4(Ipv4Addr::from(x as u32))
     } else {

@@ -25,6 +25,28 @@ pub mod flags {
     pub const RESPONSE: u8 = 0x20;
 }
 
+/// RFC 7296 §3.15.1: Configuration payload types and attributes.
+pub mod cfg {
+    pub const REQUEST: u8 = 1;
+    pub const REPLY: u8 = 2;
+    pub const SET: u8 = 3;
+    pub const ACK: u8 = 4;
+    pub const INTERNAL_IP4_ADDRESS: u16 = 1;
+    pub const INTERNAL_IP4_NETMASK: u16 = 2;
+    pub const INTERNAL_IP4_DNS: u16 = 3;
+    /// RFC 7296 §3.15.1: an IPv6 address and its prefix length (17 octets).
+    pub const INTERNAL_IP6_ADDRESS: u16 = 8;
+    pub const INTERNAL_IP6_DNS: u16 = 10;
+}
+
+/// One Configuration Attribute (RFC 7296 §3.15.1): the type without the
+/// reserved high bit, and its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CfgAttr {
+    pub ty: u16,
+    pub value: Vec<u8>,
+}
+
 /// RFC 7296 §3.2 payload types.
 pub mod pt {
     pub const NONE: u8 = 0;
@@ -365,6 +387,11 @@ pub enum Payload {
     Vendor(Vec<u8>),
     TsI(Vec<Ts>),
     TsR(Vec<Ts>),
+    /// RFC 7296 §3.15: a Configuration payload (CFG_REQUEST, CFG_REPLY, …).
+    Cp {
+        ty: u8,
+        attrs: Vec<CfgAttr>,
+    },
     /// A non-critical payload we do not know (skipped, RFC 7296 §2.5).
     Unknown {
         ty: u8,
@@ -388,6 +415,7 @@ impl Payload {
             Payload::Vendor(_) => pt::VENDOR,
             Payload::TsI(_) => pt::TSI,
             Payload::TsR(_) => pt::TSR,
+            Payload::Cp { .. } => pt::CP,
             Payload::Unknown { ty, .. } => *ty,
         }
     }
@@ -494,6 +522,27 @@ impl Payload {
                     Payload::TsR(ts)
                 }
             }
+            pt::CP => {
+                // RFC 7296 §3.15: CFG Type, three reserved octets, then
+                // attributes (R bit, 15-bit type, 2-octet length, value).
+                if b.len() < 4 {
+                    return Err(Error::Malformed("Configuration payload"));
+                }
+                let mut attrs = Vec::new();
+                let mut rest = &b[4..];
+                while !rest.is_empty() {
+                    if rest.len() < 4 || rest.len() < 4 + be16(rest, 2) as usize {
+                        return Err(Error::Malformed("Configuration attribute"));
+                    }
+                    let len = be16(rest, 2) as usize;
+                    attrs.push(CfgAttr {
+                        ty: be16(rest, 0) & 0x7fff,
+                        value: rest[4..4 + len].to_vec(),
+                    });
+                    rest = &rest[4 + len..];
+                }
+                Payload::Cp { ty: b[0], attrs }
+            }
             other => Payload::Unknown {
                 ty: other,
                 body: b.to_vec(),
@@ -540,6 +589,14 @@ impl Payload {
             }
             Payload::Vendor(v) => out.extend_from_slice(v),
             Payload::TsI(ts) | Payload::TsR(ts) => emit_ts(ts, out),
+            Payload::Cp { ty, attrs } => {
+                out.extend_from_slice(&[*ty, 0, 0, 0]);
+                for a in attrs {
+                    out.extend_from_slice(&(a.ty & 0x7fff).to_be_bytes());
+                    out.extend_from_slice(&(a.value.len() as u16).to_be_bytes());
+                    out.extend_from_slice(&a.value);
+                }
+            }
             Payload::Unknown { body, .. } => out.extend_from_slice(body),
         }
     }
@@ -873,6 +930,19 @@ mod tests {
                 method: 2,
                 data: vec![9; 32],
             },
+            Payload::Cp {
+                ty: cfg::REPLY,
+                attrs: vec![
+                    CfgAttr {
+                        ty: cfg::INTERNAL_IP4_ADDRESS,
+                        value: vec![198, 18, 100, 1],
+                    },
+                    CfgAttr {
+                        ty: cfg::INTERNAL_IP6_DNS,
+                        value: vec![],
+                    },
+                ],
+            },
         ];
         let hdr = Header {
             spi_i: 1,
@@ -932,5 +1002,34 @@ mod tests {
             parse_chain(99, &body, 0).unwrap().payloads[0],
             Payload::Unknown { ty: 99, .. }
         ));
+    }
+
+    #[test]
+    fn configuration_payload_as_a_client_sends_it() {
+        // RFC 7296 §3.15: CFG_REQUEST, INTERNAL_IP4_ADDRESS and
+        // INTERNAL_IP6_ADDRESS empty, as strongSwan asks for `vips = 0.0.0.0, ::`;
+        // the reserved R bit is ignored.
+        let body = [1, 0, 0, 0, 0, 1, 0, 0, 0x80, 8, 0, 0];
+        let p = Payload::parse(pt::CP, &body).unwrap();
+        assert_eq!(
+            p,
+            Payload::Cp {
+                ty: cfg::REQUEST,
+                attrs: vec![
+                    CfgAttr {
+                        ty: cfg::INTERNAL_IP4_ADDRESS,
+                        value: vec![]
+                    },
+                    CfgAttr {
+                        ty: cfg::INTERNAL_IP6_ADDRESS,
+                        value: vec![]
+                    },
+                ],
+            }
+        );
+        // An attribute longer than the payload, or a cut header, is malformed.
+        assert!(Payload::parse(pt::CP, &[2, 0, 0, 0, 0, 1, 0, 4, 198, 18]).is_err());
+        assert!(Payload::parse(pt::CP, &[2, 0, 0, 0, 0, 1, 0]).is_err());
+        assert!(Payload::parse(pt::CP, &[2, 0, 0]).is_err());
     }
 }

@@ -902,3 +902,160 @@ fn espds_soft_expiry_rekeys_the_child_once() {
         "the old child is gone"
     );
 }
+
+/// Both ends hold one IKE SA with the same SPIs, each with the child,
+/// and nothing of the child was removed or re-installed.
+fn one_ike_sa_each_with_the_child(n: &Net, what: &str) {
+    let (la, lb) = (n.a.list(n.now), n.b.list(n.now));
+    assert_eq!(la.len(), 1, "{what}: A has {la:#?}\n{:#?}", n.logs[0]);
+    assert_eq!(lb.len(), 1, "{what}: B has {lb:#?}\n{:#?}", n.logs[1]);
+    assert_eq!(
+        (la[0].spi_i, la[0].spi_r),
+        (lb[0].spi_i, lb[0].spi_r),
+        "{what}"
+    );
+    assert_eq!(la[0].state, "ESTABLISHED", "{what}");
+    assert_eq!(la[0].children.len(), 1, "{what}: {:#?}", n.logs[0]);
+    assert_eq!(lb[0].children.len(), 1, "{what}: {:#?}", n.logs[1]);
+    assert_eq!(live(&n.a, n.now), installed(n, 0), "{what}");
+    assert!(n.removes[0].is_empty() && n.removes[1].is_empty(), "{what}");
+}
+
+#[test]
+fn simultaneous_ike_sa_rekeys_converge_to_one_ike_sa() {
+    // Equal IKE rekey timers and no jitter: both ends rekey the IKE SA at
+    // the same instant. Each answers the other's request as usual (RFC
+    // 7296 §2.25.2), the lowest of the four nonces marks the redundant new
+    // SA, which its initiator deletes; the other new SA takes the child
+    // and its initiator deletes the old SA (§2.8.2).
+    let t = "rekey_time = 30s\n    rand_time = 0s";
+    let mut n = pair(t, t, "", "", "s3cret");
+    n.a.initiate("net", None, n.now).unwrap();
+    n.run(Duration::from_secs(5));
+    assert_matching(&n);
+    let first = n.a.list(n.now)[0].clone();
+    n.run(Duration::from_secs(35));
+    for (side, e) in [&n.a, &n.b].into_iter().enumerate() {
+        let st = e.stats();
+        assert_eq!(
+            st.get("ike-rekey-collisions"),
+            Some(&1),
+            "side {side}: {st:?}\n{:#?}",
+            n.logs[side]
+        );
+        assert_eq!(
+            st.get("ike-rekey-collisions-resolved"),
+            Some(&1),
+            "side {side}"
+        );
+        assert_eq!(st.get("ike-rekey-failed"), None, "side {side}");
+    }
+    // Exactly one side found its own new SA redundant.
+    let lost = n
+        .logs
+        .iter()
+        .filter(|l| l.iter().any(|x| x.contains("ours has the lowest nonce")))
+        .count();
+    assert_eq!(lost, 1, "{:#?}\n{:#?}", n.logs[0], n.logs[1]);
+    one_ike_sa_each_with_the_child(&n, "after the crossing rekeys");
+    let now = n.a.list(n.now)[0].clone();
+    assert_ne!((now.spi_i, now.spi_r), (first.spi_i, first.spi_r));
+    // The surviving IKE SA's keys agree on both sides: a new child comes
+    // up on it, and it is rekeyed (crossing again) later.
+    n.a.initiate("net6", None, n.now).unwrap();
+    n.run(Duration::from_secs(5));
+    let (a, b) = (n.up(0), n.up(1));
+    assert_eq!(a.len(), 2, "{:#?}", n.logs[0]);
+    assert_eq!(&a[1].key_out[..], &b[1].key_in[..]);
+    n.run(Duration::from_secs(30));
+    let (la, lb) = (n.a.list(n.now), n.b.list(n.now));
+    assert_eq!((la.len(), lb.len()), (1, 1), "{:#?}", n.logs[0]);
+    assert_eq!((la[0].spi_i, la[0].spi_r), (lb[0].spi_i, lb[0].spi_r));
+    assert_eq!(la[0].children.len(), 2);
+    assert!(n.removes[0].is_empty() && n.removes[1].is_empty());
+}
+
+#[test]
+fn ike_rekey_collisions_under_loss_duplication_and_reordering_converge() {
+    // Seeded: crossing IKE SA rekeys while the network drops, duplicates
+    // and reorders; each run ends with one IKE SA both sides agree on,
+    // holding the child, nothing removed from espd.
+    let runs: u64 = std::env::var("ESPD_IKE_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    let t = "rekey_time = 30s\n    rand_time = 0s";
+    let (mut checked, mut collided) = (0, 0);
+    for seed in 0..runs {
+        let mut n = pair(t, t, "", "", "s3cret");
+        n.a.initiate("net", None, n.now).unwrap();
+        n.run(Duration::from_secs(5));
+        if n.up(0).len() != 1 || n.up(1).len() != 1 {
+            continue;
+        }
+        let mut r = Lcg(seed ^ 0x5eed);
+        n.fate = Box::new(move |_| match r.next() % 20 {
+            0 | 1 => 1,
+            2 => 2,
+            3 => 3,
+            _ => 0,
+        });
+        n.run(Duration::from_secs(26));
+        n.fate = Box::new(|_| 0);
+        // Quiet: late DELETEs and the superseded SAs' own deletes (30 s).
+        n.run(Duration::from_secs(35));
+        checked += 1;
+        if n.a.stats().get("ike-rekey-collisions").is_some() {
+            collided += 1;
+        }
+        let (la, lb) = (n.a.list(n.now), n.b.list(n.now));
+        let what = format!("seed {seed}");
+        assert_eq!(
+            la.len(),
+            1,
+            "{what}: {la:#?}\n{:#?}\n{:#?}",
+            n.logs[0],
+            n.logs[1]
+        );
+        assert_eq!(
+            lb.len(),
+            1,
+            "{what}: {lb:#?}\n{:#?}\n{:#?}",
+            n.logs[0],
+            n.logs[1]
+        );
+        assert_eq!(
+            (la[0].spi_i, la[0].spi_r),
+            (lb[0].spi_i, lb[0].spi_r),
+            "{what}"
+        );
+        assert_eq!(la[0].children.len(), 1, "{what}: {:#?}", n.logs[0]);
+        assert_eq!(lb[0].children.len(), 1, "{what}: {:#?}", n.logs[1]);
+        assert!(n.removes[0].is_empty() && n.removes[1].is_empty(), "{what}");
+    }
+    assert!(checked * 10 >= runs * 9, "only {checked} of {runs} came up");
+    assert!(
+        collided * 2 >= checked,
+        "only {collided} of {checked} collided"
+    );
+}
+
+#[test]
+fn espds_hard_expiry_deletes_the_child_with_the_peer() {
+    let mut n = pair("", "", "", "", "s3cret");
+    n.a.initiate("net", None, n.now).unwrap();
+    n.run(Duration::from_secs(5));
+    assert_matching(&n);
+    let c = n.up(1)[0].clone();
+    // espd at B dropped B's inbound SA at its hard lifetime.
+    assert!(n.b.hard_expired(c.local.ip(), c.spi_in, n.now));
+    // Twice (both directions expiring) is one delete.
+    assert!(n.b.hard_expired(c.remote.ip(), c.spi_out, n.now));
+    assert!(!n.b.hard_expired(c.local.ip(), 0x0bad_beef, n.now));
+    n.run(Duration::from_secs(5));
+    assert_eq!(n.b.stats().get("child-hard-expired"), Some(&1));
+    assert_eq!(n.removes[0].len(), 1, "{:#?}", n.logs[0]);
+    assert_eq!(n.removes[1].len(), 1, "{:#?}", n.logs[1]);
+    assert!(n.a.list(n.now)[0].children.is_empty());
+    assert!(n.b.list(n.now)[0].children.is_empty());
+}

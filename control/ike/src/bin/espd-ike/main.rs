@@ -299,7 +299,21 @@ impl Daemon {
                     self.ep.soft_expired(dst, spi, now);
                 }
             }
-            Some("hard-expire") => log(&format!("espd: hard expiry of {}", v)),
+            Some("hard-expire") => {
+                // espd removed the SA (RFC 4301 §4.4.2.1): the child goes
+                // with the peer too.
+                let dst = v["dst"].as_str().and_then(|d| d.parse::<IpAddr>().ok());
+                let spi = v["spi"]
+                    .as_str()
+                    .and_then(|s| u32::from_str_radix(s.trim_start_matches("0x"), 16).ok());
+                let ours = match (dst, spi) {
+                    (Some(dst), Some(spi)) => self.ep.hard_expired(dst, spi, now),
+                    _ => false,
+                };
+                if !ours {
+                    log(&format!("espd: hard expiry of an SA that is not ours: {v}"));
+                }
+            }
             _ => {}
         }
     }
@@ -350,6 +364,14 @@ impl Daemon {
                 s.insert("child-sas-installed".into(), self.inst.child_count() as u64);
                 s.insert("policies-installed".into(), self.inst.policy_count() as u64);
                 s.insert("espd-connected".into(), self.link.is_up() as u64);
+                for p in self.ep.pool_usage() {
+                    s.insert(
+                        format!("pool.{}.size", p.name),
+                        p.size.min(u64::MAX as u128) as u64,
+                    );
+                    s.insert(format!("pool.{}.online", p.name), p.online as u64);
+                    s.insert(format!("pool.{}.offline", p.name), p.offline as u64);
+                }
                 json!({"ok": true, "stats": s})
             }
             other => json!({"ok": false, "error": format!(
@@ -367,7 +389,10 @@ impl Daemon {
                 .connections
                 .iter()
                 .find(|n| n.name == c.name)
-                .is_some_and(|n| format!("{:?}", strip_at(n)) == format!("{:?}", strip_at(c)));
+                .is_some_and(|n| {
+                    format!("{:?}", strip_at(n)) == format!("{:?}", strip_at(c))
+                        && pools_of(&new, n) == pools_of(&old, c)
+                });
             if !same {
                 let n = self.ep.terminate(&c.name, now);
                 out += &format!(
@@ -412,9 +437,19 @@ impl Daemon {
 
 /// A connection's settings without where they were written (a reload
 /// that only moved lines changes nothing).
+/// The pools a connection hands out from, as written (a changed pool
+/// changes the connection: its clients' leases start afresh).
+fn pools_of(cfg: &Config, c: &conf::Conn) -> Vec<Option<(IpAddr, IpAddr, Vec<IpAddr>)>> {
+    c.pools
+        .iter()
+        .map(|p| cfg.pool(p).map(|p| (p.first, p.last, p.dns.clone())))
+        .collect()
+}
+
 fn strip_at(c: &conf::Conn) -> conf::Conn {
     let mut c = c.clone();
     c.at.clear();
+    c.pools_at.clear();
     for ch in &mut c.children {
         ch.at.clear();
     }
@@ -454,6 +489,8 @@ fn sa_json(s: &SaInfo) -> Value {
         "initiator": s.initiator, "state": s.state, "local": s.local.to_string(),
         "remote": s.remote.to_string(), "local_id": s.local_id, "remote_id": s.remote_id,
         "alg": s.alg, "nat": s.nat, "established_secs": s.established_secs,
+        "local_vips": s.local_vips.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        "remote_vips": s.remote_vips.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "children": s.children.iter().map(|c| json!({
             "name": c.name, "reqid": c.reqid, "mode": c.mode,
             "spi_in": format!("{:08x}", c.spi_in), "spi_out": format!("{:08x}", c.spi_out),
@@ -482,6 +519,12 @@ fn sa_text(s: &SaInfo) -> String {
     );
     if let Some(e) = s.established_secs {
         t += &format!("  established {e}s ago\n");
+    }
+    for (side, v) in [("local", &s.local_vips), ("remote", &s.remote_vips)] {
+        if !v.is_empty() {
+            let v: Vec<String> = v.iter().map(|a| a.to_string()).collect();
+            t += &format!("  {side} virtual IP {}\n", v.join(" "));
+        }
     }
     for c in &s.children {
         t += &format!(
