@@ -154,13 +154,13 @@ swanctl {{ socket = unix://{self.dir}/vici }}
 class Ike:
     """espd-ike in gw1's namespace beside espd."""
 
-    def __init__(self, net, conf_text, gw="gw1", sock=None, args=()):
+    def __init__(self, net, conf_text, gw="gw1", sock=None, args=(), run=""):
         self.net = net
         self.gw = gw
         self.conf = net.tmp / f"{gw}-swanctl.conf"
         self.conf.write_text(conf_text)
         self.sock = str(sock or net.tmp / f"{gw}-ike.sock")
-        self.logpath = net.tmp / f"{gw}-espd-ike.log"
+        self.logpath = net.tmp / f"{gw}-espd-ike{run}.log"
         self.logf = open(self.logpath, "w")
         self.p = net.popen(gw, str(ESPD_IKE), "--config", str(self.conf), "--espd",
                            net.sock(gw), "--socket", self.sock, *args,
@@ -525,6 +525,65 @@ def test_espd_restarted_under_espd_ike_gets_its_sas_again(site):
     assert "installing" in ike.log() and "again" in ike.log()
     r = net.ns("a", "ping", "-c", "3", "-i", "0.1", "-W", "2", "198.18.2.20")
     assert " 0% packet loss" in r.stdout
+
+
+@pytest.mark.parametrize("start", ["start", "trap"])
+def test_espd_ike_killed_and_restarted_brings_the_tunnel_back(site, start):
+    """espd-ike is SIGKILLed (no DELETE, espd keeps what it installed) and
+    started again: with start_action = start it negotiates at once, with
+    trap its trap policies are back and the next packet negotiates; charon
+    drops its stale IKE_SA on our INITIAL_CONTACT, espd is left with exactly
+    the new tunnel's two SAs, and traffic flows both ways."""
+    net, parts = site
+    parts["charon"] = charon = Charon(net, swanctl_conf("gw2", "gw1"))
+    conf = swanctl_conf("gw1", "gw2", start=start)
+    parts["ike"] = ike = Ike(net, conf)
+    if start == "trap":
+        net.ns("a", "ping", "-c", "3", "-i", "0.3", "-W", "2", "198.18.2.20", check=False)
+    first = wait_child(ike, charon)[0]
+    r = net.ns("a", "ping", "-c", "3", "-i", "0.1", "-W", "2", "198.18.2.20")
+    assert " 0% packet loss" in r.stdout
+    # Fail closed throughout: pings run across the kill and the restart,
+    # and the wire must never carry one of them in plaintext.
+    leak = net.tmp / "leak.pcap"
+    dump = net.popen("wire", "tcpdump", "-ni", "br0", "--immediate-mode", "-w", str(leak), "icmp",
+                     stderr=subprocess.DEVNULL)
+    pinger = net.popen("a", "ping", "-i", "0.05", "-c", "200", "198.18.2.20",
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)
+    ike.p.kill()
+    ike.p.wait()
+    ike.logf.close()
+    t0 = time.time()
+    parts["ike"] = ike = Ike(net, conf, run="-2")
+    if start == "trap":
+        # Trap policies first; the old SAs must not carry the traffic.
+        net.ns("a", "ping", "-c", "3", "-i", "0.3", "-W", "2", "198.18.2.20", check=False)
+    sas = wait_child(ike, charon)
+    up = time.time() - t0
+    assert sas[0]["spi_i"] != first["spi_i"], (sas, first)
+    # Within seconds, and what the killed one left is gone from espd.
+    assert up < 5, (up, ike.log())
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        text = charon.sas()
+        if text.count("ESTABLISHED") == 1 and espd_states(net).count("state add") == 2:
+            break
+        time.sleep(0.2)
+    pinger.wait(timeout=30)
+    dump.send_signal(signal.SIGINT)
+    dump.wait(timeout=10)
+    r = sh("tcpdump", "-nr", str(leak))
+    assert r.stdout.strip() == "", "plaintext ICMP on the wire:\n" + r.stdout[:2000]
+    assert "earlier espd-ike" in ike.log(), ike.log()
+    st = espd_states(net)
+    assert st.count("state add") == 2, (st, ike.log())
+    c = sas[0]["children"][0]
+    assert f"spi 0x{c['spi_in']}" in st and f"spi 0x{c['spi_out']}" in st, (st, c)
+    assert charon.sas().count("ESTABLISHED") == 1, charon.sas()
+    for frm, to in (("a", "198.18.2.20"), ("b", "198.18.1.10")):
+        r = net.ns(frm, "ping", "-c", "5", "-i", "0.1", "-W", "2", to)
+        assert " 0% packet loss" in r.stdout, (r.stdout[-300:], ike.log())
 
 
 def test_stopping_espd_ike_keeps_trap_policies_so_traffic_stays_blocked(site):

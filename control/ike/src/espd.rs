@@ -25,6 +25,10 @@ const TRAP_PRIORITY: u32 = 1000;
 struct Policy {
     add: String,
     users: usize,
+    /// In espd from an espd-ike that ended without removing it (killed):
+    /// kept, so what it protects stays blocked, until a child of ours
+    /// replaces it (`policy update`) or [`Installer::drop_adopted`].
+    adopted: bool,
 }
 
 /// A CHILD_SA espd holds for us.
@@ -196,12 +200,19 @@ impl Installer {
             if held.contains(&key) {
                 continue;
             }
-            let p = self
-                .policies
-                .entry(key.clone())
-                .or_insert(Policy { add, users: 0 });
+            let p = self.policies.entry(key.clone()).or_insert(Policy {
+                add: add.clone(),
+                users: 0,
+                adopted: false,
+            });
             p.users += 1;
-            if p.users == 1 {
+            if p.adopted {
+                // Replaced in place: never a moment without the policy.
+                p.adopted = false;
+                p.add = add;
+                out.push_str(&p.add.replacen("policy add", "policy update", 1));
+                out.push('\n');
+            } else if p.users == 1 {
                 out.push_str(&p.add);
                 out.push('\n');
             }
@@ -364,13 +375,60 @@ impl Installer {
         v
     }
 
-    /// Everything, for an espd that restarted: every policy, then every SA
-    /// batch's state lines (policies first is fine: they only name reqids).
-    pub fn reinstall(&self) -> Vec<Zeroizing<String>> {
+    /// Policies a previous espd-ike left in espd (`policy add` lines as
+    /// espd lists them, already chosen as ours by their reqid): each is
+    /// held as adopted unless we hold it already. The keys espd has, for
+    /// [`Installer::reinstall`].
+    pub fn adopt(&mut self, lines: &[&str]) -> std::collections::HashSet<String> {
+        let mut have = std::collections::HashSet::new();
+        for l in lines {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let Some(d) = w.iter().position(|x| *x == "dir") else {
+                continue;
+            };
+            if w.len() < d + 2 || w.get(..2) != Some(&["policy", "add"][..]) {
+                continue;
+            }
+            let key = w[2..d + 2].join(" ");
+            self.policies.entry(key.clone()).or_insert(Policy {
+                add: w.join(" "),
+                users: 0,
+                adopted: true,
+            });
+            have.insert(key);
+        }
+        have
+    }
+
+    /// Adopted policies no child of ours took over: their delete lines.
+    pub fn drop_adopted(&mut self) -> Vec<String> {
+        let gone: Vec<String> = self
+            .policies
+            .iter()
+            .filter(|(_, p)| p.adopted)
+            .map(|(k, _)| k.clone())
+            .collect();
+        gone.into_iter()
+            .map(|k| {
+                self.policies.remove(&k);
+                format!("policy delete {k}")
+            })
+            .collect()
+    }
+
+    /// Everything, for an espd that restarted (or, `in_espd`, one that holds
+    /// some of these policies already: those are updated in place): every
+    /// policy, then every SA batch's state lines (policies first is fine:
+    /// they only name reqids).
+    pub fn reinstall(&self, in_espd: &std::collections::HashSet<String>) -> Vec<Zeroizing<String>> {
         let mut v = Vec::new();
         let mut pol = String::new();
-        for p in self.policies.values() {
-            pol.push_str(&p.add);
+        for (k, p) in self.policies.iter().filter(|(_, p)| !p.adopted) {
+            if in_espd.contains(k) {
+                pol.push_str(&p.add.replacen("policy add", "policy update", 1));
+            } else {
+                pol.push_str(&p.add);
+            }
             pol.push('\n');
         }
         if !pol.is_empty() {
@@ -565,11 +623,54 @@ mod tests {
         let c = child(0x1000, Encr::AesCbc(128), false);
         i.install(&c, Dir::In);
         i.install(&c, Dir::Out);
-        let b = i.reinstall();
+        let b = i.reinstall(&Default::default());
         assert_eq!(b.len(), 3);
         assert!(!b[0].contains("0x00010203"), "policies carry no key");
         for l in i.remove_all(false) {
             assert!(!l.contains("0x0001"), "{l}");
         }
+    }
+
+    #[test]
+    fn policies_a_killed_espd_ike_left_are_updated_in_place_or_dropped() {
+        let mut i = Installer::new();
+        let c = child(0x1000, Encr::AesCbc(128), false);
+        // What espd lists after the last espd-ike was SIGKILLed: this
+        // child's out policy (another SPI's template) and one no child of
+        // ours wants any more.
+        let mut first = Installer::new();
+        let old = first.install(&c, Dir::Out);
+        let mut lines: Vec<&str> = old
+            .lines()
+            .filter(|l| l.starts_with("policy add"))
+            .collect();
+        assert_eq!(lines.len(), 2);
+        let stale = "policy add src 198.18.9.0/24 dst 198.18.8.0/24 dir out tmpl src 198.18.0.1 dst 198.18.0.2 proto esp reqid 7 mode tunnel";
+        lines.push(stale);
+        lines.push("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1");
+        let have = i.adopt(&lines);
+        assert_eq!(have.len(), 3);
+        // The child comes back: its policy is replaced, never deleted first.
+        let text = i.install(&c, Dir::Out);
+        assert!(
+            text.contains("policy update src 198.18.1.0/24"),
+            "{}",
+            *text
+        );
+        assert!(!text.contains("policy add"), "{}", *text);
+        assert!(i
+            .reinstall(&have)
+            .iter()
+            .any(|b| b.contains("policy update")));
+        // The one nobody took goes when the grace ends; ours stays.
+        assert_eq!(
+            i.drop_adopted(),
+            [format!(
+                "policy delete {}",
+                &stale["policy add ".len()..stale.find(" tmpl").unwrap()]
+            )]
+        );
+        assert!(i.drop_adopted().is_empty());
+        assert_eq!(i.policy_count(), 2);
     }
 }

@@ -130,6 +130,12 @@ impl Link {
     }
 
     /// Applies one batch, all or nothing.
+    /// A listing (`states` without keys, or `policies`) as espd writes it.
+    pub fn listing(&mut self, op: &str) -> Result<String, Refusal> {
+        let a = self.request(json!({"op": op, "keys": false}))?;
+        Ok(a["text"].as_str().unwrap_or("").to_string())
+    }
+
     pub fn apply(&mut self, name: &str, text: &str) -> Result<(), Refusal> {
         self.request(json!({"op": "apply", "name": name, "text": text}))
             .map(|_| ())

@@ -98,7 +98,18 @@ struct Daemon {
     cfg_path: PathBuf,
     counters: BTreeMap<&'static str, u64>,
     next_connect: Instant,
+    /// This process has been connected to espd before (leftovers of an
+    /// earlier espd-ike are looked for on the first connection only).
+    connected_once: bool,
+    /// Until then, policies a killed espd-ike left wait for our children.
+    adopted_until: Option<Instant>,
 }
+
+/// How long policies a killed espd-ike left in espd wait for a child of
+/// ours to take them over before they are deleted: traffic they protect
+/// stays blocked meanwhile (fail closed), and start/trap children and
+/// peers that reconnect come back well within it.
+const ADOPT_GRACE: Duration = Duration::from_secs(60);
 
 impl Daemon {
     fn count(&mut self, k: &'static str) {
@@ -138,6 +149,86 @@ impl Daemon {
         }
     }
 
+    /// An espd-ike that was killed removed nothing: its SAs (which no IKE
+    /// SA of ours can rekey or delete) are removed now, and its policies —
+    /// those whose template names one of our reqids — are kept so that what
+    /// they protect stays blocked, then replaced in place by our children
+    /// (`policy update`), or deleted after [`ADOPT_GRACE`] if none takes
+    /// them. The keys of policies espd holds.
+    fn adopt_leftovers(&mut self) -> std::collections::HashSet<String> {
+        let cfg = self.ep.config().clone();
+        let ours = |line: &str| -> bool {
+            let w: Vec<&str> = line.split_whitespace().collect();
+            let Some(r) = w
+                .iter()
+                .position(|x| *x == "reqid")
+                .and_then(|i| w.get(i + 1))
+                .and_then(|r| r.parse::<u32>().ok())
+            else {
+                return false;
+            };
+            r >= conf::DYNAMIC_REQIDS
+                || cfg
+                    .connections
+                    .iter()
+                    .flat_map(|c| &c.children)
+                    .any(|ch| ch.reqid == r)
+        };
+        let (states, policies) = match (self.link.listing("states"), self.link.listing("policies"))
+        {
+            (Ok(s), Ok(p)) => (s, p),
+            (Err(Refusal::Refused(e) | Refusal::Unreachable(e)), _)
+            | (_, Err(Refusal::Refused(e) | Refusal::Unreachable(e))) => {
+                log(&format!("listing espd's SAs and policies: {e}"));
+                return Default::default();
+            }
+        };
+        let mut dels = Vec::new();
+        for l in states
+            .lines()
+            .filter(|l| l.starts_with("state add") && ours(l))
+        {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            if let Some(i) = w.iter().position(|x| *x == "spi") {
+                if i + 1 < w.len() {
+                    dels.push(format!("state delete {}", w[2..=i + 1].join(" ")));
+                }
+            }
+        }
+        let pols: Vec<&str> = policies
+            .lines()
+            .filter(|l| l.starts_with("policy add") && ours(l))
+            .collect();
+        if dels.is_empty() && pols.is_empty() {
+            return Default::default();
+        }
+        log(&format!(
+            "espd holds {} SA(s) and {} policy(ies) of an earlier espd-ike that did not remove them: the SAs are removed, the policies kept (blocking) until our children replace them, at most {} s",
+            dels.len(),
+            pols.len(),
+            ADOPT_GRACE.as_secs()
+        ));
+        self.count("leftover-sas-removed");
+        self.delete(dels);
+        self.adopted_until = Some(Instant::now() + ADOPT_GRACE);
+        self.inst.adopt(&pols)
+    }
+
+    /// The grace for adopted policies is over: those no child took go.
+    fn end_adoption(&mut self, now: Instant) {
+        if self.adopted_until.is_some_and(|t| now >= t) {
+            self.adopted_until = None;
+            let lines = self.inst.drop_adopted();
+            if !lines.is_empty() {
+                log(&format!(
+                    "{} policy(ies) of the earlier espd-ike were not taken over by a child: deleted",
+                    lines.len()
+                ));
+                self.delete(lines);
+            }
+        }
+    }
+
     fn try_connect(&mut self) {
         match self.link.connect() {
             Ok(true) => {
@@ -145,7 +236,12 @@ impl Daemon {
                     "connected to espd at {}",
                     self.link.path.display()
                 ));
-                let batches = self.inst.reinstall();
+                let mut in_espd = std::collections::HashSet::new();
+                if !self.connected_once {
+                    self.connected_once = true;
+                    in_espd = self.adopt_leftovers();
+                }
+                let batches = self.inst.reinstall(&in_espd);
                 if !batches.is_empty() {
                     log(&format!(
                         "installing {} batch(es) of CHILD_SAs and policies again",
@@ -617,6 +713,8 @@ fn run() -> anyhow::Result<()> {
         cfg_path: args.config.clone(),
         counters: BTreeMap::new(),
         next_connect: Instant::now(),
+        connected_once: false,
+        adopted_until: None,
     };
     log(&format!(
         "started: UDP ports {ports:?}, control {}, espd {}",
@@ -668,6 +766,7 @@ fn run() -> anyhow::Result<()> {
         if !d.link.is_up() && d.next_connect <= now {
             d.try_connect();
         }
+        d.end_adoption(now);
         d.drain(now);
     }
     // Exit: DELETE every IKE_SA (RFC 7296 §1.4.1), give the answers half a
