@@ -586,6 +586,35 @@ def test_espd_ike_killed_and_restarted_brings_the_tunnel_back(site, start):
         assert " 0% packet loss" in r.stdout, (r.stdout[-300:], ike.log())
 
 
+def test_close_action_start_brings_back_what_charon_closes(site):
+    """close_action = start: charon terminates the CHILD_SA, then the whole
+    IKE_SA; each time espd-ike negotiates it again at once, and traffic
+    flows on the new SAs."""
+    net, parts = site
+    parts["charon"] = charon = Charon(net, swanctl_conf("gw2", "gw1"))
+    parts["ike"] = ike = Ike(net, swanctl_conf("gw1", "gw2", child_extra="\n        close_action = start"))
+    ike.ctl("initiate", "net")
+    first = wait_child(ike, charon)[0]
+    for what, arg in (("child", "net"), ("ike", "site")):
+        before = [c["spi_in"] for s in ike.sas() for c in s["children"]]
+        charon.swanctl("--terminate", f"--{what}", arg, timeout=30)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            kids = [c["spi_in"] for s in ike.sas() for c in s["children"]]
+            if kids and kids != before and "INSTALLED" in charon.sas() and espd_states(net).count("state add") == 2:
+                break
+            time.sleep(0.2)
+        kids = [c["spi_in"] for s in ike.sas() for c in s["children"]]
+        assert len(kids) == 1 and kids != before, (what, kids, before, ike.log())
+        assert espd_states(net).count("state add") == 2, espd_states(net)
+        r = net.ns("a", "ping", "-c", "5", "-i", "0.1", "-W", "2", "198.18.2.20")
+        assert " 0% packet loss" in r.stdout, (what, r.stdout[-300:])
+    sas = ike.sas()
+    assert len(sas) == 1 and sas[0]["spi_i"] != first["spi_i"], sas
+    stats = json.loads(ike.ctl("stats").stdout)
+    assert stats.get("close-action-starts") == 2, (stats, ike.log())
+
+
 def test_stopping_espd_ike_keeps_trap_policies_so_traffic_stays_blocked(site):
     net, parts = site
     parts["charon"] = charon = Charon(net, swanctl_conf("gw2", "gw1"))

@@ -322,6 +322,18 @@ pub enum DpdAction {
     Restart,
 }
 
+/// What becomes of a child when the peer deletes it, or its IKE_SA, other
+/// than to replace it (strongSwan's `close_action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseAction {
+    /// Nothing more (`none` and `clear`).
+    Clear,
+    /// Its trap policies stay (only with `start_action = trap`).
+    Trap,
+    /// Negotiated again at once.
+    Start,
+}
+
 /// An identity as written (strongSwan's forms), or `%any`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdConf {
@@ -512,6 +524,7 @@ pub struct Child {
     /// the margin to `life_time`; `0` rekeys exactly at `rekey_time`).
     pub rand_time: Option<Duration>,
     pub dpd_action: DpdAction,
+    pub close_action: CloseAction,
     /// Volume lifetimes (strongSwan's `rekey_bytes`, `life_bytes`,
     /// `rekey_packets`, `life_packets`; 0 none): espd's soft expiry starts
     /// a rekey, its hard expiry ends the SA.
@@ -1238,6 +1251,7 @@ fn child(s: &Section, reqid: &mut u32) -> Result<Child, Vec<String>> {
         life_time: Duration::ZERO,
         rand_time: None,
         dpd_action: DpdAction::Clear,
+        close_action: CloseAction::Clear,
         rekey_bytes: 0,
         life_bytes: 0,
         rekey_packets: 0,
@@ -1249,6 +1263,7 @@ fn child(s: &Section, reqid: &mut u32) -> Result<Child, Vec<String>> {
     };
     let mut life_set = false;
     let mut dpd_at = String::new();
+    let mut close_at = String::new();
     for kv in &s.kvs {
         let r: Result<(), String> = (|| {
             match kv.key.as_str() {
@@ -1308,9 +1323,13 @@ fn child(s: &Section, reqid: &mut u32) -> Result<Child, Vec<String>> {
                     dpd_at = kv.at.clone();
                 }
                 "close_action" => {
-                    if kv.value != "none" && kv.value != "clear" {
-                        return Err(format!("{}: {} = {}: only clear is supported so far", kv.at, kv.key, kv.value));
-                    }
+                    c.close_action = match kv.value.as_str() {
+                        "none" | "clear" => CloseAction::Clear,
+                        "trap" => CloseAction::Trap,
+                        "start" => CloseAction::Start,
+                        other => return Err(format!("{}: close_action = {other}: expected none, clear, trap or start", kv.at)),
+                    };
+                    close_at = kv.at.clone();
                 }
                 "rand_time" => {
                     c.rand_time = Some(duration(&kv.value).map_err(|e| format!("{}: rand_time: {e}", kv.at))?);
@@ -1327,6 +1346,11 @@ fn child(s: &Section, reqid: &mut u32) -> Result<Child, Vec<String>> {
         if let Err(e) = r {
             errs.push(e);
         }
+    }
+    if c.close_action == CloseAction::Trap && c.start_action != StartAction::Trap {
+        errs.push(format!(
+            "{close_at}: close_action = trap: espd-ike keeps trap policies only for a child with start_action = trap (expected clear or start, or start_action = trap)"
+        ));
     }
     if c.dpd_action == DpdAction::Trap && c.start_action != StartAction::Trap {
         errs.push(format!(
@@ -1674,6 +1698,34 @@ secrets {
         let e = load(&write("hold", &with("hold"))).unwrap_err();
         assert!(
             e[0].contains(":20: dpd_action = hold: expected none, clear, trap or restart"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn close_action_words() {
+        let with = |w: &str| {
+            NET2NET.replace(
+                "esp_proposals = aes128gcm16",
+                &format!("esp_proposals = aes128gcm16\n        close_action = {w}"),
+            )
+        };
+        let c = load(&write("close-start", &with("start"))).unwrap();
+        assert_eq!(
+            c.connections[0].children[0].close_action,
+            CloseAction::Start
+        );
+        let c = load(&write("close-trap", &with("trap"))).unwrap();
+        assert_eq!(c.connections[0].children[0].close_action, CloseAction::Trap);
+        let start = with("trap").replace("start_action = trap", "start_action = start");
+        let e = load(&write("close-trap-start", &start)).unwrap_err();
+        assert!(
+            e[0].contains(":20: close_action = trap: espd-ike keeps trap policies only"),
+            "{e:?}"
+        );
+        let e = load(&write("close-hold", &with("hold"))).unwrap_err();
+        assert!(
+            e[0].contains(":20: close_action = hold: expected none, clear, trap or start"),
             "{e:?}"
         );
     }

@@ -6,7 +6,7 @@
 //! put two endpoints in one process with a simulated network.
 
 use crate::cert;
-use crate::conf::{self, Child, Config, Conn, DpdAction, IdConf, Mode, StartAction};
+use crate::conf::{self, Child, CloseAction, Config, Conn, DpdAction, IdConf, Mode, StartAction};
 use crate::crypto::{self, IkeKeys, KeyShare, Secret};
 use crate::pool::Leases;
 use crate::proposal::{self, Chosen};
@@ -465,6 +465,8 @@ pub struct Endpoint {
     /// Children to negotiate again (`dpd_action = restart`), one list per
     /// IKE_SA whose peer stopped answering; taken after the timers ran.
     restarts: Vec<Vec<String>>,
+    /// Children the peer closed whose `close_action` is `start`.
+    reopen: Vec<String>,
     /// Virtual addresses handed out (`pools`), and which IKE_SA (our SPI)
     /// holds which: released once that IKE_SA is gone (swept with the timers).
     leases: Leases,
@@ -629,6 +631,7 @@ impl Endpoint {
             retransmit_tries: RETRANSMIT_TRIES,
             out: VecDeque::new(),
             restarts: Vec::new(),
+            reopen: Vec::new(),
             leases,
             lease_of: HashMap::new(),
             reqids: Reqids::default(),
@@ -846,6 +849,26 @@ impl Endpoint {
             }
         }
         v
+    }
+
+    fn close_action(&self, child: &str) -> CloseAction {
+        self.cfg
+            .child(child)
+            .map_or(CloseAction::Clear, |(_, ch)| ch.close_action)
+    }
+
+    /// `close_action = start`: the children the peer closed are negotiated
+    /// again (on a live IKE_SA of their connection, else a new one).
+    fn reopen_closed(&mut self, now: Instant) {
+        for name in std::mem::take(&mut self.reopen) {
+            self.count("close-action-starts");
+            match self.initiate(&name, None, now) {
+                Ok(()) => self.log(format!(
+                    "close_action = start: the peer closed {name}: negotiating it again"
+                )),
+                Err(e) => self.log(format!("close_action = start of {name}: {e}")),
+            }
+        }
     }
 
     /// `dpd_action = restart`: a new IKE_SA for the first child, the others
@@ -1505,6 +1528,9 @@ impl Endpoint {
         self.on_message(&mut sa, now, local, remote, &hdr, data);
         if !sa.dead {
             self.sas.insert(ours, sa);
+        }
+        if !self.reopen.is_empty() {
+            self.reopen_closed(now);
         }
     }
 
@@ -3732,6 +3758,12 @@ impl Endpoint {
                                 let c = sa.children.remove(i);
                                 ours_deleted.push(c.spi_in.to_be_bytes().to_vec());
                                 self.log(child_line(sa, &c, "deleted by the peer"));
+                                // Closed, not replaced (a rekey leaves its
+                                // successor of the same child behind).
+                                let replaced = sa.children.iter().any(|o| o.name == c.name);
+                                if !replaced && self.close_action(&c.name) == CloseAction::Start {
+                                    self.reopen.push(c.name.clone());
+                                }
                                 self.remove_child(c, "deleted by the peer");
                             }
                         }
@@ -3760,6 +3792,13 @@ impl Endpoint {
             } else {
                 self.log(format!("{label}: IKE_SA deleted by the peer"));
                 self.count("ike-deleted-by-peer");
+                for c in &sa.children {
+                    if self.close_action(&c.name) == CloseAction::Start
+                        && !self.reopen.contains(&c.name)
+                    {
+                        self.reopen.push(c.name.clone());
+                    }
+                }
             }
             let taken = std::mem::replace(sa, dead_placeholder(sa));
             self.kill(taken, "IKE_SA deleted by the peer");

@@ -1059,3 +1059,65 @@ fn espds_hard_expiry_deletes_the_child_with_the_peer() {
     assert!(n.a.list(n.now)[0].children.is_empty());
     assert!(n.b.list(n.now)[0].children.is_empty());
 }
+
+#[test]
+fn close_action_start_negotiates_again_what_the_peer_closes_but_not_a_rekey() {
+    // B: close_action = start. A rekeys the child (its DELETE of the old
+    // SA is no close), then closes the child, then the whole IKE SA.
+    let mut n = pair(
+        "",
+        "",
+        "rekey_time = 20s\n life_time = 60s\n rand_time = 0s",
+        "close_action = start",
+        "s3cret",
+    );
+    n.a.initiate("net", None, n.now).unwrap();
+    n.run(Duration::from_secs(5));
+    assert_matching(&n);
+    n.run(Duration::from_secs(20));
+    assert_eq!(
+        n.a.stats().get("child-rekeys-started"),
+        Some(&1),
+        "{:#?}",
+        n.logs[0]
+    );
+    assert_eq!(
+        n.b.stats().get("close-action-starts"),
+        None,
+        "{:#?}",
+        n.logs[1]
+    );
+    // A closes the child: B negotiates it again on the same IKE SA.
+    let before = n.up(1).len();
+    assert_eq!(n.a.terminate_child("net", n.now), 1);
+    n.run(Duration::from_secs(3));
+    assert_eq!(
+        n.b.stats().get("close-action-starts"),
+        Some(&1),
+        "{:#?}",
+        n.logs[1]
+    );
+    assert_eq!(n.up(1).len(), before + 1, "{:#?}", n.logs[1]);
+    assert_eq!(live(&n.a, n.now), live_mirror(&n.b, n.now));
+    assert_eq!(n.a.sa_count(), 1);
+    // A deletes the IKE SA: B brings it back, as IKE initiator now.
+    n.a.terminate("site", n.now);
+    n.run(Duration::from_secs(3));
+    assert_eq!(
+        n.b.stats().get("close-action-starts"),
+        Some(&2),
+        "{:#?}",
+        n.logs[1]
+    );
+    let lb = n.b.list(n.now);
+    assert_eq!(lb.len(), 1, "{:#?}", n.logs[1]);
+    assert!(lb[0].initiator && lb[0].children.len() == 1, "{lb:#?}");
+    assert_eq!(live(&n.a, n.now), live_mirror(&n.b, n.now));
+}
+
+/// `live` of the other side, each pair turned around (its in is our out).
+fn live_mirror(e: &Endpoint, now: Instant) -> Vec<(u32, u32)> {
+    let mut v: Vec<(u32, u32)> = live(e, now).into_iter().map(|(i, o)| (o, i)).collect();
+    v.sort();
+    v
+}
