@@ -40,6 +40,14 @@ elif [ "${CI:-}" = true ]; then
 else
     echo "skipped: needs root (network namespaces, XDP)"
 fi
+echo "== IKE load (smoke: 200 tunnels against espd-ike; full table: scripts/oracle/ikeload.py)"
+if [ "$(id -u)" = 0 ]; then
+    .venv/bin/python scripts/oracle/ikeload.py --smoke
+elif [ "${CI:-}" = true ]; then
+    echo "CI must run as root: the IKE load test needs network namespaces" >&2; exit 1
+else
+    echo "skipped: needs root (network namespaces, XDP)"
+fi
 echo "== oracle suite (scapy 2.8, tshark, cryptography)"
 # In CI a skipped test is a failure: the tshark fixture fails there instead of skipping.
 .venv/bin/python -m pytest -p no:cacheprovider -q scripts/oracle "$@"

@@ -720,6 +720,9 @@ pub struct Config {
     pub pools: Vec<Pool>,
     pub secrets: Vec<Psk>,
     pub warnings: Vec<String>,
+    /// Child name → (connection, child) indexes, the first of each name
+    /// (built by [`load`]; a load generator's file has thousands).
+    children_by_name: std::collections::HashMap<String, (usize, usize)>,
 }
 
 impl Config {
@@ -755,6 +758,10 @@ impl Config {
 
     /// The connection and child named `child` (the first with that name).
     pub fn child(&self, child: &str) -> Option<(&Conn, &Child)> {
+        if let Some(&(c, h)) = self.children_by_name.get(child) {
+            let conn = &self.connections[c];
+            return Some((conn, &conn.children[h]));
+        }
         self.connections.iter().find_map(|c| {
             c.children
                 .iter()
@@ -924,6 +931,13 @@ pub fn load(path: &Path) -> Result<Config, Vec<String>> {
                     ch.at, ch.name
                 ));
             }
+        }
+    }
+    for (ci, c) in cfg.connections.iter().enumerate() {
+        for (hi, ch) in c.children.iter().enumerate() {
+            cfg.children_by_name
+                .entry(ch.name.clone())
+                .or_insert((ci, hi));
         }
     }
     if errs.is_empty() {

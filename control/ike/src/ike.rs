@@ -445,7 +445,7 @@ pub struct ChildInfo {
 
 pub struct Endpoint {
     cfg: Arc<Config>,
-    sas: HashMap<u64, IkeSa>,
+    sas: SaTable,
     /// Responder: (peer, SPIi) → our SPI, to answer a retransmitted IKE_SA_INIT.
     by_init: HashMap<(SocketAddr, u64), u64>,
     half_open: usize,
@@ -473,6 +473,121 @@ pub struct Endpoint {
     lease_of: HashMap<u64, Vec<(String, IpAddr)>>,
     reqids: Reqids,
     stats: BTreeMap<&'static str, u64>,
+}
+
+/// The IKE SAs by our SPI, with each one's next deadline in order. Any
+/// insertion or mutable access marks the SA for its deadline to be worked
+/// out again ([`SaTable::refresh`]), so no change can leave a stale one.
+#[derive(Default)]
+struct SaTable {
+    map: HashMap<u64, IkeSa>,
+    /// SPIs by connection name, as of each SA's last insertion (a
+    /// connection's SAs without a walk over all of them).
+    by_conn: HashMap<String, std::collections::HashSet<u64>>,
+    at: HashMap<u64, Instant>,
+    by_time: std::collections::BTreeSet<(Instant, u64)>,
+    dirty: std::collections::HashSet<u64>,
+}
+
+impl SaTable {
+    fn insert(&mut self, k: u64, v: IkeSa) -> Option<IkeSa> {
+        self.dirty.insert(k);
+        self.by_conn.entry(v.conn.clone()).or_default().insert(k);
+        let old = self.map.insert(k, v);
+        if let Some(o) = &old {
+            if o.conn != self.map[&k].conn {
+                self.unconn(&o.conn.clone(), k);
+            }
+        }
+        old
+    }
+
+    fn remove(&mut self, k: &u64) -> Option<IkeSa> {
+        self.unindex(*k);
+        self.dirty.remove(k);
+        let v = self.map.remove(k);
+        if let Some(v) = &v {
+            self.unconn(&v.conn, *k);
+        }
+        v
+    }
+
+    fn unconn(&mut self, conn: &str, k: u64) {
+        if let Some(set) = self.by_conn.get_mut(conn) {
+            set.remove(&k);
+            if set.is_empty() {
+                self.by_conn.remove(conn);
+            }
+        }
+    }
+
+    /// The SAs of connection `conn`.
+    fn of_conn<'a>(&'a self, conn: &str) -> impl Iterator<Item = (&'a u64, &'a IkeSa)> + 'a {
+        self.by_conn
+            .get(conn)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.map.get_key_value(k))
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut IkeSa> {
+        self.touch_all();
+        self.map.values_mut()
+    }
+
+    fn touch_all(&mut self) {
+        self.dirty.extend(self.map.keys().copied());
+    }
+
+    fn get(&self, k: &u64) -> Option<&IkeSa> {
+        self.map.get(k)
+    }
+
+    fn contains_key(&self, k: &u64) -> bool {
+        self.map.contains_key(k)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&u64, &IkeSa)> {
+        self.map.iter()
+    }
+
+    fn values(&self) -> impl Iterator<Item = &IkeSa> {
+        self.map.values()
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    fn unindex(&mut self, k: u64) {
+        if let Some(t) = self.at.remove(&k) {
+            self.by_time.remove(&(t, k));
+        }
+    }
+
+    /// Works out the deadline of every SA that changed since.
+    fn refresh(&mut self, deadline: impl Fn(&IkeSa) -> Option<Instant>) {
+        for k in std::mem::take(&mut self.dirty) {
+            self.unindex(k);
+            if let Some(t) = self.map.get(&k).and_then(&deadline) {
+                self.at.insert(k, t);
+                self.by_time.insert((t, k));
+            }
+        }
+    }
+
+    fn first(&self) -> Option<Instant> {
+        self.by_time.first().map(|(t, _)| *t)
+    }
+
+    /// The SAs whose deadline is `now` or earlier.
+    fn due(&self, now: Instant) -> Vec<u64> {
+        self.by_time
+            .iter()
+            .take_while(|(t, _)| *t <= now)
+            .map(|(_, k)| *k)
+            .collect()
+    }
 }
 
 /// Reqids of negotiated CHILD_SAs. espd picks the outbound SA of a policy
@@ -545,6 +660,47 @@ impl Reqids {
             }
         }
     }
+}
+
+/// When `sa` next needs [`Endpoint::handle_timeout`]: a retransmission,
+/// the half-open limit, the superseded wait, DPD, its rekey or expiry, or
+/// a child's rekey.
+fn sa_deadline(cfg: &Config, sa: &IkeSa) -> Option<Instant> {
+    let mut t: Option<Instant> = None;
+    let mut at = |x: Instant| t = Some(t.map_or(x, |y| y.min(x)));
+    {
+        if let Some(p) = &sa.pending {
+            at(p.next);
+        }
+        if sa.state == State::InitDone {
+            at(sa.created + HALF_OPEN_TIMEOUT);
+        }
+        if let Some(w) = sa.superseded {
+            // Rekeyed: only the wait for its DELETE is left.
+            at(w + SUPERSEDED_WAIT);
+            return t;
+        }
+        if let (State::Established, Some(d), None) = (
+            sa.state,
+            cfg.conn(&sa.conn).and_then(|c| c.dpd_delay),
+            &sa.pending,
+        ) {
+            at(sa.last_heard + d);
+        }
+        if sa.state == State::Established && sa.pending.is_none() {
+            if let Some(r) = sa.rekey_at {
+                at(r);
+            }
+            if let Some(r) = sa.expire_at {
+                at(r);
+            }
+            for c in &sa.children {
+                let hold = sa.rekey_hold.get(&c.spi_in).copied();
+                at(hold.map_or(rekey_due(c), |h| h.max(rekey_due(c))));
+            }
+        }
+    }
+    t
 }
 
 /// RFC 7296 §2.15: the octets the AUTH payload signs.
@@ -620,7 +776,7 @@ impl Endpoint {
         leases.configure(&cfg.pools);
         Endpoint {
             cfg,
-            sas: HashMap::new(),
+            sas: SaTable::default(),
             by_init: HashMap::new(),
             half_open: 0,
             half_open_by_peer: HashMap::new(),
@@ -645,6 +801,8 @@ impl Endpoint {
 
     pub fn set_config(&mut self, cfg: Arc<Config>) {
         self.leases.configure(&cfg.pools);
+        // DPD intervals and rekey times may have changed.
+        self.sas.touch_all();
         self.cfg = cfg;
     }
 
@@ -691,38 +849,14 @@ impl Endpoint {
         });
     }
 
-    /// The next time [`handle_timeout`](Self::handle_timeout) wants to run.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        let mut t: Option<Instant> = None;
-        let mut at = |x: Instant| t = Some(t.map_or(x, |y| y.min(x)));
-        for sa in self.sas.values() {
-            if let Some(p) = &sa.pending {
-                at(p.next);
-            }
-            if sa.state == State::InitDone {
-                at(sa.created + HALF_OPEN_TIMEOUT);
-            }
-            if let Some(t) = sa.superseded {
-                at(t + SUPERSEDED_WAIT);
-                continue;
-            }
-            if let (State::Established, Some(d), None) = (sa.state, self.dpd(sa), &sa.pending) {
-                at(sa.last_heard + d);
-            }
-            if sa.state == State::Established && sa.pending.is_none() {
-                if let Some(r) = sa.rekey_at {
-                    at(r);
-                }
-                if let Some(r) = sa.expire_at {
-                    at(r);
-                }
-                for c in &sa.children {
-                    let hold = sa.rekey_hold.get(&c.spi_in).copied();
-                    at(hold.map_or(rekey_due(c), |h| h.max(rekey_due(c))));
-                }
-            }
-        }
-        t
+    /// The next time [`handle_timeout`](Self::handle_timeout) wants to run:
+    /// the earliest of the IKE SAs' own deadlines, which are kept in order
+    /// and worked out again only for SAs that changed (O(log n) per change,
+    /// not a walk over every IKE SA per call: 10 000 tunnels).
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        let cfg = self.cfg.clone();
+        self.sas.refresh(|sa| sa_deadline(&cfg, sa));
+        self.sas.first()
     }
 
     fn dpd(&self, sa: &IkeSa) -> Option<Duration> {
@@ -730,7 +864,10 @@ impl Endpoint {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        let spis: Vec<u64> = self.sas.keys().copied().collect();
+        // Only the IKE SAs whose deadline has come (see `poll_timeout`).
+        let cfg = self.cfg.clone();
+        self.sas.refresh(|sa| sa_deadline(&cfg, sa));
+        let spis: Vec<u64> = self.sas.due(now);
         for spi in spis {
             let Some(mut sa) = self.sas.remove(&spi) else {
                 continue;
@@ -1052,8 +1189,8 @@ impl Endpoint {
             .child(child)
             .ok_or_else(|| format!("no child `{child}` in the configuration"))?;
         // Already up, or being set up?
-        for sa in self.sas.values() {
-            if sa.conn == conn.name {
+        for (_, sa) in self.sas.of_conn(&conn.name) {
+            {
                 if sa.children.iter().any(|c| c.name == ch.name) {
                     return Err(format!("child `{child}` is already up"));
                 }
@@ -1073,12 +1210,12 @@ impl Endpoint {
                 }
             }
         }
-        if let Some(spi) = self
+        let live = self
             .sas
-            .iter()
-            .find(|(_, s)| s.conn == conn.name && s.state == State::Established)
-            .map(|(k, _)| *k)
-        {
+            .of_conn(&conn.name)
+            .find(|(_, s)| s.state == State::Established)
+            .map(|(k, _)| *k);
+        if let Some(spi) = live {
             let mut sa = self.sas.remove(&spi).expect("present");
             sa.queue.push_back(Queued::Child {
                 name: ch.name.clone(),
@@ -1171,12 +1308,7 @@ impl Endpoint {
 
     /// Deletes the IKE SAs of connection `name` (and their children).
     pub fn terminate(&mut self, name: &str, now: Instant) -> usize {
-        let spis: Vec<u64> = self
-            .sas
-            .iter()
-            .filter(|(_, s)| s.conn == name)
-            .map(|(k, _)| *k)
-            .collect();
+        let spis: Vec<u64> = self.sas.of_conn(name).map(|(k, _)| *k).collect();
         for spi in &spis {
             let mut sa = self.sas.remove(spi).expect("present");
             self.delete_ike(&mut sa, now);
@@ -2172,8 +2304,8 @@ impl Endpoint {
         // RFC 7296 §2.4: INITIAL_CONTACT when this is our only IKE SA with the peer.
         if !self
             .sas
-            .values()
-            .any(|o| o.conn == sa.conn && o.state == State::Established)
+            .of_conn(&sa.conn)
+            .any(|(_, o)| o.state == State::Established)
         {
             ps.push(Payload::notify(notify::INITIAL_CONTACT, vec![]));
         }
@@ -3253,11 +3385,9 @@ impl Endpoint {
             // RFC 7296 §2.4: the peer has no other IKE SA with us: drop stale ones.
             let stale: Vec<u64> = self
                 .sas
-                .iter()
+                .of_conn(&sa.conn)
                 .filter(|(_, o)| {
-                    o.remote_id.as_ref() == Some(&idi)
-                        && o.conn == sa.conn
-                        && o.state == State::Established
+                    o.remote_id.as_ref() == Some(&idi) && o.state == State::Established
                 })
                 .map(|(k, _)| *k)
                 .collect();

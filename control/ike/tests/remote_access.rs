@@ -141,7 +141,11 @@ impl Star {
                 }
             }
             if !moved {
-                let t = self.eps.iter().filter_map(|(_, e)| e.poll_timeout()).min();
+                let t = self
+                    .eps
+                    .iter_mut()
+                    .filter_map(|(_, e)| e.poll_timeout())
+                    .min();
                 match t {
                     Some(t) if t <= end => {
                         self.now = self.now.max(t);

@@ -1,0 +1,197 @@
+//! espd-ike-load: a load generator for IKE responders (espd-ike, charon).
+//!
+//! Brings up `--tunnels N` IKE_SAs, each with one CHILD_SA, against one
+//! responder from one address, at most `--window W` being set up at once,
+//! then deletes them all; prints one JSON line with the timings. Each
+//! tunnel has its own identity (`load-N`, so no INITIAL_CONTACT clears
+//! another) and its own /32 selector (198.19.0.0/16, so each CHILD_SA has
+//! its own policies at the responder). It is espd-ike's own IKE engine as
+//! the initiator, with PSK; nothing is installed anywhere.
+//!
+//! ```text
+//! espd-ike-load --local 198.18.0.2 --peer 198.18.0.1 --tunnels 10000 --psk SECRET
+//! ```
+//!
+//! The responder's file needs a connection such as:
+//!
+//! ```text
+//! connections { load { local_addrs = 198.18.0.1
+//!   local { auth = psk  id = gw }  remote { auth = psk }
+//!   children { load { local_ts = 198.18.1.0/24  remote_ts = 198.19.0.0/16 } } } }
+//! secrets { ike-load { id = gw  secret = SECRET } }
+//! ```
+
+use clap::Parser;
+use espd_ike::conf;
+use espd_ike::ike::{Dir, Endpoint, Output};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(about = "Bring up and tear down many IKE_SAs against one responder")]
+struct Args {
+    #[arg(long)]
+    local: IpAddr,
+    #[arg(long)]
+    peer: IpAddr,
+    #[arg(long, default_value_t = 1000)]
+    tunnels: u32,
+    /// Set-ups in flight at once.
+    #[arg(long, default_value_t = 64)]
+    window: u32,
+    #[arg(long)]
+    psk: String,
+    /// The responder's identity.
+    #[arg(long, default_value = "gw")]
+    peer_id: String,
+    #[arg(long, default_value = "aes128gcm16-prfsha256-x25519")]
+    proposals: String,
+    #[arg(long, default_value = "aes128gcm16")]
+    esp: String,
+    /// Hold the tunnels this many seconds once all are up (`up N` on
+    /// stderr), so the responder's memory can be read, then delete them.
+    #[arg(long, default_value_t = 0.0)]
+    hold: f64,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+}
+
+fn config(a: &Args) -> anyhow::Result<Arc<conf::Config>> {
+    use std::fmt::Write;
+    let mut t = String::from("connections {\n");
+    for i in 0..a.tunnels {
+        let (hi, lo) = (i / 256, i % 256);
+        writeln!(
+            t,
+            "t{i} {{ local_addrs = {}\n remote_addrs = {}\n proposals = {}\n rekey_time = 0\n \
+             local {{ auth = psk\n id = load-{i} }}\n remote {{ auth = psk\n id = {} }}\n \
+             children {{ c{i} {{ local_ts = 198.19.{hi}.{lo}/32\n remote_ts = 198.18.1.0/24\n \
+             esp_proposals = {} }} }} }}",
+            a.local, a.peer, a.proposals, a.peer_id, a.esp
+        )?;
+    }
+    writeln!(
+        t,
+        "}}\nsecrets {{ ike-load {{ id = {}\n secret = \"{}\" }} }}",
+        a.peer_id, a.psk
+    )?;
+    let dir = std::env::temp_dir().join(format!("espd-ike-load-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let p = dir.join("swanctl.conf");
+    std::fs::write(&p, t)?;
+    let c = conf::load(&p).map_err(|e| anyhow::anyhow!(e.join("\n")))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Arc::new(c))
+}
+
+/// Hands everything the endpoint wants sent to the socket; counts CHILD_SAs
+/// up (their outbound half) and removed.
+fn drain(ep: &mut Endpoint, sock: &UdpSocket, up: &mut u32, down: &mut u32) {
+    while let Some(o) = ep.poll_output() {
+        match o {
+            Output::Send { remote, data, .. } => {
+                let _ = sock.send_to(&data, remote);
+            }
+            Output::Install { dir: Dir::Out, .. } => *up += 1,
+            Output::Remove { .. } => *down += 1,
+            Output::Install { .. } | Output::Log(_) => {}
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    anyhow::ensure!(
+        a.tunnels <= 65536,
+        "--tunnels: at most 65536 (one /32 of 198.19.0.0/16 each)"
+    );
+    let cfg = config(&a)?;
+    let mut ep = Endpoint::new(cfg);
+    let sock = UdpSocket::bind(SocketAddr::new(a.local, 500))?;
+    sock.set_read_timeout(Some(Duration::from_millis(5)))?;
+    let deadline = Instant::now() + Duration::from_secs(a.timeout);
+    let (mut up, mut down, mut started) = (0u32, 0u32, 0u32);
+    let mut buf = vec![0u8; 65536];
+    let t0 = Instant::now();
+    let mut pump = |ep: &mut Endpoint, up: &mut u32, down: &mut u32| -> anyhow::Result<()> {
+        // Whatever arrived, then the timers.
+        loop {
+            match sock.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    let local = SocketAddr::new(a.local, 500);
+                    ep.handle(Instant::now(), local, from, &buf[..n]);
+                    drain(ep, &sock, up, down);
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let now = Instant::now();
+        if ep.poll_timeout().is_some_and(|t| t <= now) {
+            ep.handle_timeout(now);
+        }
+        drain(ep, &sock, up, down);
+        Ok(())
+    };
+    while up < a.tunnels {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {up} of {} tunnels up in time",
+            a.tunnels
+        );
+        while started < a.tunnels && started - up.min(started) < a.window {
+            ep.initiate(&format!("c{started}"), None, Instant::now())
+                .map_err(|e| anyhow::anyhow!(e))?;
+            started += 1;
+        }
+        drain(&mut ep, &sock, &mut up, &mut down);
+        pump(&mut ep, &mut up, &mut down)?;
+    }
+    let setup = t0.elapsed();
+    let stats = ep.stats().clone();
+    if a.hold > 0.0 {
+        eprintln!("up {up}");
+        let until = Instant::now() + Duration::from_secs_f64(a.hold);
+        // Keep answering (the responder's liveness checks, if any).
+        while Instant::now() < until {
+            pump(&mut ep, &mut up, &mut down)?;
+        }
+    }
+    // Deletes at most `--window` at a time too (a burst of 10 000 would
+    // overflow the responder's socket buffer and measure retransmissions).
+    let t1 = Instant::now();
+    let total = ep.sa_count();
+    let mut asked = 0usize;
+    while ep.sa_count() > 0 && Instant::now() < deadline {
+        let done = total - ep.sa_count();
+        while asked < a.tunnels as usize && asked - done.min(asked) < a.window as usize {
+            ep.terminate(&format!("t{asked}"), Instant::now());
+            asked += 1;
+        }
+        drain(&mut ep, &sock, &mut up, &mut down);
+        pump(&mut ep, &mut up, &mut down)?;
+    }
+    let teardown = t1.elapsed();
+    println!(
+        "{}",
+        serde_json::json!({
+            "tunnels": a.tunnels,
+            "window": a.window,
+            "setup_secs": setup.as_secs_f64(),
+            "setups_per_sec": f64::from(a.tunnels) / setup.as_secs_f64(),
+            "teardown_secs": teardown.as_secs_f64(),
+            "retransmits": stats.get("retransmits").copied().unwrap_or(0),
+            "left": ep.sa_count(),
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,218 @@
+"""IKE responders under load (docs/performance.md): espd-ike-load on gw2 of
+the namespace topology brings up N IKE_SAs with one CHILD_SA each (PSK,
+aes128gcm16-prfsha256-x25519, its own identity and /32 selector each)
+against one responder on gw1, then deletes them; first espd-ike (beside
+espd, installing every CHILD_SA there), then charon 5.9.8 (kernel-libipsec),
+in one run. The generator is pinned to CPU 0, the responder to CPU 1.
+Prints set-ups per second, teardown time and the responder's RSS per
+established IKE_SA (RSS with the tunnels up less RSS before, over N).
+
+    python scripts/oracle/ikeload.py 10000         # the table
+    python scripts/oracle/ikeload.py --smoke       # bounded (tests): 200 tunnels, espd-ike only
+
+Root, namespaces and a release build are needed.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from espd_oracle import ROOT  # noqa: E402
+from test_gateway import Net  # noqa: E402
+
+LOAD = ROOT / "target" / "release" / "espd-ike-load"
+ESPD_IKE = ROOT / "target" / "release" / "espd-ike"
+CHARON = "/usr/lib/ipsec/charon"
+PSK = "load-test-secret-0123456789abcdef"
+
+RESPONDER = f"""connections {{
+  load {{
+    local_addrs = 198.18.0.1
+    proposals = aes128gcm16-prfsha256-x25519
+    local {{
+      auth = psk
+      id = gw
+    }}
+    remote {{
+      auth = psk
+    }}
+    children {{
+      load {{
+        local_ts = 198.18.1.0/24
+        remote_ts = 198.19.0.0/16
+        esp_proposals = aes128gcm16
+      }}
+    }}
+  }}
+}}
+secrets {{
+  ike-load {{
+    id = gw
+    secret = "{PSK}"
+  }}
+}}
+"""
+
+
+def rss_kib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def generate(net, n, hold, on_up):
+    """Runs the generator; calls on_up() while the tunnels are held up."""
+    p = net.popen("gw2", "taskset", "-c", "0", str(LOAD), "--local", "198.18.0.2", "--peer", "198.18.0.1",
+                  "--tunnels", str(n), "--psk", PSK, "--hold", str(hold), "--timeout", "600",
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = p.stderr.readline()
+    assert line.startswith("up "), line + p.stderr.read()
+    extra = on_up()
+    out, err = p.communicate(timeout=700)
+    assert p.returncode == 0, out + err
+    r = json.loads(out.strip().splitlines()[-1])
+    r.update(extra)
+    return r
+
+
+def pid_in(net, ns, exe):
+    """The pid of `exe` started in namespace `ns` (ip netns exec execs it)."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if os.readlink(d / "exe") == exe and os.stat(d / "ns" / "net").st_ino == os.stat(
+                    f"/run/netns/{net.p}-{ns}").st_ino:
+                return int(d.name)
+        except OSError:
+            pass
+    return None
+
+
+def cleanup(procs):
+    for p in procs:
+        if p.poll() is None:
+            subprocess.run(["pkill", "-P", str(p.pid)], check=False)
+            p.kill()
+            p.wait()
+
+
+def espd_ike_run(tmp, n, hold):
+    net = Net(Path(tmp))
+    procs = []
+    try:
+        net.start("gw1", config=False)
+        conf = Path(tmp) / "responder.conf"
+        conf.write_text(RESPONDER)
+        log = open(Path(tmp) / "espd-ike.log", "w")
+        ike = net.popen("gw1", "taskset", "-c", "1", str(ESPD_IKE), "--config", str(conf), "--espd",
+                        net.sock("gw1"), "--socket", str(Path(tmp) / "ike.sock"),
+                        stdout=log, stderr=subprocess.STDOUT)
+        procs.append(ike)
+        time.sleep(1)
+        base = rss_kib(ike.pid)
+
+        def up():
+            time.sleep(0.5)
+            st = subprocess.run(["ip", "netns", "exec", f"{net.p}-gw1", str(ROOT / "target/release/espctl"),
+                                 "-s", net.sock("gw1"), "state", "list"], capture_output=True, text=True).stdout
+            return {"rss_kib": rss_kib(ike.pid), "base_kib": base, "espd_states": st.count("state add")}
+
+        r = generate(net, n, hold, up)
+        ike.terminate()
+        ike.wait(timeout=30)
+        r["responder"] = "espd-ike"
+        return r
+    finally:
+        cleanup(procs)
+        net.close()
+
+
+def charon_run(tmp, n, hold):
+    net = Net(Path(tmp))
+    d = Path(tmp) / "charon"
+    d.mkdir()
+    (d / "strongswan.conf").write_text(f"""charon {{
+  load = random nonce openssl aes sha1 sha2 hmac gcm kdf pem pkcs1 pkcs8 x509 pubkey revocation socket-default vici kernel-libipsec kernel-netlink
+  install_routes = no
+  ikesa_table_size = 4096
+  # The same half-open limits as espd-ike's (1000 before COOKIEs, 100 per
+  # peer address); charon's defaults (30, 5) would throttle one generator.
+  cookie_threshold = 1000
+  block_threshold = 100
+  filelog {{
+    log {{
+      path = {d}/charon.log
+      default = 0
+    }}
+  }}
+  plugins {{
+    vici {{ socket = unix://{d}/vici }}
+  }}
+}}
+swanctl {{ socket = unix://{d}/vici }}
+""")
+    (d / "swanctl.conf").write_text(RESPONDER)
+    procs = []
+    try:
+        p = net.popen("gw1", "taskset", "-c", "1", "unshare", "-m", "--propagation", "private", "sh", "-c",
+                      f"mount -t tmpfs none /run && STRONGSWAN_CONF={d}/strongswan.conf exec {CHARON}",
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(p)
+        for _ in range(100):
+            if (d / "vici").exists():
+                break
+            time.sleep(0.1)
+        subprocess.run(["ip", "netns", "exec", f"{net.p}-gw1", "env", f"STRONGSWAN_CONF={d}/strongswan.conf",
+                        "swanctl", "--load-all", "--file", str(d / "swanctl.conf")], check=True,
+                       capture_output=True)
+        time.sleep(0.5)
+        pid = pid_in(net, "gw1", CHARON)
+        base = rss_kib(pid)
+        r = generate(net, n, hold, lambda: {"rss_kib": rss_kib(pid), "base_kib": base})
+        r["responder"] = "charon 5.9.8"
+        return r
+    finally:
+        cleanup(procs)
+        net.close()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("tunnels", nargs="?", type=int, default=10_000)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--no-charon", action="store_true", help="espd-ike only")
+    a = ap.parse_args()
+    n = 200 if a.smoke else a.tunnels
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        rows.append(espd_ike_run(tmp, n, 2))
+    if a.smoke:
+        r = rows[0]
+        assert r["left"] == 0 and r["espd_states"] == 2 * n, r
+    elif not a.no_charon:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows.append(charon_run(tmp, n, 2))
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"IKE responders, {n} tunnels (IKE_SA + CHILD_SA, PSK, x25519), {os.cpu_count()} vCPUs; "
+          "generator on CPU 0, responder on CPU 1")
+    print("| responder | set-up s | set-ups/s | retransmits | teardown s | RSS up MiB | KiB per IKE_SA |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        per = (r["rss_kib"] - r["base_kib"]) / n
+        print(f"| {r['responder']} | {r['setup_secs']:.2f} | {r['setups_per_sec']:.0f} | {r['retransmits']} "
+              f"| {r['teardown_secs']:.2f} | {r['rss_kib'] / 1024:.1f} | {per:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
