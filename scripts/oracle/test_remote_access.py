@@ -201,17 +201,19 @@ def test_two_road_warriors_behind_one_nat_get_their_own_addresses_and_reach_the_
     pcap = net.tmp / "rw.pcap"
     dump = net.popen("wire", "tcpdump", "-ni", "br0", "--immediate-mode", "-w", str(pcap), "-U", "ip or ip6",
                      stderr=subprocess.DEVNULL)
-    time.sleep(1)
-    for c in ("c1", "c2"):
-        for dst in ("198.18.1.10", "2001:db8:1::10"):
-            r = net.ns(c, "ping", "-c", "5", "-i", "0.1", "-W", "2", dst, check=False)
-            assert r.returncode == 0 and " 0% packet loss" in r.stdout, (c, dst, r.stdout, diag(net, c))
-        for dst in (v4[c], v6[c]):
-            r = net.ns("a", "ping", "-c", "5", "-i", "0.1", "-W", "2", dst, check=False)
-            assert r.returncode == 0 and " 0% packet loss" in r.stdout, (c, dst, r.stdout, diag(net, c))
-    time.sleep(0.3)
-    dump.send_signal(signal.SIGINT)
-    dump.wait(timeout=10)
+    try:
+        time.sleep(1)
+        for c in ("c1", "c2"):
+            for dst in ("198.18.1.10", "2001:db8:1::10"):
+                r = net.ns(c, "ping", "-c", "5", "-i", "0.1", "-W", "2", dst, check=False)
+                assert r.returncode == 0 and " 0% packet loss" in r.stdout, (c, dst, r.stdout, diag(net, c))
+            for dst in (v4[c], v6[c]):
+                r = net.ns("a", "ping", "-c", "5", "-i", "0.1", "-W", "2", dst, check=False)
+                assert r.returncode == 0 and " 0% packet loss" in r.stdout, (c, dst, r.stdout, diag(net, c))
+        time.sleep(0.3)
+    finally:
+        dump.send_signal(signal.SIGINT)
+        dump.wait(timeout=10)
     # Between the NAT and the gateway only IKE and ESP in UDP.
     r = sh("tcpdump", "-nr", str(pcap), "(ip or ip6) and not (udp port 4500 or udp port 500) "
            "and not icmp6 and not igmp")

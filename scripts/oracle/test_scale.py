@@ -3,7 +3,8 @@
     host A ─ gw1 (espd) ═ wire (bridge) ═ gw2 (espd) ─ host B
 
 - hung clients (silent, half a line, a reader that never reads) hold up no
-  one: 100 espctl calls, reads and changes, each answer within 100 ms, and
+  one: 100 espctl calls, reads and changes, answered in a median under
+  100 ms and each within 1 s (far from the 5 s limits), and
   each hung client gets an error naming the limit it hit;
 - a request over the size limit is answered, not cut off;
 - protocol v2: pipelined requests answered in order with their ids, events
@@ -59,7 +60,7 @@ def test_hung_clients_hold_up_no_one(net, tmp_path):
     stopped.send_signal(19)  # SIGSTOP
     extra = ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x7777 reqid 77 mode tunnel "
              "aead 'rfc4106(gcm(aes))' 0x" + "33" * 20 + " 128")
-    worst = 0.0
+    took = []
     try:
         for i in range(100):
             if i % 4 == 0:
@@ -72,8 +73,15 @@ def test_hung_clients_hold_up_no_one(net, tmp_path):
                 args = ["state", "delete", "dst", "198.18.0.2", "spi", "0x7777"]
             t = time.perf_counter()
             ctl(net, "gw1", *args)
-            worst = max(worst, time.perf_counter() - t)
-        assert worst < 0.1, f"the slowest espctl call took {worst * 1e3:.0f} ms"
+            took.append(time.perf_counter() - t)
+        # Held up would mean waiting for a hung client's 5 s limit; a call
+        # is a process start through `ip netns exec`, so its time also has
+        # the machine's scheduling in it (one of 100 took 115 ms on a busy
+        # CI runner): the typical call, and no call near the limit.
+        took.sort()
+        median, worst = took[len(took) // 2], took[-1]
+        assert median < 0.1, f"the median espctl call took {median * 1e3:.0f} ms"
+        assert worst < 1.0, f"the slowest espctl call took {worst * 1e3:.0f} ms"
         # The hung ones are told what they missed once their time is up.
         a = answer(silent)
         assert a and not a["ok"] and "no request within 5 s" in a["error"], a
