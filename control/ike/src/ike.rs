@@ -904,12 +904,25 @@ impl Endpoint {
                     }
                 }
             } else if let Some(t) = sa.superseded {
-                // Rekeyed: nothing but its DELETE is left to do here.
-                if now >= t + SUPERSEDED_WAIT
-                    && !sa.queue.iter().any(|q| matches!(q, Queued::DeleteIke))
-                {
-                    sa.queue.push_back(Queued::DeleteIke);
+                // Rekeyed: nothing but its DELETE is left to do here. The
+                // peer should have sent it (RFC 7296 §2.18, §2.8.2); it
+                // holds no child, so ours goes once and the SA with it (a
+                // peer that abandoned its side of a crossing rekey would
+                // never answer).
+                if now >= t + SUPERSEDED_WAIT {
+                    sa.queue.retain(|q| matches!(q, Queued::DeleteIke));
+                    if sa.queue.is_empty() {
+                        sa.queue.push_back(Queued::DeleteIke);
+                    }
                     self.pump(&mut sa, now);
+                    self.log(format!(
+                        "{}: replaced IKE_SA not deleted by the peer within {} s: deleted",
+                        sa.label(),
+                        SUPERSEDED_WAIT.as_secs()
+                    ));
+                    self.count("superseded-deleted");
+                    self.kill(sa, "replaced");
+                    continue;
                 }
             } else if sa.state == State::Established && sa.expire_at.is_some_and(|t| now >= t) {
                 self.log(format!(
