@@ -2328,24 +2328,7 @@ impl Endpoint {
             let attrs = conn
                 .vips
                 .iter()
-                .map(|a| match a {
-                    IpAddr::V4(x) => wire::CfgAttr {
-                        ty: wire::cfg::INTERNAL_IP4_ADDRESS,
-                        value: if x.is_unspecified() {
-                            vec![]
-                        } else {
-                            x.octets().to_vec()
-                        },
-                    },
-                    IpAddr::V6(x) => wire::CfgAttr {
-                        ty: wire::cfg::INTERNAL_IP6_ADDRESS,
-                        value: if x.is_unspecified() {
-                            vec![]
-                        } else {
-                            [&x.octets()[..], &[128]].concat()
-                        },
-                    },
-                })
+                .map(|a| wire::CfgAttr::address(*a))
                 .collect();
             ps.push(Payload::Cp {
                 ty: wire::cfg::REQUEST,
@@ -3173,17 +3156,7 @@ impl Endpoint {
                 .entry(sa.our_spi())
                 .or_default()
                 .push((p.name.clone(), a));
-            reply.push(match a {
-                IpAddr::V4(x) => wire::CfgAttr {
-                    ty: wire::cfg::INTERNAL_IP4_ADDRESS,
-                    value: x.octets().to_vec(),
-                },
-                // §3.15.1: the address and its prefix length.
-                IpAddr::V6(x) => wire::CfgAttr {
-                    ty: wire::cfg::INTERNAL_IP6_ADDRESS,
-                    value: [&x.octets()[..], &[128]].concat(),
-                },
-            });
+            reply.push(wire::CfgAttr::address(a));
             for d in p.dns.iter().filter(|d| d.is_ipv4() == v4) {
                 reply.push(match d {
                     IpAddr::V4(x) => wire::CfgAttr {

@@ -47,6 +47,26 @@ pub struct CfgAttr {
     pub value: Vec<u8>,
 }
 
+impl CfgAttr {
+    /// INTERNAL_IP4_ADDRESS, or INTERNAL_IP6_ADDRESS with prefix length 128
+    /// (§3.15.1); an unspecified address is the empty value that asks for any.
+    pub fn address(a: std::net::IpAddr) -> CfgAttr {
+        let (ty, value) = match a {
+            std::net::IpAddr::V4(x) => (cfg::INTERNAL_IP4_ADDRESS, x.octets().to_vec()),
+            std::net::IpAddr::V6(x) => (
+                cfg::INTERNAL_IP6_ADDRESS,
+                [&x.octets()[..], &[128]].concat(),
+            ),
+        };
+        let value = if a.is_unspecified() {
+            Vec::new()
+        } else {
+            value
+        };
+        CfgAttr { ty, value }
+    }
+}
+
 /// RFC 7296 §3.2 payload types.
 pub mod pt {
     pub const NONE: u8 = 0;
