@@ -89,7 +89,7 @@ drop_reasons! {
     NoRoute => "no route through espd's interfaces",
     /// Gateway: the next hop's link-layer address is not resolved yet (the kernel was asked to resolve it).
     NoNeighbour => "next hop not resolved yet",
-    /// Gateway: a decapsulated packet is addressed to this host; espd forwards only (see docs/operations.md).
+    /// Gateway: a decapsulated packet is addressed to this host; a gateway without `--host` forwards only (see docs/operations.md).
     LocalDelivery => "decapsulated packet for this host (not delivered)",
     /// Gateway: no free UMEM frame for a frame espd made itself (an inner fragment).
     TxRingFull => "no free frame for a frame espd made",
@@ -105,6 +105,8 @@ drop_reasons! {
     HandoffFull => "owner worker's hand-over queue full",
     /// Gateway: a packet of another worker's SA larger than a hand-over slot.
     HandoffTooBig => "packet too big to hand over to the owner worker",
+    /// Host mode (`espd run --host`): a decapsulated or bypassed packet from the outside not addressed to this host; a host delivers, it does not forward.
+    HostForward => "packet from the outside for another host (host mode does not forward)",
 }
 
 /// One counter per [`DropReason`], indexed by it (`c[r as usize]`).

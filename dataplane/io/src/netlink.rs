@@ -29,6 +29,7 @@ const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
 const RTA_GATEWAY: u16 = 5;
 const RTA_PREFSRC: u16 = 7;
+const RTA_MARK: u16 = 16;
 const NDA_DST: u16 = 1;
 const NDA_LLADDR: u16 = 2;
 const RTN_UNICAST: u8 = 1;
@@ -236,13 +237,18 @@ impl Rtnl {
         })
     }
 
-    /// `ip route get DST`: the kernel's choice for a packet to `dst`.
-    pub fn route_get(&mut self, dst: IpAddr) -> io::Result<Route> {
+    /// `ip route get DST mark MARK` (0: unmarked): the kernel's choice for
+    /// a packet to `dst` (espd's lookups carry the host mark, so the host
+    /// route rule, `not fwmark`, does not send them into the host device).
+    pub fn route_get(&mut self, dst: IpAddr, mark: u32) -> io::Result<Route> {
         // struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
         let mut body = vec![family(dst), if dst.is_ipv4() { 32 } else { 128 }];
         body.extend_from_slice(&[0; 6]);
         body.extend_from_slice(&0u32.to_ne_bytes());
         attr(&mut body, RTA_DST, &octets(&dst));
+        if mark != 0 {
+            attr(&mut body, RTA_MARK, &mark.to_ne_bytes());
+        }
         let r = match self.request(RTM_GETROUTE, 0, &body, Some(RTM_NEWROUTE)) {
             Ok(Some(r)) => r,
             Ok(None) => return Ok(Route::None),
@@ -449,7 +455,7 @@ mod tests {
     fn loopback_is_local() {
         let Ok(mut nl) = Rtnl::open() else { return };
         assert_eq!(
-            nl.route_get("127.0.0.1".parse().unwrap()).unwrap(),
+            nl.route_get("127.0.0.1".parse().unwrap(), 0).unwrap(),
             Route::Local
         );
     }

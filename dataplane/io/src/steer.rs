@@ -79,6 +79,9 @@ pub enum SelAction {
     Drop,
 }
 
+/// The mark of packets espd delivers to this host (`espd run --host`).
+pub const HOST_MARK: u32 = espd_common::HOST_MARK;
+
 /// How an SPI is ours (both, when an inbound and an outbound SA share it).
 pub const SPI_IN: u8 = espd_common::SPI_IN;
 pub const SPI_OUT: u8 = espd_common::SPI_OUT;
@@ -130,6 +133,29 @@ impl Steering {
             .try_into()?;
         let link = prog.attach(iface, mode)?;
         self.links.push((side, iface.to_string(), link));
+        Ok(())
+    }
+
+    /// Attaches the host-mode mark program to the tc ingress of `iface` (the
+    /// kernel's end of the host pair): every packet espd delivers there is
+    /// marked [`espd_common::HOST_MARK`]. Detached with the rest on drop
+    /// (a TCX link on kernels from 6.6, a clsact filter before them).
+    pub fn attach_host_mark(&mut self, iface: &str) -> Result<(), SteerError> {
+        use aya::programs::{tc, SchedClassifier, TcAttachType};
+        let name = espd_common::PROG_HOST_MARK;
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(SteerError::Missing(name))?
+            .try_into()?;
+        prog.load()?;
+        if aya::util::KernelVersion::current()
+            .is_ok_and(|v| v < aya::util::KernelVersion::new(6, 6, 0))
+        {
+            // Before TCX the filter hangs off a clsact qdisc (one may exist).
+            let _ = tc::qdisc_add_clsact(iface);
+        }
+        prog.attach(iface, TcAttachType::Ingress)?;
         Ok(())
     }
 

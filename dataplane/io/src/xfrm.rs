@@ -27,6 +27,7 @@ const XFRM_MSG_DELPOLICY: u16 = 20;
 const XFRM_MSG_GETPOLICY: u16 = 21;
 const XFRM_MSG_UPDPOLICY: u16 = 25;
 const XFRMA_TMPL: u16 = 5;
+const XFRMA_MARK: u16 = 21;
 const XFRM_INF: u64 = u64::MAX;
 const IPPROTO_ESP: u8 = 50;
 /// `sizeof(struct xfrm_selector)`, `xfrm_userpolicy_info`, `xfrm_user_tmpl`, `xfrm_userpolicy_id`.
@@ -71,6 +72,13 @@ pub struct KSelector {
     pub sport_mask: u16,
     pub dport: u16,
     pub dport_mask: u16,
+    /// The device (0 = any): for `out`, the route's output device of a
+    /// locally sent IPv4 packet; for `in` of IPv6, the input device.
+    pub ifindex: u32,
+    /// The policy matches packets whose `mark & mark_mask == mark`
+    /// (`XFRMA_MARK`; a zero mask matches every packet).
+    pub mark: u32,
+    pub mark_mask: u32,
 }
 
 /// One `tmpl`: an ESP SA the traffic must go through.
@@ -134,7 +142,7 @@ fn put_selector(m: &mut Vec<u8>, s: &KSelector) {
     }
     m.extend_from_slice(&family(s.dst).to_ne_bytes());
     m.extend_from_slice(&[s.dst_len, s.src_len, s.proto, 0, 0, 0]);
-    m.extend_from_slice(&0i32.to_ne_bytes()); // ifindex: any
+    m.extend_from_slice(&s.ifindex.to_ne_bytes());
     m.extend_from_slice(&0u32.to_ne_bytes()); // user
     debug_assert_eq!(m.len() - start, SEL_LEN);
 }
@@ -152,6 +160,18 @@ fn get_selector(b: &[u8]) -> KSelector {
         dst_len: b[42],
         src_len: b[43],
         proto: b[44],
+        ifindex: u32::from_ne_bytes([b[48], b[49], b[50], b[51]]),
+        mark: 0,
+        mark_mask: 0,
+    }
+}
+
+/// `struct xfrm_mark { v, m }` of a selector's mark, if it has one.
+fn put_mark(m: &mut Vec<u8>, s: &KSelector) {
+    if s.mark_mask != 0 {
+        let mut v = s.mark.to_ne_bytes().to_vec();
+        v.extend_from_slice(&s.mark_mask.to_ne_bytes());
+        attr(m, XFRMA_MARK, &v);
     }
 }
 
@@ -189,6 +209,7 @@ fn policy_msg(p: &KPolicy, index: u32) -> Vec<u8> {
         }
         attr(&mut m, XFRMA_TMPL, &t);
     }
+    put_mark(&mut m, &p.sel);
     m
 }
 
@@ -203,7 +224,7 @@ fn parse_policy(b: &[u8]) -> Option<Listed> {
     if b.len() < INFO_LEN {
         return None;
     }
-    let sel = get_selector(&b[..SEL_LEN]);
+    let mut sel = get_selector(&b[..SEL_LEN]);
     let priority = u32::from_ne_bytes(b[152..156].try_into().ok()?);
     let index = u32::from_ne_bytes(b[156..160].try_into().ok()?);
     let dir = match b[160] {
@@ -214,6 +235,11 @@ fn parse_policy(b: &[u8]) -> Option<Listed> {
     };
     let mut tmpls = Vec::new();
     for (ty, d) in attrs(&b[INFO_LEN..]) {
+        if ty == XFRMA_MARK && d.len() >= 8 {
+            sel.mark = u32::from_ne_bytes(d[0..4].try_into().ok()?);
+            sel.mark_mask = u32::from_ne_bytes(d[4..8].try_into().ok()?);
+            continue;
+        }
         if ty != XFRMA_TMPL {
             continue;
         }
@@ -258,12 +284,15 @@ impl Xfrm {
             .map(|_| ())
     }
 
-    /// `ip xfrm policy delete index INDEX dir DIR`; a policy already gone is fine.
-    pub fn delete(&mut self, dir: Dir, index: u32) -> io::Result<()> {
+    /// `ip xfrm policy delete index INDEX dir DIR [mark M mask K]` (the
+    /// kernel finds a marked policy by its index only with its mark, `sel`'s);
+    /// a policy already gone is fine.
+    pub fn delete(&mut self, dir: Dir, sel: &KSelector, index: u32) -> io::Result<()> {
         let mut m = vec![0u8; SEL_LEN];
         m.extend_from_slice(&index.to_ne_bytes());
         m.push(dir as u8);
         m.resize(ID_LEN, 0);
+        put_mark(&mut m, sel);
         match self.0.request(XFRM_MSG_DELPOLICY, NLM_F_ACK, &m, None) {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
             r => r.map(|_| ()),
@@ -320,6 +349,9 @@ mod tests {
                 sport_mask: 0,
                 dport: 53,
                 dport_mask: 0xffff,
+                ifindex: 0,
+                mark: 0,
+                mark_mask: 0,
             },
             priority: 100,
             block: false,
@@ -359,6 +391,14 @@ mod tests {
         });
         v6.block = true;
         assert_eq!(parse_policy(&policy_msg(&v6, idx)).unwrap().policy, v6);
+        // Host mode: an outbound entry bound to a device, an inbound one
+        // that lets marked packets by (XFRMA_MARK).
+        let mut host = sample();
+        host.sel.ifindex = 7;
+        host.sel.mark_mask = 0x0010_0000;
+        let m = policy_msg(&host, idx);
+        assert_eq!(m.len(), INFO_LEN + 4 + TMPL_LEN + 4 + 8);
+        assert_eq!(parse_policy(&m).unwrap().policy, host);
         assert!(parse_policy(&m[..100]).is_none());
     }
 

@@ -21,6 +21,15 @@ pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const PROG_OUTSIDE: &str = "espd_outside";
 /// The program attached to the inside interface.
 pub const PROG_INSIDE: &str = "espd_inside";
+/// The tc ingress program of a host-mode device (`espd run --host`): marks
+/// every packet espd delivers to this host's sockets with [`HOST_MARK`].
+pub const PROG_HOST_MARK: &str = "espd_host_mark";
+/// The mark (one bit) on packets espd delivers through the host device:
+/// the guard's inbound XFRM policies (`mark 0/HOST_MARK`) let them pass,
+/// plaintext from the wire (unmarked) stays dropped, and the host route
+/// rule (`not fwmark HOST_MARK`) sends them to the main table. espd's own
+/// next-hop lookups and espd-ike's sockets carry it too (docs/operations.md).
+pub const HOST_MARK: u32 = 0x0010_0000;
 /// XSKMAP of the inside interface: RX queue index → AF_XDP socket.
 pub const MAP_XSKS_INSIDE: &str = "XSKS_IN";
 /// LPM tries (key: prefix length, address in network order) → [`SEL_STEER`]

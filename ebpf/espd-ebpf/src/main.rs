@@ -21,17 +21,22 @@
 //! the kernel forwards bypass traffic as usual.
 //!
 //! Every frame bumps one per-action counter.
+//!
+//! Host device (`espd_host_mark`, tc ingress of the kernel's end of the
+//! host pair, `espd run --host`): every packet espd delivers to this host is
+//! marked with `HOST_MARK`, which the guard's inbound XFRM policies let
+//! through (they drop unmarked plaintext from the wire).
 #![no_std]
 #![no_main]
 
 use aya_ebpf::bindings::xdp_action;
-use aya_ebpf::macros::{map, xdp};
+use aya_ebpf::macros::{classifier, map, xdp};
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, XskMap};
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 use espd_common::{
-    Counter, MAX_ENCAP_PORTS, MAX_LOCAL, MAX_QUEUES, MAX_SELECTORS, MAX_SPIS, SEL_DROP, SEL_STEER,
-    SPI_IN, SPI_OUT,
+    Counter, HOST_MARK, MAX_ENCAP_PORTS, MAX_LOCAL, MAX_QUEUES, MAX_SELECTORS, MAX_SPIS, SEL_DROP,
+    SEL_STEER, SPI_IN, SPI_OUT,
 };
 
 #[map]
@@ -85,6 +90,14 @@ pub fn espd_inside(ctx: XdpContext) -> u32 {
         classify_inside(&ctx).unwrap_or((Counter::Malformed, xdp_action::XDP_PASS));
     count(counter);
     action
+}
+
+/// Only frames espd transmits arrive on the kernel's end of the host pair
+/// (its other end is espd's AF_XDP socket), so every one is marked.
+#[classifier]
+pub fn espd_host_mark(ctx: TcContext) -> i32 {
+    ctx.set_mark(HOST_MARK);
+    aya_ebpf::bindings::TC_ACT_OK as i32
 }
 
 #[inline(always)]
@@ -250,7 +263,12 @@ fn classify(ctx: &XdpContext) -> Result<(Counter, u32), ()> {
             (bytes::<1>(ctx, l4)?[0], l4 + 8)
         };
         if carried == IPPROTO_ESP {
-            return Ok(redirect(ctx, &XSKS, Counter::FragSteered, Counter::NoSocket));
+            return Ok(redirect(
+                ctx,
+                &XSKS,
+                Counter::FragSteered,
+                Counter::NoSocket,
+            ));
         }
         if carried == IPPROTO_UDP {
             // ESP in UDP: the first fragment says so (an encapsulation port,
@@ -269,7 +287,12 @@ fn classify(ctx: &XdpContext) -> Result<(Counter, u32), ()> {
                 unsafe { FRAG_UDP_ESP.get(&fkey) }.is_some()
             };
             if ours {
-                return Ok(redirect(ctx, &XSKS, Counter::FragSteered, Counter::NoSocket));
+                return Ok(redirect(
+                    ctx,
+                    &XSKS,
+                    Counter::FragSteered,
+                    Counter::NoSocket,
+                ));
             }
         }
     }
@@ -312,7 +335,12 @@ fn classify(ctx: &XdpContext) -> Result<(Counter, u32), ()> {
     match sel {
         // RFC 4301 §5.2 step 3a: plaintext a PROTECT or DISCARD policy selects.
         Some(SEL_DROP) => Ok((Counter::UnprotectedInbound, xdp_action::XDP_DROP)),
-        Some(SEL_STEER) => Ok(redirect(ctx, &XSKS, Counter::PlainSteered, Counter::NoSocket)),
+        Some(SEL_STEER) => Ok(redirect(
+            ctx,
+            &XSKS,
+            Counter::PlainSteered,
+            Counter::NoSocket,
+        )),
         _ => Ok((passed, pass)),
     }
 }
@@ -324,7 +352,11 @@ fn classify(ctx: &XdpContext) -> Result<(Counter, u32), ()> {
 #[inline(always)]
 fn esp(ctx: &XdpContext, spi: u32, local: bool, kind: Counter) -> Option<(Counter, u32)> {
     // SAFETY: a hash map lookup by value; the value is copied out at once.
-    let bits = if spi == 0 { 0 } else { unsafe { ESP_SPIS.get(&spi) }.copied().unwrap_or(0) };
+    let bits = if spi == 0 {
+        0
+    } else {
+        unsafe { ESP_SPIS.get(&spi) }.copied().unwrap_or(0)
+    };
     if local {
         if bits & SPI_IN != 0 {
             return Some(redirect(ctx, &XSKS, kind, Counter::NoSocket));

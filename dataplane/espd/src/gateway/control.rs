@@ -37,6 +37,8 @@ pub struct EngineParams {
     pub mtu: usize,
     pub bench_no_crypto: bool,
     pub workers: u32,
+    /// Host mode: the inside is this host's own stack (no hop to count).
+    pub host: bool,
     /// The clock of SA lifetimes (engines and tables count from it).
     pub start: Instant,
 }
@@ -47,7 +49,8 @@ impl EngineParams {
         (0..self.workers)
             .map(|q| {
                 let mut e = Engine::with_tables(Arc::clone(tables));
-                e.set_router(true);
+                // A gateway is a router (TTL / hop limit); a host sends its own.
+                e.set_router(!self.host);
                 e.set_worker(q);
                 // One owner per SA, and one sequence counter (see docs/architecture.md).
                 e.set_shared(self.workers > 1);
@@ -187,6 +190,8 @@ pub struct Control {
     pub params: EngineParams,
     /// The kernel's fail-closed copy of the SPD (see [`super::guard`]).
     pub guard: Mutex<super::guard::Guard>,
+    /// Host mode: the host table's routes (they follow the outbound policies).
+    pub host: Mutex<Option<super::host::Routes>>,
     /// Outbound sequence numbers kept across restarts (see [`super::seqstore`]).
     pub seqs: Mutex<super::seqstore::SeqStore>,
     /// One change at a time.
@@ -240,6 +245,18 @@ impl Control {
         guard
             .tighten_keys(&contrib, &keys)
             .map_err(|e| format!("kernel XFRM guard: {e}"))?;
+        // Host mode: new protected destinations prohibited (the pair route
+        // follows once the workers run on the policy).
+        // Staged on a copy, kept only if the change goes through.
+        let mut host = self.host.lock().map_err(|_| "host routes poisoned")?;
+        let mut staged = match host.clone() {
+            Some(mut r) => {
+                let st = r.stage(delta.policies());
+                r.tighten(&st).map_err(|e| format!("{e:#}"))?;
+                Some((r, st))
+            }
+            None => None,
+        };
         trace.mark("guard tightened");
         {
             let mut st = self.steer.lock().map_err(|_| "steering poisoned")?;
@@ -261,6 +278,15 @@ impl Control {
             eprintln!("espd run: guard: removing entries the change no longer needs: {e}");
         }
         drop(guard);
+        if let Some((r, st)) = staged.as_mut() {
+            if let Err(e) = r.loosen(st) {
+                eprintln!("espd run: host routes: {e:#}");
+            }
+        }
+        if let Some((r, _)) = staged {
+            *host = Some(r);
+        }
+        drop(host);
         // The sequence store follows (written by the periodic saver).
         self.seqs.lock().map_err(|_| "poisoned")?.apply(&delta.seqs);
         *self.maps.lock().map_err(|_| "poisoned")? = maps;

@@ -42,6 +42,20 @@ type PolicyId = (u8, espd_core::state::Selector);
 /// A contribution's rank among those to one key: (priority, order).
 type Rank = (u32, u64);
 
+/// How the guard's entries are shaped when espd serves this host's own
+/// traffic (`espd run --host`, docs/architecture.md "The host path"):
+/// locally sent packets are routed into the host device and must not meet
+/// an outbound entry on the way (it would drop them before espd sees them),
+/// and packets espd delivers through it must pass the inbound entries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostShape {
+    /// The outside interface's index: outbound entries match only packets
+    /// routed out of it (IPv4 sets the flow's output device from the route
+    /// before the XFRM lookup; IPv6 leaves it 0 unless the socket is bound,
+    /// so for IPv6 the host routes' `prohibit` entries are the guard).
+    pub outside: u32,
+}
+
 /// The espd policies that map to kernel keys (persistent: a copy is O(1),
 /// so a change is staged on a copy and kept only if it goes through).
 #[derive(Clone, Default)]
@@ -52,6 +66,7 @@ pub struct Contrib {
     /// espd policy (direction, selector) → its keys and its (priority, order).
     by_policy: PMap<PolicyId, (Arc<[Key]>, Rank)>,
     next: u64,
+    host: Option<HostShape>,
 }
 
 impl Contrib {
@@ -87,7 +102,7 @@ impl Contrib {
         self.next += 1;
         let rank = (p.priority, self.next);
         let mut keys = Vec::new();
-        for k in kernel(p) {
+        for k in kernel(p, self.host) {
             let key = (k.dir, k.sel);
             let mut m: Vec<(Rank, KPolicy)> = self
                 .by_key
@@ -121,13 +136,16 @@ impl Contrib {
     }
 
     /// Every policy of `cfg`, in priority order (as [`desired`]).
-    pub fn of(cfg: &Config) -> Contrib {
+    pub fn of(cfg: &Config, host: Option<HostShape>) -> Contrib {
         let mut pols: Vec<&Policy> = Direction::ALL
             .iter()
             .flat_map(|d| cfg.spd.policies(*d))
             .collect();
         pols.sort_by_key(|p| p.priority);
-        let mut c = Contrib::default();
+        let mut c = Contrib {
+            host,
+            ..Contrib::default()
+        };
         c.stage(pols.into_iter().map(|p| (true, p)));
         c
     }
@@ -140,6 +158,7 @@ pub struct Guard {
     next: [u32; 3],
     /// What the running configuration contributes to each key.
     pub contrib: Contrib,
+    host: Option<HostShape>,
 }
 
 fn dir(d: Direction) -> Dir {
@@ -158,7 +177,7 @@ fn blocks(r: Option<PortRange>) -> Vec<(u16, u16)> {
 }
 
 /// The kernel policies for one espd policy.
-fn kernel(p: &Policy) -> Vec<KPolicy> {
+fn kernel(p: &Policy, host: Option<HostShape>) -> Vec<KPolicy> {
     let s = &p.sel;
     let tmpls: Vec<KTmpl> = p
         .tmpls
@@ -195,6 +214,17 @@ fn kernel(p: &Policy) -> Vec<KPolicy> {
                     sport_mask,
                     dport,
                     dport_mask,
+                    ifindex: match (host, p.dir) {
+                        (Some(h), Direction::Out) => h.outside,
+                        _ => 0,
+                    },
+                    // RFC 4301 §5.2: plaintext from the wire stays dropped;
+                    // what espd decapsulated and checked comes marked.
+                    mark: 0,
+                    mark_mask: match (host, p.dir) {
+                        (Some(_), Direction::In) => espd_io::steer::HOST_MARK,
+                        _ => 0,
+                    },
                 },
                 priority: p.priority,
                 block: p.action == Action::Block,
@@ -207,7 +237,7 @@ fn kernel(p: &Policy) -> Vec<KPolicy> {
 
 /// What the kernel must hold for `cfg`: every policy of every direction, in
 /// priority order (where two map to one kernel selector, the first wins).
-pub fn desired(cfg: &Config) -> BTreeMap<(Dir, KSelector), KPolicy> {
+pub fn desired(cfg: &Config, host: Option<HostShape>) -> BTreeMap<(Dir, KSelector), KPolicy> {
     let mut pols: Vec<&Policy> = Direction::ALL
         .iter()
         .flat_map(|d| cfg.spd.policies(*d))
@@ -215,7 +245,7 @@ pub fn desired(cfg: &Config) -> BTreeMap<(Dir, KSelector), KPolicy> {
     pols.sort_by_key(|p| p.priority);
     let mut out = BTreeMap::new();
     for p in pols {
-        for k in kernel(p) {
+        for k in kernel(p, host) {
             out.entry((k.dir, k.sel)).or_insert(k);
         }
     }
@@ -230,8 +260,10 @@ fn strict(k: &KPolicy) -> bool {
 
 impl Guard {
     /// Opens the kernel's table and takes over the entries an earlier espd
-    /// left (they are recognised by their index).
-    pub fn open() -> std::io::Result<Guard> {
+    /// left (they are recognised by their index); `host`: the entries are
+    /// shaped for the host path from now on (entries of the other shape
+    /// are replaced at the first [`Guard::sync`]).
+    pub fn open(host: Option<HostShape>) -> std::io::Result<Guard> {
         let mut nl = Xfrm::open()?;
         let mut installed = BTreeMap::new();
         let mut next = [0u32; 3];
@@ -247,7 +279,11 @@ impl Guard {
             nl,
             installed,
             next,
-            contrib: Contrib::default(),
+            contrib: Contrib {
+                host,
+                ..Contrib::default()
+            },
+            host,
         })
     }
 
@@ -295,7 +331,7 @@ impl Guard {
             .collect();
         for key in stale {
             if let Some((index, _)) = self.installed.get(&key) {
-                self.nl.delete(key.0, *index)?;
+                self.nl.delete(key.0, &key.1, *index)?;
             }
             self.installed.remove(&key);
         }
@@ -304,10 +340,10 @@ impl Guard {
 
     /// Both halves at once (at start, before anything is attached).
     pub fn sync(&mut self, cfg: &Config) -> std::io::Result<()> {
-        let want = desired(cfg);
+        let want = desired(cfg, self.host);
         self.tighten(&want)?;
         self.loosen(&want)?;
-        self.contrib = Contrib::of(cfg);
+        self.contrib = Contrib::of(cfg, self.host);
         Ok(())
     }
 
@@ -333,7 +369,7 @@ impl Guard {
                 Some(_) => {}
                 None => {
                     if let Some((index, _)) = self.installed.remove(k) {
-                        self.nl.delete(k.0, index)?;
+                        self.nl.delete(k.0, &k.1, index)?;
                     }
                 }
             }
@@ -345,8 +381,8 @@ impl Guard {
     pub fn lift(&mut self) -> std::io::Result<usize> {
         let all: Vec<((Dir, KSelector), u32)> =
             self.installed.iter().map(|(k, v)| (*k, v.0)).collect();
-        for ((d, _), index) in &all {
-            self.nl.delete(*d, *index)?;
+        for ((d, sel), index) in &all {
+            self.nl.delete(*d, sel, *index)?;
         }
         self.installed.clear();
         Ok(all.len())
@@ -358,7 +394,40 @@ mod tests {
     use super::*;
 
     fn want(text: &str) -> BTreeMap<(Dir, KSelector), KPolicy> {
-        desired(&Config::parse("t.conf", text).unwrap())
+        desired(&Config::parse("t.conf", text).unwrap(), None)
+    }
+
+    #[test]
+    fn host_shape_binds_outbound_entries_to_the_outside_and_lets_marked_inbound_by() {
+        let cfg = Config::parse(
+            "t.conf",
+            "policy add src 198.18.0.1 dst 198.18.0.2 dir out tmpl proto esp reqid 1 mode transport
+policy add src 198.18.0.2 dst 198.18.0.1 dir in tmpl proto esp reqid 1 mode transport
+policy add src 198.18.2.0/24 dst 198.18.1.0/24 dir fwd tmpl src 198.18.0.2 dst 198.18.0.1 proto esp reqid 2 mode tunnel
+",
+        )
+        .unwrap();
+        let host = Some(HostShape { outside: 7 });
+        let w = desired(&cfg, host);
+        let by = |d: Dir| w.values().find(|k| k.dir == d).unwrap().sel;
+        assert_eq!((by(Dir::Out).ifindex, by(Dir::Out).mark_mask), (7, 0));
+        let inb = by(Dir::In);
+        assert_eq!(
+            (inb.ifindex, inb.mark, inb.mark_mask),
+            (0, 0, espd_io::steer::HOST_MARK)
+        );
+        assert_eq!((by(Dir::Fwd).ifindex, by(Dir::Fwd).mark_mask), (0, 0));
+        // Staged changes shape their entries the same way.
+        let c = Contrib::of(&cfg, host);
+        for k in w.keys() {
+            assert_eq!(c.want(k), w.get(k));
+        }
+        // A gateway's entries are the plain ones: a switch replaces every key.
+        let plain = desired(&cfg, None);
+        assert!(plain
+            .keys()
+            .filter(|k| k.0 != Dir::Fwd)
+            .all(|k| !w.contains_key(k)));
     }
 
     #[test]
@@ -417,7 +486,7 @@ policy add src 198.18.1.0/24 dst 198.18.4.0/24 dir out tmpl src 198.18.0.1 dst 1
                 .unwrap()
                 .clone();
             c.stage([(true, &p)]);
-            let want = desired(&cfg);
+            let want = desired(&cfg, None);
             for (k, w) in &want {
                 assert_eq!(c.want(k), Some(w), "after line {}", i + 1);
             }
@@ -439,7 +508,7 @@ policy add src 198.18.1.0/24 dst 198.18.4.0/24 dir out tmpl src 198.18.0.1 dst 1
             .filter(|l| !l.contains("action block"))
             .map(|l| format!("{l}\n"))
             .collect();
-        let want = desired(&Config::parse("t.conf", &rest).unwrap());
+        let want = desired(&Config::parse("t.conf", &rest).unwrap(), None);
         for k in &touched {
             assert_eq!(c.want(k), want.get(k), "{k:?}");
         }

@@ -15,6 +15,7 @@
 
 pub mod control;
 pub mod guard;
+pub mod host;
 mod metrics;
 pub mod mirror;
 pub mod nexthop;
@@ -50,9 +51,19 @@ pub struct Args {
     /// The control socket `espctl -s PATH` talks to (mode 0600, root only).
     #[arg(long, default_value = espd_proto::DEFAULT_SOCKET)]
     pub control: PathBuf,
-    /// The interface towards the protected networks.
+    /// The interface towards the protected networks (a gateway).
+    #[arg(long, required_unless_present = "host", conflicts_with = "host")]
+    pub inside: Option<String>,
+    /// Host mode: protect this host's own traffic (no inside interface).
+    /// espd creates a veth pair (`--host-dev`, and NAME-x for itself),
+    /// routes the outbound PROTECT policies' destinations into it (table
+    /// 4303) and delivers what it decapsulates for this host through it
+    /// (docs/operations.md, "Host mode").
     #[arg(long)]
-    pub inside: String,
+    pub host: bool,
+    /// The kernel's end of the host pair (host mode).
+    #[arg(long, default_value = "espd0", value_name = "NAME")]
+    pub host_dev: String,
     /// The interface towards the peers (where ESP leaves and arrives).
     #[arg(long)]
     pub outside: String,
@@ -124,6 +135,9 @@ pub struct DownArgs {
     /// The control socket of the espd whose guard this is: refused while it answers.
     #[arg(long, default_value = espd_proto::DEFAULT_SOCKET)]
     pub control: PathBuf,
+    /// The host pair of a host-mode espd (removed with its routes and rule).
+    #[arg(long, default_value = "espd0", value_name = "NAME")]
+    pub host_dev: String,
 }
 
 /// `espd down`: removes the guard's kernel policies in this namespace.
@@ -135,12 +149,19 @@ pub fn down(a: &DownArgs) -> Result<()> {
             a.control.display()
         );
     }
-    let mut g = guard::Guard::open().context("opening the kernel's XFRM policy table")?;
+    let mut g = guard::Guard::open(None).context("opening the kernel's XFRM policy table")?;
     let n = g.lift().context("removing the guard's XFRM policies")?;
     eprintln!(
         "espd down: removed {n} kernel XFRM policies: traffic the policies protected is now \
          forwarded by the kernel in clear"
     );
+    if host::remove(&a.host_dev).context("removing the host pair and routes")? > 0 {
+        eprintln!(
+            "espd down: removed the host pair {} and the host routes (table {})",
+            a.host_dev,
+            host::HOST_TABLE
+        );
+    }
     Ok(())
 }
 
@@ -329,24 +350,47 @@ pub fn run(a: &Args) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .1;
     }
-    let (in_idx, in_mac) = espd_io::netlink::link_info(&a.inside)
-        .with_context(|| format!("inside interface {}", a.inside))?;
     let (out_idx, out_mac) = espd_io::netlink::link_info(&a.outside)
         .with_context(|| format!("outside interface {}", a.outside))?;
+    // Host mode: the pair stands where a gateway's inside interface is
+    // (nothing is routed into it before the workers run; see host.rs).
+    let inside = match &a.inside {
+        Some(i) => i.clone(),
+        None => {
+            let mtu = read_mtu(&a.outside)
+                .saturating_sub(host::OVERHEAD)
+                .max(1280);
+            host::create_pair(&a.host_dev, espd_io::xsk::rx_queues(&a.outside), mtu)?;
+            host::espd_end(&a.host_dev)
+        }
+    };
+    let host_mac = if a.host {
+        Some(espd_io::netlink::link_info(&a.host_dev)?.1)
+    } else {
+        None
+    };
+    let (in_idx, in_mac) = espd_io::netlink::link_info(&inside)
+        .with_context(|| format!("inside interface {inside}"))?;
     if in_idx == out_idx {
         bail!("--inside and --outside must be different interfaces");
     }
     let local = espd_io::netlink::local_addrs(None).context("reading this host's addresses")?;
-    let inside_addrs = espd_io::netlink::local_addrs(Some(&a.inside))?;
+    // The sources of espd's ICMP errors towards the inside: the host's own
+    // addresses in host mode.
+    let inside_addrs = if a.host {
+        local.iter().copied().filter(|x| !x.is_loopback()).collect()
+    } else {
+        espd_io::netlink::local_addrs(Some(&inside))?
+    };
     // Outbound SAs continue their sequence numbers and IV masks (RFC 4303
     // §3.3.3), written down before any worker sends.
     let seq_path = a.seq_path();
     let mut seqs = seqstore::SeqStore::open(&seq_path)?;
     let nq = [
-        espd_io::xsk::rx_queues(&a.inside),
+        espd_io::xsk::rx_queues(&inside),
         espd_io::xsk::rx_queues(&a.outside),
     ];
-    let queues = serving_plan(&[&a.inside, &a.outside], nq, a.queues)?;
+    let queues = serving_plan(&[&inside, &a.outside], nq, a.queues)?;
     let cores: Vec<usize> = if a.cores.is_empty() {
         core_affinity::get_core_ids()
             .unwrap_or_default()
@@ -366,6 +410,7 @@ pub fn run(a: &Args) -> Result<()> {
         mtu: read_mtu(&a.outside),
         bench_no_crypto: a.bench_no_crypto,
         workers: queues,
+        host: a.host,
         start: std::time::Instant::now(),
     };
     // The shared tables: the policies first (they say which addresses are
@@ -404,10 +449,24 @@ pub fn run(a: &Args) -> Result<()> {
     // protect is dropped by the kernel whenever espd is not handling it —
     // if a step below fails, when espd stops, or if it dies. It stays after
     // exit; `espd down` lifts it (docs/operations.md, "Failure modes").
-    let mut guard = guard::Guard::open().context("opening the kernel's XFRM policy table")?;
+    let shape = a.host.then_some(guard::HostShape { outside: out_idx });
+    let mut guard = guard::Guard::open(shape).context("opening the kernel's XFRM policy table")?;
     guard
         .sync(&cfg)
         .context("installing the fail-closed guard (kernel XFRM policies)")?;
+    // Host mode: every protected destination prohibited in the host table
+    // now, routed into the pair once the workers run.
+    let mut host_routes = None;
+    if a.host {
+        let mut r = host::Routes::new(&a.host_dev);
+        let pols: Vec<&espd_core::state::Policy> = Direction::ALL
+            .iter()
+            .flat_map(|d| cfg.spd.policies(*d))
+            .collect();
+        let staged = r.stage(pols.into_iter().map(|p| (true, p)));
+        r.tighten(&staged)?;
+        host_routes = Some((r, staged));
+    }
     eprintln!(
         "espd run: guard: {} kernel XFRM policies (`ip xfrm policy` lists them; `espd down` lifts them)",
         guard.len()
@@ -440,7 +499,7 @@ pub fn run(a: &Args) -> Result<()> {
     let mut wports = Vec::new();
     for q in 0..queues {
         let serve = [q < nq[0], q < nq[1]];
-        let p = WorkerPorts::bind(&a.inside, &a.outside, q, WORKER_FRAMES, bind, serve)
+        let p = WorkerPorts::bind(&inside, &a.outside, q, WORKER_FRAMES, bind, serve)
             .with_context(|| format!("AF_XDP sockets on queue {q}"))?;
         wports.push(p);
     }
@@ -464,19 +523,29 @@ pub fn run(a: &Args) -> Result<()> {
         .attach_side(Side::Outside, &a.outside, mode)
         .with_context(|| format!("attaching XDP to {}", a.outside))?;
     steer
-        .attach_side(Side::Inside, &a.inside, mode)
-        .with_context(|| format!("attaching XDP to {}", a.inside))?;
+        .attach_side(Side::Inside, &inside, mode)
+        .with_context(|| format!("attaching XDP to {inside}"))?;
+    if a.host {
+        steer
+            .attach_host_mark(&a.host_dev)
+            .with_context(|| format!("attaching the mark program to {}", a.host_dev))?;
+    }
 
     // Next hops: warm with the peers of the SAs.
-    let peers: Vec<IpAddr> = cfg
+    let mut peers: Vec<IpAddr> = cfg
         .sad
         .iter()
         .flat_map(|sa| [sa.cfg.src, sa.cfg.dst])
         .filter(|x| !local.contains(x))
         .collect();
+    if a.host {
+        // This host's addresses: where decapsulated packets go (through the pair).
+        peers.extend(local.iter().filter(|x| !x.is_loopback()));
+    }
     let links = nexthop::Links {
         inside: in_idx,
         outside: out_idx,
+        host: host_mac,
     };
     let (table, resolver) =
         nexthop::start(links, peers, Arc::clone(&stop)).context("opening rtnetlink")?;
@@ -500,12 +569,13 @@ pub fn run(a: &Args) -> Result<()> {
             engine,
             cache: nexthop::Cache::new(Arc::clone(&table)),
             macs: [in_mac, out_mac],
-            mtu: [read_mtu(&a.inside), read_mtu(&a.outside)],
+            mtu: [read_mtu(&inside), read_mtu(&a.outside)],
             fix_csum: match a.fix_partial_checksums {
                 CsumFix::On => true,
                 CsumFix::Off => false,
-                CsumFix::Auto => is_virtual(&a.inside),
+                CsumFix::Auto => is_virtual(&inside),
             },
+            host: a.host,
             inbox: inboxes.remove(0),
             peers: peers.clone(),
             reinject: worker::Reinject::default(),
@@ -539,13 +609,13 @@ pub fn run(a: &Args) -> Result<()> {
         };
         eprintln!(
             "espd run: worker {q} (core {core}): {}, {}",
-            on(0, &a.inside),
+            on(0, &inside),
             on(1, &a.outside)
         );
     }
     eprintln!(
         "espd run: inside {} outside {} ({} XDP, {} AF_XDP), {} worker(s) on core(s) {:?}, {} SAs, {} policies, {} inside prefixes",
-        a.inside,
+        inside,
         a.outside,
         if a.skb_mode { "generic" } else { "native" },
         match bind {
@@ -578,11 +648,25 @@ pub fn run(a: &Args) -> Result<()> {
         cores: cores_used.clone(),
         params,
         guard: Mutex::new(guard),
+        host: Mutex::new(None),
         seqs: Mutex::new(seqs),
         apply_lock: Mutex::new(()),
         monitors: Mutex::new(Vec::new()),
         clients: std::sync::atomic::AtomicUsize::new(0),
     });
+    // The workers run: protected destinations are routed into the pair.
+    if let Some((mut r, staged)) = host_routes {
+        r.loosen(&staged)
+            .context("routing the protected destinations into the host pair")?;
+        eprintln!(
+            "espd run: host mode: {} protected prefixes routed into {} (table {}, rule pref {})",
+            r.len(),
+            a.host_dev,
+            host::HOST_TABLE,
+            host::HOST_RULE_PREF
+        );
+        *ctl.host.lock().map_err(|_| anyhow::anyhow!("poisoned"))? = Some(r);
+    }
     let events_thread = {
         let (c, st) = (Arc::clone(&ctl), Arc::clone(&stop));
         std::thread::Builder::new()
@@ -647,6 +731,16 @@ pub fn run(a: &Args) -> Result<()> {
             }
         }
     }
+    // Host mode: the pair routes go before the workers stop, so the host's
+    // protected traffic meets the `prohibit` routes (EACCES), not a pair
+    // nobody reads.
+    if let Ok(mut h) = ctl.host.lock() {
+        if let Some(r) = h.as_mut() {
+            if let Err(e) = r.withdraw() {
+                eprintln!("espd run: host routes: {e:#}");
+            }
+        }
+    }
     stop.store(true, Ordering::Relaxed);
     let mut panicked = false;
     for (_, _, h) in handles {
@@ -681,7 +775,7 @@ pub fn run(a: &Args) -> Result<()> {
     steer.detach().context("detaching XDP")?;
     eprintln!(
         "espd run: detached from {} and {}; the guard stays (`espd down` lifts it)",
-        a.inside, a.outside
+        inside, a.outside
     );
     if panicked || failed.is_some() {
         bail!("worker {} stopped unexpectedly", failed.unwrap_or(0));

@@ -111,14 +111,32 @@ impl Cache {
 pub struct Links {
     pub inside: u32,
     pub outside: u32,
+    /// Host mode: the MAC of the kernel's end of the host pair (`inside` is
+    /// espd's end). Packets for this host go there, and lookups carry the
+    /// host mark so the host route rule does not send them into the pair.
+    pub host: Option<[u8; 6]>,
+}
+
+impl Links {
+    fn mark(&self) -> u32 {
+        if self.host.is_some() {
+            espd_io::steer::HOST_MARK
+        } else {
+            0
+        }
+    }
 }
 
 /// `kick`: ask the kernel to (re)resolve a missing neighbour; pending
 /// destinations are re-checked often but kicked once a second, as the
 /// kernel's own probes are paced.
 fn resolve(nl: &mut Rtnl, links: Links, dst: IpAddr, kick: bool) -> Resolved {
-    match nl.route_get(dst) {
-        Ok(Route::Local) => Resolved::Local,
+    match nl.route_get(dst, links.mark()) {
+        // Host mode: delivered through the pair, to the kernel's end.
+        Ok(Route::Local) => match links.host {
+            Some(mac) => Resolved::Hop { side: 0, mac },
+            None => Resolved::Local,
+        },
         Ok(Route::Unicast { oif, via, .. }) => {
             let side = if oif == links.inside {
                 0
@@ -195,7 +213,7 @@ fn run(nl: &mut Rtnl, links: Links, t: &Table, rx: &Receiver<IpAddr>, stop: &Ato
             // Keep the kernel's entries for our next hops fresh.
             let all: Vec<IpAddr> = t.map.lock().expect("lock").keys().copied().collect();
             for d in all {
-                if let Ok(Route::Unicast { oif, via, .. }) = nl.route_get(d) {
+                if let Ok(Route::Unicast { oif, via, .. }) = nl.route_get(d, links.mark()) {
                     let _ = nl.neigh_use(oif, via);
                 }
             }

@@ -157,6 +157,9 @@ pub struct Worker {
     pub mtu: [usize; 2],
     /// Complete partial checksums of frames from the inside (veth & co.).
     pub fix_csum: bool,
+    /// Host mode: the inside is the host pair, and what comes from the
+    /// outside is delivered to this host or dropped, never forwarded.
+    pub host: bool,
     /// Packets other workers hand to this one, and every worker's inbox (by id).
     pub inbox: Receiver<Slot>,
     pub peers: Vec<SyncSender<Slot>>,
@@ -183,6 +186,7 @@ struct Ctx<'a> {
     io_drops: &'a mut espd_core::drop::DropCounts,
     not_ip: &'a mut u64,
     fix_csum: bool,
+    host: bool,
     csum_fixed: &'a mut u64,
     /// The side the frame came in on, and where to hand packets over.
     side: usize,
@@ -203,6 +207,7 @@ macro_rules! ctx {
             io_drops: &mut $snap.io_drops,
             not_ip: &mut $snap.not_ip,
             fix_csum: $fix,
+            host: $w.host,
             csum_fixed: &mut $snap.csum_fixed,
             side: $side,
             peers: &$w.peers,
@@ -499,6 +504,17 @@ impl Ctx<'_> {
         let Some(dst) = dst_of(pkt.data()) else {
             return self.drop_io(DropReason::BadInner);
         };
+        if self.host && self.side == 1 && matches!(v, Verdict::Decapsulated(_) | Verdict::Bypass) {
+            // A host is not a router: what it decapsulated is for its own
+            // sockets (delivered through the pair) or for nobody. Not held
+            // while unresolved (a held frame is retried without this check;
+            // this host's addresses are resolved at start).
+            match self.cache.get(dst) {
+                Resolved::Hop { side: 0, .. } => {}
+                Resolved::Pending => return self.drop_io(DropReason::NoNeighbour),
+                _ => return self.drop_io(DropReason::HostForward),
+            }
+        }
         let (at, n) = (pkt.start(), pkt.len());
 
         self.send(buf, at, n, dst)

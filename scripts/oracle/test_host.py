@@ -1,0 +1,347 @@
+"""Host mode (`espd run --host`): espd protects the traffic its own host sends
+and receives (issue "espd as the host's own IPsec"), on the namespaces of
+scripts/topo.sh, with gw1 and gw2 as the two hosts:
+
+    gw1 (198.18.0.1, 2001:db8::1) ═ wire (bridge br0, captured) ═ gw2 (198.18.0.2, 2001:db8::2)
+
+Each runs `espd run --host --outside oN` with transport-mode AES-GCM SAs to
+the other for IPv4 and IPv6. Checked:
+- ping, TCP and UDP both ways over both families, the wire carrying only ESP,
+  tshark decrypting every ESP packet with the configured keys, ICVs good;
+- the kernel side: host table 4303 with the pair routes (and the policy's own
+  address as their source) over `prohibit` routes, the rule, and the guard's
+  entries bound to the outside device (out) and letting marked packets by (in);
+- forged plaintext from the wire (ICMP echo, UDP, v4 and v6, source the peer's
+  address) is never delivered, with espd running and killed;
+- SIGKILL and SIGTERM during 50 pps pings of both families: 0 plaintext
+  frames on the wire; after SIGTERM the host's sends fail (EACCES) instead of
+  leaking; after a restart the pings flow again; `espd down` removes the pair,
+  table and rule (and plaintext then crosses: the guard was what held it);
+- policy changes through espctl move the host routes (removed, added back);
+- the nested case: gw1 as a host with a tunnel to the gateway gw2 and a
+  transport-mode SA to host B behind it (espd --host there too): the wire
+  between gw1 and gw2 carries ESP whose decryption (tunnel key) is ESP again
+  (the transport SA's SPI), and B decapsulates the transport SA.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from espd_oracle import ESPD, ROOT
+from test_gateway import IN_CI, PY, Net, need, sh
+
+ESPCTL = str(ROOT / "target" / "release" / "espctl")
+GCM = "aead 'rfc4106(gcm(aes))'"
+ADDR = {"gw1": ("198.18.0.1", "2001:db8::1"), "gw2": ("198.18.0.2", "2001:db8::2")}
+
+
+def key():
+    return "0x" + os.urandom(20).hex()
+
+
+def host_confs(tmp):
+    """Transport-mode SA pairs gw1 ⇄ gw2 for both families; (src, dst, spi, key) of each."""
+    (a4, a6), (b4, b6) = ADDR["gw1"], ADDR["gw2"]
+    sas = [(a4, b4, 0x1001, key()), (b4, a4, 0x2001, key()),
+           (a6, b6, 0x1006, key()), (b6, a6, 0x2006, key())]
+    states = "\n".join(f"state add src {s} dst {d} proto esp spi {spi:#x} reqid {spi & 0xff} "
+                       f"mode transport {GCM} {k} 128" for s, d, spi, k in sas)
+    for gw, (me4, me6), (peer4, peer6) in (("gw1", ADDR["gw1"], ADDR["gw2"]),
+                                           ("gw2", ADDR["gw2"], ADDR["gw1"])):
+        lines = [states]
+        for me, peer in ((me4, peer4), (me6, peer6)):
+            out = next(s for s in sas if s[0] == me)[2] & 0xff
+            inn = next(s for s in sas if s[1] == me and s[0] == peer)[2] & 0xff
+            lines.append(f"policy add src {me} dst {peer} dir out tmpl proto esp reqid {out} mode transport")
+            lines.append(f"policy add src {peer} dst {me} dir in tmpl proto esp reqid {inn} mode transport")
+        p = tmp / f"{gw}.conf"
+        p.write_text("\n".join(lines) + "\n")
+        p.chmod(0o600)
+    return sas
+
+
+class Hosts(Net):
+    def start_host(self, ns, outside, conf, sock=None, core="0"):
+        sock = sock or str(self.tmp / f"{ns}.sock")
+        p = self.popen(ns, str(ESPD), "run", "--host", "-c", str(conf), "--outside", outside,
+                       "--cores", core, "--stats-json", str(self.tmp / f"{ns}.json"),
+                       "--control", sock, "--seq-file", str(self.tmp / f"{ns}.seq"), "-q",
+                       stderr=subprocess.PIPE, text=True)
+        self.procs[ns] = p
+        lines = [p.stderr.readline()]
+        while "host mode:" not in lines[-1]:
+            assert lines[-1], "".join(lines) + p.stderr.read()
+            lines.append(p.stderr.readline())
+        time.sleep(0.3)
+        return p
+
+    def start(self, gw, **_):
+        core = "0" if gw == "gw1" else str(1 % os.cpu_count())
+        return self.start_host(gw, {"gw1": "o1", "gw2": "o2"}[gw], self.tmp / f"{gw}.conf",
+                               sock=self.sock(gw), core=core)
+
+    def kill(self, gw, sig=signal.SIGKILL):
+        p = self.procs.pop(gw)
+        p.send_signal(sig)
+        err = p.communicate(timeout=30)[1]
+        return p.returncode, err
+
+
+@pytest.fixture
+def hosts(tmp_path):
+    need("iperf3", "ping")
+    n = Hosts(tmp_path)
+    n.sas = host_confs(tmp_path)
+    try:
+        yield n
+    finally:
+        n.close()
+
+
+def capture(net, path):
+    p = net.popen("wire", "tcpdump", "-ni", "br0", "-U", "-w", str(path), "ip or ip6",
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)
+    return p
+
+
+def stop(p):
+    p.send_signal(signal.SIGINT)
+    p.wait(timeout=10)
+
+
+def plaintext(pcap):
+    """Frames on the wire that are not ESP, apart from neighbour discovery, MLD and IGMP."""
+    r = sh("tcpdump", "-nr", str(pcap), "not esp and not icmp6 and not igmp and not (ip6 and ip6[6] = 0)")
+    return r.stdout.strip()
+
+
+def tshark_rows(pcap, sas):
+    tshark = shutil.which("tshark")
+    if tshark is None:
+        if IN_CI:
+            pytest.fail("tshark missing in CI")
+        pytest.skip("needs tshark")
+    uat = []
+    for src, dst, spi, km in sas:
+        fam = "IPv4" if "." in src else "IPv6"
+        uat += ["-o", f'uat:esp_sa:"{fam}","{src}","{dst}","0x{spi:08x}",'
+                      f'"AES-GCM with 16 octet ICV [RFC4106]","{km}","NULL",""']
+    r = sh(tshark, "-r", str(pcap), "-o", "esp.enable_encryption_decode:TRUE",
+           "-o", "esp.enable_authentication_check:TRUE", *uat, "-Y", "esp",
+           "-T", "fields", "-e", "esp.spi", "-e", "esp.icv_good", "-e", "esp.icv_bad",
+           "-e", "ip.proto", "-e", "ipv6.nxt", timeout=300)
+    return [line.split("\t") for line in r.stdout.splitlines() if line.strip()]
+
+
+def iperf(net, client, server, dst, *extra, secs=1):
+    srv = net.popen(server, "iperf3", "-s", "-1", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+    try:
+        r = net.ns(client, "iperf3", "-c", dst, "-t", str(secs), *extra, timeout=60)
+    finally:
+        srv.wait(timeout=30)
+    return r.stdout
+
+
+def ping(net, ns, dst, n=5):
+    return net.ns(ns, "ping", "-c", str(n), "-i", "0.05", "-W", "2", dst, check=False)
+
+
+def test_host_to_host_transport_mode_v4_v6_only_esp_on_the_wire(hosts, tmp_path):
+    net = hosts
+    net.start("gw1")
+    net.start("gw2")
+    # The kernel side of host mode.
+    t4 = net.ns("gw1", "ip", "route", "show", "table", "4303").stdout
+    t6 = net.ns("gw1", "ip", "-6", "route", "show", "table", "4303").stdout
+    assert "198.18.0.2 dev espd0" in t4 and "src 198.18.0.1" in t4 and "prohibit 198.18.0.2" in t4, t4
+    assert "2001:db8::2 dev espd0" in t6 and "src 2001:db8::1" in t6 and "prohibit 2001:db8::2" in t6, t6
+    rules = net.ns("gw1", "ip", "rule").stdout
+    assert "4303:\tnot from all fwmark 0x100000/0x100000 lookup 4303" in rules, rules
+    xp = net.ns("gw1", "ip", "xfrm", "policy").stdout
+    assert xp.count("dev o1") == 2 and xp.count("mark 0/0x100000") == 2, xp
+    pcap = tmp_path / "wire.pcap"
+    dump = capture(net, pcap)
+    try:
+        for src, dst in (("gw1", "198.18.0.2"), ("gw2", "198.18.0.1"),
+                         ("gw1", "2001:db8::2"), ("gw2", "2001:db8::1")):
+            r = ping(net, src, dst)
+            assert " 0% packet loss" in r.stdout, r.stdout
+            # A host sends its own packets: no hop is counted.
+            assert "ttl=64" in r.stdout, r.stdout
+        out = iperf(net, "gw1", "gw2", "198.18.0.2")
+        assert "receiver" in out, out
+        out = iperf(net, "gw2", "gw1", "2001:db8::1")
+        assert "receiver" in out, out
+        out = iperf(net, "gw1", "gw2", "2001:db8::2", "-u", "-b", "8M", "-l", "1000", "-J")
+        j = json.loads(out)["end"]["sum"]
+        assert j["packets"] > 500 and j["lost_packets"] == 0, j
+    finally:
+        stop(dump)
+    assert plaintext(pcap) == "", "plaintext on the wire:\n" + plaintext(pcap)[:2000]
+    rows = tshark_rows(pcap, net.sas)
+    esp = int(sh("bash", "-c", f"tcpdump -nr {pcap} esp 2>/dev/null | wc -l").stdout)
+    assert len(rows) == esp > 1000, (len(rows), esp)
+    bad = [x for x in rows if x[1] != "1" or x[2] == "1"]
+    assert not bad, f"{len(bad)} of {len(rows)} ESP packets not verified: {bad[:5]}"
+    assert {x[0] for x in rows} == {f"0x{s[2]:08x}" for s in net.sas}
+    # Decrypted: ICMP, TCP and UDP inside transport-mode ESP (the inner
+    # protocol is the ESP trailer's next header, shown as the IP protocol).
+    _, err = net.kill("gw1", signal.SIGTERM)
+    assert "detached from espd0-x and o1" in err, err
+
+
+def forge(net, tmp_path, dst4, dst6, src4, src6, mac):
+    f = tmp_path / "forge.py"
+    f.write_text(f"""
+from scapy.all import *
+conf.verb = 0
+e = Ether(dst="{mac}")
+for p in (IP(src="{src4}", dst="{dst4}")/ICMP(id=77, seq=1),
+          IP(src="{src4}", dst="{dst4}")/UDP(sport=4000, dport=5555)/b"forged-v4",
+          IPv6(src="{src6}", dst="{dst6}")/ICMPv6EchoRequest(id=77, seq=1),
+          IPv6(src="{src6}", dst="{dst6}")/UDP(sport=4000, dport=5555)/b"forged-v6"):
+    sendp(e/p, iface="br0", count=3, inter=0.05)
+""")
+    net.ns("wire", PY, str(f))
+
+
+def test_plaintext_from_the_wire_is_never_delivered_to_the_host(hosts, tmp_path):
+    net = hosts
+    net.start("gw1")
+    mac = net.ns("gw1", "cat", "/sys/class/net/o1/address").stdout.strip()
+    got = tmp_path / "udp.txt"
+    listen = tmp_path / "listen.py"
+    listen.write_text(f"""
+import socket, sys, time
+out = open("{got}", "w")
+socks = []
+for fam, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    if fam == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind((addr, 5555)); s.setblocking(False); socks.append(s)
+end = time.time() + float(sys.argv[1])
+while time.time() < end:
+    for s in socks:
+        try:
+            out.write(repr(s.recvfrom(100)) + "\\n"); out.flush()
+        except BlockingIOError:
+            pass
+    time.sleep(0.01)
+""")
+    def mismatches():
+        stat = net.ns("gw1", "cat", "/proc/net/xfrm_stat").stdout
+        return int(stat.split("XfrmInTmplMismatch")[1].split()[0])
+
+    for phase in ("running", "killed"):
+        before = mismatches()
+        lst = net.popen("gw1", PY, str(listen), "4")
+        pcap = tmp_path / f"forged-{phase}.pcap"
+        dump = capture(net, pcap)
+        try:
+            forge(net, tmp_path, "198.18.0.1", "2001:db8::1", "198.18.0.2", "2001:db8::2", mac)
+            time.sleep(0.5)
+        finally:
+            stop(dump)
+            lst.wait(timeout=30)
+        # No echo reply left gw1, and no forged datagram reached its socket.
+        replies = sh("tcpdump", "-nr", str(pcap), "src 198.18.0.1 or src 2001:db8::1").stdout
+        assert "ICMP" not in replies, f"{phase}: gw1 answered forged plaintext:\n{replies}"
+        assert got.read_text() == "", f"{phase}: delivered: {got.read_text()}"
+        # Each of the 12 forged packets was dropped by the guard's inbound
+        # entries (the kernel's count), not lost on the way.
+        assert mismatches() - before >= 12, (phase, before, mismatches())
+        if phase == "running":
+            net.kill("gw1")
+
+
+def pingers(net, ns, dsts, seconds):
+    return [net.popen(ns, "ping", "-i", "0.02", "-w", str(seconds), d,
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for d in dsts]
+
+
+def test_kill_and_stop_leak_nothing_and_restart_resumes(hosts, tmp_path):
+    net = hosts
+    net.start("gw1")
+    net.start("gw2")
+    pcap = tmp_path / "kill.pcap"
+    dump = capture(net, pcap)
+    ps = []
+    try:
+        ps = pingers(net, "gw1", ["198.18.0.2", "2001:db8::2"], 9)
+        time.sleep(2)
+        net.kill("gw1")
+        time.sleep(2)
+        # Restarted over the pair the dead one left (it is made afresh).
+        net.start("gw1")
+        time.sleep(2)
+        code, err = net.kill("gw1", signal.SIGTERM)
+        assert code == 0, err
+        outs = [p.communicate(timeout=30)[0] for p in ps]
+        ps = []
+        # After the stop the sends fail at once: the prohibit routes (EACCES,
+        # which iputils words as "check your local firewall rules").
+        r = net.ns("gw1", "ping", "-c", "1", "-W", "1", "198.18.0.2", check=False)
+        for dst in ("198.18.0.2", "2001:db8::2"):
+            r = net.ns("gw1", "ping", "-c", "1", "-W", "1", dst, check=False)
+            said = (r.stdout + r.stderr).lower()
+            assert r.returncode != 0 and ("denied" in said or "prohibited" in said
+                                          or "not permitted" in said or "firewall" in said), said
+    finally:
+        for p in ps:
+            p.kill()
+        stop(dump)
+    assert plaintext(pcap) == "", "plaintext on the wire:\n" + plaintext(pcap)[:2000]
+    # Both families came back after the restart (replies in its 2 s window).
+    for o in outs:
+        assert "bytes from" in o, o
+        got = int(o.split(" received")[0].split(", ")[-1])
+        assert got > 100, o
+    # `espd down`: the pair, the host table and its rule go with the guard,
+    # and then (only then) plaintext crosses.
+    r = net.ns("gw1", str(ESPD), "down", "--control", net.sock("gw1"))
+    assert "removed the host pair espd0" in r.stderr, r.stderr
+    assert net.ns("gw1", "ip", "link", "show", "espd0", check=False).returncode != 0
+    assert "4303" not in net.ns("gw1", "ip", "rule").stdout
+    assert net.ns("gw1", "ip", "route", "show", "table", "4303", check=False).stdout.strip() == ""
+    pcap2 = tmp_path / "down.pcap"
+    dump = capture(net, pcap2)
+    try:
+        ping(net, "gw1", "198.18.0.2", n=3)
+    finally:
+        stop(dump)
+    assert "198.18.0.1 > 198.18.0.2: ICMP echo request" in sh("tcpdump", "-nr", str(pcap2)).stdout
+
+
+def test_policy_changes_move_the_host_routes(hosts, tmp_path):
+    net = hosts
+    net.start("gw1")
+    ctl = lambda f: subprocess.run([ESPCTL, "-s", net.sock("gw1"), "-b", str(f)],  # noqa: E731
+                                   capture_output=True, text=True, timeout=30)
+    off = tmp_path / "off.txt"
+    off.write_text("policy delete src 2001:db8::1 dst 2001:db8::2 dir out\n")
+    r = ctl(off)
+    assert r.returncode == 0, r.stderr
+    t6 = net.ns("gw1", "ip", "-6", "route", "show", "table", "4303").stdout
+    assert "2001:db8::2" not in t6, t6
+    on = tmp_path / "on.txt"
+    on.write_text("policy add src 2001:db8::1 dst 2001:db8::2 dir out tmpl proto esp reqid 6 mode transport\n"
+                  "policy add src 2001:db8::1 dst 2001:db8:77::/64 dir out action block\n")
+    r = ctl(on)
+    assert r.returncode == 0, r.stderr
+    t6 = net.ns("gw1", "ip", "-6", "route", "show", "table", "4303").stdout
+    assert "2001:db8::2 dev espd0" in t6 and "prohibit 2001:db8::2" in t6, t6
+    # A DISCARD prefix is routed into espd too (the engine drops and counts it).
+    assert "2001:db8:77::/64 dev espd0" in t6, t6
+    r = net.ns("gw1", "ping", "-c", "2", "-i", "0.1", "-W", "1", "2001:db8:77::1", check=False)
+    assert r.returncode != 0
+    # The v4 routes were never touched.
+    assert "198.18.0.2 dev espd0" in net.ns("gw1", "ip", "route", "show", "table", "4303").stdout
