@@ -105,7 +105,8 @@ def hosts(tmp_path):
 
 
 def capture(net, path):
-    p = net.popen("wire", "tcpdump", "-ni", "br0", "-U", "-w", str(path), "ip or ip6",
+    # Immediate mode: packets of the last ring block are not lost at SIGINT.
+    p = net.popen("wire", "tcpdump", "--immediate-mode", "-ni", "br0", "-U", "-w", str(path), "ip or ip6",
                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1)
     return p
@@ -345,3 +346,86 @@ def test_policy_changes_move_the_host_routes(hosts, tmp_path):
     assert r.returncode != 0
     # The v4 routes were never touched.
     assert "198.18.0.2 dev espd0" in net.ns("gw1", "ip", "route", "show", "table", "4303").stdout
+
+
+NEST = {4: ("198.18.0.1", "198.18.0.2", "198.18.2.20", "198.18.2.0/24"),
+        6: ("2001:db8::1", "2001:db8::2", "2001:db8:2::20", "2001:db8:2::/64")}
+
+
+def nested_confs(tmp):
+    """gw1: a host with a tunnel to the gateway gw2 and a transport SA to B
+    inside it (an SA bundle, RFC 4301 §4.5); gw2: the site's gateway; B: the
+    server, a host with the transport SA. The SAs, by family."""
+    sas, conf = {}, {"gw1": [], "gw2": [], "b": []}
+    for v, (c, g, s, site) in NEST.items():
+        base = 0x3000 + v * 0x100
+        ks = [key() for _ in range(4)]
+        sas[v] = {"c2s": (c, s, base + 1, ks[0]), "s2c": (s, c, base + 2, ks[1]),
+                  "c2g": (c, g, base + 3, ks[2]), "g2c": (g, c, base + 4, ks[3])}
+
+        def st(name, mode):
+            a, b, spi, k = sas[v][name]
+            return f"state add src {a} dst {b} proto esp spi {spi:#x} reqid {spi & 0xfff} mode {mode} {GCM} {k} 128"
+
+        r = {n: sas[v][n][2] & 0xfff for n in sas[v]}
+        conf["gw1"] += [st("c2s", "transport"), st("s2c", "transport"), st("c2g", "tunnel"), st("g2c", "tunnel"),
+                        f"policy add src {c} dst {s} dir out tmpl proto esp reqid {r['c2s']} mode transport "
+                        f"tmpl src {c} dst {g} proto esp reqid {r['c2g']} mode tunnel",
+                        f"policy add src {s} dst {c} dir in tmpl proto esp reqid {r['s2c']} mode transport "
+                        f"tmpl src {g} dst {c} proto esp reqid {r['g2c']} mode tunnel"]
+        conf["gw2"] += [st("c2g", "tunnel"), st("g2c", "tunnel"),
+                        f"policy add src {c} dst {site} dir fwd tmpl src {c} dst {g} proto esp reqid {r['c2g']} mode tunnel",
+                        f"policy add src {site} dst {c} dir out tmpl src {g} dst {c} proto esp reqid {r['g2c']} mode tunnel"]
+        conf["b"] += [st("c2s", "transport"), st("s2c", "transport"),
+                      f"policy add src {s} dst {c} dir out tmpl proto esp reqid {r['s2c']} mode transport",
+                      f"policy add src {c} dst {s} dir in tmpl proto esp reqid {r['c2s']} mode transport"]
+    for n, lines in conf.items():
+        p = tmp / f"{n}.conf"
+        p.write_text("\n".join(lines) + "\n")
+        p.chmod(0o600)
+    return sas
+
+
+def test_host_with_a_tunnel_to_a_gateway_and_transport_to_a_server_behind_it(tmp_path):
+    need("ping")
+    net = Hosts(tmp_path)
+    try:
+        sas = nested_confs(tmp_path)
+        net.start_host("gw1", "o1", tmp_path / "gw1.conf", sock=net.sock("gw1"), core="0")
+        Net.start(net, "gw2")
+        net.start_host("b", "b0", tmp_path / "b.conf", core=str(1 % os.cpu_count()))
+        pcap = tmp_path / "nested.pcap"
+        dump = capture(net, pcap)
+        try:
+            for v in (4, 6):
+                r = net.ns("gw1", "ping", "-c", "20", "-i", "0.05", "-W", "2", NEST[v][2], check=False)
+                assert " 0% packet loss" in r.stdout, r.stdout
+            r = net.ns("b", "ping", "-c", "5", "-i", "0.05", "-W", "2", NEST[4][0], check=False)
+            assert " 0% packet loss" in r.stdout, r.stdout
+        finally:
+            stop(dump)
+        assert plaintext(pcap) == "", "plaintext on the wire:\n" + plaintext(pcap)[:2000]
+        # The wire between the host and the gateway: ESP (the tunnel SA)
+        # whose decryption is ESP again (the transport SA to B).
+        every = [sa for v in sas.values() for sa in v.values()]
+        rows = tshark_rows(pcap, every)
+        esp = int(sh("bash", "-c", f"tcpdump -nr {pcap} esp 2>/dev/null | wc -l").stdout)
+        assert len(rows) == esp >= 90, (len(rows), esp, sh("tcpdump", "-nr", str(pcap)).stdout[-3000:])
+        pairs = set()
+        for spi, good, bad, *_ in rows:
+            spis = spi.split(",")
+            assert len(spis) == 2, f"not ESP in ESP: {spi}"
+            assert good.split(",") == ["1", "1"] and "1" not in bad.split(","), (spi, good, bad)
+            pairs.add(tuple(int(x, 16) for x in spis))
+        want = set()
+        for v in sas.values():
+            want.add((v["c2g"][2], v["c2s"][2]))
+            want.add((v["g2c"][2], v["s2c"][2]))
+        assert pairs == want, (pairs, want)
+        # B decapsulated the transport SA itself (its inside is its own stack).
+        code, err = net.kill("b", signal.SIGTERM)
+        assert code == 0, err
+        sb = json.loads((tmp_path / "b.json").read_text())
+        assert sb["decapsulated"] >= 45 and sb["encapsulated"] >= 45, sb
+    finally:
+        net.close()
