@@ -6,7 +6,8 @@ gw1 and gw2 of scripts/topo.sh act as two hosts (198.18.0.1 ⇄ 198.18.0.2
 through the wire bridge). Three set-ups in turn, each measured the same way:
 - plain: no IPsec, with TSO/GSO/GRO off on the hosts' links (espd's host pair
   has no TSO either: veth with XDP);
-- espd: `espd run --host` on both, transport-mode AES-GCM-128 SAs;
+- espd: `espd run --host` on both, transport-mode AES-GCM-128 SAs (and again
+  with `--busy-poll`: workers that never sleep);
 - charon: two charons, PSK, aes128gcm16, tunnel mode with /32 selectors
   (kernel-libipsec has no transport mode; UDP-encapsulated ESP through its
   TUN device; its sockets marked so its own ESP is not routed into the TUN).
@@ -74,11 +75,12 @@ def main():
         offloads(net, "off")
         res["plain"] = measure(net)
         offloads(net, "on")
-        net.start("gw1")
-        net.start("gw2")
-        res["espd"] = measure(net)
-        net.kill("gw1", 15)
-        net.kill("gw2", 15)
+        for name, args in (("espd", ()), ("espd --busy-poll", ("--busy-poll",))):
+            net.start("gw1", args=args)
+            net.start("gw2", args=args)
+            res[name] = measure(net)
+            net.kill("gw1", 15)
+            net.kill("gw2", 15)
         H.sh("ip", "netns", "exec", f"{net.p}-gw1", str(H.ESPD), "down", "--control", net.sock("gw1"))
         H.sh("ip", "netns", "exec", f"{net.p}-gw2", str(H.ESPD), "down", "--control", net.sock("gw2"))
         mark = ("plugins {\n    kernel-netlink { fwmark = !0x42 }\n"

@@ -45,7 +45,9 @@ def send_from_wire(net, tmp_path, script, *args):
 
 
 def capture(net, ns, dev, path, filt="ip or ip6"):
-    p = net.popen(ns, "tcpdump", "-ni", dev, "-U", "-w", str(path), filt,
+    # Immediate mode: without it the packets of the last, partly filled ring
+    # block are lost when tcpdump stops, which could hide a leak.
+    p = net.popen(ns, "tcpdump", "--immediate-mode", "-ni", dev, "-U", "-w", str(path), filt,
                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1)
     return p

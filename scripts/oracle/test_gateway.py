@@ -135,6 +135,16 @@ def keys(conf):
     return out
 
 
+def esp_uat(sas):
+    """tshark options that decrypt AES-GCM-128 SAs given as (src, dst, spi, key+salt)."""
+    uat = []
+    for src, dst, spi, km in sas:
+        fam = "IPv4" if "." in src else "IPv6"
+        uat += ["-o", f'uat:esp_sa:"{fam}","{src}","{dst}","0x{spi:08x}",'
+                      f'"AES-GCM with 16 octet ICV [RFC4106]","{km}","NULL",""']
+    return uat
+
+
 def drops(stats):
     return {k: v for k, v in stats["drops"].items() if v}
 
@@ -240,11 +250,7 @@ def test_the_wire_carries_only_esp_and_tshark_decrypts_all_of_it(net, tmp_path):
     # Only ESP between the gateways, apart from neighbour discovery, MLD, IGMP.
     r = sh("tcpdump", "-nr", str(pcap), "not esp and not icmp6 and not igmp and not (ip6 and ip6[6] = 0)")
     assert r.stdout.strip() == "", "plaintext on the wire:\n" + r.stdout[:2000]
-    uat = []
-    for src, dst, spi, km in keys(tmp_path / "gw1.conf"):
-        fam = "IPv4" if "." in src else "IPv6"
-        uat += ["-o", f'uat:esp_sa:"{fam}","{src}","{dst}","0x{spi:08x}",'
-                      f'"AES-GCM with 16 octet ICV [RFC4106]","{km}","NULL",""']
+    uat = esp_uat(keys(tmp_path / "gw1.conf"))
     r = sh(tshark, "-r", str(pcap), "-o", "esp.enable_encryption_decode:TRUE",
            "-o", "esp.enable_authentication_check:TRUE", *uat, "-Y", "esp",
            "-T", "fields", "-e", "esp.spi", "-e", "esp.icv_good", "-e", "esp.icv_bad",

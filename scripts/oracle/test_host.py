@@ -34,7 +34,9 @@ import time
 import pytest
 
 from espd_oracle import ESPD, ROOT
-from test_gateway import IN_CI, PY, Net, need, sh
+from test_failclosed import capture as fc_capture, stop_capture
+from test_gateway import IN_CI, PY, Net, esp_uat, need, sh
+import test_ike as T
 
 ESPCTL = str(ROOT / "target" / "release" / "espctl")
 GCM = "aead 'rfc4106(gcm(aes))'"
@@ -67,11 +69,11 @@ def host_confs(tmp):
 
 
 class Hosts(Net):
-    def start_host(self, ns, outside, conf, sock=None, core="0"):
+    def start_host(self, ns, outside, conf, sock=None, core="0", args=()):
         sock = sock or str(self.tmp / f"{ns}.sock")
         p = self.popen(ns, str(ESPD), "run", "--host", "-c", str(conf), "--outside", outside,
                        "--cores", core, "--stats-json", str(self.tmp / f"{ns}.json"),
-                       "--control", sock, "--seq-file", str(self.tmp / f"{ns}.seq"), "-q",
+                       "--control", sock, "--seq-file", str(self.tmp / f"{ns}.seq"), "-q", *args,
                        stderr=subprocess.PIPE, text=True)
         self.procs[ns] = p
         lines = [p.stderr.readline()]
@@ -81,10 +83,10 @@ class Hosts(Net):
         time.sleep(0.3)
         return p
 
-    def start(self, gw, **_):
+    def start(self, gw, args=(), **_):
         core = "0" if gw == "gw1" else str(1 % os.cpu_count())
         return self.start_host(gw, {"gw1": "o1", "gw2": "o2"}[gw], self.tmp / f"{gw}.conf",
-                               sock=self.sock(gw), core=core)
+                               sock=self.sock(gw), core=core, args=args)
 
     def kill(self, gw, sig=signal.SIGKILL):
         p = self.procs.pop(gw)
@@ -105,16 +107,11 @@ def hosts(tmp_path):
 
 
 def capture(net, path):
-    # Immediate mode: packets of the last ring block are not lost at SIGINT.
-    p = net.popen("wire", "tcpdump", "--immediate-mode", "-ni", "br0", "-U", "-w", str(path), "ip or ip6",
-                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1)
-    return p
+    """tcpdump on the wire bridge (immediate mode, so nothing is lost at the stop)."""
+    return fc_capture(net, "wire", "br0", path)
 
 
-def stop(p):
-    p.send_signal(signal.SIGINT)
-    p.wait(timeout=10)
+stop = stop_capture
 
 
 def plaintext(pcap):
@@ -129,11 +126,7 @@ def tshark_rows(pcap, sas):
         if IN_CI:
             pytest.fail("tshark missing in CI")
         pytest.skip("needs tshark")
-    uat = []
-    for src, dst, spi, km in sas:
-        fam = "IPv4" if "." in src else "IPv6"
-        uat += ["-o", f'uat:esp_sa:"{fam}","{src}","{dst}","0x{spi:08x}",'
-                      f'"AES-GCM with 16 octet ICV [RFC4106]","{km}","NULL",""']
+    uat = esp_uat(sas)
     r = sh(tshark, "-r", str(pcap), "-o", "esp.enable_encryption_decode:TRUE",
            "-o", "esp.enable_authentication_check:TRUE", *uat, "-Y", "esp",
            "-T", "fields", "-e", "esp.spi", "-e", "esp.icv_good", "-e", "esp.icv_bad",
@@ -391,7 +384,9 @@ def test_host_with_a_tunnel_to_a_gateway_and_transport_to_a_server_behind_it(tmp
     net = Hosts(tmp_path)
     try:
         sas = nested_confs(tmp_path)
-        net.start_host("gw1", "o1", tmp_path / "gw1.conf", sock=net.sock("gw1"), core="0")
+        # (Its workers never sleep: --busy-poll.)
+        net.start_host("gw1", "o1", tmp_path / "gw1.conf", sock=net.sock("gw1"), core="0",
+                       args=("--busy-poll",))
         Net.start(net, "gw2")
         net.start_host("b", "b0", tmp_path / "b.conf", core=str(1 % os.cpu_count()))
         pcap = tmp_path / "nested.pcap"
@@ -428,4 +423,144 @@ def test_host_with_a_tunnel_to_a_gateway_and_transport_to_a_server_behind_it(tmp
         sb = json.loads((tmp_path / "b.json").read_text())
         assert sb["decapsulated"] >= 45 and sb["encapsulated"] >= 45, sb
     finally:
+        net.close()
+
+
+def rw_gateway_conf():
+    """charon on gw2: the site's remote-access gateway, with address pools."""
+    return f"""# gw2: remote-access gateway for site B
+pools {{
+  rw4 {{
+    addrs = 198.18.100.0/28
+    dns = 198.18.2.53
+  }}
+  rw6 {{
+    addrs = 2001:db8:100::/120
+    dns = 2001:db8:2::53
+  }}
+}}
+connections {{
+  rw {{
+    version = 2
+    local_addrs = 198.18.0.2
+    pools = rw4, rw6
+    proposals = aes128gcm16-prfsha256-x25519
+    encap = yes
+    local {{
+      auth = psk
+      id = gw2
+    }}
+    remote {{
+      auth = psk
+    }}
+    children {{
+      rw {{
+        local_ts = 198.18.2.0/24, 2001:db8:2::/64
+        esp_proposals = aes128gcm16
+      }}
+    }}
+  }}
+}}
+secrets {{
+  ike-rw {{
+    id = gw2
+    secret = "{T.PSK}"
+  }}
+}}
+"""
+
+
+def rw_client_conf():
+    """espd-ike on gw1: a road warrior asking for an address of each family."""
+    return f"""# gw1: a road warrior to site B
+connections {{
+  home {{
+    version = 2
+    local_addrs = 198.18.0.1
+    remote_addrs = 198.18.0.2
+    vips = 0.0.0.0, ::
+    proposals = aes128gcm16-prfsha256-x25519
+    encap = yes
+    local {{
+      auth = psk
+      id = gw1
+    }}
+    remote {{
+      auth = psk
+      id = gw2
+    }}
+    children {{
+      home {{
+        remote_ts = 198.18.2.0/24, 2001:db8:2::/64
+        esp_proposals = aes128gcm16
+        start_action = start
+      }}
+    }}
+  }}
+}}
+secrets {{
+  ike-1 {{
+    id-1 = gw1
+    id-2 = gw2
+    secret = "{T.PSK}"
+  }}
+}}
+"""
+
+
+def test_espd_ike_road_warrior_client_on_a_host_gets_addresses_from_charon(tmp_path):
+    T.need_charon()
+    net = Hosts(tmp_path)
+    charon = ike = None
+    try:
+        empty = tmp_path / "empty.conf"
+        empty.write_text("")
+        empty.chmod(0o600)
+        net.start_host("gw1", "o1", empty, sock=net.sock("gw1"))
+        charon = T.Charon(net, rw_gateway_conf(), gw="gw2")
+        dns = tmp_path / "resolv.conf"
+        pcap = tmp_path / "rw.pcap"
+        dump = capture(net, pcap)
+        try:
+            ike = T.Ike(net, rw_client_conf(), args=("--vip-dev", "espd0", "--dns-file", str(dns)))
+            for _ in range(100):
+                sas = ike.sas()
+                if sas and sas[0]["children"]:
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError(ike.log() + charon.sas())
+            vips = sas[0]["local_vips"]
+            assert len(vips) == 2 and vips[0].startswith("198.18.100.") and vips[1].startswith("2001:db8:100::"), sas
+            assert sas[0]["local_dns"] == ["198.18.2.53", "2001:db8:2::53"], sas
+            assert dns.read_text().splitlines()[1:] == ["nameserver 198.18.2.53", "nameserver 2001:db8:2::53"]
+            addrs = net.ns("gw1", "ip", "addr", "show", "dev", "espd0").stdout
+            assert all(v in addrs for v in vips), addrs
+            # The site's prefixes are routed into the tunnel, from the virtual address.
+            t4 = net.ns("gw1", "ip", "route", "show", "table", "4303").stdout
+            assert f"198.18.2.0/24 dev espd0 scope link src {vips[0]}" in t4, t4
+            for dst in ("198.18.2.20", "2001:db8:2::20"):
+                r = net.ns("gw1", "ping", "-c", "10", "-i", "0.05", "-W", "2", dst, check=False)
+                assert " 0% packet loss" in r.stdout, r.stdout + ike.log()
+            # Host B saw the client's virtual address (it answers it).
+            r = net.ns("b", "ping", "-c", "3", "-i", "0.1", "-W", "2", vips[0], check=False)
+            assert " 0% packet loss" in r.stdout, r.stdout
+            assert "198.18.100." in charon.sas()
+        finally:
+            stop(dump)
+        # Only IKE and ESP in UDP between the client and the gateway.
+        rest = sh("tcpdump", "-nr", str(pcap),
+                  "not (udp port 500 or udp port 4500) and not icmp6 and not igmp and not (ip6 and ip6[6] = 0)").stdout
+        assert rest.strip() == "", rest[:2000]
+        assert "UDP-encap" in sh("tcpdump", "-nr", str(pcap), "udp port 4500").stdout
+        # Stopping espd-ike takes the addresses off the host.
+        assert ike.stop() == 0
+        addrs = net.ns("gw1", "ip", "addr", "show", "dev", "espd0").stdout
+        assert not any(v in addrs for v in vips), addrs
+        ike = None
+    finally:
+        if ike:
+            ike.stop()
+        if charon:
+            charon.stop()
         net.close()

@@ -260,3 +260,45 @@ def test_two_road_warriors_behind_one_nat_get_their_own_addresses_and_reach_the_
     assert sorted(again) == sorted(vips["c1"]), (again, vips, text)
     r = net.ns("c1", "ping", "-c", "3", "-i", "0.1", "-W", "2", "198.18.1.10", check=False)
     assert r.returncode == 0, r.stdout
+
+
+def test_road_warriors_reach_each_other_through_the_gateway(rw):
+    """Hairpin: with the pools in the gateway's local_ts, a packet c1 sends to
+    c2's virtual address is decapsulated from c1's SA and, since its next hop
+    is not inside, goes through espd's outbound SPD again and into c2's SA —
+    never out of the gateway in clear."""
+    net, parts = rw
+    pools = f"{POOL4}, {POOL6}"
+    gw = gateway_conf().replace("local_ts = 198.18.1.0/24, 2001:db8:1::/64",
+                                f"local_ts = 198.18.1.0/24, 2001:db8:1::/64, {pools}")
+    parts["ike"] = ike = Ike(net, gw)
+    for c in ("c1", "c2"):
+        conf = client_conf(c).replace("remote_ts = 198.18.1.0/24, 2001:db8:1::/64",
+                                      f"remote_ts = 198.18.1.0/24, 2001:db8:1::/64, {pools}")
+        parts[c] = Charon(net, conf, gw=c)
+        r = parts[c].swanctl("--initiate", "--child", "home", check=False, timeout=40)
+        assert r.returncode == 0, r.stdout + r.stderr + ike.log()
+    vips = {c: vip_of(parts[c])[0] for c in ("c1", "c2")}
+    assert all(len(v) == 2 for v in vips.values()), vips
+    pcap = net.tmp / "hairpin.pcap"
+    dump = net.popen("wire", "tcpdump", "-ni", "br0", "--immediate-mode", "-w", str(pcap), "-U", "ip or ip6",
+                     stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1)
+        for a, b in (("c1", "c2"), ("c2", "c1")):
+            for dst in vips[b]:
+                r = net.ns(a, "ping", "-c", "5", "-i", "0.1", "-W", "2", dst, check=False)
+                assert r.returncode == 0 and " 0% packet loss" in r.stdout, (a, dst, r.stdout, diag(net, a))
+    finally:
+        dump.send_signal(signal.SIGINT)
+        dump.wait(timeout=10)
+    r = sh("tcpdump", "-nr", str(pcap), "(ip or ip6) and not (udp port 4500 or udp port 500) "
+           "and not icmp6 and not igmp")
+    assert r.stdout.strip() == "", "not IKE or ESP on the wire:\n" + r.stdout[:2000]
+    # Every echo and reply went into the gateway in one SA and out in another:
+    # 2 ways × 2 families × 5 pings × request and reply (40), each in and out.
+    esp = int(sh("bash", "-c", f"tcpdump -nr {pcap} udp port 4500 and greater 60 2>/dev/null | wc -l").stdout)
+    assert esp >= 80, esp
+    stats, _ = net.stop("gw1")
+    hair = sum(w["hairpinned"] for w in stats["workers"])
+    assert hair >= 40, stats["workers"]

@@ -293,6 +293,8 @@ struct IkeSa {
     vips_remote: Vec<IpAddr>,
     /// Initiator: the virtual addresses the peer gave us (`vips`).
     vips_local: Vec<IpAddr>,
+    /// Initiator: the DNS servers the peer's CFG_REPLY named.
+    dns_local: Vec<IpAddr>,
     /// RFC 7296 §2.8.2: the peer rekeyed this IKE SA while our rekey of it
     /// was out; which new SA survives is decided when our answer comes.
     crossing: Option<Crossing>,
@@ -367,6 +369,7 @@ impl IkeSa {
             superseded: None,
             vips_remote: Vec::new(),
             vips_local: Vec::new(),
+            dns_local: Vec::new(),
             crossing: None,
             dead: false,
         }
@@ -424,6 +427,8 @@ pub struct SaInfo {
     /// Virtual addresses: ours (given by the peer), the peer's (from our pools).
     pub local_vips: Vec<IpAddr>,
     pub remote_vips: Vec<IpAddr>,
+    /// DNS servers the peer gave us with our virtual address.
+    pub local_dns: Vec<IpAddr>,
     pub children: Vec<ChildInfo>,
 }
 
@@ -1160,6 +1165,7 @@ impl Endpoint {
                     .map(|e| now.saturating_duration_since(e).as_secs()),
                 local_vips: sa.vips_local.clone(),
                 remote_vips: sa.vips_remote.clone(),
+                local_dns: sa.dns_local.clone(),
                 children: sa
                     .children
                     .iter()
@@ -2324,12 +2330,22 @@ impl Endpoint {
         }
         if !conn.vips.is_empty() {
             // RFC 7296 §2.19: CFG_REQUEST with the addresses we want; an
-            // empty attribute (an unspecified address) asks for any.
-            let attrs = conn
+            // empty attribute (an unspecified address) asks for any. And
+            // (§3.15.1) empty DNS attributes of each family asked for: the
+            // servers to reach the site by name.
+            let mut attrs: Vec<wire::CfgAttr> = conn
                 .vips
                 .iter()
                 .map(|a| wire::CfgAttr::address(*a))
                 .collect();
+            for v in &conn.vips {
+                let ty = if v.is_ipv4() {
+                    wire::cfg::INTERNAL_IP4_DNS
+                } else {
+                    wire::cfg::INTERNAL_IP6_DNS
+                };
+                attrs.push(wire::CfgAttr { ty, value: vec![] });
+            }
             ps.push(Payload::Cp {
                 ty: wire::cfg::REQUEST,
                 attrs,
@@ -2715,6 +2731,7 @@ impl Endpoint {
     fn adopt(&mut self, n: &mut IkeSa, old: &mut IkeSa, now: Instant) {
         n.vips_remote = std::mem::take(&mut old.vips_remote);
         n.vips_local = std::mem::take(&mut old.vips_local);
+        n.dns_local = std::mem::take(&mut old.dns_local);
         if let Some(l) = self.lease_of.remove(&old.our_spi()) {
             self.lease_of.insert(n.our_spi(), l);
         }
@@ -2899,6 +2916,21 @@ impl Endpoint {
                             sa.label()
                         ));
                         sa.vips_local.push(v);
+                    }
+                    // RFC 7296 §3.15.1: INTERNAL_IP4_DNS (4 octets),
+                    // INTERNAL_IP6_DNS (16).
+                    let dns: Option<IpAddr> = match (a.ty, a.value.len()) {
+                        (wire::cfg::INTERNAL_IP4_DNS, 4) => {
+                            <[u8; 4]>::try_from(&a.value[..]).ok().map(IpAddr::from)
+                        }
+                        (wire::cfg::INTERNAL_IP6_DNS, 16) => {
+                            <[u8; 16]>::try_from(&a.value[..]).ok().map(IpAddr::from)
+                        }
+                        _ => None,
+                    };
+                    if let Some(d) = dns.filter(|d| !sa.dns_local.contains(d)) {
+                        self.log(format!("{}: DNS server {d} named by the peer", sa.label()));
+                        sa.dns_local.push(d);
                     }
                 }
             }

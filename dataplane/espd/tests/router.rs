@@ -381,3 +381,37 @@ fn limit_words_are_checked() {
         "time-soft 3600 time-hard 3900 byte-soft 1000000 packet-hard 99"
     ));
 }
+
+/// A road warrior to another through the gateway (hairpin): the packet
+/// decapsulated from client 1's SA is plaintext a `fwd` PROTECT policy
+/// selects, so the ordinary path drops it as unprotected (RFC 4301 §5.2
+/// step 3a); the gateway hands it to `process_forwarded`, which runs only
+/// the outbound SPD (§5.1) and encapsulates it into client 2's SA.
+#[test]
+fn a_forwarded_decapsulated_packet_meets_the_outbound_spd_only() {
+    let text = format!(
+        "state add src 198.18.0.2 dst 198.18.0.1 proto esp spi 0x2001 reqid 1 mode tunnel aead 'rfc4106(gcm(aes))' {K} 128
+state add src 198.18.0.1 dst 198.18.0.3 proto esp spi 0x1002 reqid 2 mode tunnel aead 'rfc4106(gcm(aes))' {K} 128
+policy add src 198.18.100.1/32 dst 198.18.100.0/28 dir fwd tmpl src 198.18.0.2 dst 198.18.0.1 proto esp reqid 1 mode tunnel
+policy add src 198.18.100.0/28 dst 198.18.100.2/32 dir out tmpl src 198.18.0.1 dst 198.18.0.3 proto esp reqid 2 mode tunnel
+"
+    );
+    let mut gw = engine(&text, &["198.18.0.1"]);
+    let pkt = udp4("198.18.100.1", "198.18.100.2", 9);
+    let (v, _) = run(&mut gw, &pkt);
+    assert_eq!(v, Verdict::Drop(DropReason::UnprotectedInbound));
+    let mut buf = vec![0u8; 256 + pkt.len() + 256];
+    buf[256..256 + pkt.len()].copy_from_slice(&pkt);
+    let mut p = espd_core::PacketBuf::new(&mut buf, 256, pkt.len());
+    let v = gw.process_forwarded(&mut p);
+    assert!(matches!(v, Verdict::Encapsulated(_)), "{v:?}");
+    let out = p.data();
+    assert_eq!(
+        (out[9], &out[16..20]),
+        (proto::ESP, &[198, 18, 0, 3][..]),
+        "into client 2's SA"
+    );
+    // The flag does not stick: the next ordinary packet is checked again.
+    let (v, _) = run(&mut gw, &pkt);
+    assert_eq!(v, Verdict::Drop(DropReason::UnprotectedInbound));
+}

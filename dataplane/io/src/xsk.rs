@@ -195,7 +195,8 @@ pub enum Out {
     Drop,
     /// Keep the frame aside (its packet at `at..at + len`) until
     /// [`WorkerPorts::release_held`] decides: e.g. while a next hop resolves.
-    Hold { at: usize, len: usize },
+    /// `tag` is the caller's, given back with the frame.
+    Hold { at: usize, len: usize, tag: u8 },
 }
 
 /// Frames held at most per worker; more are dropped by the caller's choice.
@@ -205,6 +206,7 @@ struct Held {
     frame: Frame,
     at: usize,
     len: usize,
+    tag: u8,
     since: std::time::Instant,
 }
 
@@ -474,11 +476,12 @@ impl WorkerPorts {
                 }
                 self.free.push(frame);
             }
-            Out::Hold { at, len } if self.held.len() < MAX_HELD && at + len <= cap => {
+            Out::Hold { at, len, tag } if self.held.len() < MAX_HELD && at + len <= cap => {
                 self.held.push_back(Held {
                     frame,
                     at,
                     len,
+                    tag,
                     since: std::time::Instant::now(),
                 })
             }
@@ -531,11 +534,11 @@ impl WorkerPorts {
     }
 
     /// Offers every held frame to `f` (its writable area, where its packet
-    /// is, how long it has waited): `Tx` sends it, `Hold` keeps it (at the
-    /// new place), `Drop` frees it.
+    /// is, how long it has waited, its tag): `Tx` sends it, `Hold` keeps it
+    /// (at the new place), `Drop` frees it.
     pub fn release_held(
         &mut self,
-        mut f: impl FnMut(&mut [u8], usize, usize, std::time::Duration) -> Out,
+        mut f: impl FnMut(&mut [u8], usize, usize, std::time::Duration, u8) -> Out,
     ) {
         for _ in 0..self.held.len() {
             let Some(mut h) = self.held.pop_front() else {
@@ -546,10 +549,11 @@ impl WorkerPorts {
             let mut cur = data.cursor();
             let cap = cur.buf_len();
             cur.set_pos(cap);
-            match f(data.contents_mut(), h.at, h.len, h.since.elapsed()) {
-                Out::Hold { at, len } if at + len <= cap => {
+            match f(data.contents_mut(), h.at, h.len, h.since.elapsed(), h.tag) {
+                Out::Hold { at, len, tag } if at + len <= cap => {
                     h.at = at;
                     h.len = len;
+                    h.tag = tag;
                     self.held.push_back(h);
                 }
                 out => self.place(h.frame, out, cap),

@@ -123,6 +123,9 @@ pub struct Engine {
     /// Router mode (the gateway): forwarded packets have their TTL / hop
     /// limit decremented (see [`Engine::set_router`]).
     router: bool,
+    /// Set for the packet [`Engine::process_forwarded`] runs: it was
+    /// decapsulated and checked against its SA already.
+    forwarded: bool,
     /// This engine's worker, for the ownership of shared SAs' replay windows.
     worker: u32,
     /// Sources for ICMP errors (see [`Engine::set_icmp_sources`]).
@@ -325,6 +328,7 @@ impl Engine {
             icmp_left: ICMP_PER_SECOND,
             icmp_second: 0,
             router: false,
+            forwarded: false,
             worker: 0,
             icmp_src: Vec::new(),
             events: Vec::with_capacity(MAX_EVENTS),
@@ -484,6 +488,18 @@ impl Engine {
 
     fn is_local(&self, a: IpAddr) -> bool {
         self.tables.is_local(a)
+    }
+
+    /// Processes a packet this engine decapsulated that a gateway forwards
+    /// out of the interface it came in by (one road warrior to another):
+    /// outbound processing only (RFC 4301 §5.1) — its inbound policy check
+    /// (§5.2) was made against the SA it arrived in, and a plaintext check
+    /// against the `fwd` policies would drop it as unprotected.
+    pub fn process_forwarded(&mut self, pkt: &mut PacketBuf<'_>) -> Verdict {
+        self.forwarded = true;
+        let v = self.process(pkt);
+        self.forwarded = false;
+        v
     }
 
     /// Processes one IP packet (no link-layer header) in place.

@@ -73,11 +73,13 @@ impl Engine {
 
     pub(super) fn outbound(&mut self, pkt: &mut PacketBuf<'_>, l3: &L3, flow: &Flow) -> Verdict {
         let (b, n) = (&self.burst, self.tables_version());
-        let decision = match b.out.get(n, flow).filter(|_| b.active) {
+        // A forwarded packet's decision differs (no inbound check): not cached.
+        let cache = b.active && !self.forwarded;
+        let decision = match b.out.get(n, flow).filter(|_| cache) {
             Some(d) => d,
             None => {
                 let d = self.out_decision(flow);
-                if self.burst.active {
+                if cache {
                     self.burst.out.put(n, flow, d);
                 }
                 d
@@ -189,7 +191,12 @@ impl Engine {
         // policy says must arrive protected is dropped when it arrives in clear.
         let local = self.is_local(flow.dst);
         let dir = if local { Direction::In } else { Direction::Fwd };
-        match self.tables.spd().lookup(dir, flow) {
+        match self
+            .tables
+            .spd()
+            .lookup(dir, flow)
+            .filter(|_| !self.forwarded)
+        {
             Some(p) if p.action == Action::Block => {
                 return Done(Verdict::Drop(DropReason::Discard))
             }
@@ -197,7 +204,7 @@ impl Engine {
                 return Done(Verdict::Drop(DropReason::UnprotectedInbound))
             }
             Some(_) => {}
-            None if self.tables.spd().default_action(dir) == Action::Block => {
+            None if !self.forwarded && self.tables.spd().default_action(dir) == Action::Block => {
                 return Done(Verdict::Drop(DropReason::NoPolicy))
             }
             None => {}

@@ -192,6 +192,8 @@ pub struct Control {
     pub guard: Mutex<super::guard::Guard>,
     /// Host mode: the host table's routes (they follow the outbound policies).
     pub host: Mutex<Option<super::host::Routes>>,
+    /// The next-hop table (host mode warms it with new local destinations).
+    pub nexthop: Arc<super::nexthop::Table>,
     /// Outbound sequence numbers kept across restarts (see [`super::seqstore`]).
     pub seqs: Mutex<super::seqstore::SeqStore>,
     /// One change at a time.
@@ -253,6 +255,15 @@ impl Control {
             Some(mut r) => {
                 let st = r.stage(delta.policies());
                 r.tighten(&st).map_err(|e| format!("{e:#}"))?;
+                // The addresses new inbound policies deliver to (a virtual
+                // address espd-ike just put on the host) are resolved now:
+                // the first decapsulated packet for one finds it known.
+                for (added, p) in delta.policies() {
+                    let full = if p.sel.dst.is_ipv4() { 32 } else { 128 };
+                    if added && p.dir == espd_core::state::Direction::In && p.sel.dst.len == full {
+                        self.nexthop.lookup(p.sel.dst.addr);
+                    }
+                }
                 Some((r, st))
             }
             None => None,

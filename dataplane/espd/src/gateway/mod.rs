@@ -87,6 +87,13 @@ pub struct Args {
     /// Require AF_XDP zero-copy (fail if the driver cannot).
     #[arg(long)]
     pub zero_copy: bool,
+    /// Workers never sleep: they poll their rings all the time, one core
+    /// each at 100 %, and a packet after a quiet spell does not wait for a
+    /// sleeping worker to wake (tens of microseconds per worker on a VM;
+    /// docs/performance.md "Host to host"). Default: a worker sleeps in
+    /// poll(2) after about 256 empty turns.
+    #[arg(long)]
+    pub busy_poll: bool,
     /// Stop after this many seconds (default: until SIGINT/SIGTERM).
     #[arg(long)]
     pub seconds: Option<u64>,
@@ -576,6 +583,7 @@ pub fn run(a: &Args) -> Result<()> {
                 CsumFix::Auto => is_virtual(&inside),
             },
             host: a.host,
+            busy_poll: a.busy_poll,
             inbox: inboxes.remove(0),
             peers: peers.clone(),
             reinject: worker::Reinject::default(),
@@ -649,6 +657,7 @@ pub fn run(a: &Args) -> Result<()> {
         params,
         guard: Mutex::new(guard),
         host: Mutex::new(None),
+        nexthop: Arc::clone(&table),
         seqs: Mutex::new(seqs),
         apply_lock: Mutex::new(()),
         monitors: Mutex::new(Vec::new()),
@@ -866,6 +875,7 @@ impl Stats {
                 "handed_off": s.engine.handed_off,
                 "checksums_completed": s.csum_fixed,
                 "prefragmented": s.prefragmented,
+                "hairpinned": s.hairpinned,
                 "prefragments": s.prefragments,
                 "reassembled": s.reassembled, "reassembly_peak": s.reassembly_peak,
                 "busy_turns": s.busy_turns, "turns": s.turns,

@@ -21,6 +21,10 @@ pub const BURST: usize = 64;
 /// room for the Ethernet header and four nested ESP headers in front.
 const HEADROOM: usize = 512;
 const ETH: usize = 14;
+/// The side a hair-pinned packet is queued with in [`Reinject`].
+const HAIRPIN: usize = 2;
+/// The tag of a held decapsulated packet (its way out decided on release).
+const HELD_DECAPSULATED: u8 = 1;
 /// How long a frame may wait for its next hop to resolve.
 const HOLD_FOR: Duration = Duration::from_secs(3);
 /// Empty turns before the worker sleeps in poll(2) (1 ms at most).
@@ -105,6 +109,9 @@ pub struct Snapshot {
     pub sa: espd_core::state::CMap<usize, SaStat>,
     /// IPv4 packets without DF fragmented before encapsulation, and the fragments.
     pub prefragmented: u64,
+    /// Decapsulated packets whose next hop is the outside, sent through the
+    /// outbound SPD (another tunnel, a bypass, or a drop).
+    pub hairpinned: u64,
     pub prefragments: u64,
     /// Partial TCP/UDP checksums completed (virtual inside links).
     pub csum_fixed: u64,
@@ -160,6 +167,8 @@ pub struct Worker {
     /// Host mode: the inside is the host pair, and what comes from the
     /// outside is delivered to this host or dropped, never forwarded.
     pub host: bool,
+    /// Never sleep in poll(2) (`--busy-poll`): the lowest latency, a core each.
+    pub busy_poll: bool,
     /// Packets other workers hand to this one, and every worker's inbox (by id).
     pub inbox: Receiver<Slot>,
     pub peers: Vec<SyncSender<Slot>>,
@@ -190,10 +199,13 @@ struct Ctx<'a> {
     csum_fixed: &'a mut u64,
     /// The side the frame came in on, and where to hand packets over.
     side: usize,
+    /// A decapsulated packet sent round again (outbound processing only).
+    hairpin: bool,
     peers: &'a [SyncSender<Slot>],
     reinject: &'a mut Reinject,
     reasm: &'a mut Reasm,
     prefrag: (&'a mut u64, &'a mut u64),
+    hairpinned: &'a mut u64,
 }
 
 /// The per-frame context over a worker's fields (one place, four users).
@@ -210,10 +222,12 @@ macro_rules! ctx {
             host: $w.host,
             csum_fixed: &mut $snap.csum_fixed,
             side: $side,
+            hairpin: false,
             peers: &$w.peers,
             reinject: &mut $w.reinject,
             reasm: &mut $w.reasm,
             prefrag: (&mut $snap.prefragmented, &mut $snap.prefragments),
+            hairpinned: &mut $snap.hairpinned,
         }
     };
 }
@@ -254,7 +268,7 @@ impl Worker {
                 // The next-hop table changed: frames waiting for a neighbour may go.
                 let mut ctx = ctx!(self, snap, 0, false);
                 self.ports
-                    .release_held(|buf, at, len, waited| ctx.retry(buf, at, len, waited));
+                    .release_held(|buf, at, len, waited, tag| ctx.retry(buf, at, len, waited, tag));
             }
             let mut got = 0;
             for side in 0..2 {
@@ -286,7 +300,11 @@ impl Worker {
                 };
                 got += 1;
                 let side = usize::from(slot.side);
-                let mut ctx = ctx!(self, snap, side, false);
+                let mut ctx = ctx!(self, snap, side.min(1), false);
+                if side == HAIRPIN {
+                    ctx.side = 0;
+                    ctx.hairpin = true;
+                }
                 let len = usize::from(slot.len);
                 let ok = self.ports.inject(|buf| {
                     buf[..len].copy_from_slice(&slot.data[..len]);
@@ -302,7 +320,12 @@ impl Worker {
                 let list = std::mem::take(&mut self.reinject.list);
                 let arena = std::mem::take(&mut self.reinject.arena);
                 for &(side, off, len) in &list {
-                    let mut ctx = ctx!(self, snap, side, false);
+                    // Side HAIRPIN: a decapsulated packet, processed as outbound.
+                    let mut ctx = ctx!(self, snap, side.min(1), false);
+                    if side == HAIRPIN {
+                        ctx.side = 0;
+                        ctx.hairpin = true;
+                    }
                     let ok = self.ports.inject(|buf| {
                         buf[..len].copy_from_slice(&arena[off..off + len]);
                         ctx.frame(buf, len)
@@ -332,7 +355,7 @@ impl Worker {
                 idle = 0;
             } else {
                 idle = idle.saturating_add(1);
-                if idle > SPIN {
+                if idle > SPIN && !self.busy_poll {
                     // Parked: the control side need not wait for this worker
                     // (it takes the newest tables before its next packet).
                     self.sync.parked.store(true, Ordering::SeqCst);
@@ -463,7 +486,11 @@ impl Ctx<'_> {
             }
             pkt = PacketBuf::new(buf, HEADROOM, ip_len);
         }
-        let v = self.engine.process(&mut pkt);
+        let v = if self.hairpin {
+            self.engine.process_forwarded(&mut pkt)
+        } else {
+            self.engine.process(&mut pkt)
+        };
         match v {
             Verdict::Encapsulated(_)
             | Verdict::Decapsulated(_)
@@ -483,7 +510,12 @@ impl Ctx<'_> {
                 };
                 let mut slot = Slot {
                     len: n as u16,
-                    side: self.side as u8,
+                    // A hair-pinned packet stays one at its owner.
+                    side: if self.hairpin {
+                        HAIRPIN as u8
+                    } else {
+                        self.side as u8
+                    },
                     data: [0; SLOT_BYTES],
                 };
                 slot.data[ETH..n].copy_from_slice(ip);
@@ -516,8 +548,43 @@ impl Ctx<'_> {
             }
         }
         let (at, n) = (pkt.start(), pkt.len());
+        if !self.host && self.side == 1 && matches!(v, Verdict::Decapsulated(_)) {
+            // A gateway forwards what it decapsulated; where that is out of
+            // the outside again, or nowhere the kernel routes (a road warrior
+            // to another, through the gateway), the packet is outbound
+            // traffic like any other and meets the outbound SPD (RFC 4301
+            // §5.1): another tunnel, a bypass or a drop. While the next hop
+            // resolves it is held and decided on release.
+            match self.cache.get(dst) {
+                Resolved::Hop { side: 1, .. } | Resolved::NoRoute => {
+                    return self.hairpin(buf, at, n)
+                }
+                Resolved::Pending => {
+                    return Out::Hold {
+                        at,
+                        len: n,
+                        tag: HELD_DECAPSULATED,
+                    }
+                }
+                _ => {}
+            }
+        }
 
         self.send(buf, at, n, dst)
+    }
+
+    /// A decapsulated packet for the outside, processed again as if it had
+    /// arrived on the inside (queued, with an Ethernet header of its family).
+    fn hairpin(&mut self, buf: &[u8], at: usize, n: usize) -> Out {
+        let ty: u16 = if buf[at] >> 4 == 6 { 0x86dd } else { 0x0800 };
+        let r = &mut *self.reinject;
+        let off = r.arena.len();
+        r.arena.extend_from_slice(&[0u8; 12]);
+        r.arena.extend_from_slice(&ty.to_be_bytes());
+        r.arena.extend_from_slice(&buf[at..at + n]);
+        r.list.push((HAIRPIN, off, ETH + n));
+        *self.hairpinned += 1;
+        Out::Drop
     }
 
     /// Fragments of ESP addressed to us, raw or in UDP (XDP steers only
@@ -638,10 +705,22 @@ impl Ctx<'_> {
     }
 
     /// A held frame (its packet processed, at `at..at + n`) once more.
-    fn retry(&mut self, buf: &mut [u8], at: usize, n: usize, waited: Duration) -> Out {
+    fn retry(&mut self, buf: &mut [u8], at: usize, n: usize, waited: Duration, tag: u8) -> Out {
         let Some(dst) = dst_of(&buf[at..at + n]) else {
             return self.drop_io(DropReason::BadInner);
         };
+        if tag == HELD_DECAPSULATED {
+            match self.cache.get(dst) {
+                Resolved::Hop { side: 1, .. } | Resolved::NoRoute => {
+                    return self.hairpin(buf, at, n)
+                }
+                Resolved::Pending if waited > HOLD_FOR => {
+                    return self.drop_io(DropReason::NoNeighbour)
+                }
+                Resolved::Pending => return Out::Hold { at, len: n, tag },
+                _ => {}
+            }
+        }
         match self.send(buf, at, n, dst) {
             // Linux gives up on a neighbour after about 3 s of probes.
             Out::Hold { .. } if waited > HOLD_FOR => self.drop_io(DropReason::NoNeighbour),
@@ -657,7 +736,7 @@ impl Ctx<'_> {
             Resolved::Local => return self.drop_io(DropReason::LocalDelivery),
             // Kept while the kernel resolves it (the first packets of a new
             // destination are not lost, as with Linux's unresolved queue).
-            Resolved::Pending => return Out::Hold { at, len: n },
+            Resolved::Pending => return Out::Hold { at, len: n, tag: 0 },
         };
         if n > self.mtu[side] {
             // The engine fits DF/IPv6 traffic to the MTU with ICMP; what is

@@ -58,6 +58,17 @@ struct Args {
     /// each child's dpd_action applied).
     #[arg(long, default_value_t = espd_ike::ike::RETRANSMIT_TRIES, value_parser = clap::value_parser!(u32).range(1..=10))]
     retransmit_tries: u32,
+    /// A road-warrior client on an `espd run --host` host: put the virtual
+    /// addresses the gateways assign (`vips`) on this device (espd's host
+    /// pair, `espd0`) before their CHILD_SAs are installed, and take them
+    /// off when their IKE_SA goes (strongSwan's install_virtual_ip_on).
+    #[arg(long, value_name = "DEV")]
+    vip_dev: Option<String>,
+    /// Write the DNS servers the gateways name (RFC 7296 §3.15.1) to this
+    /// file, resolv.conf style (`nameserver ADDR` lines), while their
+    /// IKE_SAs are up; they are logged and listed by `espctl ike sas` too.
+    #[arg(long, value_name = "PATH")]
+    dns_file: Option<PathBuf>,
 }
 
 fn retransmit_secs(s: &str) -> Result<f64, String> {
@@ -103,6 +114,12 @@ struct Daemon {
     connected_once: bool,
     /// Until then, policies a killed espd-ike left wait for our children.
     adopted_until: Option<Instant>,
+    /// `--vip-dev`: the device and the virtual addresses put on it.
+    vip_dev: Option<String>,
+    vips_on: std::collections::BTreeSet<IpAddr>,
+    /// `--dns-file`, and the servers last written there.
+    dns_file: Option<PathBuf>,
+    dns_written: Vec<IpAddr>,
 }
 
 /// How long policies a killed espd-ike left in espd wait for a child of
@@ -273,8 +290,91 @@ impl Daemon {
             .cloned()
     }
 
+    /// `--vip-dev` / `--dns-file`: the virtual addresses and DNS servers of
+    /// the IKE_SAs there are, put on the device and written down; called
+    /// before the outputs of an event are carried out, so an address is on
+    /// the host before the policies whose source it is (espd routes the
+    /// protected prefixes with it as source), and after, so it goes with
+    /// its IKE_SA.
+    fn sync_vips(&mut self, now: Instant) {
+        if self.vip_dev.is_none() && self.dns_file.is_none() {
+            return;
+        }
+        let sas = self.ep.list(now);
+        if let Some(dev) = self.vip_dev.clone() {
+            let want: std::collections::BTreeSet<IpAddr> = sas
+                .iter()
+                .flat_map(|s| s.local_vips.iter().copied())
+                .collect();
+            for a in want.difference(&self.vips_on.clone()) {
+                let len = if a.is_ipv4() { 32 } else { 128 };
+                match ip(&[
+                    "addr",
+                    "replace",
+                    &format!("{a}/{len}"),
+                    "dev",
+                    &dev,
+                    "nodad",
+                ]) {
+                    Ok(()) => {
+                        log(&format!("virtual IP {a} put on {dev}"));
+                        self.vips_on.insert(*a);
+                    }
+                    Err(e) => log(&format!("virtual IP {a} on {dev}: {e}")),
+                }
+            }
+            for a in self.vips_on.clone().difference(&want) {
+                let len = if a.is_ipv4() { 32 } else { 128 };
+                let _ = ip(&["addr", "del", &format!("{a}/{len}"), "dev", &dev]);
+                log(&format!("virtual IP {a} taken off {dev}"));
+                self.vips_on.remove(a);
+            }
+        }
+        if let Some(path) = self.dns_file.clone() {
+            let mut dns: Vec<IpAddr> = Vec::new();
+            for d in sas.iter().flat_map(|s| s.local_dns.iter()) {
+                if !dns.contains(d) {
+                    dns.push(*d);
+                }
+            }
+            if dns != self.dns_written {
+                let text: String = std::iter::once(
+                    "# written by espd-ike (DNS servers of the gateways)\n".to_string(),
+                )
+                .chain(dns.iter().map(|d| format!("nameserver {d}\n")))
+                .collect();
+                match std::fs::write(&path, text) {
+                    Ok(()) => self.dns_written = dns,
+                    Err(e) => log(&format!("writing {}: {e}", path.display())),
+                }
+            }
+        }
+    }
+
+    /// At exit: every virtual address off the device, the DNS file emptied.
+    fn release_vips(&mut self) {
+        if let Some(dev) = self.vip_dev.clone() {
+            for a in std::mem::take(&mut self.vips_on) {
+                let len = if a.is_ipv4() { 32 } else { 128 };
+                let _ = ip(&["addr", "del", &format!("{a}/{len}"), "dev", &dev]);
+                log(&format!("virtual IP {a} taken off {dev}"));
+            }
+        }
+        if let Some(path) = &self.dns_file {
+            if !self.dns_written.is_empty() {
+                let _ = std::fs::write(path, "# written by espd-ike (no IKE_SA up)\n");
+            }
+        }
+    }
+
     /// Carries out what the protocol core asks, in its order.
     fn drain(&mut self, now: Instant) {
+        self.sync_vips(now);
+        self.drain_outputs(now);
+        self.sync_vips(now);
+    }
+
+    fn drain_outputs(&mut self, now: Instant) {
         while let Some(o) = self.ep.poll_output() {
             match o {
                 Output::Send {
@@ -535,6 +635,19 @@ impl Daemon {
 /// that only moved lines changes nothing).
 /// The pools a connection hands out from, as written (a changed pool
 /// changes the connection: its clients' leases start afresh).
+/// `ip ARGS…`: an error with what ip said.
+fn ip(args: &[&str]) -> Result<(), String> {
+    let o = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("running ip: {e}"))?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&o.stderr).trim().to_string())
+    }
+}
+
 fn pools_of(cfg: &Config, c: &conf::Conn) -> Vec<Option<(IpAddr, IpAddr, Vec<IpAddr>)>> {
     c.pools
         .iter()
@@ -587,6 +700,7 @@ fn sa_json(s: &SaInfo) -> Value {
         "alg": s.alg, "nat": s.nat, "established_secs": s.established_secs,
         "local_vips": s.local_vips.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "remote_vips": s.remote_vips.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        "local_dns": s.local_dns.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "children": s.children.iter().map(|c| json!({
             "name": c.name, "reqid": c.reqid, "mode": c.mode,
             "spi_in": format!("{:08x}", c.spi_in), "spi_out": format!("{:08x}", c.spi_out),
@@ -621,6 +735,10 @@ fn sa_text(s: &SaInfo) -> String {
             let v: Vec<String> = v.iter().map(|a| a.to_string()).collect();
             t += &format!("  {side} virtual IP {}\n", v.join(" "));
         }
+    }
+    if !s.local_dns.is_empty() {
+        let v: Vec<String> = s.local_dns.iter().map(|a| a.to_string()).collect();
+        t += &format!("  DNS {}\n", v.join(" "));
     }
     for c in &s.children {
         t += &format!(
@@ -715,6 +833,10 @@ fn run() -> anyhow::Result<()> {
         next_connect: Instant::now(),
         connected_once: false,
         adopted_until: None,
+        vip_dev: args.vip_dev.clone(),
+        vips_on: Default::default(),
+        dns_file: args.dns_file.clone(),
+        dns_written: Vec::new(),
     };
     log(&format!(
         "started: UDP ports {ports:?}, control {}, espd {}",
@@ -790,6 +912,9 @@ fn run() -> anyhow::Result<()> {
     }
     let lines = d.inst.remove_all(true);
     d.delete(lines);
+    // The virtual addresses and DNS servers go with the IKE_SAs (those
+    // whose DELETE was not answered too).
+    d.release_vips();
     let _ = std::fs::remove_file(&args.socket);
     log("stopped");
     Ok(())

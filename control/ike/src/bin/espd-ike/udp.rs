@@ -41,6 +41,10 @@ pub enum Rx {
     Dropped(&'static str),
 }
 
+/// espd's host mark (`espd_common::HOST_MARK`; espd-ike does not link the
+/// XDP crates).
+pub const HOST_MARK: u32 = 0x0010_0000;
+
 /// Binds the wildcard address of one family on `port`.
 pub fn open(port: u16, v6: bool) -> anyhow::Result<Sock> {
     let fam = if v6 {
@@ -51,6 +55,13 @@ pub fn open(port: u16, v6: bool) -> anyhow::Result<Sock> {
     let fd = socket(fam, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
         .with_context(|| format!("creating a UDP socket for port {port}"))?;
     setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    // espd's host mark: on an `espd run --host` host, IKE to a peer whose
+    // address is a protected destination is routed by `main`, not into
+    // espd's host pair (docs/operations.md, "Host mode"); without host
+    // mode it changes nothing. Refused without CAP_NET_ADMIN: then unmarked.
+    if let Err(e) = setsockopt(&fd, sockopt::Mark, &HOST_MARK) {
+        eprintln!("espd-ike: SO_MARK {HOST_MARK:#x} on port {port}: {e} (host mode needs it)");
+    }
     if v6 {
         setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
         setsockopt(&fd, sockopt::Ipv6RecvPacketInfo, &true)?;
