@@ -134,7 +134,7 @@ def test_ping_and_tcp_both_ways_with_dpdk_ipsec_secgw(dnet, tmp_path):
     dnet.start_dpdk(dnet.binary)
     dnet.start("gw1")
     wire = tmp_path / "wire.pcap"
-    dump = dnet.popen("wire", "tcpdump", "-ni", "br0", "-U", "-w", str(wire), "ip or ip6",
+    dump = dnet.popen("wire", "tcpdump", "--immediate-mode", "-ni", "br0", "-U", "-w", str(wire), "ip or ip6",
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1)
     for src, dst in (("a", "198.18.2.20"), ("b", "198.18.1.10"),

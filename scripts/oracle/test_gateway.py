@@ -234,7 +234,7 @@ def test_the_wire_carries_only_esp_and_tshark_decrypts_all_of_it(net, tmp_path):
     net.start("gw1")
     net.start("gw2")
     pcap = tmp_path / "wire.pcap"
-    dump = net.popen("wire", "tcpdump", "-ni", "br0", "-w", str(pcap), "-U", "ip or ip6",
+    dump = net.popen("wire", "tcpdump", "--immediate-mode", "-ni", "br0", "-w", str(pcap), "-U", "ip or ip6",
                      stderr=subprocess.DEVNULL)
     time.sleep(1)
     for src, dst in (("a", "198.18.2.20"), ("b", "198.18.1.10"),
@@ -329,7 +329,7 @@ def test_replayed_esp_on_the_wire_is_dropped_as_replay(net, tmp_path):
     net.start("gw1")
     net.start("gw2")
     pcap = tmp_path / "one.pcap"
-    dump = net.popen("wire", "tcpdump", "-ni", "br0", "-c", "1", "-w", str(pcap), "-U",
+    dump = net.popen("wire", "tcpdump", "--immediate-mode", "-ni", "br0", "-c", "1", "-w", str(pcap), "-U",
                      "esp and src host 198.18.0.1", stderr=subprocess.DEVNULL)
     time.sleep(1)
     net.ns("a", "ping", "-c", "3", "-i", "0.2", "198.18.2.20")

@@ -236,9 +236,9 @@ def check_traffic_and_wire(net, ike, charon, pcap_name="wire.pcap", decrypt=True
                    "and not (ip6 and ip6[6] = 0)")
     # Everything for tshark while the small flows run; during the TCP runs
     # only what is neither IKE nor ESP (a capture of all would take tshark minutes).
-    dump = net.popen("wire", "tcpdump", "-ni", "br0", "-w", str(pcap), "-U", "ip or ip6",
+    dump = net.popen("wire", "tcpdump", "--immediate-mode", "-ni", "br0", "-w", str(pcap), "-U", "ip or ip6",
                      stderr=subprocess.DEVNULL)
-    dump2 = net.popen("wire", "tcpdump", "-ni", "br0", "-w", str(leak), "-U", not_ike_esp,
+    dump2 = net.popen("wire", "tcpdump", "--immediate-mode", "-ni", "br0", "-w", str(leak), "-U", not_ike_esp,
                       stderr=subprocess.DEVNULL)
     time.sleep(1)
     net.ns("a", "ping", "-c", "5", "-i", "0.1", "-W", "2", "198.18.2.20")
@@ -360,7 +360,7 @@ def test_trap_negotiates_on_the_first_packet(site):
     assert "dir out" in pol and "reqid 1" in pol, pol
     assert espd_states(net).strip() == ""
     pcap = net.tmp / "trap.pcap"
-    dump = net.popen("wire", "tcpdump", "-ni", "br0", "-w", str(pcap), "-U", "ip",
+    dump = net.popen("wire", "tcpdump", "--immediate-mode", "-ni", "br0", "-w", str(pcap), "-U", "ip",
                      stderr=subprocess.DEVNULL)
     time.sleep(0.5)
     # The first pings trigger the acquire; the tunnel is up within seconds.
@@ -468,7 +468,7 @@ def test_espd_ike_to_espd_ike_raw_esp_tunnel(site):
     st = espd_states(net)
     assert "encap" not in st and "flag esn" in st, st
     pcap = net.tmp / "raw.pcap"
-    dump = net.popen("wire", "tcpdump", "-ni", "br0", "-w", str(pcap), "-U", "ip",
+    dump = net.popen("wire", "tcpdump", "--immediate-mode", "-ni", "br0", "-w", str(pcap), "-U", "ip",
                      stderr=subprocess.DEVNULL)
     time.sleep(1)
     net.ns("a", "ping", "-c", "5", "-i", "0.1", "-W", "2", "198.18.2.20")
@@ -546,7 +546,7 @@ def test_espd_ike_killed_and_restarted_brings_the_tunnel_back(site, start):
     # Fail closed throughout: pings run across the kill and the restart,
     # and the wire must never carry one of them in plaintext.
     leak = net.tmp / "leak.pcap"
-    dump = net.popen("wire", "tcpdump", "-ni", "br0", "--immediate-mode", "-w", str(leak), "icmp",
+    dump = net.popen("wire", "tcpdump", "--immediate-mode", "-ni", "br0", "--immediate-mode", "-w", str(leak), "icmp",
                      stderr=subprocess.DEVNULL)
     pinger = net.popen("a", "ping", "-i", "0.05", "-c", "200", "198.18.2.20",
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -630,7 +630,7 @@ def test_stopping_espd_ike_keeps_trap_policies_so_traffic_stays_blocked(site):
     assert espd_states(net).strip() == ""
     assert sorted(espd_policies(net).strip().splitlines()) == sorted(trap)
     pcap = net.tmp / "stopped.pcap"
-    dump = net.popen("wire", "tcpdump", "-ni", "br0", "-w", str(pcap), "-U", "ip",
+    dump = net.popen("wire", "tcpdump", "--immediate-mode", "-ni", "br0", "-w", str(pcap), "-U", "ip",
                      stderr=subprocess.DEVNULL)
     time.sleep(0.5)
     r = net.ns("a", "ping", "-c", "3", "-i", "0.2", "-W", "1", "198.18.2.20", check=False)
@@ -844,12 +844,19 @@ def test_ike_sa_rekeys_either_way_under_traffic_without_loss(site, who):
     assert " 0% packet loss" in r.stdout, r.stdout[-300:]
     how = "by us" if who == "espd-ike" else "by the peer"
     assert ike.log().count(f"IKE_SA rekeyed ({how})") >= 2, ike.log()
-    time.sleep(1)
-    sas = ike.sas()
+    # The rekeys go on every ~6 s: the two sides are read until one pair of
+    # readings falls between two rekeys (a rekey between the reads is no
+    # disagreement).
+    for _ in range(10):
+        time.sleep(0.5)
+        sas = ike.sas()
+        text = charon.sas()
+        if (len(sas) == 1 and sas[0]["state"] == "ESTABLISHED" and text.count("ESTABLISHED") == 1
+                and sas[0]["spi_i"] in text and sas[0]["spi_r"] in text):
+            break
     assert len(sas) == 1 and sas[0]["state"] == "ESTABLISHED", sas
     assert (sas[0]["spi_i"], sas[0]["spi_r"]) != (first["spi_i"], first["spi_r"])
     assert sas[0]["children"][0]["spi_in"] == child, sas
-    text = charon.sas()
     assert text.count("ESTABLISHED") == 1, text
     assert sas[0]["spi_i"] in text and sas[0]["spi_r"] in text, (sas, text)
     assert espd_states(net).count("state add") == 2, espd_states(net)

@@ -191,7 +191,7 @@ def test_outer_fragments_of_esp_are_reassembled_before_esp(net, tmp_path):
     net.start("gw1")
     km = {spi: k for _, _, spi, k in keys(tmp_path / "gw1.conf")}
     pa = tmp_path / "a.pcap"
-    dump = net.popen("a", "tcpdump", "-ni", "a0", "-U", "-w", str(pa), "udp port 7001",
+    dump = net.popen("a", "tcpdump", "--immediate-mode", "-ni", "a0", "-U", "-w", str(pa), "udp port 7001",
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1)
     f = tmp_path / "frags.py"
@@ -268,7 +268,7 @@ def test_fragments_of_esp_in_udp_are_reassembled_and_ike_stays_with_the_kernel(n
                     "s.bind(('198.18.0.1', 4500)); s.settimeout(10); print(len(s.recv(4000)))",
                     stdout=subprocess.PIPE, text=True)
     pa = tmp_path / "a.pcap"
-    dump = net.popen("a", "tcpdump", "-ni", "a0", "-U", "-w", str(pa), "udp port 7001",
+    dump = net.popen("a", "tcpdump", "--immediate-mode", "-ni", "a0", "-U", "-w", str(pa), "udp port 7001",
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1)
     f = tmp_path / "natt.py"
