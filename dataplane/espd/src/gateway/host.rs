@@ -30,7 +30,7 @@
 
 use anyhow::{bail, Context, Result};
 use espd_core::state::{Action, Direction, Policy, Prefix};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
@@ -196,7 +196,7 @@ pub struct Routes {
     /// address: the preferred source of the pair route).
     by_prefix: BTreeMap<Prefix, (usize, Option<IpAddr>)>,
     /// Prefixes whose pair route is in the table.
-    live: BTreeMap<Prefix, ()>,
+    live: BTreeSet<Prefix>,
 }
 
 /// Prefixes a change adds (first policy) and removes (last policy).
@@ -217,7 +217,7 @@ impl Routes {
         Routes {
             dev: dev.to_string(),
             by_prefix: BTreeMap::new(),
-            live: BTreeMap::new(),
+            live: BTreeSet::new(),
         }
     }
 
@@ -304,7 +304,7 @@ impl Routes {
         }
         ip_batch(&lines, false).context("host routes (through the pair)")?;
         for p in &s.added {
-            self.live.insert(*p, ());
+            self.live.insert(*p);
         }
         let mut gone = Vec::new();
         for p in &s.removed {
@@ -324,7 +324,7 @@ impl Routes {
     pub fn withdraw(&mut self) -> Result<()> {
         let lines: Vec<String> = self
             .live
-            .keys()
+            .iter()
             .map(|p| {
                 format!(
                     "route del {p} dev {} table {HOST_TABLE} metric {PAIR_METRIC}",
