@@ -411,6 +411,32 @@ policy add src 198.18.100.0/28 dst 198.18.100.2/32 dir out tmpl src 198.18.0.1 d
         (proto::ESP, &[198, 18, 0, 3][..]),
         "into client 2's SA"
     );
+    // One hop through the gateway, counted once: decapsulation took the
+    // TTL down (RFC 1812 §5.3.1), the second pass through the SPD does not.
+    let out = out.to_vec();
+    let mut c2 = Engine::new(
+        Config::parse(
+            "c2.conf",
+            &format!(
+                "state add src 198.18.0.1 dst 198.18.0.3 proto esp spi 0x1002 reqid 2 mode tunnel aead 'rfc4106(gcm(aes))' {K} 128
+policy add src 198.18.100.0/28 dst 198.18.100.2/32 dir in tmpl src 198.18.0.1 dst 198.18.0.3 proto esp reqid 2 mode tunnel
+"
+            ),
+        )
+        .unwrap()
+        .sad,
+        Config::parse(
+            "c2.conf",
+            "policy add src 198.18.100.0/28 dst 198.18.100.2/32 dir in tmpl src 198.18.0.1 dst 198.18.0.3 proto esp reqid 2 mode tunnel\n",
+        )
+        .unwrap()
+        .spd,
+        &["198.18.0.3".parse().unwrap(), "198.18.100.2".parse().unwrap()],
+    );
+    let (v, inner) = run(&mut c2, &out);
+    assert!(matches!(v, Verdict::Decapsulated(_)), "{v:?}");
+    assert_eq!(inner[8], pkt[8], "TTL decremented once, at decapsulation");
+    assert!(ipv4_ok(&inner));
     // The flag does not stick: the next ordinary packet is checked again.
     let (v, _) = run(&mut gw, &pkt);
     assert_eq!(v, Verdict::Drop(DropReason::UnprotectedInbound));

@@ -112,7 +112,9 @@ impl Engine {
                 Err(w) => return Verdict::Handoff(w),
             }
         }
-        if self.router {
+        // A forwarded (hairpinned) packet's hop was counted when it was
+        // decapsulated: one gateway, one decrement.
+        if self.router && !self.forwarded {
             if let Err(r) = decrement_ttl(pkt.data_mut(), l3) {
                 return self.icmp_error(pkt, l3, flow, IcmpKind::TimeExceeded, r);
             }
@@ -251,7 +253,7 @@ impl Engine {
         l3: &L3,
         flow: &Flow,
     ) -> Verdict {
-        if self.router {
+        if self.router && !self.forwarded {
             if let Err(r) = decrement_ttl(pkt.data_mut(), l3) {
                 return self.icmp_error(pkt, l3, flow, IcmpKind::TimeExceeded, r);
             }
