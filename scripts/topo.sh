@@ -15,6 +15,8 @@
 #   scripts/topo.sh down PREFIX
 #   QUEUES=2 scripts/topo.sh up …         # veth pairs with 2 RX/TX queues (2 workers per espd)
 #   QIN=1 QOUT=2 scripts/topo.sh up …     # uneven: 1-queue inside links, 2-queue outside links
+#   SITE_BRIDGE=1 scripts/topo.sh up …    # gw2 ─i2──s2─[ wire: bridge br1 ]─s3──b0─ hostB: the
+#                                         # site link captured too (both its ends may be AF_XDP)
 #
 # Hosts A and B keep veth's default TX checksum offload: their TCP/UDP
 # checksums reach espd partial, and espd completes them (see
@@ -24,6 +26,7 @@ set -euo pipefail
 QUEUES=${QUEUES:-1}  # RX/TX queues per veth: espd runs one worker per queue index
 QIN=${QIN:-$QUEUES}   # … of the inside links (a0–i1, i2–b0) only
 QOUT=${QOUT:-$QUEUES} # … of the outside links (o1–w1, o2–w2) only
+SITE_BRIDGE=${SITE_BRIDGE:-}
 cmd=${1:?up|down}
 P=${2:?namespace prefix}
 
@@ -49,9 +52,16 @@ up() {
     ip link add a0 netns "$P-a" $qi type veth peer name i1 netns "$P-gw1" $qi
     ip link add o1 netns "$P-gw1" $qo type veth peer name w1 netns "$P-wire" $qo
     ip link add o2 netns "$P-gw2" $qo type veth peer name w2 netns "$P-wire" $qo
-    ip link add i2 netns "$P-gw2" $qi type veth peer name b0 netns "$P-b" $qi
-    for x in "a a0 $QIN" "gw1 i1 $QIN" "gw1 o1 $QOUT" "wire w1 $QOUT" "wire w2 $QOUT" \
-             "gw2 o2 $QOUT" "gw2 i2 $QIN" "b b0 $QIN"; do
+    local checks=("a a0 $QIN" "gw1 i1 $QIN" "gw1 o1 $QOUT" "wire w1 $QOUT" "wire w2 $QOUT"
+                  "gw2 o2 $QOUT" "gw2 i2 $QIN" "b b0 $QIN")
+    if [ -n "$SITE_BRIDGE" ]; then
+        ip link add i2 netns "$P-gw2" $qi type veth peer name s2 netns "$P-wire" $qi
+        ip link add b0 netns "$P-b" $qi type veth peer name s3 netns "$P-wire" $qi
+        checks+=("wire s2 $QIN" "wire s3 $QIN")
+    else
+        ip link add i2 netns "$P-gw2" $qi type veth peer name b0 netns "$P-b" $qi
+    fi
+    for x in "${checks[@]}"; do
         set -- $x
         n=$(ns "$1" ls "/sys/class/net/$2/queues" | grep -c '^rx-')
         [ "$n" = "$3" ] || { echo "topo.sh: $2 in $P-$1 has $n RX queues, not $3" >&2; exit 1; }
@@ -60,6 +70,12 @@ up() {
     ip -n "$P-wire" link set w1 master br0
     ip -n "$P-wire" link set w2 master br0
     for l in br0 w1 w2; do ip -n "$P-wire" link set "$l" up; done
+    if [ -n "$SITE_BRIDGE" ]; then
+        ip -n "$P-wire" link add br1 type bridge
+        ip -n "$P-wire" link set s2 master br1
+        ip -n "$P-wire" link set s3 master br1
+        for l in br1 s2 s3; do ip -n "$P-wire" link set "$l" up; done
+    fi
     ns wire sysctl -qw net.ipv6.conf.all.disable_ipv6=1
 
     addr() { ip -n "$P-$1" addr add "$3" dev "$2" ${4:-}; }

@@ -50,7 +50,7 @@ def sh(*args, check=True, timeout=60):
 class Net:
     """The five namespaces and the two gateways' espd processes."""
 
-    def __init__(self, tmp, queues=1, qin=None, qout=None):
+    def __init__(self, tmp, queues=1, qin=None, qout=None, site_bridge=False):
         _n[0] += 1
         self.p = f"espdt{os.getpid()}n{_n[0]}"
         self.tmp = tmp
@@ -61,6 +61,8 @@ class Net:
             env["QIN"] = str(qin)
         if qout:
             env["QOUT"] = str(qout)
+        if site_bridge:
+            env["SITE_BRIDGE"] = "1"
         r = subprocess.run(["bash", TOPO, "up", self.p, str(tmp)], capture_output=True, text=True,
                            timeout=120, env=env)
         assert r.returncode == 0, r.stdout + r.stderr

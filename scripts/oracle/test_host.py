@@ -18,10 +18,16 @@ the other for IPv4 and IPv6. Checked:
   leaking; after a restart the pings flow again; `espd down` removes the pair,
   table and rule (and plaintext then crosses: the guard was what held it);
 - policy changes through espctl move the host routes (removed, added back);
+- the MTU: the pair routes carry it (DF up to it, EMSGSIZE beyond); 3000 and
+  8000 octet pings without DF, fragmented by the kernel, go as whole
+  datagrams in ESP fragmented after encapsulation, both families; a probe
+  past the route MTU gets espd's ICMP at the socket; 1485/1505 octet
+  datagrams in fragmented ESP from the wire are delivered;
 - the nested case: gw1 as a host with a tunnel to the gateway gw2 and a
   transport-mode SA to host B behind it (espd --host there too): the wire
   between gw1 and gw2 carries ESP whose decryption (tunnel key) is ESP again
-  (the transport SA's SPI), and B decapsulates the transport SA.
+  (the transport SA's SPI), and the link between gw2 and B (a second bridge)
+  carries that transport SA alone, which B decapsulates.
 """
 
 import json
@@ -106,9 +112,9 @@ def hosts(tmp_path):
         n.close()
 
 
-def capture(net, path):
-    """tcpdump on the wire bridge (immediate mode, so nothing is lost at the stop)."""
-    return fc_capture(net, "wire", "br0", path)
+def capture(net, path, bridge="br0"):
+    """tcpdump on a wire bridge (immediate mode, so nothing is lost at the stop)."""
+    return fc_capture(net, "wire", bridge, path)
 
 
 stop = stop_capture
@@ -341,6 +347,151 @@ def test_policy_changes_move_the_host_routes(hosts, tmp_path):
     assert "198.18.0.2 dev espd0" in net.ns("gw1", "ip", "route", "show", "table", "4303").stdout
 
 
+BIG = r"""
+import sys
+from scapy.all import *
+from scapy.layers.ipsec import SecurityAssociation, ESP
+conf.verb = 0
+mac, k4, k6 = sys.argv[1], bytes.fromhex(sys.argv[2][2:]), bytes.fromhex(sys.argv[3][2:])
+# gw2's transport SAs to gw1, sequence numbers far above what gw2 sent.
+sa4 = SecurityAssociation(ESP, spi=0x2001, crypt_algo="AES-GCM", crypt_key=k4)
+sa6 = SecurityAssociation(ESP, spi=0x2006, crypt_algo="AES-GCM", crypt_key=k6)
+out = []
+for n in range(3):
+    sa4.seq_num = sa6.seq_num = 100000 + n
+    p4 = sa4.encrypt(IP(src="198.18.0.2", dst="198.18.0.1") / UDP(sport=7000, dport=5556)
+                     / Raw(b"big4-%d-" % n + b"x" * 1450))
+    p6 = sa6.encrypt(IPv6(src="2001:db8::2", dst="2001:db8::1") / UDP(sport=7000, dport=5556)
+                     / Raw(b"big6-%d-" % n + b"x" * 1450))
+    p4 = IP(bytes(p4)); p4.id = 500 + n; del p4.chksum
+    # Over the wire's 1500 octets: the outer datagram is fragmented, as a
+    # sender's IPsec stack does after encapsulation (RFC 4301 §8.1).
+    out += fragment(IP(bytes(p4)), fragsize=1000)
+    out += fragment6(IPv6(src="2001:db8::2", dst="2001:db8::1") / IPv6ExtHdrFragment(id=900 + n, nh=50)
+                     / Raw(bytes(p6)[40:]), 1000)
+sendp([Ether(dst=mac) / x for x in out], iface="br0")
+"""
+
+
+PROBE = r"""
+import socket, struct, sys, time, select
+dst = sys.argv[1]
+v6 = ":" in dst
+s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+if v6:
+    s.setsockopt(socket.IPPROTO_IPV6, 23, 3)  # IPV6_MTU_DISCOVER = IPV6_PMTUDISC_PROBE
+    s.setsockopt(socket.IPPROTO_IPV6, 25, 1)  # IPV6_RECVERR
+else:
+    s.setsockopt(socket.IPPROTO_IP, 10, 3)    # IP_MTU_DISCOVER = IP_PMTUDISC_PROBE
+    s.setsockopt(socket.IPPROTO_IP, 11, 1)    # IP_RECVERR
+s.connect((dst, 9))
+for _ in range(20):
+    try:
+        s.send(b"p" * 1450)
+    except OSError:
+        pass
+    r, _, x = select.select([], [], [s], 0.2)
+    try:
+        _, anc, _, _ = s.recvmsg(2048, 512, socket.MSG_ERRQUEUE)
+    except BlockingIOError:
+        continue
+    for lvl, typ, data in anc:
+        e, origin, t, c, _, info = struct.unpack("=IBBBBI", data[:12])
+        print(e, origin, t, c, info)
+        sys.exit(0)
+sys.exit("no ICMP error reached the socket")
+"""
+
+
+def test_host_path_mtu_fragments_and_icmp(hosts, tmp_path):
+    """The MTU on the host path: the kernel sizes what it sends by the pair
+    routes' MTU (the outside's less the ESP overhead: EMSGSIZE beyond it
+    with DF, fragments without); a packet that would not fit after ESP gets
+    an ICMP "fragmentation needed" / "packet too big" from espd that the
+    host's stack takes (RFC 4301 §8.2.1; ping reports the MTU and the
+    kernel caches it); and a decapsulated packet larger than that MTU (a
+    peer whose inside MTU is larger, its ESP fragmented) is still
+    delivered."""
+    net = hosts
+    net.start("gw1")
+    net.start("gw2")
+    dev = net.ns("gw1", "ip", "-o", "link", "show", "espd0").stdout
+    table = net.ns("gw1", "ip", "route", "show", "table", "4303").stdout
+    table6 = net.ns("gw1", "ip", "-6", "route", "show", "table", "4303").stdout
+    assert "mtu 1400" in [l for l in table.splitlines() if "dev espd0" in l][0], table
+    assert "mtu 1400" in [l for l in table6.splitlines() if "dev espd0" in l][0], table6
+    pcap = tmp_path / "mtu.pcap"
+    dump = capture(net, pcap)
+    try:
+        for dst in ("198.18.0.2", "2001:db8::2"):
+            # DF: up to the route's MTU, and EMSGSIZE naming it beyond.
+            hdr = 28 if "." in dst else 48
+            r = net.ns("gw1", "ping", "-c", "2", "-i", "0.1", "-W", "2", "-M", "do", "-s",
+                       str(1400 - hdr), dst, check=False)
+            assert " 0% packet loss" in r.stdout, r.stdout + r.stderr
+            r = net.ns("gw1", "ping", "-c", "1", "-W", "2", "-M", "do", "-s", str(1401 - hdr), dst,
+                       check=False)
+            assert r.returncode != 0 and "1400" in r.stdout + r.stderr, r.stdout + r.stderr
+            # No DF: the kernel fragments to the route's MTU; espd carries
+            # the whole datagram (transport mode carries no fragments, RFC
+            # 4301 §7) and fragments the ESP packet after it; the peer's espd
+            # reassembles it, decapsulates and hands it to its host (larger
+            # than a frame: in fragments its stack reassembles).
+            for size in (3000, 8000):
+                r = net.ns("gw1", "ping", "-c", "3", "-i", "0.1", "-W", "2", "-M", "dont", "-s", str(size),
+                           dst, check=False)
+                assert " 0% packet loss" in r.stdout, r.stdout + r.stderr
+            # Probing past the route's MTU (IP_PMTUDISC_PROBE: up to the
+            # device's): espd answers with ICMP carrying the MTU left after
+            # ESP, which reaches the sending socket (its error queue).
+            r = net.ns("gw1", PY, "-c", PROBE, dst, check=False)
+            assert r.returncode == 0, r.stdout + r.stderr
+            errno_, origin, typ, code, mtu = (int(x) for x in r.stdout.split())
+            v6 = hdr == 48
+            assert (errno_, origin, typ, code) == ((90, 3, 2, 0) if v6 else (90, 2, 3, 4)), r.stdout
+            assert 1400 < mtu < 1480, r.stdout
+        # Inbound: datagrams of 1478 / 1498 octets inside fragmented ESP.
+        got = tmp_path / "big.txt"
+        lst = net.popen("gw1", PY, "-c", f"""
+import socket, select, time
+out = open("{got}", "w")
+s4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s4.bind(("0.0.0.0", 5556))
+s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1); s6.bind(("::", 5556))
+end = time.time() + 8
+while time.time() < end:
+    for s in select.select([s4, s6], [], [], 0.1)[0]:
+        d = s.recv(4000); out.write("%s %d\\n" % (d[:7].decode(), len(d))); out.flush()
+""")
+        time.sleep(0.5)
+        f = tmp_path / "big.py"
+        f.write_text(BIG)
+        mac = net.ns("gw1", "cat", "/sys/class/net/o1/address").stdout.strip()
+        km = {spi: k for _, _, spi, k in net.sas}
+        net.ns("wire", PY, str(f), mac, km[0x2001], km[0x2006])
+        lst.wait(timeout=30)
+    finally:
+        stop(dump)
+    lines = sorted(got.read_text().split("\n")[:-1])
+    assert lines == sorted([f"big{v}-{n}- 1457" for v in (4, 6) for n in range(3)]), lines
+    assert plaintext(pcap) == "", plaintext(pcap)[:2000]
+    # Every ESP packet decrypts with the configured keys and a good ICV,
+    # the big ones after tshark's own reassembly of the outer fragments.
+    rows = tshark_rows(pcap, net.sas)
+    # Per family 2 + 3 + 3 echoes each way, and the 3 injected datagrams.
+    assert len(rows) >= 38 and all(r[1] == "1" for r in rows), rows
+    for gw in ("gw1", "gw2"):
+        code, err = net.kill(gw, signal.SIGTERM)
+        assert code == 0, err
+    s1, s2 = (json.loads((tmp_path / f"{g}.json").read_text()) for g in ("gw1", "gw2"))
+    assert s1["decapsulated"] >= 6, s1
+    for s in (s1, s2):
+        w = s["workers"][0]
+        # Both families' 3000 and 8000 octet echoes (requests on gw1, replies on gw2).
+        assert w["own_reassembled"] >= 12 and w["fragmented"] >= 12, w
+        assert set(k for k, v in s["drops"].items() if v) <= {"PacketTooBig"}, s["drops"]
+
+
 NEST = {4: ("198.18.0.1", "198.18.0.2", "198.18.2.20", "198.18.2.0/24"),
         6: ("2001:db8::1", "2001:db8::2", "2001:db8:2::20", "2001:db8:2::/64")}
 
@@ -381,7 +532,9 @@ def nested_confs(tmp):
 
 def test_host_with_a_tunnel_to_a_gateway_and_transport_to_a_server_behind_it(tmp_path):
     need("ping")
-    net = Hosts(tmp_path)
+    # The site link gw2 ─ B through a bridge too: both its ends are AF_XDP
+    # sockets, which tcpdump on either interface would not see.
+    net = Hosts(tmp_path, site_bridge=True)
     try:
         sas = nested_confs(tmp_path)
         # (Its workers never sleep: --busy-poll.)
@@ -389,8 +542,8 @@ def test_host_with_a_tunnel_to_a_gateway_and_transport_to_a_server_behind_it(tmp
                        args=("--busy-poll",))
         Net.start(net, "gw2")
         net.start_host("b", "b0", tmp_path / "b.conf", core=str(1 % os.cpu_count()))
-        pcap = tmp_path / "nested.pcap"
-        dump = capture(net, pcap)
+        pcap, spcap = tmp_path / "nested.pcap", tmp_path / "site.pcap"
+        dump, sdump = capture(net, pcap), capture(net, spcap, "br1")
         try:
             for v in (4, 6):
                 r = net.ns("gw1", "ping", "-c", "20", "-i", "0.05", "-W", "2", NEST[v][2], check=False)
@@ -399,6 +552,7 @@ def test_host_with_a_tunnel_to_a_gateway_and_transport_to_a_server_behind_it(tmp
             assert " 0% packet loss" in r.stdout, r.stdout
         finally:
             stop(dump)
+            stop(sdump)
         assert plaintext(pcap) == "", "plaintext on the wire:\n" + plaintext(pcap)[:2000]
         # The wire between the host and the gateway: ESP (the tunnel SA)
         # whose decryption is ESP again (the transport SA to B).
@@ -417,6 +571,21 @@ def test_host_with_a_tunnel_to_a_gateway_and_transport_to_a_server_behind_it(tmp
             want.add((v["c2g"][2], v["c2s"][2]))
             want.add((v["g2c"][2], v["s2c"][2]))
         assert pairs == want, (pairs, want)
+        # The server's link: ESP in transport mode (one layer, the transport
+        # SAs' SPIs, between the client's and the server's own addresses),
+        # each packet decrypted by tshark with a good ICV; nothing in clear.
+        assert plaintext(spcap) == "", "plaintext on the site link:\n" + plaintext(spcap)[:2000]
+        srows = tshark_rows(spcap, every)
+        sesp = int(sh("bash", "-c", f"tcpdump -nr {spcap} esp 2>/dev/null | wc -l").stdout)
+        assert len(srows) == sesp >= 90, (len(srows), sesp)
+        spis = set()
+        for spi, good, bad, proto, nxt in srows:
+            assert "," not in spi and good == "1" and bad != "1", (spi, good, bad)
+            # The decrypted payload is ICMP / ICMPv6 itself (transport mode),
+            # not an inner IP header (tunnel mode: 4 or 41).
+            assert (proto or nxt).split(",")[-1] not in ("4", "41"), (spi, proto, nxt)
+            spis.add(int(spi, 16))
+        assert spis == {v[n][2] for v in sas.values() for n in ("c2s", "s2c")}, spis
         # B decapsulated the transport SA itself (its inside is its own stack).
         code, err = net.kill("b", signal.SIGTERM)
         assert code == 0, err

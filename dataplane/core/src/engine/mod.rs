@@ -126,6 +126,9 @@ pub struct Engine {
     /// Set for the packet [`Engine::process_forwarded`] runs: it was
     /// decapsulated and checked against its SA already.
     forwarded: bool,
+    /// Set for the packet [`Engine::process_own_datagram`] runs: this
+    /// host's own datagram, whose outer packet the caller may fragment.
+    own_datagram: bool,
     /// This engine's worker, for the ownership of shared SAs' replay windows.
     worker: u32,
     /// Sources for ICMP errors (see [`Engine::set_icmp_sources`]).
@@ -329,6 +332,7 @@ impl Engine {
             icmp_second: 0,
             router: false,
             forwarded: false,
+            own_datagram: false,
             worker: 0,
             icmp_src: Vec::new(),
             events: Vec::with_capacity(MAX_EVENTS),
@@ -499,6 +503,18 @@ impl Engine {
         self.forwarded = true;
         let v = self.process(pkt);
         self.forwarded = false;
+        v
+    }
+
+    /// Processes a datagram this host sent and its stack fragmented, which
+    /// the caller reassembled (host mode): RFC 4301 §7 carries only whole
+    /// datagrams in transport mode, and fragmentation belongs after IPsec
+    /// processing, so the outer packet may be larger than the MTU for IPv6
+    /// too (this host is its source, RFC 8200 §4.5): the caller fragments it.
+    pub fn process_own_datagram(&mut self, pkt: &mut PacketBuf<'_>) -> Verdict {
+        self.own_datagram = true;
+        let v = self.process(pkt);
+        self.own_datagram = false;
         v
     }
 

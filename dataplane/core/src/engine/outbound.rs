@@ -294,7 +294,11 @@ impl Engine {
         // IPv4 without DF: encapsulate; the outer packet will be fragmented.
         // IPv6 of at most 1280 octets must get through whatever the tunnel's
         // MTU (RFC 8200 §5): fragment the outer packet for it too.
-        let may_fragment = (l3.version == 4 && !l3.df) || (l3.version == 6 && pkt.len() <= 1280);
+        // This host's own datagram (reassembled from its stack's fragments):
+        // fragmented after IPsec, as its stack would have (RFC 4301 §7).
+        let may_fragment = (l3.version == 4 && !l3.df)
+            || (l3.version == 6 && pkt.len() <= 1280)
+            || self.own_datagram;
         if may_fragment {
             return None;
         }

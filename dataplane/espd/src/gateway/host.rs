@@ -46,8 +46,17 @@ const PAIR_METRIC: u32 = 1;
 const PROHIBIT_METRIC: u32 = 4_294_967_295;
 /// Room below the outside MTU for the outer headers: outer IPv6 (40),
 /// UDP (8), ESP header and IV (16), padding, trailer and ICV (up to 33):
-/// the kernel sizes its TCP segments and fragments so that the ESP fits.
+/// the pair routes carry the outside MTU less this (`mtu` on the route),
+/// so the kernel sizes its TCP segments and fragments so that the ESP fits.
 pub const OVERHEAD: usize = 100;
+/// The pair's own MTU, on both ends: what the kernel sends is bounded by
+/// the routes' MTU, but a decapsulated packet may be as large as the
+/// peer's inside MTU (its ESP fragmented on the way, RFC 4301 §8.1), and a
+/// veth drops a frame above its MTU. The largest a veth takes while its
+/// peer (espd's end) has a single-buffer XDP program: a 4 KiB page less
+/// the XDP headroom (256) and `skb_shared_info` (320), less the Ethernet
+/// header; a UMEM frame (4 KiB) holds it.
+pub const PAIR_MTU: usize = 3506;
 
 /// The pair's espd end: `NAME-x` (15 characters at most, IFNAMSIZ).
 pub fn espd_end(name: &str) -> String {
@@ -98,8 +107,10 @@ fn sysctl(path: &str, v: &str) -> Result<()> {
 
 /// Creates the pair afresh (an old one, from an espd that died, goes: its
 /// routes with it, the `prohibit` routes under them stay), `queues` queues
-/// each way on both ends, `mtu` on both, and the rule to the host table.
-pub fn create_pair(name: &str, queues: u32, mtu: usize) -> Result<()> {
+/// each way on both ends, [`PAIR_MTU`] on both, and the rule to the host
+/// table.
+pub fn create_pair(name: &str, queues: u32) -> Result<()> {
+    let mtu = PAIR_MTU;
     if name.len() + 2 > 15 {
         bail!("--host-dev {name}: at most 13 characters (the pair's other end is {name}-x)");
     }
@@ -141,6 +152,12 @@ pub fn create_pair(name: &str, queues: u32, mtu: usize) -> Result<()> {
     // the reverse path of a decapsulated packet is the pair itself, but a
     // strict check of a marked packet would look in `main`.
     sysctl(&format!("/proc/sys/net/ipv4/conf/{name}/rp_filter"), "0")?;
+    // espd's ICMP errors about the host's own packets ("fragmentation
+    // needed", RFC 4301 §8.2.1) come from the host's address: IPv4 drops
+    // a packet with a local source as a martian unless the device accepts
+    // it (IPv6 has no such check). Only espd writes into the pair, and
+    // what it writes passed its inbound policy check or is its own ICMP.
+    sysctl(&format!("/proc/sys/net/ipv4/conf/{name}/accept_local"), "1")?;
     sysctl(&format!("/proc/sys/net/ipv6/conf/{name}/accept_ra"), "0")?;
     ip_batch(
         &[format!("link set {x} up"), format!("link set {name} up")],
@@ -192,6 +209,8 @@ pub fn remove(name: &str) -> Result<usize> {
 #[derive(Clone)]
 pub struct Routes {
     dev: String,
+    /// The pair routes' MTU (the outside's less [`OVERHEAD`]).
+    mtu: usize,
     /// Prefix → (policies, the source of the first whose source is one
     /// address: the preferred source of the pair route).
     by_prefix: BTreeMap<Prefix, (usize, Option<IpAddr>)>,
@@ -213,9 +232,10 @@ fn routed(p: &Policy) -> bool {
 }
 
 impl Routes {
-    pub fn new(dev: &str) -> Routes {
+    pub fn new(dev: &str, mtu: usize) -> Routes {
         Routes {
             dev: dev.to_string(),
+            mtu,
             by_prefix: BTreeMap::new(),
             live: BTreeSet::new(),
         }
@@ -297,8 +317,14 @@ impl Routes {
                     },
                 );
             let src = src.map_or(String::new(), |a| format!(" src {a}"));
+            // IPv6 needs 1280 on every link (RFC 8200 §5).
+            let mtu = if p.is_ipv4() {
+                self.mtu
+            } else {
+                self.mtu.max(1280)
+            };
             lines.push(format!(
-                "route replace {p} dev {} table {HOST_TABLE} metric {PAIR_METRIC}{src}",
+                "route replace {p} dev {} table {HOST_TABLE} metric {PAIR_METRIC}{src} mtu {mtu}",
                 self.dev
             ));
         }
@@ -366,7 +392,7 @@ policy add src 198.18.0.1 dst 198.18.9.0/24 dir out priority 10
 policy add src 2001:db8::1 dst 2001:db8::2 dir out tmpl proto esp reqid 2 mode transport
 ",
         );
-        let mut r = Routes::new("espd0");
+        let mut r = Routes::new("espd0", 1400);
         let s = r.stage(a.iter().map(|p| (true, p)));
         // The in policy and the bypass are not routed; two policies share
         // 198.18.0.2/32, which is routed once.

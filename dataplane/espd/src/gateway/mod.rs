@@ -364,10 +364,7 @@ pub fn run(a: &Args) -> Result<()> {
     let inside = match &a.inside {
         Some(i) => i.clone(),
         None => {
-            let mtu = read_mtu(&a.outside)
-                .saturating_sub(host::OVERHEAD)
-                .max(1280);
-            host::create_pair(&a.host_dev, espd_io::xsk::rx_queues(&a.outside), mtu)?;
+            host::create_pair(&a.host_dev, espd_io::xsk::rx_queues(&a.outside))?;
             host::espd_end(&a.host_dev)
         }
     };
@@ -465,7 +462,10 @@ pub fn run(a: &Args) -> Result<()> {
     // now, routed into the pair once the workers run.
     let mut host_routes = None;
     if a.host {
-        let mut r = host::Routes::new(&a.host_dev);
+        let mut r = host::Routes::new(
+            &a.host_dev,
+            read_mtu(&a.outside).saturating_sub(host::OVERHEAD).max(576),
+        );
         let pols: Vec<&espd_core::state::Policy> = Direction::ALL
             .iter()
             .flat_map(|d| cfg.spd.policies(*d))
@@ -587,7 +587,7 @@ pub fn run(a: &Args) -> Result<()> {
             inbox: inboxes.remove(0),
             peers: peers.clone(),
             reinject: worker::Reinject::default(),
-            reasm: worker::Reasm::default(),
+            reasm: worker::Reasm::new(a.host),
             tables: Arc::clone(&shared),
             sync: Arc::clone(&syncs[q]),
             retired: retired_tx.clone(),
@@ -877,6 +877,8 @@ impl Stats {
                 "prefragmented": s.prefragmented,
                 "hairpinned": s.hairpinned,
                 "prefragments": s.prefragments,
+                "fragmented": s.fragmented, "fragments": s.fragments,
+                "own_reassembled": s.own_reassembled,
                 "reassembled": s.reassembled, "reassembly_peak": s.reassembly_peak,
                 "busy_turns": s.busy_turns, "turns": s.turns,
                 "max_turn_ns": s.max_turn_ns, "max_turn_recent_ns": s.max_turn_recent_ns,

@@ -23,6 +23,10 @@ const HEADROOM: usize = 512;
 const ETH: usize = 14;
 /// The side a hair-pinned packet is queued with in [`Reinject`].
 const HAIRPIN: usize = 2;
+/// The side of a finished IP packet queued in [`Reinject`]: a fragment of
+/// an outer packet larger than the MTU, or this host's own datagram after
+/// the engine; only its next hop and Ethernet header are left to do.
+const FINISHED: usize = 3;
 /// The tag of a held decapsulated packet (its way out decided on release).
 const HELD_DECAPSULATED: u8 = 1;
 /// How long a frame may wait for its next hop to resolve.
@@ -51,6 +55,57 @@ pub struct Reinject {
     arena: Vec<u8>,
     list: Vec<(usize, usize, usize)>,
     scratch: Vec<u8>,
+    /// The Identification of the next IPv6 fragment set this worker makes.
+    frag_id: u32,
+}
+
+impl Reinject {
+    /// Queues a finished IP packet (side [`FINISHED`]), split into
+    /// fragments of at most `mtu` octets if it is larger (RFC 791 for IPv4
+    /// without DF; RFC 8200 §4.5 for IPv6, which espd fragments only as the
+    /// source of the packet: `v6` says it is). `Err` changes nothing.
+    fn finished(&mut self, ip: &[u8], mtu: usize, v6: bool) -> Result<usize, DropReason> {
+        let eth = [0u8; ETH];
+        if ip.len() <= mtu {
+            let off = self.arena.len();
+            self.arena.extend_from_slice(&eth);
+            self.arena.extend_from_slice(ip);
+            self.list.push((FINISHED, off, ETH + ip.len()));
+            return Ok(1);
+        }
+        if self.scratch.len() < mtu {
+            self.scratch.resize(mtu.max(9216), 0);
+        }
+        let (before_list, before_arena) = (self.list.len(), self.arena.len());
+        let Reinject {
+            arena,
+            list,
+            scratch,
+            frag_id,
+        } = self;
+        let mut emit = |f: &[u8]| {
+            let off = arena.len();
+            arena.extend_from_slice(&eth);
+            arena.extend_from_slice(f);
+            list.push((FINISHED, off, ETH + f.len()));
+        };
+        let r = match ip.first().map(|b| b >> 4) {
+            Some(4) => espd_core::wire::frag::ipv4(ip, mtu, scratch, &mut emit),
+            Some(6) if v6 => {
+                *frag_id = frag_id.wrapping_add(1);
+                espd_core::wire::frag::ipv6(ip, mtu, *frag_id, scratch, &mut emit)
+            }
+            _ => return Err(DropReason::PacketTooBig),
+        };
+        match r {
+            Ok(_) => Ok(list.len() - before_list),
+            Err(_) => {
+                list.truncate(before_list);
+                arena.truncate(before_arena);
+                Err(DropReason::PacketTooBig)
+            }
+        }
+    }
 }
 
 /// Outer reassembly of raw ESP fragments for this gateway (RFC 4303
@@ -61,11 +116,44 @@ pub struct Reasm {
     table: espd_core::reasm::Reassembler,
     out: Vec<u8>,
     now_ms: u64,
+    /// Host mode: this host's own datagrams, fragmented by its stack on
+    /// the way into the pair (made at the first fragment).
+    own: Option<Box<OwnReasm>>,
 }
 
-impl Default for Reasm {
-    fn default() -> Self {
-        let datagram = FRAME_ROOM;
+/// The reassembly of a host's own fragments, and room to encapsulate the
+/// whole datagram (up to 64 KiB) outside the UMEM frames.
+struct OwnReasm {
+    table: espd_core::reasm::Reassembler,
+    out: Vec<u8>,
+    big: Vec<u8>,
+}
+
+/// The largest datagram an IP header describes.
+const MAX_DATAGRAM: usize = 65_535;
+
+impl OwnReasm {
+    fn new() -> Self {
+        use espd_core::reasm::{Limits, Reassembler};
+        OwnReasm {
+            // One source (this host): no per-source share.
+            table: Reassembler::new(Limits {
+                datagram: MAX_DATAGRAM,
+                per_source: 1024,
+                ..Default::default()
+            }),
+            out: vec![0; MAX_DATAGRAM],
+            big: vec![0; HEADROOM + MAX_DATAGRAM + 512],
+        }
+    }
+}
+
+impl Reasm {
+    /// A gateway's table takes datagrams up to a frame; a host's up to
+    /// 64 KiB (a larger one is decapsulated outside the frames and reaches
+    /// the host in fragments: its peer may send what its stack sends).
+    pub fn new(host: bool) -> Self {
+        let datagram = if host { MAX_DATAGRAM } else { FRAME_ROOM };
         Reasm {
             table: espd_core::reasm::Reassembler::new(espd_core::reasm::Limits {
                 datagram,
@@ -73,6 +161,7 @@ impl Default for Reasm {
             }),
             out: vec![0; datagram],
             now_ms: 0,
+            own: None,
         }
     }
 }
@@ -113,6 +202,12 @@ pub struct Snapshot {
     /// outbound SPD (another tunnel, a bypass, or a drop).
     pub hairpinned: u64,
     pub prefragments: u64,
+    /// Packets fragmented after encapsulation (too big for the MTU, allowed
+    /// to be fragmented), and the fragments.
+    pub fragmented: u64,
+    pub fragments: u64,
+    /// Host mode: the host's own datagrams reassembled before the engine.
+    pub own_reassembled: u64,
     /// Partial TCP/UDP checksums completed (virtual inside links).
     pub csum_fixed: u64,
     /// Outer reassembly: datagrams completed, and the most in progress at once.
@@ -205,6 +300,10 @@ struct Ctx<'a> {
     reinject: &'a mut Reinject,
     reasm: &'a mut Reasm,
     prefrag: (&'a mut u64, &'a mut u64),
+    /// Packets fragmented after ESP, and the fragments.
+    postfrag: (&'a mut u64, &'a mut u64),
+    /// Host mode: this host's own datagrams reassembled from its fragments.
+    own_reassembled: &'a mut u64,
     hairpinned: &'a mut u64,
 }
 
@@ -227,6 +326,8 @@ macro_rules! ctx {
             reinject: &mut $w.reinject,
             reasm: &mut $w.reasm,
             prefrag: (&mut $snap.prefragmented, &mut $snap.prefragments),
+            postfrag: (&mut $snap.fragmented, &mut $snap.fragments),
+            own_reassembled: &mut $snap.own_reassembled,
             hairpinned: &mut $snap.hairpinned,
         }
     };
@@ -260,6 +361,10 @@ impl Worker {
                 self.reasm.now_ms = start.elapsed().as_millis() as u64;
                 if !self.reasm.table.is_empty() {
                     let n = self.reasm.table.expire(self.reasm.now_ms);
+                    snap.io_drops[DropReason::FragTimeout as usize] += n;
+                }
+                if let Some(own) = self.reasm.own.as_mut().filter(|o| !o.table.is_empty()) {
+                    let n = own.table.expire(self.reasm.now_ms);
                     snap.io_drops[DropReason::FragTimeout as usize] += n;
                 }
             }
@@ -320,7 +425,8 @@ impl Worker {
                 let list = std::mem::take(&mut self.reinject.list);
                 let arena = std::mem::take(&mut self.reinject.arena);
                 for &(side, off, len) in &list {
-                    // Side HAIRPIN: a decapsulated packet, processed as outbound.
+                    // Side HAIRPIN: a decapsulated packet, processed as
+                    // outbound; FINISHED: a packet only to be sent.
                     let mut ctx = ctx!(self, snap, side.min(1), false);
                     if side == HAIRPIN {
                         ctx.side = 0;
@@ -328,7 +434,11 @@ impl Worker {
                     }
                     let ok = self.ports.inject(|buf| {
                         buf[..len].copy_from_slice(&arena[off..off + len]);
-                        ctx.frame(buf, len)
+                        if side == FINISHED {
+                            ctx.finished(buf, len)
+                        } else {
+                            ctx.frame(buf, len)
+                        }
                     });
                     if !ok {
                         snap.io_drops[DropReason::TxRingFull as usize] += 1;
@@ -466,17 +576,21 @@ impl Ctx<'_> {
                 Whole::Taken => return Out::Drop,
                 Whole::Done(n) => ip_len = n,
             }
+        } else if self.host && !self.hairpin {
+            if let Some(o) = self.own_fragment(buf, ip_len) {
+                return o;
+            }
         }
         let mut pkt = PacketBuf::new(buf, HEADROOM, ip_len);
         if self.fix_csum && complete_partial_checksum(pkt.data_mut()) {
             *self.csum_fixed += 1;
         }
-        // RFC 4301 §8.1 allows fragmenting before or after IPsec; fragments
-        // after it would have to be reassembled by the peer's kernel before
-        // its ESP (espd does not reassemble), so an IPv4 packet without DF
-        // that cannot fit the outside MTU once encapsulated is fragmented
-        // first, as Linux's tunnel path does, and each fragment goes through
-        // the tunnel on its own. DF packets get ICMP from the engine instead.
+        // RFC 4301 §8.1 allows fragmenting before or after IPsec; a gateway
+        // fragments an IPv4 packet without DF that cannot fit the outside MTU
+        // once encapsulated first, as Linux's tunnel path does, and each
+        // fragment goes through the tunnel on its own (no reassembly needed
+        // at the peer before its ESP). DF packets get ICMP from the engine
+        // instead. (A host's own datagrams: see `own_fragment`.)
         let limit = self.mtu[1].saturating_sub(PREFRAG_OVERHEAD);
         if self.side == 0 && ip_len > limit && limit >= 576 && pkt.data()[0] >> 4 == 4 {
             let r = self.prefragment(&buf[HEADROOM..HEADROOM + ip_len], limit);
@@ -570,7 +684,9 @@ impl Ctx<'_> {
             }
         }
 
-        self.send(buf, at, n, dst)
+        // What the engine encapsulated may be fragmented after ESP if the
+        // inner packet allowed it (the engine answered the others with ICMP).
+        self.send(buf, at, n, dst, matches!(v, Verdict::Encapsulated(_)))
     }
 
     /// A decapsulated packet for the outside, processed again as if it had
@@ -591,53 +707,11 @@ impl Ctx<'_> {
     /// those), go into the reassembly table; a completed datagram replaces
     /// the frame's packet.
     fn reassemble(&mut self, buf: &mut [u8], ip_len: usize) -> Whole {
-        use espd_core::reasm::{Added, Fragment};
+        use espd_core::reasm::Added;
         let ip = &buf[HEADROOM..HEADROOM + ip_len];
-        let f = match ip[0] >> 4 {
-            4 if ip.len() >= 20 => {
-                let ihl = usize::from(ip[0] & 0x0f) * 4;
-                let fo = u16::from_be_bytes([ip[6], ip[7]]);
-                let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-                // XDP steers raw ESP fragments and those of ESP in UDP.
-                let carried = matches!(ip[9], 50 | 17);
-                if fo & 0x3fff == 0 || !carried || ihl < 20 || total > ip.len() || total < ihl {
-                    return Whole::No;
-                }
-                Fragment {
-                    src: IpAddr::V4(Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15])),
-                    dst: IpAddr::V4(Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19])),
-                    id: u32::from(u16::from_be_bytes([ip[4], ip[5]])),
-                    proto: ip[9],
-                    offset: usize::from(fo & 0x1fff) * 8,
-                    more: fo & 0x2000 != 0,
-                    header: &ip[..ihl],
-                    next: 0,
-                    payload: &ip[ihl..total],
-                }
-            }
-            6 if ip.len() >= 48 && ip[6] == 44 && matches!(ip[40], 50 | 17) => {
-                let plen = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
-                if 40 + plen > ip.len() || plen < 8 {
-                    return Whole::No;
-                }
-                let fo = u16::from_be_bytes([ip[42], ip[43]]);
-                let a = |o: usize| {
-                    let b: [u8; 16] = ip[o..o + 16].try_into().unwrap_or([0; 16]);
-                    IpAddr::V6(Ipv6Addr::from(b))
-                };
-                Fragment {
-                    src: a(8),
-                    dst: a(24),
-                    id: u32::from_be_bytes([ip[44], ip[45], ip[46], ip[47]]),
-                    proto: 0,
-                    offset: usize::from(fo >> 3) * 8,
-                    more: fo & 1 != 0,
-                    header: &ip[..40],
-                    next: ip[40],
-                    payload: &ip[48..40 + plen],
-                }
-            }
-            _ => return Whole::No,
+        // XDP steers raw ESP fragments and those of ESP in UDP.
+        let Some(f) = fragment_of(ip, |p| matches!(p, 50 | 17)) else {
+            return Whole::No;
         };
         // Only what is addressed to us: fragments of plaintext steered to the
         // inbound policy check go on to the engine as they are.
@@ -651,6 +725,10 @@ impl Ctx<'_> {
                 buf[HEADROOM..HEADROOM + n].copy_from_slice(&r.out[..n]);
                 Whole::Done(n)
             }
+            Ok(Added::Complete(n)) if self.host => {
+                self.deliver_big(n);
+                Whole::Taken
+            }
             Ok(Added::Complete(_)) => {
                 self.io_drops[DropReason::FragTooBig as usize] += 1;
                 Whole::Taken
@@ -660,6 +738,101 @@ impl Ctx<'_> {
                 Whole::Taken
             }
         }
+    }
+
+    /// Host mode, from the pair: a fragment of this host's own datagram (its
+    /// stack fragments to the pair routes' MTU) is held until the datagram
+    /// is whole, which then goes through the engine as one (transport mode
+    /// carries only whole datagrams, RFC 4301 §7) and leaves fragmented
+    /// after ESP if it must. `None`: not a fragment.
+    fn own_fragment(&mut self, buf: &[u8], ip_len: usize) -> Option<Out> {
+        use espd_core::reasm::Added;
+        let f = fragment_of(&buf[HEADROOM..HEADROOM + ip_len], |_| true)?;
+        let r = &mut *self.reasm;
+        let own = r.own.get_or_insert_with(|| Box::new(OwnReasm::new()));
+        let n = match own.table.add(&f, r.now_ms, &mut own.out) {
+            Ok(Added::Held) => return Some(Out::Drop),
+            Ok(Added::Complete(n)) => n,
+            Err(e) => {
+                self.io_drops[e as usize] += 1;
+                return Some(Out::Drop);
+            }
+        };
+        *self.own_reassembled += 1;
+        own.big[HEADROOM..HEADROOM + n].copy_from_slice(&own.out[..n]);
+        let mut pkt = PacketBuf::new(&mut own.big, HEADROOM, n);
+        match self.engine.process_own_datagram(&mut pkt) {
+            Verdict::Encapsulated(_) | Verdict::Bypass | Verdict::Icmp(_) => {}
+            // Too large for a slot: the owner of a shared SA cannot take it.
+            Verdict::Handoff(_) => return Some(self.drop_io(DropReason::HandoffTooBig)),
+            _ => return Some(Out::Drop),
+        }
+        let (at, n) = (pkt.start(), pkt.len());
+        let ip = &own.big[at..at + n];
+        let Some(dst) = dst_of(ip) else {
+            return Some(self.drop_io(DropReason::BadInner));
+        };
+        // Fragmented for the interface it leaves by (while the next hop
+        // resolves, the outside's: each fragment is held then).
+        let mtu = match self.cache.get(dst) {
+            Resolved::Hop { side, .. } => self.mtu[side],
+            Resolved::Pending => self.mtu[1],
+            Resolved::NoRoute => return Some(self.drop_io(DropReason::NoRoute)),
+            Resolved::Local => return Some(self.drop_io(DropReason::LocalDelivery)),
+        };
+        match self.reinject.finished(ip, mtu, true) {
+            Ok(k) if k > 1 => {
+                *self.postfrag.0 += 1;
+                *self.postfrag.1 += k as u64;
+            }
+            Ok(_) => {}
+            Err(e) => return Some(self.drop_io(e)),
+        }
+        Some(Out::Drop)
+    }
+
+    /// Host mode: an ESP datagram reassembled from the outside that is
+    /// larger than a frame (in `reasm.out`), decapsulated in the big buffer
+    /// and delivered to this host through the pair in fragments its stack
+    /// reassembles (the pair is this host's own link).
+    fn deliver_big(&mut self, n: usize) {
+        let r = &mut *self.reasm;
+        let own = r.own.get_or_insert_with(|| Box::new(OwnReasm::new()));
+        own.big[HEADROOM..HEADROOM + n].copy_from_slice(&r.out[..n]);
+        let mut pkt = PacketBuf::new(&mut own.big, HEADROOM, n);
+        match self.engine.process(&mut pkt) {
+            Verdict::Decapsulated(_) => {}
+            Verdict::Handoff(_) => {
+                self.drop_io(DropReason::HandoffTooBig);
+                return;
+            }
+            _ => return,
+        }
+        let (at, n) = (pkt.start(), pkt.len());
+        let ip = &own.big[at..at + n];
+        let local = dst_of(ip).map(|d| self.cache.get(d));
+        if !matches!(local, Some(Resolved::Hop { side: 0, .. })) {
+            self.drop_io(DropReason::HostForward);
+            return;
+        }
+        match self.reinject.finished(ip, self.mtu[0], true) {
+            Ok(k) => {
+                *self.postfrag.0 += u64::from(k > 1);
+                *self.postfrag.1 += k as u64;
+            }
+            Err(e) => {
+                self.drop_io(e);
+            }
+        }
+    }
+
+    /// A finished packet from [`Reinject`] (side [`FINISHED`]): its IP
+    /// packet follows a placeholder Ethernet header.
+    fn finished(&mut self, buf: &mut [u8], len: usize) -> Out {
+        let Some(dst) = dst_of(&buf[ETH..len]) else {
+            return self.drop_io(DropReason::BadInner);
+        };
+        self.send(buf, ETH, len - ETH, dst, false)
     }
 
     /// Splits an IPv4 packet without DF into fragments of at most `limit`
@@ -677,6 +850,7 @@ impl Ctx<'_> {
             arena,
             list,
             scratch,
+            ..
         } = r;
         // The Ethernet header of this frame: the worker reads the EtherType only.
         let eth: [u8; ETH] = {
@@ -721,7 +895,7 @@ impl Ctx<'_> {
                 _ => {}
             }
         }
-        match self.send(buf, at, n, dst) {
+        match self.send(buf, at, n, dst, false) {
             // Linux gives up on a neighbour after about 3 s of probes.
             Out::Hold { .. } if waited > HOLD_FOR => self.drop_io(DropReason::NoNeighbour),
             o => o,
@@ -729,7 +903,15 @@ impl Ctx<'_> {
     }
 
     /// The L2 step: next hop, Ethernet header, frame to the front.
-    fn send(&mut self, buf: &mut [u8], at: usize, n: usize, dst: IpAddr) -> Out {
+    /// `encapsulated`: espd made this packet (it may fragment an IPv6 one).
+    fn send(
+        &mut self,
+        buf: &mut [u8],
+        at: usize,
+        n: usize,
+        dst: IpAddr,
+        encapsulated: bool,
+    ) -> Out {
         let (side, mac) = match self.cache.get(dst) {
             Resolved::Hop { side, mac } => (side, mac),
             Resolved::NoRoute => return self.drop_io(DropReason::NoRoute),
@@ -740,8 +922,19 @@ impl Ctx<'_> {
         };
         if n > self.mtu[side] {
             // The engine fits DF/IPv6 traffic to the MTU with ICMP; what is
-            // left would need fragmenting here (not done yet: counted).
-            return self.drop_io(DropReason::PacketTooBig);
+            // left is fragmented here, after ESP (RFC 4301 §8.1): IPv4
+            // without DF, and an outer IPv6 packet espd is the source of.
+            return match self
+                .reinject
+                .finished(&buf[at..at + n], self.mtu[side], encapsulated)
+            {
+                Ok(k) => {
+                    *self.postfrag.0 += 1;
+                    *self.postfrag.1 += k as u64;
+                    Out::Drop
+                }
+                Err(e) => self.drop_io(e),
+            };
         }
         if at < ETH {
             return self.drop_io(DropReason::TooBig);
@@ -755,6 +948,56 @@ impl Ctx<'_> {
         // TX starts at the frame's data address: move the result to the front.
         buf.copy_within(h..at + n, 0);
         Out::Tx { side, len: ETH + n }
+    }
+}
+
+/// The reassembly facts of an IP fragment (IPv4, or IPv6 with the Fragment
+/// header first) whose protocol `carried` accepts; `None` for anything else.
+fn fragment_of(ip: &[u8], carried: impl Fn(u8) -> bool) -> Option<espd_core::reasm::Fragment<'_>> {
+    use espd_core::reasm::Fragment;
+    match ip.first()? >> 4 {
+        4 if ip.len() >= 20 => {
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            let fo = u16::from_be_bytes([ip[6], ip[7]]);
+            let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+            if fo & 0x3fff == 0 || !carried(ip[9]) || ihl < 20 || total > ip.len() || total < ihl {
+                return None;
+            }
+            Some(Fragment {
+                src: IpAddr::V4(Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15])),
+                dst: IpAddr::V4(Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19])),
+                id: u32::from(u16::from_be_bytes([ip[4], ip[5]])),
+                proto: ip[9],
+                offset: usize::from(fo & 0x1fff) * 8,
+                more: fo & 0x2000 != 0,
+                header: &ip[..ihl],
+                next: 0,
+                payload: &ip[ihl..total],
+            })
+        }
+        6 if ip.len() >= 48 && ip[6] == 44 && carried(ip[40]) => {
+            let plen = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+            if 40 + plen > ip.len() || plen < 8 {
+                return None;
+            }
+            let fo = u16::from_be_bytes([ip[42], ip[43]]);
+            let a = |o: usize| {
+                let b: [u8; 16] = ip[o..o + 16].try_into().unwrap_or([0; 16]);
+                IpAddr::V6(Ipv6Addr::from(b))
+            };
+            Some(Fragment {
+                src: a(8),
+                dst: a(24),
+                id: u32::from_be_bytes([ip[44], ip[45], ip[46], ip[47]]),
+                proto: 0,
+                offset: usize::from(fo >> 3) * 8,
+                more: fo & 1 != 0,
+                header: &ip[..40],
+                next: ip[40],
+                payload: &ip[48..40 + plen],
+            })
+        }
+        _ => None,
     }
 }
 
