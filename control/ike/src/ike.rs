@@ -819,6 +819,12 @@ impl Endpoint {
         &self.stats
     }
 
+    /// IKE_SAs this responder holds that have not finished IKE_AUTH (RFC
+    /// 7296 §2.6: past [`Endpoint::cookie_threshold`], COOKIEs are asked).
+    pub fn half_open(&self) -> usize {
+        self.half_open
+    }
+
     fn count(&mut self, what: &'static str) {
         *self.stats.entry(what).or_default() += 1;
     }

@@ -37,6 +37,10 @@ struct Args {
     peer: IpAddr,
     #[arg(long, default_value_t = 1000)]
     tunnels: u32,
+    /// The number of the first tunnel (its identity `load-N` and /32), so
+    /// that two generators against one responder do not share identities.
+    #[arg(long, default_value_t = 0)]
+    first: u32,
     /// Set-ups in flight at once.
     #[arg(long, default_value_t = 64)]
     window: u32,
@@ -62,11 +66,12 @@ fn config(a: &Args) -> anyhow::Result<Arc<conf::Config>> {
     use std::fmt::Write;
     let mut t = String::from("connections {\n");
     for i in 0..a.tunnels {
-        let (hi, lo) = (i / 256, i % 256);
+        let n = a.first + i;
+        let (hi, lo) = (n / 256, n % 256);
         writeln!(
             t,
             "t{i} {{ local_addrs = {}\n remote_addrs = {}\n proposals = {}\n rekey_time = 0\n \
-             local {{ auth = psk\n id = load-{i} }}\n remote {{ auth = psk\n id = {} }}\n \
+             local {{ auth = psk\n id = load-{n} }}\n remote {{ auth = psk\n id = {} }}\n \
              children {{ c{i} {{ local_ts = 198.19.{hi}.{lo}/32\n remote_ts = 198.18.1.0/24\n \
              esp_proposals = {} }} }} }}",
             a.local, a.peer, a.proposals, a.peer_id, a.esp
@@ -104,8 +109,8 @@ fn drain(ep: &mut Endpoint, sock: &UdpSocket, up: &mut u32, down: &mut u32) {
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     anyhow::ensure!(
-        a.tunnels <= 65536,
-        "--tunnels: at most 65536 (one /32 of 198.19.0.0/16 each)"
+        u64::from(a.first) + u64::from(a.tunnels) <= 65536,
+        "--first + --tunnels: at most 65536 (one /32 of 198.19.0.0/16 each)"
     );
     let cfg = config(&a)?;
     let mut ep = Endpoint::new(cfg);

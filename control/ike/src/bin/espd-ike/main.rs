@@ -557,6 +557,7 @@ impl Daemon {
                     s.insert(format!("daemon.{k}"), *v);
                 }
                 s.insert("ike-sas".into(), self.ep.sa_count() as u64);
+                s.insert("half-open".into(), self.ep.half_open() as u64);
                 s.insert("child-sas-installed".into(), self.inst.child_count() as u64);
                 s.insert("policies-installed".into(), self.inst.policy_count() as u64);
                 s.insert("espd-connected".into(), self.link.is_up() as u64);
