@@ -135,9 +135,9 @@ def espd_ike_run(tmp, n, hold):
         net.close()
 
 
-def charon_run(tmp, n, hold):
-    net = Net(Path(tmp))
-    d = Path(tmp) / "charon"
+def start_charon(net, d, conf_text):
+    """charon 5.9.8 (kernel-libipsec) on gw1 in a private mount namespace,
+    `conf_text` loaded; its processes (to clean up) and its pid."""
     d.mkdir()
     (d / "strongswan.conf").write_text(f"""charon {{
   load = random nonce openssl aes sha1 sha2 hmac gcm kdf pem pkcs1 pkcs8 x509 pubkey revocation socket-default vici kernel-libipsec kernel-netlink
@@ -159,22 +159,26 @@ def charon_run(tmp, n, hold):
 }}
 swanctl {{ socket = unix://{d}/vici }}
 """)
-    (d / "swanctl.conf").write_text(RESPONDER)
+    (d / "swanctl.conf").write_text(conf_text)
+    p = net.popen("gw1", "taskset", "-c", "1", "unshare", "-m", "--propagation", "private", "sh", "-c",
+                  f"mount -t tmpfs none /run && STRONGSWAN_CONF={d}/strongswan.conf exec {CHARON}",
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        if (d / "vici").exists():
+            break
+        time.sleep(0.1)
+    subprocess.run(["ip", "netns", "exec", f"{net.p}-gw1", "env", f"STRONGSWAN_CONF={d}/strongswan.conf",
+                    "swanctl", "--load-all", "--file", str(d / "swanctl.conf")], check=True,
+                   capture_output=True)
+    time.sleep(0.5)
+    return [p], pid_in(net, "gw1", CHARON)
+
+
+def charon_run(tmp, n, hold):
+    net = Net(Path(tmp))
     procs = []
     try:
-        p = net.popen("gw1", "taskset", "-c", "1", "unshare", "-m", "--propagation", "private", "sh", "-c",
-                      f"mount -t tmpfs none /run && STRONGSWAN_CONF={d}/strongswan.conf exec {CHARON}",
-                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(p)
-        for _ in range(100):
-            if (d / "vici").exists():
-                break
-            time.sleep(0.1)
-        subprocess.run(["ip", "netns", "exec", f"{net.p}-gw1", "env", f"STRONGSWAN_CONF={d}/strongswan.conf",
-                        "swanctl", "--load-all", "--file", str(d / "swanctl.conf")], check=True,
-                       capture_output=True)
-        time.sleep(0.5)
-        pid = pid_in(net, "gw1", CHARON)
+        procs, pid = start_charon(net, Path(tmp) / "charon", RESPONDER)
         base = rss_kib(pid)
         r = generate(net, n, hold, lambda: {"rss_kib": rss_kib(pid), "base_kib": base})
         r["responder"] = "charon 5.9.8"

@@ -22,6 +22,7 @@ answered).
 """
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from espd_oracle import ROOT  # noqa: E402
 from test_gateway import IN_CI, PY, Net, need  # noqa: E402
-from ikeload import ESPD_IKE, LOAD, PSK, RESPONDER, cleanup, rss_kib  # noqa: E402
+from ikeload import ESPD_IKE, LOAD, PSK, RESPONDER, cleanup, rss_kib, start_charon  # noqa: E402
 
 ESPCTL = str(ROOT / "target" / "release" / "espctl")
 THRESHOLD = 1000  # espd-ike's COOKIE threshold (ike.rs COOKIE_THRESHOLD)
@@ -88,27 +89,52 @@ print(n, time.time() - t0)
 """
 
 
+def cpu_secs(pid):
+    """User + system CPU time of a process, in seconds."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def ike_stats(net, sock):
     return json.loads(net.ns("gw1", ESPCTL, "ike", "--ike-socket", sock, "stats").stdout)
 
 
-def run_flood(tmp, rate, secs, held=200, fresh=50):
+def charon_half_open(net, d):
+    r = net.ns("gw1", "env", f"STRONGSWAN_CONF={d}/strongswan.conf", "swanctl", "--stats", check=False)
+    # "IKE_SAs: 201 total, 0 half-open"
+    for line in r.stdout.splitlines():
+        if "half-open" in line:
+            return int(line.split(",")[1].split()[0])
+    return 0
+
+
+def run_flood(tmp, rate, secs, held=200, fresh=50, responder="espd-ike"):
     net = Net(Path(tmp))
     procs = []
     try:
-        net.start("gw1", config=False)
-        conf = Path(tmp) / "responder.conf"
-        conf.write_text(RESPONDER)
-        sock = str(Path(tmp) / "ike.sock")
-        log = open(Path(tmp) / "espd-ike.log", "w")
-        ike = net.popen("gw1", "taskset", "-c", "1", str(ESPD_IKE), "--config", str(conf), "--espd",
-                        net.sock("gw1"), "--socket", sock, stdout=log, stderr=subprocess.STDOUT)
-        procs.append(ike)
         net.ns("gw2", "ip", "addr", "add", "198.18.0.3/24", "dev", "o2")
         # The spoofed sources are routed (towards gw2, which has no route
         # for them): the responder's answers leave as they would on a WAN.
         net.ns("gw1", "ip", "route", "add", "198.19.128.0/17", "via", "198.18.0.2")
-        time.sleep(1)
+        if responder == "espd-ike":
+            net.start("gw1", config=False)
+            conf = Path(tmp) / "responder.conf"
+            conf.write_text(RESPONDER)
+            sock = str(Path(tmp) / "ike.sock")
+            log = open(Path(tmp) / "espd-ike.log", "w")
+            ike = net.popen("gw1", "taskset", "-c", "1", str(ESPD_IKE), "--config", str(conf), "--espd",
+                            net.sock("gw1"), "--socket", sock, stdout=log, stderr=subprocess.STDOUT)
+            procs.append(ike)
+            pid = ike.pid
+            stats = lambda: ike_stats(net, sock)  # noqa: E731
+            half = lambda: stats().get("half-open", 0)  # noqa: E731
+            time.sleep(1)
+        else:
+            d = Path(tmp) / "charon"
+            ps, pid = start_charon(net, d, RESPONDER)
+            procs += ps
+            stats = lambda: {}  # noqa: E731
+            half = lambda: charon_half_open(net, d)  # noqa: E731
 
         def gen(local, n, first, hold):
             return net.popen("gw2", "taskset", "-c", "0", str(LOAD), "--local", local, "--peer", "198.18.0.1",
@@ -120,8 +146,8 @@ def run_flood(tmp, rate, secs, held=200, fresh=50):
         line = a.stderr.readline()
         assert line.startswith("up "), line + a.stderr.read()
         time.sleep(0.5)
-        before = ike_stats(net, sock)
-        rss0 = rss_kib(ike.pid)
+        before = stats()
+        rss0, cpu0 = rss_kib(pid), cpu_secs(pid)
         mac = net.ns("gw1", "cat", "/sys/class/net/o1/address").stdout.strip()
         f = Path(tmp) / "flood.py"
         f.write_text(FLOOD)
@@ -134,10 +160,10 @@ def run_flood(tmp, rate, secs, held=200, fresh=50):
         procs.append(b)
         peak_half, peak_rss, states = 0, rss0, 0
         while flood.poll() is None:
-            st = ike_stats(net, sock)
-            peak_half = max(peak_half, st.get("half-open", 0))
-            peak_rss = max(peak_rss, rss_kib(ike.pid))
+            peak_half = max(peak_half, half())
+            peak_rss = max(peak_rss, rss_kib(pid))
             time.sleep(0.2)
+        cpu = cpu_secs(pid) - cpu0
         out_f, err_f = flood.communicate()
         assert flood.returncode == 0, err_f
         sent, took = out_f.split()
@@ -145,16 +171,17 @@ def run_flood(tmp, rate, secs, held=200, fresh=50):
         assert b.returncode == 0, out_b + err_b
         rb = json.loads(out_b.strip().splitlines()[-1])
         # While the 200 are held and the 50 are gone: espd holds the 200's SAs.
-        st_list = net.ns("gw1", ESPCTL, "-s", net.sock("gw1"), "state", "list").stdout
-        states = st_list.count("state add")
-        after = ike_stats(net, sock)
+        if responder == "espd-ike":
+            st_list = net.ns("gw1", ESPCTL, "-s", net.sock("gw1"), "state", "list").stdout
+            states = st_list.count("state add")
+        after = stats()
         out_a, err_a = a.communicate(timeout=120)
         assert a.returncode == 0, out_a + err_a
         ra = json.loads(out_a.strip().splitlines()[-1])
         return {
-            "flood_sent": int(sent), "flood_secs": float(took), "flood_pps": int(sent) / float(took),
+            "responder": responder, "flood_sent": int(sent), "flood_secs": float(took), "flood_pps": int(sent) / float(took),
             "cookies_sent": after.get("cookies-sent", 0) - before.get("cookies-sent", 0),
-            "half_open_peak": peak_half, "rss_before_kib": rss0, "rss_peak_kib": peak_rss,
+            "half_open_peak": peak_half, "cpu_secs": cpu, "rss_before_kib": rss0, "rss_peak_kib": peak_rss,
             "held": ra, "fresh": rb, "states_while_held": states, "stats_after": after,
         }
     finally:
@@ -190,10 +217,25 @@ def test_established_tunnels_survive_a_half_open_flood_and_cookies_engage(tmp_pa
 def main():
     rate = float(sys.argv[1]) if len(sys.argv) > 1 else 20000
     secs = float(sys.argv[2]) if len(sys.argv) > 2 else 5
-    with tempfile.TemporaryDirectory() as tmp:
-        r = run_flood(tmp, rate, secs)
-    r.pop("stats_after")
-    print(json.dumps(r, indent=1))
+    rows = []
+    for responder in ("espd-ike", "charon"):
+        with tempfile.TemporaryDirectory() as tmp:
+            r = run_flood(tmp, rate, secs, responder=responder)
+        r.pop("stats_after")
+        rows.append(r)
+        print(json.dumps(r), file=sys.stderr)
+    print(f"Half-open flood, {rate:.0f} forged IKE_SA_INIT/s for {secs:.0f} s from 4096 spoofed addresses; "
+          "200 tunnels held, 50 set up during the flood")
+    print("| responder | forged sent | COOKIEs sent | responder CPU s (µs a forged message) | half-open peak "
+          "| RSS growth MiB | 50 new: set-up s, retransmits | 200 held: deleted, retransmits |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        c = r["cookies_sent"] if r["responder"] == "espd-ike" else "–"
+        print(f"| {r['responder']} | {r['flood_sent']} | {c} "
+              f"| {r['cpu_secs']:.2f} ({r['cpu_secs'] / r['flood_sent'] * 1e6:.1f}) | {r['half_open_peak']} "
+              f"| {(r['rss_peak_kib'] - r['rss_before_kib']) / 1024:.1f} "
+              f"| {r['fresh']['setup_secs']:.2f}, {r['fresh']['retransmits']} "
+              f"| {r['held']['tunnels'] - r['held']['left']}/{r['held']['tunnels']}, {r['held']['retransmits']} |")
 
 
 if __name__ == "__main__":
