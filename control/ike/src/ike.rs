@@ -12,7 +12,7 @@ use crate::pool::Leases;
 use crate::proposal::{self, Chosen};
 use crate::ts;
 use crate::wire::{self, exchange, flags, notify, Header, Id, Payload, Proposal, Ts, HDR_LEN};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -451,6 +451,9 @@ pub struct ChildInfo {
 pub struct Endpoint {
     cfg: Arc<Config>,
     sas: SaTable,
+    /// Inbound SPIs our children hold (or are being negotiated with): a
+    /// new one is checked against this, not against every IKE SA's children.
+    spis_in: HashSet<u32>,
     /// Responder: (peer, SPIi) → our SPI, to answer a retransmitted IKE_SA_INIT.
     by_init: HashMap<(SocketAddr, u64), u64>,
     half_open: usize,
@@ -480,6 +483,14 @@ pub struct Endpoint {
     stats: BTreeMap<&'static str, u64>,
 }
 
+/// The key of [`SaTable`]'s peer index.
+fn peer_hash(conn: &str, id: &Id) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (conn, id).hash(&mut h);
+    h.finish()
+}
+
 /// The IKE SAs by our SPI, with each one's next deadline in order. Any
 /// insertion or mutable access marks the SA for its deadline to be worked
 /// out again ([`SaTable::refresh`]), so no change can leave a stale one.
@@ -489,6 +500,10 @@ struct SaTable {
     /// SPIs by connection name, as of each SA's last insertion (a
     /// connection's SAs without a walk over all of them).
     by_conn: HashMap<String, std::collections::HashSet<u64>>,
+    /// (hash of connection and the peer's identity, SPI), as of each SA's
+    /// last insertion: INITIAL_CONTACT finds a peer's other SAs at once
+    /// (about 30 octets an SA; the hash only narrows, callers compare).
+    by_peer: std::collections::BTreeSet<(u64, u64)>,
     at: HashMap<u64, Instant>,
     by_time: std::collections::BTreeSet<(Instant, u64)>,
     dirty: std::collections::HashSet<u64>,
@@ -498,10 +513,23 @@ impl SaTable {
     fn insert(&mut self, k: u64, v: IkeSa) -> Option<IkeSa> {
         self.dirty.insert(k);
         self.by_conn.entry(v.conn.clone()).or_default().insert(k);
+        if let Some(id) = &v.remote_id {
+            self.by_peer.insert((peer_hash(&v.conn, id), k));
+        }
         let old = self.map.insert(k, v);
         if let Some(o) = &old {
-            if o.conn != self.map[&k].conn {
+            let new = &self.map[&k];
+            let (conn_moved, peer_moved) = (
+                o.conn != new.conn,
+                o.conn != new.conn || o.remote_id != new.remote_id,
+            );
+            if conn_moved {
                 self.unconn(&o.conn.clone(), k);
+            }
+            if peer_moved {
+                if let Some(id) = &o.remote_id {
+                    self.by_peer.remove(&(peer_hash(&o.conn, id), k));
+                }
             }
         }
         old
@@ -513,8 +541,24 @@ impl SaTable {
         let v = self.map.remove(k);
         if let Some(v) = &v {
             self.unconn(&v.conn, *k);
+            if let Some(id) = &v.remote_id {
+                self.by_peer.remove(&(peer_hash(&v.conn, id), *k));
+            }
         }
         v
+    }
+
+    /// The SAs of connection `conn` whose peer is `id`.
+    fn of_peer<'a>(
+        &'a self,
+        conn: &'a str,
+        id: &'a Id,
+    ) -> impl Iterator<Item = (&'a u64, &'a IkeSa)> + 'a {
+        let h = peer_hash(conn, id);
+        self.by_peer
+            .range((h, 0)..=(h, u64::MAX))
+            .filter_map(|(_, k)| self.map.get_key_value(k))
+            .filter(move |(_, sa)| sa.conn == conn && sa.remote_id.as_ref() == Some(id))
     }
 
     fn unconn(&mut self, conn: &str, k: u64) {
@@ -782,6 +826,7 @@ impl Endpoint {
         Endpoint {
             cfg,
             sas: SaTable::default(),
+            spis_in: HashSet::new(),
             by_init: HashMap::new(),
             half_open: 0,
             half_open_by_peer: HashMap::new(),
@@ -1632,16 +1677,13 @@ impl Endpoint {
         }
     }
 
-    fn new_spi(&self) -> u32 {
+    fn new_spi(&mut self) -> u32 {
         loop {
             let s = crypto::random_u32();
-            // RFC 4303 §2.1: 1-255 reserved; and unique among ours.
-            if s >= 256
-                && !self
-                    .sas
-                    .values()
-                    .any(|sa| sa.children.iter().any(|c| c.spi_in == s))
-            {
+            // RFC 4303 §2.1: 1-255 reserved; and unique among ours (those of
+            // the IKE SA being worked on too, which is out of the table).
+            // A negotiation that fails keeps its SPI reserved: four octets.
+            if s >= 256 && self.spis_in.insert(s) {
                 return s;
             }
         }
@@ -2195,6 +2237,12 @@ impl Endpoint {
     /// `how`: how the peer authenticated (`PSK`, or its signature).
     fn established(&mut self, sa: &mut IkeSa, peer: &Id, how: &str, now: Instant) {
         sa.state = State::Established;
+        // RFC 7296 §2.15: the IKE_SA_INIT messages are signed in IKE_AUTH
+        // and never again (a rekey or a new IKE SA signs its own): they go,
+        // with the COOKIE, so an established IKE SA holds only what it uses.
+        sa.init_req = Vec::new();
+        sa.init_resp = Vec::new();
+        sa.cookie = None;
         sa.established = Some(now);
         (sa.rekey_at, sa.expire_at) = self.ike_rekey_at(sa, now);
         self.count("ike-established");
@@ -3224,6 +3272,7 @@ impl Endpoint {
     /// A CHILD_SA is gone: espd removes it, its reqid loses a user.
     fn remove_child(&mut self, c: ChildSa, why: impl Into<String>) {
         self.reqids.release(&reqid_key(&c));
+        self.spis_in.remove(&c.spi_in);
         self.out.push_back(Output::Remove {
             child: Box::new(c),
             why: why.into(),
@@ -3409,7 +3458,7 @@ impl Endpoint {
             // RFC 7296 §2.4: the peer has no other IKE SA with us: drop stale ones.
             let stale: Vec<u64> = self
                 .sas
-                .of_conn(&sa.conn)
+                .of_peer(&sa.conn, &idi)
                 .filter(|(_, o)| {
                     o.remote_id.as_ref() == Some(&idi) && o.state == State::Established
                 })

@@ -303,7 +303,7 @@ pub struct Proposal {
     pub unknown_attr: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Id {
     pub ty: u8,
     pub data: Vec<u8>,
