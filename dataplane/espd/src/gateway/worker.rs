@@ -65,44 +65,57 @@ impl Reinject {
     /// without DF; RFC 8200 §4.5 for IPv6, which espd fragments only as the
     /// source of the packet: `v6` says it is). `Err` changes nothing.
     fn finished(&mut self, ip: &[u8], mtu: usize, v6: bool) -> Result<usize, DropReason> {
-        let eth = [0u8; ETH];
         if ip.len() <= mtu {
-            let off = self.arena.len();
-            self.arena.extend_from_slice(&eth);
-            self.arena.extend_from_slice(ip);
-            self.list.push((FINISHED, off, ETH + ip.len()));
+            self.push(FINISHED, ip);
             return Ok(1);
         }
+        self.fragments(FINISHED, ip, mtu, v6)
+            .ok_or(DropReason::PacketTooBig)
+    }
+
+    /// One packet queued for `side`, behind an Ethernet header of which
+    /// the worker reads only the EtherType.
+    fn push(&mut self, side: usize, ip: &[u8]) {
+        let ty: u16 = if ip.first().is_some_and(|b| b >> 4 == 6) {
+            0x86dd
+        } else {
+            0x0800
+        };
+        let off = self.arena.len();
+        self.arena.extend_from_slice(&[0u8; 12]);
+        self.arena.extend_from_slice(&ty.to_be_bytes());
+        self.arena.extend_from_slice(ip);
+        self.list.push((side, off, ETH + ip.len()));
+    }
+
+    /// `ip` split into fragments of at most `mtu` octets (`wire::frag`),
+    /// each queued for `side`; how many, or `None` (nothing queued) if it
+    /// may not be fragmented (IPv4 DF; IPv6 unless `v6`).
+    fn fragments(&mut self, side: usize, ip: &[u8], mtu: usize, v6: bool) -> Option<usize> {
         if self.scratch.len() < mtu {
             self.scratch.resize(mtu.max(9216), 0);
         }
         let (before_list, before_arena) = (self.list.len(), self.arena.len());
-        let Reinject {
-            arena,
-            list,
-            scratch,
-            frag_id,
-        } = self;
-        let mut emit = |f: &[u8]| {
-            let off = arena.len();
-            arena.extend_from_slice(&eth);
-            arena.extend_from_slice(f);
-            list.push((FINISHED, off, ETH + f.len()));
-        };
+        let mut scratch = std::mem::take(&mut self.scratch);
         let r = match ip.first().map(|b| b >> 4) {
-            Some(4) => espd_core::wire::frag::ipv4(ip, mtu, scratch, &mut emit),
+            Some(4) => espd_core::wire::frag::ipv4(ip, mtu, &mut scratch, |f| self.push(side, f)),
             Some(6) if v6 => {
-                *frag_id = frag_id.wrapping_add(1);
-                espd_core::wire::frag::ipv6(ip, mtu, *frag_id, scratch, &mut emit)
+                self.frag_id = self.frag_id.wrapping_add(1);
+                let id = self.frag_id;
+                espd_core::wire::frag::ipv6(ip, mtu, id, &mut scratch, |f| self.push(side, f))
             }
-            _ => return Err(DropReason::PacketTooBig),
+            _ => {
+                self.scratch = scratch;
+                return None;
+            }
         };
+        self.scratch = scratch;
         match r {
-            Ok(_) => Ok(list.len() - before_list),
+            Ok(_) => Some(self.list.len() - before_list),
             Err(_) => {
-                list.truncate(before_list);
-                arena.truncate(before_arena);
-                Err(DropReason::PacketTooBig)
+                self.list.truncate(before_list);
+                self.arena.truncate(before_arena);
+                None
             }
         }
     }
@@ -444,12 +457,16 @@ impl Worker {
                         snap.io_drops[DropReason::TxRingFull as usize] += 1;
                     }
                 }
-                // Give the buffers back, emptied, capacity kept.
-                let (mut list, mut arena) = (list, arena);
-                list.clear();
-                arena.clear();
-                self.reinject.list = list;
-                self.reinject.arena = arena;
+                // Give the buffers back, emptied, capacity kept — unless
+                // these packets queued others (a hairpinned packet
+                // fragmented after ESP): those wait for the next turn.
+                if self.reinject.list.is_empty() {
+                    let (mut list, mut arena) = (list, arena);
+                    list.clear();
+                    arena.clear();
+                    self.reinject.list = list;
+                    self.reinject.arena = arena;
+                }
             }
             self.ports.flush();
             // Events at once (an acquire must reach the IKE daemon fast).
@@ -692,13 +709,7 @@ impl Ctx<'_> {
     /// A decapsulated packet for the outside, processed again as if it had
     /// arrived on the inside (queued, with an Ethernet header of its family).
     fn hairpin(&mut self, buf: &[u8], at: usize, n: usize) -> Out {
-        let ty: u16 = if buf[at] >> 4 == 6 { 0x86dd } else { 0x0800 };
-        let r = &mut *self.reinject;
-        let off = r.arena.len();
-        r.arena.extend_from_slice(&[0u8; 12]);
-        r.arena.extend_from_slice(&ty.to_be_bytes());
-        r.arena.extend_from_slice(&buf[at..at + n]);
-        r.list.push((HAIRPIN, off, ETH + n));
+        self.reinject.push(HAIRPIN, &buf[at..at + n]);
         *self.hairpinned += 1;
         Out::Drop
     }
@@ -840,41 +851,13 @@ impl Ctx<'_> {
     /// like received frames. False, changing nothing, if it may not be
     /// fragmented (DF) — the engine answers with ICMP then.
     fn prefragment(&mut self, ip: &[u8], limit: usize) -> bool {
-        let r = &mut *self.reinject;
-        if r.scratch.len() < limit {
-            r.scratch.resize(limit.max(9216), 0);
-        }
-        let (before_list, before_arena) = (r.list.len(), r.arena.len());
-        let side = self.side;
-        let Reinject {
-            arena,
-            list,
-            scratch,
-            ..
-        } = r;
-        // The Ethernet header of this frame: the worker reads the EtherType only.
-        let eth: [u8; ETH] = {
-            let mut e = [0u8; ETH];
-            e[12..].copy_from_slice(&0x0800u16.to_be_bytes());
-            e
-        };
-        let res = espd_core::wire::frag::ipv4(ip, limit, scratch, |f| {
-            let off = arena.len();
-            arena.extend_from_slice(&eth);
-            arena.extend_from_slice(f);
-            list.push((side, off, ETH + f.len()));
-        });
-        match res {
-            Ok(_) => {
+        match self.reinject.fragments(self.side, ip, limit, false) {
+            Some(k) => {
                 *self.prefrag.0 += 1;
-                *self.prefrag.1 += (list.len() - before_list) as u64;
+                *self.prefrag.1 += k as u64;
                 true
             }
-            Err(_) => {
-                list.truncate(before_list);
-                arena.truncate(before_arena);
-                false
-            }
+            None => false,
         }
     }
 
