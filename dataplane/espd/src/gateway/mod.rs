@@ -90,7 +90,9 @@ pub struct Args {
     /// Workers never sleep: they poll their rings all the time, one core
     /// each at 100 %, and a packet after a quiet spell does not wait for a
     /// sleeping worker to wake (tens of microseconds per worker on a VM;
-    /// docs/performance.md "Host to host"). Default: a worker sleeps in
+    /// docs/performance.md "Host to host"). An idle worker yields its core
+    /// to any other runnable thread (sched_yield), so the applications and
+    /// softirq threads sharing it run at once. Default: a worker sleeps in
     /// poll(2) after about 256 empty turns.
     #[arg(long)]
     pub busy_poll: bool,

@@ -482,7 +482,14 @@ impl Worker {
                 idle = 0;
             } else {
                 idle = idle.saturating_add(1);
-                if idle > SPIN && !self.busy_poll {
+                if idle > SPIN && self.busy_poll {
+                    // Spinning, but not in the way of the threads that share
+                    // this core (a host's applications, softirq threads): with
+                    // EEVDF a woken thread could otherwise wait for the rest
+                    // of the worker's slice. Measured: ping through two hosts
+                    // +31 µs over the plain path instead of +46..+141 µs.
+                    std::thread::yield_now();
+                } else if idle > SPIN {
                     // Parked: the control side need not wait for this worker
                     // (it takes the newest tables before its next packet).
                     self.sync.parked.store(true, Ordering::SeqCst);
