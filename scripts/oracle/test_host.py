@@ -733,3 +733,123 @@ def test_espd_ike_road_warrior_client_on_a_host_gets_addresses_from_charon(tmp_p
         if charon:
             charon.stop()
         net.close()
+
+
+def tunnel_sas(conf):
+    """(src, dst, spi, key) of the AES-GCM states a topo.sh configuration holds."""
+    out = []
+    for line in conf.read_text().splitlines():
+        w = line.split()
+        if w[:2] == ["state", "add"] and "aead" in w:
+            out.append((w[w.index("src") + 1], w[w.index("dst") + 1], int(w[w.index("spi") + 1], 16),
+                        w[w.index("aead") + 2]))
+    return out
+
+
+def test_a_gateway_protects_its_own_traffic_beside_the_sites_both_paths_at_once(tmp_path):
+    """`espd run --inside iN --outside oN --host` on both gateways: the sites'
+    tunnel (A ⇄ B, forwarded) and the gateways' own traffic at once — to each
+    other in transport mode (their management or BGP session) and from gw1
+    to host B through the tunnel (the pair route's source is gw1's inside
+    address, in the tunnel's selector). Only ESP on the wire, tshark verifying
+    every packet of every SA; forwarded packets count a hop, the gateways'
+    own none; after SIGKILL neither kind leaves in plaintext."""
+    need("iperf3", "ping")
+    net = Net(tmp_path)
+    try:
+        sas = tunnel_sas(tmp_path / "gw1.conf")
+        own = [("198.18.0.1", "198.18.0.2", 0x3001, key()), ("198.18.0.2", "198.18.0.1", 0x4001, key()),
+               ("2001:db8::1", "2001:db8::2", 0x3006, key()), ("2001:db8::2", "2001:db8::1", 0x4006, key())]
+        for gw, me in (("gw1", ADDR["gw1"]), ("gw2", ADDR["gw2"])):
+            lines = [f"state add src {s} dst {d} proto esp spi {spi:#x} reqid {spi & 0xff} "
+                     f"mode transport {GCM} {k} 128" for s, d, spi, k in own]
+            for s, d, spi, _ in own:
+                way = "out" if s in me else "in"
+                lines.append(f"policy add src {s} dst {d} dir {way} tmpl proto esp "
+                             f"reqid {spi & 0xff} mode transport")
+            # The remote site may reach the gateway itself through the tunnel:
+            # an `in` policy beside the `fwd` one, as strongSwan installs
+            # (what is decapsulated for this host meets the `in` policies).
+            lines += {
+                "gw1": ["policy add src 198.18.2.0/24 dst 198.18.1.0/24 dir in tmpl src 198.18.0.2 "
+                        "dst 198.18.0.1 proto esp reqid 2 mode tunnel",
+                        "policy add src 2001:db8:2::/64 dst 2001:db8:1::/64 dir in tmpl src 2001:db8::2 "
+                        "dst 2001:db8::1 proto esp reqid 4 mode tunnel"],
+                "gw2": ["policy add src 198.18.1.0/24 dst 198.18.2.0/24 dir in tmpl src 198.18.0.1 "
+                        "dst 198.18.0.2 proto esp reqid 1 mode tunnel",
+                        "policy add src 2001:db8:1::/64 dst 2001:db8:2::/64 dir in tmpl src 2001:db8::1 "
+                        "dst 2001:db8::2 proto esp reqid 3 mode tunnel"],
+            }[gw]
+            conf = tmp_path / f"{gw}.conf"
+            conf.write_text(conf.read_text() + "\n".join(lines) + "\n")
+        for gw in ("gw1", "gw2"):
+            net.start(gw, args=("--host",))
+        # The host routes go in once the workers run (just after the banner).
+        for _ in range(50):
+            t4 = net.ns("gw1", "ip", "route", "show", "table", "4303").stdout
+            if "198.18.2.0/24 dev espd0" in t4 and "198.18.0.2 dev espd0" in t4:
+                break
+            time.sleep(0.1)
+        # The site's prefix is reached from gw1's inside address (in the
+        # tunnel's selector), the peer from its outside one (the transport SA's).
+        t6 = net.ns("gw1", "ip", "-6", "route", "show", "table", "4303").stdout
+
+        def route(table, prefix):
+            return next((x for x in table.splitlines() if x.startswith(f"{prefix} dev espd0")), "")
+        assert "src 198.18.1.1 " in route(t4, "198.18.2.0/24"), t4
+        assert "src 198.18.0.1 " in route(t4, "198.18.0.2"), t4
+        assert "src 2001:db8:1::1 " in route(t6, "2001:db8:2::/64"), t6
+        assert "src 2001:db8::1 " in route(t6, "2001:db8::2"), t6
+        pcap = tmp_path / "wire.pcap"
+        dump = capture(net, pcap)
+        try:
+            # (from, to, the TTL the reply arrives with): forwarded traffic
+            # counts the gateways as hops, the gateways' own does not.
+            for src, dst, ttl in (("a", "198.18.2.20", 62), ("b", "198.18.1.10", 62),
+                                  ("a", "2001:db8:2::20", 62), ("b", "2001:db8:1::10", 62),
+                                  ("gw1", "198.18.0.2", 64), ("gw2", "198.18.0.1", 64),
+                                  ("gw1", "2001:db8::2", 64), ("gw2", "2001:db8::1", 64),
+                                  ("gw1", "198.18.2.20", 63), ("gw1", "2001:db8:2::20", 63),
+                                  ("b", "198.18.1.1", 63)):
+                r = ping(net, src, dst)
+                assert " 0% packet loss" in r.stdout, (src, dst, r.stdout)
+                # (iputils prints the IPv6 hop limit as ttl= too.)
+                assert f"ttl={ttl} " in r.stdout, (src, dst, r.stdout)
+            # Paced: tshark reads every packet of the capture.
+            assert "receiver" in iperf(net, "a", "b", "198.18.2.20", "-b", "20M")
+            assert "receiver" in iperf(net, "gw1", "gw2", "198.18.0.2", "-b", "20M")
+            assert "receiver" in iperf(net, "gw2", "gw1", "2001:db8::1", "-b", "20M")
+        finally:
+            stop(dump)
+        assert plaintext(pcap) == "", "plaintext on the wire:\n" + plaintext(pcap)[:2000]
+        rows = tshark_rows(pcap, sas + own)
+        esp = int(sh("bash", "-c", f"tcpdump -nr {pcap} esp 2>/dev/null | wc -l").stdout)
+        assert len(rows) == esp > 500, (len(rows), esp)
+        bad = [x for x in rows if x[1] != "1" or x[2] == "1"]
+        assert not bad, f"{len(bad)} of {len(rows)} ESP packets not verified: {bad[:5]}"
+        assert {x[0] for x in rows} == {f"0x{s[2]:08x}" for s in sas + own}
+        # The pair is a third side of gw1's worker: its own traffic came and
+        # went there, the sites' through the inside.
+        stats, err = net.stop("gw1")
+        w = stats["workers"][0]
+        assert w["rx_host"] > 100 and w["tx_host"] > 100, w
+        assert w["rx_inside"] > 100 and w["tx_inside"] > 100, w
+        assert "host pair espd0-x" in "".join(net.banner), net.banner
+
+        # Killed: neither the sites' traffic nor gw1's own leaves in plaintext.
+        net.start("gw1", args=("--host",))
+        time.sleep(0.5)
+        pcap = tmp_path / "killed.pcap"
+        dump = capture(net, pcap)
+        try:
+            net.procs.pop("gw1").kill()
+            time.sleep(0.3)
+            for src, dst in (("a", "198.18.2.20"), ("gw1", "198.18.0.2"), ("gw1", "198.18.2.20"),
+                             ("a", "2001:db8:2::20"), ("gw1", "2001:db8::2")):
+                r = ping(net, src, dst, n=3)
+                assert " 100% packet loss" in r.stdout, (src, dst, r.stdout)
+        finally:
+            stop(dump)
+        assert plaintext(pcap) == "", "plaintext on the wire after SIGKILL:\n" + plaintext(pcap)[:2000]
+    finally:
+        net.close()

@@ -9,8 +9,8 @@ use aya::programs::{Xdp, XdpMode};
 use aya::Ebpf;
 use espd_common::{
     Counter, MAP_COUNTERS, MAP_ENCAP_PORTS, MAP_IN_SEL_V4, MAP_IN_SEL_V6, MAP_LOCAL_V4,
-    MAP_LOCAL_V6, MAP_SEL_V4, MAP_SEL_V6, MAP_SPIS, MAP_XSKS, MAP_XSKS_INSIDE, PROG_INSIDE,
-    PROG_OUTSIDE,
+    MAP_LOCAL_V6, MAP_SEL_V4, MAP_SEL_V6, MAP_SPIS, MAP_XSKS, MAP_XSKS_HOST, MAP_XSKS_INSIDE,
+    PROG_HOST, PROG_INSIDE, PROG_OUTSIDE,
 };
 use std::net::IpAddr;
 
@@ -44,6 +44,9 @@ pub enum Side {
     Outside,
     /// Where the protected networks are.
     Inside,
+    /// espd's end of the host pair of a gateway that protects its own
+    /// traffic too (the inside's rules, its own sockets).
+    Host,
 }
 
 impl Side {
@@ -51,19 +54,21 @@ impl Side {
         match self {
             Side::Outside => PROG_OUTSIDE,
             Side::Inside => PROG_INSIDE,
+            Side::Host => PROG_HOST,
         }
     }
     fn xsks(self) -> &'static str {
         match self {
             Side::Outside => MAP_XSKS,
             Side::Inside => MAP_XSKS_INSIDE,
+            Side::Host => MAP_XSKS_HOST,
         }
     }
     /// The destination-prefix tries (IPv4, IPv6) of this side's program:
     /// outbound policies' inside, `in`/`fwd` policies' outside.
     fn tries(self) -> (&'static str, &'static str) {
         match self {
-            Side::Inside => (MAP_SEL_V4, MAP_SEL_V6),
+            Side::Inside | Side::Host => (MAP_SEL_V4, MAP_SEL_V6),
             Side::Outside => (MAP_IN_SEL_V4, MAP_IN_SEL_V6),
         }
     }
@@ -95,10 +100,10 @@ pub struct Steering {
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/espd-xdp"));
 
 impl Steering {
-    /// Loads the object (both programs, not attached yet).
+    /// Loads the object (its XDP programs, not attached yet).
     pub fn load() -> Result<Self, SteerError> {
         let mut ebpf = Ebpf::load(OBJECT)?;
-        for p in [PROG_OUTSIDE, PROG_INSIDE] {
+        for p in [PROG_OUTSIDE, PROG_INSIDE, PROG_HOST] {
             let prog: &mut Xdp = ebpf
                 .program_mut(p)
                 .ok_or(SteerError::Missing(p))?

@@ -189,7 +189,8 @@ pub enum BindMode {
 /// What a worker does with a received frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Out {
-    /// Transmit the first `len` octets of the frame on side `0` (inside) or `1` (outside).
+    /// Transmit the first `len` octets of the frame on side `s`
+    /// ([`INSIDE`], [`OUTSIDE`] or [`HOST`]).
     Tx { side: usize, len: usize },
     /// Give the frame back.
     Drop,
@@ -210,31 +211,43 @@ struct Held {
     since: std::time::Instant,
 }
 
-/// Ring and frame counters of one worker's ports.
+/// The sides of a worker, by index: the inside interface (a gateway's
+/// protected networks, or a host's pair in host mode alone), the outside
+/// interface, and the host pair of a gateway that protects its own traffic
+/// too (`espd run --inside IF --host`).
+pub const INSIDE: usize = 0;
+pub const OUTSIDE: usize = 1;
+pub const HOST: usize = 2;
+/// How many sides a worker may have.
+pub const SIDES: usize = 3;
+
+/// Ring and frame counters of one worker's ports, by side.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PortStats {
-    pub rx: [u64; 2],
-    pub tx: [u64; 2],
+    pub rx: [u64; SIDES],
+    pub tx: [u64; SIDES],
     /// Times the TX ring was full at a flush (frames wait, none is dropped).
-    pub tx_full: [u64; 2],
+    pub tx_full: [u64; SIDES],
     /// Frames in each fill ring now, and idle in the free list.
-    pub in_fill: [usize; 2],
+    pub in_fill: [usize; SIDES],
     pub free: usize,
     /// The kernel's own counts for each socket (XDP_STATISTICS): frames it
     /// dropped before they reached us (`rx_dropped`: no room, e.g. the
     /// fill ring empty or the RX ring full), and the two causes it reports.
-    pub kernel_rx_dropped: [u64; 2],
-    pub kernel_rx_ring_full: [u64; 2],
-    pub kernel_fill_empty: [u64; 2],
-    pub kernel_tx_invalid: [u64; 2],
+    pub kernel_rx_dropped: [u64; SIDES],
+    pub kernel_rx_ring_full: [u64; SIDES],
+    pub kernel_fill_empty: [u64; SIDES],
+    pub kernel_tx_invalid: [u64; SIDES],
     /// Frames the AF_PACKET fallback could not send (a side without an
     /// AF_XDP socket).
-    pub tx_dropped: [u64; 2],
+    pub tx_dropped: [u64; SIDES],
 }
 
 /// A worker's AF_XDP ports: one UMEM shared by a socket on (inside, queue)
-/// and one on (outside, queue) (`XDP_SHARED_UMEM`), so a frame received on
-/// one interface is transmitted on the other without a copy between UMEMs.
+/// and one on (outside, queue) — and one on (host pair, queue) for a
+/// gateway that protects its own traffic too — (`XDP_SHARED_UMEM`), so a
+/// frame received on one interface is transmitted on another without a
+/// copy between UMEMs.
 ///
 /// With uneven queue counts (a 1-queue inside, a 2-queue outside) a worker
 /// serves queue q of only the interfaces that have it; for the other side
@@ -243,8 +256,8 @@ pub struct PortStats {
 /// transmit path, no RX ([`PacketTx`]).
 pub struct WorkerPorts {
     // Field order is drop order: sockets (inside `sides`) before the UMEM.
-    sides: [Option<Side>; 2],
-    fallback: [Option<PacketTx>; 2],
+    sides: [Option<Side>; SIDES],
+    fallback: [Option<PacketTx>; SIDES],
     free: Vec<Frame>,
     held: std::collections::VecDeque<Held>,
     scratch: Vec<FrameDesc>,
@@ -324,22 +337,23 @@ impl PacketTx {
 }
 
 impl WorkerPorts {
-    /// Binds sockets on `queue` of `inside` and `outside` — of each side
-    /// whose `serve` is true; a side not served gets an AF_PACKET socket to
-    /// send on. `mode`: copy forced, zero-copy required, or the kernel's choice.
+    /// Binds sockets on `queue` of the interfaces of `ifaces` (by side:
+    /// inside, outside and, for a gateway with a host path, the host pair)
+    /// — of each side whose `serve` is true; a side not served gets an
+    /// AF_PACKET socket to send on. `mode`: copy forced, zero-copy
+    /// required, or the kernel's choice.
     pub fn bind(
-        inside: &str,
-        outside: &str,
+        ifaces: &[&str],
         queue: u32,
         frames: u32,
         mode: BindMode,
-        serve: [bool; 2],
+        serve: &[bool],
     ) -> Result<Self, XskError> {
         let (umem, descs) = new_umem(frames)?;
-        let mut sides: [Option<Side>; 2] = [None, None];
-        let mut fallback: [Option<PacketTx>; 2] = [None, None];
-        for (s, iface) in [inside, outside].into_iter().enumerate() {
-            if !serve[s] {
+        let mut sides: [Option<Side>; SIDES] = Default::default();
+        let mut fallback: [Option<PacketTx>; SIDES] = Default::default();
+        for (s, iface) in ifaces.iter().copied().enumerate().take(SIDES) {
+            if !serve.get(s).copied().unwrap_or(false) {
                 fallback[s] = Some(PacketTx::open(iface)?);
                 continue;
             }
@@ -364,7 +378,8 @@ impl WorkerPorts {
             held: std::collections::VecDeque::with_capacity(MAX_HELD),
             scratch: vec![FrameDesc::default(); 256],
             umem,
-            fill_target: FILL_TARGET.min(total / 4),
+            // Every side's fill ring, and as many frames again in flight.
+            fill_target: FILL_TARGET.min(total / (2 * ifaces.len().clamp(2, SIDES))),
             total,
             stats: PortStats::default(),
             queue,
@@ -373,15 +388,15 @@ impl WorkerPorts {
         Ok(p)
     }
 
-    /// The AF_XDP socket of side `s` (0 inside, 1 outside), for the XSKMAP;
-    /// `None` for a side this worker does not serve.
+    /// The AF_XDP socket of side `s`, for the XSKMAP; `None` for a side
+    /// this worker does not serve.
     pub fn fd(&self, s: usize) -> Option<std::os::fd::RawFd> {
-        self.sides[s].as_ref().map(|x| x.rx.fd().as_raw_fd())
+        self.sides.get(s)?.as_ref().map(|x| x.rx.fd().as_raw_fd())
     }
 
     /// Reclaims completed TX frames into the free list.
     fn reclaim(&mut self) {
-        for s in 0..2 {
+        for s in 0..SIDES {
             while let Some(side) = self.sides[s].as_mut() {
                 if side.in_tx == 0 {
                     break;
@@ -399,7 +414,7 @@ impl WorkerPorts {
         }
     }
 
-    /// Tops up both fill rings to the target from the free list.
+    /// Tops up every fill ring to the target from the free list.
     fn refill(&mut self) {
         for side in self.sides.iter_mut().flatten() {
             let want = self.fill_target.saturating_sub(side.in_fill);
@@ -431,7 +446,7 @@ impl WorkerPorts {
         mut f: impl FnMut(&mut [u8], usize) -> Out,
     ) -> usize {
         let max = max.min(self.scratch.len());
-        let Some(side) = self.sides[s].as_mut() else {
+        let Some(side) = self.sides.get_mut(s).and_then(Option::as_mut) else {
             return 0;
         };
         // SAFETY: the RX ring hands over frames the kernel has finished
@@ -457,7 +472,7 @@ impl WorkerPorts {
     /// Puts a processed frame where `out` says.
     fn place(&mut self, mut frame: Frame, out: Out, cap: usize) {
         match out {
-            Out::Tx { side, len } if side < 2 && len > 0 && len <= cap => {
+            Out::Tx { side, len } if side < SIDES && len > 0 && len <= cap => {
                 // SAFETY: the frame is ours (in no ring); only its length is set.
                 let mut data = unsafe { self.umem.data_mut(&mut frame.0) };
                 data.cursor().set_pos(len);
@@ -510,7 +525,7 @@ impl WorkerPorts {
     /// Refreshes the kernel's socket statistics in `stats` (a getsockopt
     /// per socket: call it a few times a second, not per burst).
     pub fn kernel_stats(&mut self) {
-        for s in 0..2 {
+        for s in 0..SIDES {
             let Some(side) = self.sides[s].as_ref() else {
                 continue;
             };
@@ -561,11 +576,11 @@ impl WorkerPorts {
         }
     }
 
-    /// Submits the pending frames of both sides to their TX rings and kicks
+    /// Submits the pending frames of every side to their TX rings and kicks
     /// the kernel; frames the rings cannot take are dropped (counted).
     /// Reclaims completions and refills the fill rings.
     pub fn flush(&mut self) {
-        for s in 0..2 {
+        for s in 0..SIDES {
             let Some(side) = self.sides[s].as_mut() else {
                 continue;
             };
@@ -600,7 +615,7 @@ impl WorkerPorts {
         }
         self.reclaim();
         self.refill();
-        for s in 0..2 {
+        for s in 0..SIDES {
             self.stats.in_fill[s] = self.sides[s].as_ref().map_or(0, |x| x.in_fill);
         }
         self.stats.free = self.free.len();
@@ -618,7 +633,7 @@ impl WorkerPorts {
         );
     }
 
-    /// Waits up to `timeout_ms` for frames on either side (the idle path;
+    /// Waits up to `timeout_ms` for frames on any side (the idle path;
     /// busy workers never call it). Also lets the kernel fill rings that
     /// asked for a wakeup.
     pub fn wait(&mut self, timeout_ms: i32) -> Result<(), XskError> {
@@ -626,9 +641,9 @@ impl WorkerPorts {
             fd: -1,
             events: libc::POLLIN,
             revents: 0,
-        }; 2];
+        }; SIDES];
         let mut n = 0;
-        for s in 0..2 {
+        for s in 0..SIDES {
             if let Some(fd) = self.fd(s) {
                 fds[n].fd = fd;
                 n += 1;

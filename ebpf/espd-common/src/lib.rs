@@ -32,6 +32,12 @@ pub const PROG_HOST_MARK: &str = "espd_host_mark";
 pub const HOST_MARK: u32 = 0x0010_0000;
 /// XSKMAP of the inside interface: RX queue index → AF_XDP socket.
 pub const MAP_XSKS_INSIDE: &str = "XSKS_IN";
+/// The program on espd's end of the host pair of a gateway that protects
+/// its own traffic too (`espd run --inside IF --host`): the inside
+/// program's rules with its own sockets.
+pub const PROG_HOST: &str = "espd_host";
+/// XSKMAP of that host pair: RX queue index → AF_XDP socket.
+pub const MAP_XSKS_HOST: &str = "XSKS_HOST";
 /// LPM tries (key: prefix length, address in network order) → [`SEL_STEER`]
 /// or [`SEL_DROP`]: the destination prefixes of outbound PROTECT / DISCARD
 /// policies, mirrored by the control side.

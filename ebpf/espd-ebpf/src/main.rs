@@ -50,6 +50,8 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT
 #[map]
 static XSKS_IN: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
 #[map]
+static XSKS_HOST: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
+#[map]
 static SEL_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_SELECTORS, 0);
 #[map]
 static SEL_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_SELECTORS, 0);
@@ -87,7 +89,18 @@ pub fn espd_outside(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn espd_inside(ctx: XdpContext) -> u32 {
     let (counter, action) =
-        classify_inside(&ctx).unwrap_or((Counter::Malformed, xdp_action::XDP_PASS));
+        classify_inside(&ctx, &XSKS_IN).unwrap_or((Counter::Malformed, xdp_action::XDP_PASS));
+    count(counter);
+    action
+}
+
+/// espd's end of the host pair when a gateway protects its own traffic too:
+/// what the host routes into the pair, steered like the inside's traffic
+/// to the workers' host-pair sockets.
+#[xdp]
+pub fn espd_host(ctx: XdpContext) -> u32 {
+    let (counter, action) =
+        classify_inside(&ctx, &XSKS_HOST).unwrap_or((Counter::Malformed, xdp_action::XDP_PASS));
     count(counter);
     action
 }
@@ -112,7 +125,7 @@ fn count(counter: Counter) {
 /// The inside interface: steer what PROTECT policies select, drop what a
 /// DISCARD policy alone selects, pass the rest.
 #[inline(always)]
-fn classify_inside(ctx: &XdpContext) -> Result<(Counter, u32), ()> {
+fn classify_inside(ctx: &XdpContext, xsks: &XskMap) -> Result<(Counter, u32), ()> {
     let pass = xdp_action::XDP_PASS;
     let (ty, l3) = match ethertype(ctx) {
         Ok(x) => x,
@@ -147,7 +160,7 @@ fn classify_inside(ctx: &XdpContext) -> Result<(Counter, u32), ()> {
         Some(SEL_DROP) => Ok((Counter::InsideDiscard, xdp_action::XDP_DROP)),
         Some(SEL_STEER) => Ok(redirect(
             ctx,
-            &XSKS_IN,
+            xsks,
             Counter::InsideSteered,
             Counter::InsideNoSocket,
         )),

@@ -32,7 +32,6 @@ use anyhow::{bail, Context, Result};
 use espd_core::state::{Action, Direction, Policy, Prefix};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::net::IpAddr;
 use std::process::{Command, Stdio};
 
 /// The routing table of protected destinations (RFC 4303's number).
@@ -211,9 +210,9 @@ pub struct Routes {
     dev: String,
     /// The pair routes' MTU (the outside's less [`OVERHEAD`]).
     mtu: usize,
-    /// Prefix → (policies, the source of the first whose source is one
-    /// address: the preferred source of the pair route).
-    by_prefix: BTreeMap<Prefix, (usize, Option<IpAddr>)>,
+    /// Prefix → (policies, the source selector of the first that has one:
+    /// where the pair route's preferred source is picked from).
+    by_prefix: BTreeMap<Prefix, (usize, Option<Prefix>)>,
     /// Prefixes whose pair route is in the table.
     live: BTreeSet<Prefix>,
 }
@@ -249,12 +248,11 @@ impl Routes {
                 continue;
             }
             let k = p.sel.dst;
-            let one = p.sel.src.len == if p.sel.src.is_ipv4() { 32 } else { 128 };
             if added {
                 let (n, src) = self.by_prefix.entry(k).or_insert((0, None));
                 *n += 1;
-                if src.is_none() && one {
-                    *src = Some(p.sel.src.addr);
+                if src.is_none() && p.sel.src.len > 0 {
+                    *src = Some(p.sel.src);
                 }
                 if *n == 1 {
                     // Removed earlier in this change: it simply stays.
@@ -302,13 +300,18 @@ impl Routes {
         for p in &s.added {
             // The source the host's sockets take (a route through a device
             // without addresses would get any of the host's): the policy's
-            // own address, else the one the host uses to reach the prefix
+            // own address, else an address of this host in the policy's
+            // source prefix (a gateway's inside address, so that its own
+            // traffic to the remote site is the tunnel's, as strongSwan's
+            // routes do), else the one the host uses to reach the prefix
             // without espd (`ip route get DST mark HOST_MARK`).
-            let hint = self
-                .by_prefix
-                .get(p)
-                .and_then(|e| e.1)
-                .filter(|a| local.contains(a));
+            let hint = self.by_prefix.get(p).and_then(|e| e.1).and_then(|sel| {
+                local
+                    .iter()
+                    .copied()
+                    .filter(|a| !a.is_loopback() && sel.contains(*a))
+                    .min_by_key(|a| *a != sel.addr)
+            });
             let src =
                 hint.or_else(
                     || match nl.as_mut()?.route_get(p.addr, espd_io::steer::HOST_MARK) {

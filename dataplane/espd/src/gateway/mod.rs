@@ -52,13 +52,14 @@ pub struct Args {
     #[arg(long, default_value = espd_proto::DEFAULT_SOCKET)]
     pub control: PathBuf,
     /// The interface towards the protected networks (a gateway).
-    #[arg(long, required_unless_present = "host", conflicts_with = "host")]
+    #[arg(long, required_unless_present = "host")]
     pub inside: Option<String>,
-    /// Host mode: protect this host's own traffic (no inside interface).
-    /// espd creates a veth pair (`--host-dev`, and NAME-x for itself),
-    /// routes the outbound PROTECT policies' destinations into it (table
-    /// 4303) and delivers what it decapsulates for this host through it
-    /// (docs/operations.md, "Host mode").
+    /// Host mode: protect this host's own traffic. espd creates a veth pair
+    /// (`--host-dev`, and NAME-x for itself), routes the outbound PROTECT
+    /// policies' destinations into it (table 4303) and delivers what it
+    /// decapsulates for this host through it (docs/operations.md, "Host
+    /// mode"). With `--inside` too, a gateway that also protects its own
+    /// traffic (management, its IKE or BGP to the peer): both paths at once.
     #[arg(long)]
     pub host: bool,
     /// The kernel's end of the host pair (host mode).
@@ -361,15 +362,28 @@ pub fn run(a: &Args) -> Result<()> {
     }
     let (out_idx, out_mac) = espd_io::netlink::link_info(&a.outside)
         .with_context(|| format!("outside interface {}", a.outside))?;
-    // Host mode: the pair stands where a gateway's inside interface is
-    // (nothing is routed into it before the workers run; see host.rs).
-    let inside = match &a.inside {
-        Some(i) => i.clone(),
-        None => {
-            host::create_pair(&a.host_dev, espd_io::xsk::rx_queues(&a.outside))?;
-            host::espd_end(&a.host_dev)
-        }
+    // Host mode: the pair stands where a gateway's inside interface is, or
+    // beside it as a third side (nothing is routed into it before the
+    // workers run; see host.rs).
+    let pair = if a.host {
+        host::create_pair(&a.host_dev, espd_io::xsk::rx_queues(&a.outside))?;
+        Some(host::espd_end(&a.host_dev))
+    } else {
+        None
     };
+    let inside = match (&a.inside, &pair) {
+        (Some(i), _) => i.clone(),
+        (None, Some(p)) => p.clone(),
+        (None, None) => bail!("--inside IF or --host is needed"),
+    };
+    // The pair's side: the inside in host mode alone, a third side beside
+    // an inside interface (`xsk::HOST`).
+    let both = a.host && a.inside.is_some();
+    let host_side = a.host.then_some(if both {
+        espd_io::xsk::HOST
+    } else {
+        espd_io::xsk::INSIDE
+    });
     let host_mac = if a.host {
         Some(espd_io::netlink::link_info(&a.host_dev)?.1)
     } else {
@@ -380,10 +394,14 @@ pub fn run(a: &Args) -> Result<()> {
     if in_idx == out_idx {
         bail!("--inside and --outside must be different interfaces");
     }
+    let pair_mac = match (&pair, both) {
+        (Some(p), true) => espd_io::netlink::link_info(p)?.1,
+        _ => in_mac,
+    };
     let local = espd_io::netlink::local_addrs(None).context("reading this host's addresses")?;
     // The sources of espd's ICMP errors towards the inside: the host's own
-    // addresses in host mode.
-    let inside_addrs = if a.host {
+    // addresses in host mode alone.
+    let inside_addrs = if a.inside.is_none() {
         local.iter().copied().filter(|x| !x.is_loopback()).collect()
     } else {
         espd_io::netlink::local_addrs(Some(&inside))?
@@ -416,7 +434,7 @@ pub fn run(a: &Args) -> Result<()> {
         mtu: read_mtu(&a.outside),
         bench_no_crypto: a.bench_no_crypto,
         workers: queues,
-        host: a.host,
+        host: !both && a.host,
         start: std::time::Instant::now(),
     };
     // The shared tables: the policies first (they say which addresses are
@@ -506,9 +524,16 @@ pub fn run(a: &Args) -> Result<()> {
     let shared = Arc::new(arc_swap::ArcSwap::from_pointee(tables.clone()));
     let engines = params.build(&shared.load_full());
     let mut wports = Vec::new();
+    // By side: inside, outside, and the host pair beside an inside interface.
+    let mut ifaces = vec![inside.as_str(), a.outside.as_str()];
+    let mut serve_n = nq.to_vec();
+    if let (true, Some(p)) = (both, &pair) {
+        ifaces.push(p);
+        serve_n.push(espd_io::xsk::rx_queues(p));
+    }
     for q in 0..queues {
-        let serve = [q < nq[0], q < nq[1]];
-        let p = WorkerPorts::bind(&inside, &a.outside, q, WORKER_FRAMES, bind, serve)
+        let serve: Vec<bool> = serve_n.iter().map(|n| q < *n).collect();
+        let p = WorkerPorts::bind(&ifaces, q, WORKER_FRAMES, bind, &serve)
             .with_context(|| format!("AF_XDP sockets on queue {q}"))?;
         wports.push(p);
     }
@@ -522,7 +547,11 @@ pub fn run(a: &Args) -> Result<()> {
         None => None,
     };
     for (q, p) in wports.iter().enumerate() {
-        for (side, s) in [(Side::Inside, 0), (Side::Outside, 1)] {
+        for (side, s) in [
+            (Side::Inside, espd_io::xsk::INSIDE),
+            (Side::Outside, espd_io::xsk::OUTSIDE),
+            (Side::Host, espd_io::xsk::HOST),
+        ] {
             if let Some(fd) = p.fd(s) {
                 steer.set_socket_side(side, q as u32, fd)?;
             }
@@ -534,6 +563,11 @@ pub fn run(a: &Args) -> Result<()> {
     steer
         .attach_side(Side::Inside, &inside, mode)
         .with_context(|| format!("attaching XDP to {inside}"))?;
+    if let (true, Some(p)) = (both, &pair) {
+        steer
+            .attach_side(Side::Host, p, mode)
+            .with_context(|| format!("attaching XDP to {p}"))?;
+    }
     if a.host {
         steer
             .attach_host_mark(&a.host_dev)
@@ -554,7 +588,9 @@ pub fn run(a: &Args) -> Result<()> {
     let links = nexthop::Links {
         inside: in_idx,
         outside: out_idx,
-        host: host_mac,
+        host: host_mac
+            .zip(host_side)
+            .map(|(mac, side)| nexthop::HostLink { mac, side }),
     };
     let (table, resolver) =
         nexthop::start(links, peers, Arc::clone(&stop)).context("opening rtnetlink")?;
@@ -577,14 +613,21 @@ pub fn run(a: &Args) -> Result<()> {
             ports: p,
             engine,
             cache: nexthop::Cache::new(Arc::clone(&table)),
-            macs: [in_mac, out_mac],
-            mtu: [read_mtu(&inside), read_mtu(&a.outside)],
+            macs: [in_mac, out_mac, pair_mac],
+            mtu: [
+                read_mtu(&inside),
+                read_mtu(&a.outside),
+                pair.as_deref().map_or(0, read_mtu),
+            ],
+            // The host pair is a veth: the host's stack leaves checksums
+            // partial there.
             fix_csum: match a.fix_partial_checksums {
-                CsumFix::On => true,
-                CsumFix::Off => false,
-                CsumFix::Auto => is_virtual(&inside),
+                CsumFix::On => [true, false, true],
+                CsumFix::Off => [false; 3],
+                CsumFix::Auto => [is_virtual(&inside), false, true],
             },
-            host: a.host,
+            host: host_side,
+            router: a.inside.is_some(),
             busy_poll: a.busy_poll,
             inbox: inboxes.remove(0),
             peers: peers.clone(),
@@ -617,8 +660,12 @@ pub fn run(a: &Args) -> Result<()> {
                 format!("{name}: sends through AF_PACKET (no queue {q})")
             }
         };
+        let third = match (both, &pair) {
+            (true, Some(p)) => format!(", host pair {p} RX queue {q}"),
+            _ => String::new(),
+        };
         eprintln!(
-            "espd run: worker {q} (core {core}): {}, {}",
+            "espd run: worker {q} (core {core}): {}, {}{third}",
             on(0, &inside),
             on(1, &a.outside)
         );
@@ -863,10 +910,13 @@ impl Stats {
                 "rx_inside": s.ports.rx[0], "rx_outside": s.ports.rx[1],
                 "tx_inside": s.ports.tx[0], "tx_outside": s.ports.tx[1],
                 "fill_inside": s.ports.in_fill[0], "fill_outside": s.ports.in_fill[1],
+                // The host pair beside an inside interface (--inside with --host).
+                "rx_host": s.ports.rx[2], "tx_host": s.ports.tx[2],
                 "free_frames": s.ports.free,
                 "tx_ring_full": s.ports.tx_full.iter().sum::<u64>(),
                 "kernel_rx_dropped_inside": s.ports.kernel_rx_dropped[0],
                 "kernel_rx_dropped_outside": s.ports.kernel_rx_dropped[1],
+                "kernel_rx_dropped_host": s.ports.kernel_rx_dropped[2],
                 "kernel_rx_ring_full": s.ports.kernel_rx_ring_full.iter().sum::<u64>(),
                 "kernel_fill_ring_empty": s.ports.kernel_fill_empty.iter().sum::<u64>(),
                 "kernel_tx_invalid": s.ports.kernel_tx_invalid.iter().sum::<u64>(),

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 /// Where a packet for a destination goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resolved {
-    /// Out of side 0 (inside) or 1 (outside) to this MAC.
+    /// Out of a side (`xsk::INSIDE`, `OUTSIDE`, `HOST`) to this MAC.
     Hop { side: usize, mac: [u8; 6] },
     /// The kernel has no unicast route through espd's interfaces.
     NoRoute,
@@ -106,15 +106,24 @@ impl Cache {
     }
 }
 
-/// espd's two interfaces, by ifindex.
+/// espd's interfaces, by ifindex.
 #[derive(Clone, Copy)]
 pub struct Links {
     pub inside: u32,
     pub outside: u32,
-    /// Host mode: the MAC of the kernel's end of the host pair (`inside` is
-    /// espd's end). Packets for this host go there, and lookups carry the
+    /// Host mode: where packets for this host go. Lookups then carry the
     /// host mark so the host route rule does not send them into the pair.
-    pub host: Option<[u8; 6]>,
+    pub host: Option<HostLink>,
+}
+
+/// The host pair as the workers reach it.
+#[derive(Clone, Copy)]
+pub struct HostLink {
+    /// The MAC of the kernel's end of the pair.
+    pub mac: [u8; 6],
+    /// The workers' side of espd's end: `xsk::INSIDE` in host mode alone
+    /// (the pair is the inside), `xsk::HOST` beside an inside interface.
+    pub side: usize,
 }
 
 impl Links {
@@ -134,14 +143,17 @@ fn resolve(nl: &mut Rtnl, links: Links, dst: IpAddr, kick: bool) -> Resolved {
     match nl.route_get(dst, links.mark()) {
         // Host mode: delivered through the pair, to the kernel's end.
         Ok(Route::Local) => match links.host {
-            Some(mac) => Resolved::Hop { side: 0, mac },
+            Some(h) => Resolved::Hop {
+                side: h.side,
+                mac: h.mac,
+            },
             None => Resolved::Local,
         },
         Ok(Route::Unicast { oif, via, .. }) => {
             let side = if oif == links.inside {
-                0
+                espd_io::xsk::INSIDE
             } else if oif == links.outside {
-                1
+                espd_io::xsk::OUTSIDE
             } else {
                 return Resolved::NoRoute;
             };

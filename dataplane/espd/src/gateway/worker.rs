@@ -1,14 +1,16 @@
 //! One worker: a pinned thread that owns one queue of each interface (one
-//! UMEM shared by both sockets), its own engine, and a next-hop cache. It
-//! busy-polls both RX rings in bursts, runs the engine on each frame in
-//! place, writes the Ethernet header for the next hop and queues the frame
-//! on the other interface's TX ring — or gives it back, counted.
+//! UMEM shared by their sockets: inside, outside, and the host pair of a
+//! gateway that protects its own traffic too), its own engine, and a
+//! next-hop cache. It busy-polls the RX rings in bursts, runs the engine on
+//! each frame in place, writes the Ethernet header for the next hop and
+//! queues the frame on the TX ring of the interface it leaves by — or gives
+//! it back, counted.
 
 use super::nexthop::{Cache, Resolved};
 use espd_core::engine::{complete_partial_checksum, Counters, Engine, Verdict};
 use espd_core::wire::ethernet;
 use espd_core::{DropReason, PacketBuf};
-use espd_io::xsk::{Out, PortStats, WorkerPorts};
+use espd_io::xsk::{Out, PortStats, WorkerPorts, INSIDE, OUTSIDE, SIDES};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
@@ -21,12 +23,13 @@ pub const BURST: usize = 64;
 /// room for the Ethernet header and four nested ESP headers in front.
 const HEADROOM: usize = 512;
 const ETH: usize = 14;
-/// The side a hair-pinned packet is queued with in [`Reinject`].
-const HAIRPIN: usize = 2;
+/// The side a hair-pinned packet is queued with in [`Reinject`] (a
+/// pseudo-side, past the interfaces' [`SIDES`]).
+const HAIRPIN: usize = SIDES;
 /// The side of a finished IP packet queued in [`Reinject`]: a fragment of
 /// an outer packet larger than the MTU, or this host's own datagram after
 /// the engine; only its next hop and Ethernet header are left to do.
-const FINISHED: usize = 3;
+const FINISHED: usize = SIDES + 1;
 /// The tag of a held decapsulated packet (its way out decided on release).
 const HELD_DECAPSULATED: u8 = 1;
 /// How long a frame may wait for its next hop to resolve.
@@ -266,15 +269,20 @@ pub struct Worker {
     pub ports: WorkerPorts,
     pub engine: Engine,
     pub cache: Cache,
-    /// MAC addresses of the inside (0) and outside (1) interfaces.
-    pub macs: [[u8; 6]; 2],
+    /// MAC addresses of the interfaces, by side (`xsk::INSIDE`, ...).
+    pub macs: [[u8; 6]; SIDES],
     /// Largest IP packet each interface sends (its MTU).
-    pub mtu: [usize; 2],
-    /// Complete partial checksums of frames from the inside (veth & co.).
-    pub fix_csum: bool,
-    /// Host mode: the inside is the host pair, and what comes from the
+    pub mtu: [usize; SIDES],
+    /// Complete partial checksums of frames from this side (veth & co.).
+    pub fix_csum: [bool; SIDES],
+    /// The side of the host pair: `INSIDE` in host mode alone, `HOST`
+    /// for a gateway that protects its own traffic too, `None` for a
+    /// gateway.
+    pub host: Option<usize>,
+    /// Forwards between the inside and the outside (a gateway, with or
+    /// without a host pair). In host mode alone what comes from the
     /// outside is delivered to this host or dropped, never forwarded.
-    pub host: bool,
+    pub router: bool,
     /// Never sleep in poll(2) (`--busy-poll`): the lowest latency, a core each.
     pub busy_poll: bool,
     /// Packets other workers hand to this one, and every worker's inbox (by id).
@@ -298,12 +306,13 @@ pub struct Worker {
 struct Ctx<'a> {
     engine: &'a mut Engine,
     cache: &'a mut Cache,
-    macs: [[u8; 6]; 2],
-    mtu: [usize; 2],
+    macs: [[u8; 6]; SIDES],
+    mtu: [usize; SIDES],
     io_drops: &'a mut espd_core::drop::DropCounts,
     not_ip: &'a mut u64,
     fix_csum: bool,
-    host: bool,
+    host: Option<usize>,
+    router: bool,
     csum_fixed: &'a mut u64,
     /// The side the frame came in on, and where to hand packets over.
     side: usize,
@@ -332,6 +341,7 @@ macro_rules! ctx {
             not_ip: &mut $snap.not_ip,
             fix_csum: $fix,
             host: $w.host,
+            router: $w.router,
             csum_fixed: &mut $snap.csum_fixed,
             side: $side,
             hairpin: false,
@@ -384,16 +394,19 @@ impl Worker {
             let changed = self.cache.sync();
             if (changed || turn.is_multiple_of(4096)) && self.ports.held() > 0 {
                 // The next-hop table changed: frames waiting for a neighbour may go.
-                let mut ctx = ctx!(self, snap, 0, false);
+                let mut ctx = ctx!(self, snap, INSIDE, false);
                 self.ports
                     .release_held(|buf, at, len, waited, tag| ctx.retry(buf, at, len, waited, tag));
             }
             let mut got = 0;
-            for side in 0..2 {
+            for side in 0..SIDES {
+                if self.ports.fd(side).is_none() {
+                    continue;
+                }
                 // One engine burst per RX burst: flow decisions reused,
                 // sequence numbers reserved, counters added once.
                 self.engine.begin_burst(BURST);
-                let mut ctx = ctx!(self, snap, side, self.fix_csum && side == 0);
+                let mut ctx = ctx!(self, snap, side, self.fix_csum[side]);
                 got += self
                     .ports
                     .rx_burst(side, BURST, |buf, len| ctx.frame(buf, len));
@@ -418,9 +431,9 @@ impl Worker {
                 };
                 got += 1;
                 let side = usize::from(slot.side);
-                let mut ctx = ctx!(self, snap, side.min(1), false);
+                let mut ctx = ctx!(self, snap, side, false);
                 if side == HAIRPIN {
-                    ctx.side = 0;
+                    ctx.side = INSIDE;
                     ctx.hairpin = true;
                 }
                 let len = usize::from(slot.len);
@@ -440,10 +453,12 @@ impl Worker {
                 for &(side, off, len) in &list {
                     // Side HAIRPIN: a decapsulated packet, processed as
                     // outbound; FINISHED: a packet only to be sent.
-                    let mut ctx = ctx!(self, snap, side.min(1), false);
+                    let mut ctx = ctx!(self, snap, side.min(OUTSIDE), false);
                     if side == HAIRPIN {
-                        ctx.side = 0;
+                        ctx.side = INSIDE;
                         ctx.hairpin = true;
+                    } else if side < SIDES {
+                        ctx.side = side; // a prefragment, as received there
                     }
                     let ok = self.ports.inject(|buf| {
                         buf[..len].copy_from_slice(&arena[off..off + len]);
@@ -594,13 +609,18 @@ impl Ctx<'_> {
         // The engine needs room in front for outer headers: move the IP
         // packet back (one memmove of the frame; see docs/architecture.md).
         buf.copy_within(l2..len, HEADROOM);
-        if self.side == 1 {
+        if self.router {
+            // A gateway counts the hops it forwards, not those of what the
+            // host it runs on sends itself (through the host pair).
+            self.engine.set_router(Some(self.side) != self.host);
+        }
+        if self.side == OUTSIDE {
             match self.reassemble(buf, ip_len) {
                 Whole::No => {}
                 Whole::Taken => return Out::Drop,
                 Whole::Done(n) => ip_len = n,
             }
-        } else if self.host && !self.hairpin {
+        } else if Some(self.side) == self.host && !self.hairpin {
             if let Some(o) = self.own_fragment(buf, ip_len) {
                 return o;
             }
@@ -615,8 +635,8 @@ impl Ctx<'_> {
         // fragment goes through the tunnel on its own (no reassembly needed
         // at the peer before its ESP). DF packets get ICMP from the engine
         // instead. (A host's own datagrams: see `own_fragment`.)
-        let limit = self.mtu[1].saturating_sub(PREFRAG_OVERHEAD);
-        if self.side == 0 && ip_len > limit && limit >= 576 && pkt.data()[0] >> 4 == 4 {
+        let limit = self.mtu[OUTSIDE].saturating_sub(PREFRAG_OVERHEAD);
+        if self.side != OUTSIDE && ip_len > limit && limit >= 576 && pkt.data()[0] >> 4 == 4 {
             let r = self.prefragment(&buf[HEADROOM..HEADROOM + ip_len], limit);
             if r {
                 // buf[..ETH] was copied with each fragment: this frame is done.
@@ -674,19 +694,22 @@ impl Ctx<'_> {
         let Some(dst) = dst_of(pkt.data()) else {
             return self.drop_io(DropReason::BadInner);
         };
-        if self.host && self.side == 1 && matches!(v, Verdict::Decapsulated(_) | Verdict::Bypass) {
+        if !self.router
+            && self.side == OUTSIDE
+            && matches!(v, Verdict::Decapsulated(_) | Verdict::Bypass)
+        {
             // A host is not a router: what it decapsulated is for its own
             // sockets (delivered through the pair) or for nobody. Not held
             // while unresolved (a held frame is retried without this check;
             // this host's addresses are resolved at start).
             match self.cache.get(dst) {
-                Resolved::Hop { side: 0, .. } => {}
+                Resolved::Hop { side, .. } if Some(side) == self.host => {}
                 Resolved::Pending => return self.drop_io(DropReason::NoNeighbour),
                 _ => return self.drop_io(DropReason::HostForward),
             }
         }
         let (at, n) = (pkt.start(), pkt.len());
-        if !self.host && self.side == 1 && matches!(v, Verdict::Decapsulated(_)) {
+        if self.router && self.side == OUTSIDE && matches!(v, Verdict::Decapsulated(_)) {
             // A gateway forwards what it decapsulated; where that is out of
             // the outside again, or nowhere the kernel routes (a road warrior
             // to another, through the gateway), the packet is outbound
@@ -694,7 +717,7 @@ impl Ctx<'_> {
             // §5.1): another tunnel, a bypass or a drop. While the next hop
             // resolves it is held and decided on release.
             match self.cache.get(dst) {
-                Resolved::Hop { side: 1, .. } | Resolved::NoRoute => {
+                Resolved::Hop { side: OUTSIDE, .. } | Resolved::NoRoute => {
                     return self.hairpin(buf, at, n)
                 }
                 Resolved::Pending => {
@@ -743,7 +766,7 @@ impl Ctx<'_> {
                 buf[HEADROOM..HEADROOM + n].copy_from_slice(&r.out[..n]);
                 Whole::Done(n)
             }
-            Ok(Added::Complete(n)) if self.host => {
+            Ok(Added::Complete(n)) if self.host.is_some() => {
                 self.deliver_big(n);
                 Whole::Taken
             }
@@ -794,7 +817,7 @@ impl Ctx<'_> {
         // resolves, the outside's: each fragment is held then).
         let mtu = match self.cache.get(dst) {
             Resolved::Hop { side, .. } => self.mtu[side],
-            Resolved::Pending => self.mtu[1],
+            Resolved::Pending => self.mtu[OUTSIDE],
             Resolved::NoRoute => return Some(self.drop_io(DropReason::NoRoute)),
             Resolved::Local => return Some(self.drop_io(DropReason::LocalDelivery)),
         };
@@ -812,8 +835,13 @@ impl Ctx<'_> {
     /// Host mode: an ESP datagram reassembled from the outside that is
     /// larger than a frame (in `reasm.out`), decapsulated in the big buffer
     /// and delivered to this host through the pair in fragments its stack
-    /// reassembles (the pair is this host's own link).
+    /// reassembles (the pair is this host's own link). A gateway forwards
+    /// no such datagram (`FragTooBig`).
     fn deliver_big(&mut self, n: usize) {
+        let Some(pair) = self.host else {
+            self.drop_io(DropReason::FragTooBig);
+            return;
+        };
         let r = &mut *self.reasm;
         let own = r.own.get_or_insert_with(|| Box::new(OwnReasm::new()));
         own.big[HEADROOM..HEADROOM + n].copy_from_slice(&r.out[..n]);
@@ -828,12 +856,19 @@ impl Ctx<'_> {
         }
         let (at, n) = (pkt.start(), pkt.len());
         let ip = &own.big[at..at + n];
-        let local = dst_of(ip).map(|d| self.cache.get(d));
-        if !matches!(local, Some(Resolved::Hop { side: 0, .. })) {
-            self.drop_io(DropReason::HostForward);
-            return;
+        match dst_of(ip).map(|d| self.cache.get(d)) {
+            Some(Resolved::Hop { side, .. }) if side == pair => {}
+            // Past a frame: a gateway forwards no such datagram.
+            Some(Resolved::Hop { .. }) if self.router => {
+                self.drop_io(DropReason::FragTooBig);
+                return;
+            }
+            _ => {
+                self.drop_io(DropReason::HostForward);
+                return;
+            }
         }
-        match self.reinject.finished(ip, self.mtu[0], true) {
+        match self.reinject.finished(ip, self.mtu[pair], true) {
             Ok(k) => {
                 *self.postfrag.0 += u64::from(k > 1);
                 *self.postfrag.1 += k as u64;
@@ -875,7 +910,7 @@ impl Ctx<'_> {
         };
         if tag == HELD_DECAPSULATED {
             match self.cache.get(dst) {
-                Resolved::Hop { side: 1, .. } | Resolved::NoRoute => {
+                Resolved::Hop { side: OUTSIDE, .. } | Resolved::NoRoute => {
                     return self.hairpin(buf, at, n)
                 }
                 Resolved::Pending if waited > HOLD_FOR => {
