@@ -7,7 +7,8 @@ through the wire bridge). Three set-ups in turn, each measured the same way:
 - plain: no IPsec, with TSO/GSO/GRO off on the hosts' links (espd's host pair
   has no TSO either: veth with XDP);
 - espd: `espd run --host` on both, transport-mode AES-GCM-128 SAs (and again
-  with `--busy-poll`: workers that never sleep);
+  with `--busy-poll`: workers that never sleep; and with `--bench-no-crypto`
+  too: ESP framing without the cipher, the I/O path's ceiling);
 - charon: two charons, PSK, aes128gcm16, tunnel mode with /32 selectors
   (kernel-libipsec has no transport mode; UDP-encapsulated ESP through its
   TUN device; its sockets marked so its own ESP is not routed into the TUN).
@@ -75,7 +76,10 @@ def main():
         offloads(net, "off")
         res["plain"] = measure(net)
         offloads(net, "on")
-        for name, args in (("espd", ()), ("espd --busy-poll", ("--busy-poll",))):
+        # The last row has no cipher (ESP framing only): the I/O path's own
+        # ceiling on this machine (AF_XDP copy mode on veth).
+        for name, args in (("espd", ()), ("espd --busy-poll", ("--busy-poll",)),
+                           ("espd --busy-poll, no cipher", ("--busy-poll", "--bench-no-crypto"))):
             net.start("gw1", args=args)
             net.start("gw2", args=args)
             res[name] = measure(net)
