@@ -453,12 +453,12 @@ impl Worker {
                 for &(side, off, len) in &list {
                     // Side HAIRPIN: a decapsulated packet, processed as
                     // outbound; FINISHED: a packet only to be sent.
-                    let mut ctx = ctx!(self, snap, side.min(OUTSIDE), false);
+                    // A prefragment is processed as received on its side.
+                    let mut ctx =
+                        ctx!(self, snap, if side < SIDES { side } else { OUTSIDE }, false);
                     if side == HAIRPIN {
                         ctx.side = INSIDE;
                         ctx.hairpin = true;
-                    } else if side < SIDES {
-                        ctx.side = side; // a prefragment, as received there
                     }
                     let ok = self.ports.inject(|buf| {
                         buf[..len].copy_from_slice(&arena[off..off + len]);
