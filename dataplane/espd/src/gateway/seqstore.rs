@@ -31,7 +31,6 @@ use anyhow::{bail, Context, Result};
 use espd_config::Config;
 use espd_core::state::SaConfig;
 use hmac::{Hmac, Mac};
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::IpAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -59,7 +58,9 @@ struct Record {
 
 pub struct SeqStore {
     path: PathBuf,
-    recs: BTreeMap<(IpAddr, u32), Record>,
+    /// A persistent map: a copy is O(1), so the file is written from a
+    /// copy without holding up the changes (see [`SeqStore::render`]).
+    recs: imbl::OrdMap<(IpAddr, u32), Record>,
     /// The previous run stopped cleanly (the file says so): no margin.
     clean: bool,
     dirty: bool,
@@ -112,7 +113,7 @@ impl SeqStore {
     pub fn open(path: &Path) -> Result<SeqStore> {
         let mut s = SeqStore {
             path: path.to_path_buf(),
-            recs: BTreeMap::new(),
+            recs: imbl::OrdMap::new(),
             clean: false,
             dirty: true,
             restored: 0,
@@ -166,7 +167,7 @@ impl SeqStore {
     /// restored.
     pub fn restore(&mut self, cfg: &mut Config, ids: &[usize]) -> usize {
         let mut restored = 0;
-        let mut keep = BTreeMap::new();
+        let mut keep = imbl::OrdMap::new();
         let mut sad = espd_core::state::Sad::new();
         for (id, core) in cfg.sad.iter_ids() {
             let mut c = core.cfg.clone();
@@ -216,7 +217,11 @@ impl SeqStore {
     }
 
     #[cfg(test)]
-    fn admit_into(&mut self, c: &mut SaConfig, into: &mut BTreeMap<(IpAddr, u32), Record>) -> bool {
+    fn admit_into(
+        &mut self,
+        c: &mut SaConfig,
+        into: &mut imbl::OrdMap<(IpAddr, u32), Record>,
+    ) -> bool {
         let r = self.continue_from(c);
         self.recs.remove(&(c.dst, c.spi));
         into.insert(
@@ -246,12 +251,14 @@ impl SeqStore {
     /// mask and numbers on): the record follows the key.
     pub fn updated(&mut self, c: &SaConfig) {
         let fp = fingerprint(c);
-        let rec = self.recs.entry((c.dst, c.spi)).or_insert(Record {
+        let key = (c.dst, c.spi);
+        let mut rec = self.recs.get(&key).cloned().unwrap_or(Record {
             fp,
             mask: c.iv_mask,
             oseq: c.replay_oseq,
         });
         rec.fp = fp;
+        self.recs.insert(key, rec);
         self.dirty = true;
     }
 
@@ -267,10 +274,11 @@ impl SeqStore {
         }
     }
 
-    /// The workers' latest numbers: `oseq(dst, spi)` for each record.
-    pub fn update(&mut self, mut oseq: impl FnMut(IpAddr, u32) -> Option<u64>) {
-        for ((dst, spi), r) in &mut self.recs {
-            if let Some(n) = oseq(*dst, *spi).filter(|n| *n > r.oseq) {
+    /// The workers' latest numbers, (dst, spi, oseq) of the SAs that sent:
+    /// a record only grows. O(SAs given × log n), not O(records).
+    pub fn update(&mut self, seen: impl IntoIterator<Item = (IpAddr, u32, u64)>) {
+        for (dst, spi, n) in seen {
+            if let Some(r) = self.recs.get_mut(&(dst, spi)).filter(|r| n > r.oseq) {
                 r.oseq = n;
                 self.dirty = true;
             }
@@ -280,9 +288,44 @@ impl SeqStore {
     /// Writes the file if anything changed (atomically, 0600). `clean` marks
     /// a final write after every worker stopped.
     pub fn save(&mut self, clean: bool) -> Result<()> {
-        if !self.dirty && !clean {
-            return Ok(());
+        match self.render(clean) {
+            Some(w) => w.write().inspect_err(|_| self.dirty = true),
+            None => Ok(()),
         }
+    }
+
+    /// What [`SeqStore::save`] would write, taken in O(1) (a copy of the
+    /// records) and marked written: the caller writes it outside its lock,
+    /// and calls [`SeqStore::unwritten`] if that fails. `None`: nothing
+    /// changed.
+    pub fn render(&mut self, clean: bool) -> Option<Pending> {
+        if !self.dirty && !clean {
+            return None;
+        }
+        self.dirty = false;
+        Some(Pending {
+            path: self.path.clone(),
+            recs: self.recs.clone(),
+            clean,
+        })
+    }
+
+    /// A rendered write failed: the next save writes again.
+    pub fn unwritten(&mut self) {
+        self.dirty = true;
+    }
+}
+
+/// A write of the store, made outside its owner's lock.
+pub struct Pending {
+    path: PathBuf,
+    recs: imbl::OrdMap<(IpAddr, u32), Record>,
+    clean: bool,
+}
+
+impl Pending {
+    pub fn write(self) -> Result<()> {
+        let clean = self.clean;
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             if !dir.exists() {
                 std::fs::create_dir_all(dir)?;
@@ -312,7 +355,6 @@ impl SeqStore {
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::File::open(dir)?.sync_all()?;
         }
-        self.dirty = false;
         Ok(())
     }
 }
@@ -343,7 +385,10 @@ policy add src 198.18.1.0/24 dst 198.18.2.0/24 dir out tmpl src 198.18.0.1 dst 1
         s.save(false).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        s.update(|dst, spi| (dst.to_string() == "198.18.0.2" && spi == 0x1001).then_some(5000));
+        let peer: IpAddr = "198.18.0.2".parse().unwrap();
+        // Only records grow: an SA without one (inbound, or gone) is no record.
+        s.update([(peer, 0x2001, 7000), (peer, 0x1001, 5000)]);
+        assert!(!s.recs.contains_key(&(peer, 0x2001)));
         s.save(false).unwrap();
 
         // A crash: the next start continues MARGIN past the last write, same mask.
@@ -358,7 +403,7 @@ policy add src 198.18.1.0/24 dst 198.18.2.0/24 dir out tmpl src 198.18.0.1 dst 1
         assert_eq!(c2.sad.get(0).cfg.iv_mask, mask);
         assert_eq!(c2.sad.get(0).cfg.replay_oseq, 5000 + MARGIN);
         // A clean stop: exactly where it was.
-        s2.update(|_, _| Some(6000 + MARGIN));
+        s2.update([(peer, 0x1001, 6000 + MARGIN)]);
         s2.save(true).unwrap();
         let mut c3 = cfg(CONF);
         SeqStore::open(&path).unwrap().restore(&mut c3, &ids);
@@ -396,13 +441,14 @@ policy add src 198.18.1.0/24 dst 198.18.2.0/24 dir out tmpl src 198.18.0.1 dst 1
         let ids = outbound(&c, &[]);
         let mut s = SeqStore {
             path: PathBuf::from("/nonexistent"),
-            recs: BTreeMap::new(),
+            recs: imbl::OrdMap::new(),
             clean: false,
             dirty: false,
             restored: 0,
         };
         s.restore(&mut c, &ids);
-        s.update(|_, _| Some(u64::from(u32::MAX) - 10));
+        let peer: IpAddr = "198.18.0.2".parse().unwrap();
+        s.update([(peer, 0x1001, u64::from(u32::MAX) - 10)]);
         let mut c2 = cfg(CONF);
         s.restore(&mut c2, &ids);
         assert_eq!(c2.sad.get(0).cfg.replay_oseq, u64::from(u32::MAX));
