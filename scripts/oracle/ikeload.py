@@ -8,7 +8,13 @@ Prints set-ups per second, teardown time and the responder's RSS per
 established IKE_SA (RSS with the tunnels up less RSS before, over N).
 
     python scripts/oracle/ikeload.py 10000         # the table
+    python scripts/oracle/ikeload.py 10000 --auth ecdsa   # ECDSA P-256 certificates instead of PSK
     python scripts/oracle/ikeload.py --smoke       # bounded (tests): 200 tunnels, espd-ike only
+
+With `--auth ecdsa` both sides authenticate with ECDSA P-256 certificates of
+one CA (RFC 7427 signatures; the responder gw1.example.net, every tunnel of
+the generator gw2.example.net), the same swanctl.conf text for espd-ike and
+charon.
 
 Root, namespaces and a release build are needed.
 """
@@ -67,10 +73,54 @@ def rss_kib(pid):
     return 0
 
 
+RESPONDER_CERT = """connections {
+  load {
+    local_addrs = 198.18.0.1
+    proposals = aes128gcm16-prfsha256-x25519
+    local {
+      auth = pubkey
+      certs = gw1.pem
+      id = gw1.example.net
+    }
+    remote {
+      auth = pubkey
+      cacerts = ca.pem
+    }
+    children {
+      load {
+        local_ts = 198.18.1.0/24
+        remote_ts = 198.19.0.0/16
+        esp_proposals = aes128gcm16
+      }
+    }
+  }
+}
+"""
+# Set by main(): "psk" or "ecdsa", and the CA's directory for ecdsa.
+AUTH = {"kind": "psk", "pki": None}
+
+
+def responder_conf(confdir):
+    """The responder's swanctl.conf text, its credentials laid out beside it."""
+    if AUTH["kind"] == "psk":
+        return RESPONDER
+    from test_ike import install_creds
+    install_creds(AUTH["pki"], "gw1", confdir)
+    return RESPONDER_CERT
+
+
+def generator_auth():
+    if AUTH["kind"] == "psk":
+        return ["--psk", PSK]
+    pki = AUTH["pki"]
+    return ["--cert", str(pki / "gw2.pem"), "--key", str(pki / "gw2.key"), "--ca", str(pki / "ca.pem"),
+            "--id", "gw2.example.net", "--peer-id", "gw1.example.net"]
+
+
 def generate(net, n, hold, on_up):
     """Runs the generator; calls on_up() while the tunnels are held up."""
     p = net.popen("gw2", "taskset", "-c", "0", str(LOAD), "--local", "198.18.0.2", "--peer", "198.18.0.1",
-                  "--tunnels", str(n), "--psk", PSK, "--hold", str(hold), "--timeout", "600",
+                  "--tunnels", str(n), *generator_auth(), "--hold", str(hold), "--timeout", "600",
                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = p.stderr.readline()
     assert line.startswith("up "), line + p.stderr.read()
@@ -110,7 +160,7 @@ def espd_ike_run(tmp, n, hold):
     try:
         net.start("gw1", config=False)
         conf = Path(tmp) / "responder.conf"
-        conf.write_text(RESPONDER)
+        conf.write_text(responder_conf(Path(tmp)))
         log = open(Path(tmp) / "espd-ike.log", "w")
         ike = net.popen("gw1", "taskset", "-c", "1", str(ESPD_IKE), "--config", str(conf), "--espd",
                         net.sock("gw1"), "--socket", str(Path(tmp) / "ike.sock"),
@@ -138,7 +188,7 @@ def espd_ike_run(tmp, n, hold):
 def start_charon(net, d, conf_text):
     """charon 5.9.8 (kernel-libipsec) on gw1 in a private mount namespace,
     `conf_text` loaded; its processes (to clean up) and its pid."""
-    d.mkdir()
+    d.mkdir(exist_ok=True)
     (d / "strongswan.conf").write_text(f"""charon {{
   load = random nonce openssl aes sha1 sha2 hmac gcm kdf pem pkcs1 pkcs8 x509 pubkey revocation socket-default vici kernel-libipsec kernel-netlink
   install_routes = no
@@ -178,7 +228,9 @@ def charon_run(tmp, n, hold):
     net = Net(Path(tmp))
     procs = []
     try:
-        procs, pid = start_charon(net, Path(tmp) / "charon", RESPONDER)
+        d = Path(tmp) / "charon"
+        d.mkdir()
+        procs, pid = start_charon(net, d, responder_conf(d))
         base = rss_kib(pid)
         r = generate(net, n, hold, lambda: {"rss_kib": rss_kib(pid), "base_kib": base})
         r["responder"] = "charon 5.9.8"
@@ -194,9 +246,15 @@ def main():
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--no-charon", action="store_true", help="espd-ike only")
+    ap.add_argument("--auth", choices=["psk", "ecdsa"], default="psk")
     a = ap.parse_args()
     n = 200 if a.smoke else a.tunnels
     rows = []
+    pki_dir = tempfile.TemporaryDirectory()
+    AUTH["kind"] = a.auth
+    if a.auth == "ecdsa":
+        from test_ike import make_pki
+        AUTH["pki"] = make_pki(Path(pki_dir.name) / "pki", "ec")
     with tempfile.TemporaryDirectory() as tmp:
         rows.append(espd_ike_run(tmp, n, 2))
     if a.smoke:
@@ -208,7 +266,8 @@ def main():
     if a.json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"IKE responders, {n} tunnels (IKE_SA + CHILD_SA, PSK, x25519), {os.cpu_count()} vCPUs; "
+    auth = "PSK" if a.auth == "psk" else "ECDSA P-256 certificates"
+    print(f"IKE responders, {n} tunnels (IKE_SA + CHILD_SA, {auth}, x25519), {os.cpu_count()} vCPUs; "
           "generator on CPU 0, responder on CPU 1")
     print("| responder | set-up s | set-ups/s | retransmits | teardown s | RSS up MiB | KiB per IKE_SA |")
     print("|---|---|---|---|---|---|---|")

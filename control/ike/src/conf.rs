@@ -548,6 +548,9 @@ pub struct Conn {
     pub encap: bool,
     /// RFC 7383: announce and accept IKE fragments (strongSwan's default).
     pub fragmentation: bool,
+    /// `unique = never`: no INITIAL_CONTACT sent as initiator, none acted on
+    /// as responder (strongSwan's meaning; many clients sharing one identity).
+    pub unique_never: bool,
     pub dpd_delay: Option<Duration>,
     /// IKE_SA rekey interval (RFC 7296 §2.18; strongSwan's connection-level
     /// `rekey_time`, 4 h by default; `0` never).
@@ -1005,6 +1008,7 @@ fn connection(
         proposals: proposal::defaults(true),
         encap: false,
         fragmentation: true,
+        unique_never: false,
         dpd_delay: None,
         ike_rekey_time: Some(Duration::from_secs(4 * 3600)),
         ike_over_time: None,
@@ -1088,6 +1092,7 @@ fn connection(
                     v => return Err(format!("{}: fragmentation = {v}: expected yes, accept, force or no", kv.at)),
                 },
                 "unique" => {
+                    c.unique_never = kv.value == "never";
                     if !matches!(kv.value.as_str(), "no" | "never") {
                         warnings.push(format!("{}: unique = {}: espd-ike keeps every IKE_SA a peer makes (strongSwan's `no`)", kv.at, kv.value));
                     }

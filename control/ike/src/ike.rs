@@ -2374,11 +2374,13 @@ impl Endpoint {
             ps.push(Payload::IdR(r.clone()));
         }
         ps.extend(auth);
-        // RFC 7296 §2.4: INITIAL_CONTACT when this is our only IKE SA with the peer.
-        if !self
-            .sas
-            .of_conn(&sa.conn)
-            .any(|(_, o)| o.state == State::Established)
+        // RFC 7296 §2.4: INITIAL_CONTACT when this is our only IKE SA with the
+        // peer — unless `unique = never` (this identity is shared).
+        if !conn.unique_never
+            && !self
+                .sas
+                .of_conn(&sa.conn)
+                .any(|(_, o)| o.state == State::Established)
         {
             ps.push(Payload::notify(notify::INITIAL_CONTACT, vec![]));
         }
@@ -3454,8 +3456,9 @@ impl Endpoint {
         };
         sa.local_id = Some(idr.clone());
         sa.remote_id = Some(idi.clone());
-        if find_notify(&inner, notify::INITIAL_CONTACT).is_some() {
-            // RFC 7296 §2.4: the peer has no other IKE SA with us: drop stale ones.
+        if find_notify(&inner, notify::INITIAL_CONTACT).is_some() && !conn.unique_never {
+            // RFC 7296 §2.4: the peer has no other IKE SA with us: drop stale
+            // ones (not with `unique = never`: the identity may be shared).
             let stale: Vec<u64> = self
                 .sas
                 .of_peer(&sa.conn, &idi)

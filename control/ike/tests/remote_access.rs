@@ -329,3 +329,30 @@ fn rekeys_keep_the_clients_addresses_leases_and_reqids() {
     before.sort();
     assert_eq!(now_reqids, before, "a rekey keeps its reqid");
 }
+
+/// Two clients with one identity (a certificate or PSK identity shared by a
+/// group): by default the second one's INITIAL_CONTACT (RFC 7296 §2.4)
+/// clears the first at the gateway; `unique = never` on the clients sends
+/// none, and on the gateway ignores it — strongSwan's meaning of the word.
+#[test]
+fn unique_never_sends_and_honours_no_initial_contact() {
+    let ikes = |client_extra: &str, gw_extra: &str| {
+        let mut s = star_with("198.18.100.0/29", gw_extra);
+        let vips = format!("0.0.0.0, ::\n    {client_extra}");
+        let c1 = s.add(&[sa(CLIENTS, 500)], client("shared", 500, &vips));
+        let c2 = s.add(&[sa(CLIENTS, 1500)], client("shared", 1500, &vips));
+        s.eps[c1].1.initiate("home", None, s.now).unwrap();
+        s.run(Duration::from_secs(2));
+        s.eps[c2].1.initiate("home", None, s.now).unwrap();
+        s.run(Duration::from_secs(2));
+        let cleared = s.logs[0].iter().any(|l| l.contains("INITIAL_CONTACT from"));
+        (s.eps[0].1.list(s.now).len(), cleared)
+    };
+    assert_eq!(ikes("", ""), (1, true), "the default: the first is cleared");
+    assert_eq!(ikes("unique = never", ""), (2, false), "clients send none");
+    assert_eq!(
+        ikes("", "unique = never"),
+        (2, false),
+        "the gateway acts on none"
+    );
+}

@@ -6,10 +6,15 @@
 //! tunnel has its own identity (`load-N`, so no INITIAL_CONTACT clears
 //! another) and its own /32 selector (198.19.0.0/16, so each CHILD_SA has
 //! its own policies at the responder). It is espd-ike's own IKE engine as
-//! the initiator, with PSK; nothing is installed anywhere.
+//! the initiator, with PSK — or with a certificate (`--cert`, `--key`,
+//! `--ca`: every tunnel authenticates with the same certificate and its
+//! identity, `--id`, as many clients of one organisation would, and checks
+//! the responder's against the CA); nothing is installed anywhere.
 //!
 //! ```text
 //! espd-ike-load --local 198.18.0.2 --peer 198.18.0.1 --tunnels 10000 --psk SECRET
+//! espd-ike-load --local 198.18.0.2 --peer 198.18.0.1 --tunnels 10000 \
+//!     --cert gen.pem --key gen.key --ca ca.pem --id gen.example.net --peer-id gw1.example.net
 //! ```
 //!
 //! The responder's file needs a connection such as:
@@ -44,8 +49,21 @@ struct Args {
     /// Set-ups in flight at once.
     #[arg(long, default_value_t = 64)]
     window: u32,
+    /// The pre-shared key (PSK authentication).
+    #[arg(long, required_unless_present = "cert")]
+    psk: Option<String>,
+    /// Certificate authentication: this generator's certificate (PEM) …
+    #[arg(long, requires_all = ["key", "ca", "id"], conflicts_with = "psk")]
+    cert: Option<std::path::PathBuf>,
+    /// … its private key (PEM) …
     #[arg(long)]
-    psk: String,
+    key: Option<std::path::PathBuf>,
+    /// … the CA the responder's certificate must chain to …
+    #[arg(long)]
+    ca: Option<std::path::PathBuf>,
+    /// … and the identity the certificate names (its subjectAltName).
+    #[arg(long)]
+    id: Option<String>,
     /// The responder's identity.
     #[arg(long, default_value = "gw")]
     peer_id: String,
@@ -64,28 +82,70 @@ struct Args {
 
 fn config(a: &Args) -> anyhow::Result<Arc<conf::Config>> {
     use std::fmt::Write;
+    let abs = |p: &Option<std::path::PathBuf>| -> anyhow::Result<String> {
+        let p = p
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("a path is missing"))?;
+        Ok(std::fs::canonicalize(p)?.display().to_string())
+    };
     let mut t = String::from("connections {\n");
     for i in 0..a.tunnels {
         let n = a.first + i;
         let (hi, lo) = (n / 256, n % 256);
+        // One identity for every tunnel with a certificate: no INITIAL_CONTACT,
+        // or each new IKE_SA would clear the others at the responder.
+        let unique = if a.cert.is_some() {
+            "unique = never\n "
+        } else {
+            ""
+        };
+        let (local, remote) = match &a.cert {
+            None => (
+                format!("auth = psk\n id = load-{n}"),
+                format!("auth = psk\n id = {}", a.peer_id),
+            ),
+            Some(_) => (
+                format!(
+                    "auth = pubkey\n certs = {}\n id = {}",
+                    abs(&a.cert)?,
+                    a.id.as_deref().unwrap_or_default()
+                ),
+                format!(
+                    "auth = pubkey\n id = {}\n cacerts = {}",
+                    a.peer_id,
+                    abs(&a.ca)?
+                ),
+            ),
+        };
         writeln!(
             t,
-            "t{i} {{ local_addrs = {}\n remote_addrs = {}\n proposals = {}\n rekey_time = 0\n \
-             local {{ auth = psk\n id = load-{n} }}\n remote {{ auth = psk\n id = {} }}\n \
+            "t{i} {{ local_addrs = {}\n remote_addrs = {}\n proposals = {}\n rekey_time = 0\n {unique}\
+             local {{ {local} }}\n remote {{ {remote} }}\n \
              children {{ c{i} {{ local_ts = 198.19.{hi}.{lo}/32\n remote_ts = 198.18.1.0/24\n \
              esp_proposals = {} }} }} }}",
-            a.local, a.peer, a.proposals, a.peer_id, a.esp
+            a.local, a.peer, a.proposals, a.esp
         )?;
     }
-    writeln!(
-        t,
-        "}}\nsecrets {{ ike-load {{ id = {}\n secret = \"{}\" }} }}",
-        a.peer_id, a.psk
-    )?;
+    match &a.psk {
+        Some(psk) => writeln!(
+            t,
+            "}}\nsecrets {{ ike-load {{ id = {}\n secret = \"{psk}\" }} }}",
+            a.peer_id
+        )?,
+        // The key goes in private/ beside the file (swanctl's layout).
+        None => writeln!(t, "}}")?,
+    }
     let dir = std::env::temp_dir().join(format!("espd-ike-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let p = dir.join("swanctl.conf");
     std::fs::write(&p, t)?;
+    if let Some(key) = &a.key {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir.join("private"))?;
+        let k = dir.join("private").join("load.key");
+        std::fs::copy(key, &k)?;
+        std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o600))?;
+    }
     let c = conf::load(&p).map_err(|e| anyhow::anyhow!(e.join("\n")))?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(Arc::new(c))
