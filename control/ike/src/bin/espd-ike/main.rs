@@ -14,7 +14,7 @@ use anyhow::Context;
 use clap::Parser;
 use espd_ike::conf::{self, Config, StartAction};
 use espd_ike::espd::Installer;
-use espd_ike::ike::{Dir, Endpoint, Output, SaInfo};
+use espd_ike::ike::{ChildSa, Dir, Endpoint, Output, SaInfo};
 use espd_ike::wire::Ts;
 use link::{FromEspd, Link, Refusal};
 use serde_json::{json, Value};
@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use zeroize::Zeroizing;
 
 #[derive(Parser)]
 #[command(
@@ -89,6 +90,15 @@ fn log(msg: &str) {
     eprintln!("espd-ike: {msg}");
 }
 
+/// The counter of an installed half.
+fn installed(dir: Dir) -> &'static str {
+    if dir == Dir::In {
+        "installed-in"
+    } else {
+        "installed-out"
+    }
+}
+
 fn load(path: &std::path::Path) -> Result<Config, String> {
     match conf::load(path) {
         Ok(c) => {
@@ -127,6 +137,11 @@ struct Daemon {
 /// stays blocked meanwhile (fail closed), and start/trap children and
 /// peers that reconnect come back well within it.
 const ADOPT_GRACE: Duration = Duration::from_secs(60);
+
+/// Events taken in one turn before the outputs are carried out (a burst of
+/// IKE_AUTHs then costs two espd batches; bounded so timers and control
+/// requests wait little).
+const BURST_EVENTS: usize = 256;
 
 impl Daemon {
     fn count(&mut self, k: &'static str) {
@@ -367,6 +382,29 @@ impl Daemon {
         }
     }
 
+    /// One event for the core (its outputs wait for [`Daemon::drain`]).
+    fn event(&mut self, ev: Ev, now: Instant) {
+        match ev {
+            Ev::Udp(udp::Rx::Ike {
+                local,
+                remote,
+                data,
+            }) => self.ep.handle(now, local, remote, &data),
+            Ev::Udp(udp::Rx::Dropped(why)) => self.count(why),
+            Ev::Espd(FromEspd::Event(v)) => self.espd_event(v, now),
+            Ev::Espd(FromEspd::Down(g)) => {
+                if g == self.link.generation && self.link.is_up() {
+                    log("lost the connection to espd; reconnecting");
+                    self.link.lost();
+                }
+            }
+            Ev::Ctl(req, reply) => {
+                let a = self.control(&req, now);
+                let _ = reply.send(a);
+            }
+        }
+    }
+
     /// Carries out what the protocol core asks, in its order.
     fn drain(&mut self, now: Instant) {
         self.sync_vips(now);
@@ -374,61 +412,145 @@ impl Daemon {
         self.sync_vips(now);
     }
 
+    /// Carries out the core's outputs, in its order but for one freedom:
+    /// within a run of sends and installs (up to a removal), every
+    /// inbound half is applied first, in one espd batch, and every
+    /// outbound half last, in another. Each CHILD_SA keeps its order —
+    /// inbound installed before its answer leaves, outbound after it
+    /// (make-before-break) — and a burst of set-ups costs two round trips
+    /// to espd, not two each. A removal is a barrier: what came before it
+    /// is done first.
     fn drain_outputs(&mut self, now: Instant) {
-        while let Some(o) = self.ep.poll_output() {
-            match o {
-                Output::Send {
-                    local,
-                    remote,
-                    data,
-                } => match self.sock(local) {
-                    Some(s) => {
-                        if let Err(e) = s.send(local.ip(), remote, &data) {
-                            self.count("tx-errors");
-                            log(&format!("sending to {remote}: {e}"));
-                        } else {
-                            self.count("tx");
-                        }
-                    }
-                    None => log(&format!("no socket for {local}")),
-                },
-                Output::Install { child, dir } => {
-                    let text = self.inst.install(&child, dir);
-                    match self.apply(&text) {
-                        Ok(()) => self.count(if dir == Dir::In {
-                            "installed-in"
-                        } else {
-                            "installed-out"
-                        }),
-                        Err(Refusal::Unreachable(e)) => {
-                            self.count("install-deferred");
-                            log(&format!(
-                                "CHILD_SA {} ({:08x}/{:08x}): {e}; installed when espd is back",
-                                child.name, child.spi_in, child.spi_out
-                            ));
-                        }
-                        Err(Refusal::Refused(e)) => {
-                            self.count("install-refused");
-                            log(&format!(
-                                "espd refused CHILD_SA {} ({:08x}/{:08x}): {e}; deleting it",
-                                child.name, child.spi_in, child.spi_out
-                            ));
-                            let b = self.inst.refused(&child);
-                            self.delete(b.delete);
-                            self.ep.terminate_child(&child.name, now);
-                        }
+        loop {
+            let mut run = Vec::new();
+            let mut barrier = None;
+            while let Some(o) = self.ep.poll_output() {
+                match o {
+                    Output::Send { .. } | Output::Install { .. } | Output::Log(_) => run.push(o),
+                    other => {
+                        barrier = Some(other);
+                        break;
                     }
                 }
-                Output::Remove { child, why } => {
-                    log(&format!(
-                        "removing CHILD_SA {} ({:08x}/{:08x}) from espd: {why}",
-                        child.name, child.spi_in, child.spi_out
-                    ));
-                    let b = self.inst.remove(child.spi_in);
-                    self.delete(b.delete);
-                }
-                Output::Log(s) => log(&s),
             }
+            if run.is_empty() && barrier.is_none() {
+                return;
+            }
+            self.run_outputs(run, now);
+            if let Some(o) = barrier {
+                self.output(o, now);
+            }
+        }
+    }
+
+    /// A run of sends, installs and log lines (see [`Daemon::drain_outputs`]).
+    fn run_outputs(&mut self, run: Vec<Output>, now: Instant) {
+        let (mut ins, mut outs, mut rest) = (Vec::new(), Vec::new(), Vec::new());
+        for o in run {
+            match o {
+                Output::Install {
+                    child,
+                    dir: Dir::In,
+                } => ins.push(*child),
+                Output::Install {
+                    child,
+                    dir: Dir::Out,
+                } => outs.push(*child),
+                o => rest.push(o),
+            }
+        }
+        self.install_all(&ins, Dir::In, now);
+        for o in rest {
+            self.output(o, now);
+        }
+        self.install_all(&outs, Dir::Out, now);
+    }
+
+    /// Installs these halves in one espd batch; if espd refuses it, one by
+    /// one (so that one bad CHILD_SA costs only itself).
+    fn install_all(&mut self, children: &[ChildSa], dir: Dir, now: Instant) {
+        if children.is_empty() {
+            return;
+        }
+        let texts: Vec<Zeroizing<String>> =
+            children.iter().map(|c| self.inst.install(c, dir)).collect();
+        if children.len() > 1 {
+            let mut all = Zeroizing::new(String::new());
+            for t in texts.iter().filter(|t| !t.is_empty()) {
+                all.push_str(t);
+                all.push('\n');
+            }
+            match self.apply(&all) {
+                Ok(()) => {
+                    for _ in children {
+                        self.count(installed(dir));
+                    }
+                    return;
+                }
+                Err(Refusal::Unreachable(e)) => {
+                    for c in children {
+                        self.deferred(c, &e);
+                    }
+                    return;
+                }
+                // One of them is bad: each on its own below.
+                Err(Refusal::Refused(_)) => {}
+            }
+        }
+        for (c, text) in children.iter().zip(texts) {
+            match self.apply(&text) {
+                Ok(()) => self.count(installed(dir)),
+                Err(Refusal::Unreachable(e)) => self.deferred(c, &e),
+                Err(Refusal::Refused(e)) => {
+                    self.count("install-refused");
+                    log(&format!(
+                        "espd refused CHILD_SA {} ({:08x}/{:08x}): {e}; deleting it",
+                        c.name, c.spi_in, c.spi_out
+                    ));
+                    let b = self.inst.refused(c);
+                    self.delete(b.delete);
+                    self.ep.terminate_child(&c.name, now);
+                }
+            }
+        }
+    }
+
+    fn deferred(&mut self, c: &ChildSa, e: &str) {
+        self.count("install-deferred");
+        log(&format!(
+            "CHILD_SA {} ({:08x}/{:08x}): {e}; installed when espd is back",
+            c.name, c.spi_in, c.spi_out
+        ));
+    }
+
+    /// One output, at once.
+    fn output(&mut self, o: Output, now: Instant) {
+        match o {
+            Output::Send {
+                local,
+                remote,
+                data,
+            } => match self.sock(local) {
+                Some(s) => {
+                    if let Err(e) = s.send(local.ip(), remote, &data) {
+                        self.count("tx-errors");
+                        log(&format!("sending to {remote}: {e}"));
+                    } else {
+                        self.count("tx");
+                    }
+                }
+                None => log(&format!("no socket for {local}")),
+            },
+            Output::Install { child, dir } => self.install_all(&[*child], dir, now),
+            Output::Remove { child, why } => {
+                log(&format!(
+                    "removing CHILD_SA {} ({:08x}/{:08x}) from espd: {why}",
+                    child.name, child.spi_in, child.spi_out
+                ));
+                let b = self.inst.remove(child.spi_in);
+                self.delete(b.delete);
+            }
+            Output::Log(s) => log(&s),
         }
     }
 
@@ -858,24 +980,13 @@ fn run() -> anyhow::Result<()> {
                 .min(Duration::from_millis(200));
         match rx.recv_timeout(wait) {
             Ok(ev) => {
-                let now = Instant::now();
-                match ev {
-                    Ev::Udp(udp::Rx::Ike {
-                        local,
-                        remote,
-                        data,
-                    }) => d.ep.handle(now, local, remote, &data),
-                    Ev::Udp(udp::Rx::Dropped(why)) => d.count(why),
-                    Ev::Espd(FromEspd::Event(v)) => d.espd_event(v, now),
-                    Ev::Espd(FromEspd::Down(g)) => {
-                        if g == d.link.generation && d.link.is_up() {
-                            log("lost the connection to espd; reconnecting");
-                            d.link.lost();
-                        }
-                    }
-                    Ev::Ctl(req, reply) => {
-                        let a = d.control(&req, now);
-                        let _ = reply.send(a);
+                d.event(ev, Instant::now());
+                // Whatever else has arrived, before the outputs are carried
+                // out: a burst of set-ups shares its espd batches.
+                for _ in 0..BURST_EVENTS {
+                    match rx.try_recv() {
+                        Ok(ev) => d.event(ev, Instant::now()),
+                        Err(_) => break,
                     }
                 }
             }
