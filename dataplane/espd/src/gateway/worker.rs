@@ -609,9 +609,10 @@ impl Ctx<'_> {
         // The engine needs room in front for outer headers: move the IP
         // packet back (one memmove of the frame; see docs/architecture.md).
         buf.copy_within(l2..len, HEADROOM);
-        if self.router {
-            // A gateway counts the hops it forwards, not those of what the
-            // host it runs on sends itself (through the host pair).
+        if self.router && self.host.is_some() {
+            // A gateway with a host pair counts the hops it forwards, not
+            // those of what the host it runs on sends itself through the
+            // pair (a plain gateway's engine is a router throughout).
             self.engine.set_router(Some(self.side) != self.host);
         }
         if self.side == OUTSIDE {
