@@ -11,6 +11,7 @@ change), and the gateway's RSS per tunnel and its workers' longest turn
 
     python scripts/oracle/ctlbench.py 0 10000 100000      # the full table
     python scripts/oracle/ctlbench.py --smoke              # bounded (tests)
+    python scripts/oracle/ctlbench.py --one-peer 100000    # every SA between the same two addresses
 
 Root, namespaces and a release build of espd are needed.
 """
@@ -35,9 +36,14 @@ ESPCTL = ROOT / "target" / "release" / "espctl"
 KEY = "0x" + "11" * 20
 
 
+# --one-peer: every tunnel's SA to one peer address (a carrier's IKE peer
+# or concentrator with tens of thousands of CHILD_SAs between two addresses).
+ONE_PEER = [False]
+
+
 def tunnel(i, spi_base=0x10000000):
     """An outbound SA to a peer and the policy that uses it (198.19.0.0/16 inside)."""
-    peer = f"198.18.{200 + (i >> 8) % 50}.{(i & 255) or 1}"
+    peer = "198.18.200.1" if ONE_PEER[0] else f"198.18.{200 + (i >> 8) % 50}.{(i & 255) or 1}"
     src = f"198.19.{128 + ((i >> 14) & 127)}.0"
     dst = f"198.19.{(i >> 6) & 255}.{(i & 63) << 2}"
     spi = spi_base + i
@@ -172,7 +178,10 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="0 and 1000 tunnels, few samples")
     ap.add_argument("--queues", type=int, default=2, help="workers (veth queues)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--one-peer", action="store_true",
+                    help="every SA to one peer address (default: spread over 12 800 peers)")
     a = ap.parse_args()
+    ONE_PEER[0] = a.one_peer
     counts = [0, 1000] if a.smoke else a.counts
     singles = 20 if a.smoke else 200
     calls = 5 if a.smoke else 30
@@ -188,7 +197,8 @@ def main():
     if a.json:
         print(json.dumps(rows, indent=1))
         return
-    print(f"control plane, {rows[0]['workers']} workers, {os.cpu_count()} vCPUs; "
+    peers = "one peer address" if a.one_peer else "up to 12 800 peer addresses"
+    print(f"control plane, {rows[0]['workers']} workers, {os.cpu_count()} vCPUs, {peers}; "
           "change latency request→live in every worker, median / p99 ms")
     print("| tunnels | SA add | SA delete | policy add | policy delete | espctl (process) | install tunnels/s (SA + policy) | install SAs/s | RSS MiB | KiB/tunnel | turns > 50 µs during changes | longest turn since start µs |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

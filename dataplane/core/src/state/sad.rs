@@ -21,11 +21,16 @@ pub struct Sad {
     /// Ids freed by deletes, reused by later inserts.
     free: imbl::Vector<SaId>,
     by_dst_spi: PMap<(IpAddr, u32), SaId>,
-    /// reqid → SAs in install order (the newest last).
-    by_reqid: PMap<u32, Arc<[SaId]>>,
-    /// (src, dst) → SAs, for templates without a reqid: both endpoints are
-    /// always known (tunnel templates name them, transport uses the flow's).
-    by_pair: PMap<(IpAddr, IpAddr), Arc<[SaId]>>,
+    /// (reqid, lineage) → SA: a reqid's SAs in install order (the newest
+    /// last, an updated SA keeping its place).
+    by_reqid: imbl::OrdMap<(u32, u64), SaId>,
+    /// (src, dst, lineage) → SA, for templates without a reqid: both
+    /// endpoints are always known (tunnel templates name them, transport
+    /// uses the flow's). Ordered maps, not a list per key: a peer with tens
+    /// of thousands of CHILD_SAs between the same two addresses (a
+    /// carrier's IKE peer, a load generator) costs O(log n) a change, not a
+    /// copy of its whole list.
+    by_pair: imbl::OrdMap<(IpAddr, IpAddr, u64), SaId>,
     len: usize,
     lineages: u64,
     /// Changes so far (see [`Sad::version`]).
@@ -39,20 +44,6 @@ pub struct Exists;
 /// `state update` or `delete` of a (dst, SPI) that does not exist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotFound;
-
-/// `list` with `id` in install order (by lineage: an updated SA keeps its place).
-fn with(list: Option<&Arc<[SaId]>>, id: SaId, lineage: impl Fn(SaId) -> u64) -> Arc<[SaId]> {
-    let mut v: Vec<SaId> = list.map(|l| l.to_vec()).unwrap_or_default();
-    let me = lineage(id);
-    let at = v.partition_point(|x| lineage(*x) < me);
-    v.insert(at, id);
-    v.into()
-}
-
-fn without(list: &Arc<[SaId]>, id: SaId) -> Option<Arc<[SaId]>> {
-    let v: Vec<SaId> = list.iter().copied().filter(|x| *x != id).collect();
-    (!v.is_empty()).then(|| v.into())
-}
 
 impl Sad {
     pub fn new() -> Self {
@@ -86,30 +77,15 @@ impl Sad {
     fn index(&mut self, id: SaId, core: &SaCore) {
         let c = &core.cfg;
         self.by_dst_spi.insert((c.dst, c.spi), id);
-        let cores = &self.cores;
-        let lineage = |x: SaId| cores[x].as_ref().map_or(0, |c| c.lineage);
-        let l = with(self.by_reqid.get(&c.reqid), id, lineage);
-        let p = with(self.by_pair.get(&(c.src, c.dst)), id, lineage);
-        self.by_reqid.insert(c.reqid, l);
-        self.by_pair.insert((c.src, c.dst), p);
+        self.by_reqid.insert((c.reqid, core.lineage), id);
+        self.by_pair.insert((c.src, c.dst, core.lineage), id);
     }
 
-    fn unindex(&mut self, id: SaId, core: &SaCore) {
+    fn unindex(&mut self, core: &SaCore) {
         let c = &core.cfg;
         self.by_dst_spi.remove(&(c.dst, c.spi));
-        if let Some(l) = self.by_reqid.get(&c.reqid).map(|l| without(l, id)) {
-            match l {
-                Some(l) => self.by_reqid.insert(c.reqid, l),
-                None => self.by_reqid.remove(&c.reqid),
-            };
-        }
-        let pair = (c.src, c.dst);
-        if let Some(l) = self.by_pair.get(&pair).map(|l| without(l, id)) {
-            match l {
-                Some(l) => self.by_pair.insert(pair, l),
-                None => self.by_pair.remove(&pair),
-            };
-        }
+        self.by_reqid.remove(&(c.reqid, core.lineage));
+        self.by_pair.remove(&(c.src, c.dst, core.lineage));
     }
 
     /// `state update`: replaces the SA with the same (dst, SPI), keeping
@@ -128,7 +104,7 @@ impl Sad {
         core.added = old.added;
         let reindex = (old.cfg.reqid, old.cfg.src) != (core.cfg.reqid, core.cfg.src);
         if reindex {
-            self.unindex(id, &old);
+            self.unindex(&old);
         }
         let core = Arc::new(core);
         self.cores.set(id, Some(core.clone()));
@@ -143,7 +119,7 @@ impl Sad {
     pub fn remove(&mut self, dst: IpAddr, spi: u32) -> Option<(SaId, Arc<SaCore>)> {
         let id = *self.by_dst_spi.get(&(dst, spi))?;
         let old = self.cores.set(id, None)?;
-        self.unindex(id, &old);
+        self.unindex(&old);
         self.free.push_back(id);
         self.len -= 1;
         self.version += 1;
@@ -217,13 +193,23 @@ impl Sad {
                 && dst.is_none_or(|a| a == c.dst)
                 && c.sel.as_ref().is_none_or(|s| s.matches(flow))
         };
-        // An index lookup either way, never a scan of the whole SAD.
-        let candidates = match (t.reqid, src, dst) {
-            (0, Some(s), Some(d)) => self.by_pair.get(&(s, d))?,
-            (0, _, _) => return None, // a tunnel template always names both ends
-            (r, _, _) => self.by_reqid.get(&r)?,
-        };
-        candidates.iter().rev().copied().find(ok)
+        // An index lookup either way, never a scan of the whole SAD: the
+        // key's SAs, the newest first.
+        match (t.reqid, src, dst) {
+            (0, Some(s), Some(d)) => self
+                .by_pair
+                .range((s, d, 0)..=(s, d, u64::MAX))
+                .rev()
+                .map(|(_, id)| *id)
+                .find(ok),
+            (0, _, _) => None, // a tunnel template always names both ends
+            (r, _, _) => self
+                .by_reqid
+                .range((r, 0)..=(r, u64::MAX))
+                .rev()
+                .map(|(_, id)| *id)
+                .find(ok),
+        }
     }
 }
 
