@@ -73,6 +73,12 @@ def rss_kib(pid):
     return 0
 
 
+def cpu_secs(pid):
+    """User + system CPU seconds of process `pid`, all its threads."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
 RESPONDER_CERT = """connections {
   load {
     local_addrs = 198.18.0.1
@@ -96,6 +102,10 @@ RESPONDER_CERT = """connections {
   }
 }
 """
+# Set-ups in flight at once (--window), and the generator's source addresses
+# (--sources: a responder limits the half-open IKE_SAs of one address).
+WINDOW = [64]
+SOURCES = [1]
 # Set by main(): "psk" or "ecdsa", and the CA's directory for ecdsa.
 AUTH = {"kind": "psk", "pki": None}
 
@@ -117,10 +127,21 @@ def generator_auth():
             "--id", "gw2.example.net", "--peer-id", "gw1.example.net"]
 
 
+def add_sources(run, dev, first, count):
+    """Addresses 198.18.0.(first+1) … for a generator with `count` sources
+    (the first, 198.18.0.first, is there already); `run(*cmd)` runs in its
+    namespace."""
+    assert first + count <= 255, "198.18.0.0/24 has no room for so many sources"
+    for k in range(1, count):
+        run("ip", "addr", "add", f"198.18.0.{first + k}/24", "dev", dev)
+
+
 def generate(net, n, hold, on_up):
     """Runs the generator; calls on_up() while the tunnels are held up."""
+    add_sources(lambda *c: net.ns("gw2", *c), "o2", 2, SOURCES[0])
     p = net.popen("gw2", "taskset", "-c", "0", str(LOAD), "--local", "198.18.0.2", "--peer", "198.18.0.1",
                   "--tunnels", str(n), *generator_auth(), "--hold", str(hold), "--timeout", "600",
+                  "--window", str(WINDOW[0]), "--sources", str(SOURCES[0]),
                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = p.stderr.readline()
     assert line.startswith("up "), line + p.stderr.read()
@@ -168,12 +189,16 @@ def espd_ike_run(tmp, n, hold):
         procs.append(ike)
         time.sleep(1)
         base = rss_kib(ike.pid)
+        espd_pid = net.procs["gw1"].pid
+        cpu0 = (cpu_secs(ike.pid), cpu_secs(espd_pid))
 
         def up():
+            cpu = (cpu_secs(ike.pid) - cpu0[0], cpu_secs(espd_pid) - cpu0[1])
             time.sleep(0.5)
             st = subprocess.run(["ip", "netns", "exec", f"{net.p}-gw1", str(ROOT / "target/release/espctl"),
                                  "-s", net.sock("gw1"), "state", "list"], capture_output=True, text=True).stdout
-            return {"rss_kib": rss_kib(ike.pid), "base_kib": base, "espd_states": st.count("state add")}
+            return {"rss_kib": rss_kib(ike.pid), "base_kib": base, "espd_states": st.count("state add"),
+                    "cpu_secs": cpu[0], "espd_cpu_secs": cpu[1]}
 
         r = generate(net, n, hold, up)
         ike.terminate()
@@ -232,7 +257,9 @@ def charon_run(tmp, n, hold):
         d.mkdir()
         procs, pid = start_charon(net, d, responder_conf(d))
         base = rss_kib(pid)
-        r = generate(net, n, hold, lambda: {"rss_kib": rss_kib(pid), "base_kib": base})
+        cpu0 = cpu_secs(pid)
+        r = generate(net, n, hold, lambda: {"rss_kib": rss_kib(pid), "base_kib": base,
+                                            "cpu_secs": cpu_secs(pid) - cpu0})
         r["responder"] = "charon 5.9.8"
         return r
     finally:
@@ -247,7 +274,10 @@ def main():
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--no-charon", action="store_true", help="espd-ike only")
     ap.add_argument("--auth", choices=["psk", "ecdsa"], default="psk")
+    ap.add_argument("--window", type=int, default=64, help="set-ups in flight at once")
+    ap.add_argument("--sources", type=int, default=1, help="generator source addresses")
     a = ap.parse_args()
+    WINDOW[0], SOURCES[0] = a.window, a.sources
     n = 200 if a.smoke else a.tunnels
     rows = []
     pki_dir = tempfile.TemporaryDirectory()
@@ -269,12 +299,18 @@ def main():
     auth = "PSK" if a.auth == "psk" else "ECDSA P-256 certificates"
     print(f"IKE responders, {n} tunnels (IKE_SA + CHILD_SA, {auth}, x25519), {os.cpu_count()} vCPUs; "
           "generator on CPU 0, responder on CPU 1")
-    print("| responder | set-up s | set-ups/s | retransmits | teardown s | RSS up MiB | KiB per IKE_SA |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"window {WINDOW[0]} set-ups in flight from {SOURCES[0]} source address(es); CPU: the responder "
+          "process's user+system seconds during set-up, and the set-ups one of its cores would do at that cost")
+    print("| responder | set-up s | set-ups/s | retransmits | teardown s | RSS up MiB | KiB per IKE_SA "
+          "| responder CPU s (set-ups per core-second) | espd CPU s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         per = (r["rss_kib"] - r["base_kib"]) / n
+        cpu = r["cpu_secs"]
+        espd = f"{r['espd_cpu_secs']:.2f}" if "espd_cpu_secs" in r else "—"
         print(f"| {r['responder']} | {r['setup_secs']:.2f} | {r['setups_per_sec']:.0f} | {r['retransmits']} "
-              f"| {r['teardown_secs']:.2f} | {r['rss_kib'] / 1024:.1f} | {per:.2f} |")
+              f"| {r['teardown_secs']:.2f} | {r['rss_kib'] / 1024:.1f} | {per:.2f} "
+              f"| {cpu:.2f} ({n / max(cpu, 1e-9):.0f}) | {espd} |")
 
 
 if __name__ == "__main__":

@@ -726,6 +726,10 @@ pub struct Config {
     /// Child name → (connection, child) indexes, the first of each name
     /// (built by [`load`]; a load generator's file has thousands).
     children_by_name: std::collections::HashMap<String, (usize, usize)>,
+    /// Connection name → index (built by [`load`]): the engine looks up an
+    /// IKE SA's connection on every message and timer, and a load
+    /// generator's or a carrier's file has tens of thousands.
+    conns_by_name: std::collections::HashMap<String, usize>,
 }
 
 impl Config {
@@ -756,6 +760,9 @@ impl Config {
     }
 
     pub fn conn(&self, name: &str) -> Option<&Conn> {
+        if let Some(&i) = self.conns_by_name.get(name) {
+            return self.connections.get(i);
+        }
         self.connections.iter().find(|c| c.name == name)
     }
 
@@ -801,7 +808,8 @@ pub fn load(path: &Path) -> Result<Config, Vec<String>> {
         ));
     }
     let mut reqid = 1;
-    let mut pend: Vec<(String, Vec<(bool, AuthConf)>)> = Vec::new();
+    let mut pend: Vec<Vec<(bool, AuthConf)>> = Vec::new();
+    let mut conn_names = std::collections::HashSet::new();
     let mut keys: Vec<Arc<crate::cert::Signer>> = Vec::new();
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     for s in &root.subs {
@@ -817,8 +825,8 @@ pub fn load(path: &Path) -> Result<Config, Vec<String>> {
                     let mut pending = Vec::new();
                     match connection(c, &mut reqid, &mut cfg.warnings, &mut pending) {
                         Ok(c) => {
-                            pend.push((c.name.clone(), pending));
-                            if cfg.connections.iter().any(|x| x.name == c.name) {
+                            pend.push(pending);
+                            if !conn_names.insert(c.name.clone()) {
                                 errs.push(format!(
                                     "{}: connection `{}` defined twice",
                                     c.at, c.name
@@ -908,10 +916,8 @@ pub fn load(path: &Path) -> Result<Config, Vec<String>> {
             }
         }
     }
-    for (name, pending) in pend {
-        let Some(c) = cfg.connections.iter_mut().find(|c| c.name == name) else {
-            continue;
-        };
+    // One entry of `pend` per connection, in the same order.
+    for (c, pending) in cfg.connections.iter_mut().zip(pend) {
         for (local, a) in pending {
             if let Err(e) = resolve_auth(c, local, a, &base, &keys) {
                 errs.push(e);
@@ -937,6 +943,7 @@ pub fn load(path: &Path) -> Result<Config, Vec<String>> {
         }
     }
     for (ci, c) in cfg.connections.iter().enumerate() {
+        cfg.conns_by_name.entry(c.name.clone()).or_insert(ci);
         for (hi, ch) in c.children.iter().enumerate() {
             cfg.children_by_name
                 .entry(ch.name.clone())

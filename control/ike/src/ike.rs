@@ -328,8 +328,8 @@ impl IkeSa {
         remote: SocketAddr,
         state: State,
         now: Instant,
-    ) -> IkeSa {
-        IkeSa {
+    ) -> Box<IkeSa> {
+        Box::new(IkeSa {
             conn,
             initiator,
             spi_i,
@@ -372,7 +372,7 @@ impl IkeSa {
             dns_local: Vec::new(),
             crossing: None,
             dead: false,
-        }
+        })
     }
 
     fn our_spi(&self) -> u64 {
@@ -496,7 +496,10 @@ fn peer_hash(conn: &str, id: &Id) -> u64 {
 /// out again ([`SaTable::refresh`]), so no change can leave a stale one.
 #[derive(Default)]
 struct SaTable {
-    map: HashMap<u64, IkeSa>,
+    /// Boxed: an IkeSa is about 1.5 KiB, and a hash table holds up to
+    /// twice its entries' size in free buckets; events take an SA out and
+    /// put it back, which moves a pointer, not the SA.
+    map: HashMap<u64, Box<IkeSa>>,
     /// SPIs by connection name, as of each SA's last insertion (a
     /// connection's SAs without a walk over all of them).
     by_conn: HashMap<String, std::collections::HashSet<u64>>,
@@ -510,7 +513,7 @@ struct SaTable {
 }
 
 impl SaTable {
-    fn insert(&mut self, k: u64, v: IkeSa) -> Option<IkeSa> {
+    fn insert(&mut self, k: u64, v: Box<IkeSa>) -> Option<Box<IkeSa>> {
         self.dirty.insert(k);
         self.by_conn.entry(v.conn.clone()).or_default().insert(k);
         if let Some(id) = &v.remote_id {
@@ -535,7 +538,7 @@ impl SaTable {
         old
     }
 
-    fn remove(&mut self, k: &u64) -> Option<IkeSa> {
+    fn remove(&mut self, k: &u64) -> Option<Box<IkeSa>> {
         self.unindex(*k);
         self.dirty.remove(k);
         let v = self.map.remove(k);
@@ -558,6 +561,7 @@ impl SaTable {
         self.by_peer
             .range((h, 0)..=(h, u64::MAX))
             .filter_map(|(_, k)| self.map.get_key_value(k))
+            .map(|(k, v)| (k, &**v))
             .filter(move |(_, sa)| sa.conn == conn && sa.remote_id.as_ref() == Some(id))
     }
 
@@ -577,11 +581,12 @@ impl SaTable {
             .into_iter()
             .flatten()
             .filter_map(|k| self.map.get_key_value(k))
+            .map(|(k, v)| (k, &**v))
     }
 
     fn values_mut(&mut self) -> impl Iterator<Item = &mut IkeSa> {
         self.touch_all();
-        self.map.values_mut()
+        self.map.values_mut().map(|b| &mut **b)
     }
 
     fn touch_all(&mut self) {
@@ -589,7 +594,7 @@ impl SaTable {
     }
 
     fn get(&self, k: &u64) -> Option<&IkeSa> {
-        self.map.get(k)
+        self.map.get(k).map(|b| &**b)
     }
 
     fn contains_key(&self, k: &u64) -> bool {
@@ -597,11 +602,11 @@ impl SaTable {
     }
 
     fn iter(&self) -> impl Iterator<Item = (&u64, &IkeSa)> {
-        self.map.iter()
+        self.map.iter().map(|(k, v)| (k, &**v))
     }
 
     fn values(&self) -> impl Iterator<Item = &IkeSa> {
-        self.map.values()
+        self.map.values().map(|b| &**b)
     }
 
     fn len(&self) -> usize {
@@ -618,7 +623,7 @@ impl SaTable {
     fn refresh(&mut self, deadline: impl Fn(&IkeSa) -> Option<Instant>) {
         for k in std::mem::take(&mut self.dirty) {
             self.unindex(k);
-            if let Some(t) = self.map.get(&k).and_then(&deadline) {
+            if let Some(t) = self.map.get(&k).and_then(|b| deadline(b)) {
                 self.at.insert(k, t);
                 self.by_time.insert((t, k));
             }
@@ -874,6 +879,29 @@ impl Endpoint {
         *self.stats.entry(what).or_default() += 1;
     }
 
+    /// How long after its due time (`rekey_due`) a CHILD_SA rekey we
+    /// started was complete (the new pair installed), as counts in decade
+    /// buckets and the largest; `late`: after the old SA's `life_time`,
+    /// when espd has already removed it (RFC 4301 §4.4.2.1: its hard
+    /// lifetime) and the tunnel had no SA. A gateway with tens of thousands
+    /// of tunnels shows here whether it keeps up (docs/ike.md "Counters").
+    fn rekey_lag(&mut self, lag: Duration, late: bool) {
+        let ms = u64::try_from(lag.as_millis()).unwrap_or(u64::MAX);
+        let bucket = match ms {
+            0..10 => "child-rekey-lag.0-10ms",
+            10..100 => "child-rekey-lag.10-100ms",
+            100..1000 => "child-rekey-lag.100ms-1s",
+            1000..10000 => "child-rekey-lag.1-10s",
+            _ => "child-rekey-lag.over-10s",
+        };
+        self.count(bucket);
+        let max = self.stats.entry("child-rekey-lag-max-ms").or_default();
+        *max = (*max).max(ms);
+        if late {
+            self.count("child-rekey-late");
+        }
+    }
+
     fn drop_msg(&mut self, why: &'static str) {
         *self.stats.entry("dropped").or_default() += 1;
         let k: &'static str = match why {
@@ -1125,7 +1153,7 @@ impl Endpoint {
     }
 
     /// Ends an IKE SA here: its children are removed, nothing is sent.
-    fn kill(&mut self, mut sa: IkeSa, why: &str) {
+    fn kill(&mut self, mut sa: Box<IkeSa>, why: &str) {
         self.release_vips(&sa);
         for c in sa.children.drain(..) {
             self.remove_child(c, why);
@@ -2257,8 +2285,8 @@ impl Endpoint {
     fn kill_now(&mut self, sa: &mut IkeSa, why: &str) {
         let label = sa.label();
         self.log(format!("{label}: {why}; IKE_SA deleted"));
-        let taken = std::mem::replace(sa, dead_placeholder(sa));
-        self.kill(taken, why);
+        let taken = std::mem::replace(sa, *dead_placeholder(sa));
+        self.kill(Box::new(taken), why);
         sa.dead = true;
     }
 
@@ -2504,6 +2532,10 @@ impl Endpoint {
                                 // (the newest SA of a reqid carries the traffic);
                                 // now the old one goes (RFC 7296 §2.8).
                                 self.count("child-rekeyed");
+                                if let Some(c) = sa.children.iter().find(|c| c.spi_in == old) {
+                                    let (due, end) = (rekey_due(c), c.installed_at + c.life_time);
+                                    self.rekey_lag(now.saturating_duration_since(due), now >= end);
+                                }
                                 sa.queue.push_front(Queued::DeleteChild(old));
                             }
                             (None, _) => {}
@@ -2737,7 +2769,7 @@ impl Endpoint {
         ni: Vec<u8>,
         nr: Vec<u8>,
         now: Instant,
-    ) -> IkeSa {
+    ) -> Box<IkeSa> {
         let mut n = self.rekeyed_sa(old, initiator, spi_i, spi_r, chosen, keys, ni, nr, now);
         self.adopt(&mut n, old, now);
         n
@@ -2756,7 +2788,7 @@ impl Endpoint {
         ni: Vec<u8>,
         nr: Vec<u8>,
         now: Instant,
-    ) -> IkeSa {
+    ) -> Box<IkeSa> {
         let mut n = IkeSa::new(
             old.conn.clone(),
             initiator,
@@ -2828,7 +2860,7 @@ impl Endpoint {
         &mut self,
         sa: &mut IkeSa,
         x: Crossing,
-        mut mine: IkeSa,
+        mut mine: Box<IkeSa>,
         our_ni: &[u8],
         their_nr: &[u8],
         now: Instant,
@@ -4006,8 +4038,8 @@ impl Endpoint {
                     }
                 }
             }
-            let taken = std::mem::replace(sa, dead_placeholder(sa));
-            self.kill(taken, "IKE_SA deleted by the peer");
+            let taken = std::mem::replace(sa, *dead_placeholder(sa));
+            self.kill(Box::new(taken), "IKE_SA deleted by the peer");
             sa.dead = true;
             return;
         }
@@ -4072,7 +4104,7 @@ fn child_line(sa: &IkeSa, c: &ChildSa, what: &str) -> String {
 }
 
 /// An emptied IKE SA left in place of one handed to `kill`.
-fn dead_placeholder(sa: &IkeSa) -> IkeSa {
+fn dead_placeholder(sa: &IkeSa) -> Box<IkeSa> {
     let mut d = IkeSa::new(
         sa.conn.clone(),
         sa.initiator,

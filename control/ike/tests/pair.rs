@@ -519,11 +519,41 @@ fn children_are_rekeyed_make_before_break_and_the_old_pair_goes() {
     assert_eq!(n.removes[1].len(), 1);
     assert_eq!(n.removes[1][0].spi_in, old_b.spi_in);
     assert_eq!(n.a.stats().get("child-rekeyed"), Some(&1));
+    // On time: complete within 10 ms of its due time, not late.
+    assert_eq!(n.a.stats().get("child-rekey-lag.0-10ms"), Some(&1));
+    assert_eq!(n.a.stats().get("child-rekey-lag-max-ms"), Some(&0));
+    assert_eq!(n.a.stats().get("child-rekey-late"), None);
     // And again about 20 s later: rekeys go on, one at a time.
     n.run(Duration::from_secs(22));
     assert_eq!(n.up(0).len(), 3, "{:#?}", n.logs[0]);
     assert_eq!(n.removes[0].len(), 2);
     assert_eq!(n.removes[1].len(), 2);
+}
+
+#[test]
+fn a_rekey_held_up_by_loss_is_counted_as_lagging_and_late_past_the_life_time() {
+    // A rekeys at 20 s with no jitter, the old SA living until 22 s.
+    let mut n = pair(
+        "",
+        "",
+        "rekey_time = 20s\n rand_time = 0s\n life_time = 22s",
+        "rekey_time = 100s\n life_time = 120s",
+        "s3cret",
+    );
+    n.a.initiate("net", None, n.now).unwrap();
+    n.run(Duration::from_secs(5));
+    assert_matching(&n);
+    // The rekey's CREATE_CHILD_SA and its first retransmission are lost:
+    // the new pair comes seconds late, after the old SA's life_time.
+    let from = n.sent;
+    n.fate = Box::new(move |i| u8::from(i >= from && i < from + 2));
+    n.run(Duration::from_secs(40));
+    let st = n.a.stats();
+    assert_eq!(st.get("child-rekeyed"), Some(&1), "{:#?}", n.logs[0]);
+    assert_eq!(st.get("child-rekey-lag.1-10s"), Some(&1), "{st:?}");
+    let max = st["child-rekey-lag-max-ms"];
+    assert!((2000..10000).contains(&max), "{max} ms: {st:?}");
+    assert_eq!(st.get("child-rekey-late"), Some(&1), "{st:?}");
 }
 
 #[test]

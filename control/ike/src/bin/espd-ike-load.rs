@@ -38,6 +38,13 @@ use std::time::{Duration, Instant};
 struct Args {
     #[arg(long)]
     local: IpAddr,
+    /// Use this many consecutive local addresses from `--local` on (each
+    /// must be on an interface), tunnel i from the (i mod N)-th: many
+    /// clients come from many addresses, and a responder limits the
+    /// half-open IKE_SAs of one address (espd-ike: 100), which would cap
+    /// `--window`.
+    #[arg(long, default_value_t = 1)]
+    sources: u32,
     #[arg(long)]
     peer: IpAddr,
     #[arg(long, default_value_t = 1000)]
@@ -123,7 +130,7 @@ fn config(a: &Args) -> anyhow::Result<Arc<conf::Config>> {
              local {{ {local} }}\n remote {{ {remote} }}\n \
              children {{ c{i} {{ local_ts = 198.19.{hi}.{lo}/32\n remote_ts = 198.18.1.0/24\n \
              esp_proposals = {} }} }} }}",
-            a.local, a.peer, a.proposals, a.esp
+            source(a, n), a.peer, a.proposals, a.esp
         )?;
     }
     match &a.psk {
@@ -151,13 +158,28 @@ fn config(a: &Args) -> anyhow::Result<Arc<conf::Config>> {
     Ok(Arc::new(c))
 }
 
-/// Hands everything the endpoint wants sent to the socket; counts CHILD_SAs
-/// up (their outbound half) and removed.
-fn drain(ep: &mut Endpoint, sock: &UdpSocket, up: &mut u32, down: &mut u32) {
+/// The local address of tunnel `n`: `--local` plus (n mod `--sources`).
+fn source(a: &Args, n: u32) -> IpAddr {
+    let k = n % a.sources.max(1);
+    match a.local {
+        IpAddr::V4(v) => IpAddr::V4((u32::from(v) + k).into()),
+        IpAddr::V6(v) => IpAddr::V6((u128::from(v) + u128::from(k)).into()),
+    }
+}
+
+/// Hands everything the endpoint wants sent to the socket of its local
+/// address; counts CHILD_SAs up (their outbound half) and removed.
+fn drain(ep: &mut Endpoint, socks: &[(SocketAddr, UdpSocket)], up: &mut u32, down: &mut u32) {
     while let Some(o) = ep.poll_output() {
         match o {
-            Output::Send { remote, data, .. } => {
-                let _ = sock.send_to(&data, remote);
+            Output::Send {
+                local,
+                remote,
+                data,
+            } => {
+                if let Some((_, sock)) = socks.iter().find(|(a, _)| *a == local) {
+                    let _ = sock.send_to(&data, remote);
+                }
             }
             Output::Install { dir: Dir::Out, .. } => *up += 1,
             Output::Remove { .. } => *down += 1,
@@ -172,39 +194,66 @@ fn main() -> anyhow::Result<()> {
         u64::from(a.first) + u64::from(a.tunnels) <= 65536,
         "--first + --tunnels: at most 65536 (one /32 of 198.19.0.0/16 each)"
     );
+    anyhow::ensure!(
+        (1..=256).contains(&a.sources),
+        "--sources: 1 to 256 addresses"
+    );
     let cfg = config(&a)?;
     let mut ep = Endpoint::new(cfg);
-    let sock = UdpSocket::bind(SocketAddr::new(a.local, 500))?;
-    sock.set_read_timeout(Some(Duration::from_millis(5)))?;
+    let mut socks = Vec::new();
+    for k in 0..a.sources {
+        let at = SocketAddr::new(source(&a, k), 500);
+        let sock =
+            UdpSocket::bind(at).map_err(|e| anyhow::anyhow!("{at}: {e} (is it configured?)"))?;
+        // Room for the answers to a window of set-ups (each datagram
+        // costs its buffer's true size, a few KiB).
+        let _ = nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::RcvBuf, &(4 << 20));
+        // One address: block in recv (5 ms at most, for the timers); several:
+        // each is drained without blocking and the loop naps 100 µs when
+        // none had anything.
+        if a.sources == 1 {
+            sock.set_read_timeout(Some(Duration::from_millis(5)))?;
+        } else {
+            sock.set_nonblocking(true)?;
+        }
+        socks.push((at, sock));
+    }
     let deadline = Instant::now() + Duration::from_secs(a.timeout);
     let (mut up, mut down, mut started) = (0u32, 0u32, 0u32);
     let mut buf = vec![0u8; 65536];
     let t0 = Instant::now();
+    let socks = &socks;
     let mut pump = |ep: &mut Endpoint, up: &mut u32, down: &mut u32| -> anyhow::Result<()> {
         // Whatever arrived, then the timers.
-        loop {
-            match sock.recv_from(&mut buf) {
-                Ok((n, from)) => {
-                    let local = SocketAddr::new(a.local, 500);
-                    ep.handle(Instant::now(), local, from, &buf[..n]);
-                    drain(ep, &sock, up, down);
+        let mut got = false;
+        for (local, sock) in socks {
+            loop {
+                match sock.recv_from(&mut buf) {
+                    Ok((n, from)) => {
+                        got = true;
+                        ep.handle(Instant::now(), *local, from, &buf[..n]);
+                        drain(ep, socks, up, down);
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        break
+                    }
+                    Err(e) => return Err(e.into()),
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    break
-                }
-                Err(e) => return Err(e.into()),
             }
+        }
+        if !got && socks.len() > 1 {
+            std::thread::sleep(Duration::from_micros(100));
         }
         let now = Instant::now();
         if ep.poll_timeout().is_some_and(|t| t <= now) {
             ep.handle_timeout(now);
         }
-        drain(ep, &sock, up, down);
+        drain(ep, socks, up, down);
         Ok(())
     };
     while up < a.tunnels {
@@ -218,7 +267,7 @@ fn main() -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!(e))?;
             started += 1;
         }
-        drain(&mut ep, &sock, &mut up, &mut down);
+        drain(&mut ep, socks, &mut up, &mut down);
         pump(&mut ep, &mut up, &mut down)?;
     }
     let setup = t0.elapsed();
@@ -242,7 +291,7 @@ fn main() -> anyhow::Result<()> {
             ep.terminate(&format!("t{asked}"), Instant::now());
             asked += 1;
         }
-        drain(&mut ep, &sock, &mut up, &mut down);
+        drain(&mut ep, socks, &mut up, &mut down);
         pump(&mut ep, &mut up, &mut down)?;
     }
     let teardown = t1.elapsed();
@@ -251,6 +300,7 @@ fn main() -> anyhow::Result<()> {
         serde_json::json!({
             "tunnels": a.tunnels,
             "window": a.window,
+            "sources": a.sources,
             "setup_secs": setup.as_secs_f64(),
             "setups_per_sec": f64::from(a.tunnels) / setup.as_secs_f64(),
             "teardown_secs": teardown.as_secs_f64(),

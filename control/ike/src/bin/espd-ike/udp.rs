@@ -55,6 +55,13 @@ pub fn open(port: u16, v6: bool) -> anyhow::Result<Sock> {
     let fd = socket(fam, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
         .with_context(|| format!("creating a UDP socket for port {port}"))?;
     setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    // Room for a burst (thousands of peers coming back at once after a
+    // restart or a link flap; a half-open flood): 4 MiB asked, the kernel
+    // caps it at net.core.rmem_max. A datagram costs its buffer's true
+    // size (a few KiB), so the default 208 KiB holds only about a hundred.
+    if let Err(e) = setsockopt(&fd, sockopt::RcvBuf, &(4 << 20)) {
+        eprintln!("espd-ike: SO_RCVBUF on port {port}: {e} (the default stays)");
+    }
     // espd's host mark: on an `espd run --host` host, IKE to a peer whose
     // address is a protected destination is routed by `main`, not into
     // espd's host pair (docs/operations.md, "Host mode"); without host
