@@ -48,6 +48,14 @@ elif [ "${CI:-}" = true ]; then
 else
     echo "skipped: needs root (network namespaces, XDP)"
 fi
+echo "== IKE rekeys at scale (smoke: 1 000 tunnels rekeyed every 20 s with a numbered stream; full: scripts/oracle/ikerekey.py)"
+if [ "$(id -u)" = 0 ]; then
+    .venv/bin/python scripts/oracle/ikerekey.py --smoke
+elif [ "${CI:-}" = true ]; then
+    echo "CI must run as root: the IKE rekey test needs network namespaces" >&2; exit 1
+else
+    echo "skipped: needs root (network namespaces, XDP)"
+fi
 echo "== oracle suite (scapy 2.8, tshark, cryptography)"
 # In CI a skipped test is a failure: the tshark fixture fails there instead of skipping.
 .venv/bin/python -m pytest -p no:cacheprovider -q scripts/oracle "$@"
