@@ -168,8 +168,13 @@ impl Daemon {
         self.link.apply("espd-ike", text)
     }
 
-    /// Delete lines, one batch each: an SA espd already expired is no error.
+    /// Removes from espd: all the lines as one batch, or, if espd refuses
+    /// it (one of them names what is gone already), line by line, where
+    /// "no state" and "no policy" are not errors.
     fn delete(&mut self, lines: Vec<String>) {
+        if lines.len() > 1 && self.apply(&lines.join("\n")).is_ok() {
+            return;
+        }
         for l in lines {
             match self.apply(&l) {
                 Ok(()) => {}
@@ -421,25 +426,43 @@ impl Daemon {
     /// to espd, not two each. A removal is a barrier: what came before it
     /// is done first.
     fn drain_outputs(&mut self, now: Instant) {
+        let mut next = self.ep.poll_output();
         loop {
             let mut run = Vec::new();
-            let mut barrier = None;
-            while let Some(o) = self.ep.poll_output() {
+            while let Some(o) = next.take() {
                 match o {
                     Output::Send { .. } | Output::Install { .. } | Output::Log(_) => run.push(o),
                     other => {
-                        barrier = Some(other);
+                        next = Some(other);
                         break;
                     }
                 }
+                next = self.ep.poll_output();
             }
-            if run.is_empty() && barrier.is_none() {
+            if run.is_empty() && next.is_none() {
                 return;
             }
             self.run_outputs(run, now);
-            if let Some(o) = barrier {
-                self.output(o, now);
+            // A run of removals (a barrier to what came before and after
+            // it): their espd lines as one batch.
+            let mut gone = Vec::new();
+            while let Some(o) = next.take() {
+                match o {
+                    Output::Remove { child, why } => {
+                        log(&format!(
+                            "removing CHILD_SA {} ({:08x}/{:08x}) from espd: {why}",
+                            child.name, child.spi_in, child.spi_out
+                        ));
+                        gone.extend(self.inst.remove(child.spi_in).delete);
+                    }
+                    other => {
+                        next = Some(other);
+                        break;
+                    }
+                }
+                next = self.ep.poll_output();
             }
+            self.delete(gone);
         }
     }
 
