@@ -225,6 +225,7 @@ def start_charon(net, d, conf_text):
   filelog {{
     log {{
       path = {d}/charon.log
+      flush_line = yes
       default = 0
     }}
   }}

@@ -1,7 +1,8 @@
 //! espd-ike-load: a load generator for IKE responders (espd-ike, charon).
 //!
 //! Brings up `--tunnels N` IKE_SAs, each with one CHILD_SA, against one
-//! responder from one address, at most `--window W` being set up at once,
+//! responder from one address (or `--sources N` consecutive ones), at most
+//! `--window W` being set up at once,
 //! then deletes them all; prints one JSON line with the timings. Each
 //! tunnel has its own identity (`load-N`, so no INITIAL_CONTACT clears
 //! another) and its own /32 selector (198.19.0.0/16, so each CHILD_SA has
@@ -177,7 +178,10 @@ fn drain(ep: &mut Endpoint, socks: &[(SocketAddr, UdpSocket)], up: &mut u32, dow
                 remote,
                 data,
             } => {
-                if let Some((_, sock)) = socks.iter().find(|(a, _)| *a == local) {
+                // By address only: after a move to port 4500 (a NAT
+                // detected, RFC 7296 §2.23) a message still leaves from the
+                // address's one socket, as before there were several.
+                if let Some((_, sock)) = socks.iter().find(|(a, _)| a.ip() == local.ip()) {
                     let _ = sock.send_to(&data, remote);
                 }
             }
@@ -237,7 +241,9 @@ fn main() -> anyhow::Result<()> {
                     Err(e)
                         if matches!(
                             e.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            std::io::ErrorKind::WouldBlock
+                                | std::io::ErrorKind::TimedOut
+                                | std::io::ErrorKind::Interrupted
                         ) =>
                     {
                         break
