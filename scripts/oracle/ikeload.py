@@ -37,8 +37,10 @@ ESPD_IKE = ROOT / "target" / "release" / "espd-ike"
 CHARON = "/usr/lib/ipsec/charon"
 PSK = "load-test-secret-0123456789abcdef"
 
-RESPONDER = f"""connections {{
-  load {{
+
+def load_conn(esp="aes128gcm16", child_extra=""):
+    """The responder's connection for the generator (PSK, any address)."""
+    return f"""  load {{
     local_addrs = 198.18.0.1
     proposals = aes128gcm16-prfsha256-x25519
     local {{
@@ -52,18 +54,19 @@ RESPONDER = f"""connections {{
       load {{
         local_ts = 198.18.1.0/24
         remote_ts = 198.19.0.0/16
-        esp_proposals = aes128gcm16
+        esp_proposals = {esp}{child_extra}
       }}
     }}
   }}
-}}
-secrets {{
-  ike-load {{
+"""
+
+
+LOAD_SECRET = f"""  ike-load {{
     id = gw
     secret = "{PSK}"
   }}
-}}
 """
+RESPONDER = f"connections {{\n{load_conn()}}}\nsecrets {{\n{LOAD_SECRET}}}\n"
 
 
 def rss_kib(pid):

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ikeload import ESPD_IKE, LOAD, PSK, add_sources, cleanup, rss_kib  # noqa: E402
+from ikeload import ESPD_IKE, LOAD, LOAD_SECRET, PSK, add_sources, cleanup, load_conn, rss_kib  # noqa: E402
 from test_gateway import PY, Net, sh  # noqa: E402
 import test_ike  # noqa: E402
 from test_ike import ESPCTL, STREAM_RX, STREAM_TX, Charon, swanctl_conf  # noqa: E402
@@ -57,35 +57,9 @@ def responder_conf(rekey, rand, sample_rekey):
                         f"\n        rand_time = 0s\n        life_time = {3 * sample_rekey}s")
     conns, secrets = site.split("\nsecrets {\n")
     conns = conns.rstrip().removesuffix("}")
-    return f"""{conns}
-  load {{
-    local_addrs = 198.18.0.1
-    proposals = aes128gcm16-prfsha256-x25519
-    local {{
-      auth = psk
-      id = gw
-    }}
-    remote {{
-      auth = psk
-    }}
-    children {{
-      load {{
-        local_ts = 198.18.1.0/24
-        remote_ts = 198.19.0.0/16
-        esp_proposals = aes128gcm16-x25519
-        rekey_time = {rekey}s
-        rand_time = {rand}s
-        life_time = {rekey + rand}s
-      }}
-    }}
-  }}
-}}
-secrets {{
-  ike-load {{
-    id = gw
-    secret = "{PSK}"
-  }}
-{secrets}"""
+    load = load_conn(esp="aes128gcm16-x25519", child_extra=f"\n        rekey_time = {rekey}s"
+                     f"\n        rand_time = {rand}s\n        life_time = {rekey + rand}s")
+    return f"{conns}\n{load}}}\nsecrets {{\n{LOAD_SECRET}{secrets}"
 
 
 class Gen:
