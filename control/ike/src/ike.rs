@@ -884,7 +884,8 @@ impl Endpoint {
     /// buckets and the largest; `late`: after the old SA's `life_time`,
     /// when espd has already removed it (RFC 4301 §4.4.2.1: its hard
     /// lifetime) and the tunnel had no SA. A gateway with tens of thousands
-    /// of tunnels shows here whether it keeps up (docs/ike.md "Counters").
+    /// of tunnels shows here whether it keeps up (docs/ike.md, "What the
+    /// core does"; docs/operations.md).
     fn rekey_lag(&mut self, lag: Duration, late: bool) {
         let ms = u64::try_from(lag.as_millis()).unwrap_or(u64::MAX);
         let bucket = match ms {

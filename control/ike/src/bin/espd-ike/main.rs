@@ -448,13 +448,7 @@ impl Daemon {
             let mut gone = Vec::new();
             while let Some(o) = next.take() {
                 match o {
-                    Output::Remove { child, why } => {
-                        log(&format!(
-                            "removing CHILD_SA {} ({:08x}/{:08x}) from espd: {why}",
-                            child.name, child.spi_in, child.spi_out
-                        ));
-                        gone.extend(self.inst.remove(child.spi_in).delete);
-                    }
+                    Output::Remove { child, why } => gone.extend(self.removal(&child, &why)),
                     other => {
                         next = Some(other);
                         break;
@@ -566,15 +560,20 @@ impl Daemon {
             },
             Output::Install { child, dir } => self.install_all(&[*child], dir, now),
             Output::Remove { child, why } => {
-                log(&format!(
-                    "removing CHILD_SA {} ({:08x}/{:08x}) from espd: {why}",
-                    child.name, child.spi_in, child.spi_out
-                ));
-                let b = self.inst.remove(child.spi_in);
-                self.delete(b.delete);
+                let lines = self.removal(&child, &why);
+                self.delete(lines);
             }
             Output::Log(s) => log(&s),
         }
+    }
+
+    /// A CHILD_SA leaves espd: logged, and the lines that remove it.
+    fn removal(&mut self, child: &ChildSa, why: &str) -> Vec<String> {
+        log(&format!(
+            "removing CHILD_SA {} ({:08x}/{:08x}) from espd: {why}",
+            child.name, child.spi_in, child.spi_out
+        ));
+        self.inst.remove(child.spi_in).delete
     }
 
     /// Trap policies and `start_action = start` of the configuration.
