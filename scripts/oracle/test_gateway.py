@@ -396,18 +396,24 @@ def test_two_workers_share_the_sas_safely(tmp_path):
     assert all(w["rx_inside"] > 100 for w in s1["workers"]), s1["workers"]
     # One worker owns each SA and the other hands packets over: the peer sees
     # every SA's numbers in order (no TooOld, no Replay), nothing is lost but
-    # what the kernel could not put into a full AF_XDP ring (counted).
+    # what the kernel could not put into a full AF_XDP ring and what did not
+    # fit the bounded queue to the owning worker (HandoffFull: eight TCP
+    # flows through four workers on two shared vCPUs overload it now and
+    # then, before and after this session's changes alike), all counted.
     for s in (s1, s2):
-        assert set(drops(s)) <= {"PacketTooBig", "XskDropped", "XskRingFull"}, drops(s)
+        assert set(drops(s)) <= {"PacketTooBig", "XskDropped", "XskRingFull", "HandoffFull"}, drops(s)
     assert sum(w["handed_off"] for w in s1["workers"]) > 0, s1["workers"]
     sa = {x["spi"]: x for x in s1["sas"]}["0x00001001"]
     assert sa["oseq"] == sa["packets"], sa
     rx = {x["spi"]: x for x in s2["sas"]}["0x00001001"]
     # Received, or dropped by the kernel before AF_XDP (RX ring full: the
     # two gateways' four workers share two cores); nothing else is lost.
+    # A packet gw2 dropped as HandoffFull was on its way to the owner of its
+    # SA (this one, or the other direction's): at most that many are missing.
     kdrop = sum(w["kernel_rx_dropped_outside"] for w in s2["workers"])
-    assert rx["packets"] + kdrop == sa["packets"], \
-        (rx, sa, kdrop, s2["workers"])
+    full = drops(s2).get("HandoffFull", 0)
+    assert rx["packets"] + kdrop <= sa["packets"] <= rx["packets"] + kdrop + full, \
+        (rx, sa, kdrop, full, s2["workers"])
 
 
 def test_big_packets_fragment_before_encapsulation_or_get_icmp(net):
