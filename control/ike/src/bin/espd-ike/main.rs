@@ -404,6 +404,11 @@ impl Daemon {
                 }
             }
             Ev::Ctl(req, reply) => {
+                // The outputs of the events before it are carried out
+                // first: a listing never shows a CHILD_SA whose halves,
+                // virtual addresses or DNS servers are still to be put in
+                // place (the burst in `run` would otherwise hold them).
+                self.drain(now);
                 let a = self.control(&req, now);
                 let _ = reply.send(a);
             }
