@@ -7,7 +7,7 @@
 //! whole result is parsed as one configuration; any error changes nothing.
 //! The lines hold keys: they are zeroized when dropped.
 
-use crate::parse::{parse_line, Item};
+use crate::parse::{parse_line, parse_words, Item};
 use crate::{lex, Config, ConfigError, ConfigErrors};
 use espd_core::state::{Action, CMap as PMap, Direction, Policy, SaCore, Selector};
 use std::net::IpAddr;
@@ -189,20 +189,21 @@ impl Db {
             l.push_str(" add");
             for x in &w[2..] {
                 l.push(' ');
-                if x.contains(char::is_whitespace) || x.contains('(') {
-                    l.push('\'');
-                    l.push_str(x);
-                    l.push('\'');
-                } else {
-                    l.push_str(x);
-                }
+                push_word(&mut l, x);
             }
             Zeroizing::new(l)
+        };
+        // The same as words, for the parser.
+        let add_words = || {
+            let mut v = Vec::with_capacity(w.len());
+            v.extend([obj, "add"]);
+            v.extend_from_slice(&w[2..]);
+            v
         };
         match (obj, verb) {
             ("state", "add" | "update") => {
                 let line = as_add();
-                let Some(Item::State(cfg)) = parse_line(&line)? else {
+                let Some(Item::State(cfg)) = parse_words(&add_words())? else {
                     return Err("expected a state".into());
                 };
                 let key = (cfg.dst, cfg.spi);
@@ -251,7 +252,7 @@ impl Db {
             }
             ("policy", "add" | "update" | "delete") => {
                 let line = as_add();
-                let Some(Item::Policy(p)) = parse_line(&line)? else {
+                let Some(Item::Policy(p)) = parse_words(&add_words())? else {
                     return Err("expected a policy".into());
                 };
                 let key = (p.dir, p.sel);
@@ -323,10 +324,28 @@ fn exact(line: Zeroizing<String>) -> Arc<Zeroizing<String>> {
 }
 
 fn quote(x: &str) -> String {
-    if x.is_empty() || x.contains(char::is_whitespace) || x.contains('(') {
-        format!("'{x}'")
+    let mut s = String::new();
+    push_word(&mut s, x);
+    s
+}
+
+/// `x` as a word [`lex::words`] reads back as `x` (the kept lines are
+/// parsed again at a restart and applied again from listings).
+fn push_word(l: &mut String, x: &str) {
+    let q = if x.contains('\'') {
+        Some('"')
+    } else if x.is_empty() || x.contains(|c: char| c.is_whitespace() || "()#\"".contains(c)) {
+        Some('\'')
     } else {
-        x.to_string()
+        None
+    };
+    match q {
+        Some(q) => {
+            l.push(q);
+            l.push_str(x);
+            l.push(q);
+        }
+        None => l.push_str(x),
     }
 }
 
@@ -429,6 +448,13 @@ mod tests {
         let mut again = Db::default();
         again.apply("b", &db.state_lines(true)[0]).unwrap();
         assert_eq!(again.states(), 1);
+    }
+
+    #[test]
+    fn kept_lines_read_back_as_the_words_given() {
+        for x in ["plain", "rfc4106(gcm(aes))", "a b", "a#b", "it's", "say \"x\"", ""] {
+            assert_eq!(lex::words(&quote(x)).unwrap(), vec![x.to_string()], "{x:?}");
+        }
     }
 
     #[test]

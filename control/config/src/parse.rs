@@ -27,14 +27,16 @@ type R<T> = Result<T, String>;
 /// Parses one line; `Ok(None)` for blank and comment lines.
 pub fn parse_line(line: &str) -> R<Option<Item>> {
     let mut words = lex::words(line)?;
-    let r = parse_words(&words);
+    let r = parse_words(&words.iter().map(String::as_str).collect::<Vec<_>>());
     for w in &mut words {
         w.zeroize();
     }
     r
 }
 
-fn parse_words(words: &[String]) -> R<Option<Item>> {
+/// [`parse_line`] of a line already split into words (the running
+/// configuration's batches are split once, not twice).
+pub fn parse_words(words: &[&str]) -> R<Option<Item>> {
     let mut w = Words { w: words, i: 0 };
     if w.peek().is_none() {
         return Ok(None);
@@ -71,13 +73,13 @@ fn expected(got: Option<&str>, what: &str) -> String {
 }
 
 struct Words<'a> {
-    w: &'a [String],
+    w: &'a [&'a str],
     i: usize,
 }
 
 impl<'a> Words<'a> {
     fn peek(&self) -> Option<&'a str> {
-        self.w.get(self.i).map(String::as_str)
+        self.w.get(self.i).copied()
     }
     fn next(&mut self) -> Option<&'a str> {
         let r = self.peek();

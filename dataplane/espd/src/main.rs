@@ -4,6 +4,10 @@
 //! gateway uses, so correctness can be proven against scapy and tshark
 //! without any kernel I/O.
 
+/// The allocator: see docs/performance.md (the control plane at scale).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod gateway;
 mod pcap;
