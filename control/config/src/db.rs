@@ -452,7 +452,15 @@ mod tests {
 
     #[test]
     fn kept_lines_read_back_as_the_words_given() {
-        for x in ["plain", "rfc4106(gcm(aes))", "a b", "a#b", "it's", "say \"x\"", ""] {
+        for x in [
+            "plain",
+            "rfc4106(gcm(aes))",
+            "a b",
+            "a#b",
+            "it's",
+            "say \"x\"",
+            "",
+        ] {
             assert_eq!(lex::words(&quote(x)).unwrap(), vec![x.to_string()], "{x:?}");
         }
     }
