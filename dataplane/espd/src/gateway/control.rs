@@ -91,9 +91,9 @@ impl EngineParams {
             match op {
                 Op::AddSa(mut core) => {
                     if outbound(t, &core.cfg) {
-                        let continued = seqs.continue_from(&mut core.cfg);
+                        let (rec, continued) = seqs.admit(&mut core.cfg);
                         core.share = espd_core::state::SaShare::new(core.cfg.replay_oseq);
-                        d.seqs.push(SeqOp::Record(core.cfg.clone(), continued));
+                        d.seqs.push(SeqOp::Record(rec, continued));
                     }
                     self.prepare(&mut core);
                     super::mirror::apply_op(t, Op::AddSa(core), &mut d)?;
@@ -103,7 +103,8 @@ impl EngineParams {
                     if let Some(id) = super::mirror::apply_op(t, Op::UpdateSa(core), &mut d)? {
                         let c = &t.sad().get(id).cfg;
                         if outbound(t, c) {
-                            d.seqs.push(SeqOp::Updated(c.clone()));
+                            d.seqs
+                                .push(SeqOp::Updated(super::seqstore::NewRecord::of(c)));
                         }
                     }
                 }

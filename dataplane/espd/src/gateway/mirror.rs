@@ -244,8 +244,8 @@ pub enum Change {
 /// What a batch does to the outbound sequence store, once it went through.
 pub enum SeqOp {
     /// A new outbound SA (and whether it continued a record).
-    Record(espd_core::state::SaConfig, bool),
-    Updated(espd_core::state::SaConfig),
+    Record(super::seqstore::NewRecord, bool),
+    Updated(super::seqstore::NewRecord),
     Forget(IpAddr, u32),
 }
 
@@ -800,7 +800,8 @@ mod memory {
     /// What a batch of 5 000 SAs costs, phase by phase, with 100 000
     /// tunnels installed: the control side of #13's install rate, in one
     /// process (run by hand: `cargo test --release -p espd install_phases
-    /// -- --ignored --nocapture`; `ESPD_PHASE_N` sets the tunnels).
+    /// -- --ignored --nocapture`; `ESPD_PHASE_N` sets the tunnels,
+    /// `ESPD_PHASE_BATCHES` the batches of 5 000 timed).
     #[test]
     #[ignore]
     fn install_phases() {
@@ -835,7 +836,11 @@ mod memory {
         maps.apply(&d, &t);
         contrib.stage(d.policies());
         let mut totals = [0f64; 5];
-        let batches = 10u32;
+        // ESPD_PHASE_BATCHES: more batches, for a profile of the timed part.
+        let batches: u32 = std::env::var("ESPD_PHASE_BATCHES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10);
         for b in 0..batches {
             let batch: String = (0..5000).map(|k| sa(2_000_000 + b * 5000 + k)).collect();
             let t0 = Instant::now();

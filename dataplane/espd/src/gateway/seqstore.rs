@@ -68,6 +68,32 @@ pub struct SeqStore {
     restored: usize,
 }
 
+/// An outbound SA's record as its batch makes it, kept once the batch went
+/// through ([`SeqStore::apply`]): a few octets and the fingerprint, computed
+/// once, rather than a copy of the SA's configuration and keys.
+pub struct NewRecord {
+    key: (IpAddr, u32),
+    rec: Record,
+}
+
+impl NewRecord {
+    /// The record of `c` as it runs now (a `state update`'s new key).
+    pub fn of(c: &SaConfig) -> NewRecord {
+        NewRecord::with_fp(c, fingerprint(c))
+    }
+
+    fn with_fp(c: &SaConfig, fp: u64) -> NewRecord {
+        NewRecord {
+            key: (c.dst, c.spi),
+            rec: Record {
+                fp,
+                mask: c.iv_mask,
+                oseq: c.replay_oseq,
+            },
+        }
+    }
+}
+
 /// The key's fingerprint (see the module doc).
 fn fingerprint(c: &SaConfig) -> u64 {
     let mut key = zeroize::Zeroizing::new(Vec::new());
@@ -186,12 +212,14 @@ impl SeqStore {
 
     /// One outbound SA before its keys go live: with a record for its key
     /// it takes the recorded IV mask and continues past the recorded number
-    /// (true). Changes nothing here: [`SeqStore::record`] keeps the SA once
-    /// its batch went through. O(log n).
-    pub fn continue_from(&self, c: &mut SaConfig) -> bool {
+    /// (true). Changes nothing here: the [`NewRecord`] is kept by
+    /// [`SeqStore::apply`] once its batch went through. One fingerprint
+    /// (an HMAC) an SA, O(log n).
+    pub fn admit(&self, c: &mut SaConfig) -> (NewRecord, bool) {
+        let fp = fingerprint(c);
         let margin = if self.clean { 0 } else { MARGIN };
-        match self.recs.get(&(c.dst, c.spi)) {
-            Some(r) if r.fp == fingerprint(c) => {
+        let continued = match self.recs.get(&(c.dst, c.spi)) {
+            Some(r) if r.fp == fp => {
                 c.iv_mask = r.mask;
                 c.replay_oseq = c
                     .replay_oseq
@@ -199,19 +227,13 @@ impl SeqStore {
                 true
             }
             _ => false,
-        }
+        };
+        (NewRecord::with_fp(c, fp), continued)
     }
 
-    /// Records an outbound SA that went live (its mask and first number).
-    pub fn record(&mut self, c: &SaConfig, continued: bool) {
-        self.recs.insert(
-            (c.dst, c.spi),
-            Record {
-                fp: fingerprint(c),
-                mask: c.iv_mask,
-                oseq: c.replay_oseq,
-            },
-        );
+    /// Keeps an outbound SA that went live (its mask and first number).
+    fn record(&mut self, p: &NewRecord, continued: bool) {
+        self.recs.insert(p.key, p.rec.clone());
         self.restored += usize::from(continued);
         self.dirty = true;
     }
@@ -222,16 +244,9 @@ impl SeqStore {
         c: &mut SaConfig,
         into: &mut imbl::OrdMap<(IpAddr, u32), Record>,
     ) -> bool {
-        let r = self.continue_from(c);
-        self.recs.remove(&(c.dst, c.spi));
-        into.insert(
-            (c.dst, c.spi),
-            Record {
-                fp: fingerprint(c),
-                mask: c.iv_mask,
-                oseq: c.replay_oseq,
-            },
-        );
+        let (p, r) = self.admit(c);
+        self.recs.remove(&p.key);
+        into.insert(p.key, p.rec);
         r
     }
 
@@ -249,16 +264,10 @@ impl SeqStore {
 
     /// A `state update` of a running outbound SA (the workers carry its
     /// mask and numbers on): the record follows the key.
-    pub fn updated(&mut self, c: &SaConfig) {
-        let fp = fingerprint(c);
-        let key = (c.dst, c.spi);
-        let mut rec = self.recs.get(&key).cloned().unwrap_or(Record {
-            fp,
-            mask: c.iv_mask,
-            oseq: c.replay_oseq,
-        });
-        rec.fp = fp;
-        self.recs.insert(key, rec);
+    fn updated(&mut self, p: &NewRecord) {
+        let mut rec = self.recs.get(&p.key).cloned().unwrap_or(p.rec.clone());
+        rec.fp = p.rec.fp;
+        self.recs.insert(p.key, rec);
         self.dirty = true;
     }
 
@@ -370,6 +379,43 @@ policy add src 198.18.1.0/24 dst 198.18.2.0/24 dir out tmpl src 198.18.0.1 dst 1
 
     fn cfg(text: &str) -> Config {
         Config::parse("t.conf", text).unwrap()
+    }
+
+    /// The path a running gateway's batches take (control.rs): `admit`
+    /// before the SA goes live, the records kept only by `apply`.
+    #[test]
+    fn a_batch_keeps_its_records_only_once_applied_and_they_follow_the_key() {
+        use super::super::mirror::SeqOp;
+        let dir = std::env::temp_dir().join(format!("espd-seqb-{}", std::process::id()));
+        let mut s = SeqStore::open(&dir.join("espd.seq")).unwrap();
+        let peer: IpAddr = "198.18.0.2".parse().unwrap();
+        let mut a = cfg(CONF).sad.get(0).cfg.clone();
+        let mask = a.iv_mask;
+        let (rec, continued) = s.admit(&mut a);
+        assert!(!continued, "nothing recorded yet");
+        assert!(s.recs.is_empty(), "admit changes nothing");
+        s.apply(&[SeqOp::Record(rec, continued)]);
+        s.update([(peer, 0x1001, 9000)]);
+        // The same key again (a re-add after a delete that never went
+        // through, or a restart): same mask, past the recorded number.
+        let mut again = cfg(CONF).sad.get(0).cfg.clone();
+        let (rec, continued) = s.admit(&mut again);
+        assert!(continued);
+        assert_eq!((again.iv_mask, again.replay_oseq), (mask, 9000 + MARGIN));
+        s.apply(&[SeqOp::Record(rec, continued)]);
+        assert_eq!(s.restored(), 1);
+        // A `state update` with a new key: the record follows it, so the
+        // old key no longer continues anything.
+        let mut rekeyed = again.clone();
+        rekeyed.algs.aead.as_mut().unwrap().key[0] ^= 0xff;
+        s.apply(&[SeqOp::Updated(NewRecord::of(&rekeyed))]);
+        let mut old = cfg(CONF).sad.get(0).cfg.clone();
+        assert!(!s.admit(&mut old).1, "the old key's record is gone");
+        let mut new = rekeyed.clone();
+        assert!(s.admit(&mut new).1);
+        assert_eq!(new.iv_mask, mask, "an update keeps the running mask");
+        s.apply(&[SeqOp::Forget(peer, 0x1001)]);
+        assert!(s.recs.is_empty());
     }
 
     #[test]
