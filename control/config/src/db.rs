@@ -102,11 +102,10 @@ impl Db {
                 let Ok(w) = lex::words(l) else {
                     return Zeroizing::new("<unprintable>".into());
                 };
-                let w = Zeroizing::new(w);
                 let mut out = Vec::with_capacity(w.len());
                 let mut i = 0;
                 while i < w.len() {
-                    let x = w[i].as_str();
+                    let x: &str = &w[i];
                     out.push(quote(x));
                     // `aead NAME KEY ICV`, `enc NAME KEY`, `auth(-trunc) NAME KEY …`
                     if matches!(x, "aead" | "enc" | "auth" | "auth-trunc" | "comp")
@@ -170,8 +169,8 @@ impl Db {
     }
 
     fn apply_line(&mut self, raw: &str, ch: &mut Changes, ops: &mut Vec<Op>) -> Result<(), String> {
-        let words = Zeroizing::new(lex::words(raw)?);
-        let mut w: Vec<&str> = words.iter().map(String::as_str).collect();
+        let words = lex::words(raw)?;
+        let mut w: Vec<&str> = words.strs();
         if w.first() == Some(&"ip") {
             if w.get(1) != Some(&"xfrm") {
                 return Err("expected `xfrm` after `ip`".into());
@@ -185,7 +184,10 @@ impl Db {
         };
         // The `add` form of this line, for the parser.
         let as_add = || {
-            let mut l = String::from(obj);
+            // At its final capacity (a word grows by at most two quotes and
+            // a space): no reallocation leaves a copy of a key behind.
+            let mut l = String::with_capacity(raw.len() + 3 * w.len() + 8);
+            l.push_str(obj);
             l.push_str(" add");
             for x in &w[2..] {
                 l.push(' ');
@@ -461,7 +463,7 @@ mod tests {
             "say \"x\"",
             "",
         ] {
-            assert_eq!(lex::words(&quote(x)).unwrap(), vec![x.to_string()], "{x:?}");
+            assert_eq!(lex::words(&quote(x)).unwrap().strs(), vec![x], "{x:?}");
         }
     }
 
