@@ -539,6 +539,78 @@ enum LineErr {
     Refused(String),
 }
 
+/// Parses a request line. A batch's `text` may hold keys: it is taken from
+/// the line as written (a borrowed `RawValue`) and unescaped here into a
+/// string of its final size, which `handle` wipes after use. serde_json
+/// would unescape it into a scratch buffer that it frees without wiping.
+fn parse_request(line: &[u8]) -> serde_json::Result<Value> {
+    use serde_json::value::RawValue;
+    let Ok(raw) = serde_json::from_slice::<BTreeMap<String, &RawValue>>(line) else {
+        // Not an object: whatever it is, the error says so as before.
+        return serde_json::from_slice(line);
+    };
+    let mut m = serde_json::Map::new();
+    for (k, v) in raw {
+        let text = if k == "text" { unescape(v.get()) } else { None };
+        let v = match text {
+            Some(s) => Value::String(s),
+            None => serde_json::from_str(v.get())?,
+        };
+        m.insert(k, v);
+    }
+    Ok(Value::Object(m))
+}
+
+/// A JSON string literal as serde_json checked it (quotes included)
+/// unescaped into a string allocated once at its final size (RFC 8259 §7);
+/// `None` if `raw` is not a string or an escape is malformed (a lone
+/// surrogate), and what was unescaped so far is wiped.
+fn unescape(raw: &str) -> Option<String> {
+    let body = raw.strip_prefix('"')?.strip_suffix('"')?;
+    let mut out = zeroize::Zeroizing::new(String::with_capacity(body.len()));
+    let mut chars = body.chars();
+    let hex4 = |chars: &mut std::str::Chars| -> Option<u32> {
+        let mut v = 0;
+        for _ in 0..4 {
+            v = v * 16 + chars.next()?.to_digit(16)?;
+        }
+        Some(v)
+    };
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        out.push(match chars.next()? {
+            '"' => '"',
+            '\\' => '\\',
+            '/' => '/',
+            'b' => '\u{8}',
+            'f' => '\u{c}',
+            'n' => '\n',
+            'r' => '\r',
+            't' => '\t',
+            'u' => {
+                let mut u = hex4(&mut chars)?;
+                if (0xd800..0xdc00).contains(&u) {
+                    // A surrogate pair: the low half must follow.
+                    if (chars.next()?, chars.next()?) != ('\\', 'u') {
+                        return None;
+                    }
+                    let lo = hex4(&mut chars)?;
+                    if !(0xdc00..0xe000).contains(&lo) {
+                        return None;
+                    }
+                    u = 0x10000 + ((u - 0xd800) << 10) + (lo - 0xdc00);
+                }
+                char::from_u32(u)?
+            }
+            _ => return None,
+        });
+    }
+    Some(std::mem::take(&mut *out))
+}
+
 /// Appends `data` to `buf`; when `buf` must grow, its old allocation is
 /// wiped before it is freed (a request may hold keys, and `Vec`'s own
 /// growth would leave the copy it moved away from behind).
@@ -662,7 +734,7 @@ fn connection(c: &Control, mut s: UnixStream, stop: &AtomicBool) -> std::io::Res
             Err(LineErr::Closed) => return Ok(()),
             Err(LineErr::Refused(e)) => return send(&espd_proto::error(e)),
         }
-        let req = match serde_json::from_slice::<Value>(&line) {
+        let req = match parse_request(&line) {
             Ok(r) => r,
             Err(e) => {
                 send(&espd_proto::error(format!("request is not JSON: {e}")))?;
@@ -863,6 +935,66 @@ mod tests {
         }
         assert_eq!(got, writer.join().unwrap());
         assert!(buf.is_empty());
+    }
+
+    /// `parse_request` reads what serde_json reads, `text` included, for
+    /// strings escaped as serde_json writes them and as Python's json
+    /// (ASCII only: every other character as \\u, with surrogate pairs).
+    #[test]
+    fn requests_parse_as_serde_json_parses_them() {
+        let alphabet: Vec<char> = "a0 \"\\/\n\t\r\u{1}\u{8}\u{c}\u{7f}é€😀\u{ffff}"
+            .chars()
+            .collect();
+        let ascii = |s: &str| {
+            let mut o = String::from("\"");
+            for c in s.chars() {
+                match c {
+                    '"' => o.push_str("\\\""),
+                    '\\' => o.push_str("\\\\"),
+                    c if (' '..='~').contains(&c) => o.push(c),
+                    c => {
+                        let mut b = [0u16; 2];
+                        for u in c.encode_utf16(&mut b) {
+                            o.push_str(&format!("\\u{u:04X}"));
+                        }
+                    }
+                }
+            }
+            o.push('"');
+            o
+        };
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for case in 0..20_000 {
+            let mut text = String::new();
+            for _ in 0..(case % 40) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                text.push(alphabet[(x % alphabet.len() as u64) as usize]);
+            }
+            for lit in [serde_json::to_string(&text).unwrap(), ascii(&text)] {
+                let line = format!("{{\"v\":2,\"id\":{case},\"op\":\"apply\",\"text\":{lit}}}");
+                let want: Value = serde_json::from_str(&line).unwrap();
+                assert_eq!(parse_request(line.as_bytes()).unwrap(), want, "{line}");
+                assert_eq!(unescape(&lit).as_deref(), Some(text.as_str()), "{lit}");
+            }
+        }
+        // Lone surrogates and other text: as serde_json has it (an error).
+        for bad in [
+            r#"{"text":"\ud800"}"#,
+            r#"{"text":"\udc00x"}"#,
+            r#"{"text":"\q"}"#,
+        ] {
+            assert!(parse_request(bad.as_bytes()).is_err(), "{bad}");
+            assert!(serde_json::from_str::<Value>(bad).is_err());
+        }
+        // Not an object, not JSON, a text that is not a string.
+        assert_eq!(parse_request(b"[1]").unwrap(), serde_json::json!([1]));
+        assert!(parse_request(b"{\"op\":").is_err());
+        assert_eq!(
+            parse_request(br#"{"text":5,"op":"x"}"#).unwrap(),
+            serde_json::json!({"text": 5, "op": "x"})
+        );
     }
 
     #[test]
