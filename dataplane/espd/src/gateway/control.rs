@@ -725,7 +725,8 @@ fn connection(c: &Control, mut s: UnixStream, stop: &AtomicBool) -> std::io::Res
             .map_err(|_| std::io::Error::other("poisoned"))?;
         reply(&mut *w, v)
     };
-    let mut buf = Vec::new();
+    // Both wiped when the connection goes (a request cut off may hold keys).
+    let mut buf = zeroize::Zeroizing::new(Vec::new());
     let mut line = zeroize::Zeroizing::new(Vec::new());
     let mut kept = false;
     loop {
