@@ -10,6 +10,7 @@
 
 pub mod db;
 mod lex;
+pub mod line;
 mod parse;
 
 pub use parse::{parse_line, Item};

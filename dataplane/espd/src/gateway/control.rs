@@ -428,6 +428,16 @@ impl Control {
         answer
     }
 
+    /// The running bookkeeping and the SAD and SPD it lists from. The
+    /// configuration is committed before the bookkeeping, so a listing
+    /// between the two lists the older bookkeeping, leaving out what the
+    /// newer tables no longer hold.
+    fn running(&self) -> (Db, Config) {
+        let db = self.db.lock().expect("db lock").clone();
+        let cfg = self.cfg.lock().expect("cfg lock").clone();
+        (db, cfg)
+    }
+
     fn answer(&self, req: &mut Value) -> Value {
         match req.get("op").and_then(Value::as_str) {
             Some("apply") => {
@@ -448,14 +458,23 @@ impl Control {
             }
             Some("states") => {
                 let keys = req.get("keys").and_then(Value::as_bool).unwrap_or(false);
-                let db = self.db.lock().expect("db lock");
-                let lines: Vec<String> =
-                    db.state_lines(keys).iter().map(|l| l.to_string()).collect();
-                espd_proto::ok(json!({ "text": lines.join("\n") }))
+                // O(1) copies: a listing does not hold up a change.
+                let (db, cfg) = self.running();
+                let lines = db.state_lines(&cfg.sad, keys);
+                let mut text = zeroize::Zeroizing::new(String::with_capacity(
+                    lines.iter().map(|l| l.len() + 1).sum(),
+                ));
+                for l in &lines {
+                    if !text.is_empty() {
+                        text.push('\n');
+                    }
+                    text.push_str(l);
+                }
+                espd_proto::ok(json!({ "text": text.as_str() }))
             }
             Some("policies") => {
-                let db = self.db.lock().expect("db lock");
-                espd_proto::ok(json!({ "text": db.policy_lines().join("\n") }))
+                let (db, cfg) = self.running();
+                espd_proto::ok(json!({ "text": db.policy_lines(&cfg.spd).join("\n") }))
             }
             Some("stats") => espd_proto::ok(json!({ "stats": self.stats() })),
             other => espd_proto::error(format!(

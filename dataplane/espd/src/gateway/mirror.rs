@@ -697,7 +697,7 @@ mod tests {
                         let (d, s) = states[r.below(states.len() as u64) as usize];
                         format!("state delete dst {d} spi {s:#x}")
                     } else {
-                        let lines = db.policy_lines();
+                        let lines = db.policy_lines(t.spd());
                         match lines.iter().find(|l| l.starts_with("policy add")) {
                             Some(l) => l
                                 .replacen("policy add", "policy delete", 1)
@@ -792,7 +792,7 @@ mod memory {
         let r5 = rss();
         let per = |a: i64, b: i64| (b - a) as f64 / f64::from(n);
         eprintln!(
-            "KiB per tunnel: db lines and the SAs and policies they made (with keys) {:.2}, tables (their indexes) {:.2}, XDP maps mirror {:.2}, guard {:.2}, delta freed {:.2}; total {:.2}",
+            "KiB per tunnel: db bookkeeping and the SAs and policies it made (with keys) {:.2}, tables (their indexes) {:.2}, XDP maps mirror {:.2}, guard {:.2}, delta freed {:.2}; total {:.2}",
             per(r0, r1), per(r1, r2), per(r2, r3), per(r3, r4), per(r5, r4), per(r0, r5)
         );
     }
