@@ -154,15 +154,14 @@ fn defaults_follow_ip_xfrm() {
 
 #[test]
 fn batches_give_the_tables_a_whole_parse_gives() {
-    use crate::db::{Db, Op};
+    use crate::db::{apply, Op};
     use espd_core::state::{Direction, Tables};
     // The running tables follow the batches' ops; the reference is the
     // resulting text parsed from scratch.
     let text = good();
-    let mut db = Db::default();
     let mut t = Tables::default();
     for (i, chunk) in text.lines().collect::<Vec<_>>().chunks(3).enumerate() {
-        let (_, ops) = db.apply(&format!("b{i}"), &chunk.join("\n")).unwrap();
+        let (_, ops) = apply(&format!("b{i}"), &chunk.join("\n"), t.sad(), t.spd()).unwrap();
         for op in ops {
             match op {
                 Op::AddSa(c) => drop(t.insert_sa(*c).unwrap()),

@@ -1,8 +1,9 @@
 //! Runtime changes: the control socket and how a change reaches the
 //! running workers (docs/control.md).
 //!
-//! A batch is checked line by line against a copy of the running lines
-//! ([`Db`], persistent: the copy is O(1)), all or nothing, and becomes a
+//! A batch is checked line by line against the running SAD and SPD
+//! ([`espd_config::db`]: what the batch's own lines did is kept beside
+//! them), all or nothing, and becomes a
 //! list of changes ([`Op`]) with every new SA's keys expanded once. They
 //! are applied to a copy of the running [`Tables`] — O(log n) each — which
 //! is published to the workers (RCU through an `ArcSwap`): each worker
@@ -16,7 +17,7 @@ use super::mirror::{Delta, Maps, SeqOp};
 use super::worker::Snapshot;
 use super::Stats;
 use arc_swap::ArcSwap;
-use espd_config::db::{Db, Op};
+use espd_config::db::Op;
 use espd_config::Config;
 use espd_core::engine::Engine;
 use espd_core::state::{SaCore, Tables};
@@ -175,7 +176,6 @@ pub struct WorkerSync {
 
 /// Everything the control socket acts on.
 pub struct Control {
-    pub db: Mutex<Db>,
     /// The running tables (the control side's copy; changed, then published).
     pub tables: Mutex<Tables>,
     /// What the workers run on.
@@ -212,13 +212,10 @@ impl Control {
             .apply_lock
             .lock()
             .map_err(|_| "control state poisoned")?;
-        let mut db = self
-            .db
-            .lock()
-            .map_err(|_| "control state poisoned")?
-            .clone();
         let mut trace = Trace::new();
-        let (ch, ops) = db.apply(name, text).map_err(|e| e.to_string())?;
+        let mut t = self.tables.lock().map_err(|_| "poisoned")?.clone();
+        let (ch, ops) =
+            espd_config::db::apply(name, text, t.sad(), t.spd()).map_err(|e| e.to_string())?;
         trace.mark("lines checked, keys expanded");
         let mut events = Vec::new();
         for op in &ops {
@@ -228,7 +225,6 @@ impl Control {
                 _ => {}
             }
         }
-        let mut t = self.tables.lock().map_err(|_| "poisoned")?.clone();
         let delta = {
             let seqs = self.seqs.lock().map_err(|_| "poisoned")?;
             self.params.apply_ops(&mut t, ops, &seqs)?
@@ -307,7 +303,6 @@ impl Control {
             spd: t.spd().clone(),
         };
         *self.tables.lock().map_err(|_| "poisoned")? = t;
-        *self.db.lock().map_err(|_| "poisoned")? = db;
         // Made only for someone listening (a batch of 100 000 SAs is as many events).
         if self.monitors.lock().is_ok_and(|m| !m.is_empty()) {
             for (ev, dst, spi) in events {
@@ -428,14 +423,9 @@ impl Control {
         answer
     }
 
-    /// The running bookkeeping and the SAD and SPD it lists from. The
-    /// configuration is committed before the bookkeeping, so a listing
-    /// between the two lists the older bookkeeping, leaving out what the
-    /// newer tables no longer hold.
-    fn running(&self) -> (Db, Config) {
-        let db = self.db.lock().expect("db lock").clone();
-        let cfg = self.cfg.lock().expect("cfg lock").clone();
-        (db, cfg)
+    /// The running SAD and SPD (O(1) copies).
+    fn running(&self) -> Config {
+        self.cfg.lock().expect("cfg lock").clone()
     }
 
     fn answer(&self, req: &mut Value) -> Value {
@@ -458,9 +448,9 @@ impl Control {
             }
             Some("states") => {
                 let keys = req.get("keys").and_then(Value::as_bool).unwrap_or(false);
-                // O(1) copies: a listing does not hold up a change.
-                let (db, cfg) = self.running();
-                let lines = db.state_lines(&cfg.sad, keys);
+                // An O(1) copy: a listing does not hold up a change.
+                let cfg = self.running();
+                let lines = espd_config::db::state_lines(&cfg.sad, keys);
                 let mut text = zeroize::Zeroizing::new(String::with_capacity(
                     lines.iter().map(|l| l.len() + 1).sum(),
                 ));
@@ -473,8 +463,10 @@ impl Control {
                 espd_proto::ok(json!({ "text": text.as_str() }))
             }
             Some("policies") => {
-                let (db, cfg) = self.running();
-                espd_proto::ok(json!({ "text": db.policy_lines(&cfg.spd).join("\n") }))
+                let cfg = self.running();
+                espd_proto::ok(
+                    json!({ "text": espd_config::db::policy_lines(&cfg.spd).join("\n") }),
+                )
             }
             Some("stats") => espd_proto::ok(json!({ "stats": self.stats() })),
             other => espd_proto::error(format!(

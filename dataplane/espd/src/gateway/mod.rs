@@ -348,15 +348,14 @@ pub fn run(a: &Args) -> Result<()> {
         );
     }
     // The running configuration: the file's lines, as if applied by espctl.
-    let mut db = espd_config::db::Db::default();
     let mut ops = Vec::new();
     if let Some(path) = &a.config {
         let text = zeroize::Zeroizing::new(
             std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?,
         );
-        ops = db
-            .apply(&path.display().to_string(), &text)
+        let none = espd_core::state::Tables::default();
+        ops = espd_config::db::apply(&path.display().to_string(), &text, none.sad(), none.spd())
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .1;
     }
@@ -694,7 +693,6 @@ pub fn run(a: &Args) -> Result<()> {
     let cores_used: Vec<(usize, usize)> = handles.iter().map(|h| (h.0, h.1)).collect();
     let steer = Arc::new(Mutex::new(steer));
     let ctl = Arc::new(control::Control {
-        db: Mutex::new(db),
         tables: Mutex::new(tables),
         shared,
         cfg: Mutex::new(cfg),
