@@ -279,10 +279,10 @@ impl Table {
     }
 
     /// Policies in lookup order: priority, then insertion.
-    fn sorted(&self) -> Vec<&Policy> {
+    fn sorted(&self) -> Vec<&Arc<Policy>> {
         let mut v: Vec<&Entry> = self.by_sel.values().collect();
         v.sort_by_key(|e| (e.priority, e.order));
-        v.into_iter().map(|e| &*e.policy).collect()
+        v.into_iter().map(|e| &e.policy).collect()
     }
 }
 
@@ -355,6 +355,15 @@ impl Spd {
 
     /// The policies of `dir` in lookup order (not for the per-packet path).
     pub fn policies(&self, dir: Direction) -> Vec<&Policy> {
+        self.tables[dir.idx()]
+            .sorted()
+            .into_iter()
+            .map(|p| &**p)
+            .collect()
+    }
+
+    /// The same, as the shared policies (for holders that keep them).
+    pub fn policy_arcs(&self, dir: Direction) -> Vec<&Arc<Policy>> {
         self.tables[dir.idx()].sorted()
     }
     pub fn len(&self) -> usize {
@@ -375,6 +384,7 @@ impl Spd {
             .sorted()
             .into_iter()
             .find(|p| p.sel.matches(flow))
+            .map(|p| &**p)
     }
 }
 

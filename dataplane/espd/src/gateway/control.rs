@@ -250,7 +250,7 @@ impl Control {
         let mut host = self.host.lock().map_err(|_| "host routes poisoned")?;
         let mut staged = match host.clone() {
             Some(mut r) => {
-                let st = r.stage(delta.policies());
+                let st = r.stage(delta.policies().map(|(a, p)| (a, &**p)));
                 r.tighten(&st).map_err(|e| format!("{e:#}"))?;
                 // The addresses new inbound policies deliver to (a virtual
                 // address espd-ike just put on the host) are resolved now:

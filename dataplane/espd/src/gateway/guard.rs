@@ -58,71 +58,121 @@ pub struct HostShape {
 
 /// The espd policies that map to kernel keys (persistent: a copy is O(1),
 /// so a change is staged on a copy and kept only if it goes through).
+///
+/// It holds the policies themselves (`Arc`s shared with the SPD), not the
+/// kernel entries they make: an entry is worked out again from its policy
+/// when it is put, which is rare beside holding 100 000 of them (this took
+/// the guard's part of a tunnel from about 0.6 KiB to a third of it;
+/// docs/performance.md).
 #[derive(Clone, Default)]
 pub struct Contrib {
-    /// Key → the kernel policies espd policies make for it, by (priority,
-    /// order): almost always one, so a small sorted slice.
-    by_key: PMap<Key, Arc<[(Rank, KPolicy)]>>,
-    /// espd policy (direction, selector) → its keys and its (priority, order).
-    by_policy: PMap<PolicyId, (Arc<[Key]>, Rank)>,
+    /// Key → the espd policies that map to it, by (priority, order).
+    by_key: PMap<Key, Ranked>,
+    /// espd policy (direction, selector) → the policy and its rank.
+    by_policy: PMap<PolicyId, (Arc<Policy>, Rank)>,
     next: u64,
     host: Option<HostShape>,
 }
 
+/// The policies that map to one key, first by rank: almost always one,
+/// kept inline.
+#[derive(Clone)]
+enum Ranked {
+    One(Rank, Arc<Policy>),
+    Many(Arc<[(Rank, Arc<Policy>)]>),
+}
+
+impl Ranked {
+    fn first(&self) -> &Arc<Policy> {
+        match self {
+            Ranked::One(_, p) => p,
+            Ranked::Many(v) => &v[0].1,
+        }
+    }
+
+    fn to_vec(&self) -> Vec<(Rank, Arc<Policy>)> {
+        match self {
+            Ranked::One(r, p) => vec![(*r, Arc::clone(p))],
+            Ranked::Many(v) => v.to_vec(),
+        }
+    }
+
+    /// `v` (sorted by rank) as a `Ranked`, or nothing if it is empty.
+    fn of(mut v: Vec<(Rank, Arc<Policy>)>) -> Option<Ranked> {
+        match v.len() {
+            0 => None,
+            1 => v.pop().map(|(r, p)| Ranked::One(r, p)),
+            _ => Some(Ranked::Many(v.into())),
+        }
+    }
+}
+
 impl Contrib {
-    /// What the kernel must hold at `key`: the first contribution by priority.
-    pub fn want(&self, key: &Key) -> Option<&KPolicy> {
-        self.by_key.get(key)?.first().map(|(_, k)| k)
+    /// What the kernel must hold at `key`: the entry the first policy by
+    /// priority makes there.
+    #[cfg(test)]
+    fn want(&self, key: &Key) -> Option<KPolicy> {
+        self.want_from(key).map(|(k, _)| k)
+    }
+
+    /// What the kernel must hold at `key`, with the policy that makes it:
+    /// the entry the first policy by priority makes there.
+    fn want_from(&self, key: &Key) -> Option<(KPolicy, &Arc<Policy>)> {
+        let p = self.by_key.get(key)?.first();
+        let k = entry(p, self.host, key)?;
+        Some((k, p))
     }
 
     fn pid(p: &Policy) -> PolicyId {
         (p.dir as u8, p.sel)
     }
 
+    /// Takes out the contributions of the policy with `p`'s direction and
+    /// selector (the one staged before, whose keys are worked out again).
     fn remove(&mut self, p: &Policy, touched: &mut BTreeSet<Key>) {
-        let Some((keys, rank)) = self.by_policy.remove(&Self::pid(p)) else {
+        let Some((old, rank)) = self.by_policy.remove(&Self::pid(p)) else {
             return;
         };
-        for &k in keys.iter() {
+        for k in kernel(&old, self.host) {
+            let k = (k.dir, k.sel);
             if let Some(m) = self.by_key.get(&k) {
-                let rest: Vec<(Rank, KPolicy)> =
-                    m.iter().filter(|(r, _)| *r != rank).cloned().collect();
-                if rest.is_empty() {
-                    self.by_key.remove(&k);
-                } else {
-                    self.by_key.insert(k, rest.into());
-                }
+                let rest: Vec<(Rank, Arc<Policy>)> =
+                    m.to_vec().into_iter().filter(|(r, _)| *r != rank).collect();
+                match Ranked::of(rest) {
+                    Some(r) => self.by_key.insert(k, r),
+                    None => self.by_key.remove(&k),
+                };
             }
             touched.insert(k);
         }
     }
 
-    fn add(&mut self, p: &Policy, touched: &mut BTreeSet<Key>) {
+    fn add(&mut self, p: &Arc<Policy>, touched: &mut BTreeSet<Key>) {
         self.remove(p, touched);
         self.next += 1;
         let rank = (p.priority, self.next);
-        let mut keys = Vec::new();
         for k in kernel(p, self.host) {
             let key = (k.dir, k.sel);
-            let mut m: Vec<(Rank, KPolicy)> = self
-                .by_key
-                .get(&key)
-                .map(|m| m.to_vec())
-                .unwrap_or_default();
-            let at = m.partition_point(|(r, _)| *r < rank);
-            m.insert(at, (rank, k));
-            self.by_key.insert(key, m.into());
-            keys.push(key);
+            let m = match self.by_key.get(&key) {
+                None => Ranked::One(rank, Arc::clone(p)),
+                Some(m) => {
+                    let mut v = m.to_vec();
+                    let at = v.partition_point(|(r, _)| *r < rank);
+                    v.insert(at, (rank, Arc::clone(p)));
+                    Ranked::of(v).expect("not empty")
+                }
+            };
+            self.by_key.insert(key, m);
             touched.insert(key);
         }
-        self.by_policy.insert(Self::pid(p), (keys.into(), rank));
+        self.by_policy.insert(Self::pid(p), (Arc::clone(p), rank));
     }
 
     /// Stages a change: policies added (`true`) and removed (deleted, or
     /// the old side of an update), in batch order; the kernel keys it touches.
     pub fn stage<'a>(
         &mut self,
-        changes: impl IntoIterator<Item = (bool, &'a Policy)>,
+        changes: impl IntoIterator<Item = (bool, &'a Arc<Policy>)>,
     ) -> BTreeSet<Key> {
         let mut touched = BTreeSet::new();
         for (added, p) in changes {
@@ -137,9 +187,9 @@ impl Contrib {
 
     /// Every policy of `cfg`, in priority order (as [`desired`]).
     pub fn of(cfg: &Config, host: Option<HostShape>) -> Contrib {
-        let mut pols: Vec<&Policy> = Direction::ALL
+        let mut pols: Vec<&Arc<Policy>> = Direction::ALL
             .iter()
-            .flat_map(|d| cfg.spd.policies(*d))
+            .flat_map(|d| cfg.spd.policy_arcs(*d))
             .collect();
         pols.sort_by_key(|p| p.priority);
         let mut c = Contrib {
@@ -149,12 +199,19 @@ impl Contrib {
         c.stage(pols.into_iter().map(|p| (true, p)));
         c
     }
+
+    /// Kernel keys with a contribution.
+    #[cfg(test)]
+    fn keys(&self) -> usize {
+        self.by_key.len()
+    }
 }
 
 /// The guard's kernel entries, by direction and selector.
 pub struct Guard {
     nl: Xfrm,
-    installed: BTreeMap<Key, (u32, KPolicy)>,
+    /// What the kernel holds at each key: its index and what it is.
+    installed: BTreeMap<Key, (u32, Have)>,
     next: [u32; 3],
     /// What the running configuration contributes to each key.
     pub contrib: Contrib,
@@ -235,8 +292,23 @@ fn kernel(p: &Policy, host: Option<HostShape>) -> Vec<KPolicy> {
     out
 }
 
+/// An entry the kernel holds.
+enum Have {
+    /// Put from this espd policy (the entry is worked out again from it:
+    /// the policy is shared with the SPD, the entry would be a copy).
+    Made(Arc<Policy>),
+    /// Found in the kernel at the start (an earlier espd put it).
+    Found(Box<KPolicy>),
+}
+
+/// The entry `p` makes at `key`, if it makes one there.
+fn entry(p: &Policy, host: Option<HostShape>, key: &Key) -> Option<KPolicy> {
+    kernel(p, host).into_iter().find(|k| (k.dir, k.sel) == *key)
+}
+
 /// What the kernel must hold for `cfg`: every policy of every direction, in
 /// priority order (where two map to one kernel selector, the first wins).
+#[cfg(test)]
 pub fn desired(cfg: &Config, host: Option<HostShape>) -> BTreeMap<(Dir, KSelector), KPolicy> {
     let mut pols: Vec<&Policy> = Direction::ALL
         .iter()
@@ -273,7 +345,10 @@ impl Guard {
             }
             let d = l.policy.dir as usize;
             next[d] = next[d].max(((l.index & !xfrm::INDEX_TAG) >> 3) + 1);
-            installed.insert((l.policy.dir, l.policy.sel), (l.index, l.policy));
+            installed.insert(
+                (l.policy.dir, l.policy.sel),
+                (l.index, Have::Found(Box::new(l.policy))),
+            );
         }
         Ok(Guard {
             nl,
@@ -292,11 +367,24 @@ impl Guard {
         self.installed.len()
     }
 
-    fn put(&mut self, k: &KPolicy) -> std::io::Result<()> {
+    /// Puts `k`, which policy `from` makes, unless the kernel holds it.
+    fn put(&mut self, k: &KPolicy, from: &Arc<Policy>) -> std::io::Result<()> {
         let key = (k.dir, k.sel);
         let index = match self.installed.get(&key) {
-            Some((i, have)) if have == k => return Ok(()),
-            Some((i, _)) => *i,
+            Some((i, have)) => {
+                let same = match have {
+                    Have::Made(p) => entry(p, self.host, &key).as_ref() == Some(k),
+                    Have::Found(b) => **b == *k,
+                };
+                if same {
+                    // Held as its policy from now on (a smaller record).
+                    let i = *i;
+                    self.installed
+                        .insert(key, (i, Have::Made(Arc::clone(from))));
+                    return Ok(());
+                }
+                *i
+            }
             None => {
                 let d = k.dir as usize;
                 self.next[d] += 1;
@@ -304,46 +392,29 @@ impl Guard {
             }
         };
         self.nl.put(k, index)?;
-        self.installed.insert(key, (index, k.clone()));
+        self.installed
+            .insert(key, (index, Have::Made(Arc::clone(from))));
         Ok(())
     }
 
-    /// First half of a change: every entry of `want` that protects or
-    /// blocks is in the kernel (added, or changed in place).
-    pub fn tighten(&mut self, want: &BTreeMap<(Dir, KSelector), KPolicy>) -> std::io::Result<()> {
-        for k in want.values().filter(|k| strict(k)) {
-            self.put(k)?;
-        }
-        Ok(())
-    }
-
-    /// Second half, once espd runs on the new configuration: BYPASS entries
-    /// of `want` are put, and entries `want` no longer has are removed.
-    pub fn loosen(&mut self, want: &BTreeMap<(Dir, KSelector), KPolicy>) -> std::io::Result<()> {
-        for k in want.values().filter(|k| !strict(k)) {
-            self.put(k)?;
-        }
-        let stale: Vec<(Dir, KSelector)> = self
+    /// Both halves at once (at start, before anything is attached): every
+    /// entry `cfg`'s policies make is in the kernel, and no other.
+    pub fn sync(&mut self, cfg: &Config) -> std::io::Result<()> {
+        let c = Contrib::of(cfg, self.host);
+        let keys: BTreeSet<Key> = c.by_key.keys().copied().collect();
+        self.tighten_keys(&c, &keys)?;
+        let stale: Vec<Key> = self
             .installed
             .keys()
-            .filter(|k| !want.contains_key(k))
+            .filter(|k| !keys.contains(k))
             .copied()
             .collect();
+        self.loosen_keys(c, &keys)?;
         for key in stale {
-            if let Some((index, _)) = self.installed.get(&key) {
-                self.nl.delete(key.0, &key.1, *index)?;
+            if let Some((index, _)) = self.installed.remove(&key) {
+                self.nl.delete(key.0, &key.1, index)?;
             }
-            self.installed.remove(&key);
         }
-        Ok(())
-    }
-
-    /// Both halves at once (at start, before anything is attached).
-    pub fn sync(&mut self, cfg: &Config) -> std::io::Result<()> {
-        let want = desired(cfg, self.host);
-        self.tighten(&want)?;
-        self.loosen(&want)?;
-        self.contrib = Contrib::of(cfg, self.host);
         Ok(())
     }
 
@@ -351,9 +422,8 @@ impl Guard {
     /// what protects or blocks goes in.
     pub fn tighten_keys(&mut self, c: &Contrib, keys: &BTreeSet<Key>) -> std::io::Result<()> {
         for k in keys {
-            if let Some(w) = c.want(k).filter(|w| strict(w)) {
-                let w = w.clone();
-                self.put(&w)?;
+            if let Some((w, p)) = c.want_from(k).filter(|(w, _)| strict(w)) {
+                self.put(&w, p)?;
             }
         }
         Ok(())
@@ -364,8 +434,9 @@ impl Guard {
     pub fn loosen_keys(&mut self, c: Contrib, keys: &BTreeSet<Key>) -> std::io::Result<()> {
         self.contrib = c;
         for k in keys {
-            match self.contrib.want(k).cloned() {
-                Some(w) if !strict(&w) => self.put(&w)?,
+            let want = self.contrib.want_from(k).map(|(w, p)| (w, Arc::clone(p)));
+            match want {
+                Some((w, p)) if !strict(&w) => self.put(&w, &p)?,
                 Some(_) => {}
                 None => {
                     if let Some((index, _)) = self.installed.remove(k) {
@@ -420,7 +491,7 @@ policy add src 198.18.2.0/24 dst 198.18.1.0/24 dir fwd tmpl src 198.18.0.2 dst 1
         // Staged changes shape their entries the same way.
         let c = Contrib::of(&cfg, host);
         for k in w.keys() {
-            assert_eq!(c.want(k), w.get(k));
+            assert_eq!(c.want(k).as_ref(), w.get(k));
         }
         // A gateway's entries are the plain ones: a switch replaces every key.
         let plain = desired(&cfg, None);
@@ -485,12 +556,12 @@ policy add src 198.18.1.0/24 dst 198.18.4.0/24 dir out tmpl src 198.18.0.1 dst 1
                 })
                 .unwrap()
                 .clone();
-            c.stage([(true, &p)]);
+            c.stage([(true, &Arc::new(p))]);
             let want = desired(&cfg, None);
             for (k, w) in &want {
-                assert_eq!(c.want(k), Some(w), "after line {}", i + 1);
+                assert_eq!(c.want(k).as_ref(), Some(w), "after line {}", i + 1);
             }
-            assert_eq!(c.by_key.len(), want.len());
+            assert_eq!(c.keys(), want.len());
         }
         // Removing the block uncovers the bypass under it.
         let cfg = Config::parse("t.conf", &text).unwrap();
@@ -501,7 +572,7 @@ policy add src 198.18.1.0/24 dst 198.18.4.0/24 dir out tmpl src 198.18.0.1 dst 1
             .find(|p| p.priority == 5)
             .unwrap()
             .clone();
-        let touched = c.stage([(false, &block)]);
+        let touched = c.stage([(false, &Arc::new(block))]);
         assert!(!touched.is_empty());
         let rest: String = lines
             .iter()
@@ -510,7 +581,7 @@ policy add src 198.18.1.0/24 dst 198.18.4.0/24 dir out tmpl src 198.18.0.1 dst 1
             .collect();
         let want = desired(&Config::parse("t.conf", &rest).unwrap(), None);
         for k in &touched {
-            assert_eq!(c.want(k), want.get(k), "{k:?}");
+            assert_eq!(c.want(k).as_ref(), want.get(k), "{k:?}");
         }
     }
 

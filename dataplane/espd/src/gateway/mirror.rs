@@ -259,10 +259,10 @@ pub struct Delta {
 
 impl Delta {
     /// The policies removed and added (for the guard), in order.
-    pub fn policies(&self) -> impl Iterator<Item = (bool, &Policy)> {
+    pub fn policies(&self) -> impl Iterator<Item = (bool, &Arc<Policy>)> {
         self.changes.iter().filter_map(|c| match c {
-            Change::PolicyAdded(p) => Some((true, &**p)),
-            Change::PolicyRemoved(p) => Some((false, &**p)),
+            Change::PolicyAdded(p) => Some((true, p)),
+            Change::PolicyRemoved(p) => Some((false, p)),
             _ => None,
         })
     }
