@@ -300,7 +300,7 @@ def test_restart_after_kill_resumes_within_a_second_without_replay(net, tmp_path
     out = {x["spi"]: x for x in s1["sas"]}["0x00001001"]
     assert out["oseq"] > 1 << 22, out
     seq = (tmp_path / "gw1.seq").read_text()
-    assert seq.startswith("espd-oseq v1 clean"), seq
+    assert seq.startswith("espd-oseq v2 clean"), seq
     assert oct(os.stat(tmp_path / "gw1.seq").st_mode & 0o777) == "0o600"
 
 
