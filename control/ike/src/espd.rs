@@ -57,12 +57,13 @@ pub struct Installer {
     traps: HashMap<String, Vec<String>>,
 }
 
-fn hex(b: &[u8]) -> String {
-    let mut s = String::with_capacity(2 * b.len());
+/// ` 0xHEX` of key material, written in place: no string of the key is
+/// made on the way (it would be freed unwiped).
+fn push_hex(s: &mut String, b: &[u8]) {
+    s.push_str(" 0x");
     for x in b {
         let _ = write!(s, "{x:02x}");
     }
-    s
 }
 
 fn integ_name(i: Integ) -> &'static str {
@@ -78,41 +79,49 @@ fn integ_name(i: Integ) -> &'static str {
 pub fn alg_words(alg: &Chosen, key: &[u8]) -> Zeroizing<String> {
     let ek = alg.encr.key_len();
     let (e, a) = key.split_at(ek.min(key.len()));
-    let mut s = Zeroizing::new(String::new());
+    // At its final size from the start: a growing string would leave
+    // copies of the keys in the buffers it outgrew.
+    let mut s = Zeroizing::new(String::with_capacity(ALG_WORDS + 2 * key.len()));
+    let cap = s.capacity();
     match alg.encr {
         Encr::AesGcm(_, icv) => {
-            let _ = write!(
-                s,
-                "aead 'rfc4106(gcm(aes))' 0x{} {}",
-                hex(e),
-                icv as u32 * 8
-            );
+            s.push_str("aead 'rfc4106(gcm(aes))'");
+            push_hex(&mut s, e);
+            let _ = write!(s, " {}", icv as u32 * 8);
         }
         Encr::ChaCha => {
-            let _ = write!(s, "aead 'rfc7539esp(chacha20,poly1305)' 0x{} 128", hex(e));
+            s.push_str("aead 'rfc7539esp(chacha20,poly1305)'");
+            push_hex(&mut s, e);
+            s.push_str(" 128");
         }
         Encr::Gmac(_) => {
-            let _ = write!(s, "aead 'rfc4543(gcm(aes))' 0x{} 128", hex(e));
+            s.push_str("aead 'rfc4543(gcm(aes))'");
+            push_hex(&mut s, e);
+            s.push_str(" 128");
         }
         Encr::AesCbc(_) | Encr::Null => {
             if matches!(alg.encr, Encr::Null) {
                 s.push_str("enc 'ecb(cipher_null)' \"\"");
             } else {
-                let _ = write!(s, "enc 'cbc(aes)' 0x{}", hex(e));
+                s.push_str("enc 'cbc(aes)'");
+                push_hex(&mut s, e);
             }
             if let Some(i) = alg.integ {
-                let _ = write!(
-                    s,
-                    " auth-trunc '{}' 0x{} {}",
-                    integ_name(i),
-                    hex(a),
-                    i.icv_len() * 8
-                );
+                let _ = write!(s, " auth-trunc '{}'", integ_name(i));
+                push_hex(&mut s, a);
+                let _ = write!(s, " {}", i.icv_len() * 8);
             }
         }
     }
+    debug_assert_eq!(s.capacity(), cap, "alg_words outgrew its capacity");
     s
 }
+
+/// Everything of [`alg_words`] but the hex of the keys, at most.
+const ALG_WORDS: usize = 128;
+/// Everything of a `state add` line but its algorithm words, at most:
+/// the words, two addresses, numbers and lifetimes.
+const STATE_WORDS: usize = 512;
 
 fn mode_word(m: Mode) -> &'static str {
     match m {
@@ -240,42 +249,8 @@ impl Installer {
             Dir::In => (c.remote, c.local, c.spi_in, &c.key_in),
             Dir::Out => (c.local, c.remote, c.spi_out, &c.key_out),
         };
-        let mut text = Zeroizing::new(String::new());
-        let _ = write!(
-            text,
-            "state add src {} dst {} proto esp spi 0x{spi:08x} reqid {} mode {}",
-            src.ip(),
-            dst.ip(),
-            c.reqid,
-            mode_word(c.mode)
-        );
-        if dir == Dir::In {
-            let _ = write!(text, " replay-window {}", c.replay_window);
-        }
-        if c.alg.esn {
-            text.push_str(" flag esn");
-        }
-        text.push(' ');
-        text.push_str(&alg_words(&c.alg, key));
-        if c.encap {
-            // RFC 3948: ESP in UDP between the IKE SA's ports.
-            let oa = if src.is_ipv4() { "0.0.0.0" } else { "::" };
-            let _ = write!(text, " encap espinudp {} {} {oa}", src.port(), dst.port());
-        }
-        let hard = c.life_time.as_secs().max(1);
-        let soft = c.rekey_time.as_secs().clamp(1, hard);
-        let _ = write!(text, " limit time-soft {soft} time-hard {hard}");
-        // Volume lifetimes: espd's soft expiry makes us rekey, its hard one
-        // ends the SA (RFC 4301 §4.4.2.1).
-        for (word, n) in ["byte-soft", "byte-hard", "packet-soft", "packet-hard"]
-            .iter()
-            .zip(c.volume)
-        {
-            if n > 0 {
-                let _ = write!(text, " {word} {n}");
-            }
-        }
-        let _ = writeln!(text);
+        // The policies first (no keys in them): the batch is then written
+        // at its final size, so no growth leaves a copy of the keys behind.
         let entry = self.children.entry(c.spi_in).or_insert(Installed {
             states: Vec::new(),
             policies: Vec::new(),
@@ -297,9 +272,51 @@ impl Installer {
             dir,
             None,
         );
-        self.take(lines, &mut held, &mut text);
+        let mut pols = String::new();
+        self.take(lines, &mut held, &mut pols);
         let entry = self.children.get_mut(&c.spi_in).expect("just added");
         entry.policies = held;
+        let algs = alg_words(&c.alg, key);
+        let mut text = Zeroizing::new(String::with_capacity(STATE_WORDS + algs.len() + pols.len()));
+        let cap = text.capacity();
+        let _ = write!(
+            text,
+            "state add src {} dst {} proto esp spi 0x{spi:08x} reqid {} mode {}",
+            src.ip(),
+            dst.ip(),
+            c.reqid,
+            mode_word(c.mode)
+        );
+        if dir == Dir::In {
+            let _ = write!(text, " replay-window {}", c.replay_window);
+        }
+        if c.alg.esn {
+            text.push_str(" flag esn");
+        }
+        text.push(' ');
+        text.push_str(&algs);
+        if c.encap {
+            // RFC 3948: ESP in UDP between the IKE SA's ports.
+            let oa = if src.is_ipv4() { "0.0.0.0" } else { "::" };
+            let _ = write!(text, " encap espinudp {} {} {oa}", src.port(), dst.port());
+        }
+        let hard = c.life_time.as_secs().max(1);
+        let soft = c.rekey_time.as_secs().clamp(1, hard);
+        let _ = write!(text, " limit time-soft {soft} time-hard {hard}");
+        // Volume lifetimes: espd's soft expiry makes us rekey, its hard one
+        // ends the SA (RFC 4301 §4.4.2.1).
+        for (word, n) in ["byte-soft", "byte-hard", "packet-soft", "packet-hard"]
+            .iter()
+            .zip(c.volume)
+        {
+            if n > 0 {
+                let _ = write!(text, " {word} {n}");
+            }
+        }
+        let _ = writeln!(text);
+        text.push_str(&pols);
+        debug_assert_eq!(text.capacity(), cap, "the batch outgrew its capacity");
+        let entry = self.children.get_mut(&c.spi_in).expect("just added");
         entry.batches.push(text.clone());
         text
     }
@@ -528,6 +545,42 @@ mod tests {
             trap: false,
             peer_takes_tfc: true,
             installed_at: Instant::now(),
+        }
+    }
+
+    /// A batch holds keys: it is written at its final size (the debug
+    /// assertions in `install` and `alg_words` say so), even with the
+    /// longest words — IPv6, SHA-512, the largest numbers.
+    #[test]
+    fn batches_are_written_at_their_final_size() {
+        for (encr, integ) in [
+            (Encr::AesCbc(256), Some(Integ::Sha512)),
+            (Encr::Null, Some(Integ::Sha384)),
+            (Encr::AesGcm(256, 16), None),
+        ] {
+            let mut c = child(u32::MAX - 1, encr, true);
+            c.alg.integ = integ;
+            c.alg.esn = true;
+            let n = encr.key_len() + integ.map_or(0, |i| i.key_len());
+            c.key_in = Zeroizing::new(vec![0xab; n]);
+            c.key_out = Zeroizing::new(vec![0xcd; n]);
+            c.local = "[2001:db8:ffff:ffff:ffff:ffff:ffff:fffe]:65535"
+                .parse()
+                .unwrap();
+            c.remote = "[2001:db8:ffff:ffff:ffff:ffff:ffff:ffff]:65535"
+                .parse()
+                .unwrap();
+            c.mode = Mode::Transport;
+            c.reqid = u32::MAX;
+            c.replay_window = u32::MAX;
+            c.life_time = Duration::from_secs(u64::MAX / 2);
+            c.rekey_time = Duration::from_secs(u64::MAX / 4);
+            c.volume = [u64::MAX; 4];
+            let mut i = Installer::new();
+            for d in [Dir::In, Dir::Out] {
+                let t = i.install(&c, d);
+                assert!(t.starts_with("state add src 2001:db8:"), "{}", *t);
+            }
         }
     }
 
