@@ -78,7 +78,17 @@ fn quote(w: &str) -> String {
 }
 
 fn call(socket: &std::path::Path, req: &Value) -> Result<Value, String> {
-    let r = espd_proto::call(socket, req)?;
+    answer(espd_proto::call(socket, req)?)
+}
+
+/// Applies a batch (it may hold keys): sent as a request line built at
+/// its final size and wiped once sent (no `Value` copy of the text).
+fn apply(socket: &std::path::Path, name: &str, text: &str) -> Result<Value, String> {
+    let line = espd_proto::apply_line(name, text);
+    answer(espd_proto::call_line(socket, &line, "espd run --control")?)
+}
+
+fn answer(r: Value) -> Result<Value, String> {
     if r.get("ok").and_then(Value::as_bool) == Some(true) {
         Ok(r)
     } else {
@@ -118,7 +128,7 @@ fn run(cli: Cli) -> Result<(), String> {
         let text = zeroize::Zeroizing::new(
             std::fs::read_to_string(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?,
         );
-        let r = call(s, &espd_proto::apply(&f.display().to_string(), &text))?;
+        let r = apply(s, &f.display().to_string(), &text)?;
         println!("{}", changes(&r));
         return Ok(());
     }
@@ -284,7 +294,7 @@ fn apply_words(s: &std::path::Path, obj: &str, verb: &str, args: &[String]) -> R
         line.push(' ');
         line.push_str(&quote(a));
     }
-    let r = call(s, &espd_proto::apply("espctl", &line))?;
+    let r = apply(s, "espctl", &line)?;
     println!("{}", changes(&r));
     Ok(())
 }

@@ -32,6 +32,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
+use zeroize::Zeroizing;
 
 pub const VERSION: u64 = 1;
 /// Version 2: a kept connection with pipelined requests (each with an
@@ -41,8 +42,117 @@ pub const DEFAULT_SOCKET: &str = "/run/espd/espd.sock";
 /// espd-ike's control socket (`espctl ike …`, docs/ike.md).
 pub const IKE_SOCKET: &str = "/run/espd/ike.sock";
 
-pub fn apply(name: &str, text: &str) -> Value {
-    json!({"v": VERSION, "op": "apply", "name": name, "text": text})
+/// An `apply` request for `text` (a batch, which may hold keys), as the
+/// line to send: see [`request_line`].
+pub fn apply_line(name: &str, text: &str) -> Zeroizing<String> {
+    request_line(
+        &json!({"v": VERSION, "op": "apply", "name": name}),
+        Some(text),
+    )
+}
+
+// A batch's text may hold keys. Its two halves — written into a request
+// line by the clients (espctl, espd-ike), read out of it by espd — are
+// here together, each at its final size in one allocation, so that no
+// growing buffer or intermediate `Value` leaves a copy of a key in freed
+// memory; the test below checks one against the other and both against
+// serde_json.
+
+/// One request line: `req` (an object without keys) with `text` added as
+/// its `"text"` member, escaped as JSON strings are (RFC 8259 §7), and a
+/// newline — in one allocation of the exact size (serde_json would copy the
+/// text into a `Value` and grow the line as it writes).
+pub fn request_line(req: &Value, text: Option<&str>) -> Zeroizing<String> {
+    let head = req.to_string();
+    let Some(text) = text else {
+        return Zeroizing::new(head + "\n");
+    };
+    let body = head.strip_suffix('}').unwrap_or(&head);
+    let sep = if body.len() > 1 { "," } else { "" };
+    let escaped: usize = text.chars().map(escaped_len).sum();
+    let size = body.len() + sep.len() + r#""text":"#.len() + escaped + 2 + "}\n".len();
+    let mut line = Zeroizing::new(String::with_capacity(size));
+    line.push_str(body);
+    line.push_str(sep);
+    line.push_str(r#""text":""#);
+    for c in text.chars() {
+        match c {
+            '"' => line.push_str("\\\""),
+            '\\' => line.push_str("\\\\"),
+            '\n' => line.push_str("\\n"),
+            '\r' => line.push_str("\\r"),
+            '\t' => line.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let h = b"0123456789abcdef";
+                line.push_str("\\u00");
+                line.push(char::from(h[(c as usize) >> 4]));
+                line.push(char::from(h[(c as usize) & 15]));
+            }
+            c => line.push(c),
+        }
+    }
+    line.push_str("\"}\n");
+    debug_assert_eq!(line.len(), size, "the size computed is the size written");
+    line
+}
+
+/// The octets `c` takes in a JSON string, as [`request_line`] writes it.
+fn escaped_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\n' | '\r' | '\t' => 2,
+        c if (c as u32) < 0x20 => 6,
+        c => c.len_utf8(),
+    }
+}
+
+/// A JSON string literal as serde_json checked it (quotes included)
+/// unescaped into a string allocated once at its final size (RFC 8259 §7);
+/// `None` if `raw` is not a string or an escape is malformed (a lone
+/// surrogate), and what was unescaped so far is wiped.
+pub fn unescape(raw: &str) -> Option<String> {
+    let body = raw.strip_prefix('"')?.strip_suffix('"')?;
+    let mut out = Zeroizing::new(String::with_capacity(body.len()));
+    let mut chars = body.chars();
+    let hex4 = |chars: &mut std::str::Chars| -> Option<u32> {
+        let mut v = 0;
+        for _ in 0..4 {
+            v = v * 16 + chars.next()?.to_digit(16)?;
+        }
+        Some(v)
+    };
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        out.push(match chars.next()? {
+            '"' => '"',
+            '\\' => '\\',
+            '/' => '/',
+            'b' => '\u{8}',
+            'f' => '\u{c}',
+            'n' => '\n',
+            'r' => '\r',
+            't' => '\t',
+            'u' => {
+                let mut u = hex4(&mut chars)?;
+                if (0xd800..0xdc00).contains(&u) {
+                    // A surrogate pair: the low half must follow.
+                    if (chars.next()?, chars.next()?) != ('\\', 'u') {
+                        return None;
+                    }
+                    let lo = hex4(&mut chars)?;
+                    if !(0xdc00..0xe000).contains(&lo) {
+                        return None;
+                    }
+                    u = 0x10000 + ((u - 0xd800) << 10) + (lo - 0xdc00);
+                }
+                char::from_u32(u)?
+            }
+            _ => return None,
+        });
+    }
+    Some(std::mem::take(&mut *out))
 }
 
 pub fn states(keys: bool) -> Value {
@@ -156,6 +266,14 @@ pub fn call(socket: &Path, req: &Value) -> Result<Value, String> {
 /// [`call`] for another daemon's socket; `who` is the command line that
 /// serves it, for the error when nothing does.
 pub fn call_to(socket: &Path, req: &Value, who: &str) -> Result<Value, String> {
+    let mut line = req.to_string();
+    line.push('\n');
+    call_line(socket, &line, who)
+}
+
+/// Sends one request line (built by [`request_line`], newline included)
+/// and reads the answer.
+pub fn call_line(socket: &Path, line: &str, who: &str) -> Result<Value, String> {
     let mut s = UnixStream::connect(socket).map_err(|e| {
         format!(
             "cannot connect to {}: {e} (is `{who} {}` running, and are you root?)",
@@ -165,8 +283,6 @@ pub fn call_to(socket: &Path, req: &Value, who: &str) -> Result<Value, String> {
     })?;
     s.set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| e.to_string())?;
-    let mut line = req.to_string();
-    line.push('\n');
     s.write_all(line.as_bytes()).map_err(|e| e.to_string())?;
     let mut answer = String::new();
     BufReader::new(s)
@@ -181,11 +297,49 @@ mod tests {
 
     #[test]
     fn versions_are_checked() {
-        assert!(check_version(&apply("b", "state flush")).is_ok());
+        let apply: Value = serde_json::from_str(&apply_line("b", "state flush")).unwrap();
+        assert!(check_version(&apply).is_ok());
         assert!(check_version(&json!({"v": 2, "op": "stats"})).is_ok());
         let e = check_version(&json!({"v": 3, "op": "stats"})).unwrap_err();
         assert_eq!(e["ok"], false);
         assert!(e["error"].as_str().unwrap().contains("versions 1 and 2"));
         assert!(check_version(&json!({"op": "stats"})).is_err());
+    }
+
+    /// The line is what serde_json would have written, built in one
+    /// allocation, and [`unescape`] (what espd reads it with) gives the
+    /// text back.
+    #[test]
+    fn request_lines_read_back_as_the_text_given() {
+        let alphabet: Vec<char> = "a0 \"\\/\n\t\r\u{1}\u{1f}\u{7f}é€😀".chars().collect();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for case in 0..20_000u64 {
+            let mut text = String::new();
+            for _ in 0..(case % 50) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                text.push(alphabet[(x % alphabet.len() as u64) as usize]);
+            }
+            let req = json!({"op": "apply", "name": "child", "v": 2, "id": case});
+            let line = request_line(&req, Some(&text));
+            assert_eq!(line.capacity(), line.len(), "built in one allocation");
+            assert!(line.ends_with('\n') && !line[..line.len() - 1].contains('\n'));
+            let back: Value = serde_json::from_str(&line).unwrap();
+            let mut want = req.clone();
+            want["text"] = json!(text);
+            assert_eq!(back, want);
+            // The other half: the text member as written, unescaped.
+            let raw: std::collections::BTreeMap<String, &serde_json::value::RawValue> =
+                serde_json::from_str(&line).unwrap();
+            assert_eq!(unescape(raw["text"].get()).as_deref(), Some(text.as_str()));
+        }
+        assert_eq!(&*request_line(&json!({}), Some("a")), "{\"text\":\"a\"}\n");
+        assert_eq!(
+            &*request_line(&json!({"op": "x"}), None),
+            "{\"op\":\"x\"}\n"
+        );
+        assert_eq!(unescape("\"\\ud800\""), None, "a lone surrogate");
+        assert_eq!(unescape("5"), None, "not a string");
     }
 }

@@ -562,7 +562,11 @@ fn parse_request(line: &[u8]) -> serde_json::Result<Value> {
     };
     let mut m = serde_json::Map::new();
     for (k, v) in raw {
-        let text = if k == "text" { unescape(v.get()) } else { None };
+        let text = if k == "text" {
+            espd_proto::unescape(v.get())
+        } else {
+            None
+        };
         let v = match text {
             Some(s) => Value::String(s),
             None => serde_json::from_str(v.get())?,
@@ -570,56 +574,6 @@ fn parse_request(line: &[u8]) -> serde_json::Result<Value> {
         m.insert(k, v);
     }
     Ok(Value::Object(m))
-}
-
-/// A JSON string literal as serde_json checked it (quotes included)
-/// unescaped into a string allocated once at its final size (RFC 8259 §7);
-/// `None` if `raw` is not a string or an escape is malformed (a lone
-/// surrogate), and what was unescaped so far is wiped.
-fn unescape(raw: &str) -> Option<String> {
-    let body = raw.strip_prefix('"')?.strip_suffix('"')?;
-    let mut out = zeroize::Zeroizing::new(String::with_capacity(body.len()));
-    let mut chars = body.chars();
-    let hex4 = |chars: &mut std::str::Chars| -> Option<u32> {
-        let mut v = 0;
-        for _ in 0..4 {
-            v = v * 16 + chars.next()?.to_digit(16)?;
-        }
-        Some(v)
-    };
-    while let Some(c) = chars.next() {
-        if c != '\\' {
-            out.push(c);
-            continue;
-        }
-        out.push(match chars.next()? {
-            '"' => '"',
-            '\\' => '\\',
-            '/' => '/',
-            'b' => '\u{8}',
-            'f' => '\u{c}',
-            'n' => '\n',
-            'r' => '\r',
-            't' => '\t',
-            'u' => {
-                let mut u = hex4(&mut chars)?;
-                if (0xd800..0xdc00).contains(&u) {
-                    // A surrogate pair: the low half must follow.
-                    if (chars.next()?, chars.next()?) != ('\\', 'u') {
-                        return None;
-                    }
-                    let lo = hex4(&mut chars)?;
-                    if !(0xdc00..0xe000).contains(&lo) {
-                        return None;
-                    }
-                    u = 0x10000 + ((u - 0xd800) << 10) + (lo - 0xdc00);
-                }
-                char::from_u32(u)?
-            }
-            _ => return None,
-        });
-    }
-    Some(std::mem::take(&mut *out))
 }
 
 /// Appends `data` to `buf`; when `buf` must grow, its old allocation is
@@ -988,7 +942,11 @@ mod tests {
                 let line = format!("{{\"v\":2,\"id\":{case},\"op\":\"apply\",\"text\":{lit}}}");
                 let want: Value = serde_json::from_str(&line).unwrap();
                 assert_eq!(parse_request(line.as_bytes()).unwrap(), want, "{line}");
-                assert_eq!(unescape(&lit).as_deref(), Some(text.as_str()), "{lit}");
+                assert_eq!(
+                    espd_proto::unescape(&lit).as_deref(),
+                    Some(text.as_str()),
+                    "{lit}"
+                );
             }
         }
         // Lone surrogates and other text: as serde_json has it (an error).

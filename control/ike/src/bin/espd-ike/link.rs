@@ -9,7 +9,6 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::Duration;
-use zeroize::Zeroizing;
 
 use crate::Ev;
 
@@ -104,7 +103,7 @@ impl Link {
         };
         // The line may hold keys: built at its final size, so no growth
         // leaves a copy in freed memory, and wiped once written.
-        let line = request_line(&req, text);
+        let line = espd_proto::request_line(&req, text);
         if let Err(e) = s.write_all(line.as_bytes()) {
             self.conn = None;
             return Err(Refusal::Unreachable(format!("writing to espd: {e}")));
@@ -145,53 +144,6 @@ impl Link {
     }
 }
 
-/// One request line: `req` (an object without keys) with `text` added as
-/// its `"text"` member, escaped as JSON strings are (RFC 8259 §7), and a
-/// newline — in one allocation of the exact size (serde_json would copy the
-/// text into a `Value` and grow the line as it writes).
-fn request_line(req: &Value, text: Option<&str>) -> Zeroizing<String> {
-    let head = req.to_string();
-    let Some(text) = text else {
-        return Zeroizing::new(head + "\n");
-    };
-    let body = head.strip_suffix('}').unwrap_or(&head);
-    let sep = if body.len() > 1 { "," } else { "" };
-    let escaped: usize = text.chars().map(escaped_len).sum();
-    let size = body.len() + sep.len() + r#""text":"#.len() + escaped + 2 + "}\n".len();
-    let mut line = Zeroizing::new(String::with_capacity(size));
-    line.push_str(body);
-    line.push_str(sep);
-    line.push_str(r#""text":""#);
-    for c in text.chars() {
-        match c {
-            '"' => line.push_str("\\\""),
-            '\\' => line.push_str("\\\\"),
-            '\n' => line.push_str("\\n"),
-            '\r' => line.push_str("\\r"),
-            '\t' => line.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let h = b"0123456789abcdef";
-                line.push_str("\\u00");
-                line.push(char::from(h[(c as usize) >> 4]));
-                line.push(char::from(h[(c as usize) & 15]));
-            }
-            c => line.push(c),
-        }
-    }
-    line.push_str("\"}\n");
-    debug_assert_eq!(line.len(), size, "the size computed is the size written");
-    line
-}
-
-/// The octets `c` takes in a JSON string, as [`request_line`] writes it.
-fn escaped_len(c: char) -> usize {
-    match c {
-        '"' | '\\' | '\n' | '\r' | '\t' => 2,
-        c if (c as u32) < 0x20 => 6,
-        c => c.len_utf8(),
-    }
-}
-
 fn reader(s: UnixStream, answers: Sender<Value>, events: Sender<Ev>, gen: u64) {
     for line in BufReader::new(s).lines() {
         let Ok(line) = line else { break };
@@ -207,39 +159,4 @@ fn reader(s: UnixStream, answers: Sender<Value>, events: Sender<Ev>, gen: u64) {
         }
     }
     let _ = events.send(Ev::Espd(FromEspd::Down(gen)));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The line is what serde_json would have written, read back the
-    /// same, and never grew (its capacity is the size computed first).
-    #[test]
-    fn request_lines_read_back_as_the_text_given() {
-        let alphabet: Vec<char> = "a0 \"\\/\n\t\r\u{1}\u{1f}\u{7f}é€😀".chars().collect();
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        for case in 0..20_000u64 {
-            let mut text = String::new();
-            for _ in 0..(case % 50) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                text.push(alphabet[(x % alphabet.len() as u64) as usize]);
-            }
-            let req = json!({"op": "apply", "name": "child", "v": 2, "id": case});
-            let line = request_line(&req, Some(&text));
-            assert_eq!(line.capacity(), line.len(), "built in one allocation");
-            assert!(line.ends_with('\n') && !line[..line.len() - 1].contains('\n'));
-            let back: Value = serde_json::from_str(&line).unwrap();
-            let mut want = req.clone();
-            want["text"] = json!(text);
-            assert_eq!(back, want);
-        }
-        assert_eq!(&*request_line(&json!({}), Some("a")), "{\"text\":\"a\"}\n");
-        assert_eq!(
-            &*request_line(&json!({"op": "x"}), None),
-            "{\"op\":\"x\"}\n"
-        );
-    }
 }
