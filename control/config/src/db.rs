@@ -1,16 +1,3 @@
-//! The running configuration's bookkeeping as `espctl` changes it: which
-//! states and policies exist, keyed as the SAD and SPD key them (a state by
-//! destination and SPI, a policy by direction and selector), in the order
-//! they were added, plus the `setdefault` lines. Changes come as `ip xfrm`
-//! words — `state add|update|delete|flush`, `policy
-//! add|update|delete|flush|setdefault` — in batches applied all or nothing:
-//! every line is checked, and any error changes nothing.
-//!
-//! No text is kept per state or policy: a listing is written from the SAs
-//! and policies that run ([`crate::line`]), which hold everything a line
-//! said. At 100 000 tunnels the kept lines were about half a kilobyte a
-//! tunnel, and a copy of every key.
-
 //! Changes to the running configuration as `espctl` makes them: `ip xfrm`
 //! words — `state add|update|delete|flush`, `policy
 //! add|update|delete|flush|setdefault` — in batches applied all or
