@@ -246,23 +246,38 @@ pub struct SaCounters {
 /// as a second line of defence, one outbound sequence counter, so no number
 /// is ever used twice (RFC 4303 §3.3.3; for GCM a repeated number is a
 /// repeated nonce).
+///
+/// One allocation for both (an SA's share is its own, shared only by the
+/// engines' runtime states and a `state update`'s successor): reached as
+/// `share.oseq` and `share.owner` through [`Deref`](core::ops::Deref).
 #[derive(Debug, Clone)]
-pub struct SaShare {
+pub struct SaShare(Arc<Shared>);
+
+/// The fields of an [`SaShare`].
+#[derive(Debug)]
+pub struct Shared {
     /// The last outbound sequence number used.
-    pub oseq: Arc<AtomicU64>,
+    pub oseq: AtomicU64,
     /// The worker that owns the SA; [`SaShare::NO_OWNER`] until the first
     /// worker sends through it (outbound) or authenticates a packet of it
     /// (inbound).
-    pub owner: Arc<AtomicU32>,
+    pub owner: AtomicU32,
+}
+
+impl core::ops::Deref for SaShare {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
 
 impl SaShare {
     pub const NO_OWNER: u32 = u32::MAX;
     pub fn new(oseq: u64) -> Self {
-        SaShare {
-            oseq: Arc::new(AtomicU64::new(oseq)),
-            owner: Arc::new(AtomicU32::new(Self::NO_OWNER)),
-        }
+        SaShare(Arc::new(Shared {
+            oseq: AtomicU64::new(oseq),
+            owner: AtomicU32::new(Self::NO_OWNER),
+        }))
     }
 }
 
