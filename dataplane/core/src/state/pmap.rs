@@ -176,6 +176,14 @@ impl<K: Hash + Eq + Clone, V: Clone, S: BuildHasher> PMap<K, V, S> {
             leaf: [].iter(),
         }
     }
+
+    pub fn keys(&self) -> impl Iterator<Item = &K> {
+        self.iter().map(|(k, _)| k)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &V> {
+        self.iter().map(|(_, v)| v)
+    }
 }
 
 fn insert<K: Eq + Clone, V: Clone>(node: &mut Node<K, V>, e: Entry<K, V>, depth: u32) -> Option<V> {

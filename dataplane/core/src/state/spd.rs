@@ -6,7 +6,7 @@
 
 use super::sa::Mode;
 use super::selector::{Flow, Prefix, Selector};
-use super::{CMap, PMap};
+use super::PMap;
 use core::net::IpAddr;
 use std::sync::Arc;
 
@@ -101,7 +101,7 @@ pub struct Exists;
 #[derive(Default, Clone)]
 struct Table {
     /// Every policy by selector, with its insertion order.
-    by_sel: CMap<Selector, Entry>,
+    by_sel: PMap<Selector, Entry>,
     shapes: Vec<Shape>,
     /// The next insertion order (ties between equal priorities go to the
     /// earlier policy, as in XFRM).
@@ -168,7 +168,7 @@ impl Bucket {
 }
 
 impl Table {
-    fn insert(&mut self, p: Policy, order: Option<u64>) -> Result<(), Exists> {
+    fn insert(&mut self, p: Arc<Policy>, order: Option<u64>) -> Result<(), Exists> {
         if self.by_sel.contains_key(&p.sel) {
             return Err(Exists);
         }
@@ -184,7 +184,7 @@ impl Table {
             priority: prio,
             order,
             by_key: p.sel.proto.is_none() && p.sel.sport.is_none() && p.sel.dport.is_none(),
-            policy: Arc::new(p),
+            policy: p,
         };
         self.by_sel.insert(sel, entry.clone());
         let at = match self
@@ -313,7 +313,10 @@ impl Spd {
         Self::default()
     }
 
-    pub fn insert(&mut self, p: Policy) -> Result<(), Exists> {
+    /// Adds a policy: given as an `Arc`, it is the one the SPD keeps (the
+    /// gateway's guard holds the same, not a copy).
+    pub fn insert(&mut self, p: impl Into<Arc<Policy>>) -> Result<(), Exists> {
+        let p = p.into();
         self.version += 1;
         self.tables[p.dir.idx()].insert(p, None)
     }
@@ -326,7 +329,8 @@ impl Spd {
 
     /// `policy update`: the policy with `p`'s direction and selector
     /// replaced, keeping its place among equal priorities; the old one.
-    pub fn update(&mut self, p: Policy) -> Option<Arc<Policy>> {
+    pub fn update(&mut self, p: impl Into<Arc<Policy>>) -> Option<Arc<Policy>> {
+        let p = p.into();
         self.version += 1;
         let t = &mut self.tables[p.dir.idx()];
         let (old, order) = t.remove(&p.sel)?;

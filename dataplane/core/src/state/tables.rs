@@ -187,7 +187,9 @@ impl Tables {
         Some((id, old))
     }
 
-    pub fn insert_policy(&mut self, p: Policy) -> Result<(), PolicyExists> {
+    /// Adds a policy (see [`Spd::insert`]: an `Arc` given is the one kept).
+    pub fn insert_policy(&mut self, p: impl Into<Arc<Policy>>) -> Result<(), PolicyExists> {
+        let p = p.into();
         let addrs = policy_addrs(&p);
         self.spd.insert(p)?;
         self.count_policy(&addrs, 1);
@@ -195,7 +197,8 @@ impl Tables {
         Ok(())
     }
 
-    pub fn update_policy(&mut self, p: Policy) -> Option<Arc<Policy>> {
+    pub fn update_policy(&mut self, p: impl Into<Arc<Policy>>) -> Option<Arc<Policy>> {
+        let p = p.into();
         let addrs = policy_addrs(&p);
         let old = self.spd.update(p)?;
         self.count_policy(&addrs, 1);

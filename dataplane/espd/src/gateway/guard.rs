@@ -23,7 +23,7 @@
 //! holds — the cost of a change does not grow with the number of policies.
 
 use espd_config::Config;
-use espd_core::state::CMap as PMap;
+use espd_core::state::PMap;
 use espd_core::state::{Action, Direction, Level, Mode, Policy, PortRange};
 use espd_io::xfrm::{self, Dir, KPolicy, KSelector, KTmpl, Xfrm};
 use std::collections::{BTreeMap, BTreeSet};
