@@ -98,11 +98,15 @@ pub struct Exists;
 /// distinct shapes, not with the number of policies. The maps are
 /// persistent (a copy is O(1), a change O(log n)), so the control plane
 /// changes a copy while the workers read the published one.
+///
+/// The shape maps are the only index: a policy is found by its selector
+/// through its shape and masked addresses too (a selector's prefixes are
+/// kept masked), so no second map by selector holds every policy again.
 #[derive(Default, Clone)]
 struct Table {
-    /// Every policy by selector, with its insertion order.
-    by_sel: PMap<Selector, Entry>,
     shapes: Vec<Shape>,
+    /// Policies in all shapes.
+    len: usize,
     /// The next insertion order (ties between equal priorities go to the
     /// earlier policy, as in XFRM).
     next_order: u64,
@@ -168,8 +172,27 @@ impl Bucket {
 }
 
 impl Table {
+    /// The shape a selector's policies go in, if there is one yet.
+    fn shape_of(&self, sel: &Selector) -> Option<usize> {
+        let (v4, sl, dl) = (sel.src.is_ipv4(), sel.src.len, sel.dst.len);
+        self.shapes
+            .iter()
+            .position(|s| s.v4 == v4 && s.src_len == sl && s.dst_len == dl)
+    }
+
+    /// The entry of the policy with selector `sel`.
+    fn entry(&self, sel: &Selector) -> Option<&Entry> {
+        let shape = &self.shapes[self.shape_of(sel)?];
+        shape
+            .map
+            .get(&(sel.src.addr, sel.dst.addr))?
+            .entries()
+            .iter()
+            .find(|e| e.policy.sel == *sel)
+    }
+
     fn insert(&mut self, p: Arc<Policy>, order: Option<u64>) -> Result<(), Exists> {
-        if self.by_sel.contains_key(&p.sel) {
+        if self.entry(&p.sel).is_some() {
             return Err(Exists);
         }
         let order = order.unwrap_or_else(|| {
@@ -179,19 +202,13 @@ impl Table {
         let (v4, sl, dl) = (p.sel.src.is_ipv4(), p.sel.src.len, p.sel.dst.len);
         let key = (p.sel.src.addr, p.sel.dst.addr);
         let prio = p.priority;
-        let sel = p.sel;
         let entry = Entry {
             priority: prio,
             order,
             by_key: p.sel.proto.is_none() && p.sel.sport.is_none() && p.sel.dport.is_none(),
             policy: p,
         };
-        self.by_sel.insert(sel, entry.clone());
-        let at = match self
-            .shapes
-            .iter()
-            .position(|s| s.v4 == v4 && s.src_len == sl && s.dst_len == dl)
-        {
+        let at = match self.shape_of(&entry.policy.sel) {
             Some(i) => i,
             None => {
                 self.shapes.push(Shape {
@@ -214,40 +231,36 @@ impl Table {
         };
         shape.map.insert(key, b);
         self.shapes.sort_by_key(|s| s.min_priority);
+        self.len += 1;
         Ok(())
     }
 
     /// Removes the policy with selector `sel`; it and its order.
     fn remove(&mut self, sel: &Selector) -> Option<(Arc<Policy>, u64)> {
-        let e = self.by_sel.remove(sel)?;
-        let (v4, sl, dl) = (sel.src.is_ipv4(), sel.src.len, sel.dst.len);
+        let e = self.entry(sel)?.clone();
+        let at = self.shape_of(sel)?;
         let key = (sel.src.addr, sel.dst.addr);
-        if let Some(at) = self
-            .shapes
-            .iter()
-            .position(|s| s.v4 == v4 && s.src_len == sl && s.dst_len == dl)
-        {
-            let shape = &mut self.shapes[at];
-            if let Some(b) = shape.map.get(&key).map(|b| b.without(e.order)) {
-                match b {
-                    Some(b) => shape.map.insert(key, b),
-                    None => shape.map.remove(&key),
-                };
-            }
-            if let Some(n) = shape.prios.get_mut(&e.priority) {
-                *n -= 1;
-                if *n == 0 {
-                    shape.prios.remove(&e.priority);
-                }
-            }
-            match shape.prios.keys().next() {
-                Some(&m) => shape.min_priority = m,
-                None => {
-                    self.shapes.remove(at);
-                }
-            }
-            self.shapes.sort_by_key(|s| s.min_priority);
+        let shape = &mut self.shapes[at];
+        if let Some(b) = shape.map.get(&key).map(|b| b.without(e.order)) {
+            match b {
+                Some(b) => shape.map.insert(key, b),
+                None => shape.map.remove(&key),
+            };
         }
+        if let Some(n) = shape.prios.get_mut(&e.priority) {
+            *n -= 1;
+            if *n == 0 {
+                shape.prios.remove(&e.priority);
+            }
+        }
+        match shape.prios.keys().next() {
+            Some(&m) => shape.min_priority = m,
+            None => {
+                self.shapes.remove(at);
+            }
+        }
+        self.shapes.sort_by_key(|s| s.min_priority);
+        self.len -= 1;
         Some((e.policy, e.order))
     }
 
@@ -280,7 +293,11 @@ impl Table {
 
     /// Policies in lookup order: priority, then insertion.
     fn sorted(&self) -> Vec<&Arc<Policy>> {
-        let mut v: Vec<&Entry> = self.by_sel.values().collect();
+        let mut v: Vec<&Entry> = self
+            .shapes
+            .iter()
+            .flat_map(|s| s.map.values().flat_map(Bucket::entries))
+            .collect();
         v.sort_by_key(|e| (e.priority, e.order));
         v.into_iter().map(|e| &e.policy).collect()
     }
@@ -340,7 +357,7 @@ impl Spd {
 
     /// The `dir` policy with selector `sel`.
     pub fn get(&self, dir: Direction, sel: &Selector) -> Option<&Policy> {
-        self.tables[dir.idx()].by_sel.get(sel).map(|e| &*e.policy)
+        self.tables[dir.idx()].entry(sel).map(|e| &*e.policy)
     }
 
     pub fn set_default(&mut self, dir: Direction, a: Action) {
@@ -371,7 +388,7 @@ impl Spd {
         self.tables[dir.idx()].sorted()
     }
     pub fn len(&self) -> usize {
-        self.tables.iter().map(|t| t.by_sel.len()).sum()
+        self.tables.iter().map(|t| t.len).sum()
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
