@@ -66,10 +66,10 @@ pub struct HostShape {
 /// docs/performance.md).
 #[derive(Clone, Default)]
 pub struct Contrib {
-    /// Key → the espd policies that map to it, by (priority, order).
+    /// Key → the espd policies that map to it, by (priority, order). The
+    /// only map: a policy is taken out through the keys it makes (the
+    /// policy a change removes is the one staged, the SPD's own `Arc`).
     by_key: PMap<Key, Ranked>,
-    /// espd policy (direction, selector) → the policy and its rank.
-    by_policy: PMap<PolicyId, (Arc<Policy>, Rank)>,
     next: u64,
     host: Option<HostShape>,
 }
@@ -128,21 +128,26 @@ impl Contrib {
     }
 
     /// Takes out the contributions of the policy with `p`'s direction and
-    /// selector (the one staged before, whose keys are worked out again).
+    /// selector, from the keys `p` makes: `p` is the policy staged before
+    /// (a change removes the SPD's own `Arc`, the one it added), so they
+    /// are the keys it went in under.
     fn remove(&mut self, p: &Policy, touched: &mut BTreeSet<Key>) {
-        let Some((old, rank)) = self.by_policy.remove(&Self::pid(p)) else {
-            return;
-        };
-        for k in kernel(&old, self.host) {
+        let pid = Self::pid(p);
+        for k in kernel(p, self.host) {
             let k = (k.dir, k.sel);
-            if let Some(m) = self.by_key.get(&k) {
-                let rest: Vec<(Rank, Arc<Policy>)> =
-                    m.to_vec().into_iter().filter(|(r, _)| *r != rank).collect();
-                match Ranked::of(rest) {
-                    Some(r) => self.by_key.insert(k, r),
-                    None => self.by_key.remove(&k),
-                };
+            let Some(m) = self.by_key.get(&k) else {
+                continue;
+            };
+            let v = m.to_vec();
+            if !v.iter().any(|(_, q)| Self::pid(q) == pid) {
+                continue;
             }
+            let rest: Vec<(Rank, Arc<Policy>)> =
+                v.into_iter().filter(|(_, q)| Self::pid(q) != pid).collect();
+            match Ranked::of(rest) {
+                Some(r) => self.by_key.insert(k, r),
+                None => self.by_key.remove(&k),
+            };
             touched.insert(k);
         }
     }
@@ -165,7 +170,6 @@ impl Contrib {
             self.by_key.insert(key, m);
             touched.insert(key);
         }
-        self.by_policy.insert(Self::pid(p), (Arc::clone(p), rank));
     }
 
     /// Stages a change: policies added (`true`) and removed (deleted, or
@@ -582,6 +586,90 @@ policy add src 198.18.1.0/24 dst 198.18.4.0/24 dir out tmpl src 198.18.0.1 dst 1
         let want = desired(&Config::parse("t.conf", &rest).unwrap(), None);
         for k in &touched {
             assert_eq!(c.want(k).as_ref(), want.get(k), "{k:?}");
+        }
+    }
+
+    /// Random adds, updates and deletes staged as the gateway stages them
+    /// (a removal is the policy staged before, the same `Arc`) give, after
+    /// every step, what `desired` computes from the whole configuration:
+    /// on every key either holds, and the count of keys.
+    #[test]
+    fn random_changes_staged_give_the_desired_entries() {
+        let sels = [
+            "src 198.18.1.0/24 dst 198.18.2.0/24",
+            "src 198.18.1.0/24 dst 198.18.2.0/24 proto tcp dport 1000-1003",
+            "src 198.18.1.0/24 dst 198.18.2.0/24 proto tcp dport 1000-1001",
+            "src 198.18.1.0/24 dst 198.18.2.0/24 proto udp dport 1-40000",
+            "src 198.18.1.0/24 dst 198.18.2.0/24 proto tcp dport 1000-1005",
+            "src 198.18.1.0/24 dst 198.18.2.0/24 proto udp dport 5000-5010",
+            "src 198.18.1.0/25 dst 198.18.2.0/24",
+            "src 2001:db8:1::/48 dst 2001:db8:2::/48",
+        ];
+        let actions = [
+            "tmpl src 198.18.0.1 dst 198.18.0.2 proto esp reqid 1 mode tunnel",
+            "action block",
+            "",
+            "tmpl proto esp reqid 3 mode transport level use",
+        ];
+        let dirs = ["out", "in", "fwd"];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |m: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % m as u64) as usize
+        };
+        // (selector, direction, line, the policy staged), in staging order:
+        // the configuration `desired` is given lists them so, as ties
+        // between equal priorities go to the earlier policy and a staged
+        // update ranks last among its equals.
+        let mut have: Vec<((usize, usize), String, Arc<Policy>)> = Vec::new();
+        let mut c = Contrib::default();
+        for step in 0..600 {
+            let (si, di) = (next(sels.len()), next(dirs.len()));
+            let tmpl = actions[next(actions.len())];
+            let line = format!(
+                "policy add {} dir {} priority {} {}",
+                sels[si],
+                dirs[di],
+                next(4) * 10,
+                // IPv6 selectors with IPv4 tunnel templates do not parse.
+                if si == sels.len() - 1 && tmpl.contains("198.18") {
+                    ""
+                } else {
+                    tmpl
+                }
+            );
+            let parsed = || {
+                let cfg = Config::parse("x", &line).unwrap();
+                let p = Direction::ALL
+                    .iter()
+                    .flat_map(|d| cfg.spd.policies(*d))
+                    .next();
+                Arc::new(p.expect("one policy").clone())
+            };
+            let at = have.iter().position(|h| h.0 == (si, di));
+            match (at.map(|i| have.remove(i)), next(3)) {
+                (None, _) => {
+                    let p = parsed();
+                    c.stage([(true, &p)]);
+                    have.push(((si, di), line.clone(), p));
+                }
+                (Some((_, _, old)), 0) => {
+                    c.stage([(false, &old)]);
+                }
+                (Some((_, _, old)), _) => {
+                    let p = parsed();
+                    c.stage([(false, &old), (true, &p)]);
+                    have.push(((si, di), line.clone(), p));
+                }
+            }
+            let text: String = have.iter().map(|h| format!("{}\n", h.1)).collect();
+            let want = desired(&Config::parse("t.conf", &text).unwrap(), None);
+            for (k, w) in &want {
+                assert_eq!(c.want(k).as_ref(), Some(w), "step {step}: {line}");
+            }
+            assert_eq!(c.keys(), want.len(), "step {step}: {line}");
         }
     }
 
