@@ -84,6 +84,21 @@ impl<K, V, S: Clone> Clone for PMap<K, V, S> {
     }
 }
 
+/// Equal when both hold the same entries, whatever their shape.
+impl<K: Hash + Eq + Clone, V: Clone + PartialEq, S: BuildHasher> PartialEq for PMap<K, V, S> {
+    fn eq(&self, other: &Self) -> bool {
+        self.len == other.len && self.iter().all(|(k, v)| other.get(k) == Some(v))
+    }
+}
+
+impl<K: Hash + Eq + Clone + core::fmt::Debug, V: Clone + core::fmt::Debug, S: BuildHasher>
+    core::fmt::Debug for PMap<K, V, S>
+{
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
 /// The child of a branch at `depth` that hash `h` goes to: the hash's bits
 /// from the top, five a level, so a leaf's entries in hash order split
 /// into contiguous runs, one per child.
@@ -394,6 +409,16 @@ mod tests {
         check(&m);
         let got: HashMap<u64, u64> = m.iter().map(|(k, v)| (*k, *v)).collect();
         assert_eq!(got, want, "seed {seed}");
+        // Equal to the same entries put in another order, and not to less.
+        let mut fresh: PMap<u64, u64, S> = PMap::default();
+        for (k, v) in &want {
+            fresh.insert(*k, *v);
+        }
+        assert!(m == fresh, "seed {seed}");
+        if let Some(k) = want.keys().next() {
+            fresh.remove(k);
+            assert!(m != fresh, "seed {seed}");
+        }
         for (snap, was) in &snaps {
             check(snap);
             let got: HashMap<u64, u64> = snap.iter().map(|(k, v)| (*k, *v)).collect();

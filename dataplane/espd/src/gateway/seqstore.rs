@@ -66,6 +66,11 @@ const HEADER_V1: &str = "espd-oseq v1";
 /// The journal is never compacted below this many lines.
 const COMPACT_MIN: usize = 4096;
 
+/// The records by (dst, SPI): a persistent hash map (a copy is O(1), so a
+/// full write renders a copy while changes go on; about 60 octets a record
+/// where a B-tree filled by ascending keys took twice that).
+type Recs = espd_core::state::PMap<(IpAddr, u32), Record>;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Record {
     fp: u64,
@@ -77,7 +82,7 @@ pub struct SeqStore {
     path: PathBuf,
     /// A persistent map: a copy is O(1), so the file is written from a
     /// copy without holding up the changes (see [`SeqStore::render`]).
-    recs: imbl::OrdMap<(IpAddr, u32), Record>,
+    recs: Recs,
     /// The previous run stopped cleanly (the file says so): no margin.
     clean: bool,
     /// Records changed since the last write (`None`: the SA went).
@@ -161,7 +166,7 @@ impl SeqStore {
     pub fn open(path: &Path) -> Result<SeqStore> {
         let mut s = SeqStore {
             path: path.to_path_buf(),
-            recs: imbl::OrdMap::new(),
+            recs: Recs::default(),
             clean: false,
             changed: BTreeMap::new(),
             full: true,
@@ -235,7 +240,7 @@ impl SeqStore {
     /// restored.
     pub fn restore(&mut self, cfg: &mut Config, ids: &[usize]) -> usize {
         let mut restored = 0;
-        let mut keep = imbl::OrdMap::new();
+        let mut keep = Recs::default();
         let mut sad = espd_core::state::Sad::new();
         for (id, core) in cfg.sad.iter_ids() {
             let mut c = core.cfg.clone();
@@ -281,11 +286,7 @@ impl SeqStore {
     }
 
     #[cfg(test)]
-    fn admit_into(
-        &mut self,
-        c: &mut SaConfig,
-        into: &mut imbl::OrdMap<(IpAddr, u32), Record>,
-    ) -> bool {
+    fn admit_into(&mut self, c: &mut SaConfig, into: &mut Recs) -> bool {
         let (p, r) = self.admit(c);
         self.recs.remove(&p.key);
         into.insert(p.key, p.rec);
@@ -329,9 +330,13 @@ impl SeqStore {
     /// a record only grows. O(SAs given × log n), not O(records).
     pub fn update(&mut self, seen: impl IntoIterator<Item = (IpAddr, u32, u64)>) {
         for (dst, spi, n) in seen {
-            if let Some(r) = self.recs.get_mut(&(dst, spi)).filter(|r| n > r.oseq) {
-                r.oseq = n;
+            if let Some(r) = self.recs.get(&(dst, spi)).filter(|r| n > r.oseq) {
+                let r = Record {
+                    oseq: n,
+                    ..r.clone()
+                };
                 self.changed.insert((dst, spi), Some(r.clone()));
+                self.recs.insert((dst, spi), r);
             }
         }
     }
@@ -388,7 +393,7 @@ pub struct Pending {
 
 enum Write {
     /// Every record (and whether this is a clean stop's last write).
-    Full(imbl::OrdMap<(IpAddr, u32), Record>, bool),
+    Full(Recs, bool),
     /// The records that changed, appended to the journal.
     Append(BTreeMap<(IpAddr, u32), Option<Record>>),
 }
@@ -435,7 +440,7 @@ impl Pending {
             "{HEADER} {}\n",
             if clean { "clean" } else { "running" }
         ));
-        for (k, r) in &recs {
+        for (k, r) in recs.iter() {
             push_record(&mut text, *k, Some(r));
         }
         let tmp = self.path.with_extension("tmp");
@@ -715,7 +720,7 @@ policy add src 198.18.1.0/24 dst 198.18.2.0/24 dir out tmpl src 198.18.0.1 dst 1
         let ids = outbound(&c, &[]);
         let mut s = SeqStore {
             path: PathBuf::from("/nonexistent"),
-            recs: imbl::OrdMap::new(),
+            recs: Recs::default(),
             clean: false,
             changed: BTreeMap::new(),
             full: false,
