@@ -26,7 +26,9 @@ use espd_config::Config;
 use espd_core::state::PMap;
 use espd_core::state::{Action, Direction, Level, Mode, Policy, PortRange};
 use espd_io::xfrm::{self, Dir, KPolicy, KSelector, KTmpl, Xfrm};
-use std::collections::{BTreeMap, BTreeSet};
+#[cfg(test)]
+use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 /// Kernel policies one espd policy may become (port ranges split into
@@ -214,8 +216,10 @@ impl Contrib {
 /// The guard's kernel entries, by direction and selector.
 pub struct Guard {
     nl: Xfrm,
-    /// What the kernel holds at each key: its index and what it is.
-    installed: BTreeMap<Key, (u32, Have)>,
+    /// What the kernel holds at each key: its index and what it is (a hash
+    /// map: no order is needed, and a B-tree filled in key order stays
+    /// half full).
+    installed: PMap<Key, (u32, Have)>,
     next: [u32; 3],
     /// What the running configuration contributes to each key.
     pub contrib: Contrib,
@@ -297,6 +301,7 @@ fn kernel(p: &Policy, host: Option<HostShape>) -> Vec<KPolicy> {
 }
 
 /// An entry the kernel holds.
+#[derive(Clone)]
 enum Have {
     /// Put from this espd policy (the entry is worked out again from it:
     /// the policy is shared with the SPD, the entry would be a copy).
@@ -341,7 +346,7 @@ impl Guard {
     /// are replaced at the first [`Guard::sync`]).
     pub fn open(host: Option<HostShape>) -> std::io::Result<Guard> {
         let mut nl = Xfrm::open()?;
-        let mut installed = BTreeMap::new();
+        let mut installed = PMap::default();
         let mut next = [0u32; 3];
         for l in nl.list()? {
             if !xfrm::is_ours(l.index) {
@@ -459,7 +464,7 @@ impl Guard {
         for ((d, sel), index) in &all {
             self.nl.delete(*d, sel, *index)?;
         }
-        self.installed.clear();
+        self.installed = PMap::default();
         Ok(all.len())
     }
 }
