@@ -21,20 +21,118 @@ pub struct Sad {
     /// Ids freed by deletes, reused by later inserts.
     free: imbl::Vector<SaId>,
     by_dst_spi: PMap<(IpAddr, u32), SaId>,
-    /// (reqid, lineage) → SA: a reqid's SAs in install order (the newest
-    /// last, an updated SA keeping its place).
-    by_reqid: imbl::OrdMap<(u32, u64), SaId>,
-    /// (src, dst, lineage) → SA, for templates without a reqid: both
-    /// endpoints are always known (tunnel templates name them, transport
-    /// uses the flow's). Ordered maps, not a list per key: a peer with tens
-    /// of thousands of CHILD_SAs between the same two addresses (a
-    /// carrier's IKE peer, a load generator) costs O(log n) a change, not a
-    /// copy of its whole list.
-    by_pair: imbl::OrdMap<(IpAddr, IpAddr, u64), SaId>,
+    /// reqid → its SAs in install order (the newest last, an updated SA
+    /// keeping its place).
+    by_reqid: PMap<u32, Lineages>,
+    /// (src, dst) → its SAs in install order, for templates without a
+    /// reqid: both endpoints are always known (tunnel templates name them,
+    /// transport uses the flow's).
+    by_pair: PMap<(IpAddr, IpAddr), Lineages>,
     len: usize,
     lineages: u64,
     /// Changes so far (see [`Sad::version`]).
     version: u64,
+}
+
+/// The SAs under one index key, by lineage (install order). Most keys have
+/// one or a few: kept inline, or as one exact slice. Past [`FEW`] they go
+/// in a persistent ordered map, so a peer with tens of thousands of
+/// CHILD_SAs between the same two addresses (a carrier's IKE peer, a load
+/// generator) costs O(log n) a change, not a copy of its whole list. (Two
+/// ordered maps keyed by (key, lineage) held this before: a B-tree filled
+/// in install order stays half full, about 60 and 90 octets an SA; see
+/// docs/performance.md.)
+#[derive(Clone)]
+enum Lineages {
+    One((u64, SaId)),
+    Few(Arc<[(u64, SaId)]>),
+    Many(imbl::OrdMap<u64, SaId>),
+}
+
+/// Entries a [`Lineages::Few`] holds at most.
+const FEW: usize = 16;
+
+impl Lineages {
+    /// Puts SA `id` of lineage `l` under `key` in `m`.
+    fn put<K: core::hash::Hash + Eq + Clone>(m: &mut PMap<K, Lineages>, key: K, l: u64, id: SaId) {
+        let v = Lineages::with(m.get(&key), l, id);
+        m.insert(key, v);
+    }
+
+    /// Takes lineage `l` out from under `key` in `m`.
+    fn take<K: core::hash::Hash + Eq + Clone>(m: &mut PMap<K, Lineages>, key: K, l: u64) {
+        match m.get(&key).map(|v| v.without(l)) {
+            Some(Some(v)) => {
+                m.insert(key, v);
+            }
+            Some(None) => {
+                m.remove(&key);
+            }
+            None => {}
+        }
+    }
+
+    /// These and SA `id` of lineage `l`.
+    fn with(this: Option<&Lineages>, l: u64, id: SaId) -> Lineages {
+        match this {
+            None => Lineages::One((l, id)),
+            Some(Lineages::Many(m)) => {
+                let mut m = m.clone();
+                m.insert(l, id);
+                Lineages::Many(m)
+            }
+            Some(few) => {
+                let mut v = few.entries().to_vec();
+                let at = v.partition_point(|e| e.0 < l);
+                v.insert(at, (l, id));
+                if v.len() > FEW {
+                    Lineages::Many(v.into_iter().collect())
+                } else {
+                    Lineages::Few(v.into())
+                }
+            }
+        }
+    }
+
+    /// These without lineage `l`; `None` if none are left.
+    fn without(&self, l: u64) -> Option<Lineages> {
+        let v: Vec<(u64, SaId)> = match self {
+            Lineages::Many(m) if m.len() > FEW / 2 + 1 => {
+                let mut m = m.clone();
+                m.remove(&l);
+                return Some(Lineages::Many(m));
+            }
+            Lineages::Many(m) => m
+                .iter()
+                .filter(|e| *e.0 != l)
+                .map(|(a, b)| (*a, *b))
+                .collect(),
+            few => few.entries().iter().filter(|e| e.0 != l).copied().collect(),
+        };
+        match v[..] {
+            [] => None,
+            [one] => Some(Lineages::One(one)),
+            _ => Some(Lineages::Few(v.into())),
+        }
+    }
+
+    /// One or a few, as a slice (`Many` is never asked: see `with`).
+    fn entries(&self) -> &[(u64, SaId)] {
+        match self {
+            Lineages::One(e) => core::slice::from_ref(e),
+            Lineages::Few(v) => v,
+            Lineages::Many(_) => &[],
+        }
+    }
+
+    /// The newest SA that `ok` accepts.
+    fn newest(&self, mut ok: impl FnMut(&SaId) -> bool) -> Option<SaId> {
+        match self {
+            Lineages::One((_, id)) => ok(id).then_some(*id),
+            Lineages::Few(v) => v.iter().rev().map(|e| e.1).find(|id| ok(id)),
+            Lineages::Many(m) => m.iter().rev().map(|e| *e.1).find(|id| ok(id)),
+        }
+    }
 }
 
 /// `state add` for a (dst, SPI) that exists already.
@@ -77,15 +175,15 @@ impl Sad {
     fn index(&mut self, id: SaId, core: &SaCore) {
         let c = &core.cfg;
         self.by_dst_spi.insert((c.dst, c.spi), id);
-        self.by_reqid.insert((c.reqid, core.lineage), id);
-        self.by_pair.insert((c.src, c.dst, core.lineage), id);
+        Lineages::put(&mut self.by_reqid, c.reqid, core.lineage, id);
+        Lineages::put(&mut self.by_pair, (c.src, c.dst), core.lineage, id);
     }
 
     fn unindex(&mut self, core: &SaCore) {
         let c = &core.cfg;
         self.by_dst_spi.remove(&(c.dst, c.spi));
-        self.by_reqid.remove(&(c.reqid, core.lineage));
-        self.by_pair.remove(&(c.src, c.dst, core.lineage));
+        Lineages::take(&mut self.by_reqid, c.reqid, core.lineage);
+        Lineages::take(&mut self.by_pair, (c.src, c.dst), core.lineage);
     }
 
     /// `state update`: replaces the SA with the same (dst, SPI), keeping
@@ -196,19 +294,9 @@ impl Sad {
         // An index lookup either way, never a scan of the whole SAD: the
         // key's SAs, the newest first.
         match (t.reqid, src, dst) {
-            (0, Some(s), Some(d)) => self
-                .by_pair
-                .range((s, d, 0)..=(s, d, u64::MAX))
-                .rev()
-                .map(|(_, id)| *id)
-                .find(ok),
+            (0, Some(s), Some(d)) => self.by_pair.get(&(s, d))?.newest(ok),
             (0, _, _) => None, // a tunnel template always names both ends
-            (r, _, _) => self
-                .by_reqid
-                .range((r, 0)..=(r, u64::MAX))
-                .rev()
-                .map(|(_, id)| *id)
-                .find(ok),
+            (r, _, _) => self.by_reqid.get(&r)?.newest(ok),
         }
     }
 }
@@ -261,6 +349,60 @@ mod tests {
 
     /// Templates without a reqid resolve through the (src, dst) index, the
     /// newest SA winning; with a reqid through the reqid index.
+    /// Random puts and takes under a few keys, through one, few and many
+    /// (both ways), against a B-tree per key: the newest accepted SA is
+    /// the same after every step.
+    #[test]
+    fn lineages_match_an_ordered_map() {
+        use std::collections::{BTreeMap, HashMap};
+        let mut m: PMap<u32, Lineages> = PMap::default();
+        let mut want: HashMap<u32, BTreeMap<u64, SaId>> = HashMap::new();
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut r = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let mut seen = [0usize; 3];
+        for step in 0..20_000 {
+            let (x, key) = (r(), (r() % 3) as u32);
+            let w = want.entry(key).or_default();
+            // Lists grow to a target and shrink to the next, one in four
+            // steps the other way: they swing through every form.
+            let target = [1, 6, 40][(step / 600) % 3];
+            let put = (w.len() < target) != (x % 4 == 0);
+            if put {
+                let l = r() % 1000;
+                if w.insert(l, step).is_none() {
+                    Lineages::put(&mut m, key, l, step);
+                } else {
+                    w.remove(&l);
+                    Lineages::take(&mut m, key, l);
+                }
+            } else if let Some(&l) = w.keys().nth((x % 7) as usize % w.len().max(1)) {
+                w.remove(&l);
+                Lineages::take(&mut m, key, l);
+            }
+            let odd = |id: &SaId| id % 2 == 1;
+            let got = m.get(&key).and_then(|v| v.newest(odd));
+            let exp = w.values().rev().copied().find(|id| odd(id));
+            assert_eq!(got, exp, "step {step}");
+            assert_eq!(m.get(&key).is_none(), w.is_empty(), "step {step}");
+            match m.get(&key) {
+                Some(Lineages::One(_)) => seen[0] += 1,
+                Some(Lineages::Few(v)) => {
+                    seen[1] += 1;
+                    assert!(v.len() >= 2 && v.len() <= FEW, "step {step}");
+                    assert!(v.windows(2).all(|p| p[0].0 < p[1].0), "step {step}");
+                }
+                Some(Lineages::Many(_)) => seen[2] += 1,
+                None => {}
+            }
+        }
+        assert!(seen.iter().all(|n| *n > 100), "every form, often: {seen:?}");
+    }
+
     #[test]
     fn outbound_lookup_by_pair_and_by_reqid() {
         let mut sad = Sad::new();
