@@ -406,7 +406,7 @@ impl Control {
     }
 
     pub fn stats(&self) -> Value {
-        self.counters().json
+        self.counters().json()
     }
 
     fn handle(&self, mut req: Value) -> Value {

@@ -787,7 +787,7 @@ pub fn run(a: &Args) -> Result<()> {
                 eprint!("\r\x1b[K{}", s.line());
             }
             if let Some(p) = &a.stats_json {
-                let _ = std::fs::write(p, serde_json::to_string_pretty(&s.json)? + "\n");
+                let _ = s.write_json(p);
             }
             stats_every = Duration::from_secs(1).max(last.elapsed() * 20);
         }
@@ -825,7 +825,7 @@ pub fn run(a: &Args) -> Result<()> {
     }
     eprintln!("espd run: {}", s.line());
     if let Some(p) = &a.stats_json {
-        std::fs::write(p, serde_json::to_string_pretty(&s.json)? + "\n")
+        s.write_json(p)
             .with_context(|| format!("writing {}", p.display()))?;
     }
     drop(ctl);
@@ -856,7 +856,11 @@ pub(crate) fn fault(at: &str) -> Result<()> {
 }
 
 pub struct Stats {
-    pub json: serde_json::Value,
+    /// Everything but the per-SA rows, which are written from `sas` as they
+    /// are serialized: at 100 000 SAs a tree of JSON values for them took
+    /// over 100 MiB while it lived (ctlbench saw it in RSS).
+    head: serde_json::Map<String, serde_json::Value>,
+    sas: SaRows,
     rx: u64,
     tx: u64,
     enc: u64,
@@ -959,37 +963,11 @@ impl Stats {
         for r in DropReason::ALL {
             drops_json.insert(r.name().into(), json!(total[*r as usize]));
         }
-        let mut bytes = 0;
-        let sas: Vec<serde_json::Value> = cfg
-            .sad
-            .iter_ids()
-            .map(|(id, sa)| {
-                let (mut p, mut b, mut d) = (0, 0, [0u64; DropReason::COUNT]);
-                let mut oseq = 0;
-                for s in &snaps {
-                    if let Some(st) = s.sa.get(&id) {
-                        p += st.packets;
-                        b += st.bytes;
-                        for (x, y) in d.iter_mut().zip(st.drops.iter()) {
-                            *x += y;
-                        }
-                        oseq = oseq.max(st.oseq);
-                    }
-                }
-                bytes += b;
-                let dj: serde_json::Map<String, serde_json::Value> = DropReason::ALL
-                    .iter()
-                    .filter(|r| d[**r as usize] > 0)
-                    .map(|r| (r.name().to_string(), json!(d[*r as usize])))
-                    .collect();
-                json!({
-                    "spi": format!("0x{:08x}", sa.cfg.spi),
-                    "src": sa.cfg.src.to_string(),
-                    "dst": sa.cfg.dst.to_string(),
-                    "packets": p, "bytes": b, "oseq": oseq, "drops": dj,
-                })
-            })
-            .collect();
+        let sas = SaRows {
+            cfg: cfg.clone(),
+            snaps,
+        };
+        let bytes = sas.rows().map(|r| r.bytes).sum();
         let xdp: serde_json::Map<String, serde_json::Value> = match xdp_counts {
             Some(c) => Counter::ALL
                 .iter()
@@ -1002,11 +980,16 @@ impl Stats {
             .filter(|r| total[**r as usize] > 0)
             .map(|r| (*r, total[*r as usize]))
             .collect();
+        let head = match json!({
+            "rx": rx, "tx": tx, "encapsulated": enc, "decapsulated": dec,
+            "drops": drops_json, "workers": workers, "xdp": xdp,
+        }) {
+            serde_json::Value::Object(m) => m,
+            _ => unreachable!("an object"),
+        };
         Stats {
-            json: json!({
-                "rx": rx, "tx": tx, "encapsulated": enc, "decapsulated": dec,
-                "drops": drops_json, "workers": workers, "sas": sas, "xdp": xdp,
-            }),
+            head,
+            sas,
             rx,
             tx,
             enc,
@@ -1014,6 +997,29 @@ impl Stats {
             bytes,
             per_worker,
             drops,
+        }
+    }
+
+    /// The whole document as a JSON value (for `espctl stats` and the
+    /// metrics page, on request).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::to_value(self.doc()).unwrap_or_default()
+    }
+
+    /// Writes the whole document to `path`, as `serde_json` pretty-prints a
+    /// value (the same text), the per-SA rows streamed.
+    pub fn write_json(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut w = std::io::BufWriter::new(std::fs::File::create(path)?);
+        serde_json::to_writer_pretty(&mut w, &self.doc())?;
+        w.write_all(b"\n")?;
+        w.flush()
+    }
+
+    fn doc(&self) -> StatsDoc<'_> {
+        StatsDoc {
+            head: &self.head,
+            sas: &self.sas,
         }
     }
 
@@ -1047,9 +1053,135 @@ impl Stats {
     }
 }
 
+/// The per-SA rows of [`Stats`], made as they are serialized.
+struct SaRows {
+    cfg: Config,
+    snaps: Vec<Snapshot>,
+}
+
+/// One SA's row: its fields in the order a `serde_json` object (sorted
+/// keys) gives them, so the text is what it was when rows were values.
+#[derive(serde::Serialize)]
+struct SaRow {
+    bytes: u64,
+    drops: std::collections::BTreeMap<&'static str, u64>,
+    dst: IpAddr,
+    oseq: u64,
+    packets: u64,
+    spi: String,
+    src: IpAddr,
+}
+
+impl SaRows {
+    /// Every SA's row, its counters summed over the workers.
+    fn rows(&self) -> impl Iterator<Item = SaRow> + '_ {
+        self.cfg.sad.iter_ids().map(|(id, sa)| {
+            let (mut packets, mut bytes, mut d) = (0, 0, [0u64; DropReason::COUNT]);
+            let mut oseq = 0;
+            for s in &self.snaps {
+                if let Some(st) = s.sa.get(&id) {
+                    packets += st.packets;
+                    bytes += st.bytes;
+                    for (x, y) in d.iter_mut().zip(st.drops.iter()) {
+                        *x += y;
+                    }
+                    oseq = oseq.max(st.oseq);
+                }
+            }
+            SaRow {
+                bytes,
+                drops: DropReason::ALL
+                    .iter()
+                    .filter(|r| d[**r as usize] > 0)
+                    .map(|r| (r.name(), d[*r as usize]))
+                    .collect(),
+                dst: sa.cfg.dst,
+                oseq,
+                packets,
+                spi: format!("0x{:08x}", sa.cfg.spi),
+                src: sa.cfg.src,
+            }
+        })
+    }
+}
+
+impl serde::Serialize for SaRows {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_seq(self.rows())
+    }
+}
+
+/// [`Stats`] as one JSON object, keys in sorted order as before.
+struct StatsDoc<'a> {
+    head: &'a serde_json::Map<String, serde_json::Value>,
+    sas: &'a SaRows,
+}
+
+impl serde::Serialize for StatsDoc<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.head.len() + 1))?;
+        let mut sas = Some(self.sas);
+        for (k, v) in self.head {
+            if k.as_str() > "sas" {
+                if let Some(rows) = sas.take() {
+                    m.serialize_entry("sas", rows)?;
+                }
+            }
+            m.serialize_entry(k, v)?;
+        }
+        if let Some(rows) = sas {
+            m.serialize_entry("sas", rows)?;
+        }
+        m.end()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The stats document written with the per-SA rows streamed is the
+    /// text a JSON value of it pretty-prints to, rows as they were built
+    /// before (objects of strings and numbers).
+    #[test]
+    fn streamed_stats_are_the_text_of_the_value() {
+        let cfg = Config::parse(
+            "t.conf",
+            "state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x100 reqid 1 mode tunnel aead 'rfc4106(gcm(aes))' 0x1111111111111111111111111111111111111111 128\n\
+             state add src 2001:db8::1 dst 2001:db8::2 proto esp spi 0x200 reqid 2 mode tunnel aead 'rfc4106(gcm(aes))' 0x1111111111111111111111111111111111111111 128\n",
+        )
+        .unwrap();
+        let mut snap = Snapshot::default();
+        let mut st = worker::SaStat {
+            packets: 7,
+            bytes: 700,
+            drops: Default::default(),
+            oseq: 9,
+        };
+        st.drops[DropReason::Replay as usize] = 3;
+        snap.sa.insert(0, st);
+        let s = Stats::gather_final(&[Arc::new(Mutex::new(snap))], None, &cfg, &[]);
+        let v = s.json();
+        assert_eq!(
+            v["sas"],
+            json!([
+                {"bytes": 700, "drops": {DropReason::Replay.name(): 3}, "dst": "198.18.0.2",
+                 "oseq": 9, "packets": 7, "spi": "0x00000100", "src": "198.18.0.1"},
+                {"bytes": 0, "drops": {}, "dst": "2001:db8::2",
+                 "oseq": 0, "packets": 0, "spi": "0x00000200", "src": "2001:db8::1"},
+            ])
+        );
+        assert_eq!(s.bytes, 700);
+        let p = std::env::temp_dir().join(format!("espd-stats-{}.json", std::process::id()));
+        s.write_json(&p).unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        let _ = std::fs::remove_file(&p);
+        assert_eq!(text, serde_json::to_string_pretty(&v).unwrap() + "\n");
+        // Keys in sorted order, "sas" among them as before.
+        let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+        assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:?}");
+    }
 
     fn sels(text: &str) -> Vec<(IpAddr, u8, SelAction)> {
         inside_selectors(&Config::parse("t.conf", text).unwrap())
