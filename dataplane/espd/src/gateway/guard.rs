@@ -217,8 +217,7 @@ impl Contrib {
 pub struct Guard {
     nl: Xfrm,
     /// What the kernel holds at each key: its index and what it is (a hash
-    /// map: no order is needed, and a B-tree filled in key order stays
-    /// half full).
+    /// map: no order is needed).
     installed: PMap<Key, (u32, Have)>,
     next: [u32; 3],
     /// What the running configuration contributes to each key.

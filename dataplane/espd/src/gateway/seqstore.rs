@@ -67,8 +67,8 @@ const HEADER_V1: &str = "espd-oseq v1";
 const COMPACT_MIN: usize = 4096;
 
 /// The records by (dst, SPI): a persistent hash map (a copy is O(1), so a
-/// full write renders a copy while changes go on; about 60 octets a record
-/// where a B-tree filled by ascending keys took twice that).
+/// full write renders a copy while changes go on; no order is needed, and
+/// its entries are denser than a B-tree's filled in key order).
 type Recs = espd_core::state::PMap<(IpAddr, u32), Record>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
