@@ -110,10 +110,8 @@ pub fn state(c: &SaConfig, keys: bool) -> Zeroizing<String> {
 /// fuzz target); not a comparison of secrets (it is not constant-time).
 pub fn same_sa(a: &SaConfig, b: &SaConfig) -> bool {
     let keys = |c: &SaConfig| {
-        [&c.algs.aead, &c.algs.enc, &c.algs.auth].map(|a| {
-            a.as_ref()
-                .map(|a| (a.name.clone(), Zeroizing::new(a.key.to_vec()), a.bits))
-        })
+        [&c.algs.aead, &c.algs.enc, &c.algs.auth]
+            .map(|a| a.as_ref().map(|a| (a.name, a.key.clone(), a.bits)))
     };
     let (mut a2, mut b2) = (a.clone(), b.clone());
     (a2.iv_mask, b2.iv_mask) = (0, 0);
@@ -125,7 +123,7 @@ fn alg(l: &mut String, word: &str, a: &KeyedAlg, keys: bool) {
     l.push(' ');
     l.push_str(word);
     l.push(' ');
-    push_word(l, &a.name);
+    push_word(l, a.name);
     l.push(' ');
     if !keys {
         l.push_str("<redacted>");

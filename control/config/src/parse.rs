@@ -2,6 +2,7 @@
 
 use crate::lex;
 use espd_core::state::replay::MAX_WINDOW;
+use espd_core::state::sa;
 use espd_core::state::{
     Action, Algs, Direction, Encap, KeyedAlg, Level, Lifetime, Mode, Policy, PortRange, Prefix,
     SaConfig, SaFlags, Selector, Template,
@@ -337,18 +338,18 @@ fn state_add(w: &mut Words<'_>) -> R<SaConfig> {
                 let name = w.value(k, "an algorithm name, a key and an ICV length in bits")?;
                 let key = key_bytes(k, w.value(k, "a key after the algorithm name")?)?;
                 let icv = number("aead ICV length", w.value(k, "an ICV length in bits")?, 1024)?;
-                once!(aead, KeyedAlg { name: name.to_string(), key, bits: icv as u32 });
+                once!(aead, KeyedAlg::new(name, &sa::AEAD_ALGS, sa::UNSUPPORTED_AEAD, key, icv as u32).map_err(|e| e.to_string())?);
             }
             "enc" => {
                 let name = w.value(k, "a cipher name and a key")?;
                 let key = key_bytes(k, w.value(k, "a key after the cipher name (\"\" for cipher_null)")?)?;
-                once!(enc, KeyedAlg { name: name.to_string(), key, bits: 0 });
+                once!(enc, KeyedAlg::new(name, &sa::ENC_ALGS, sa::UNSUPPORTED_ENC, key, 0).map_err(|e| e.to_string())?);
             }
             "auth-trunc" => {
                 let name = w.value(k, "an algorithm name, a key and a truncation length in bits")?;
                 let key = key_bytes(k, w.value(k, "a key after the algorithm name")?)?;
                 let bits = number("auth-trunc length", w.value(k, "a truncation length in bits")?, 1024)?;
-                once!(auth, KeyedAlg { name: name.to_string(), key, bits: bits as u32 });
+                once!(auth, KeyedAlg::new(name, &sa::AUTH_ALGS, sa::UNSUPPORTED_AUTH, key, bits as u32).map_err(|e| e.to_string())?);
             }
             "auth" => {
                 return Err("`auth` truncates hmac(sha256) to 96 bits on Linux, which RFC 4868 does not define: use `auth-trunc 'hmac(sha256)' KEY 128`".into())

@@ -64,6 +64,8 @@ fn bad_lines_are_located_and_explained() {
         ("state add src 198.18.0.1 dst 2001:db8::2 proto esp spi 0x1001 aead 'rfc4106(gcm(aes))' KEY 128", "different address families"),
         ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 aead 'rfc4106(gcm(aes))' KEY 100", "ICV length must be 64, 96 or 128"),
         ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 aead 'gcm(aes)' KEY 128", "expected 'rfc4106(gcm(aes))', 'rfc4543(gcm(aes))' or 'rfc7539esp(chacha20,poly1305)'"),
+        ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 enc 'cbc(des3_ede)' 0x000102030405060708090a0b0c0d0e0f0001020304050607 auth-trunc 'hmac(sha256)' AK 128", "unsupported cipher: expected enc 'cbc(aes)' KEY"),
+        ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 enc 'cbc(aes)' 0x000102030405060708090a0b0c0d0e0f auth-trunc 'hmac(sha1)' AK 96", "unsupported integrity algorithm: expected auth-trunc 'hmac(sha256)'"),
         ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 colour blue", "unknown or unsupported word `colour`"),
         ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 flag esn replay-window 0 aead 'rfc4106(gcm(aes))' KEY 128", "needs a replay window"),
         ("state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x1001 replay-seq-hi 1 aead 'rfc4106(gcm(aes))' KEY 128", "need `flag esn`"),

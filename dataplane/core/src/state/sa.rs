@@ -30,12 +30,58 @@ impl Mode {
 
 /// One algorithm named on an `aead`, `enc` or `auth-trunc` line, with its
 /// key (zeroized on drop) and its ICV / truncation length in bits (0 for `enc`).
+///
+/// Sized for a carrier edge's 100 000 SAs: the name is one of the static
+/// names below (no allocation an SA) and the key an exactly sized box, so
+/// that an SA's core fits mimalloc's 448-octet size class
+/// (docs/performance.md).
 #[derive(Clone)]
 pub struct KeyedAlg {
-    /// The Linux crypto API name, e.g. `rfc4106(gcm(aes))` or `cbc(aes)`.
-    pub name: String,
-    pub key: Zeroizing<Vec<u8>>,
+    /// The Linux crypto API name, e.g. `rfc4106(gcm(aes))` or `cbc(aes)`:
+    /// one of [`AEAD_ALGS`], [`ENC_ALGS`] or [`AUTH_ALGS`].
+    pub name: &'static str,
+    pub key: Zeroizing<Box<[u8]>>,
     pub bits: u32,
+}
+
+/// RFC 8221 §5's AEADs as espd implements them (RFC 4106, RFC 4543, RFC 7634).
+pub const AEAD_ALGS: [&str; 3] = [
+    "rfc4106(gcm(aes))",
+    "rfc4543(gcm(aes))",
+    "rfc7539esp(chacha20,poly1305)",
+];
+/// RFC 8221 §5's ciphers for `enc`: AES-CBC (RFC 3602) and NULL (RFC 2410),
+/// which Linux spells two ways.
+pub const ENC_ALGS: [&str; 3] = ["cbc(aes)", "ecb(cipher_null)", "cipher_null"];
+/// RFC 8221 §6's integrity algorithm for `auth-trunc` (RFC 4868).
+pub const AUTH_ALGS: [&str; 1] = ["hmac(sha256)"];
+
+// Why a name is refused: when its line is parsed (with file:line), and by
+// `SaConfig::transform` for code that builds a configuration itself.
+pub const UNSUPPORTED_AEAD: SaError = SaError("unsupported aead: expected 'rfc4106(gcm(aes))', 'rfc4543(gcm(aes))' or 'rfc7539esp(chacha20,poly1305)'");
+pub const UNSUPPORTED_ENC: SaError =
+    SaError("unsupported cipher: expected enc 'cbc(aes)' KEY or enc 'ecb(cipher_null)' \"\"");
+pub const UNSUPPORTED_AUTH: SaError =
+    SaError("unsupported integrity algorithm: expected auth-trunc 'hmac(sha256)' KEY 128");
+
+impl KeyedAlg {
+    /// `name` as spelled in `known` (one of the lists above), with its key
+    /// in an exactly sized box (the vector's buffer is wiped on drop), or
+    /// `unsupported` if espd does not implement it.
+    pub fn new(
+        name: &str,
+        known: &[&'static str],
+        unsupported: SaError,
+        key: Zeroizing<Vec<u8>>,
+        bits: u32,
+    ) -> Result<Self, SaError> {
+        let name = *known.iter().find(|k| **k == name).ok_or(unsupported)?;
+        Ok(KeyedAlg {
+            name,
+            key: Zeroizing::new(Box::from(&key[..])),
+            bits,
+        })
+    }
 }
 
 impl core::fmt::Debug for KeyedAlg {
@@ -59,13 +105,19 @@ pub struct Algs {
 }
 
 impl Algs {
+    /// An AEAD of [`AEAD_ALGS`]; panics on another name (for tests and
+    /// code that names a constant; a configuration goes through
+    /// [`KeyedAlg::new`]).
     pub fn aead(name: &str, key: Vec<u8>, icv_bits: u32) -> Self {
+        let alg = KeyedAlg::new(
+            name,
+            &AEAD_ALGS,
+            UNSUPPORTED_AEAD,
+            Zeroizing::new(key),
+            icv_bits,
+        );
         Algs {
-            aead: Some(KeyedAlg {
-                name: name.into(),
-                key: Zeroizing::new(key),
-                bits: icv_bits,
-            }),
+            aead: Some(alg.expect("an AEAD espd implements")),
             ..Algs::default()
         }
     }
@@ -152,10 +204,12 @@ impl SaConfig {
         }
         let a = &self.algs;
         match (&a.aead, &a.enc, &a.auth) {
-            (Some(x), None, None) => match x.name.as_str() {
+            (Some(x), None, None) => match x.name {
                 "rfc4106(gcm(aes))" => {
                     if !matches!(x.bits, 64 | 96 | 128) {
-                        return Err(SaError("rfc4106(gcm(aes)): ICV length must be 64, 96 or 128 bits"));
+                        return Err(SaError(
+                            "rfc4106(gcm(aes)): ICV length must be 64, 96 or 128 bits",
+                        ));
                     }
                     AesGcm::new(&x.key, x.bits as usize / 8).map(Transform::Gcm).map_err(|_| {
                         SaError("rfc4106(gcm(aes)): key must be 20 or 36 octets (a 16- or 32-octet AES key followed by a 4-octet salt)")
@@ -163,7 +217,9 @@ impl SaConfig {
                 }
                 "rfc4543(gcm(aes))" => {
                     if x.bits != 128 {
-                        return Err(SaError("rfc4543(gcm(aes)): the ICV is 128 bits (RFC 4543 §3.5)"));
+                        return Err(SaError(
+                            "rfc4543(gcm(aes)): the ICV is 128 bits (RFC 4543 §3.5)",
+                        ));
                     }
                     AesGcm::new_gmac(&x.key, 16).map(Transform::Gmac).map_err(|_| {
                         SaError("rfc4543(gcm(aes)): key must be 20 or 36 octets (a 16- or 32-octet AES key followed by a 4-octet salt)")
@@ -171,29 +227,39 @@ impl SaConfig {
                 }
                 "rfc7539esp(chacha20,poly1305)" => {
                     if x.bits != 128 {
-                        return Err(SaError("rfc7539esp(chacha20,poly1305): the ICV is 128 bits (RFC 7634 §2)"));
+                        return Err(SaError(
+                            "rfc7539esp(chacha20,poly1305): the ICV is 128 bits (RFC 7634 §2)",
+                        ));
                     }
                     ChaChaPoly::new(&x.key).map(Transform::ChaCha).map_err(|_| {
                         SaError("rfc7539esp(chacha20,poly1305): key must be 36 octets (a 32-octet key followed by a 4-octet salt)")
                     })
                 }
-                _ => Err(SaError("unsupported aead: expected 'rfc4106(gcm(aes))', 'rfc4543(gcm(aes))' or 'rfc7539esp(chacha20,poly1305)'")),
+                _ => Err(UNSUPPORTED_AEAD),
             },
-            (Some(_), _, _) => Err(SaError("`aead` cannot be combined with `enc` or `auth-trunc`")),
+            (Some(_), _, _) => Err(SaError(
+                "`aead` cannot be combined with `enc` or `auth-trunc`",
+            )),
             (None, Some(e), Some(m)) => {
                 if m.name != "hmac(sha256)" {
-                    return Err(SaError("unsupported integrity algorithm: expected auth-trunc 'hmac(sha256)' KEY 128"));
+                    return Err(UNSUPPORTED_AUTH);
                 }
                 if m.bits != 128 {
-                    return Err(SaError("hmac(sha256) must be truncated to 128 bits (RFC 4868 §2.3)"));
+                    return Err(SaError(
+                        "hmac(sha256) must be truncated to 128 bits (RFC 4868 §2.3)",
+                    ));
                 }
                 if m.key.len() != cbc_hmac::AUTH_KEY_LEN {
-                    return Err(SaError("hmac(sha256) key must be 32 octets (RFC 4868 §2.1.1)"));
+                    return Err(SaError(
+                        "hmac(sha256) key must be 32 octets (RFC 4868 §2.1.1)",
+                    ));
                 }
-                let enc_key = match e.name.as_str() {
+                let enc_key = match e.name {
                     "cbc(aes)" => {
                         if !matches!(e.key.len(), 16 | 32) {
-                            return Err(SaError("cbc(aes) key must be 16 or 32 octets (AES-128 or AES-256)"));
+                            return Err(SaError(
+                                "cbc(aes) key must be 16 or 32 octets (AES-128 or AES-256)",
+                            ));
                         }
                         Some(&e.key[..])
                     }
@@ -203,19 +269,23 @@ impl SaConfig {
                         }
                         None
                     }
-                    _ => return Err(SaError("unsupported cipher: expected enc 'cbc(aes)' KEY or enc 'ecb(cipher_null)' \"\"")),
+                    _ => return Err(UNSUPPORTED_ENC),
                 };
                 CbcHmac::new(enc_key, &m.key)
                     .map(|c| Transform::CbcHmac(Box::new(c)))
                     .map_err(|_| SaError("bad key length"))
             }
-            (None, Some(e), None) => Err(if matches!(e.name.as_str(), "ecb(cipher_null)" | "cipher_null") {
+            (None, Some(e), None) => Err(if matches!(e.name, "ecb(cipher_null)" | "cipher_null") {
                 SaError("NULL encryption without integrity protects nothing: add auth-trunc 'hmac(sha256)' KEY 128")
             } else {
                 SaError("encryption without integrity is not allowed (RFC 8221 §5): add auth-trunc 'hmac(sha256)' KEY 128")
             }),
-            (None, None, Some(_)) => Err(SaError("integrity without `enc`: add enc 'ecb(cipher_null)' \"\" for integrity-only ESP")),
-            (None, None, None) => Err(SaError("a state needs `aead …`, or `enc …` with `auth-trunc …`")),
+            (None, None, Some(_)) => Err(SaError(
+                "integrity without `enc`: add enc 'ecb(cipher_null)' \"\" for integrity-only ESP",
+            )),
+            (None, None, None) => Err(SaError(
+                "a state needs `aead …`, or `enc …` with `auth-trunc …`",
+            )),
         }
     }
 }

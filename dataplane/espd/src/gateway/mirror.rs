@@ -796,6 +796,36 @@ mod memory {
         m
     }
 
+    /// Per size class: (octets in live blocks, octets committed to its
+    /// pages): what RSS holds beyond the live heap, class by class.
+    fn pages() -> BTreeMap<usize, (usize, usize)> {
+        unsafe extern "C" fn visit(
+            _heap: *const libmimalloc_sys::mi_heap_t,
+            area: *const libmimalloc_sys::mi_heap_area_t,
+            _block: *mut core::ffi::c_void,
+            _size: usize,
+            arg: *mut core::ffi::c_void,
+        ) -> bool {
+            // SAFETY: as in `live`.
+            let (m, a) = unsafe { (&mut *arg.cast::<BTreeMap<usize, (usize, usize)>>(), &*area) };
+            let e = m.entry(a.block_size).or_default();
+            e.0 += a.used * a.block_size;
+            e.1 += a.committed;
+            true
+        }
+        let mut m = BTreeMap::new();
+        // SAFETY: as in `live`.
+        unsafe {
+            libmimalloc_sys::mi_heap_visit_blocks(
+                mi_heap_main(),
+                false,
+                Some(visit),
+                (&mut m as *mut BTreeMap<usize, (usize, usize)>).cast(),
+            );
+        }
+        m
+    }
+
     /// The live heap that came between `a` and `b`, in KiB per tunnel,
     /// printed with the size classes that grew by more than 3 000 blocks.
     fn grew(part: &str, a: &BTreeMap<usize, usize>, b: &BTreeMap<usize, usize>, n: u32) -> f64 {
@@ -915,6 +945,23 @@ mod memory {
         eprintln!(
             "total {total:.2} KiB of live heap, {:.2} KiB of RSS a tunnel",
             (r1 - r0) as f64 / f64::from(n)
+        );
+        let (mut u, mut c) = (0, 0);
+        for (size, (used, committed)) in pages() {
+            u += used;
+            c += committed;
+            if committed - used > 1 << 20 {
+                eprintln!(
+                    "  class {size}: {:.1} MiB live, {:.1} MiB committed",
+                    used as f64 / 1048576.0,
+                    committed as f64 / 1048576.0
+                );
+            }
+        }
+        eprintln!(
+            "pages: {:.1} MiB live, {:.1} MiB committed",
+            u as f64 / 1048576.0,
+            c as f64 / 1048576.0
         );
     }
 
