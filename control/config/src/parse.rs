@@ -627,16 +627,12 @@ fn policy_add(w: &mut Words<'_>) -> R<Policy> {
             }
         }
     }
-    // A Vec grown by push holds room for four templates; a policy is kept
-    // as long as it runs (100 000 of them at the carrier edge), so at its
-    // size: 160 octets less for the usual one template.
-    tmpls.shrink_to_fit();
     Ok(Policy {
         sel,
         dir,
         priority: prio.unwrap_or(0),
         action,
-        tmpls,
+        tmpls: tmpls.into(),
     })
 }
 

@@ -97,7 +97,7 @@ fn policy(r: &mut Rng) -> Policy {
         } else {
             Action::Allow
         },
-        tmpls: if r.below(3) == 0 { vec![] } else { vec![tmpl] },
+        tmpls: if r.below(3) == 0 { vec![] } else { vec![tmpl] }.into(),
     }
 }
 
