@@ -598,6 +598,7 @@ fn read_line(
     line: &mut zeroize::Zeroizing<Vec<u8>>,
     idle_ok: bool,
     stop: &AtomicBool,
+    idle: &mut super::heap::Idle,
 ) -> Result<(), LineErr> {
     let mut started: Option<Instant> = (!idle_ok).then(Instant::now);
     let mut chunk = [0u8; 64 * 1024];
@@ -655,7 +656,14 @@ fn read_line(
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
+                ) =>
+            {
+                // Waiting for the next request: what the last one freed
+                // goes back to the system (see `heap`).
+                if buf.is_empty() {
+                    idle.tick();
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => return Err(LineErr::Closed),
         }
@@ -694,8 +702,9 @@ fn connection(c: &Control, mut s: UnixStream, stop: &AtomicBool) -> std::io::Res
     let mut buf = zeroize::Zeroizing::new(Vec::new());
     let mut line = zeroize::Zeroizing::new(Vec::new());
     let mut kept = false;
+    let mut idle = super::heap::Idle::default();
     loop {
-        match read_line(&mut s, &mut buf, &mut line, kept, stop) {
+        match read_line(&mut s, &mut buf, &mut line, kept, stop, &mut idle) {
             Ok(()) => {}
             Err(LineErr::Closed) => return Ok(()),
             Err(LineErr::Refused(e)) => return send(&espd_proto::error(e)),
@@ -733,7 +742,10 @@ fn connection(c: &Control, mut s: UnixStream, stop: &AtomicBool) -> std::io::Res
                     return Ok(());
                 }
             }
-            _ => send(&c.handle(req))?,
+            _ => {
+                send(&c.handle(req))?;
+                idle.worked();
+            }
         }
         if !v2 {
             return Ok(());
@@ -759,6 +771,7 @@ pub fn events(
     // acquire per policy (workers rate-limit each their own).
     let mut soft: BTreeSet<(IpAddr, u32)> = BTreeSet::new();
     let mut acquired: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut idle = super::heap::Idle::default();
     while !stop.load(Ordering::Relaxed) {
         if last_check.elapsed() >= Duration::from_secs(1) {
             last_check = Instant::now();
@@ -807,13 +820,17 @@ pub fn events(
                     "hard lifetime",
                     &format!("state delete dst {dst} spi {spi}"),
                 );
+                idle.worked();
             }
             acquired.retain(|_, t| t.elapsed() < Duration::from_secs(1));
         }
-        // What the workers let go of is freed here, off their time.
+        // What the workers let go of is freed here, off their time, and
+        // given back to the system once this thread is idle (see `heap`).
         while let Ok(r) = retired.try_recv() {
             drop(r);
+            idle.worked();
         }
+        idle.tick();
         let Ok((w, e)) = rx.recv_timeout(Duration::from_millis(20)) else {
             continue;
         };
@@ -860,6 +877,7 @@ pub fn events(
                 "hard lifetime",
                 &format!("state delete dst {} spi {spi}", e.dst),
             );
+            idle.worked();
         }
     }
 }
@@ -896,7 +914,15 @@ mod tests {
         let (mut buf, mut line) = (Vec::new(), zeroize::Zeroizing::new(Vec::new()));
         let mut got = Vec::new();
         for _ in 0..4 {
-            assert!(read_line(&mut b, &mut buf, &mut line, true, &stop).is_ok());
+            assert!(read_line(
+                &mut b,
+                &mut buf,
+                &mut line,
+                true,
+                &stop,
+                &mut crate::gateway::heap::Idle::default()
+            )
+            .is_ok());
             got.push(String::from_utf8(line.to_vec()).unwrap());
         }
         assert_eq!(got, writer.join().unwrap());

@@ -22,12 +22,18 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 
 pub fn serve(l: TcpListener, c: Arc<Control>, stop: Arc<AtomicBool>) {
     let _ = l.set_nonblocking(true);
+    // A scrape builds every SA's stats: given back once scrapes pause.
+    let mut idle = super::heap::Idle::default();
     while !stop.load(Ordering::Relaxed) {
         match l.accept() {
             Ok((s, _)) => {
                 let _ = one(&c, s);
+                idle.worked();
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            Err(_) => {
+                idle.tick();
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
 }

@@ -946,6 +946,11 @@ mod memory {
             "total {total:.2} KiB of live heap, {:.2} KiB of RSS a tunnel",
             (r1 - r0) as f64 / f64::from(n)
         );
+        super::super::heap::give_back();
+        eprintln!(
+            "after a collect (gateway/heap.rs): {:.2} KiB of RSS a tunnel",
+            (rss() - r0) as f64 / f64::from(n)
+        );
         let (mut u, mut c) = (0, 0);
         for (size, (used, committed)) in pages() {
             u += used;

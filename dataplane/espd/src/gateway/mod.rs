@@ -15,6 +15,7 @@
 
 pub mod control;
 pub mod guard;
+pub mod heap;
 pub mod host;
 mod metrics;
 pub mod mirror;
@@ -751,6 +752,9 @@ pub fn run(a: &Args) -> Result<()> {
     if a.bench_no_crypto {
         eprintln!("espd run: WARNING: --bench-no-crypto: ESP without encryption or integrity, for benchmarks only");
     }
+    // What startup allocated and freed (the XDP object parsed, the
+    // configuration checked) goes back to the system now (see `heap`).
+    heap::give_back();
     let tty = !a.quiet && std::io::stderr().is_terminal();
     let start = Instant::now();
     let mut last = Instant::now();
