@@ -946,9 +946,14 @@ mod memory {
             "total {total:.2} KiB of live heap, {:.2} KiB of RSS a tunnel",
             (r1 - r0) as f64 / f64::from(n)
         );
+        let t = std::time::Instant::now();
+        super::super::heap::give_back();
+        let took = t.elapsed();
+        let t = std::time::Instant::now();
         super::super::heap::give_back();
         eprintln!(
-            "after a collect (gateway/heap.rs): {:.2} KiB of RSS a tunnel",
+            "after a collect (gateway/heap.rs, {took:?}; again: {:?}): {:.2} KiB of RSS a tunnel",
+            t.elapsed(),
             (rss() - r0) as f64 / f64::from(n)
         );
         let (mut u, mut c) = (0, 0);
