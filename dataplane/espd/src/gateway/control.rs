@@ -405,22 +405,21 @@ impl Control {
         })
     }
 
-    pub fn stats(&self) -> Value {
-        self.counters().json()
-    }
-
-    fn handle(&self, mut req: Value) -> Value {
+    fn handle(&self, mut req: Value) -> Answer {
         if let Err(e) = espd_proto::check_version(&req) {
-            return e;
+            return Answer::Value(e);
         }
         let v = espd_proto::version_of(&req);
         let id = req.get("id").cloned();
+        if req.get("op").and_then(Value::as_str) == Some("stats") {
+            return Answer::Text(self.counters().answer(id.as_ref(), v));
+        }
         let mut answer = self.answer(&mut req);
         answer["v"] = json!(v);
         if let Some(id) = id {
             answer["id"] = id;
         }
-        answer
+        Answer::Value(answer)
     }
 
     /// The running SAD and SPD (O(1) copies).
@@ -468,7 +467,6 @@ impl Control {
                     json!({ "text": espd_config::db::policy_lines(&cfg.spd).join("\n") }),
                 )
             }
-            Some("stats") => espd_proto::ok(json!({ "stats": self.stats() })),
             other => espd_proto::error(format!(
                 "unknown op {other:?}: expected apply, states, policies or stats"
             )),
@@ -537,9 +535,20 @@ pub fn serve(l: UnixListener, path: PathBuf, c: Arc<Control>, stop: Arc<AtomicBo
 }
 
 fn reply(w: &mut impl Write, v: &Value) -> std::io::Result<()> {
-    let mut out = v.to_string();
+    reply_text(w, v.to_string())
+}
+
+fn reply_text(w: &mut impl Write, mut out: String) -> std::io::Result<()> {
     out.push('\n');
     w.write_all(out.as_bytes())
+}
+
+/// An answer to a request: a JSON value, or one serialized already — the
+/// stats, whose per-SA rows are written as they are read (at 100 000 SAs a
+/// JSON value of them held over 100 MiB while it lived).
+enum Answer {
+    Value(Value),
+    Text(String),
 }
 
 /// Why a request line could not be read.
@@ -743,7 +752,15 @@ fn connection(c: &Control, mut s: UnixStream, stop: &AtomicBool) -> std::io::Res
                 }
             }
             _ => {
-                send(&c.handle(req))?;
+                match c.handle(req) {
+                    Answer::Value(v) => send(&v)?,
+                    Answer::Text(t) => {
+                        let mut w = writer
+                            .lock()
+                            .map_err(|_| std::io::Error::other("poisoned"))?;
+                        reply_text(&mut *w, t)?;
+                    }
+                }
                 idle.worked();
             }
         }

@@ -44,7 +44,7 @@ fn one(c: &Control, mut s: TcpStream) -> std::io::Result<()> {
     let mut req = [0u8; 2048];
     let n = s.read(&mut req)?;
     let body = if req[..n].starts_with(b"GET ") {
-        render(&c.stats())
+        render(&c.counters())
     } else {
         let msg = "HTTP/1.0 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n";
         return s.write_all(msg.as_bytes());
@@ -63,9 +63,12 @@ fn esc(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// The stats object as Prometheus families.
-pub fn render(st: &Value) -> String {
+/// The stats as Prometheus families; the per-SA ones written as the rows
+/// are read (no JSON value of 100 000 SAs' rows on each scrape).
+pub fn render(st: &super::Stats) -> String {
     let mut o = String::new();
+    let null = Value::Null;
+    let g = |k: &str| st.head.get(k).unwrap_or(&null);
     let n = |v: &Value| v.as_u64().unwrap_or(0);
     let family = |o: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -76,7 +79,7 @@ pub fn render(st: &Value) -> String {
         "counter",
         "Frames received (rx) and sent (tx) per worker and interface side.",
     );
-    for w in st["workers"].as_array().into_iter().flatten() {
+    for w in g("workers").as_array().into_iter().flatten() {
         for (dir, side, key) in [
             ("rx", "inside", "rx_inside"),
             ("rx", "outside", "rx_outside"),
@@ -98,7 +101,7 @@ pub fn render(st: &Value) -> String {
         "Packets encapsulated and decapsulated.",
     );
     for k in ["encapsulated", "decapsulated"] {
-        let _ = writeln!(o, "espd_esp_total{{operation=\"{k}\"}} {}", n(&st[k]));
+        let _ = writeln!(o, "espd_esp_total{{operation=\"{k}\"}} {}", n(g(k)));
     }
     family(
         &mut o,
@@ -106,7 +109,7 @@ pub fn render(st: &Value) -> String {
         "counter",
         "Dropped packets by reason (docs/architecture.md).",
     );
-    for (r, v) in st["drops"].as_object().into_iter().flatten() {
+    for (r, v) in g("drops").as_object().into_iter().flatten() {
         let _ = writeln!(o, "espd_drops_total{{reason=\"{}\"}} {}", esc(r), n(v));
     }
     for (name, key, help) in [
@@ -122,15 +125,18 @@ pub fn render(st: &Value) -> String {
         ),
     ] {
         family(&mut o, name, "counter", help);
-        for sa in st["sas"].as_array().into_iter().flatten() {
-            let label = |k: &str| esc(sa[k].as_str().unwrap_or(""));
+        for sa in st.sas.rows() {
             let _ = writeln!(
                 o,
                 "{name}{{spi=\"{}\",src=\"{}\",dst=\"{}\"}} {}",
-                label("spi"),
-                label("src"),
-                label("dst"),
-                n(&sa[key])
+                esc(&sa.spi),
+                sa.src,
+                sa.dst,
+                if key == "packets" {
+                    sa.packets
+                } else {
+                    sa.bytes
+                }
             );
         }
     }
@@ -140,7 +146,7 @@ pub fn render(st: &Value) -> String {
         "gauge",
         "Share of a worker's loop turns that found work (its load).",
     );
-    for w in st["workers"].as_array().into_iter().flatten() {
+    for w in g("workers").as_array().into_iter().flatten() {
         let turns = n(&w["turns"]).max(1) as f64;
         let _ = writeln!(
             o,
@@ -155,7 +161,7 @@ pub fn render(st: &Value) -> String {
         "gauge",
         "Frames in each AF_XDP fill ring.",
     );
-    for w in st["workers"].as_array().into_iter().flatten() {
+    for w in g("workers").as_array().into_iter().flatten() {
         for (side, key) in [("inside", "fill_inside"), ("outside", "fill_outside")] {
             let _ = writeln!(
                 o,
@@ -171,7 +177,7 @@ pub fn render(st: &Value) -> String {
         "gauge",
         "Idle UMEM frames per worker.",
     );
-    for w in st["workers"].as_array().into_iter().flatten() {
+    for w in g("workers").as_array().into_iter().flatten() {
         let _ = writeln!(
             o,
             "espd_free_frames{{worker=\"{}\"}} {}",
@@ -185,7 +191,7 @@ pub fn render(st: &Value) -> String {
         "counter",
         "Frames the kernel dropped before AF_XDP (ring full, fill ring empty).",
     );
-    for w in st["workers"].as_array().into_iter().flatten() {
+    for w in g("workers").as_array().into_iter().flatten() {
         for (side, key) in [
             ("inside", "kernel_rx_dropped_inside"),
             ("outside", "kernel_rx_dropped_outside"),
@@ -204,7 +210,7 @@ pub fn render(st: &Value) -> String {
         "counter",
         "What the XDP programs did with each frame.",
     );
-    for (k, v) in st["xdp"].as_object().into_iter().flatten() {
+    for (k, v) in g("xdp").as_object().into_iter().flatten() {
         let _ = writeln!(
             o,
             "espd_xdp_actions_total{{action=\"{}\"}} {}",

@@ -1006,6 +1006,7 @@ impl Stats {
 
     /// The whole document as a JSON value (for `espctl stats` and the
     /// metrics page, on request).
+    #[cfg(test)]
     pub fn json(&self) -> serde_json::Value {
         serde_json::to_value(self.doc()).unwrap_or_default()
     }
@@ -1018,6 +1019,19 @@ impl Stats {
         serde_json::to_writer_pretty(&mut w, &self.doc())?;
         w.write_all(b"\n")?;
         w.flush()
+    }
+
+    /// The control socket's answer to `stats` with this request `id` and
+    /// protocol version `v`: the text `serde_json` gives the answer as a
+    /// value (`{"id":…,"ok":true,"stats":…,"v":…}`), the per-SA rows
+    /// streamed.
+    pub fn answer(&self, id: Option<&serde_json::Value>, v: u64) -> String {
+        serde_json::to_string(&StatsAnswer {
+            id,
+            stats: self.doc(),
+            v,
+        })
+        .unwrap_or_default()
     }
 
     fn doc(&self) -> StatsDoc<'_> {
@@ -1115,6 +1129,27 @@ impl serde::Serialize for SaRows {
     }
 }
 
+/// The answer to `stats`, keys in sorted order as a value's.
+struct StatsAnswer<'a> {
+    id: Option<&'a serde_json::Value>,
+    stats: StatsDoc<'a>,
+    v: u64,
+}
+
+impl serde::Serialize for StatsAnswer<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        if let Some(id) = self.id {
+            m.serialize_entry("id", id)?;
+        }
+        m.serialize_entry("ok", &true)?;
+        m.serialize_entry("stats", &self.stats)?;
+        m.serialize_entry("v", &self.v)?;
+        m.end()
+    }
+}
+
 /// [`Stats`] as one JSON object, keys in sorted order as before.
 struct StatsDoc<'a> {
     head: &'a serde_json::Map<String, serde_json::Value>,
@@ -1185,6 +1220,29 @@ mod tests {
         // Keys in sorted order, "sas" among them as before.
         let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
         assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:?}");
+        // The control socket's answer: the text of the answer as a value,
+        // with and without an id.
+        assert_eq!(
+            s.answer(Some(&json!(7)), 2),
+            json!({"id": 7, "ok": true, "stats": v, "v": 2}).to_string()
+        );
+        assert_eq!(
+            s.answer(None, 1),
+            json!({"ok": true, "stats": v, "v": 1}).to_string()
+        );
+        // The metrics page: every SA's counters, and the totals.
+        let page = metrics::render(&s);
+        for line in [
+            "espd_sa_packets_total{spi=\"0x00000100\",src=\"198.18.0.1\",dst=\"198.18.0.2\"} 7",
+            "espd_sa_bytes_total{spi=\"0x00000100\",src=\"198.18.0.1\",dst=\"198.18.0.2\"} 700",
+            "espd_sa_packets_total{spi=\"0x00000200\",src=\"2001:db8::1\",dst=\"2001:db8::2\"} 0",
+            "espd_sa_bytes_total{spi=\"0x00000200\",src=\"2001:db8::1\",dst=\"2001:db8::2\"} 0",
+            "espd_esp_total{operation=\"encapsulated\"} 0",
+            "# TYPE espd_sa_packets_total counter",
+        ] {
+            assert!(page.lines().any(|l| l == line), "{line} not in\n{page}");
+        }
+        assert_eq!(page.matches("espd_sa_packets_total{").count(), 2);
     }
 
     fn sels(text: &str) -> Vec<(IpAddr, u8, SelAction)> {
