@@ -7,8 +7,10 @@
 //! leaf is one exactly sized array of up to [`LEAF_MAX`] entries in hash
 //! order. imbl keeps every node as a fixed-capacity chunk, about 230–270
 //! octets an entry at 100 000 entries (measured, docs/performance.md); this
-//! one costs the entry, its hash, and a few octets of branch and leaf
-//! header.
+//! one costs the entry and a few octets of branch and leaf header. The
+//! hashes are not stored: a lookup compares the keys of one small leaf,
+//! and a change works out the few hashes it needs again (8 octets an entry
+//! less, in every map of the tables).
 //!
 //! Persistent as before: a copy is one reference count, and a change copies
 //! only the path to its leaf (at most 13 nodes, a leaf of at most
@@ -38,7 +40,7 @@ const MERGE_MAX: usize = LEAF_MAX / 2;
 /// whatever collides in all of them, however many.
 const MAX_DEPTH: u32 = 64 / BITS;
 
-type Entry<K, V> = (u64, K, V);
+type Entry<K, V> = (K, V);
 
 enum Node<K, V> {
     Empty,
@@ -115,13 +117,18 @@ fn leaf<K, V>(entries: Vec<Entry<K, V>>) -> Node<K, V> {
     }
 }
 
+/// `k`'s hash under `s`, mixed once more: splitmix64's finaliser (Fx
+/// leaves its best bits in the middle, and the top ones pick branches).
+fn hash_with<K: Hash, S: BuildHasher>(s: &S, k: &K) -> u64 {
+    let mut h = s.hash_one(k);
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
 impl<K: Hash + Eq + Clone, V: Clone, S: BuildHasher> PMap<K, V, S> {
     fn hash(&self, k: &K) -> u64 {
-        // splitmix64's finaliser: Fx leaves its best bits in the middle.
-        let mut h = self.hasher.hash_one(k);
-        h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        h ^ (h >> 31)
+        hash_with(&self.hasher, k)
     }
 
     pub fn len(&self) -> usize {
@@ -139,14 +146,7 @@ impl<K: Hash + Eq + Clone, V: Clone, S: BuildHasher> PMap<K, V, S> {
         loop {
             match node {
                 Node::Empty => return None,
-                Node::Leaf(es) => {
-                    return es
-                        .iter()
-                        .skip_while(|e| e.0 < h)
-                        .take_while(|e| e.0 == h)
-                        .find(|e| e.1 == *k)
-                        .map(|e| &e.2)
-                }
+                Node::Leaf(es) => return es.iter().find(|e| e.0 == *k).map(|e| &e.1),
                 Node::Branch(b) => {
                     node = &b[slot(h, depth)];
                     depth += 1;
@@ -162,7 +162,8 @@ impl<K: Hash + Eq + Clone, V: Clone, S: BuildHasher> PMap<K, V, S> {
     /// Inserts or replaces; the value replaced.
     pub fn insert(&mut self, k: K, v: V) -> Option<V> {
         let h = self.hash(&k);
-        let old = insert(&mut self.root, (h, k, v), 0);
+        let hasher = &self.hasher;
+        let old = insert(&mut self.root, h, (k, v), 0, &|k: &K| hash_with(hasher, k));
         if old.is_none() {
             self.len += 1;
         }
@@ -201,32 +202,37 @@ impl<K: Hash + Eq + Clone, V: Clone, S: BuildHasher> PMap<K, V, S> {
     }
 }
 
-fn insert<K: Eq + Clone, V: Clone>(node: &mut Node<K, V>, e: Entry<K, V>, depth: u32) -> Option<V> {
+/// Puts entry `e`, of hash `h`, under `node` at `depth`; `hash` works out
+/// the hashes of the entries already there that the change needs.
+fn insert<K: Eq + Clone, V: Clone, H: Fn(&K) -> u64>(
+    node: &mut Node<K, V>,
+    h: u64,
+    e: Entry<K, V>,
+    depth: u32,
+    hash: &H,
+) -> Option<V> {
     match node {
         Node::Empty => {
             *node = Node::Leaf(Arc::new([e]));
             None
         }
-        Node::Branch(b) => insert(&mut Arc::make_mut(b)[slot(e.0, depth)], e, depth + 1),
+        Node::Branch(b) => insert(&mut Arc::make_mut(b)[slot(h, depth)], h, e, depth + 1, hash),
         Node::Leaf(es) => {
-            let at = es.partition_point(|x| x.0 < e.0);
-            let same = es[at..]
-                .iter()
-                .take_while(|x| x.0 == e.0)
-                .position(|x| x.1 == e.1)
-                .map(|i| at + i);
-            if let Some(i) = same {
+            if let Some(i) = es.iter().position(|x| x.0 == e.0) {
                 let mut v = es.to_vec();
-                let old = core::mem::replace(&mut v[i], e).2;
+                let old = core::mem::replace(&mut v[i], e).1;
                 *es = v.into();
                 return Some(old);
             }
+            let at = es.partition_point(|x| hash(&x.0) < h);
             let mut v = Vec::with_capacity(es.len() + 1);
             v.extend_from_slice(&es[..at]);
             v.push(e);
             v.extend_from_slice(&es[at..]);
             *node = if v.len() > LEAF_MAX && depth < MAX_DEPTH {
-                split(v, depth)
+                let hashed: Vec<(u64, Entry<K, V>)> =
+                    v.into_iter().map(|e| (hash(&e.0), e)).collect();
+                split(&hashed, depth)
             } else {
                 Node::Leaf(v.into())
             };
@@ -236,18 +242,19 @@ fn insert<K: Eq + Clone, V: Clone>(node: &mut Node<K, V>, e: Entry<K, V>, depth:
 }
 
 /// A branch at `depth` for a leaf that outgrew [`LEAF_MAX`]: its entries,
-/// in hash order, fall into one run per child.
-fn split<K: Clone, V: Clone>(v: Vec<Entry<K, V>>, depth: u32) -> Node<K, V> {
+/// in hash order and with their hashes beside them, fall into one run per
+/// child.
+fn split<K: Clone, V: Clone>(v: &[(u64, Entry<K, V>)], depth: u32) -> Node<K, V> {
     let mut kids: [Node<K, V>; FAN] = core::array::from_fn(|_| Node::Empty);
-    let mut rest = &v[..];
+    let mut rest = v;
     while let Some(first) = rest.first() {
         let s = slot(first.0, depth);
         let n = rest.partition_point(|x| slot(x.0, depth) == s);
         // Entries that share the next five bits as well split again.
         kids[s] = if n > LEAF_MAX && depth + 1 < MAX_DEPTH {
-            split(rest[..n].to_vec(), depth + 1)
+            split(&rest[..n], depth + 1)
         } else {
-            leaf(rest[..n].to_vec())
+            leaf(rest[..n].iter().map(|x| x.1.clone()).collect())
         };
         rest = &rest[n..];
     }
@@ -258,13 +265,8 @@ fn remove<K: Eq + Clone, V: Clone>(node: &mut Node<K, V>, h: u64, k: &K, depth: 
     match node {
         Node::Empty => None,
         Node::Leaf(es) => {
-            let at = es.partition_point(|x| x.0 < h);
-            let i = at
-                + es[at..]
-                    .iter()
-                    .take_while(|x| x.0 == h)
-                    .position(|x| x.1 == *k)?;
-            let old = es[i].2.clone();
+            let i = es.iter().position(|x| x.0 == *k)?;
+            let old = es[i].1.clone();
             let mut v = Vec::with_capacity(es.len() - 1);
             v.extend_from_slice(&es[..i]);
             v.extend_from_slice(&es[i + 1..]);
@@ -312,7 +314,7 @@ impl<'a, K, V> Iterator for Iter<'a, K, V> {
     fn next(&mut self) -> Option<Self::Item> {
         loop {
             if let Some(e) = self.leaf.next() {
-                return Some((&e.1, &e.2));
+                return Some((&e.0, &e.1));
             }
             match self.stack.pop()? {
                 Node::Empty => {}
@@ -348,16 +350,17 @@ mod tests {
     /// Checks the map's shape: leaves in hash order, in the child their
     /// hashes pick, no larger than allowed, and the count right.
     fn check<K: Hash + Eq + Clone, V: Clone, S: BuildHasher>(m: &PMap<K, V, S>) {
-        fn walk<K, V>(n: &Node<K, V>, depth: u32, path: u64) -> usize {
+        fn walk<K, V>(n: &Node<K, V>, depth: u32, path: u64, hash: &dyn Fn(&K) -> u64) -> usize {
             match n {
                 Node::Empty => 0,
                 Node::Leaf(es) => {
                     assert!(!es.is_empty(), "an empty leaf is Empty");
                     assert!(depth >= MAX_DEPTH || es.len() <= LEAF_MAX, "leaf too big");
-                    assert!(es.windows(2).all(|w| w[0].0 <= w[1].0), "out of order");
+                    let hs: Vec<u64> = es.iter().map(|e| hash(&e.0)).collect();
+                    assert!(hs.windows(2).all(|w| w[0] <= w[1]), "out of order");
                     if depth > 0 {
                         let shift = 64 - BITS * depth;
-                        assert!(es.iter().all(|e| e.0 >> shift == path), "misplaced");
+                        assert!(hs.iter().all(|h| h >> shift == path), "misplaced");
                     }
                     es.len()
                 }
@@ -365,12 +368,12 @@ mod tests {
                     assert!(depth < MAX_DEPTH);
                     b.iter()
                         .enumerate()
-                        .map(|(i, k)| walk(k, depth + 1, (path << BITS) | i as u64))
+                        .map(|(i, k)| walk(k, depth + 1, (path << BITS) | i as u64, hash))
                         .sum()
                 }
             }
         }
-        assert_eq!(walk(&m.root, 0, 0), m.len());
+        assert_eq!(walk(&m.root, 0, 0, &|k| m.hash(k)), m.len());
         assert_eq!(m.iter().count(), m.len());
     }
 
