@@ -411,8 +411,22 @@ impl Control {
         }
         let v = espd_proto::version_of(&req);
         let id = req.get("id").cloned();
-        if req.get("op").and_then(Value::as_str) == Some("stats") {
-            return Answer::Text(self.counters().answer(id.as_ref(), v));
+        match req.get("op").and_then(Value::as_str) {
+            Some("stats") => return Answer::Text(self.counters().answer(id.as_ref(), v)),
+            Some("states") => {
+                // The listing may hold keys: written once, at its size, into
+                // memory wiped after (a JSON value of it, and the text the
+                // value serializes to, would be copies freed unwiped).
+                let keys = req.get("keys").and_then(Value::as_bool).unwrap_or(false);
+                let text = self.state_text(keys);
+                let mut head = espd_proto::ok(json!({}));
+                head["v"] = json!(v);
+                if let Some(id) = id {
+                    head["id"] = id;
+                }
+                return Answer::Line(espd_proto::request_line(&head, Some(&text)));
+            }
+            _ => {}
         }
         let mut answer = self.answer(&mut req);
         answer["v"] = json!(v);
@@ -420,6 +434,23 @@ impl Control {
             answer["id"] = id;
         }
         Answer::Value(answer)
+    }
+
+    /// Every SA as a `state add` line, keys written if `keys`; wiped on drop.
+    fn state_text(&self, keys: bool) -> zeroize::Zeroizing<String> {
+        // An O(1) copy: a listing does not hold up a change.
+        let cfg = self.running();
+        let lines = espd_config::db::state_lines(&cfg.sad, keys);
+        let mut text = zeroize::Zeroizing::new(String::with_capacity(
+            lines.iter().map(|l| l.len() + 1).sum(),
+        ));
+        for l in &lines {
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            text.push_str(l);
+        }
+        text
     }
 
     /// The running SAD and SPD (O(1) copies).
@@ -444,22 +475,6 @@ impl Control {
                     Ok(ch) => espd_proto::ok(json!({ "changes": ch })),
                     Err(e) => espd_proto::error(e),
                 }
-            }
-            Some("states") => {
-                let keys = req.get("keys").and_then(Value::as_bool).unwrap_or(false);
-                // An O(1) copy: a listing does not hold up a change.
-                let cfg = self.running();
-                let lines = espd_config::db::state_lines(&cfg.sad, keys);
-                let mut text = zeroize::Zeroizing::new(String::with_capacity(
-                    lines.iter().map(|l| l.len() + 1).sum(),
-                ));
-                for l in &lines {
-                    if !text.is_empty() {
-                        text.push('\n');
-                    }
-                    text.push_str(l);
-                }
-                espd_proto::ok(json!({ "text": text.as_str() }))
             }
             Some("policies") => {
                 let cfg = self.running();
@@ -545,10 +560,12 @@ fn reply_text(w: &mut impl Write, mut out: String) -> std::io::Result<()> {
 
 /// An answer to a request: a JSON value, or one serialized already — the
 /// stats, whose per-SA rows are written as they are read (at 100 000 SAs a
-/// JSON value of them held over 100 MiB while it lived).
+/// JSON value of them held over 100 MiB while it lived), and the SA
+/// listing, which may hold keys (one line with its newline, wiped on drop).
 enum Answer {
     Value(Value),
     Text(String),
+    Line(zeroize::Zeroizing<String>),
 }
 
 /// Why a request line could not be read.
@@ -759,6 +776,12 @@ fn connection(c: &Control, mut s: UnixStream, stop: &AtomicBool) -> std::io::Res
                             .lock()
                             .map_err(|_| std::io::Error::other("poisoned"))?;
                         reply_text(&mut *w, t)?;
+                    }
+                    Answer::Line(l) => {
+                        let mut w = writer
+                            .lock()
+                            .map_err(|_| std::io::Error::other("poisoned"))?;
+                        w.write_all(l.as_bytes())?;
                     }
                 }
                 idle.worked();
