@@ -238,7 +238,7 @@ impl Control {
         trace.mark("XDP plan");
         let mut guard = self.guard.lock().map_err(|_| "guard poisoned")?;
         let mut contrib = guard.contrib.clone();
-        let keys = contrib.stage(delta.policies());
+        let keys = contrib.stage(delta.policy_steps());
         // The guard first: what the change protects or blocks is dropped by
         // the kernel before espd's workers handle it (make-before-break).
         guard

@@ -44,6 +44,20 @@ type PolicyId = (u8, espd_core::state::Selector);
 /// A contribution's rank among those to one key: (priority, order).
 type Rank = (u32, u64);
 
+/// One policy change, as [`Contrib::stage`] takes it.
+#[derive(Clone, Copy)]
+pub enum Step<'a> {
+    Add(&'a Arc<Policy>),
+    Remove(&'a Arc<Policy>),
+    /// `policy update`: the old policy and the new, same direction and
+    /// selector. The SPD keeps an updated policy's place among equal
+    /// priorities ([`espd_core::state::Spd::update`]), and so does the
+    /// guard: otherwise, where two policies of one priority map to one
+    /// kernel key, an update of the first would hand the kernel entry to
+    /// the second while the engine still obeys the first.
+    Update(&'a Arc<Policy>, &'a Arc<Policy>),
+}
+
 /// How the guard's entries are shaped when espd serves this host's own
 /// traffic (`espd run --host`, docs/architecture.md "The host path"):
 /// locally sent packets are routed into the host device and must not meet
@@ -157,7 +171,32 @@ impl Contrib {
     fn add(&mut self, p: &Arc<Policy>, touched: &mut BTreeSet<Key>) {
         self.remove(p, touched);
         self.next += 1;
-        let rank = (p.priority, self.next);
+        self.put(p, (p.priority, self.next), touched);
+    }
+
+    /// `old` replaced by `new` at its order among equal priorities (see
+    /// [`Step::Update`]). A policy that made no kernel entry (a BYPASS
+    /// whose ports split too finely) left no order behind: `new` ranks as
+    /// added then.
+    fn update(&mut self, old: &Policy, new: &Arc<Policy>, touched: &mut BTreeSet<Key>) {
+        let pid = Self::pid(old);
+        let order = kernel(old, self.host).into_iter().find_map(|k| {
+            let m = self.by_key.get(&(k.dir, k.sel))?;
+            m.to_vec()
+                .into_iter()
+                .find(|(_, q)| Self::pid(q) == pid)
+                .map(|(r, _)| r.1)
+        });
+        self.remove(old, touched);
+        let order = order.unwrap_or_else(|| {
+            self.next += 1;
+            self.next
+        });
+        self.put(new, (new.priority, order), touched);
+    }
+
+    /// `p`'s contributions at `rank`, under every key it makes.
+    fn put(&mut self, p: &Arc<Policy>, rank: Rank, touched: &mut BTreeSet<Key>) {
         for k in kernel(p, self.host) {
             let key = (k.dir, k.sel);
             let m = match self.by_key.get(&key) {
@@ -174,18 +213,15 @@ impl Contrib {
         }
     }
 
-    /// Stages a change: policies added (`true`) and removed (deleted, or
-    /// the old side of an update), in batch order; the kernel keys it touches.
-    pub fn stage<'a>(
-        &mut self,
-        changes: impl IntoIterator<Item = (bool, &'a Arc<Policy>)>,
-    ) -> BTreeSet<Key> {
+    /// Stages a change: policies added, removed and updated, in batch
+    /// order; the kernel keys it touches.
+    pub fn stage<'a>(&mut self, changes: impl IntoIterator<Item = Step<'a>>) -> BTreeSet<Key> {
         let mut touched = BTreeSet::new();
-        for (added, p) in changes {
-            if added {
-                self.add(p, &mut touched);
-            } else {
-                self.remove(p, &mut touched);
+        for s in changes {
+            match s {
+                Step::Add(p) => self.add(p, &mut touched),
+                Step::Remove(p) => self.remove(p, &mut touched),
+                Step::Update(old, new) => self.update(old, new, &mut touched),
             }
         }
         touched
@@ -202,7 +238,7 @@ impl Contrib {
             host,
             ..Contrib::default()
         };
-        c.stage(pols.into_iter().map(|p| (true, p)));
+        c.stage(pols.into_iter().map(Step::Add));
         c
     }
 
@@ -564,7 +600,7 @@ policy add src 198.18.1.0/24 dst 198.18.4.0/24 dir out tmpl src 198.18.0.1 dst 1
                 })
                 .unwrap()
                 .clone();
-            c.stage([(true, &Arc::new(p))]);
+            c.stage([Step::Add(&Arc::new(p))]);
             let want = desired(&cfg, None);
             for (k, w) in &want {
                 assert_eq!(c.want(k).as_ref(), Some(w), "after line {}", i + 1);
@@ -580,7 +616,7 @@ policy add src 198.18.1.0/24 dst 198.18.4.0/24 dir out tmpl src 198.18.0.1 dst 1
             .find(|p| p.priority == 5)
             .unwrap()
             .clone();
-        let touched = c.stage([(false, &Arc::new(block))]);
+        let touched = c.stage([Step::Remove(&Arc::new(block))]);
         assert!(!touched.is_empty());
         let rest: String = lines
             .iter()
@@ -623,10 +659,10 @@ policy add src 198.18.1.0/24 dst 198.18.4.0/24 dir out tmpl src 198.18.0.1 dst 1
             seed ^= seed << 17;
             (seed % m as u64) as usize
         };
-        // (selector, direction, line, the policy staged), in staging order:
-        // the configuration `desired` is given lists them so, as ties
-        // between equal priorities go to the earlier policy and a staged
-        // update ranks last among its equals.
+        // (selector, direction, line, the policy staged), in the SPD's
+        // order: the configuration `desired` is given lists them so, as
+        // ties between equal priorities go to the earlier policy and an
+        // update keeps its place (`Spd::update`).
         let mut have: Vec<((usize, usize), String, Arc<Policy>)> = Vec::new();
         let mut c = Contrib::default();
         for step in 0..600 {
@@ -653,19 +689,20 @@ policy add src 198.18.1.0/24 dst 198.18.4.0/24 dir out tmpl src 198.18.0.1 dst 1
                 Arc::new(p.expect("one policy").clone())
             };
             let at = have.iter().position(|h| h.0 == (si, di));
-            match (at.map(|i| have.remove(i)), next(3)) {
+            match (at, next(3)) {
                 (None, _) => {
                     let p = parsed();
-                    c.stage([(true, &p)]);
+                    c.stage([Step::Add(&p)]);
                     have.push(((si, di), line.clone(), p));
                 }
-                (Some((_, _, old)), 0) => {
-                    c.stage([(false, &old)]);
+                (Some(i), 0) => {
+                    let (_, _, old) = have.remove(i);
+                    c.stage([Step::Remove(&old)]);
                 }
-                (Some((_, _, old)), _) => {
+                (Some(i), _) => {
                     let p = parsed();
-                    c.stage([(false, &old), (true, &p)]);
-                    have.push(((si, di), line.clone(), p));
+                    c.stage([Step::Update(&have[i].2, &p)]);
+                    have[i] = ((si, di), line.clone(), p);
                 }
             }
             let text: String = have.iter().map(|h| format!("{}\n", h.1)).collect();
@@ -675,6 +712,54 @@ policy add src 198.18.1.0/24 dst 198.18.4.0/24 dir out tmpl src 198.18.0.1 dst 1
             }
             assert_eq!(c.keys(), want.len(), "step {step}: {line}");
         }
+    }
+
+    /// Two policies of one priority whose port ranges widen to one kernel
+    /// entry: the first is the entry, before and after an update of it —
+    /// as the SPD keeps the updated one first (what the engine obeys).
+    #[test]
+    fn an_update_keeps_its_place_among_equal_priorities() {
+        let line = |ports: &str, then: &str| {
+            format!("policy add src 198.18.1.0/24 dst 198.18.2.0/24 proto udp dport {ports} dir out priority 10 {then}")
+        };
+        let first = line(
+            "1-40000",
+            "tmpl src 198.18.0.1 dst 198.18.0.2 proto esp reqid 1 mode tunnel",
+        );
+        let second = line("2-39999", "action block");
+        let updated = first.replace("reqid 1", "reqid 2");
+        let policy = |l: &str| {
+            let cfg = Config::parse("x", l).unwrap();
+            Arc::new(cfg.spd.policies(Direction::Out)[0].clone())
+        };
+        let (a, b, a2) = (policy(&first), policy(&second), policy(&updated));
+        let mut c = Contrib::default();
+        let touched = c.stage([Step::Add(&a), Step::Add(&b)]);
+        assert_eq!(touched.len(), 1, "both widen to one entry");
+        let key = *touched.iter().next().unwrap();
+        let reqid = |c: &Contrib| {
+            c.want(&key)
+                .map(|k| (k.block, k.tmpls.first().map(|t| t.reqid)))
+        };
+        assert_eq!(reqid(&c), Some((false, Some(1))));
+        c.stage([Step::Update(&a, &a2)]);
+        assert_eq!(
+            reqid(&c),
+            Some((false, Some(2))),
+            "the updated first policy, not the block"
+        );
+        // The SPD agrees: the update kept its place.
+        let mut spd = espd_core::state::Spd::new();
+        spd.insert(Arc::clone(&a)).unwrap();
+        spd.insert(Arc::clone(&b)).unwrap();
+        spd.update(Arc::clone(&a2)).unwrap();
+        assert_eq!(spd.policies(Direction::Out)[0].sel, a2.sel);
+        // And the entries worked out from the configuration afterwards.
+        let cfg = Config {
+            sad: espd_core::state::Sad::new(),
+            spd,
+        };
+        assert_eq!(desired(&cfg, None).get(&key), c.want(&key).as_ref());
     }
 
     #[test]

@@ -239,6 +239,8 @@ pub enum Change {
     SaRemoved(Arc<SaCore>),
     PolicyAdded(Arc<Policy>),
     PolicyRemoved(Arc<Policy>),
+    /// `policy update`: the old and the new (the guard keeps its rank).
+    PolicyUpdated(Arc<Policy>, Arc<Policy>),
 }
 
 /// What a batch does to the outbound sequence store, once it went through.
@@ -258,11 +260,27 @@ pub struct Delta {
 }
 
 impl Delta {
-    /// The policies removed and added (for the guard), in order.
+    /// The policies removed and added, in order (an update is the old
+    /// one removed, then the new added).
     pub fn policies(&self) -> impl Iterator<Item = (bool, &Arc<Policy>)> {
+        self.changes
+            .iter()
+            .flat_map(|c| match c {
+                Change::PolicyAdded(p) => [Some((true, p)), None],
+                Change::PolicyRemoved(p) => [Some((false, p)), None],
+                Change::PolicyUpdated(old, new) => [Some((false, old)), Some((true, new))],
+                _ => [None, None],
+            })
+            .flatten()
+    }
+
+    /// The policy changes as the guard stages them (updates as such).
+    pub fn policy_steps(&self) -> impl Iterator<Item = super::guard::Step<'_>> {
+        use super::guard::Step;
         self.changes.iter().filter_map(|c| match c {
-            Change::PolicyAdded(p) => Some((true, p)),
-            Change::PolicyRemoved(p) => Some((false, p)),
+            Change::PolicyAdded(p) => Some(Step::Add(p)),
+            Change::PolicyRemoved(p) => Some(Step::Remove(p)),
+            Change::PolicyUpdated(old, new) => Some(Step::Update(old, new)),
             _ => None,
         })
     }
@@ -331,6 +349,11 @@ impl Maps {
                 Change::PolicyAdded(p) => {
                     let s = side_of(p.dir);
                     self.sides[s].count(p, 1, &mut touched[s]);
+                }
+                Change::PolicyUpdated(old, new) => {
+                    let s = side_of(new.dir);
+                    self.sides[s].count(old, -1, &mut touched[s]);
+                    self.sides[s].count(new, 1, &mut touched[s]);
                 }
             }
         }
@@ -528,8 +551,7 @@ pub fn apply_op(
         Op::UpdatePolicy(p) => {
             let p = Arc::new(p);
             let old = t.update_policy(Arc::clone(&p)).ok_or("no such policy")?;
-            d.changes.push(Change::PolicyRemoved(old));
-            d.changes.push(Change::PolicyAdded(p));
+            d.changes.push(Change::PolicyUpdated(old, p));
             Ok(None)
         }
         Op::DelPolicy(dir, sel) => {
@@ -882,7 +904,7 @@ mod memory {
         maps.apply(&d, &t);
         let l4 = live();
         let mut c = super::super::guard::Contrib::default();
-        c.stage(d.policies());
+        c.stage(d.policy_steps());
         let l5 = live();
         drop(d);
         let l6 = live();
@@ -936,7 +958,7 @@ mod memory {
             let mut maps2 = maps.clone();
             let _plan = maps2.apply(&d, &t2);
             let mut c2 = contrib.clone();
-            let _keys = c2.stage(d.policies());
+            let _keys = c2.stage(d.policy_steps());
             (t, maps, contrib) = (t2, maps2, c2);
         }
         let (r1, l1) = (rss(), live());
@@ -1011,7 +1033,7 @@ mod memory {
             apply_op(&mut t, op, &mut d).unwrap();
         }
         maps.apply(&d, &t);
-        contrib.stage(d.policies());
+        contrib.stage(d.policy_steps());
         let mut totals = [0f64; 5];
         // ESPD_PHASE_BATCHES: more batches, for a profile of the timed part.
         let batches: u32 = std::env::var("ESPD_PHASE_BATCHES")
@@ -1033,7 +1055,7 @@ mod memory {
             let _plan = maps2.apply(&d, &t2);
             let t4 = Instant::now();
             let mut c2 = contrib.clone();
-            let _keys = c2.stage(d.policies());
+            let _keys = c2.stage(d.policy_steps());
             let t5 = Instant::now();
             (t, maps, contrib) = (t2, maps2, c2);
             drop(d);
