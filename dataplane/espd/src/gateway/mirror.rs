@@ -784,10 +784,12 @@ mod memory {
         fn mi_heap_main() -> *mut libmimalloc_sys::mi_heap_t;
     }
 
-    /// The heap's live blocks by size class (block size → blocks in use),
-    /// as mimalloc counts them: unlike RSS, blind to pages freed and
-    /// reused, so the parts add up and a run repeats to the block.
-    fn live() -> BTreeMap<usize, usize> {
+    /// The heap's pages by size class: block size → (blocks in use,
+    /// octets committed to its pages), as mimalloc counts them. Blocks in
+    /// use, unlike RSS, are blind to pages freed and reused, so the parts
+    /// add up and a run repeats to the block; what is committed beyond them
+    /// is what RSS holds beyond the live heap.
+    fn areas() -> BTreeMap<usize, (usize, usize)> {
         unsafe extern "C" fn visit(
             _heap: *const libmimalloc_sys::mi_heap_t,
             area: *const libmimalloc_sys::mi_heap_area_t,
@@ -795,11 +797,13 @@ mod memory {
             _size: usize,
             arg: *mut core::ffi::c_void,
         ) -> bool {
-            // SAFETY: `arg` is the map `live` passes, borrowed mutably
+            // SAFETY: `arg` is the map `areas` passes, borrowed mutably
             // for the call; `area` is valid for the visit (mimalloc's
             // contract), and only read.
-            let (m, a) = unsafe { (&mut *arg.cast::<BTreeMap<usize, usize>>(), &*area) };
-            *m.entry(a.block_size).or_default() += a.used;
+            let (m, a) = unsafe { (&mut *arg.cast::<BTreeMap<usize, (usize, usize)>>(), &*area) };
+            let e = m.entry(a.block_size).or_default();
+            e.0 += a.used;
+            e.1 += a.committed;
             true
         }
         let mut m = BTreeMap::new();
@@ -812,40 +816,18 @@ mod memory {
                 mi_heap_main(),
                 false,
                 Some(visit),
-                (&mut m as *mut BTreeMap<usize, usize>).cast(),
+                (&mut m as *mut BTreeMap<usize, (usize, usize)>).cast(),
             );
         }
         m
     }
 
-    /// Per size class: (octets in live blocks, octets committed to its
-    /// pages): what RSS holds beyond the live heap, class by class.
-    fn pages() -> BTreeMap<usize, (usize, usize)> {
-        unsafe extern "C" fn visit(
-            _heap: *const libmimalloc_sys::mi_heap_t,
-            area: *const libmimalloc_sys::mi_heap_area_t,
-            _block: *mut core::ffi::c_void,
-            _size: usize,
-            arg: *mut core::ffi::c_void,
-        ) -> bool {
-            // SAFETY: as in `live`.
-            let (m, a) = unsafe { (&mut *arg.cast::<BTreeMap<usize, (usize, usize)>>(), &*area) };
-            let e = m.entry(a.block_size).or_default();
-            e.0 += a.used * a.block_size;
-            e.1 += a.committed;
-            true
-        }
-        let mut m = BTreeMap::new();
-        // SAFETY: as in `live`.
-        unsafe {
-            libmimalloc_sys::mi_heap_visit_blocks(
-                mi_heap_main(),
-                false,
-                Some(visit),
-                (&mut m as *mut BTreeMap<usize, (usize, usize)>).cast(),
-            );
-        }
-        m
+    /// The heap's live blocks by size class (block size → blocks in use).
+    fn live() -> BTreeMap<usize, usize> {
+        areas()
+            .into_iter()
+            .map(|(size, (used, _))| (size, used))
+            .collect()
     }
 
     /// The live heap that came between `a` and `b`, in KiB per tunnel,
@@ -979,7 +961,8 @@ mod memory {
             (rss() - r0) as f64 / f64::from(n)
         );
         let (mut u, mut c) = (0, 0);
-        for (size, (used, committed)) in pages() {
+        for (size, (blocks, committed)) in areas() {
+            let used = blocks * size;
             u += used;
             c += committed;
             if committed - used > 1 << 20 {
