@@ -14,7 +14,7 @@
 
 use crate::parse::{parse_line, parse_words, Item};
 use crate::{lex, ConfigError, ConfigErrors};
-use espd_core::state::{Action, Direction, Policy, SaCore, Sad, Selector, Spd};
+use espd_core::state::{Action, Direction, NewSa, Policy, SaCore, Sad, Selector, Spd};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use zeroize::Zeroizing;
@@ -24,8 +24,8 @@ use zeroize::Zeroizing;
 /// expanded (once, here).
 #[derive(Debug)]
 pub enum Op {
-    AddSa(Box<SaCore>),
-    UpdateSa(Box<SaCore>),
+    AddSa(NewSa),
+    UpdateSa(NewSa),
     DelSa(IpAddr, u32),
     AddPolicy(Policy),
     UpdatePolicy(Policy),
@@ -212,7 +212,7 @@ impl View<'_> {
                 let key = (cfg.dst, cfg.spi);
                 // The SA must be buildable (key lengths, algorithm limits):
                 // say so on this line. Its keys are expanded here, once.
-                let core = Box::new(SaCore::new(*cfg).map_err(|e| e.to_string())?);
+                let core = NewSa::new(*cfg).map_err(|e| e.to_string())?;
                 match (verb, self.has_state(key)) {
                     ("add", true) => Err(format!(
                         "a state for dst {} spi 0x{:08x} exists already (use `state update`)",
@@ -370,8 +370,8 @@ mod tests {
             let (ch, ops) = apply("b", batch, &self.sad, &self.spd)?;
             for op in ops {
                 match op {
-                    Op::AddSa(c) => drop(self.sad.insert(*c).unwrap()),
-                    Op::UpdateSa(c) => drop(self.sad.update(*c).unwrap()),
+                    Op::AddSa(c) => drop(self.sad.insert(c).unwrap()),
+                    Op::UpdateSa(c) => drop(self.sad.update(c).unwrap()),
                     Op::DelSa(d, s) => drop(self.sad.remove(d, s).unwrap()),
                     Op::AddPolicy(p) => self.spd.insert(p).unwrap(),
                     Op::UpdatePolicy(p) => drop(self.spd.update(p).unwrap()),

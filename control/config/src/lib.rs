@@ -15,7 +15,7 @@ mod parse;
 
 pub use parse::{parse_line, Item};
 
-use espd_core::state::{Action, Direction, Policy, SaConfig, SaCore, Sad, Spd};
+use espd_core::state::{Action, Direction, NewSa, Policy, SaConfig, Sad, Spd};
 use std::fmt;
 use std::path::Path;
 
@@ -119,7 +119,7 @@ impl Config {
 
 fn install_state(sad: &mut Sad, cfg: SaConfig) -> Result<(), String> {
     let (dst, spi) = (cfg.dst, cfg.spi);
-    let sa = SaCore::new(cfg).map_err(|e| e.to_string())?;
+    let sa = NewSa::new(cfg).map_err(|e| e.to_string())?;
     sad.insert(sa).map_err(|_| {
         format!("a state for dst {dst} spi 0x{spi:08x} exists already (states are keyed by dst and SPI)")
     })?;

@@ -32,7 +32,7 @@ pub fn state(c: &SaConfig, keys: bool) -> Zeroizing<String> {
     let key_text: usize = algs
         .iter()
         .filter_map(|(_, a)| a.as_ref())
-        .map(|a| 2 * a.key.len() + a.name.len() + 32)
+        .map(|a| 2 * a.key.len() + a.name().len() + 32)
         .sum();
     // Everything but the keys and names is bounded: addresses (39 octets
     // each at most), numbers (20 digits), a selector and the words.
@@ -111,7 +111,7 @@ pub fn state(c: &SaConfig, keys: bool) -> Zeroizing<String> {
 pub fn same_sa(a: &SaConfig, b: &SaConfig) -> bool {
     let keys = |c: &SaConfig| {
         [&c.algs.aead, &c.algs.enc, &c.algs.auth]
-            .map(|a| a.as_ref().map(|a| (a.name, a.key.clone(), a.bits)))
+            .map(|a| a.as_ref().map(|a| (a.name(), a.key.clone(), a.bits)))
     };
     let (mut a2, mut b2) = (a.clone(), b.clone());
     (a2.iv_mask, b2.iv_mask) = (0, 0);
@@ -123,7 +123,7 @@ fn alg(l: &mut String, word: &str, a: &KeyedAlg, keys: bool) {
     l.push(' ');
     l.push_str(word);
     l.push(' ');
-    push_word(l, a.name);
+    push_word(l, a.name());
     l.push(' ');
     if !keys {
         l.push_str("<redacted>");

@@ -166,8 +166,8 @@ fn batches_give_the_tables_a_whole_parse_gives() {
         let (_, ops) = apply(&format!("b{i}"), &chunk.join("\n"), t.sad(), t.spd()).unwrap();
         for op in ops {
             match op {
-                Op::AddSa(c) => drop(t.insert_sa(*c).unwrap()),
-                Op::UpdateSa(c) => drop(t.update_sa(*c).unwrap()),
+                Op::AddSa(c) => drop(t.insert_sa(c).unwrap()),
+                Op::UpdateSa(c) => drop(t.update_sa(c).unwrap()),
                 Op::DelSa(d, s) => drop(t.remove_sa(d, s).unwrap()),
                 Op::AddPolicy(p) => t.insert_policy(p).unwrap(),
                 Op::UpdatePolicy(p) => drop(t.update_policy(p).unwrap()),

@@ -29,12 +29,16 @@ pub struct AuthError;
 pub struct KeyLenError;
 
 /// An expanded AES-GCM or ChaCha20-Poly1305 key (ring) and its salt;
-/// zeroized on drop.
+/// zeroized on drop, in place.
+///
+/// Inline, not boxed: an SA's core holds it in its own block (a carrier
+/// edge holds 100 000; one block each, no pointer to follow on a packet).
+/// Moving it leaves a copy where it was, so it is built once into the
+/// block it stays in (espd-core's `NewSa`, which then wipes the stack the
+/// expansion used).
 pub struct RingAead {
-    // Boxed so that its memory is ours to wipe on drop, wherever the SA moves.
-    key: Box<LessSafeKey>,
+    key: LessSafeKey,
     salt: [u8; 4],
-    bits: usize,
 }
 
 impl RingAead {
@@ -47,9 +51,8 @@ impl RingAead {
         };
         let unbound = UnboundKey::new(alg, key).map_err(|_| KeyLenError)?;
         Ok(RingAead {
-            key: Box::new(LessSafeKey::new(unbound)),
+            key: LessSafeKey::new(unbound),
             salt,
-            bits: key.len() * 8,
         })
     }
 
@@ -60,14 +63,13 @@ impl RingAead {
         }
         let unbound = UnboundKey::new(&CHACHA20_POLY1305, key).map_err(|_| KeyLenError)?;
         Ok(RingAead {
-            key: Box::new(LessSafeKey::new(unbound)),
+            key: LessSafeKey::new(unbound),
             salt,
-            bits: 256,
         })
     }
 
     pub fn key_bits(&self) -> usize {
-        self.bits
+        self.key.algorithm().key_len() * 8
     }
 
     fn nonce(&self, iv: &[u8; 8]) -> Nonce {
@@ -109,15 +111,18 @@ impl RingAead {
 impl Drop for RingAead {
     fn drop(&mut self) {
         self.salt.zeroize();
-        let p: *mut LessSafeKey = &mut *self.key;
-        // SAFETY: `p` points to the boxed, initialised LessSafeKey that this
-        // struct owns exclusively; nothing else can observe it during drop.
-        // LessSafeKey is plain data (expanded AES round keys, the GHASH key
-        // table and a `&'static Algorithm`) with no drop glue, so overwriting
-        // it with zeros and then letting the Box free it runs no code on the
-        // zeroed value: Box's drop calls `drop_in_place`, a no-op for this
-        // type (checked at compile time below), then deallocates.
-        // `zeroize_flat_type` uses volatile writes the optimiser keeps.
+        let p: *mut LessSafeKey = &mut self.key;
+        // SAFETY: `p` points to the initialised LessSafeKey this struct owns
+        // exclusively (it is a field, inline wherever the SA's core lives);
+        // nothing else can observe it during drop. LessSafeKey is plain data
+        // (expanded AES round keys, the GHASH key table and a
+        // `&'static Algorithm`) with no drop glue, so overwriting it with
+        // zeros runs no code on the zeroed value: the field's own
+        // `drop_in_place`, which runs next, is a no-op for this type
+        // (checked at compile time below), and no code reads the field
+        // after it (an enclosing enum reads its discriminant before it drops
+        // the variant, never after). `zeroize_flat_type` uses volatile
+        // writes the optimiser keeps.
         unsafe { zeroize::zeroize_flat_type(p) };
     }
 }

@@ -201,8 +201,8 @@ fn worker(
     if tunnels > 0 {
         let c = Config::parse("bench-others", &others).map_err(|e| anyhow::anyhow!("{e}"))?;
         for sa in c.sad.iter() {
-            let core = espd_core::state::SaCore::new(sa.cfg.clone())
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let core =
+                espd_core::state::NewSa::new(sa.cfg.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
             t1.insert_sa(core)
                 .map_err(|_| anyhow::anyhow!("duplicate SA"))?;
         }
@@ -250,7 +250,7 @@ fn worker(
                 } else if let Ok(Some(espd_config::Item::State(cfg))) =
                     espd_config::parse_line(line)
                 {
-                    if let Ok(core) = espd_core::state::SaCore::new(*cfg) {
+                    if let Ok(core) = espd_core::state::NewSa::new(*cfg) {
                         let _ = t.insert_sa(core);
                     }
                 }

@@ -11,15 +11,27 @@ use zeroize::Zeroize;
 /// RFC 7634 §2: the ICV is the full 16-octet Poly1305 tag.
 pub const ICV_LEN: usize = 16;
 
-pub struct ChaChaPoly {
-    aead: ChaCha20Poly1305,
-    salt: [u8; 4],
+/// An expanded ChaCha20-Poly1305 key and its salt, on one provider: ring's
+/// key sits inline (one block with the SA's core, as for AES-GCM).
+pub struct ChaChaPoly(Provider);
+
+// The composition is 36 octets, ring's key schedule 544: clippy's
+// large-variant rule would box ring's, the one every packet reads.
+#[allow(clippy::large_enum_variant)]
+enum Provider {
     #[cfg(feature = "ring")]
-    fast: Option<espd_aead::RingAead>,
+    Ring(espd_aead::RingAead),
+    Composition(Composition),
 }
 
-impl Drop for ChaChaPoly {
+struct Composition {
+    aead: ChaCha20Poly1305,
+    salt: [u8; 4],
+}
+
+impl Drop for Composition {
     fn drop(&mut self) {
+        // The ChaCha20 key zeroizes itself (crate feature).
         self.salt.zeroize();
     }
 }
@@ -32,35 +44,40 @@ impl ChaChaPoly {
         }
         let mut salt = [0u8; 4];
         salt.copy_from_slice(&keymat[32..]);
-        Ok(ChaChaPoly {
+        #[cfg(feature = "ring")]
+        if let Ok(r) = espd_aead::RingAead::new_chacha(&keymat[..32], salt) {
+            salt.zeroize();
+            return Ok(ChaChaPoly(Provider::Ring(r)));
+        }
+        Ok(ChaChaPoly(Provider::Composition(Composition {
             aead: ChaCha20Poly1305::new(GenericArray::from_slice(&keymat[..32])),
             salt,
-            #[cfg(feature = "ring")]
-            fast: espd_aead::RingAead::new_chacha(&keymat[..32], salt).ok(),
-        })
+        })))
     }
 
-    /// RFC 7634 §2: nonce = salt ‖ IV.
-    fn nonce(&self, iv: &[u8; 8]) -> [u8; 12] {
-        let mut n = [0u8; 12];
-        n[..4].copy_from_slice(&self.salt);
-        n[4..].copy_from_slice(iv);
-        n
-    }
-
+    // Without ring, the match below has one arm.
+    #[cfg_attr(not(feature = "ring"), allow(clippy::infallible_destructuring_match))]
     pub fn seal(&self, iv: &[u8; 8], aad: &[u8], data: &mut [u8], icv: &mut [u8]) {
-        #[cfg(feature = "ring")]
-        if let (Some(f), Some(icv)) = (&self.fast, icv.first_chunk_mut::<ICV_LEN>()) {
-            return f.seal(iv, aad, data, icv);
-        }
-        let n = self.nonce(iv);
-        let tag = self
+        let c = match &self.0 {
+            #[cfg(feature = "ring")]
+            Provider::Ring(r) => {
+                // The engine passes ICV_LEN octets.
+                let icv = icv
+                    .first_chunk_mut::<ICV_LEN>()
+                    .expect("a 16-octet ICV for ChaCha20-Poly1305");
+                return r.seal(iv, aad, data, icv);
+            }
+            Provider::Composition(c) => c,
+        };
+        let n = c.nonce(iv);
+        let tag = c
             .aead
             .encrypt_in_place_detached(GenericArray::from_slice(&n), aad, data)
             .expect("ESP payloads are far below the ChaCha20 length limit");
         icv[..ICV_LEN].copy_from_slice(&tag);
     }
 
+    #[cfg_attr(not(feature = "ring"), allow(clippy::infallible_destructuring_match))]
     pub fn open(
         &self,
         iv: &[u8; 8],
@@ -68,16 +85,18 @@ impl ChaChaPoly {
         data: &mut [u8],
         icv: &[u8],
     ) -> Result<(), AuthError> {
-        if icv.len() != ICV_LEN {
-            return Err(AuthError);
-        }
-        #[cfg(feature = "ring")]
-        if let (Some(f), Some(icv)) = (&self.fast, icv.first_chunk::<ICV_LEN>()) {
-            return f.open(iv, aad, data, icv).map_err(|_| AuthError);
-        }
-        let n = self.nonce(iv);
+        let icv = icv
+            .first_chunk::<ICV_LEN>()
+            .filter(|_| icv.len() == ICV_LEN)
+            .ok_or(AuthError)?;
+        let c = match &self.0 {
+            #[cfg(feature = "ring")]
+            Provider::Ring(r) => return r.open(iv, aad, data, icv).map_err(|_| AuthError),
+            Provider::Composition(c) => c,
+        };
+        let n = c.nonce(iv);
         // The crate verifies the tag in constant time before it decrypts.
-        self.aead
+        c.aead
             .decrypt_in_place_detached(
                 GenericArray::from_slice(&n),
                 aad,
@@ -85,6 +104,16 @@ impl ChaChaPoly {
                 GenericArray::from_slice(icv),
             )
             .map_err(|_| AuthError)
+    }
+}
+
+impl Composition {
+    /// RFC 7634 §2: nonce = salt ‖ IV.
+    fn nonce(&self, iv: &[u8; 8]) -> [u8; 12] {
+        let mut n = [0u8; 12];
+        n[..4].copy_from_slice(&self.salt);
+        n[4..].copy_from_slice(iv);
+        n
     }
 }
 

@@ -35,64 +35,55 @@ enum Cipher {
 }
 
 /// The composition of RustCrypto's AES, CTR and GHASH: for truncated
-/// ICVs and GMAC, and where ring is not built in.
+/// ICVs and GMAC, and where ring is not built in. Boxed in [`AesGcm`]: it
+/// is rare, and a carrier edge's SAs are all as large as the largest
+/// provider.
 struct Portable {
     cipher: Cipher,
     ghash: GHash,
-}
-
-/// An expanded AES-GCM key with its salt and ICV length.
-///
-/// With the fast provider (16-octet ICVs) the composition is not built at
-/// all: an SA's key schedule is ring's alone (a carrier-edge gateway holds
-/// 100 000 of them; see docs/performance.md). Otherwise it is boxed.
-pub struct AesGcm {
-    portable: Option<Box<Portable>>,
     salt: [u8; SALT_LEN],
     icv_len: usize,
-    key_bits: usize,
-    /// The fast provider, for 16-octet ICVs.
-    #[cfg(feature = "ring")]
-    fast: Option<espd_aead::RingAead>,
 }
 
-impl Drop for AesGcm {
+impl Drop for Portable {
     fn drop(&mut self) {
         // The AES round keys and GHASH key zeroize themselves (crate features).
         self.salt.zeroize();
     }
 }
 
+/// An expanded AES-GCM key with its salt and ICV length, on one provider.
+///
+/// With the fast provider (16-octet ICVs) the composition is not built at
+/// all, and ring's key schedule sits inline: an SA's transform is one block
+/// with its core, no pointer to follow on a packet, and a carrier edge's
+/// 100 000 SAs take one allocation each (docs/performance.md).
+pub struct AesGcm(Provider);
+
+// ring's key schedule is 544 octets, the composition a pointer: clippy's
+// large-variant rule would box ring's, the one every packet reads.
+#[allow(clippy::large_enum_variant)]
+enum Provider {
+    /// ring's one-pass AES-GCM, for 16-octet ICVs.
+    #[cfg(feature = "ring")]
+    Ring(espd_aead::RingAead),
+    /// The composition, for truncated ICVs, GMAC, or without ring.
+    Composition(Box<Portable>),
+}
+
 impl AesGcm {
     /// `keymat` is key ‖ salt (20 or 36 octets), `icv_len` is 8, 12 or 16.
     pub fn new(keymat: &[u8], icv_len: usize) -> Result<Self, KeyLenError> {
-        if !matches!(icv_len, 8 | 12 | 16) {
-            return Err(KeyLenError);
+        let (key, salt) = split(keymat, icv_len)?;
+        #[cfg(feature = "ring")]
+        if icv_len == espd_aead::TAG_LEN {
+            if let Ok(r) = espd_aead::RingAead::new(key, salt) {
+                return Ok(AesGcm(Provider::Ring(r)));
+            }
         }
-        let (key, salt) = match keymat.len() {
-            20 | 36 => keymat.split_at(keymat.len() - SALT_LEN),
-            _ => return Err(KeyLenError),
-        };
-        let mut s = [0u8; SALT_LEN];
-        s.copy_from_slice(salt);
-        #[cfg(feature = "ring")]
-        let fast = if icv_len == espd_aead::TAG_LEN {
-            espd_aead::RingAead::new(key, s).ok()
-        } else {
-            None
-        };
-        #[cfg(feature = "ring")]
-        let portable = fast.is_none().then(|| Portable::new(key));
-        #[cfg(not(feature = "ring"))]
-        let portable = Some(Portable::new(key));
-        Ok(AesGcm {
-            portable,
-            salt: s,
-            icv_len,
-            key_bits: key.len() * 8,
-            #[cfg(feature = "ring")]
-            fast,
-        })
+        Ok(AesGcm(Provider::Composition(Portable::new(
+            key, salt, icv_len,
+        ))))
     }
 
     /// RFC 4543 GMAC (integrity only) with the composition.
@@ -100,50 +91,61 @@ impl AesGcm {
         Self::new_composition(keymat, icv_len)
     }
 
+    /// The composition's state: every caller of this is a path ring never
+    /// takes (truncated ICVs, GMAC), and `AesGcm::new` builds the
+    /// composition wherever ring does not seal.
     fn p(&self) -> &Portable {
-        self.portable
-            .as_deref()
-            .expect("the composition is built wherever ring does not seal (AesGcm::new)")
+        match &self.0 {
+            Provider::Composition(p) => p,
+            #[cfg(feature = "ring")]
+            Provider::Ring(_) => {
+                unreachable!("GMAC and truncated ICVs are built on the composition (AesGcm::new)")
+            }
+        }
     }
 
     pub fn icv_len(&self) -> usize {
-        self.icv_len
+        match &self.0 {
+            Provider::Composition(p) => p.icv_len,
+            #[cfg(feature = "ring")]
+            Provider::Ring(_) => espd_aead::TAG_LEN,
+        }
     }
 
     /// The same key on this composition alone, even for a 16-octet ICV (to
     /// compare providers; espd itself uses [`AesGcm::new`]).
     pub fn new_composition(keymat: &[u8], icv_len: usize) -> Result<Self, KeyLenError> {
-        #[allow(unused_mut)]
-        let mut g = Self::new(keymat, icv_len)?;
-        #[cfg(feature = "ring")]
-        {
-            g.fast = None;
-        }
-        if g.portable.is_none() {
-            let (key, _) = keymat.split_at(keymat.len() - SALT_LEN);
-            g.portable = Some(Portable::new(key));
-        }
-        Ok(g)
+        let (key, salt) = split(keymat, icv_len)?;
+        Ok(AesGcm(Provider::Composition(Portable::new(
+            key, salt, icv_len,
+        ))))
     }
 
     /// Which implementation seals and opens: `"ring"` or `"composition"`.
     pub fn provider(&self) -> &'static str {
-        #[cfg(feature = "ring")]
-        if self.fast.is_some() {
-            return "ring";
+        match &self.0 {
+            Provider::Composition(_) => "composition",
+            #[cfg(feature = "ring")]
+            Provider::Ring(_) => "ring",
         }
-        "composition"
     }
 
     /// Key length in bits, for display.
     pub fn key_bits(&self) -> usize {
-        self.key_bits
+        match &self.0 {
+            Provider::Composition(p) => match p.cipher {
+                Cipher::Aes128(_) => 128,
+                Cipher::Aes256(_) => 256,
+            },
+            #[cfg(feature = "ring")]
+            Provider::Ring(r) => r.key_bits(),
+        }
     }
 
     /// J0 = salt ‖ IV ‖ 0x00000001 (SP 800-38D §7.1 with a 96-bit nonce).
     fn j0(&self, iv: &[u8; IV_LEN]) -> Block {
         let mut j = Block::default();
-        j[..4].copy_from_slice(&self.salt);
+        j[..4].copy_from_slice(&self.p().salt);
         j[4..12].copy_from_slice(iv);
         j[15] = 1;
         j
@@ -207,7 +209,7 @@ impl AesGcm {
     /// Writes the (truncated) GMAC tag to `icv`.
     pub fn gmac(&self, iv: &[u8; IV_LEN], aad: &GmacAad<'_>, icv: &mut [u8]) {
         let t = self.gmac_tag(iv, aad);
-        let n = self.icv_len.min(icv.len());
+        let n = self.p().icv_len.min(icv.len());
         icv[..n].copy_from_slice(&t[..n]);
     }
 
@@ -219,7 +221,8 @@ impl AesGcm {
         icv: &[u8],
     ) -> Result<(), AuthError> {
         let t = self.gmac_tag(iv, aad);
-        if icv.len() == self.icv_len && bool::from(t[..self.icv_len].ct_eq(icv)) {
+        let n = self.p().icv_len;
+        if icv.len() == n && bool::from(t[..n].ct_eq(icv)) {
             Ok(())
         } else {
             Err(AuthError)
@@ -228,13 +231,17 @@ impl AesGcm {
 
     pub fn seal(&self, iv: &[u8; IV_LEN], aad: &[u8], data: &mut [u8], icv: &mut [u8]) {
         #[cfg(feature = "ring")]
-        if let (Some(f), Ok(icv)) = (&self.fast, <&mut [u8; 16]>::try_from(&mut *icv)) {
-            return f.seal(iv, aad, data, icv);
+        if let Provider::Ring(r) = &self.0 {
+            // The engine passes icv_len() octets: 16 for ring.
+            let icv = icv
+                .first_chunk_mut::<{ espd_aead::TAG_LEN }>()
+                .expect("a 16-octet ICV for a ring key");
+            return r.seal(iv, aad, data, icv);
         }
         let j0 = self.j0(iv);
         self.gctr(&j0, data);
         let t = self.tag(&j0, aad, data);
-        let n = self.icv_len.min(icv.len());
+        let n = self.p().icv_len.min(icv.len());
         icv[..n].copy_from_slice(&t[..n]);
     }
 
@@ -245,17 +252,19 @@ impl AesGcm {
         data: &mut [u8],
         icv: &[u8],
     ) -> Result<(), AuthError> {
-        if icv.len() != self.icv_len {
-            return Err(AuthError);
-        }
         #[cfg(feature = "ring")]
-        if let (Some(f), Ok(icv)) = (&self.fast, <&[u8; 16]>::try_from(icv)) {
-            return f.open(iv, aad, data, icv).map_err(|_| AuthError);
+        if let Provider::Ring(r) = &self.0 {
+            let icv = <&[u8; 16]>::try_from(icv).map_err(|_| AuthError)?;
+            return r.open(iv, aad, data, icv).map_err(|_| AuthError);
+        }
+        let n = self.p().icv_len;
+        if icv.len() != n {
+            return Err(AuthError);
         }
         let j0 = self.j0(iv);
         let t = self.tag(&j0, aad, data);
         // Constant-time comparison of the (truncated) tag.
-        if !bool::from(t[..self.icv_len].ct_eq(icv)) {
+        if !bool::from(t[..n].ct_eq(icv)) {
             return Err(AuthError);
         }
         self.gctr(&j0, data);
@@ -263,8 +272,22 @@ impl AesGcm {
     }
 }
 
+/// Checks the ICV length and splits `keymat` into the AES key and the salt.
+fn split(keymat: &[u8], icv_len: usize) -> Result<(&[u8], [u8; SALT_LEN]), KeyLenError> {
+    if !matches!(icv_len, 8 | 12 | 16) {
+        return Err(KeyLenError);
+    }
+    let (key, salt) = match keymat.len() {
+        20 | 36 => keymat.split_at(keymat.len() - SALT_LEN),
+        _ => return Err(KeyLenError),
+    };
+    let mut s = [0u8; SALT_LEN];
+    s.copy_from_slice(salt);
+    Ok((key, s))
+}
+
 impl Portable {
-    fn new(key: &[u8]) -> Box<Portable> {
+    fn new(key: &[u8], salt: [u8; SALT_LEN], icv_len: usize) -> Box<Portable> {
         let cipher = match key.len() {
             16 => Cipher::Aes128(aes::Aes128::new(GenericArray::from_slice(key))),
             _ => Cipher::Aes256(aes::Aes256::new(GenericArray::from_slice(key))),
@@ -276,7 +299,12 @@ impl Portable {
         }
         let ghash = GHash::new(&h);
         h.zeroize();
-        Box::new(Portable { cipher, ghash })
+        Box::new(Portable {
+            cipher,
+            ghash,
+            salt,
+            icv_len,
+        })
     }
 }
 
@@ -382,7 +410,7 @@ mod tests {
         for keylen in [20usize, 36] {
             let km: Vec<u8> = (0..keylen).map(|i| (i * 29 + 3) as u8).collect();
             let (full, short) = (AesGcm::new(&km, 16).unwrap(), AesGcm::new(&km, 12).unwrap());
-            assert!(full.fast.is_some() && short.fast.is_none());
+            assert_eq!((full.provider(), short.provider()), ("ring", "composition"));
             for len in 0..300 {
                 let plain: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
                 let iv = [(len % 251) as u8; 8];

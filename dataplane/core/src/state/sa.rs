@@ -31,18 +31,29 @@ impl Mode {
 /// One algorithm named on an `aead`, `enc` or `auth-trunc` line, with its
 /// key (zeroized on drop) and its ICV / truncation length in bits (0 for `enc`).
 ///
-/// Sized for a carrier edge's 100 000 SAs: the name is one of the static
-/// names below (no allocation an SA) and the key an exactly sized box, so
-/// that an SA's core fits mimalloc's 448-octet size class
-/// (docs/performance.md).
+/// Sized for a carrier edge's 100 000 SAs: the name is an octet that
+/// indexes the names espd implements (no allocation an SA) and the key an
+/// exactly sized box, so that an SA's core and its inline key schedule fit
+/// one 896-octet block (docs/performance.md).
 #[derive(Clone)]
 pub struct KeyedAlg {
-    /// The Linux crypto API name, e.g. `rfc4106(gcm(aes))` or `cbc(aes)`:
-    /// one of [`AEAD_ALGS`], [`ENC_ALGS`] or [`AUTH_ALGS`].
-    pub name: &'static str,
+    /// Where the name is in [`NAMES`].
+    name: u8,
     pub key: Zeroizing<Box<[u8]>>,
     pub bits: u32,
 }
+
+/// Every name of [`AEAD_ALGS`], [`ENC_ALGS`] and [`AUTH_ALGS`], which a
+/// [`KeyedAlg`] indexes.
+const NAMES: [&str; 7] = [
+    AEAD_ALGS[0],
+    AEAD_ALGS[1],
+    AEAD_ALGS[2],
+    ENC_ALGS[0],
+    ENC_ALGS[1],
+    ENC_ALGS[2],
+    AUTH_ALGS[0],
+];
 
 /// RFC 8221 §5's AEADs as espd implements them (RFC 4106, RFC 4543, RFC 7634).
 pub const AEAD_ALGS: [&str; 3] = [
@@ -75,7 +86,13 @@ impl KeyedAlg {
         key: Zeroizing<Vec<u8>>,
         bits: u32,
     ) -> Result<Self, SaError> {
-        let name = *known.iter().find(|k| **k == name).ok_or(unsupported)?;
+        if !known.contains(&name) {
+            return Err(unsupported);
+        }
+        let name = NAMES
+            .iter()
+            .position(|n| *n == name)
+            .expect("every list above is in NAMES") as u8;
         Ok(KeyedAlg {
             name,
             key: Zeroizing::new(Box::from(&key[..])),
@@ -84,12 +101,20 @@ impl KeyedAlg {
     }
 }
 
+impl KeyedAlg {
+    /// The Linux crypto API name, e.g. `rfc4106(gcm(aes))` or `cbc(aes)`:
+    /// one of [`AEAD_ALGS`], [`ENC_ALGS`] or [`AUTH_ALGS`].
+    pub fn name(&self) -> &'static str {
+        NAMES[usize::from(self.name)]
+    }
+}
+
 impl core::fmt::Debug for KeyedAlg {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(
             f,
             "{} <{}-octet key> {}",
-            self.name,
+            self.name(),
             self.key.len(),
             self.bits
         )
@@ -204,7 +229,7 @@ impl SaConfig {
         }
         let a = &self.algs;
         match (&a.aead, &a.enc, &a.auth) {
-            (Some(x), None, None) => match x.name {
+            (Some(x), None, None) => match x.name() {
                 "rfc4106(gcm(aes))" => {
                     if !matches!(x.bits, 64 | 96 | 128) {
                         return Err(SaError(
@@ -241,7 +266,7 @@ impl SaConfig {
                 "`aead` cannot be combined with `enc` or `auth-trunc`",
             )),
             (None, Some(e), Some(m)) => {
-                if m.name != "hmac(sha256)" {
+                if m.name() != "hmac(sha256)" {
                     return Err(UNSUPPORTED_AUTH);
                 }
                 if m.bits != 128 {
@@ -254,7 +279,7 @@ impl SaConfig {
                         "hmac(sha256) key must be 32 octets (RFC 4868 §2.1.1)",
                     ));
                 }
-                let enc_key = match e.name {
+                let enc_key = match e.name() {
                     "cbc(aes)" => {
                         if !matches!(e.key.len(), 16 | 32) {
                             return Err(SaError(
@@ -275,11 +300,13 @@ impl SaConfig {
                     .map(|c| Transform::CbcHmac(Box::new(c)))
                     .map_err(|_| SaError("bad key length"))
             }
-            (None, Some(e), None) => Err(if matches!(e.name, "ecb(cipher_null)" | "cipher_null") {
-                SaError("NULL encryption without integrity protects nothing: add auth-trunc 'hmac(sha256)' KEY 128")
-            } else {
-                SaError("encryption without integrity is not allowed (RFC 8221 §5): add auth-trunc 'hmac(sha256)' KEY 128")
-            }),
+            (None, Some(e), None) => {
+                Err(if matches!(e.name(), "ecb(cipher_null)" | "cipher_null") {
+                    SaError("NULL encryption without integrity protects nothing: add auth-trunc 'hmac(sha256)' KEY 128")
+                } else {
+                    SaError("encryption without integrity is not allowed (RFC 8221 §5): add auth-trunc 'hmac(sha256)' KEY 128")
+                })
+            }
             (None, None, Some(_)) => Err(SaError(
                 "integrity without `enc`: add enc 'ecb(cipher_null)' \"\" for integrity-only ESP",
             )),
@@ -381,6 +408,78 @@ impl SaCore {
     }
 }
 
+/// A core built and not yet installed, in the block it will live in.
+///
+/// An SA's key schedule sits inline in its core (one 896-octet block; see
+/// [`crate::crypto::gcm::AesGcm`]), so moving a core from one heap block to
+/// another would leave a copy of its keys in the freed one. A `NewSa` is
+/// built where it stays: the tables take its `Arc` as it is. It is never
+/// shared until it is installed, so it can still be changed (its sequence
+/// number continued, its share replaced) through `DerefMut`.
+pub struct NewSa(Arc<SaCore>);
+
+impl NewSa {
+    /// Expands the keys into the core's own block, then wipes the stack the
+    /// expansion used (ring builds its key schedule by value, and moves
+    /// leave copies there).
+    pub fn new(cfg: SaConfig) -> Result<Self, SaError> {
+        let sa = Self::build(cfg);
+        scrub_stack();
+        sa
+    }
+
+    // Not inlined: every copy of the keys made on the way lives in this
+    // frame or below it, the stack `scrub_stack` then overwrites.
+    #[inline(never)]
+    fn build(cfg: SaConfig) -> Result<Self, SaError> {
+        Ok(NewSa(Arc::new(SaCore::new(cfg)?)))
+    }
+
+    /// The core, to install: the tables' `Arc` is this block.
+    pub fn into_shared(self) -> Arc<SaCore> {
+        self.0
+    }
+}
+
+impl core::fmt::Debug for NewSa {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl From<SaCore> for NewSa {
+    /// A core built on the stack (tests and tools): moved into its block once.
+    fn from(core: SaCore) -> Self {
+        NewSa(Arc::new(core))
+    }
+}
+
+impl core::ops::Deref for NewSa {
+    type Target = SaCore;
+    fn deref(&self) -> &SaCore {
+        &self.0
+    }
+}
+
+impl core::ops::DerefMut for NewSa {
+    fn deref_mut(&mut self) -> &mut SaCore {
+        Arc::get_mut(&mut self.0).expect("a NewSa's Arc is its own until into_shared")
+    }
+}
+
+/// Overwrites the stack below the caller's frame, where key expansion and
+/// its moves left copies of a key schedule: about 11 KiB deep in a release
+/// build and 38 in a debug one (measured; `dataplane/espd/tests/
+/// key_residue.rs` checks that none is left), so 24 and 64 KiB.
+/// `black_box` makes the zeroed array observable, so the optimiser writes
+/// it (a memset: about a microsecond).
+#[inline(never)]
+fn scrub_stack() {
+    const WORDS: usize = if cfg!(debug_assertions) { 8192 } else { 3072 };
+    let mut below = [0u64; WORDS];
+    core::hint::black_box(&mut below);
+}
+
 impl core::fmt::Debug for SaCore {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(
@@ -430,7 +529,7 @@ pub struct Sa {
 impl Sa {
     /// An SA of its own (one engine, nothing shared): for tests and tools.
     pub fn new(cfg: SaConfig) -> Result<Self, SaError> {
-        Ok(Sa::from_core(Arc::new(SaCore::new(cfg)?), false))
+        Ok(Sa::from_core(NewSa::new(cfg)?.into_shared(), false))
     }
 
     /// A fresh runtime state for `core`; `shared` when several engines use it.
@@ -512,5 +611,40 @@ impl Sa {
     pub fn count_drop(&mut self, r: DropReason) {
         self.counters.drops[r as usize] += 1;
         self.dirty = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An SA's core with ring's key schedule inline fits one 896-octet
+    /// block of mimalloc's (its `Arc` adds two counters): a carrier edge's
+    /// 100 000 SAs are one block each (docs/performance.md). A field added
+    /// to `SaConfig` that breaks this costs 128 octets an SA.
+    #[test]
+    #[cfg(feature = "ring")]
+    fn an_sa_core_and_its_keys_fit_one_896_octet_block() {
+        let arc_inner = core::mem::size_of::<SaCore>() + 2 * core::mem::size_of::<usize>();
+        assert!(arc_inner <= 896, "Arc<SaCore> is {arc_inner} octets");
+        assert_eq!(core::mem::size_of::<KeyedAlg>(), 24);
+    }
+
+    /// Every name an SA can carry is one `KeyedAlg` can index, and reads
+    /// back as given.
+    #[test]
+    fn every_algorithm_name_reads_back() {
+        for (known, why) in [
+            (&AEAD_ALGS[..], UNSUPPORTED_AEAD),
+            (&ENC_ALGS[..], UNSUPPORTED_ENC),
+            (&AUTH_ALGS[..], UNSUPPORTED_AUTH),
+        ] {
+            for name in known {
+                let a = KeyedAlg::new(name, known, why, Zeroizing::new(vec![1; 4]), 0).unwrap();
+                assert_eq!(a.name(), *name);
+            }
+            let other = KeyedAlg::new("gcm(aes)", known, why, Zeroizing::new(vec![]), 0);
+            assert_eq!(other.err(), Some(why));
+        }
     }
 }

@@ -8,7 +8,7 @@
 //! id stays its own while it exists (a freed id is reused later; the
 //! tables' change log tells engines which ids changed).
 
-use super::sa::{Mode, SaCore, SaId};
+use super::sa::{Mode, NewSa, SaCore, SaId};
 use super::selector::Flow;
 use super::spd::Template;
 use super::PMap;
@@ -149,7 +149,8 @@ impl Sad {
     }
 
     /// Installs an SA under a free id.
-    pub fn insert(&mut self, mut core: SaCore) -> Result<SaId, Exists> {
+    pub fn insert(&mut self, core: impl Into<NewSa>) -> Result<SaId, Exists> {
+        let mut core = core.into();
         let key = (core.cfg.dst, core.cfg.spi);
         if self.by_dst_spi.contains_key(&key) {
             return Err(Exists);
@@ -163,7 +164,7 @@ impl Sad {
                 self.cores.len() - 1
             }
         };
-        let core = Arc::new(core);
+        let core = core.into_shared();
         self.cores.set(id, Some(core.clone()));
         self.index(id, &core);
         self.len += 1;
@@ -192,7 +193,8 @@ impl Sad {
     /// owner, the install time and the lineage (so every engine keeps the
     /// SA's replay window, sequence number and counters). The replaced
     /// core, and its keys, are returned to be dropped.
-    pub fn update(&mut self, mut core: SaCore) -> Result<(SaId, Arc<SaCore>), NotFound> {
+    pub fn update(&mut self, core: impl Into<NewSa>) -> Result<(SaId, Arc<SaCore>), NotFound> {
+        let mut core = core.into();
         let key = (core.cfg.dst, core.cfg.spi);
         let id = *self.by_dst_spi.get(&key).ok_or(NotFound)?;
         let old = self.cores[id].clone().ok_or(NotFound)?;
@@ -204,7 +206,7 @@ impl Sad {
         if reindex {
             self.unindex(&old);
         }
-        let core = Arc::new(core);
+        let core = core.into_shared();
         self.cores.set(id, Some(core.clone()));
         if reindex {
             self.index(id, &core);

@@ -12,7 +12,7 @@
 //! per-SA runtime states to renew or drop (see
 //! [`crate::engine::Engine::set_tables`]).
 
-use super::sa::{SaCore, SaId};
+use super::sa::{NewSa, SaCore, SaId};
 use super::sad::{Exists as SaExists, NotFound, Sad};
 use super::spd::{Action, Direction, Exists as PolicyExists, Policy, Spd};
 use super::{CMap, Selector};
@@ -155,7 +155,8 @@ impl Tables {
         }
     }
 
-    pub fn insert_sa(&mut self, mut core: SaCore) -> Result<SaId, SaExists> {
+    pub fn insert_sa(&mut self, core: impl Into<NewSa>) -> Result<SaId, SaExists> {
+        let mut core = core.into();
         core.added = self.now;
         let id = self.sad.insert(core)?;
         let core = self.sad.core(id).cloned().expect("just inserted");
@@ -168,7 +169,7 @@ impl Tables {
     }
 
     /// `state update` (see [`Sad::update`]): the id, and the replaced core.
-    pub fn update_sa(&mut self, core: SaCore) -> Result<(SaId, Arc<SaCore>), NotFound> {
+    pub fn update_sa(&mut self, core: impl Into<NewSa>) -> Result<(SaId, Arc<SaCore>), NotFound> {
         let (id, old) = self.sad.update(core)?;
         let new = self.sad.core(id).cloned().expect("just updated");
         if self.count_sa(&old, -1) | self.count_sa(&new, 1) {

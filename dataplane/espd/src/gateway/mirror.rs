@@ -517,7 +517,7 @@ pub fn apply_op(
         Op::AddSa(core) => {
             let (dst, spi) = (core.cfg.dst, core.cfg.spi);
             let id = t
-                .insert_sa(*core)
+                .insert_sa(core)
                 .map_err(|_| format!("state dst {dst} spi 0x{spi:08x} exists already"))?;
             d.changes
                 .push(Change::SaAdded(t.sad().core(id).expect("added").clone()));
@@ -526,7 +526,7 @@ pub fn apply_op(
         Op::UpdateSa(core) => {
             let (dst, spi) = (core.cfg.dst, core.cfg.spi);
             let (id, old) = t
-                .update_sa(*core)
+                .update_sa(core)
                 .map_err(|_| format!("no state dst {dst} spi 0x{spi:08x}"))?;
             d.changes.push(Change::SaRemoved(old));
             d.changes

@@ -129,7 +129,7 @@ fn fingerprint(c: &SaConfig) -> u64 {
         .flatten()
     {
         key.extend_from_slice(&a.key);
-        key.extend_from_slice(a.name.as_bytes());
+        key.extend_from_slice(a.name().as_bytes());
     }
     let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&key).expect("HMAC takes any key");
     m.update(b"espd outbound sequence number store v1");
@@ -247,7 +247,7 @@ impl SeqStore {
             if ids.contains(&id) && self.admit_into(&mut c, &mut keep) {
                 restored += 1;
             }
-            let core = espd_core::state::SaCore::new(c).expect("it built once");
+            let core = espd_core::state::NewSa::new(c).expect("it built once");
             let _ = sad.insert(core);
         }
         cfg.sad = sad;
