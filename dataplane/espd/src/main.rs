@@ -6,7 +6,7 @@
 
 /// The allocator: see docs/performance.md (the control plane at scale).
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: gateway::heap::Alloc = gateway::heap::Alloc;
 
 mod bench;
 mod gateway;
