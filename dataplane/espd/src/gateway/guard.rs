@@ -128,15 +128,15 @@ impl Contrib {
     /// priority makes there.
     #[cfg(test)]
     fn want(&self, key: &Key) -> Option<KPolicy> {
-        self.want_from(key).map(|(k, _)| k)
+        self.want_from(key).map(|(k, ..)| k)
     }
 
     /// What the kernel must hold at `key`, with the policy that makes it:
     /// the entry the first policy by priority makes there.
-    fn want_from(&self, key: &Key) -> Option<(KPolicy, &Arc<Policy>)> {
+    fn want_from(&self, key: &Key) -> Option<(KPolicy, u16, &Arc<Policy>)> {
         let p = self.by_key.get(key)?.first();
-        let k = entry(p, self.host, key)?;
-        Some((k, p))
+        let (ord, k) = entry(p, self.host, key)?;
+        Some((k, ord, p))
     }
 
     fn pid(p: &Policy) -> PolicyId {
@@ -252,9 +252,8 @@ impl Contrib {
 /// The guard's kernel entries, by direction and selector.
 pub struct Guard {
     nl: Xfrm,
-    /// What the kernel holds at each key: its index and what it is (a hash
-    /// map: no order is needed).
-    installed: PMap<Key, (u32, Have)>,
+    /// What the kernel holds at each key: its index and what it is.
+    installed: Installed,
     next: [u32; 3],
     /// What the running configuration contributes to each key.
     pub contrib: Contrib,
@@ -345,9 +344,114 @@ enum Have {
     Found(Box<KPolicy>),
 }
 
-/// The entry `p` makes at `key`, if it makes one there.
-fn entry(p: &Policy, host: Option<HostShape>, key: &Key) -> Option<KPolicy> {
-    kernel(p, host).into_iter().find(|k| (k.dir, k.sel) == *key)
+/// One entry the kernel holds: its index, and where it comes from.
+#[derive(Clone)]
+struct Slot {
+    index: u32,
+    /// For [`Have::Made`]: which of the policy's kernel entries
+    /// ([`kernel`]'s order) it is, so its key can be worked out again.
+    ord: u16,
+    have: Have,
+}
+
+/// What the kernel holds, by a hash of each entry's key: a carrier edge's
+/// 100 000 entries at 32 octets each, not the 88 of a (key, entry) pair
+/// (docs/performance.md). An entry's key is worked out again from what
+/// made it (its policy and ordinal, or the entry found at the start), so
+/// every lookup compares whole keys; a key whose hash another key already
+/// has goes to a small ordered map (never seen in practice, kept exact all
+/// the same).
+struct Installed {
+    by_hash: PMap<u64, Slot>,
+    collided: std::collections::BTreeMap<Key, Slot>,
+    hasher: std::hash::RandomState,
+    host: Option<HostShape>,
+    /// ANDed into every hash: all ones, except in a test that forces
+    /// collisions.
+    mask: u64,
+}
+
+impl Installed {
+    fn new(host: Option<HostShape>) -> Self {
+        Installed {
+            by_hash: PMap::default(),
+            collided: Default::default(),
+            hasher: Default::default(),
+            host,
+            mask: u64::MAX,
+        }
+    }
+
+    fn hash(&self, key: &Key) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(key) & self.mask
+    }
+
+    /// The key of the entry `s` (None if its policy no longer makes it:
+    /// not reachable, a policy is immutable and `host` fixed).
+    fn key_of(&self, s: &Slot) -> Option<Key> {
+        match &s.have {
+            Have::Made(p) => kernel(p, self.host)
+                .into_iter()
+                .nth(usize::from(s.ord))
+                .map(|k| (k.dir, k.sel)),
+            Have::Found(b) => Some((b.dir, b.sel)),
+        }
+    }
+
+    fn get(&self, key: &Key) -> Option<&Slot> {
+        match self.by_hash.get(&self.hash(key)) {
+            Some(s) if self.key_of(s).as_ref() == Some(key) => Some(s),
+            _ => self.collided.get(key),
+        }
+    }
+
+    fn insert(&mut self, key: Key, s: Slot) {
+        let h = self.hash(&key);
+        if let Some(c) = self.collided.get_mut(&key) {
+            *c = s;
+            return;
+        }
+        match self.by_hash.get(&h) {
+            Some(held) if self.key_of(held).as_ref() != Some(&key) => {
+                self.collided.insert(key, s);
+            }
+            _ => {
+                self.by_hash.insert(h, s);
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &Key) -> Option<Slot> {
+        let h = self.hash(key);
+        match self.by_hash.get(&h) {
+            Some(s) if self.key_of(s).as_ref() == Some(key) => self.by_hash.remove(&h),
+            _ => self.collided.remove(key),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.by_hash.len() + self.collided.len()
+    }
+
+    /// Every entry: its key and index.
+    fn entries(&self) -> Vec<(Key, u32)> {
+        let held = self.by_hash.iter().map(|(_, s)| s);
+        held.filter_map(|s| Some((self.key_of(s)?, s.index)))
+            .chain(self.collided.iter().map(|(k, s)| (*k, s.index)))
+            .collect()
+    }
+}
+
+/// The entry `p` makes at `key`, if it makes one there, and which of its
+/// entries it is.
+fn entry(p: &Policy, host: Option<HostShape>, key: &Key) -> Option<(u16, KPolicy)> {
+    let (ord, k) = kernel(p, host)
+        .into_iter()
+        .enumerate()
+        .find(|(_, k)| (k.dir, k.sel) == *key)?;
+    // At most MAX_SPLIT entries a policy.
+    Some((ord as u16, k))
 }
 
 /// What the kernel must hold for `cfg`: every policy of every direction, in
@@ -381,7 +485,7 @@ impl Guard {
     /// are replaced at the first [`Guard::sync`]).
     pub fn open(host: Option<HostShape>) -> std::io::Result<Guard> {
         let mut nl = Xfrm::open()?;
-        let mut installed = PMap::default();
+        let mut installed = Installed::new(host);
         let mut next = [0u32; 3];
         for l in nl.list()? {
             if !xfrm::is_ours(l.index) {
@@ -389,10 +493,13 @@ impl Guard {
             }
             let d = l.policy.dir as usize;
             next[d] = next[d].max(((l.index & !xfrm::INDEX_TAG) >> 3) + 1);
-            installed.insert(
-                (l.policy.dir, l.policy.sel),
-                (l.index, Have::Found(Box::new(l.policy))),
-            );
+            let key = (l.policy.dir, l.policy.sel);
+            let slot = Slot {
+                index: l.index,
+                ord: 0,
+                have: Have::Found(Box::new(l.policy)),
+            };
+            installed.insert(key, slot);
         }
         Ok(Guard {
             nl,
@@ -411,23 +518,28 @@ impl Guard {
         self.installed.len()
     }
 
-    /// Puts `k`, which policy `from` makes, unless the kernel holds it.
-    fn put(&mut self, k: &KPolicy, from: &Arc<Policy>) -> std::io::Result<()> {
+    /// Puts `k`, which policy `from` makes as its `ord`th entry, unless the
+    /// kernel holds it.
+    fn put(&mut self, k: &KPolicy, ord: u16, from: &Arc<Policy>) -> std::io::Result<()> {
         let key = (k.dir, k.sel);
+        let made = |index| Slot {
+            index,
+            ord,
+            have: Have::Made(Arc::clone(from)),
+        };
         let index = match self.installed.get(&key) {
-            Some((i, have)) => {
-                let same = match have {
-                    Have::Made(p) => entry(p, self.host, &key).as_ref() == Some(k),
+            Some(s) => {
+                let same = match &s.have {
+                    Have::Made(p) => entry(p, self.host, &key).is_some_and(|(_, e)| e == *k),
                     Have::Found(b) => **b == *k,
                 };
+                let i = s.index;
                 if same {
                     // Held as its policy from now on (a smaller record).
-                    let i = *i;
-                    self.installed
-                        .insert(key, (i, Have::Made(Arc::clone(from))));
+                    self.installed.insert(key, made(i));
                     return Ok(());
                 }
-                *i
+                i
             }
             None => {
                 let d = k.dir as usize;
@@ -436,8 +548,7 @@ impl Guard {
             }
         };
         self.nl.put(k, index)?;
-        self.installed
-            .insert(key, (index, Have::Made(Arc::clone(from))));
+        self.installed.insert(key, made(index));
         Ok(())
     }
 
@@ -449,14 +560,15 @@ impl Guard {
         self.tighten_keys(&c, &keys)?;
         let stale: Vec<Key> = self
             .installed
-            .keys()
+            .entries()
+            .into_iter()
+            .map(|(k, _)| k)
             .filter(|k| !keys.contains(k))
-            .copied()
             .collect();
         self.loosen_keys(c, &keys)?;
         for key in stale {
-            if let Some((index, _)) = self.installed.remove(&key) {
-                self.nl.delete(key.0, &key.1, index)?;
+            if let Some(s) = self.installed.remove(&key) {
+                self.nl.delete(key.0, &key.1, s.index)?;
             }
         }
         Ok(())
@@ -466,8 +578,8 @@ impl Guard {
     /// what protects or blocks goes in.
     pub fn tighten_keys(&mut self, c: &Contrib, keys: &BTreeSet<Key>) -> std::io::Result<()> {
         for k in keys {
-            if let Some((w, p)) = c.want_from(k).filter(|(w, _)| strict(w)) {
-                self.put(&w, p)?;
+            if let Some((w, ord, p)) = c.want_from(k).filter(|(w, ..)| strict(w)) {
+                self.put(&w, ord, p)?;
             }
         }
         Ok(())
@@ -478,13 +590,16 @@ impl Guard {
     pub fn loosen_keys(&mut self, c: Contrib, keys: &BTreeSet<Key>) -> std::io::Result<()> {
         self.contrib = c;
         for k in keys {
-            let want = self.contrib.want_from(k).map(|(w, p)| (w, Arc::clone(p)));
+            let want = self
+                .contrib
+                .want_from(k)
+                .map(|(w, ord, p)| (w, ord, Arc::clone(p)));
             match want {
-                Some((w, p)) if !strict(&w) => self.put(&w, &p)?,
+                Some((w, ord, p)) if !strict(&w) => self.put(&w, ord, &p)?,
                 Some(_) => {}
                 None => {
-                    if let Some((index, _)) = self.installed.remove(k) {
-                        self.nl.delete(k.0, &k.1, index)?;
+                    if let Some(s) = self.installed.remove(k) {
+                        self.nl.delete(k.0, &k.1, s.index)?;
                     }
                 }
             }
@@ -494,12 +609,11 @@ impl Guard {
 
     /// `espd down`: removes every entry espd put in this namespace's kernel.
     pub fn lift(&mut self) -> std::io::Result<usize> {
-        let all: Vec<((Dir, KSelector), u32)> =
-            self.installed.iter().map(|(k, v)| (*k, v.0)).collect();
+        let all = self.installed.entries();
         for ((d, sel), index) in &all {
             self.nl.delete(*d, sel, *index)?;
         }
-        self.installed = PMap::default();
+        self.installed = Installed::new(self.host);
         Ok(all.len())
     }
 }
@@ -777,5 +891,114 @@ policy add src 198.18.1.0/24 dst 198.18.4.0/24 dir out tmpl src 198.18.0.1 dst 1
             "policy add src 0.0.0.0/0 dst 198.18.2.0/24 proto tcp {ragged} dir out\n"
         ));
         assert!(w.is_empty());
+    }
+
+    /// The installed entries keyed by hash answer as a map keyed by the
+    /// whole key would, also when hashes collide (a 2-bit mask here makes
+    /// most of them collide): random puts and removes of entries found at
+    /// the start and entries made by a policy (several a policy, by port
+    /// block), checked against a BTreeMap after every step.
+    #[test]
+    fn installed_entries_keyed_by_hash_answer_as_a_map() {
+        let cfg = Config::parse(
+            "t.conf",
+            "policy add src 0.0.0.0/0 dst 198.18.2.0/24 proto tcp dport 1001-1010 dir out tmpl src 198.18.0.1 dst 198.18.0.2 proto esp reqid 1 mode tunnel
+policy add src 198.18.3.0/24 dst 198.18.4.0/24 dir in tmpl src 198.18.0.2 dst 198.18.0.1 proto esp reqid 2 mode tunnel
+",
+        )
+        .unwrap();
+        let pols: Vec<Arc<Policy>> = Direction::ALL
+            .iter()
+            .flat_map(|d| {
+                cfg.spd
+                    .policy_arcs(*d)
+                    .into_iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        // Every (key, how it is held) an entry can be: made by a policy
+        // (its ordinal), or found.
+        let mut made: Vec<(Key, u16, Arc<Policy>)> = Vec::new();
+        for p in &pols {
+            for (ord, k) in kernel(p, None).into_iter().enumerate() {
+                made.push(((k.dir, k.sel), ord as u16, Arc::clone(p)));
+            }
+        }
+        assert!(made.len() >= 4, "the port range splits: {}", made.len());
+        let found: Vec<KPolicy> = (0..12u8)
+            .map(|i| {
+                let mut k = kernel(&pols[0], None).remove(0);
+                k.sel.dst = core::net::IpAddr::from([198, 19, 0, i]);
+                k
+            })
+            .collect();
+        for mask in [u64::MAX, 0x3] {
+            let mut inst = Installed::new(None);
+            inst.mask = mask;
+            let mut model: BTreeMap<Key, u32> = BTreeMap::new();
+            let mut seed = 0x2545_f491_4f6c_dd1du64;
+            for step in 0..4000u32 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let n = (seed >> 8) as usize;
+                let (key, slot) = if n.is_multiple_of(2) {
+                    let (key, ord, p) = &made[n / 2 % made.len()];
+                    let have = Have::Made(Arc::clone(p));
+                    (
+                        *key,
+                        Slot {
+                            index: step,
+                            ord: *ord,
+                            have,
+                        },
+                    )
+                } else {
+                    let k = &found[n / 2 % found.len()];
+                    let have = Have::Found(Box::new(k.clone()));
+                    (
+                        (k.dir, k.sel),
+                        Slot {
+                            index: step,
+                            ord: 0,
+                            have,
+                        },
+                    )
+                };
+                if (seed >> 40).is_multiple_of(3) {
+                    assert_eq!(
+                        inst.remove(&key).map(|s| s.index),
+                        model.remove(&key),
+                        "mask {mask:x} step {step}"
+                    );
+                } else {
+                    inst.insert(key, slot);
+                    model.insert(key, step);
+                }
+                assert_eq!(inst.len(), model.len(), "mask {mask:x} step {step}");
+                for k in made
+                    .iter()
+                    .map(|m| m.0)
+                    .chain(found.iter().map(|f| (f.dir, f.sel)))
+                {
+                    assert_eq!(
+                        inst.get(&k).map(|s| s.index),
+                        model.get(&k).copied(),
+                        "mask {mask:x} step {step}"
+                    );
+                }
+                let mut all = inst.entries();
+                all.sort();
+                let want: Vec<(Key, u32)> = model.iter().map(|(k, i)| (*k, *i)).collect();
+                assert_eq!(all, want, "mask {mask:x} step {step}");
+            }
+            if mask != u64::MAX {
+                assert!(
+                    !inst.collided.is_empty() || model.len() < 5,
+                    "collisions were exercised"
+                );
+            }
+        }
     }
 }
