@@ -1,5 +1,6 @@
-//! Memory the allocator holds for nothing, given back once a control thread
-//! is idle.
+//! The allocator ([`Alloc`]: mimalloc, with 16-aligned blocks from their
+//! size class), and memory it holds for nothing, given back once a control
+//! thread is idle.
 //!
 //! mimalloc keeps the pages a thread has freed for its purge delay (1 s by
 //! default) and purges them only when that thread next calls into it. A
