@@ -22,33 +22,36 @@
 use std::alloc::{GlobalAlloc, Layout};
 use std::time::{Duration, Instant};
 
-/// mimalloc, with 16-octet-aligned blocks taken from their size class.
+/// mimalloc, with every block taken from its own size class.
 ///
-/// mimalloc v3 serves an allocation aligned to more than 8 octets from its
-/// size class only when the class is a power of two; otherwise it
-/// over-allocates by the alignment (v3's `mi_malloc_is_naturally_aligned`).
-/// An SA's core is 896 octets aligned to 16 (ring's key schedule sits
-/// inline), so it took a 1024-octet block: 128 octets a tunnel at the
-/// carrier edge. A class whose size is a multiple of 16 has every block
-/// 16-aligned when its page starts so, and malloc's own contract
-/// (`max_align_t`) makes mimalloc start them so; each allocation is checked
-/// all the same, with the aligned call as the fallback.
+/// The `mimalloc` crate's allocator passes every allocation through
+/// `mi_malloc_aligned`, and mimalloc v3 serves that from the size class
+/// only when the class is a power of two or a page of the class happens to
+/// have a free block; otherwise it over-allocates by the alignment
+/// (v3's `mi_malloc_is_naturally_aligned`): 96 octets aligned to 8 took a
+/// 112-octet block, 448 a 512, and an SA's 896-octet core (aligned to 16:
+/// ring's key schedule sits inline) a 1024 one, 128 octets a tunnel at the
+/// carrier edge. Every mimalloc block is 8-aligned, and a class whose size
+/// is a multiple of 16 has every block 16-aligned (its page starts so,
+/// malloc's own `max_align_t` contract); each block is checked all the
+/// same, with the aligned call as the fallback.
 pub struct Alloc;
 
 // SAFETY (the impl): every method forwards to mimalloc's matching call
 // (what `mimalloc::MiMalloc` does), except that `alloc` and `alloc_zeroed`
-// first try the unaligned call for a 16-aligned layout whose size is a
-// multiple of 16, and return its block only if it is 16-aligned (else
-// free it and take the aligned call). So every block returned meets the
-// layout, and `mi_free` frees any block mimalloc returned.
+// first try the plain call for a layout aligned to 8 or less, or to 16
+// with a size that is a multiple of 16, and return its block only if it
+// meets the alignment (else free it and take the aligned call). So every
+// block returned meets the layout, and `mi_free` frees any block mimalloc
+// returned.
 unsafe impl GlobalAlloc for Alloc {
     #[inline]
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
         // SAFETY: see the impl; mimalloc's calls take any size and alignment.
         unsafe {
-            if sized_for_16(l) {
+            if plain_fits(l) {
                 let p = libmimalloc_sys::mi_malloc(l.size()) as *mut u8;
-                if (p as usize).is_multiple_of(16) {
+                if (p as usize).is_multiple_of(l.align()) {
                     return p;
                 }
                 libmimalloc_sys::mi_free(p.cast());
@@ -61,9 +64,9 @@ unsafe impl GlobalAlloc for Alloc {
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
         // SAFETY: as `alloc`.
         unsafe {
-            if sized_for_16(l) {
+            if plain_fits(l) {
                 let p = libmimalloc_sys::mi_zalloc(l.size()) as *mut u8;
-                if (p as usize).is_multiple_of(16) {
+                if (p as usize).is_multiple_of(l.align()) {
                     return p;
                 }
                 libmimalloc_sys::mi_free(p.cast());
@@ -86,11 +89,11 @@ unsafe impl GlobalAlloc for Alloc {
     }
 }
 
-/// A layout the unaligned call may serve: aligned to 16 (not more) and a
-/// multiple of 16 in size.
+/// A layout the plain call serves at its alignment: aligned to 8 or less,
+/// or to 16 with a size that is a multiple of 16.
 #[inline]
-fn sized_for_16(l: Layout) -> bool {
-    l.align() == 16 && l.size() != 0 && l.size().is_multiple_of(16)
+fn plain_fits(l: Layout) -> bool {
+    l.align() <= 8 || (l.align() == 16 && l.size() != 0 && l.size().is_multiple_of(16))
 }
 
 /// How long a thread waits after its last work before it gives memory back:
@@ -155,30 +158,42 @@ mod tests {
     /// What a thread freed stays resident until it collects, and goes when
     /// it does; a thread that owes nothing or has not been idle long
     /// enough does not collect.
-    /// A 16-aligned SA core takes an 896-octet block, not the 1024 one
-    /// mimalloc's aligned call gives it; every block meets its alignment.
+    /// Every block comes from its own size class (mimalloc's aligned call
+    /// gave 96 octets aligned to 8 a 112-octet block, an SA's 16-aligned
+    /// 896-octet core a 1024 one) and meets its alignment.
     #[test]
-    fn sixteen_aligned_blocks_take_their_size_class() {
-        let l = Layout::from_size_align(896, 16).unwrap();
-        let blocks: Vec<*mut u8> = (0..1000)
-            .map(|i| {
-                // SAFETY: a non-zero layout; freed below with it.
-                let p = unsafe {
-                    if i % 2 == 0 {
-                        Alloc.alloc(l)
-                    } else {
-                        Alloc.alloc_zeroed(l)
-                    }
-                };
-                assert!(!p.is_null() && (p as usize).is_multiple_of(16));
-                // SAFETY: `p` is a live mimalloc block.
-                assert_eq!(unsafe { libmimalloc_sys::mi_usable_size(p.cast()) }, 896);
-                p
-            })
-            .collect();
-        for p in blocks {
-            // SAFETY: allocated above with `l`, freed once.
-            unsafe { Alloc.dealloc(p, l) };
+    fn blocks_take_their_own_size_class() {
+        for (size, align) in [
+            (96, 8),
+            (448, 8),
+            (640, 8),
+            (896, 8),
+            (896, 16),
+            (48, 8),
+            (16, 1),
+        ] {
+            let l = Layout::from_size_align(size, align).unwrap();
+            let blocks: Vec<*mut u8> = (0..1000)
+                .map(|i| {
+                    // SAFETY: a non-zero layout; freed below with it.
+                    let p = unsafe {
+                        if i % 2 == 0 {
+                            Alloc.alloc(l)
+                        } else {
+                            Alloc.alloc_zeroed(l)
+                        }
+                    };
+                    assert!(!p.is_null() && (p as usize).is_multiple_of(align));
+                    // SAFETY: `p` is a live mimalloc block.
+                    let usable = unsafe { libmimalloc_sys::mi_usable_size(p.cast()) };
+                    assert_eq!(usable, size, "{size} octets aligned to {align}");
+                    p
+                })
+                .collect();
+            for p in blocks {
+                // SAFETY: allocated above with `l`, freed once.
+                unsafe { Alloc.dealloc(p, l) };
+            }
         }
         let arc = std::sync::Arc::new(espd_core::state::SaCore::new(sa_cfg()).unwrap());
         let p = std::sync::Arc::as_ptr(&arc) as *const u8;
