@@ -20,6 +20,7 @@ Root, namespaces and a release build of espd are needed.
 import argparse
 import json
 import os
+import signal
 import shlex
 import socket
 import statistics
@@ -193,11 +194,16 @@ def measure(net, n, singles, espctl_calls, batch=2000):
 
 
 def forward(err):
-    """espd's log after its banner, to ours when tracing, else dropped."""
+    """espd's log after its banner, to ours when tracing, else dropped.
+    Drains to the end whatever becomes of our stderr (a reader that went
+    away must not leave espd blocked on a full pipe)."""
     trace = os.environ.get("ESPD_TRACE_APPLY")
     for line in err:
         if trace:
-            sys.stderr.write(line)
+            try:
+                sys.stderr.write(line)
+            except (BrokenPipeError, OSError):
+                trace = None
 
 
 def main():
@@ -209,6 +215,9 @@ def main():
     ap.add_argument("--one-peer", action="store_true",
                     help="every SA to one peer address (default: spread over 12 800 peers)")
     a = ap.parse_args()
+    # SIGTERM (a `timeout`) unwinds like Ctrl-C: the namespaces and espd
+    # go in `finally`, not left behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ONE_PEER[0] = a.one_peer
     counts = [0, 1000] if a.smoke else a.counts
     singles = 20 if a.smoke else 200
