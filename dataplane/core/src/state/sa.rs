@@ -99,9 +99,7 @@ impl KeyedAlg {
             bits,
         })
     }
-}
 
-impl KeyedAlg {
     /// The Linux crypto API name, e.g. `rfc4106(gcm(aes))` or `cbc(aes)`:
     /// one of [`AEAD_ALGS`], [`ENC_ALGS`] or [`AUTH_ALGS`].
     pub fn name(&self) -> &'static str {

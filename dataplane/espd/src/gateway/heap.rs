@@ -47,31 +47,25 @@ pub struct Alloc;
 unsafe impl GlobalAlloc for Alloc {
     #[inline]
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        // SAFETY: see the impl; mimalloc's calls take any size and alignment.
+        // SAFETY: see the impl.
         unsafe {
-            if plain_fits(l) {
-                let p = libmimalloc_sys::mi_malloc(l.size()) as *mut u8;
-                if (p as usize).is_multiple_of(l.align()) {
-                    return p;
-                }
-                libmimalloc_sys::mi_free(p.cast());
-            }
-            libmimalloc_sys::mi_malloc_aligned(l.size(), l.align()) as *mut u8
+            take(
+                l,
+                libmimalloc_sys::mi_malloc,
+                libmimalloc_sys::mi_malloc_aligned,
+            )
         }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        // SAFETY: as `alloc`.
+        // SAFETY: see the impl.
         unsafe {
-            if plain_fits(l) {
-                let p = libmimalloc_sys::mi_zalloc(l.size()) as *mut u8;
-                if (p as usize).is_multiple_of(l.align()) {
-                    return p;
-                }
-                libmimalloc_sys::mi_free(p.cast());
-            }
-            libmimalloc_sys::mi_zalloc_aligned(l.size(), l.align()) as *mut u8
+            take(
+                l,
+                libmimalloc_sys::mi_zalloc,
+                libmimalloc_sys::mi_zalloc_aligned,
+            )
         }
     }
 
@@ -86,6 +80,31 @@ unsafe impl GlobalAlloc for Alloc {
         // SAFETY: `p` came from this allocator with layout `l`; mimalloc
         // keeps or moves the block at `l`'s alignment.
         unsafe { libmimalloc_sys::mi_realloc_aligned(p.cast(), new_size, l.align()) as *mut u8 }
+    }
+}
+
+/// A block for `l` from mimalloc's `plain` call when it meets the
+/// alignment, else from its `aligned` one (malloc or zalloc, both ways).
+///
+/// # Safety
+/// As mimalloc's calls: none beyond returning the block to `mi_free`.
+#[inline]
+unsafe fn take(
+    l: Layout,
+    plain: unsafe extern "C" fn(usize) -> *mut core::ffi::c_void,
+    aligned: unsafe extern "C" fn(usize, usize) -> *mut core::ffi::c_void,
+) -> *mut u8 {
+    // SAFETY: mimalloc's calls take any size and alignment; a block the
+    // plain call gave that misses the alignment is freed once, here.
+    unsafe {
+        if plain_fits(l) {
+            let p = plain(l.size()) as *mut u8;
+            if (p as usize).is_multiple_of(l.align()) {
+                return p;
+            }
+            libmimalloc_sys::mi_free(p.cast());
+        }
+        aligned(l.size(), l.align()) as *mut u8
     }
 }
 
