@@ -14,7 +14,7 @@
 
 use crate::parse::{parse_line, parse_words, Item};
 use crate::{lex, ConfigError, ConfigErrors};
-use espd_core::state::{Action, Direction, NewSa, Policy, SaCore, Sad, Selector, Spd};
+use espd_core::state::{Action, Direction, KeyScope, NewSa, Policy, SaCore, Sad, Selector, Spd};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use zeroize::Zeroizing;
@@ -100,8 +100,11 @@ pub fn apply(
     let mut ch = Changes::default();
     let mut ops = Vec::new();
     let mut errs = Vec::new();
+    // The stack the batch's key expansions used is wiped once, when this
+    // goes (after the loop, or on an early return).
+    let keys = KeyScope::new();
     for (i, raw) in batch.lines().enumerate() {
-        if let Err(msg) = v.apply_line(raw, &mut ch, &mut ops) {
+        if let Err(msg) = v.apply_line(raw, &mut ch, &mut ops, &keys) {
             errs.push(ConfigError {
                 file: file.to_string(),
                 line: i + 1,
@@ -183,7 +186,13 @@ impl View<'_> {
         v
     }
 
-    fn apply_line(&mut self, raw: &str, ch: &mut Changes, ops: &mut Vec<Op>) -> Result<(), String> {
+    fn apply_line(
+        &mut self,
+        raw: &str,
+        ch: &mut Changes,
+        ops: &mut Vec<Op>,
+        keys: &KeyScope,
+    ) -> Result<(), String> {
         let words = lex::words(raw)?;
         let mut w: Vec<&str> = words.strs();
         if w.first() == Some(&"ip") {
@@ -212,7 +221,7 @@ impl View<'_> {
                 let key = (cfg.dst, cfg.spi);
                 // The SA must be buildable (key lengths, algorithm limits):
                 // say so on this line. Its keys are expanded here, once.
-                let core = NewSa::new(*cfg).map_err(|e| e.to_string())?;
+                let core = NewSa::in_scope(*cfg, keys).map_err(|e| e.to_string())?;
                 match (verb, self.has_state(key)) {
                     ("add", true) => Err(format!(
                         "a state for dst {} spi 0x{:08x} exists already (use `state update`)",

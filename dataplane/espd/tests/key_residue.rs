@@ -14,13 +14,14 @@
 
 #![cfg(target_arch = "x86_64")]
 
-use espd_core::state::{NewSa, SaConfig, SaCore};
+use espd_core::state::{NewSa, SaConfig, SaCore, Sad, Spd};
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 /// How far below this test's frame to paint and look: beyond the depth
-/// key expansion uses (about 11 KiB in a release build, 38 in a debug one).
-const DEPTH: usize = 128 * 1024;
+/// key expansion uses (about 11 KiB in a release build, 38 in a debug one)
+/// and a batch's wipe (`espd_core::state::KeyScope::DEPTH`).
+const DEPTH: usize = 256 * 1024;
 const PAINT: u8 = 0xa5;
 
 /// FIPS-197 Appendix A.1: the cipher key and the last round key w[40..43].
@@ -65,15 +66,19 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
-fn cfg() -> SaConfig {
+/// A state line with the example key, for the SPI given.
+fn line(spi: u32) -> String {
     let mut keymat = KEY.to_vec();
     keymat.extend([0xca, 0xfe, 0xba, 0xbe]);
     let hex: String = keymat.iter().map(|b| format!("{b:02x}")).collect();
-    let line = format!(
-        "state add src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x100 reqid 1 mode tunnel \
+    format!(
+        "state add src 198.18.0.1 dst 198.18.0.2 proto esp spi {spi:#x} reqid 1 mode tunnel \
          aead 'rfc4106(gcm(aes))' 0x{hex} 128"
-    );
-    match espd_config::parse_line(&line) {
+    )
+}
+
+fn cfg() -> SaConfig {
+    match espd_config::parse_line(&line(0x100)) {
         Ok(Some(espd_config::Item::State(c))) => *c,
         other => panic!("the state line parses: {other:?}"),
     }
@@ -87,7 +92,7 @@ fn unscrubbed(cfg: SaConfig) -> Arc<SaCore> {
 }
 
 /// Which of the key and its last round key the stack below still holds.
-fn residue(build: impl FnOnce(SaConfig) -> Arc<SaCore>) -> (bool, bool) {
+fn residue<T>(build: impl FnOnce(SaConfig) -> T) -> (bool, bool) {
     let cfg = cfg();
     paint();
     let core = std::hint::black_box(build(cfg));
@@ -117,4 +122,29 @@ fn a_new_sa_leaves_no_key_schedule_on_the_stack() {
         (false, false),
         "key, last round key left on the stack"
     );
+}
+
+/// A batch (what `espd run` applies for a control request, and the
+/// configuration at start) wipes once, for all its SAs, when its
+/// `KeyScope` goes: what its lines' expansions left is gone then.
+#[test]
+fn a_batch_leaves_no_key_schedule_on_the_stack() {
+    let batch: String = (0..8).map(|i| line(0x200 + i) + "\n").collect();
+    let (sad, spd) = (Sad::default(), Spd::default());
+    let after = residue(|_| {
+        let (ch, ops) = espd_config::db::apply("batch", &batch, &sad, &spd).expect("it applies");
+        assert_eq!(ch.states_added, 8);
+        ops
+    });
+    assert_eq!(
+        after,
+        (false, false),
+        "key, last round key left on the stack by a batch"
+    );
+    // The same on an error: the batch's last line does not apply, after
+    // its first eight built their keys.
+    let bad = format!("{batch}{}\n", line(0x200));
+    let after =
+        residue(|_| espd_config::db::apply("batch", &bad, &sad, &spd).expect_err("a repeat"));
+    assert_eq!(after, (false, false), "left by a batch that failed");
 }

@@ -11,8 +11,8 @@ pub mod tables;
 
 pub use replay::{ReplayError, ReplayWindow};
 pub use sa::{
-    Algs, Encap, KeyedAlg, Lifetime, Mode, NewSa, Sa, SaConfig, SaCore, SaCounters, SaError,
-    SaFlags, SaId, SaShare,
+    Algs, Encap, KeyScope, KeyedAlg, Lifetime, Mode, NewSa, Sa, SaConfig, SaCore, SaCounters,
+    SaError, SaFlags, SaId, SaShare,
 };
 pub use sad::Sad;
 pub use selector::{Flow, PortRange, Prefix, Selector};

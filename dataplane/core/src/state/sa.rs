@@ -433,6 +433,13 @@ impl NewSa {
         Ok(NewSa(Arc::new(SaCore::new(cfg)?)))
     }
 
+    /// Expands the keys into the core's own block and leaves the stack to
+    /// `scope`, which wipes it once for the whole batch when it is dropped.
+    pub fn in_scope(cfg: SaConfig, scope: &KeyScope) -> Result<Self, SaError> {
+        let _ = scope;
+        Self::build(cfg)
+    }
+
     /// The core, to install: the tables' `Arc` is this block.
     pub fn into_shared(self) -> Arc<SaCore> {
         self.0
@@ -465,15 +472,61 @@ impl core::ops::DerefMut for NewSa {
     }
 }
 
+/// One wipe of the stack for a batch of SAs ([`NewSa::in_scope`]), when it
+/// is dropped.
+///
+/// [`NewSa::new`] wipes 24 KiB of stack after every SA, about a
+/// microsecond: at 100 000 SAs a second, a tenth of the time. A batch
+/// (`espd_config::db::apply`, every line of one change) builds its SAs in
+/// frames below the one that holds its scope and wipes once, deeper, when
+/// the scope goes: on success, on an error, or on a panic that unwinds.
+/// Until then the copies are in the frames of the thread building the
+/// batch, the only place they ever were; the keys themselves are in the
+/// new cores, which live on.
+///
+/// Hold it in a frame above every build (a local of the function that
+/// loops over the batch), and keep the builds within [`KeyScope::DEPTH`]
+/// below it (`dataplane/espd/tests/key_residue.rs` measures the batch path).
+#[derive(Debug)]
+pub struct KeyScope(());
+
+impl KeyScope {
+    /// How deep the wipe reaches below the scope's frame: the per-SA depth
+    /// (11 KiB in release, 38 in debug) and the batch's own frames
+    /// (a line's lexer and parser), with room to spare.
+    pub const DEPTH: usize = if cfg!(debug_assertions) { 96 } else { 48 } * 1024;
+
+    pub fn new() -> Self {
+        KeyScope(())
+    }
+}
+
+impl Default for KeyScope {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for KeyScope {
+    fn drop(&mut self) {
+        scrub_below::<{ KeyScope::DEPTH / 8 }>();
+    }
+}
+
 /// Overwrites the stack below the caller's frame, where key expansion and
 /// its moves left copies of a key schedule: about 11 KiB deep in a release
 /// build and 38 in a debug one (measured; `dataplane/espd/tests/
 /// key_residue.rs` checks that none is left), so 24 and 64 KiB.
 /// `black_box` makes the zeroed array observable, so the optimiser writes
 /// it (a memset: about a microsecond).
-#[inline(never)]
 fn scrub_stack() {
     const WORDS: usize = if cfg!(debug_assertions) { 8192 } else { 3072 };
+    scrub_below::<WORDS>();
+}
+
+/// Writes `WORDS` zero words in a frame of its own, just below the caller's.
+#[inline(never)]
+fn scrub_below<const WORDS: usize>() {
     let mut below = [0u64; WORDS];
     core::hint::black_box(&mut below);
 }
