@@ -3,6 +3,7 @@
 //! in espd lives in this crate (and in the eBPF program), each block with a
 //! `// SAFETY:` line.
 
+mod mapbatch;
 pub mod netlink;
 pub mod steer;
 pub mod xfrm;

@@ -172,6 +172,10 @@ impl Steering {
             .map_or("", |l| l.1.as_str())
     }
 
+    fn map(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, SteerError> {
+        self.ebpf.map_mut(name).ok_or(SteerError::Missing(name))
+    }
+
     fn hash<K: aya::Pod, V: aya::Pod>(
         &mut self,
         name: &'static str,
@@ -196,10 +200,8 @@ impl Steering {
         &mut self,
         spis: impl IntoIterator<Item = (u32, u8)>,
     ) -> Result<(), SteerError> {
-        let mut m: HashMap<&mut MapData, u32, u8> = self.hash(MAP_SPIS)?;
-        for (s, bits) in spis {
-            m.insert(s, bits, 0)?;
-        }
+        let (keys, values): (Vec<u32>, Vec<u8>) = spis.into_iter().unzip();
+        crate::mapbatch::update(self.map(MAP_SPIS)?, &keys, &values)?;
         Ok(())
     }
 
@@ -243,10 +245,8 @@ impl Steering {
 
     /// Removes SPIs (absent ones are ignored).
     pub fn remove_spis(&mut self, spis: impl IntoIterator<Item = u32>) -> Result<(), SteerError> {
-        let mut m: HashMap<&mut MapData, u32, u8> = self.hash(MAP_SPIS)?;
-        for s in spis {
-            let _ = m.remove(&s);
-        }
+        let keys: Vec<u32> = spis.into_iter().collect();
+        crate::mapbatch::remove::<u32, u8>(self.map(MAP_SPIS)?, &keys)?;
         Ok(())
     }
 
@@ -390,5 +390,62 @@ impl Steering {
 impl Drop for Steering {
     fn drop(&mut self) {
         let _ = self.detach_inner();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The XDP object loaded, or why not: skipped with a printed reason
+    /// where loading BPF is not allowed, and a failure in CI (root there).
+    fn loaded() -> Option<Steering> {
+        match Steering::load() {
+            Ok(s) => Some(s),
+            Err(e) if e.is_permission() && std::env::var_os("CI").is_none() => {
+                eprintln!("skipped: loading BPF needs root (CAP_BPF): {e}");
+                None
+            }
+            Err(e) => panic!("loading the XDP object: {e}"),
+        }
+    }
+
+    fn spis(s: &mut Steering) -> std::collections::BTreeMap<u32, u8> {
+        let m: HashMap<&mut MapData, u32, u8> = s.hash(MAP_SPIS).unwrap();
+        m.iter().map(|r| r.unwrap()).collect()
+    }
+
+    /// SPIs go in and out in batches (more than one call's worth, with
+    /// absent ones among those removed), and the map holds exactly what
+    /// one-at-a-time changes would have left.
+    #[test]
+    fn spis_change_in_batches_as_one_at_a_time() {
+        let Some(mut s) = loaded() else { return };
+        let mut want = std::collections::BTreeMap::new();
+        let first: Vec<(u32, u8)> = (0..10_000u32)
+            .map(|i| (0x1000 + i * 7, 1 + (i % 2) as u8))
+            .collect();
+        s.add_spis(first.iter().copied()).unwrap();
+        want.extend(first.iter().copied());
+        assert_eq!(spis(&mut s), want);
+        // Changed values, and new keys, in one batch.
+        let second: Vec<(u32, u8)> = (5_000..12_000u32).map(|i| (0x1000 + i * 7, 3)).collect();
+        s.add_spis(second.iter().copied()).unwrap();
+        want.extend(second.iter().copied());
+        assert_eq!(spis(&mut s), want);
+        // Removed: every third key, and as many that were never there.
+        let gone: Vec<u32> = (0..12_000u32)
+            .step_by(3)
+            .flat_map(|i| [0x1000 + i * 7, 0x1000 + i * 7 + 1])
+            .collect();
+        s.remove_spis(gone.iter().copied()).unwrap();
+        for k in &gone {
+            want.remove(k);
+        }
+        assert_eq!(spis(&mut s), want);
+        // Nothing to do is nothing done.
+        s.add_spis([]).unwrap();
+        s.remove_spis([]).unwrap();
+        assert_eq!(spis(&mut s), want);
     }
 }
