@@ -214,6 +214,8 @@ def main():
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--one-peer", action="store_true",
                     help="every SA to one peer address (default: spread over 12 800 peers)")
+    ap.add_argument("--espd-arg", action="append", default=[],
+                    help="an argument for `espd run` (repeatable), e.g. --espd-arg=--thp")
     a = ap.parse_args()
     # SIGTERM (a `timeout`) unwinds like Ctrl-C: the namespaces and espd
     # go in `finally`, not left behind.
@@ -227,7 +229,7 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             net = Net(Path(tmp), queues=a.queues)
             try:
-                p = net.start("gw1")
+                p = net.start("gw1", args=a.espd_arg)
                 # Keep draining espd's log (ESPD_TRACE_APPLY=1 prints a few
                 # lines a batch): a full pipe would hold up its control thread.
                 threading.Thread(target=forward, args=(p.stderr,), daemon=True).start()

@@ -21,6 +21,12 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Keep transparent huge pages for espd's own memory. Without it espd
+    /// takes 4 KiB pages: a 2 MiB page fault stalls the thread that takes it
+    /// while the kernel zeroes the page (and, in a VM, while the host backs
+    /// it), which held up control changes and workers (docs/performance.md)
+    #[arg(long, global = true)]
+    thp: bool,
 }
 
 #[derive(Subcommand)]
@@ -72,6 +78,9 @@ fn xdp_mode(skb: bool) -> aya::programs::XdpMode {
 
 fn main() {
     let cli = Cli::parse();
+    if !cli.thp {
+        gateway::heap::small_pages();
+    }
     let r: Result<()> = match cli.cmd {
         Cmd::Pcap(a) => pcap::run(&a),
         Cmd::Steer(a) => steer::run(&a),

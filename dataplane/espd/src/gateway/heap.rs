@@ -128,6 +128,23 @@ pub fn give_back() {
     unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
+/// Takes 4 KiB pages for the rest of the process's life: the kernel's
+/// transparent huge pages off for it (`PR_SET_THP_DISABLE`, which overrides
+/// the `MADV_HUGEPAGE` mimalloc gives its arenas; a huge page already
+/// faulted in stays one).
+///
+/// A first touch of a 2 MiB huge page zeroes all of it in the fault, in
+/// the thread that touched it. On this VM (a host that backs guest memory
+/// when the guest first touches it) that took 2–5 ms; in a 5 000-SA batch,
+/// whose tables grow by about 8 MiB, it was most of the install's spread
+/// (docs/performance.md). Small pages spread that cost over the batch's
+/// allocations and keep the resident set to what is used.
+pub fn small_pages() {
+    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+        eprintln!("espd: transparent huge pages stay on (PR_SET_THP_DISABLE: {e})");
+    }
+}
+
 /// One thread's debt: set by work, paid by [`Idle::tick`] once the thread
 /// has been idle for the delay.
 #[derive(Debug)]
@@ -180,6 +197,14 @@ mod tests {
     /// Every block comes from its own size class (mimalloc's aligned call
     /// gave 96 octets aligned to 8 a 112-octet block, an SA's 16-aligned
     /// 896-octet core a 1024 one) and meets its alignment.
+    /// `espd` without `--thp`: the process's transparent huge pages are off
+    /// (what every later fault of the heap obeys).
+    #[test]
+    fn small_pages_turn_the_process_huge_pages_off() {
+        small_pages();
+        assert_eq!(nix::sys::prctl::get_thp_disable(), Ok(true));
+    }
+
     #[test]
     fn blocks_take_their_own_size_class() {
         for (size, align) in [
