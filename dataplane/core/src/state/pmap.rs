@@ -161,9 +161,15 @@ impl<K: Hash + Eq + Clone, V: Clone, S: BuildHasher> PMap<K, V, S> {
 
     /// Inserts or replaces; the value replaced.
     pub fn insert(&mut self, k: K, v: V) -> Option<V> {
+        self.upsert(k, |_| v)
+    }
+
+    /// Sets `k` to what `f` makes of its value (`None`: it has none), in
+    /// one walk where a `get` and an `insert` take two; the value replaced.
+    pub fn upsert(&mut self, k: K, f: impl FnOnce(Option<&V>) -> V) -> Option<V> {
         let h = self.hash(&k);
         let hasher = &self.hasher;
-        let old = insert(&mut self.root, h, (k, v), 0, &|k: &K| hash_with(hasher, k));
+        let old = insert(&mut self.root, h, k, f, 0, &|k: &K| hash_with(hasher, k));
         if old.is_none() {
             self.len += 1;
         }
@@ -202,48 +208,69 @@ impl<K: Hash + Eq + Clone, V: Clone, S: BuildHasher> PMap<K, V, S> {
     }
 }
 
-/// Puts entry `e`, of hash `h`, under `node` at `depth`; `hash` works out
-/// the hashes of the entries already there that the change needs.
+/// Puts key `k`, of hash `h`, under `node` at `depth`, with the value `f`
+/// makes of the one it has (or of nothing); the value replaced. `hash`
+/// works out the hashes of the entries already there that the change needs.
+///
+/// A leaf this version owns alone (one a batch has changed already) is
+/// changed in place; any other is copied once, into a block of its new
+/// size (one allocation: the slices' iterators have an exact length).
 fn insert<K: Eq + Clone, V: Clone, H: Fn(&K) -> u64>(
     node: &mut Node<K, V>,
     h: u64,
-    e: Entry<K, V>,
+    k: K,
+    f: impl FnOnce(Option<&V>) -> V,
     depth: u32,
     hash: &H,
 ) -> Option<V> {
     match node {
         Node::Empty => {
-            *node = Node::Leaf(Arc::new([e]));
+            *node = Node::Leaf(Arc::new([(k, f(None))]));
             None
         }
-        Node::Branch(b) => insert(&mut Arc::make_mut(b)[slot(h, depth)], h, e, depth + 1, hash),
+        Node::Branch(b) => insert(
+            &mut Arc::make_mut(b)[slot(h, depth)],
+            h,
+            k,
+            f,
+            depth + 1,
+            hash,
+        ),
         Node::Leaf(es) => {
-            if let Some(i) = es.iter().position(|x| x.0 == e.0) {
-                let mut v = es.to_vec();
-                let old = core::mem::replace(&mut v[i], e).1;
-                *es = v.into();
+            if let Some(i) = es.iter().position(|x| x.0 == k) {
+                let v = f(Some(&es[i].1));
+                if let Some(own) = Arc::get_mut(es) {
+                    return Some(core::mem::replace(&mut own[i].1, v));
+                }
+                let old = es[i].1.clone();
+                let new: Arc<[Entry<K, V>]> = es[..i]
+                    .iter()
+                    .cloned()
+                    .chain(core::iter::once((k, v)))
+                    .chain(es[i + 1..].iter().cloned())
+                    .collect();
+                *es = new;
                 return Some(old);
             }
+            let e = (k, f(None));
             let at = es.partition_point(|x| hash(&x.0) < h);
-            let mut v = Vec::with_capacity(es.len() + 1);
-            v.extend_from_slice(&es[..at]);
-            v.push(e);
-            v.extend_from_slice(&es[at..]);
-            *node = if v.len() > LEAF_MAX && depth < MAX_DEPTH {
-                let hashed: Vec<(u64, Entry<K, V>)> =
-                    v.into_iter().map(|e| (hash(&e.0), e)).collect();
-                split(&hashed, depth)
+            let with = es[..at]
+                .iter()
+                .cloned()
+                .chain(core::iter::once(e))
+                .chain(es[at..].iter().cloned());
+            if es.len() < LEAF_MAX || depth >= MAX_DEPTH {
+                let new: Arc<[Entry<K, V>]> = with.collect();
+                *es = new;
             } else {
-                Node::Leaf(v.into())
-            };
+                let hashed: Vec<(u64, Entry<K, V>)> = with.map(|e| (hash(&e.0), e)).collect();
+                *node = split(&hashed, depth);
+            }
             None
         }
     }
 }
 
-/// A branch at `depth` for a leaf that outgrew [`LEAF_MAX`]: its entries,
-/// in hash order and with their hashes beside them, fall into one run per
-/// child.
 fn split<K: Clone, V: Clone>(v: &[(u64, Entry<K, V>)], depth: u32) -> Node<K, V> {
     let mut kids: [Node<K, V>; FAN] = core::array::from_fn(|_| Node::Empty);
     let mut rest = v;
@@ -384,7 +411,7 @@ mod tests {
         *s
     }
 
-    /// Random inserts, replaces and removes against std's HashMap, with
+    /// Random inserts, replaces, upserts and removes against std's HashMap, with
     /// copies taken along the way that must not change afterwards.
     fn model<S: BuildHasher + Default + Clone>(seed: u64, steps: usize, keys: u64) {
         let mut s = seed;
@@ -395,7 +422,14 @@ mod tests {
             let r = xorshift(&mut s);
             let k = r % keys;
             match (r >> 32) % 8 {
-                0..=3 => assert_eq!(m.insert(k, r), want.insert(k, r), "seed {seed} step {step}"),
+                0..=2 => assert_eq!(m.insert(k, r), want.insert(k, r), "seed {seed} step {step}"),
+                3 => {
+                    // A value made of the one there (changed in place when
+                    // this version owns its leaf, copied when a snapshot shares it).
+                    let w = want.get(&k).map_or(r, |v| v ^ r);
+                    let got = m.upsert(k, |v| v.map_or(r, |v| v ^ r));
+                    assert_eq!(got, want.insert(k, w), "seed {seed} step {step}");
+                }
                 4..=5 => assert_eq!(m.remove(&k), want.remove(&k), "seed {seed} step {step}"),
                 6 => assert_eq!(m.get(&k), want.get(&k), "seed {seed} step {step}"),
                 _ => {

@@ -55,8 +55,7 @@ const FEW: usize = 16;
 impl Lineages {
     /// Puts SA `id` of lineage `l` under `key` in `m`.
     fn put<K: core::hash::Hash + Eq + Clone>(m: &mut PMap<K, Lineages>, key: K, l: u64, id: SaId) {
-        let v = Lineages::with(m.get(&key), l, id);
-        m.insert(key, v);
+        m.upsert(key, |old| Lineages::with(old, l, id));
     }
 
     /// Takes lineage `l` out from under `key` in `m`.
@@ -82,13 +81,18 @@ impl Lineages {
                 Lineages::Many(m)
             }
             Some(few) => {
-                let mut v = few.entries().to_vec();
-                let at = v.partition_point(|e| e.0 < l);
-                v.insert(at, (l, id));
-                if v.len() > FEW {
-                    Lineages::Many(v.into_iter().collect())
+                let es = few.entries();
+                let at = es.partition_point(|e| e.0 < l);
+                let with = es[..at]
+                    .iter()
+                    .copied()
+                    .chain(core::iter::once((l, id)))
+                    .chain(es[at..].iter().copied());
+                if es.len() >= FEW {
+                    Lineages::Many(with.collect())
                 } else {
-                    Lineages::Few(v.into())
+                    // One block at its size (the iterator's length is exact).
+                    Lineages::Few(with.collect())
                 }
             }
         }
@@ -152,21 +156,26 @@ impl Sad {
     pub fn insert(&mut self, core: impl Into<NewSa>) -> Result<SaId, Exists> {
         let mut core = core.into();
         let key = (core.cfg.dst, core.cfg.spi);
-        if self.by_dst_spi.contains_key(&key) {
+        // The id it takes: the last one freed, or a new one at the end.
+        let id = self.free.last().copied().unwrap_or(self.cores.len());
+        // One walk of the (dst, SPI) index, not a look and then an insert
+        // (at 100 000 SAs each walk is a few cache misses): the key is
+        // taken if it is free, and one in use keeps its id.
+        if self
+            .by_dst_spi
+            .upsert(key, |had| had.copied().unwrap_or(id))
+            .is_some()
+        {
             return Err(Exists);
         }
         self.lineages += 1;
         core.lineage = self.lineages;
-        let id = match self.free.pop_back() {
-            Some(id) => id,
-            None => {
-                self.cores.push_back(None);
-                self.cores.len() - 1
-            }
-        };
+        if self.free.pop_back().is_none() {
+            self.cores.push_back(None);
+        }
         let core = core.into_shared();
         self.cores.set(id, Some(core.clone()));
-        self.index(id, &core);
+        self.index_lineages(id, &core);
         self.len += 1;
         self.version += 1;
         Ok(id)
@@ -176,6 +185,12 @@ impl Sad {
     fn index(&mut self, id: SaId, core: &SaCore) {
         let c = &core.cfg;
         self.by_dst_spi.insert((c.dst, c.spi), id);
+        self.index_lineages(id, core);
+    }
+
+    /// Indexes `id` by reqid and by address pair.
+    fn index_lineages(&mut self, id: SaId, core: &SaCore) {
+        let c = &core.cfg;
         Lineages::put(&mut self.by_reqid, c.reqid, core.lineage, id);
         Lineages::put(&mut self.by_pair, (c.src, c.dst), core.lineage, id);
     }
