@@ -10,7 +10,7 @@
 
 use espd_core::state::{Action, CMap as PMap, Direction, Policy, SaCore, Tables};
 use espd_io::steer::{SelAction, Side as XdpSide, Steering, SPI_IN, SPI_OUT};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -303,7 +303,9 @@ impl Maps {
             plan.stale_local = old.difference(&new).copied().collect();
             self.local = esp.into();
         }
-        let mut spis_touched = BTreeSet::new();
+        // Each SPI touched, with its counts after the change (kept as they
+        // are counted: no second walk of the map for the plan).
+        let mut spis_touched = BTreeMap::new();
         let mut ports_touched = BTreeSet::new();
         let bit_of = |c: &SaCore, esp: &[IpAddr]| {
             if esp.binary_search(&c.cfg.dst).is_ok() {
@@ -318,8 +320,7 @@ impl Maps {
                 Change::SaRemoved(c) => {
                     let key = (c.cfg.dst, c.cfg.spi);
                     if let Some((spi, bit, ports)) = self.sas.remove(&key) {
-                        self.count_spi(spi, bit, -1);
-                        spis_touched.insert(spi);
+                        spis_touched.insert(spi, self.count_spi(spi, bit, -1));
                         if let Some((a, b)) = ports {
                             for p in [a, b] {
                                 self.count_port(p, -1);
@@ -333,8 +334,7 @@ impl Maps {
                     let ports = c.cfg.encap.map(|e| (e.sport, e.dport));
                     self.sas
                         .insert((c.cfg.dst, c.cfg.spi), (c.cfg.spi, bit, ports));
-                    self.count_spi(c.cfg.spi, bit, 1);
-                    spis_touched.insert(c.cfg.spi);
+                    spis_touched.insert(c.cfg.spi, self.count_spi(c.cfg.spi, bit, 1));
                     if let Some((a, b)) = ports {
                         for p in [a, b] {
                             self.count_port(p, 1);
@@ -364,20 +364,20 @@ impl Maps {
                 if let Some(&(spi, old, ports)) = self.sas.get(&key) {
                     if old != bit {
                         self.count_spi(spi, old, -1);
-                        self.count_spi(spi, bit, 1);
+                        spis_touched.insert(spi, self.count_spi(spi, bit, 1));
                         self.sas.insert(key, (spi, bit, ports));
-                        spis_touched.insert(spi);
                     }
                 }
             }
         }
-        for spi in spis_touched {
-            match self.spis.get(&spi) {
-                Some(&(i, o)) => plan.spis.push((
+        for (spi, (i, o)) in spis_touched {
+            if i == 0 && o == 0 {
+                plan.stale_spis.push(spi);
+            } else {
+                plan.spis.push((
                     spi,
                     if i > 0 { SPI_IN } else { 0 } | if o > 0 { SPI_OUT } else { 0 },
-                )),
-                None => plan.stale_spis.push(spi),
+                ));
             }
         }
         for p in ports_touched {
@@ -454,7 +454,8 @@ impl Maps {
         Ok(())
     }
 
-    fn count_spi(&mut self, spi: u32, bit: u8, d: i64) {
+    /// Counts an SA with `spi` in (`d` 1) or out (-1); its counts after.
+    fn count_spi(&mut self, spi: u32, bit: u8, d: i64) -> (u32, u32) {
         let (mut i, mut o) = self.spis.get(&spi).copied().unwrap_or((0, 0));
         let f = |x: u32| (i64::from(x) + d).max(0) as u32;
         if bit == SPI_IN {
@@ -467,6 +468,7 @@ impl Maps {
         } else {
             self.spis.insert(spi, (i, o));
         }
+        (i, o)
     }
 
     fn count_port(&mut self, p: u16, d: i64) {
@@ -587,8 +589,6 @@ pub fn everything(t: &Tables) -> Delta {
 use super::{inside_selectors, outside_selectors};
 #[cfg(test)]
 use espd_config::Config;
-#[cfg(test)]
-use std::collections::BTreeMap;
 
 /// What the XDP maps must hold for a configuration, computed from scratch:
 /// the reference the incremental [`Maps`] are tested against.
