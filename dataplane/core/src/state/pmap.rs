@@ -271,6 +271,9 @@ fn insert<K: Eq + Clone, V: Clone, H: Fn(&K) -> u64>(
     }
 }
 
+/// A branch at `depth` for a leaf that outgrew [`LEAF_MAX`]: its entries,
+/// in hash order and with their hashes beside them, fall into one run per
+/// child.
 fn split<K: Clone, V: Clone>(v: &[(u64, Entry<K, V>)], depth: u32) -> Node<K, V> {
     let mut kids: [Node<K, V>; FAN] = core::array::from_fn(|_| Node::Empty);
     let mut rest = v;
