@@ -89,6 +89,42 @@ pub fn apply(
     sad: &Sad,
     spd: &Spd,
 ) -> Result<(Changes, Vec<Op>), ConfigErrors> {
+    let mut ops = Vec::new();
+    let ch = apply_each(file, batch, sad, spd, |op| {
+        ops.push(op);
+        Ok(())
+    })?;
+    Ok((ch, ops))
+}
+
+/// [`apply`], handing each change to `sink` as soon as its line is checked
+/// rather than collecting them: a caller that applies them to a copy of
+/// the tables does so while the line's SA, its keys and the index entries
+/// its check read are still in cache (one pass over the batch, not two).
+/// An error `sink` returns is the line's error. After the first error
+/// `sink` is given nothing more (the batch fails, and the caller throws its
+/// copy away), but every line is still checked, so that every bad line is
+/// named.
+pub fn apply_each(
+    file: &str,
+    batch: &str,
+    sad: &Sad,
+    spd: &Spd,
+    sink: impl FnMut(Op) -> Result<(), String>,
+) -> Result<Changes, ConfigErrors> {
+    let ahead = batch.len() >= PARALLEL_MIN && second_core();
+    check_batch(file, batch, sad, spd, sink, ahead)
+}
+
+/// [`apply_each`], its lines parsed on a helper thread or not (`ahead`).
+fn check_batch(
+    file: &str,
+    batch: &str,
+    sad: &Sad,
+    spd: &Spd,
+    mut sink: impl FnMut(Op) -> Result<(), String>,
+    ahead: bool,
+) -> Result<Changes, ConfigErrors> {
     let mut v = View {
         sad,
         spd,
@@ -100,22 +136,74 @@ pub fn apply(
     let mut ch = Changes::default();
     let mut ops = Vec::new();
     let mut errs = Vec::new();
-    // The stack the batch's key expansions used is wiped once, when this
-    // goes (after the loop, or on an early return).
-    let keys = KeyScope::new();
-    for (i, raw) in batch.lines().enumerate() {
-        if let Err(msg) = v.apply_line(raw, &mut ch, &mut ops, &keys) {
+    let mut each = |i: usize, line: Parsed| {
+        let mut r = line.0.and_then(|l| v.check(l, &mut ch, &mut ops));
+        if r.is_ok() && errs.is_empty() {
+            r = ops.drain(..).try_for_each(&mut sink);
+        }
+        ops.clear();
+        if let Err(msg) = r {
             errs.push(ConfigError {
                 file: file.to_string(),
                 line: i + 1,
                 msg,
             });
         }
+    };
+    // The stack the batch's key expansions (and `sink`'s, below this
+    // frame) used is wiped once, when this goes (after the loop, or on an
+    // early return).
+    let keys = KeyScope::new();
+    if ahead {
+        // Two stages: a helper thread lexes, parses and expands keys
+        // (about 2 µs a state line), this one checks each line against
+        // the tables and hands on its change as soon as it arrives, in
+        // order: most of the batch's work, overlapped.
+        std::thread::scope(|s| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Parsed>>(16);
+            let helper = std::thread::Builder::new()
+                .name("espd-parse".into())
+                .spawn_scoped(s, move || {
+                    parse_chunks(batch, sad, spd, |c| tx.send(c).is_ok())
+                });
+            if helper.is_err() {
+                // No thread to be had: this one parses as well.
+                let mut i = 0;
+                parse_chunks(batch, sad, spd, |c| {
+                    for line in c {
+                        each(i, line);
+                        i += 1;
+                    }
+                    true
+                });
+                return;
+            }
+            for (i, line) in rx.into_iter().flatten().enumerate() {
+                each(i, line);
+            }
+        });
+    } else {
+        for (i, raw) in batch.lines().enumerate() {
+            each(i, Parsed(parse(raw, &keys, sad, spd)));
+        }
     }
+    drop(keys);
     if !errs.is_empty() {
         return Err(ConfigErrors(errs));
     }
-    Ok((ch, ops))
+    Ok(ch)
+}
+
+/// Octets from which a batch is parsed on a helper thread: about a hundred
+/// state lines (a thread costs some tens of microseconds; a state line
+/// about two to parse and expand).
+pub const PARALLEL_MIN: usize = 16 * 1024;
+
+/// Whether this process may run on more than one CPU (asked once: the
+/// answer reads cgroup files).
+fn second_core() -> bool {
+    static MANY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *MANY.get_or_init(|| std::thread::available_parallelism().is_ok_and(|n| n.get() > 1))
 }
 
 type StateKey = (IpAddr, u32);
@@ -134,18 +222,20 @@ struct View<'a> {
 }
 
 impl View<'_> {
-    fn has_state(&self, k: StateKey) -> bool {
+    /// Whether state `k` exists now; `running`: whether the tables hold
+    /// it (looked up as the line was parsed).
+    fn has_state(&self, k: StateKey, running: bool) -> bool {
         self.states
             .get(&k)
             .copied()
-            .unwrap_or_else(|| !self.states_flushed && self.sad.lookup_in(k.0, k.1).is_some())
+            .unwrap_or(!self.states_flushed && running)
     }
 
-    fn has_policy(&self, k: &PolicyKey) -> bool {
+    fn has_policy(&self, k: &PolicyKey, running: bool) -> bool {
         self.policies
             .get(k)
             .copied()
-            .unwrap_or_else(|| !self.policies_flushed && self.spd.get(k.0, &k.1).is_some())
+            .unwrap_or(!self.policies_flushed && running)
     }
 
     /// Every state that exists now: the tables' (in install order), then
@@ -186,48 +276,23 @@ impl View<'_> {
         v
     }
 
-    fn apply_line(
-        &mut self,
-        raw: &str,
-        ch: &mut Changes,
-        ops: &mut Vec<Op>,
-        keys: &KeyScope,
-    ) -> Result<(), String> {
-        let words = lex::words(raw)?;
-        let mut w: Vec<&str> = words.strs();
-        if w.first() == Some(&"ip") {
-            if w.get(1) != Some(&"xfrm") {
-                return Err("expected `xfrm` after `ip`".into());
-            }
-            w.drain(..2);
-        }
-        let (obj, verb) = match (w.first(), w.get(1)) {
-            (None, _) => return Ok(()),
-            (Some(o), Some(v)) => (*o, *v),
-            (Some(o), None) => return Err(format!("expected a command after `{o}`")),
-        };
-        // The `add` form of this line's words, for the parser.
-        let add_words = || {
-            let mut v = Vec::with_capacity(w.len());
-            v.extend([obj, "add"]);
-            v.extend_from_slice(&w[2..]);
-            v
-        };
-        match (obj, verb) {
-            ("state", "add" | "update") => {
-                let Some(Item::State(cfg)) = parse_words(&add_words())? else {
-                    return Err("expected a state".into());
-                };
-                let key = (cfg.dst, cfg.spi);
-                // The SA must be buildable (key lengths, algorithm limits):
-                // say so on this line. Its keys are expanded here, once.
-                let core = NewSa::in_scope(*cfg, keys).map_err(|e| e.to_string())?;
-                match (verb, self.has_state(key)) {
-                    ("add", true) => Err(format!(
+    /// Checks one parsed line against what exists (the tables and the
+    /// batch's earlier lines); its changes go to `ops`.
+    fn check(&mut self, line: Line, ch: &mut Changes, ops: &mut Vec<Op>) -> Result<(), String> {
+        match line {
+            Line::Blank => Ok(()),
+            Line::State {
+                update,
+                core,
+                running,
+            } => {
+                let key = (core.cfg.dst, core.cfg.spi);
+                match (update, self.has_state(key, running)) {
+                    (false, true) => Err(format!(
                         "a state for dst {} spi 0x{:08x} exists already (use `state update`)",
                         key.0, key.1
                     )),
-                    ("update", false) => Err(format!(
+                    (true, false) => Err(format!(
                         "no state for dst {} spi 0x{:08x} to update",
                         key.0, key.1
                     )),
@@ -244,9 +309,8 @@ impl View<'_> {
                     }
                 }
             }
-            ("state", "delete") => {
-                let (dst, spi) = state_id(&w[2..])?;
-                if !self.has_state((dst, spi)) {
+            Line::StateDelete(dst, spi, running) => {
+                if !self.has_state((dst, spi), running) {
                     return Err(format!("no state for dst {dst} spi 0x{spi:08x}"));
                 }
                 self.states.insert((dst, spi), false);
@@ -254,7 +318,7 @@ impl View<'_> {
                 ops.push(Op::DelSa(dst, spi));
                 Ok(())
             }
-            ("state", "flush") => {
+            Line::StateFlush => {
                 let all = self.state_keys();
                 ch.states_deleted += all.len();
                 ops.extend(all.into_iter().map(|(d, s)| Op::DelSa(d, s)));
@@ -262,12 +326,9 @@ impl View<'_> {
                 self.states_flushed = true;
                 Ok(())
             }
-            ("policy", "add" | "update" | "delete") => {
-                let Some(Item::Policy(p)) = parse_words(&add_words())? else {
-                    return Err("expected a policy".into());
-                };
+            Line::Policy { verb, p, running } => {
                 let key = (p.dir, p.sel);
-                let at = self.has_policy(&key);
+                let at = self.has_policy(&key, running);
                 let name = || {
                     format!(
                         "dir {} policy for src {} dst {}",
@@ -277,11 +338,11 @@ impl View<'_> {
                     )
                 };
                 match (verb, at) {
-                    ("add", true) => {
+                    (Verb::Add, true) => {
                         Err(format!("a {} exists already (use `policy update`)", name()))
                     }
-                    ("update" | "delete", false) => Err(format!("no {}", name())),
-                    ("delete", true) => {
+                    (Verb::Update | Verb::Delete, false) => Err(format!("no {}", name())),
+                    (Verb::Delete, true) => {
                         self.policies.insert(key, false);
                         ch.policies_deleted += 1;
                         ops.push(Op::DelPolicy(key.0, key.1));
@@ -300,7 +361,7 @@ impl View<'_> {
                     }
                 }
             }
-            ("policy", "flush") => {
+            Line::PolicyFlush => {
                 let all = self.policy_keys();
                 ch.policies_deleted += all.len();
                 ops.extend(all.into_iter().map(|(d, s)| Op::DelPolicy(d, s)));
@@ -308,20 +369,143 @@ impl View<'_> {
                 self.policies_flushed = true;
                 Ok(())
             }
-            ("policy", "setdefault") => {
-                if let Some(Item::Default(d)) = parse_line(raw)? {
-                    ops.extend(d.into_iter().map(|(dir, a)| Op::Default(dir, a)));
-                }
+            Line::Default(d) => {
+                ops.extend(d.into_iter().map(|(dir, a)| Op::Default(dir, a)));
                 Ok(())
             }
-            ("state", v) => Err(format!(
-                "expected add, update, delete or flush after `state`, found `{v}`"
-            )),
-            ("policy", v) => Err(format!(
-                "expected add, update, delete, flush or setdefault after `policy`, found `{v}`"
-            )),
-            (o, _) => Err(format!("expected `state` or `policy`, found `{o}`")),
         }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verb {
+    Add,
+    Update,
+    Delete,
+}
+
+/// One line lexed and parsed, a state's keys expanded, and whether the
+/// running tables hold what it names (`running`; they do not change while
+/// a batch is checked): what checking it against the batch's earlier lines
+/// ([`View::check`]) needs, and all of a line's work that does not depend
+/// on them.
+#[derive(Debug)]
+enum Line {
+    Blank,
+    State {
+        update: bool,
+        core: NewSa,
+        running: bool,
+    },
+    StateDelete(IpAddr, u32, bool),
+    StateFlush,
+    Policy {
+        verb: Verb,
+        p: Policy,
+        running: bool,
+    },
+    PolicyFlush,
+    Default(Vec<(Direction, Action)>),
+}
+
+/// A line of a batch as [`parse_chunks`] hands it on: parsed, or why not.
+#[derive(Debug)]
+pub struct Parsed(Result<Line, String>);
+
+/// Lexes and parses one line, expands a state's keys (within `keys`) and
+/// looks up what it names in the running `sad` and `spd`.
+fn parse(raw: &str, keys: &KeyScope, sad: &Sad, spd: &Spd) -> Result<Line, String> {
+    let words = lex::words(raw)?;
+    let mut w: Vec<&str> = words.strs();
+    if w.first() == Some(&"ip") {
+        if w.get(1) != Some(&"xfrm") {
+            return Err("expected `xfrm` after `ip`".into());
+        }
+        w.drain(..2);
+    }
+    let (obj, verb) = match (w.first(), w.get(1)) {
+        (None, _) => return Ok(Line::Blank),
+        (Some(o), Some(v)) => (*o, *v),
+        (Some(o), None) => return Err(format!("expected a command after `{o}`")),
+    };
+    // The `add` form of this line's words, for the parser.
+    let add_words = || {
+        let mut v = Vec::with_capacity(w.len());
+        v.extend([obj, "add"]);
+        v.extend_from_slice(&w[2..]);
+        v
+    };
+    match (obj, verb) {
+        ("state", "add" | "update") => {
+            let Some(Item::State(cfg)) = parse_words(&add_words())? else {
+                return Err("expected a state".into());
+            };
+            // The SA must be buildable (key lengths, algorithm limits):
+            // say so on this line. Its keys are expanded here, once.
+            let core = NewSa::in_scope(*cfg, keys).map_err(|e| e.to_string())?;
+            let running = sad.lookup_in(core.cfg.dst, core.cfg.spi).is_some();
+            Ok(Line::State {
+                update: verb == "update",
+                core,
+                running,
+            })
+        }
+        ("state", "delete") => {
+            let (dst, spi) = state_id(&w[2..])?;
+            Ok(Line::StateDelete(
+                dst,
+                spi,
+                sad.lookup_in(dst, spi).is_some(),
+            ))
+        }
+        ("state", "flush") => Ok(Line::StateFlush),
+        ("policy", "add" | "update" | "delete") => {
+            let Some(Item::Policy(p)) = parse_words(&add_words())? else {
+                return Err("expected a policy".into());
+            };
+            let verb = match verb {
+                "add" => Verb::Add,
+                "update" => Verb::Update,
+                _ => Verb::Delete,
+            };
+            let running = spd.get(p.dir, &p.sel).is_some();
+            Ok(Line::Policy { verb, p, running })
+        }
+        ("policy", "flush") => Ok(Line::PolicyFlush),
+        ("policy", "setdefault") => match parse_line(raw)? {
+            Some(Item::Default(d)) => Ok(Line::Default(d)),
+            _ => Ok(Line::Default(Vec::new())),
+        },
+        ("state", v) => Err(format!(
+            "expected add, update, delete or flush after `state`, found `{v}`"
+        )),
+        ("policy", v) => Err(format!(
+            "expected add, update, delete, flush or setdefault after `policy`, found `{v}`"
+        )),
+        (o, _) => Err(format!("expected `state` or `policy`, found `{o}`")),
+    }
+}
+
+/// Lines a helper thread parses ahead at a time.
+const CHUNK: usize = 64;
+
+/// Parses every line of `batch` ([`parse`], against the running `sad` and
+/// `spd`), handing them to `out` in
+/// order, [`CHUNK`] at a time, until it returns false: the work of a large
+/// batch's helper thread. The stack its key expansions used is wiped when
+/// it returns (its own [`KeyScope`]: the thread's stack is kept for the
+/// next thread, keys and all, if nothing wipes it).
+pub fn parse_chunks(batch: &str, sad: &Sad, spd: &Spd, mut out: impl FnMut(Vec<Parsed>) -> bool) {
+    let keys = KeyScope::new();
+    let mut chunk = Vec::with_capacity(CHUNK);
+    for raw in batch.lines() {
+        chunk.push(Parsed(parse(raw, &keys, sad, spd)));
+        if chunk.len() == CHUNK && !out(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK))) {
+            return;
+        }
+    }
+    if !chunk.is_empty() {
+        out(chunk);
     }
 }
 
@@ -430,6 +614,120 @@ mod tests {
         assert_eq!((r.sad.len(), r.spd.len()), (0, 0));
         assert!(r.sad.is_empty() && r.spd.is_empty());
         assert!(r.states(true).is_empty() && r.policies().is_empty());
+    }
+
+    /// A batch large enough to be parsed on a helper thread
+    /// ([`PARALLEL_MIN`]) checks and hands on its changes exactly as one
+    /// parsed line by line on the calling thread: the same changes, in
+    /// batch order, and every bad line named, with the sink's own error at
+    /// its line and nothing handed on after the first error.
+    #[test]
+    fn a_large_batch_parsed_ahead_checks_as_a_small_one() {
+        let mut r = Running::default();
+        r.apply(&format!("{}\n{}", sa(0x700), sa(0x800))).unwrap();
+        let pol = |i: u32| {
+            format!("policy add src 198.18.{i}.0/24 dst 198.19.{i}.0/24 dir out tmpl src 198.18.0.1 dst 198.18.0.2 proto esp reqid 1 mode tunnel")
+        };
+        let mut lines: Vec<String> = Vec::new();
+        for i in 0..400u32 {
+            lines.push(sa(0x1000 + i));
+            if i % 50 == 0 {
+                lines.push(pol(i / 50));
+                lines.push(format!("state delete dst 198.18.0.2 spi {:#x}", 0x1000 + i));
+            }
+        }
+        lines.push("state delete dst 198.18.0.2 spi 0x700".into());
+        lines.push(sa(0x800).replace("state add", "state update"));
+        lines.push(sa(0x700));
+        let good = lines.join("\n");
+        assert!(good.len() >= PARALLEL_MIN, "{} octets", good.len());
+        // Handed on in batch order, whichever thread parsed them.
+        let key = |op: &Op| match op {
+            Op::AddSa(c) => format!("add {:#x}", c.cfg.spi),
+            Op::UpdateSa(c) => format!("update {:#x}", c.cfg.spi),
+            Op::DelSa(_, s) => format!("delete {s:#x}"),
+            Op::AddPolicy(p) => format!("policy {}", p.sel.src),
+            other => format!("{other:?}"),
+        };
+        let run = |batch: &str, ahead: bool, refuse: usize| {
+            let mut seen = Vec::new();
+            let r = check_batch(
+                "b",
+                batch,
+                &r.sad,
+                &r.spd,
+                |op| {
+                    seen.push(key(&op));
+                    if seen.len() == refuse {
+                        Err("the sink says no".to_string())
+                    } else {
+                        Ok(())
+                    }
+                },
+                ahead,
+            );
+            (r, seen)
+        };
+        let (ch, seen) = run(&good, true, 0);
+        let (ch1, seen1) = run(&good, false, 0);
+        let ch = ch.unwrap();
+        assert_eq!(ch, ch1.unwrap());
+        assert_eq!(seen, seen1);
+        assert_eq!(seen.len(), 400 + 8 + 8 + 3);
+        assert_eq!(
+            seen[..3],
+            ["add 0x1000", "policy 198.18.0.0/24", "delete 0x1000"]
+        );
+        assert_eq!(
+            seen[seen.len() - 3..],
+            ["delete 0x700", "update 0x800", "add 0x700"]
+        );
+        assert_eq!(
+            (
+                ch.states_added,
+                ch.states_deleted,
+                ch.states_updated,
+                ch.policies_added
+            ),
+            (401, 9, 1, 8)
+        );
+        // Errors: a line that repeats the running SA 0x800, one that deletes
+        // what the batch deleted just before, a line that does not parse,
+        // and the sink's refusal of the 100th change (after the first
+        // error: never made).
+        let mut bad = lines.clone();
+        bad[3] = sa(0x800);
+        bad[200] = "state add bogus".into();
+        let deleted = bad
+            .iter()
+            .position(|l| l.starts_with("state delete"))
+            .unwrap();
+        bad.insert(deleted + 1, bad[deleted].clone());
+        let bad = bad.join("\n");
+        let (e, seen) = run(&bad, true, 100);
+        let (e1, seen1) = run(&bad, false, 100);
+        let (e, e1) = (e.unwrap_err(), e1.unwrap_err());
+        assert_eq!(format!("{e}"), format!("{e1}"));
+        assert_eq!(seen, seen1);
+        let at: Vec<(usize, &str)> = e.0.iter().map(|e| (e.line, e.msg.as_str())).collect();
+        assert_eq!(at.len(), 3, "{at:?}");
+        assert_eq!(at[0].0, deleted + 2);
+        assert!(at[0].1.starts_with("no state"), "{at:?}");
+        assert_eq!(at[1].0, 5);
+        assert!(at[1].1.contains("exists already"), "{at:?}");
+        assert_eq!(at[2].0, 202);
+        // Nothing is handed on after the first error: the three changes
+        // before it.
+        assert_eq!(seen.len(), 3);
+        // The sink's error is its line's.
+        let (e, seen) = run(&good, true, 100);
+        let e = e.unwrap_err();
+        assert_eq!(seen.len(), 100);
+        assert_eq!(e.0.len(), 1);
+        // (Each line of `good` makes one change.)
+        assert_eq!(e.0[0].line, 100);
+        assert_eq!(e.0[0].msg, "the sink says no");
+        assert_eq!((r.sad.len(), r.spd.len()), (2, 0), "checks change nothing");
     }
 
     #[test]

@@ -148,3 +148,28 @@ fn a_batch_leaves_no_key_schedule_on_the_stack() {
         residue(|_| espd_config::db::apply("batch", &bad, &sad, &spd).expect_err("a repeat"));
     assert_eq!(after, (false, false), "left by a batch that failed");
 }
+
+/// A large batch's lines are parsed and their keys expanded on a helper
+/// thread (`espd_config::db::parse_chunks`), whose stack the C library
+/// keeps for the next thread: it wipes its own when it ends. Run here, on
+/// this thread, so that what it leaves can be seen.
+#[test]
+fn a_batch_parsed_ahead_leaves_no_key_schedule_on_the_stack() {
+    let batch: String = (0..200).map(|i| line(0x400 + i) + "\n").collect();
+    assert!(batch.len() >= espd_config::db::PARALLEL_MIN, "parsed ahead");
+    let (sad, spd) = (Sad::default(), Spd::default());
+    let after = residue(|_| {
+        let mut chunks = Vec::new();
+        espd_config::db::parse_chunks(&batch, &sad, &spd, |c| {
+            chunks.push(c);
+            true
+        });
+        assert_eq!(chunks.iter().map(Vec::len).sum::<usize>(), 200);
+        chunks
+    });
+    assert_eq!(
+        after,
+        (false, false),
+        "key, last round key left on the stack by the parse"
+    );
+}

@@ -73,12 +73,20 @@ fn workers_and_a_change_storm_give_exact_counters() {
     let shared = Arc::new(arc_swap::ArcSwap::from_pointee(tables.clone()));
     let stop = Arc::new(AtomicBool::new(false));
     let retired = Arc::new(Mutex::new(Vec::new()));
+    // The storm starts once both workers run (else, on a loaded machine, it
+    // can be over before they see it).
+    let start = Arc::new(std::sync::Barrier::new(3));
     // The storm: other tunnels' SAs go and come back with new keys, and
     // their policies go and come back, one published change at a time.
     let storm = {
-        let (shared, stop, retired) =
-            (Arc::clone(&shared), Arc::clone(&stop), Arc::clone(&retired));
+        let (shared, stop, retired, start) = (
+            Arc::clone(&shared),
+            Arc::clone(&stop),
+            Arc::clone(&retired),
+            Arc::clone(&start),
+        );
         std::thread::spawn(move || {
+            start.wait();
             let mut t = tables;
             let mut n = 0u32;
             let mut weak = Vec::new();
@@ -107,9 +115,14 @@ fn workers_and_a_change_storm_give_exact_counters() {
     };
     let workers: Vec<_> = (0..2u32)
         .map(|w| {
-            let (shared, retired, stop) =
-                (Arc::clone(&shared), Arc::clone(&retired), Arc::clone(&stop));
+            let (shared, retired, stop, start) = (
+                Arc::clone(&shared),
+                Arc::clone(&retired),
+                Arc::clone(&stop),
+                Arc::clone(&start),
+            );
             std::thread::spawn(move || {
+                start.wait();
                 let mut e = Engine::with_tables(shared.load_full());
                 e.set_shared(true);
                 e.set_worker(w);

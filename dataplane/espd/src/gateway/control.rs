@@ -84,41 +84,54 @@ impl EngineParams {
     ) -> Result<Delta, String> {
         let mut d = Delta::default();
         t.set_clock(self.now());
+        for op in ops {
+            self.apply_op(t, op, seqs, &mut d)?;
+        }
+        Ok(d)
+    }
+
+    /// Applies one change to `t`, with what it did added to `d` (see
+    /// [`EngineParams::apply_ops`]; the caller sets `t`'s clock first).
+    pub fn apply_op(
+        &self,
+        t: &mut Tables,
+        op: Op,
+        seqs: &super::seqstore::SeqStore,
+        d: &mut Delta,
+    ) -> Result<(), String> {
         // Outbound: from one of ours to an address whose ESP is not ours.
         let outbound = |t: &Tables, c: &espd_core::state::SaConfig| {
             t.is_local(c.src) && t.esp_local().binary_search(&c.dst).is_err()
         };
-        for op in ops {
-            match op {
-                Op::AddSa(mut core) => {
-                    if outbound(t, &core.cfg) {
-                        let (rec, continued) = seqs.admit(&mut core.cfg);
-                        core.share = espd_core::state::SaShare::new(core.cfg.replay_oseq);
-                        d.seqs.push(SeqOp::Record(rec, continued));
+        match op {
+            Op::AddSa(mut core) => {
+                if outbound(t, &core.cfg) {
+                    let (rec, continued) = seqs.admit(&mut core.cfg);
+                    core.share = espd_core::state::SaShare::new(core.cfg.replay_oseq);
+                    d.seqs.push(SeqOp::Record(rec, continued));
+                }
+                self.prepare(&mut core);
+                super::mirror::apply_op(t, Op::AddSa(core), d)?;
+            }
+            Op::UpdateSa(mut core) => {
+                self.prepare(&mut core);
+                if let Some(id) = super::mirror::apply_op(t, Op::UpdateSa(core), d)? {
+                    let c = &t.sad().get(id).cfg;
+                    if outbound(t, c) {
+                        d.seqs
+                            .push(SeqOp::Updated(super::seqstore::NewRecord::of(c)));
                     }
-                    self.prepare(&mut core);
-                    super::mirror::apply_op(t, Op::AddSa(core), &mut d)?;
-                }
-                Op::UpdateSa(mut core) => {
-                    self.prepare(&mut core);
-                    if let Some(id) = super::mirror::apply_op(t, Op::UpdateSa(core), &mut d)? {
-                        let c = &t.sad().get(id).cfg;
-                        if outbound(t, c) {
-                            d.seqs
-                                .push(SeqOp::Updated(super::seqstore::NewRecord::of(c)));
-                        }
-                    }
-                }
-                Op::DelSa(dst, spi) => {
-                    super::mirror::apply_op(t, op, &mut d)?;
-                    d.seqs.push(SeqOp::Forget(dst, spi));
-                }
-                op => {
-                    super::mirror::apply_op(t, op, &mut d)?;
                 }
             }
+            Op::DelSa(dst, spi) => {
+                super::mirror::apply_op(t, op, d)?;
+                d.seqs.push(SeqOp::Forget(dst, spi));
+            }
+            op => {
+                super::mirror::apply_op(t, op, d)?;
+            }
         }
-        Ok(d)
+        Ok(())
     }
 }
 
@@ -213,23 +226,28 @@ impl Control {
             .lock()
             .map_err(|_| "control state poisoned")?;
         let mut trace = Trace::new();
-        let mut t = self.tables.lock().map_err(|_| "poisoned")?.clone();
-        let (ch, ops) =
-            espd_config::db::apply(name, text, t.sad(), t.spd()).map_err(|e| e.to_string())?;
-        trace.mark("lines checked, keys expanded");
+        // The running tables, read to check the batch's lines, and a copy
+        // (O(1)) that each line's change goes into as soon as it is checked.
+        let base = self.tables.lock().map_err(|_| "poisoned")?.clone();
+        let mut t = base.clone();
+        t.set_clock(self.params.now());
         let mut events = Vec::new();
-        for op in &ops {
-            match op {
-                Op::AddSa(c) => events.push(("sa-added", c.cfg.dst, c.cfg.spi)),
-                Op::DelSa(d, s) => events.push(("sa-removed", *d, *s)),
-                _ => {}
-            }
-        }
-        let delta = {
+        let mut delta = Delta::default();
+        let ch = {
             let seqs = self.seqs.lock().map_err(|_| "poisoned")?;
-            self.params.apply_ops(&mut t, ops, &seqs)?
+            espd_config::db::apply_each(name, text, base.sad(), base.spd(), |op| {
+                match &op {
+                    Op::AddSa(c) => events.push(("sa-added", c.cfg.dst, c.cfg.spi)),
+                    Op::DelSa(d, s) => events.push(("sa-removed", *d, *s)),
+                    _ => {}
+                }
+                self.params.apply_op(&mut t, op, &seqs, &mut delta)
+            })
+            .map_err(|e| e.to_string())?
         };
-        trace.mark("tables");
+        drop(base);
+        let delta = delta;
+        trace.mark("lines checked, keys expanded, tables");
         // Everything below costs what the batch changed (the maps and the
         // guard's contributions are persistent: their copies are O(1)).
         let mut maps = self.maps.lock().map_err(|_| "poisoned")?.clone();
