@@ -145,6 +145,17 @@ fn same(inc: &Tables, reb: &Tables, r: &mut Rng, step: usize, seed: u64) {
     assert_eq!(inc.local(), reb.local(), "{ctx}: local");
     assert_eq!(inc.esp_local(), reb.esp_local(), "{ctx}: esp");
     assert_eq!(inc.encap_ports(), reb.encap_ports(), "{ctx}: ports");
+    // A template without a reqid is looked up in the SAD's pair index,
+    // never by a scan: kept whenever the SPD has one (the rebuilt tables
+    // keep it exactly then; the incremental ones keep it once it was needed).
+    let reqless = Direction::ALL.iter().any(|d| {
+        reb.spd()
+            .policies(*d)
+            .iter()
+            .any(|p| p.tmpls.iter().any(|t| t.reqid == 0))
+    });
+    assert_eq!(reb.sad().pair_index_kept(), reqless, "{ctx}: pair index");
+    assert!(inc.sad().pair_index_kept() || !reqless, "{ctx}: pair index");
     // And the derived sets are what the from-scratch functions say.
     let l = local_addrs(reb.spd(), &[]);
     assert_eq!(inc.local(), &l[..], "{ctx}");

@@ -26,8 +26,13 @@ pub struct Sad {
     by_reqid: PMap<u32, Lineages>,
     /// (src, dst) → its SAs in install order, for templates without a
     /// reqid: both endpoints are always known (tunnel templates name them,
-    /// transport uses the flow's).
+    /// transport uses the flow's). Kept only while `paired`.
     by_pair: PMap<(IpAddr, IpAddr), Lineages>,
+    /// `by_pair` is kept: some template without a reqid may ask it. Not by
+    /// default: an IKE daemon gives every CHILD_SA and its policies a
+    /// reqid, and the index's upkeep was a fifth of an SA's install at
+    /// 100 000 SAs (docs/performance.md); see [`Sad::keep_pair_index`].
+    paired: bool,
     len: usize,
     lineages: u64,
     /// Changes so far (see [`Sad::version`]).
@@ -192,14 +197,47 @@ impl Sad {
     fn index_lineages(&mut self, id: SaId, core: &SaCore) {
         let c = &core.cfg;
         Lineages::put(&mut self.by_reqid, c.reqid, core.lineage, id);
-        Lineages::put(&mut self.by_pair, (c.src, c.dst), core.lineage, id);
+        if self.paired {
+            Lineages::put(&mut self.by_pair, (c.src, c.dst), core.lineage, id);
+        }
     }
 
     fn unindex(&mut self, core: &SaCore) {
         let c = &core.cfg;
         self.by_dst_spi.remove(&(c.dst, c.spi));
         Lineages::take(&mut self.by_reqid, c.reqid, core.lineage);
-        Lineages::take(&mut self.by_pair, (c.src, c.dst), core.lineage);
+        if self.paired {
+            Lineages::take(&mut self.by_pair, (c.src, c.dst), core.lineage);
+        }
+    }
+
+    /// Keeps the (src, dst) index of templates without a reqid (`on`:
+    /// built now from every SA, O(n log n), if it was not kept), or stops
+    /// keeping it. Without it such a template's lookup scans every SA:
+    /// [`crate::state::Tables`] keeps it whenever its SPD has such a
+    /// template. Not kept by default.
+    pub fn keep_pair_index(&mut self, on: bool) {
+        match (on, self.paired) {
+            (true, false) => {
+                self.paired = true;
+                let ids: Vec<(SaId, Arc<SaCore>)> =
+                    self.iter_ids().map(|(id, c)| (id, Arc::clone(c))).collect();
+                for (id, c) in ids {
+                    let key = (c.cfg.src, c.cfg.dst);
+                    Lineages::put(&mut self.by_pair, key, c.lineage, id);
+                }
+            }
+            (false, true) => {
+                self.paired = false;
+                self.by_pair = PMap::default();
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether the (src, dst) index is kept ([`Sad::keep_pair_index`]).
+    pub fn pair_index_kept(&self) -> bool {
+        self.paired
     }
 
     /// `state update`: replaces the SA with the same (dst, SPI), keeping
@@ -308,9 +346,15 @@ impl Sad {
                 && dst.is_none_or(|a| a == c.dst)
                 && c.sel.as_ref().is_none_or(|s| s.matches(flow))
         };
-        // An index lookup either way, never a scan of the whole SAD: the
-        // key's SAs, the newest first.
+        // An index lookup either way (a scan of the whole SAD only for a
+        // template without a reqid in a SAD that does not keep their index,
+        // which the tables never let happen): the key's SAs, the newest first.
         match (t.reqid, src, dst) {
+            (0, Some(s), Some(d)) if !self.paired => self
+                .iter_ids()
+                .filter(|(id, c)| (c.cfg.src, c.cfg.dst) == (s, d) && ok(id))
+                .max_by_key(|(_, c)| c.lineage)
+                .map(|(id, _)| id),
             (0, Some(s), Some(d)) => self.by_pair.get(&(s, d))?.newest(ok),
             (0, _, _) => None, // a tunnel template always names both ends
             (r, _, _) => self.by_reqid.get(&r)?.newest(ok),
@@ -422,7 +466,16 @@ mod tests {
     /// newest SA winning; with a reqid through the reqid index.
     #[test]
     fn outbound_lookup_by_pair_and_by_reqid() {
+        // The pair index kept from the start, built after the SAs came,
+        // and not kept (a scan): the same answers.
+        for how in ["kept", "built late", "scanned"] {
+            outbound_lookups(how);
+        }
+    }
+
+    fn outbound_lookups(how: &str) {
         let mut sad = Sad::new();
+        sad.keep_pair_index(how == "kept");
         for i in 0..1000u32 {
             // Many transport SAs to other hosts: the index must pick the right one.
             let dst = format!("198.19.{}.{}", i / 250, i % 250 + 1);
@@ -438,12 +491,30 @@ mod tests {
         let tun = sad
             .insert(sa("198.18.0.1", "198.18.0.3", 0x9002, 7, Mode::Tunnel))
             .unwrap();
+        // A deleted SA leaves every index (the one at 198.18.0.4 came and
+        // went, before the index was built or after).
+        let gone = sa("198.18.0.1", "198.18.0.4", 0x9003, 0, Mode::Transport);
+        sad.insert(gone).unwrap();
+        sad.remove("198.18.0.4".parse().unwrap(), 0x9003).unwrap();
+        if how == "built late" {
+            sad.keep_pair_index(true);
+        }
+        assert_eq!(sad.pair_index_kept(), how != "scanned");
         let f = flow("198.18.0.1", "198.18.0.2");
         assert_eq!(
             sad.lookup_out(&tmpl(Mode::Transport, 0, None), &f),
-            Some(new)
+            Some(new),
+            "{how}"
         );
         assert_ne!(Some(old), Some(new));
+        assert_eq!(
+            sad.lookup_out(
+                &tmpl(Mode::Transport, 0, None),
+                &flow("198.18.0.1", "198.18.0.4")
+            ),
+            None,
+            "{how}"
+        );
         let far = flow("198.18.0.1", "198.19.3.200");
         assert_eq!(
             sad.get(
@@ -479,5 +550,12 @@ mod tests {
         );
         // A tunnel template must name its endpoints (the config refuses it otherwise).
         assert_eq!(sad.lookup_out(&tmpl(Mode::Tunnel, 0, None), &f), None);
+        // The newest goes: the older one of the pair answers again.
+        sad.remove("198.18.0.2".parse().unwrap(), 0x9001).unwrap();
+        assert_eq!(
+            sad.lookup_out(&tmpl(Mode::Transport, 0, None), &f),
+            Some(old),
+            "{how}"
+        );
     }
 }

@@ -31,6 +31,9 @@ pub struct Tables {
     extra: Arc<[IpAddr]>,
     /// Addresses the policies imply ([`crate::engine::local_addrs`]), counted.
     policy_addrs: CMap<IpAddr, u32>,
+    /// Templates without a reqid in the SPD: while there are any, the SAD
+    /// keeps its (src, dst) index for them ([`Sad::keep_pair_index`]).
+    reqless: usize,
     /// src → dst → SAs: to move SAs in and out of `nonlocal` when an
     /// address becomes local or stops being local.
     by_src: CMap<IpAddr, CMap<IpAddr, u32>>,
@@ -73,6 +76,7 @@ impl Tables {
             t.count_sa(core, 1);
         }
         t.sad = sad;
+        t.sad.keep_pair_index(t.reqless > 0);
         t.refresh();
         t
     }
@@ -192,8 +196,10 @@ impl Tables {
     pub fn insert_policy(&mut self, p: impl Into<Arc<Policy>>) -> Result<(), PolicyExists> {
         let p = p.into();
         let addrs = policy_addrs(&p);
+        let reqless = reqless(&p);
         self.spd.insert(p)?;
         self.count_policy(&addrs, 1);
+        self.count_reqless(reqless, 0);
         self.bump(None);
         Ok(())
     }
@@ -201,9 +207,11 @@ impl Tables {
     pub fn update_policy(&mut self, p: impl Into<Arc<Policy>>) -> Option<Arc<Policy>> {
         let p = p.into();
         let addrs = policy_addrs(&p);
+        let reqless_new = reqless(&p);
         let old = self.spd.update(p)?;
         self.count_policy(&addrs, 1);
         self.count_policy(&policy_addrs(&old), -1);
+        self.count_reqless(reqless_new, reqless(&old));
         self.bump(None);
         Some(old)
     }
@@ -211,6 +219,7 @@ impl Tables {
     pub fn remove_policy(&mut self, dir: Direction, sel: &Selector) -> Option<Arc<Policy>> {
         let old = self.spd.remove(dir, sel)?;
         self.count_policy(&policy_addrs(&old), -1);
+        self.count_reqless(0, reqless(&old));
         self.bump(None);
         Some(old)
     }
@@ -239,6 +248,16 @@ impl Tables {
             changed |= add(&mut self.ports, e.dport, d);
         }
         changed
+    }
+
+    /// Counts templates without a reqid in and out. The SAD's index for
+    /// them is built when the first comes (once: O(SAs)), and kept when the
+    /// last goes (a policy that comes and goes costs no rebuild each time).
+    fn count_reqless(&mut self, added: usize, removed: usize) {
+        self.reqless = self.reqless + added - removed;
+        if self.reqless > 0 {
+            self.sad.keep_pair_index(true);
+        }
     }
 
     fn count_policy(&mut self, addrs: &[IpAddr], d: i64) {
@@ -299,6 +318,11 @@ impl Tables {
         p.sort();
         self.encap_ports = p.into();
     }
+}
+
+/// A policy's templates without a reqid.
+fn reqless(p: &Policy) -> usize {
+    p.tmpls.iter().filter(|t| t.reqid == 0).count()
 }
 
 /// The addresses a policy makes local: the `tmpl src` of an `out` policy,
