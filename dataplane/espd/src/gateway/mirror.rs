@@ -179,17 +179,16 @@ fn bump<K: Ord + Clone>(m: &mut imbl::OrdMap<K, u32>, k: K, d: i64) {
     }
 }
 
-/// What an SA puts in the maps: its SPI, its bit, its encapsulation ports.
-type SaEntry = (u32, u8, Option<(u16, u16)>);
-
 /// The XDP maps' contents, changed incrementally. Only the control side
 /// reads them: B-trees ([`espd_core::state::CMap`]), a third of a hash
 /// trie's memory (0.27 to 0.10 KiB a tunnel at 100 000).
 #[derive(Clone, Default)]
 pub struct Maps {
-    /// Per SA (dst, SPI): its SPI, its bit, its encapsulation ports.
-    sas: PMap<(IpAddr, u32), SaEntry>,
-    /// SPI → how many SAs have it inbound, outbound.
+    /// SPI → how many SAs have it inbound, outbound. (What an SA counted
+    /// is worked out again from its core when it goes: its SPI and ports
+    /// are its own, its bit is its destination's side of `local` as it
+    /// was counted. A map of SAs beside the tables' cost a B-tree insert
+    /// an SA, a tenth of an install.)
     spis: PMap<u32, (u32, u32)>,
     ports: PMap<u16, u32>,
     local: Arc<[IpAddr]>,
@@ -301,8 +300,30 @@ impl Maps {
             );
             plan.local = new.difference(&old).copied().collect();
             plan.stale_local = old.difference(&new).copied().collect();
-            self.local = esp.into();
         }
+        // Where ESP was ours when the SAs there before this change were
+        // counted (those it adds are counted by where it is ours after it).
+        let before = std::mem::replace(&mut self.local, esp.into());
+        // With `local` changed, the SAs this change adds (by identity): the
+        // others were counted by `before`.
+        let added: std::collections::HashSet<*const SaCore> = if relabel {
+            d.changes
+                .iter()
+                .filter_map(|c| match c {
+                    Change::SaAdded(c) => Some(Arc::as_ptr(c)),
+                    _ => None,
+                })
+                .collect()
+        } else {
+            Default::default()
+        };
+        let counted = |c: &Arc<SaCore>| {
+            if relabel && !added.contains(&Arc::as_ptr(c)) {
+                &before[..]
+            } else {
+                esp
+            }
+        };
         // Each SPI touched, with its counts after the change (kept as they
         // are counted: no second walk of the map for the plan).
         let mut spis_touched = BTreeMap::new();
@@ -318,22 +339,18 @@ impl Maps {
         for ch in &d.changes {
             match ch {
                 Change::SaRemoved(c) => {
-                    let key = (c.cfg.dst, c.cfg.spi);
-                    if let Some((spi, bit, ports)) = self.sas.remove(&key) {
-                        spis_touched.insert(spi, self.count_spi(spi, bit, -1));
-                        if let Some((a, b)) = ports {
-                            for p in [a, b] {
-                                self.count_port(p, -1);
-                                ports_touched.insert(p);
-                            }
+                    let (spi, bit) = (c.cfg.spi, bit_of(c, counted(c)));
+                    spis_touched.insert(spi, self.count_spi(spi, bit, -1));
+                    if let Some(e) = c.cfg.encap {
+                        for p in [e.sport, e.dport] {
+                            self.count_port(p, -1);
+                            ports_touched.insert(p);
                         }
                     }
                 }
                 Change::SaAdded(c) => {
                     let bit = bit_of(c, esp);
                     let ports = c.cfg.encap.map(|e| (e.sport, e.dport));
-                    self.sas
-                        .insert((c.cfg.dst, c.cfg.spi), (c.cfg.spi, bit, ports));
                     spis_touched.insert(c.cfg.spi, self.count_spi(c.cfg.spi, bit, 1));
                     if let Some((a, b)) = ports {
                         for p in [a, b] {
@@ -358,15 +375,13 @@ impl Maps {
             }
         }
         if relabel {
+            // Every SA counted by `before` whose side changed moves.
             for c in t.sad().iter() {
-                let key = (c.cfg.dst, c.cfg.spi);
-                let bit = bit_of(c, esp);
-                if let Some(&(spi, old, ports)) = self.sas.get(&key) {
-                    if old != bit {
-                        self.count_spi(spi, old, -1);
-                        spis_touched.insert(spi, self.count_spi(spi, bit, 1));
-                        self.sas.insert(key, (spi, bit, ports));
-                    }
+                let (old, bit) = (bit_of(c, counted(c)), bit_of(c, esp));
+                if old != bit {
+                    let spi = c.cfg.spi;
+                    self.count_spi(spi, old, -1);
+                    spis_touched.insert(spi, self.count_spi(spi, bit, 1));
                 }
             }
         }
@@ -677,64 +692,79 @@ mod tests {
         let key = "0x0101010101010101010101010101010101010101";
         let lens = [0u8, 16, 24, 32];
         let (mut applied, mut drops, mut sas) = (0, 0, 0);
-        for step in 0..300 {
-            let line = match r.below(5) {
-                0 | 1 => {
-                    let (spi, dst) = (0x100 + r.below(12), r.below(4));
-                    let encap = if r.below(3) == 0 {
-                        " encap espinudp 4500 4501 0.0.0.0"
-                    } else {
-                        ""
-                    };
-                    let (src, dst) = if r.below(2) == 0 {
-                        ("198.18.0.1".to_string(), format!("198.18.9.{dst}"))
-                    } else {
-                        (format!("198.18.9.{dst}"), "198.18.0.1".to_string())
-                    };
-                    format!("state add src {src} dst {dst} proto esp spi {spi:#x} mode tunnel aead 'rfc4106(gcm(aes))' {key} 128{encap}")
-                }
-                2 => {
-                    let dir = ["in", "out", "fwd"][r.below(3) as usize];
-                    let act = [
-                        "action block",
-                        "tmpl src 198.18.0.1 dst 198.18.9.1 proto esp mode tunnel",
-                        "",
-                    ][r.below(3) as usize];
-                    let src = if r.below(2) == 0 {
-                        "0.0.0.0/0".to_string()
-                    } else {
-                        "198.18.4.0/24".to_string()
-                    };
-                    format!(
-                        "policy add src {src} dst 198.19.{}.0/{} dir {dir} {act}",
-                        r.below(3),
-                        lens[r.below(4) as usize]
-                    )
-                }
-                3 => "policy setdefault out block".to_string(),
-                _ => {
-                    // Delete something that exists.
-                    let states: Vec<_> = t.sad().iter().map(|c| (c.cfg.dst, c.cfg.spi)).collect();
-                    if !states.is_empty() && r.below(2) == 0 {
-                        let (d, s) = states[r.below(states.len() as u64) as usize];
-                        format!("state delete dst {d} spi {s:#x}")
-                    } else {
-                        let lines = espd_config::db::policy_lines(t.spd());
-                        match lines.iter().find(|l| l.starts_with("policy add")) {
-                            Some(l) => l
-                                .replacen("policy add", "policy delete", 1)
-                                .split(" tmpl ")
-                                .next()
-                                .unwrap()
-                                .split(" action ")
-                                .next()
-                                .unwrap()
-                                .to_string(),
-                            None => continue,
+        for step in 0..600 {
+            // Batches of one to four lines, and sometimes an SA the batch
+            // added deleted again in it: what a change counts and uncounts
+            // within one batch, around a change of where ESP is ours.
+            let mut lines = Vec::new();
+            for _ in 0..1 + r.below(4) {
+                let line = match r.below(5) {
+                    0 | 1 => {
+                        let (spi, dst) = (0x100 + r.below(12), r.below(4));
+                        let encap = if r.below(3) == 0 {
+                            " encap espinudp 4500 4501 0.0.0.0"
+                        } else {
+                            ""
+                        };
+                        let (src, dst) = if r.below(2) == 0 {
+                            ("198.18.0.1".to_string(), format!("198.18.9.{dst}"))
+                        } else {
+                            (format!("198.18.9.{dst}"), "198.18.0.1".to_string())
+                        };
+                        format!("state add src {src} dst {dst} proto esp spi {spi:#x} mode tunnel aead 'rfc4106(gcm(aes))' {key} 128{encap}")
+                    }
+                    2 => {
+                        let dir = ["in", "out", "fwd"][r.below(3) as usize];
+                        let act = [
+                            "action block",
+                            "tmpl src 198.18.0.1 dst 198.18.9.1 proto esp mode tunnel",
+                            "",
+                        ][r.below(3) as usize];
+                        let src = if r.below(2) == 0 {
+                            "0.0.0.0/0".to_string()
+                        } else {
+                            "198.18.4.0/24".to_string()
+                        };
+                        format!(
+                            "policy add src {src} dst 198.19.{}.0/{} dir {dir} {act}",
+                            r.below(3),
+                            lens[r.below(4) as usize]
+                        )
+                    }
+                    3 => "policy setdefault out block".to_string(),
+                    _ => {
+                        // Delete something that exists.
+                        let states: Vec<_> =
+                            t.sad().iter().map(|c| (c.cfg.dst, c.cfg.spi)).collect();
+                        if !states.is_empty() && r.below(2) == 0 {
+                            let (d, s) = states[r.below(states.len() as u64) as usize];
+                            format!("state delete dst {d} spi {s:#x}")
+                        } else {
+                            let lines = espd_config::db::policy_lines(t.spd());
+                            match lines.iter().find(|l| l.starts_with("policy add")) {
+                                Some(l) => l
+                                    .replacen("policy add", "policy delete", 1)
+                                    .split(" tmpl ")
+                                    .next()
+                                    .unwrap()
+                                    .split(" action ")
+                                    .next()
+                                    .unwrap()
+                                    .to_string(),
+                                None => continue,
+                            }
                         }
                     }
+                };
+                lines.push(line);
+            }
+            if r.below(3) == 0 {
+                if let Some(add) = lines.iter().find(|l| l.starts_with("state add")) {
+                    let w: Vec<&str> = add.split_whitespace().collect();
+                    lines.push(format!("state delete dst {} spi {}", w[5], w[9]));
                 }
-            };
+            }
+            let line = lines.join("\n");
             let Ok((_, ops)) = espd_config::db::apply("b", &line, t.sad(), t.spd()) else {
                 continue;
             };
