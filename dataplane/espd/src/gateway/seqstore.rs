@@ -333,10 +333,7 @@ impl SeqStore {
     pub fn update(&mut self, seen: impl IntoIterator<Item = (IpAddr, u32, u64)>) {
         for (dst, spi, n) in seen {
             if let Some(r) = self.recs.get(&(dst, spi)).filter(|r| n > r.oseq) {
-                let r = Record {
-                    oseq: n,
-                    ..*r
-                };
+                let r = Record { oseq: n, ..*r };
                 self.changed.insert((dst, spi), Some(r));
                 self.recs.insert((dst, spi), r);
             }
