@@ -220,11 +220,11 @@ impl Sad {
         match (on, self.paired) {
             (true, false) => {
                 self.paired = true;
-                let ids: Vec<(SaId, Arc<SaCore>)> =
-                    self.iter_ids().map(|(id, c)| (id, Arc::clone(c))).collect();
-                for (id, c) in ids {
-                    let key = (c.cfg.src, c.cfg.dst);
-                    Lineages::put(&mut self.by_pair, key, c.lineage, id);
+                let (cores, pairs) = (&self.cores, &mut self.by_pair);
+                for (id, c) in cores.iter().enumerate() {
+                    if let Some(c) = c {
+                        Lineages::put(pairs, (c.cfg.src, c.cfg.dst), c.lineage, id);
+                    }
                 }
             }
             (false, true) => {
