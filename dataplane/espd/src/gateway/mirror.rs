@@ -179,9 +179,9 @@ fn bump<K: Ord + Clone>(m: &mut imbl::OrdMap<K, u32>, k: K, d: i64) {
     }
 }
 
-/// The XDP maps' contents, changed incrementally. Only the control side
-/// reads them: B-trees ([`espd_core::state::CMap`]), a third of a hash
-/// trie's memory (0.27 to 0.10 KiB a tunnel at 100 000).
+/// The XDP maps' contents, changed incrementally, as counts. Only the
+/// control side reads them: B-trees ([`espd_core::state::CMap`]), denser
+/// than a hash trie's nodes.
 #[derive(Clone, Default)]
 pub struct Maps {
     /// SPI → how many SAs have it inbound, outbound. (What an SA counted
